@@ -1,0 +1,68 @@
+-- Row-level security for deeprecall-sync. Applied after every migration; idempotent by construction
+-- (create role only when missing, drop policy if exists; create policy).
+--
+-- deeprecall_user   user-scoped work: batch writes, snapshots, BlobHandle reads. Cannot bypass RLS, so Postgres
+--                   itself restricts every statement to owner_id = app.user_id.
+-- deeprecall_admin  read-only reporting (v_blob_inventory, admin endpoints): reads every owner, writes nothing.
+-- The server's login role becomes a member of both and switches with set_config('role', ..., true) per transaction.
+
+do $$
+begin
+  if not exists (select 1 from pg_roles where rolname = 'deeprecall_user') then
+    create role deeprecall_user nologin nobypassrls;
+  end if;
+  if not exists (select 1 from pg_roles where rolname = 'deeprecall_admin') then
+    create role deeprecall_admin nologin nobypassrls;
+  end if;
+end
+$$;
+
+-- The role running migrations (the server's role in a default setup) may switch to both.
+do $$
+begin
+  if not exists (select 1 from pg_roles where rolname = current_user and rolsuper) then
+    execute format('grant deeprecall_user, deeprecall_admin to %I', current_user);
+  end if;
+end
+$$;
+
+grant usage on schema public to deeprecall_user, deeprecall_admin;
+grant execute on function deeprecall_current_user_id() to deeprecall_user, deeprecall_admin;
+grant select, insert on sync_applied_ops to deeprecall_user;
+grant select on v_blob_inventory to deeprecall_user, deeprecall_admin;
+
+-- Every synced table (= member of the publication) and the op ledger get the same two policies.
+do $$
+declare
+  t record;
+begin
+  for t in
+    select schemaname, tablename from pg_publication_tables where pubname = 'deeprecall_sync'
+    union
+    select 'public', 'sync_applied_ops'
+  loop
+    execute format('alter table %I.%I enable row level security', t.schemaname, t.tablename);
+    -- force: the table owner is subject to the policies too; only superusers still bypass them.
+    execute format('alter table %I.%I force row level security', t.schemaname, t.tablename);
+    if t.tablename <> 'sync_applied_ops' then
+      execute format('grant select, insert, update, delete on %I.%I to deeprecall_user', t.schemaname, t.tablename);
+    end if;
+    execute format('grant select on %I.%I to deeprecall_admin', t.schemaname, t.tablename);
+
+    -- using: which rows a user sees, updates or deletes. with check: what a user may write. Without the check a
+    -- client could insert or move a row to another owner. An empty or missing app.user_id makes
+    -- deeprecall_current_user_id() null, and "owner_id = null" matches no row.
+    execute format('drop policy if exists owner_isolation on %I.%I', t.schemaname, t.tablename);
+    execute format(
+      'create policy owner_isolation on %I.%I as permissive for all to deeprecall_user '
+      'using (owner_id = deeprecall_current_user_id()) '
+      'with check (owner_id = deeprecall_current_user_id())',
+      t.schemaname, t.tablename);
+
+    execute format('drop policy if exists admin_read on %I.%I', t.schemaname, t.tablename);
+    execute format(
+      'create policy admin_read on %I.%I as permissive for select to deeprecall_admin using (true)',
+      t.schemaname, t.tablename);
+  end loop;
+end
+$$;

@@ -1,0 +1,486 @@
+//! Transaction assembly: a fold over pgoutput messages that yields one [`Transaction`] per Commit.
+//!
+//! With protocol version 1 Postgres sends each transaction whole, at commit, in commit order:
+//! `Begin, (Relation | Type | Origin | Insert | Update | Delete | Truncate | Message)*, Commit`.
+//! Relation, Type, Origin and non-transactional Messages may also arrive between transactions.
+//! Anything else out of place means the stream is not what we think it is, so it is an error and
+//! the caller should restart replication from the last acknowledged LSN instead of guessing.
+//!
+//! Rows are decoded as they arrive, against the relation cache as it is at that point of the
+//! stream: a Relation message inside a transaction (sent after `ALTER TABLE`) applies to the
+//! changes after it, exactly as Postgres wrote them.
+
+use crate::decode::{ChangeError, RelationCache, RowChange};
+use crate::protocol::{Lsn, PgOutputMessage};
+
+/// One committed transaction, ready to route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    /// 32-bit transaction id from Begin.
+    pub xid: u32,
+    /// LSN of the commit record; orders transactions and deduplicates re-sent ones.
+    pub commit_lsn: Lsn,
+    /// LSN just past the commit: acknowledge it once the transaction is handed on.
+    pub end_lsn: Lsn,
+    /// Commit time in microseconds since 2000-01-01 00:00 UTC.
+    pub commit_time_micros: i64,
+    /// Row changes in the order they happened.
+    pub changes: Vec<RowChange>,
+    /// `(schema, table)` of every truncated table, once each, in first-truncated order.
+    pub truncated: Vec<(String, String)>,
+}
+
+/// Why a message does not fit the stream so far. Fatal for this connection: reset the assembler
+/// and restart replication from the last acknowledged LSN.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TxnError {
+    /// A row change could not be decoded.
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+    /// A message that belongs inside a transaction arrived outside one.
+    #[error("{what} outside a transaction")]
+    NotInTransaction {
+        /// The kind of message.
+        what: &'static str,
+    },
+    /// A Begin arrived while another transaction was open.
+    #[error("Begin of xid {new_xid} while xid {open_xid} is still open")]
+    NestedBegin {
+        /// The transaction already open.
+        open_xid: u32,
+        /// The transaction the new Begin names.
+        new_xid: u32,
+    },
+    /// A Commit's LSN differs from its Begin's final LSN.
+    #[error("Commit LSN {commit_lsn} of xid {xid} differs from its Begin's final LSN {final_lsn}")]
+    CommitLsnMismatch {
+        /// The open transaction.
+        xid: u32,
+        /// LSN announced by Begin.
+        final_lsn: Lsn,
+        /// LSN in Commit.
+        commit_lsn: Lsn,
+    },
+    /// A Truncate names a table no Relation message has described.
+    #[error("Truncate of relation OID {oid} arrived before its Relation message")]
+    UnknownTruncatedRelation {
+        /// The relation OID.
+        oid: u32,
+    },
+}
+
+/// Folds pgoutput messages into committed [`Transaction`]s, owning the relation cache.
+#[derive(Debug, Default)]
+pub struct TxnAssembler {
+    relations: RelationCache,
+    open: Option<Transaction>,
+}
+
+impl TxnAssembler {
+    /// An assembler with an empty relation cache and no open transaction.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds one message; returns the transaction it completes, if it is a Commit.
+    pub fn push(&mut self, msg: PgOutputMessage) -> Result<Option<Transaction>, TxnError> {
+        match msg {
+            PgOutputMessage::Begin {
+                final_lsn,
+                commit_time_micros,
+                xid,
+            } => {
+                if let Some(open) = &self.open {
+                    return Err(TxnError::NestedBegin {
+                        open_xid: open.xid,
+                        new_xid: xid,
+                    });
+                }
+                self.open = Some(Transaction {
+                    xid,
+                    // Begin's final LSN is the commit LSN; Commit confirms it.
+                    commit_lsn: final_lsn,
+                    end_lsn: Lsn(0),
+                    commit_time_micros,
+                    changes: Vec::new(),
+                    truncated: Vec::new(),
+                });
+                Ok(None)
+            }
+            PgOutputMessage::Commit {
+                commit_lsn,
+                end_lsn,
+                commit_time_micros,
+                flags: _,
+            } => {
+                let open = self
+                    .open
+                    .as_ref()
+                    .ok_or(TxnError::NotInTransaction { what: "Commit" })?;
+                if open.commit_lsn != commit_lsn {
+                    return Err(TxnError::CommitLsnMismatch {
+                        xid: open.xid,
+                        final_lsn: open.commit_lsn,
+                        commit_lsn,
+                    });
+                }
+                let mut txn = self.open.take();
+                if let Some(txn) = &mut txn {
+                    txn.end_lsn = end_lsn;
+                    txn.commit_time_micros = commit_time_micros;
+                }
+                Ok(txn)
+            }
+            PgOutputMessage::Relation(body) => {
+                self.relations.insert(body);
+                Ok(None)
+            }
+            // Text values need no type metadata; an origin does not change what a change means.
+            PgOutputMessage::Type { .. } | PgOutputMessage::Origin { .. } => Ok(None),
+            // Logical decoding messages are not row changes. A transactional one still proves
+            // the stream is in a transaction; a non-transactional one may come at any point.
+            PgOutputMessage::Message { transactional, .. } => {
+                if transactional {
+                    self.open_mut("transactional Message")?;
+                }
+                Ok(None)
+            }
+            PgOutputMessage::Truncate { relation_oids, .. } => {
+                let open = self
+                    .open
+                    .as_mut()
+                    .ok_or(TxnError::NotInTransaction { what: "Truncate" })?;
+                for oid in relation_oids {
+                    let (schema, table) = self
+                        .relations
+                        .table_name(oid)
+                        .ok_or(TxnError::UnknownTruncatedRelation { oid })?;
+                    if !open
+                        .truncated
+                        .iter()
+                        .any(|(s, t)| s == schema && t == table)
+                    {
+                        open.truncated.push((schema.to_owned(), table.to_owned()));
+                    }
+                }
+                Ok(None)
+            }
+            change @ (PgOutputMessage::Insert { .. }
+            | PgOutputMessage::Update { .. }
+            | PgOutputMessage::Delete { .. }) => {
+                let what = match change {
+                    PgOutputMessage::Insert { .. } => "Insert",
+                    PgOutputMessage::Update { .. } => "Update",
+                    _ => "Delete",
+                };
+                let open = self
+                    .open
+                    .as_mut()
+                    .ok_or(TxnError::NotInTransaction { what })?;
+                if let Some(row) = self.relations.decode(&change)? {
+                    open.changes.push(row);
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn open_mut(&mut self, what: &'static str) -> Result<&mut Transaction, TxnError> {
+        self.open
+            .as_mut()
+            .ok_or(TxnError::NotInTransaction { what })
+    }
+
+    /// Whether a Begin has been seen without its Commit.
+    pub fn in_transaction(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// The relation cache as of the last message.
+    pub fn relations(&self) -> &RelationCache {
+        &self.relations
+    }
+
+    /// Drops any open transaction and the relation cache, for a new replication connection.
+    pub fn reset(&mut self) {
+        self.open = None;
+        self.relations.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::decode::Op;
+    use crate::protocol::{ColumnDef, ColumnValue, RelationBody, TupleData};
+
+    fn relation(oid: u32, name: &str, columns: &[&str]) -> PgOutputMessage {
+        PgOutputMessage::Relation(RelationBody {
+            oid,
+            namespace: "public".into(),
+            name: name.into(),
+            replica_identity: b'd',
+            columns: columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| ColumnDef {
+                    flags: u8::from(i == 0),
+                    name: (*c).into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        })
+    }
+
+    fn begin(xid: u32, lsn: u64) -> PgOutputMessage {
+        PgOutputMessage::Begin {
+            final_lsn: Lsn(lsn),
+            commit_time_micros: 100,
+            xid,
+        }
+    }
+
+    fn commit(lsn: u64, end: u64) -> PgOutputMessage {
+        PgOutputMessage::Commit {
+            flags: 0,
+            commit_lsn: Lsn(lsn),
+            end_lsn: Lsn(end),
+            commit_time_micros: 100,
+        }
+    }
+
+    fn insert(oid: u32, values: &[&str]) -> PgOutputMessage {
+        PgOutputMessage::Insert {
+            relation_oid: oid,
+            new: TupleData(
+                values
+                    .iter()
+                    .map(|v| ColumnValue::Text(Bytes::copy_from_slice(v.as_bytes())))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn feed(asm: &mut TxnAssembler, msgs: Vec<PgOutputMessage>) -> Vec<Transaction> {
+        msgs.into_iter()
+            .filter_map(|m| asm.push(m).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn assembles_one_transaction_per_commit() {
+        let mut asm = TxnAssembler::new();
+        let txns = feed(
+            &mut asm,
+            vec![
+                relation(1, "items", &["id", "title"]),
+                begin(700, 0x10),
+                insert(1, &["1", "a"]),
+                insert(1, &["2", "b"]),
+                commit(0x10, 0x18),
+                begin(701, 0x20),
+                PgOutputMessage::Delete {
+                    relation_oid: 1,
+                    old: None,
+                    key: Some(TupleData(vec![
+                        ColumnValue::Text(Bytes::from_static(b"1")),
+                        ColumnValue::Null,
+                    ])),
+                },
+                commit(0x20, 0x28),
+            ],
+        );
+        assert_eq!(txns.len(), 2);
+        assert_eq!(txns[0].xid, 700);
+        assert_eq!(txns[0].commit_lsn, Lsn(0x10));
+        assert_eq!(txns[0].end_lsn, Lsn(0x18));
+        assert_eq!(txns[0].commit_time_micros, 100);
+        let ids: Vec<_> = txns[0].changes.iter().map(|c| c.column("id")).collect();
+        assert_eq!(ids, [Some("1"), Some("2")]);
+        assert_eq!(txns[1].changes.len(), 1);
+        assert_eq!(txns[1].changes[0].op, Op::Delete);
+        assert!(!asm.in_transaction());
+    }
+
+    #[test]
+    fn empty_transaction_is_still_emitted() {
+        // Its end LSN must still be acknowledged.
+        let mut asm = TxnAssembler::new();
+        let txns = feed(&mut asm, vec![begin(5, 0x10), commit(0x10, 0x18)]);
+        assert_eq!(txns.len(), 1);
+        assert!(txns[0].changes.is_empty());
+        assert_eq!(txns[0].end_lsn, Lsn(0x18));
+    }
+
+    #[test]
+    fn metadata_outside_a_transaction_is_accepted() {
+        let mut asm = TxnAssembler::new();
+        let out = feed(
+            &mut asm,
+            vec![
+                relation(1, "items", &["id"]),
+                PgOutputMessage::Type {
+                    oid: 9,
+                    namespace: "public".into(),
+                    name: "mood".into(),
+                },
+                PgOutputMessage::Origin {
+                    lsn: Lsn(1),
+                    name: "o".into(),
+                },
+                PgOutputMessage::Message {
+                    transactional: false,
+                    lsn: Lsn(1),
+                    prefix: "p".into(),
+                    content: vec![],
+                },
+            ],
+        );
+        assert!(out.is_empty());
+        assert_eq!(asm.relations().len(), 1);
+        assert!(!asm.in_transaction());
+    }
+
+    #[test]
+    fn protocol_errors() {
+        let mut asm = TxnAssembler::new();
+        asm.push(relation(1, "items", &["id"])).unwrap();
+        assert_eq!(
+            asm.push(insert(1, &["1"])),
+            Err(TxnError::NotInTransaction { what: "Insert" })
+        );
+        assert_eq!(
+            asm.push(commit(1, 2)),
+            Err(TxnError::NotInTransaction { what: "Commit" })
+        );
+        assert_eq!(
+            asm.push(PgOutputMessage::Truncate {
+                options: 0,
+                relation_oids: vec![1]
+            }),
+            Err(TxnError::NotInTransaction { what: "Truncate" })
+        );
+        assert_eq!(
+            asm.push(PgOutputMessage::Message {
+                transactional: true,
+                lsn: Lsn(1),
+                prefix: String::new(),
+                content: vec![]
+            }),
+            Err(TxnError::NotInTransaction {
+                what: "transactional Message"
+            })
+        );
+        asm.push(begin(7, 0x10)).unwrap();
+        assert_eq!(
+            asm.push(begin(8, 0x20)),
+            Err(TxnError::NestedBegin {
+                open_xid: 7,
+                new_xid: 8
+            })
+        );
+        assert_eq!(
+            asm.push(commit(0x11, 0x18)),
+            Err(TxnError::CommitLsnMismatch {
+                xid: 7,
+                final_lsn: Lsn(0x10),
+                commit_lsn: Lsn(0x11)
+            })
+        );
+        assert_eq!(
+            asm.push(insert(2, &["1"])),
+            Err(TxnError::Change(ChangeError::UnknownRelation { oid: 2 }))
+        );
+        assert!(asm.in_transaction());
+        asm.reset();
+        assert!(!asm.in_transaction());
+        assert!(asm.relations().is_empty());
+    }
+
+    #[test]
+    fn truncate_records_tables_once() {
+        let mut asm = TxnAssembler::new();
+        let txns = feed(
+            &mut asm,
+            vec![
+                relation(1, "items", &["id"]),
+                relation(2, "notes", &["id"]),
+                begin(9, 0x10),
+                PgOutputMessage::Truncate {
+                    options: 2,
+                    relation_oids: vec![2, 1],
+                },
+                PgOutputMessage::Truncate {
+                    options: 0,
+                    relation_oids: vec![1],
+                },
+                insert(1, &["1"]),
+                commit(0x10, 0x18),
+            ],
+        );
+        assert_eq!(
+            txns[0].truncated,
+            vec![
+                ("public".to_owned(), "notes".to_owned()),
+                ("public".to_owned(), "items".to_owned())
+            ]
+        );
+        assert_eq!(txns[0].changes.len(), 1);
+
+        asm.push(begin(10, 0x20)).unwrap();
+        assert_eq!(
+            asm.push(PgOutputMessage::Truncate {
+                options: 0,
+                relation_oids: vec![3]
+            }),
+            Err(TxnError::UnknownTruncatedRelation { oid: 3 })
+        );
+    }
+
+    #[test]
+    fn relation_inside_a_transaction_applies_to_later_changes() {
+        let mut asm = TxnAssembler::new();
+        let txns = feed(
+            &mut asm,
+            vec![
+                relation(1, "items", &["id"]),
+                begin(9, 0x10),
+                insert(1, &["1"]),
+                relation(1, "items", &["id", "extra"]),
+                insert(1, &["2", "x"]),
+                commit(0x10, 0x18),
+            ],
+        );
+        let changes = &txns[0].changes;
+        assert_eq!(changes[0].new.as_ref().unwrap().len(), 1);
+        assert_eq!(changes[1].column("extra"), Some("x"));
+        assert_eq!(asm.relations().get(1).unwrap().columns.len(), 2);
+    }
+
+    #[test]
+    fn transactional_message_inside_a_transaction_is_accepted() {
+        let mut asm = TxnAssembler::new();
+        let txns = feed(
+            &mut asm,
+            vec![
+                begin(9, 0x10),
+                PgOutputMessage::Origin {
+                    lsn: Lsn(3),
+                    name: "o".into(),
+                },
+                PgOutputMessage::Message {
+                    transactional: true,
+                    lsn: Lsn(0x10),
+                    prefix: "p".into(),
+                    content: b"x".to_vec(),
+                },
+                commit(0x10, 0x18),
+            ],
+        );
+        assert_eq!(txns.len(), 1);
+        assert!(txns[0].changes.is_empty());
+    }
+}

@@ -1,0 +1,37 @@
+//! The HTTP router and the serve loop.
+
+use std::future::Future;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
+
+use crate::http::{batch, blobs, health};
+use crate::state::AppState;
+
+/// All routes. Tests drive this directly, without a socket.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.limits.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/v1/batch", post(batch::post_batch))
+        .route("/v1/blobs/coordinate", post(blobs::coordinate))
+        .route("/v1/blobs", get(blobs::my_inventory))
+        .route("/v1/blobs/{sha256}", get(blobs::get_blob))
+        .route("/v1/admin/blobs", get(blobs::admin_inventory))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves `router(state)` on `listener` until `shutdown` resolves, then drains in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,404 @@
+//! JWT verification and (for development) minting.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// Where verification keys come from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// HS256 shared secret (raw bytes of the configured string).
+    Secret(Vec<u8>),
+    /// A PEM public key (RSA → RS256/384/512, EC → ES256/384, Ed25519 → EdDSA).
+    PublicKeyPem(Vec<u8>),
+    /// A JWKS document (`{"keys": [...]}`), selected by the token's `kid`.
+    Jwks(String),
+}
+
+struct VerifyKey {
+    kid: Option<String>,
+    key: DecodingKey,
+    algorithms: Vec<Algorithm>,
+}
+
+/// Verification settings (from `serve`/`dev` flags).
+pub struct AuthConfig {
+    keys: Vec<VerifyKey>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    admin_claim: String,
+    admin_value: String,
+    leeway_secs: u64,
+    signing_secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("keys", &self.keys.len())
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("admin_claim", &self.admin_claim)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthUser {
+    /// The user's id (`sub`).
+    pub user_id: Uuid,
+    /// Whether the admin claim is present.
+    pub admin: bool,
+    /// Token expiry (unix seconds).
+    pub expires_at: u64,
+}
+
+/// Why a request was not authenticated. Every variant answers 401 with `{"error": {"code", "message"}}`, except
+/// `Forbidden` (403: authenticated but not allowed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token at all.
+    #[error("missing bearer token: send `Authorization: Bearer <jwt>`")]
+    Missing,
+    /// The Authorization header is not `Bearer <token>`.
+    #[error("malformed Authorization header: expected `Bearer <jwt>`")]
+    MalformedHeader,
+    /// Not a JWT (three base64url parts with JSON header and claims).
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    /// `alg: none` or an algorithm the configured keys do not support.
+    #[error("unsupported token algorithm `{0}`")]
+    UnsupportedAlgorithm(String),
+    /// Signature does not verify.
+    #[error("invalid token signature")]
+    InvalidSignature,
+    /// `exp` is in the past.
+    #[error("token expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("token not yet valid (nbf is in the future)")]
+    NotYetValid,
+    /// A required claim is missing.
+    #[error("token lacks the required claim `{0}`")]
+    MissingClaim(String),
+    /// `iss` does not match.
+    #[error("token issuer is not accepted")]
+    InvalidIssuer,
+    /// `aud` does not match.
+    #[error("token audience is not accepted")]
+    InvalidAudience,
+    /// `sub` is not a UUID.
+    #[error("token subject (sub) must be a UUID")]
+    InvalidSubject,
+    /// No key matches the token's `kid`.
+    #[error("no verification key for this token's kid")]
+    UnknownKey,
+    /// Authenticated, but the operation needs the admin claim.
+    #[error("this endpoint requires an admin token")]
+    Forbidden,
+}
+
+impl AuthError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing_token",
+            Self::MalformedHeader => "malformed_authorization_header",
+            Self::Malformed(_) => "malformed_token",
+            Self::UnsupportedAlgorithm(_) => "unsupported_algorithm",
+            Self::InvalidSignature => "invalid_signature",
+            Self::Expired => "token_expired",
+            Self::NotYetValid => "token_not_yet_valid",
+            Self::MissingClaim(_) => "missing_claim",
+            Self::InvalidIssuer => "invalid_issuer",
+            Self::InvalidAudience => "invalid_audience",
+            Self::InvalidSubject => "invalid_subject",
+            Self::UnknownKey => "unknown_key",
+            Self::Forbidden => "forbidden",
+        }
+    }
+}
+
+impl IntoResponse for AuthError {
+    fn into_response(self) -> Response {
+        let status = if self == Self::Forbidden { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED };
+        let body = Json(json!({ "error": { "code": self.code(), "message": self.to_string() } }));
+        let mut resp = (status, body).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"deeprecall-sync\""),
+            );
+        }
+        resp
+    }
+}
+
+/// Error building an [`AuthConfig`] from operator settings.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid JWT configuration: {0}")]
+pub struct ConfigError(String);
+
+impl AuthConfig {
+    /// Builds the verifier. `admin_claim`/`admin_value`: the claim that marks an admin (default `"role": "admin"`;
+    /// an array claim containing the value counts too).
+    pub fn new(
+        sources: Vec<KeySource>,
+        issuer: Option<String>,
+        audience: Option<String>,
+        admin_claim: String,
+        admin_value: String,
+    ) -> Result<Self, ConfigError> {
+        let mut keys = Vec::new();
+        let mut signing_secret = None;
+        for source in sources {
+            match source {
+                KeySource::Secret(secret) => {
+                    if secret.len() < 32 {
+                        return Err(ConfigError("the HS256 secret must be at least 32 bytes".into()));
+                    }
+                    keys.push(VerifyKey {
+                        kid: None,
+                        key: DecodingKey::from_secret(&secret),
+                        algorithms: vec![Algorithm::HS256],
+                    });
+                    signing_secret = Some(secret);
+                }
+                KeySource::PublicKeyPem(pem) => keys.push(pem_key(&pem)?),
+                KeySource::Jwks(text) => {
+                    let set: JwkSet =
+                        serde_json::from_str(&text).map_err(|e| ConfigError(format!("JWKS is not valid: {e}")))?;
+                    for jwk in &set.keys {
+                        let key = DecodingKey::from_jwk(jwk)
+                            .map_err(|e| ConfigError(format!("JWKS key unusable: {e}")))?;
+                        let algorithms = match jwk.common.key_algorithm {
+                            Some(alg) => vec![
+                                alg.to_string()
+                                    .parse::<Algorithm>()
+                                    .map_err(|_| ConfigError(format!("JWKS key algorithm {alg} unsupported")))?,
+                            ],
+                            None => family_algorithms(key.family()),
+                        };
+                        keys.push(VerifyKey { kid: jwk.common.key_id.clone(), key, algorithms });
+                    }
+                }
+            }
+        }
+        if keys.is_empty() {
+            return Err(ConfigError(
+                "no verification key: set --jwt-secret, --jwt-public-key-file or --jwks-file".into(),
+            ));
+        }
+        Ok(Self { keys, issuer, audience, admin_claim, admin_value, leeway_secs: 30, signing_secret })
+    }
+
+    /// Verifies a token and returns the caller.
+    pub fn verify(&self, token: &str) -> Result<AuthUser, AuthError> {
+        let alg = header_alg(token)?;
+        if alg.eq_ignore_ascii_case("none") {
+            return Err(AuthError::UnsupportedAlgorithm(alg));
+        }
+        let algorithm: Algorithm = alg.parse().map_err(|_| AuthError::UnsupportedAlgorithm(alg.clone()))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        let candidates: Vec<&VerifyKey> = self
+            .keys
+            .iter()
+            .filter(|k| k.algorithms.contains(&algorithm))
+            .filter(|k| match (&header.kid, &k.kid) {
+                (Some(want), Some(have)) => want == have,
+                _ => true,
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err(if self.keys.iter().any(|k| k.algorithms.contains(&algorithm)) {
+                AuthError::UnknownKey
+            } else {
+                AuthError::UnsupportedAlgorithm(alg)
+            });
+        }
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = self.leeway_secs;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        if let Some(aud) = &self.audience {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        } else {
+            validation.validate_aud = false;
+        }
+        validation.set_required_spec_claims(&required);
+        let mut last = AuthError::InvalidSignature;
+        for key in candidates {
+            match jsonwebtoken::decode::<Value>(token, &key.key, &validation) {
+                Ok(data) => return self.user_from_claims(&data.claims),
+                Err(e) => {
+                    last = map_error(e.kind());
+                    if last != AuthError::InvalidSignature {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn user_from_claims(&self, claims: &Value) -> Result<AuthUser, AuthError> {
+        let sub = claims.get("sub").and_then(Value::as_str).ok_or(AuthError::InvalidSubject)?;
+        let user_id = Uuid::parse_str(sub).map_err(|_| AuthError::InvalidSubject)?;
+        let admin = match claims.get(&self.admin_claim) {
+            Some(Value::String(s)) => *s == self.admin_value,
+            Some(Value::Array(items)) => items.iter().any(|v| v.as_str() == Some(self.admin_value.as_str())),
+            Some(Value::Bool(b)) => *b && self.admin_value == "true",
+            _ => false,
+        };
+        let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        Ok(AuthUser { user_id, admin, expires_at })
+    }
+
+    /// Mints an HS256 token with the configured secret (development and tests; production tokens come from the
+    /// app's auth backend). Returns None when no secret is configured.
+    pub fn mint(&self, user_id: Uuid, admin: bool, ttl_secs: u64) -> Option<String> {
+        let secret = self.signing_secret.as_ref()?;
+        let now = jsonwebtoken::get_current_timestamp();
+        let mut claims = json!({ "sub": user_id.to_string(), "iat": now, "exp": now + ttl_secs });
+        if admin {
+            claims[&self.admin_claim] = json!(self.admin_value);
+        }
+        if let Some(iss) = &self.issuer {
+            claims["iss"] = json!(iss);
+        }
+        if let Some(aud) = &self.audience {
+            claims["aud"] = json!(aud);
+        }
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret)).ok()
+    }
+}
+
+fn pem_key(pem: &[u8]) -> Result<VerifyKey, ConfigError> {
+    let text = String::from_utf8_lossy(pem);
+    let attempts: [(fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>, AlgorithmFamily); 3] = [
+        (DecodingKey::from_rsa_pem, AlgorithmFamily::Rsa),
+        (DecodingKey::from_ed_pem, AlgorithmFamily::Ed),
+        (DecodingKey::from_ec_pem, AlgorithmFamily::Ec),
+    ];
+    for (parse, family) in attempts {
+        if let Ok(key) = parse(pem) {
+            return Ok(VerifyKey { kid: None, key, algorithms: family_algorithms(family) });
+        }
+    }
+    let first = text.lines().next().unwrap_or("");
+    Err(ConfigError(format!("public key is not an RSA, EC or Ed25519 PEM public key (starts with {first:?})")))
+}
+
+fn family_algorithms(family: AlgorithmFamily) -> Vec<Algorithm> {
+    match family {
+        AlgorithmFamily::Hmac => vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512],
+        AlgorithmFamily::Rsa => vec![Algorithm::RS256, Algorithm::RS384, Algorithm::RS512],
+        AlgorithmFamily::Ec => vec![Algorithm::ES256, Algorithm::ES384],
+        AlgorithmFamily::Ed => vec![Algorithm::EdDSA],
+    }
+}
+
+/// Reads `alg` from the header ourselves: jsonwebtoken cannot represent `none`, and we want to say so.
+fn header_alg(token: &str) -> Result<String, AuthError> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(AuthError::Malformed("a JWT has three dot-separated parts".into()));
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .map_err(|_| AuthError::Malformed("header is not base64url".into()))?;
+    let value: Value =
+        serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed("header is not JSON".into()))?;
+    value
+        .get("alg")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| AuthError::Malformed("header has no alg".into()))
+}
+
+fn map_error(kind: &ErrorKind) -> AuthError {
+    match kind {
+        ErrorKind::InvalidSignature => AuthError::InvalidSignature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidIssuer => AuthError::InvalidIssuer,
+        ErrorKind::InvalidAudience => AuthError::InvalidAudience,
+        ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
+        ErrorKind::InvalidAlgorithm | ErrorKind::UnsupportedAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            AuthError::UnsupportedAlgorithm("mismatch".into())
+        }
+        ErrorKind::InvalidClaimFormat(c) => AuthError::Malformed(format!("claim `{c}` has the wrong type")),
+        other => AuthError::Malformed(format!("{other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AuthConfig {
+        AuthConfig::new(
+            vec![KeySource::Secret(b"0123456789abcdef0123456789abcdef".to_vec())],
+            None,
+            None,
+            "role".into(),
+            "admin".into(),
+        )
+        .unwrap()
+    }
+
+    fn sign(claims: Value, secret: &[u8]) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret)).unwrap()
+    }
+
+    #[test]
+    fn minted_token_verifies_with_admin_flag() {
+        let c = config();
+        let id = Uuid::new_v4();
+        let user = c.verify(&c.mint(id, true, 60).unwrap()).unwrap();
+        assert_eq!(user.user_id, id);
+        assert!(user.admin);
+        assert!(!c.verify(&c.mint(id, false, 60).unwrap()).unwrap().admin);
+    }
+
+    #[test]
+    fn each_failure_has_its_reason() {
+        let c = config();
+        let now = jsonwebtoken::get_current_timestamp();
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let sub = Uuid::new_v4().to_string();
+        assert_eq!(
+            c.verify(&sign(json!({"sub": sub, "exp": now - 3600}), secret)),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(
+            c.verify(&sign(json!({"sub": sub, "exp": now + 3600, "nbf": now + 1800}), secret)),
+            Err(AuthError::NotYetValid)
+        );
+        assert_eq!(
+            c.verify(&sign(json!({"sub": sub, "exp": now + 60}), b"another-secret-another-secret-xx")),
+            Err(AuthError::InvalidSignature)
+        );
+        assert_eq!(
+            c.verify(&sign(json!({"sub": "alice", "exp": now + 60}), secret)),
+            Err(AuthError::InvalidSubject)
+        );
+        assert_eq!(c.verify(&sign(json!({"sub": sub}), secret)), Err(AuthError::MissingClaim("exp".into())));
+        assert!(matches!(c.verify("abc"), Err(AuthError::Malformed(_))));
+        let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        let none = format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&json!({"sub": sub, "exp": now + 60})));
+        assert_eq!(c.verify(&none), Err(AuthError::UnsupportedAlgorithm("none".into())));
+    }
+}

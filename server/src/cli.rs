@@ -1,0 +1,363 @@
+//! Command line: `dev`, `serve`, `migrate`, `token`. Every flag can also come from the environment variable named
+//! in `--help`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use uuid::Uuid;
+
+use crate::auth::{AuthConfig, KeySource};
+use crate::db::catalog::{Catalog, CatalogHandle};
+use crate::db::{self, migrate};
+use crate::pgcluster::{ClusterOptions, LocalCluster, random_token};
+use crate::state::{AppState, Limits};
+
+/// deeprecall-sync: authoritative writes and live per-user sync next to PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "deeprecall-sync", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run locally: start (and on first run create) a Postgres cluster under --data-dir, migrate, serve, and print
+    /// a dev token with a curl example. Uses DATABASE_URL instead when it is set.
+    Dev(DevArgs),
+    /// Production mode: serve against DATABASE_URL.
+    Serve(ServeArgs),
+    /// Apply migrations (sql/) and policies (policies/) to DATABASE_URL; safe to run twice or concurrently.
+    Migrate(MigrateArgs),
+    /// Mint an HS256 token with the configured secret, for development; prints only the token.
+    Token(TokenArgs),
+}
+
+/// How tokens are verified.
+#[derive(Debug, Clone, Args)]
+pub struct JwtArgs {
+    /// HS256 shared secret (at least 32 bytes), as shared with the app that issues tokens.
+    #[arg(long, env = "DEEPRECALL_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key verifying RS256/384/512, ES256/384 or EdDSA tokens.
+    #[arg(long, env = "DEEPRECALL_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// JWKS file (`{"keys": [...]}`); the key is chosen by the token's `kid`. Not fetched over HTTP: mount it.
+    #[arg(long, env = "DEEPRECALL_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// Require this `iss` claim.
+    #[arg(long, env = "DEEPRECALL_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Require this `aud` claim.
+    #[arg(long, env = "DEEPRECALL_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Claim that marks an admin token.
+    #[arg(long, env = "DEEPRECALL_ADMIN_CLAIM", default_value = "role")]
+    pub admin_claim: String,
+    /// Value of --admin-claim that marks an admin (a string claim equal to it, or an array containing it).
+    #[arg(long, env = "DEEPRECALL_ADMIN_CLAIM_VALUE", default_value = "admin")]
+    pub admin_claim_value: String,
+}
+
+impl JwtArgs {
+    /// Builds the verifier; `fallback_secret` is used when no key is configured (dev).
+    pub fn auth_config(&self, fallback_secret: Option<String>) -> anyhow::Result<AuthConfig> {
+        let mut sources = Vec::new();
+        if let Some(s) = self.jwt_secret.clone().or(fallback_secret) {
+            sources.push(KeySource::Secret(s.into_bytes()));
+        }
+        if let Some(path) = &self.jwt_public_key_file {
+            let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            sources.push(KeySource::PublicKeyPem(pem));
+        }
+        if let Some(path) = &self.jwks_file {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            sources.push(KeySource::Jwks(text));
+        }
+        Ok(AuthConfig::new(
+            sources,
+            self.jwt_issuer.clone(),
+            self.jwt_audience.clone(),
+            self.admin_claim.clone(),
+            self.admin_claim_value.clone(),
+        )?)
+    }
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct LimitArgs {
+    /// Largest request body, in bytes (413 above it).
+    #[arg(long, env = "DEEPRECALL_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Most ops in one /v1/batch request, and blobs in one coordination (413 above it).
+    #[arg(long, env = "DEEPRECALL_MAX_OPS_PER_BATCH", default_value_t = 1000)]
+    pub max_ops_per_batch: usize,
+}
+
+impl From<LimitArgs> for Limits {
+    fn from(a: LimitArgs) -> Self {
+        Self { max_body_bytes: a.max_body_bytes, max_ops_per_batch: a.max_ops_per_batch }
+    }
+}
+
+/// `serve` flags.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Postgres connection URL (postgres://user:password@host:port/db). The role needs to be a member of
+    /// deeprecall_user and deeprecall_admin (the migration grants this to the role that runs it).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Address to listen on.
+    #[arg(long, env = "DEEPRECALL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Apply pending migrations at start instead of refusing to start when the schema is behind.
+    #[arg(long, env = "DEEPRECALL_MIGRATE")]
+    pub migrate: bool,
+    /// Maximum pooled database connections.
+    #[arg(long, env = "DEEPRECALL_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: usize,
+    /// Token verification.
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+    /// Limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// `dev` flags.
+#[derive(Debug, Clone, Args)]
+pub struct DevArgs {
+    /// Where the local cluster, its password, the dev JWT secret and dev user id live.
+    #[arg(long, env = "DEEPRECALL_DATA_DIR", default_value = ".deeprecall")]
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "DEEPRECALL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Use this Postgres instead of a local cluster.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Token verification (default: an HS256 secret generated into --data-dir).
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+    /// Limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// `migrate` flags.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+/// `token` flags.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The user's UUID (`sub`).
+    #[arg(long)]
+    pub sub: Uuid,
+    /// Add the admin claim.
+    #[arg(long)]
+    pub admin: bool,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl: u64,
+    /// HS256 secret; default: the dev secret in --data-dir.
+    #[arg(long, env = "DEEPRECALL_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Dev data directory holding `jwt-secret`.
+    #[arg(long, env = "DEEPRECALL_DATA_DIR", default_value = ".deeprecall")]
+    pub data_dir: PathBuf,
+    /// `iss` claim to add.
+    #[arg(long, env = "DEEPRECALL_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// `aud` claim to add.
+    #[arg(long, env = "DEEPRECALL_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Claim that marks an admin token.
+    #[arg(long, env = "DEEPRECALL_ADMIN_CLAIM", default_value = "role")]
+    pub admin_claim: String,
+    /// Value of the admin claim.
+    #[arg(long, env = "DEEPRECALL_ADMIN_CLAIM_VALUE", default_value = "admin")]
+    pub admin_claim_value: String,
+}
+
+/// Connects, migrates (or checks the schema), loads the catalog and starts the catalog watcher.
+pub async fn prepare_state(
+    database_url: &str,
+    auth: AuthConfig,
+    limits: Limits,
+    pool_size: usize,
+    run_migrations: bool,
+) -> anyhow::Result<AppState> {
+    let config = db::parse_config(database_url).context("DATABASE_URL is not a valid postgres URL")?;
+    let pool = db::pool(config.clone(), pool_size)?;
+    let mut client = pool.get().await.context("connecting to Postgres")?;
+    if run_migrations {
+        let report = migrate::migrate(&mut client).await?;
+        if !report.applied.is_empty() {
+            tracing::info!(applied = ?report.applied, version = report.version, "migrations applied");
+        }
+    } else {
+        migrate::check_current(&client).await?;
+    }
+    let catalog = Arc::new(CatalogHandle::new(Catalog::load(&client).await?));
+    drop(client);
+    tokio::spawn(db::catalog::watch(config, catalog.clone(), pool.clone()));
+    Ok(AppState { pool, auth: Arc::new(auth), catalog, limits })
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Dev(args) => dev(args).await,
+        Command::Migrate(args) => {
+            let config = db::parse_config(&args.database_url).context("DATABASE_URL is not a valid postgres URL")?;
+            let (mut client, conn) = config.connect(tokio_postgres::NoTls).await.context("connecting to Postgres")?;
+            tokio::spawn(conn);
+            let report = migrate::migrate(&mut client).await?;
+            if report.applied.is_empty() {
+                println!("schema is current (version {})", report.version);
+            } else {
+                println!("applied {:?}; schema is at version {}", report.applied, report.version);
+            }
+            Ok(())
+        }
+        Command::Token(args) => {
+            let secret = match args.jwt_secret {
+                Some(s) => s,
+                None => read_secret_file(&args.data_dir.join("jwt-secret")).with_context(|| {
+                    format!(
+                        "no --jwt-secret / DEEPRECALL_JWT_SECRET, and no dev secret in {} (run `deeprecall-sync dev` once)",
+                        args.data_dir.display()
+                    )
+                })?,
+            };
+            let auth = AuthConfig::new(
+                vec![KeySource::Secret(secret.into_bytes())],
+                args.jwt_issuer,
+                args.jwt_audience,
+                args.admin_claim,
+                args.admin_claim_value,
+            )?;
+            let token = auth.mint(args.sub, args.admin, args.ttl).context("minting the token")?;
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let auth = args.jwt.auth_config(None)?;
+    let state = prepare_state(&args.database_url, auth, args.limits.into(), args.pool_size, args.migrate).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(addr = %args.listen, "deeprecall-sync serving");
+    crate::app::serve(listener, state, crate::shutdown::signal()).await?;
+    Ok(())
+}
+
+async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let secret = match &args.jwt.jwt_secret {
+        Some(s) => s.clone(),
+        None => read_or_create(&args.data_dir.join("jwt-secret"), || random_token(48))?,
+    };
+    let dev_user: Uuid = read_or_create(&args.data_dir.join("dev-user-id"), || Uuid::new_v4().to_string())?
+        .parse()
+        .context("dev-user-id is not a UUID")?;
+
+    let mut cluster = None;
+    let database_url = match &args.database_url {
+        Some(url) => url.clone(),
+        None => {
+            let options = ClusterOptions::default();
+            let mut c = LocalCluster::open_or_init(&args.data_dir.join("postgres"), &options)?;
+            c.start(&options)?;
+            create_database(&c.url("postgres"), "deeprecall").await?;
+            let url = c.url("deeprecall");
+            eprintln!("local Postgres {} on 127.0.0.1:{} (log: {})", c.bindir().display(), c.port(), c.log_path().display());
+            cluster = Some(c);
+            url
+        }
+    };
+    let result = async {
+        let auth = args.jwt.auth_config(Some(secret))?;
+        let token = auth.mint(dev_user, false, 86_400).context("minting the dev token")?;
+        let state = prepare_state(&database_url, auth, args.limits.into(), 16, true).await?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {} (is another server running? use --listen)", args.listen))?;
+        print_dev_banner(args.listen, &database_url, dev_user, &token);
+        crate::app::serve(listener, state, crate::shutdown::signal()).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Some(mut c) = cluster {
+        eprintln!("stopping local Postgres");
+        c.stop()?;
+    }
+    result
+}
+
+fn print_dev_banner(listen: SocketAddr, database_url: &str, user: Uuid, token: &str) {
+    let redacted = match database_url.split_once('@') {
+        Some((creds, rest)) => match creds.rsplit_once(':') {
+            Some((user, _)) if user.contains("//") => format!("{user}:***@{rest}"),
+            _ => database_url.to_owned(),
+        },
+        None => database_url.to_owned(),
+    };
+    let op = Uuid::new_v4();
+    let id = Uuid::new_v4();
+    println!(
+        "\ndeeprecall-sync dev: serving on http://{listen}\n  database: {redacted}\n  dev user: {user}\n\n\
+         dev token (24 h; mint more with `deeprecall-sync token --sub <uuid>`):\n  {token}\n\n\
+         try it (writes one row, owned by the dev user):\n\
+         curl -s -X POST http://{listen}/v1/batch \\\n  -H 'Authorization: Bearer {token}' \\\n  \
+         -H 'Content-Type: application/json' \\\n  \
+         -d '{{\"ops\":[{{\"op_id\":\"{op}\",\"table\":\"works\",\"kind\":\"insert\",\"row\":{{\"id\":\"{id}\",\"title\":\"Attention Is All You Need\"}}}}]}}'\n\n\
+         Ctrl-C stops the server and Postgres.\n"
+    );
+}
+
+async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    let config = db::parse_config(admin_url)?;
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.context("connecting to local Postgres")?;
+    tokio::spawn(conn);
+    let exists = client.query_opt("select 1 from pg_database where datname = $1", &[&name]).await?.is_some();
+    if !exists {
+        client.batch_execute(&format!("create database {}", db::catalog::quote_ident(name))).await?;
+    }
+    Ok(())
+}
+
+fn read_secret_file(path: &Path) -> anyhow::Result<String> {
+    let s = std::fs::read_to_string(path)?;
+    let s = s.trim().to_owned();
+    if s.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(s)
+}
+
+fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<String> {
+    if path.exists() {
+        return read_secret_file(path);
+    }
+    let value = make();
+    std::fs::write(path, format!("{value}\n")).with_context(|| format!("writing {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(value)
+}

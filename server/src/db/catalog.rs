@@ -1,0 +1,210 @@
+//! The catalog of synced tables, read from Postgres rather than hard-coded.
+//!
+//! A synced table is a member of the `deeprecall_sync` publication (sql/0001_schema.sql). Its columns, types and
+//! primary key come from `pg_attribute` / `pg_constraint`, so adding a synced table or column needs only SQL. The
+//! server loads the catalog at start, after an in-process migration, when a `deeprecall_schema_changed`
+//! notification arrives, and (rate-limited) when a request names a table or column it does not know yet.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, RwLock};
+use tokio_postgres::Client;
+
+/// Name of the publication whose members are the synced tables.
+pub const PUBLICATION: &str = "deeprecall_sync";
+
+/// Columns Postgres assigns; a client never writes them (ignored if sent).
+pub const SERVER_COLUMNS: &[&str] = &["owner_id", "created_at", "updated_at"];
+
+/// One column of a synced table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    /// Column name.
+    pub name: String,
+    /// `format_type()` of the column, e.g. `uuid`, `text[]`, `timestamp with time zone`.
+    pub type_name: String,
+    /// `not null` constraint.
+    pub not_null: bool,
+    /// Generated column (never writable, not in the WAL stream either).
+    pub generated: bool,
+}
+
+/// A synced table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    /// Relation OID (matches pgoutput Relation messages).
+    pub oid: u32,
+    /// Schema name.
+    pub schema: String,
+    /// Table name (the API's `table`).
+    pub name: String,
+    /// Columns in attribute order.
+    pub columns: Vec<Column>,
+    /// Name of the primary-key constraint (upsert conflict target).
+    pub primary_key: String,
+}
+
+impl Table {
+    /// The column called `name`, if any.
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Whether a client may write this column.
+    pub fn is_writable(&self, name: &str) -> bool {
+        self.column(name).is_some_and(|c| !c.generated) && !SERVER_COLUMNS.contains(&name)
+    }
+
+    /// `"schema"."name"`, quoted.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+/// All synced tables by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Catalog {
+    tables: HashMap<String, Arc<Table>>,
+}
+
+impl Catalog {
+    /// The synced table called `name`.
+    pub fn table(&self, name: &str) -> Option<&Arc<Table>> {
+        self.tables.get(name)
+    }
+
+    /// The synced table with relation OID `oid`.
+    pub fn by_oid(&self, oid: u32) -> Option<&Arc<Table>> {
+        self.tables.values().find(|t| t.oid == oid)
+    }
+
+    /// Names of all synced tables, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tables.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Reads the catalog from the database.
+    pub async fn load(client: &Client) -> Result<Self, tokio_postgres::Error> {
+        let rows = client
+            .query(
+                "select c.oid, n.nspname::text, c.relname::text, a.attname::text,
+                        format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attgenerated <> '',
+                        coalesce(pk.conname::text, '')
+                   from pg_publication_tables pt
+                   join pg_namespace n on n.nspname = pt.schemaname
+                   join pg_class c on c.relnamespace = n.oid and c.relname = pt.tablename
+                   join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+                   left join pg_constraint pk on pk.conrelid = c.oid and pk.contype = 'p'
+                  where pt.pubname = $1
+                  order by c.oid, a.attnum",
+                &[&PUBLICATION],
+            )
+            .await?;
+        let mut tables: HashMap<String, Table> = HashMap::new();
+        for row in rows {
+            let oid: u32 = row.get(0);
+            let name: String = row.get(2);
+            let table = tables.entry(name.clone()).or_insert_with(|| Table {
+                oid,
+                schema: row.get(1),
+                name,
+                columns: Vec::new(),
+                primary_key: row.get(7),
+            });
+            table.columns.push(Column {
+                name: row.get(3),
+                type_name: row.get(4),
+                not_null: row.get(5),
+                generated: row.get(6),
+            });
+        }
+        // A table is synced only if it follows the convention the router and RLS rely on.
+        tables.retain(|name, t| {
+            let ok = t.column("id").is_some() && t.column("owner_id").is_some() && !t.primary_key.is_empty();
+            if !ok {
+                tracing::warn!(table = %name, "publication member lacks id, owner_id or a primary key; not synced");
+            }
+            ok
+        });
+        Ok(Self { tables: tables.into_iter().map(|(k, v)| (k, Arc::new(v))).collect() })
+    }
+}
+
+/// Quotes an SQL identifier (doubling embedded quotes). Only ever applied to names read from the catalog.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The shared, refreshable catalog.
+#[derive(Debug)]
+pub struct CatalogHandle {
+    current: RwLock<Arc<Catalog>>,
+    last_refresh: Mutex<Instant>,
+}
+
+/// Refreshes on an unknown name happen at most this often, so bad requests cannot hammer the catalog.
+const MISS_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+impl CatalogHandle {
+    /// Wraps a loaded catalog.
+    pub fn new(catalog: Catalog) -> Self {
+        Self { current: RwLock::new(Arc::new(catalog)), last_refresh: Mutex::new(Instant::now()) }
+    }
+
+    /// The current catalog.
+    pub async fn get(&self) -> Arc<Catalog> {
+        self.current.read().await.clone()
+    }
+
+    /// Replaces the catalog with a fresh read.
+    pub async fn refresh(&self, client: &Client) -> Result<Arc<Catalog>, tokio_postgres::Error> {
+        let fresh = Arc::new(Catalog::load(client).await?);
+        *self.current.write().await = fresh.clone();
+        *self.last_refresh.lock().await = Instant::now();
+        Ok(fresh)
+    }
+
+    /// Refreshes only if the last refresh is older than the miss interval; returns the catalog to use.
+    pub async fn refresh_on_miss(&self, client: &Client) -> Result<Arc<Catalog>, tokio_postgres::Error> {
+        let due = self.last_refresh.lock().await.elapsed() >= MISS_REFRESH_INTERVAL;
+        if due { self.refresh(client).await } else { Ok(self.get().await) }
+    }
+}
+
+/// Keeps the catalog fresh: LISTENs for `deeprecall_schema_changed` (sent by every `migrate`) on a dedicated
+/// connection and reloads. Reconnects after errors; runs until the process ends.
+pub async fn watch(config: tokio_postgres::Config, catalog: Arc<CatalogHandle>, pool: deadpool_postgres::Pool) {
+    use futures::StreamExt;
+    loop {
+        match config.connect(tokio_postgres::NoTls).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(Ok(msg)) = messages.next().await {
+                        if let tokio_postgres::AsyncMessage::Notification(_) = msg {
+                            let _ = tx.send(());
+                        }
+                    }
+                });
+                if client.batch_execute("listen deeprecall_schema_changed").await.is_ok() {
+                    while rx.recv().await.is_some() {
+                        if let Ok(conn) = pool.get().await {
+                            match catalog.refresh(&conn).await {
+                                Ok(_) => tracing::info!("schema changed; catalog reloaded"),
+                                Err(e) => tracing::warn!(error = %e, "catalog reload failed"),
+                            }
+                        }
+                    }
+                }
+                driver.abort();
+            }
+            Err(e) => tracing::debug!(error = %e, "catalog watcher cannot connect; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}

@@ -1,0 +1,121 @@
+//! HTTP API errors: `{"error": {"code", "message", "op_index"?}}` with a deliberate status.
+//!
+//! The body says what the client did wrong and how to fix it. Internal failures get a generic message; their
+//! full source chain goes to the log, never to the client.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// An error answered to an HTTP client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code (documented in docs/api.md).
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+    /// Which element of the request is to blame: (`"op_index"`, n) in a batch, (`"blob_index"`, n) in a
+    /// blob coordination.
+    pub index: Option<(&'static str, usize)>,
+}
+
+impl ApiError {
+    /// An error with a status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), index: None }
+    }
+
+    /// 400 Bad Request.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 422 Unprocessable Entity.
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    /// Attaches the index of the failing op.
+    pub fn at_op(mut self, index: usize) -> Self {
+        self.index = Some(("op_index", index));
+        self
+    }
+
+    /// Attaches the index of the failing blob.
+    pub fn at_blob(mut self, index: usize) -> Self {
+        self.index = Some(("blob_index", index));
+        self
+    }
+
+    /// 500 with a generic message; logs the full error chain.
+    pub fn internal(err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut chain = err.to_string();
+        let mut source = err.source();
+        while let Some(s) = source {
+            chain.push_str(": ");
+            chain.push_str(&s.to_string());
+            source = s.source();
+        }
+        tracing::error!(error = %chain, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error; see the server log")
+    }
+
+    /// 503 when the database cannot be reached.
+    pub fn unavailable(err: &(dyn std::error::Error + 'static)) -> Self {
+        tracing::warn!(error = %err, "database unavailable");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database is unavailable; retry later")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if let Some((field, i)) = self.index {
+            error[field] = json!(i);
+        }
+        (self.status, Json(json!({ "error": error }))).into_response()
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        Self::unavailable(&err)
+    }
+}
+
+/// Maps a Postgres error raised by a client's data to a client error, deliberately by SQLSTATE; anything else is
+/// internal. The message is Postgres's own primary message (it names the constraint or the bad value, never
+/// another user's data), plus its detail for constraint violations.
+pub fn from_db(err: &tokio_postgres::Error) -> ApiError {
+    use tokio_postgres::error::SqlState;
+    let Some(db) = err.as_db_error() else {
+        return if err.is_closed() { ApiError::unavailable(err) } else { ApiError::internal(err) };
+    };
+    let code = db.code();
+    let msg = db.message().to_owned();
+    let with_detail = || match db.detail() {
+        // Foreign-key details name the referenced key, which is the caller's own (keys include owner_id).
+        Some(d) => format!("{msg} ({d})"),
+        None => msg.clone(),
+    };
+    if *code == SqlState::UNIQUE_VIOLATION {
+        ApiError::new(StatusCode::CONFLICT, "conflict", with_detail())
+    } else if *code == SqlState::FOREIGN_KEY_VIOLATION {
+        ApiError::unprocessable("foreign_key_violation", with_detail())
+    } else if *code == SqlState::CHECK_VIOLATION || *code == SqlState::NOT_NULL_VIOLATION {
+        ApiError::unprocessable("constraint_violation", with_detail())
+    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        // Includes "new row violates row-level security policy": the client tried to write what is not theirs.
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", msg)
+    } else if code.code().starts_with("22") || *code == SqlState::DATATYPE_MISMATCH {
+        // Class 22: data exception (bad uuid, number out of range, invalid json, bad timestamp...).
+        ApiError::unprocessable("invalid_value", msg)
+    } else if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED {
+        ApiError::new(StatusCode::CONFLICT, "retry", "the transaction conflicted with another; retry the request")
+    } else {
+        ApiError::internal(err)
+    }
+}

@@ -1,0 +1,351 @@
+//! `POST /v1/batch`: the one write path.
+//!
+//! ```text
+//! body ──parse/validate (no DB)──► planned ops ──► BEGIN
+//!   set_config('role', deeprecall_user, true), set_config('app.user_id', sub, true), pg_current_xact_id()
+//!   insert into sync_applied_ops (op_ids) on conflict do nothing returning op_id   -- which ops are new
+//!   one prepared statement per new op, pipelined on the connection                  -- RLS binds every row
+//! COMMIT (or ROLLBACK on the first failing op, reported with its index)
+//! ```
+//!
+//! Values never become SQL text: a row travels as one `jsonb` parameter and `jsonb_populate_record(null::table,
+//! $1)` converts each field to its column's type inside Postgres (a bad value fails there with SQLSTATE class 22,
+//! answered 422). Identifiers come from the catalog and are quoted. `owner_id` is never taken from the client: it
+//! defaults to `app.user_id`, and the policy's `with check` refuses anything else.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use futures::future::join_all;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio_postgres::types::{Json as PgJson, ToSql};
+use uuid::Uuid;
+
+use crate::auth::AuthUser;
+use crate::db::catalog::{Catalog, SERVER_COLUMNS, Table, quote_ident};
+use crate::db::{USER_ROLE, begin_as};
+use crate::error::{ApiError, from_db};
+use crate::state::AppState;
+
+/// What a batch op does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpKind {
+    /// Insert a new row; an existing id is a 409 conflict.
+    Insert,
+    /// Insert, or update the given columns when the row exists.
+    Upsert,
+    /// Update the given columns of an existing row; `not_found` when there is none.
+    Update,
+    /// Delete a row; `not_found` when there is none.
+    Delete,
+}
+
+impl OpKind {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "insert" => Self::Insert,
+            "upsert" => Self::Upsert,
+            "update" => Self::Update,
+            "delete" => Self::Delete,
+            _ => return None,
+        })
+    }
+}
+
+/// How concurrent writes to the same row are resolved. Today: the last write to commit wins, column by column
+/// (an update only touches the columns it names), and `updated_at` is the server's clock. This is the hook for
+/// the per-table policies the owner wants later (e.g. reject a stale update by comparing a client's
+/// `base_updated_at`, or merge sets): `update_sql` is the one place an update's predicate is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConflictPolicy {
+    /// Last writer wins per column.
+    #[default]
+    LastWriterWins,
+}
+
+/// Status of one op in the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpStatus {
+    /// The op changed the database (or, for an upsert, left it as asked).
+    Applied,
+    /// This op_id was applied before for this user; nothing was done now.
+    Duplicate,
+    /// Update/delete matched no row the user can see.
+    NotFound,
+}
+
+/// One entry of the response's `results`.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpResult {
+    /// The op's id, as sent.
+    pub op_id: Uuid,
+    /// What happened.
+    pub status: OpStatus,
+}
+
+/// Response body of a successful batch.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchResponse {
+    /// `pg_current_xact_id()` of the transaction, decimal; the live stream's `txn.xid` for the same commit.
+    pub txid: String,
+    /// One result per op, in request order.
+    pub results: Vec<OpResult>,
+}
+
+/// A validated op, ready to run.
+#[derive(Debug)]
+struct PlannedOp {
+    op_id: Uuid,
+    table: Arc<Table>,
+    kind: OpKind,
+    /// Writable columns present in the row, in table order.
+    columns: Vec<String>,
+    /// The row without server-assigned columns.
+    row: Value,
+    id: Option<Uuid>,
+}
+
+/// Handler for `POST /v1/batch`.
+pub async fn post_batch(
+    State(state): State<AppState>,
+    user: AuthUser,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<BatchResponse>, ApiError> {
+    let body = body.map_err(body_error)?;
+    let request: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("request body is not valid JSON: {e}")))?;
+    let ops = request_ops(&request, state.limits.max_ops_per_batch)?;
+
+    let mut client = state.pool.get().await?;
+    let mut catalog = state.catalog.get().await;
+    let planned = match plan(&catalog, ops) {
+        Err(e) if e.code == "unknown_table" || e.code == "unknown_column" => {
+            // Maybe a migration added it since we loaded the catalog.
+            catalog = state.catalog.refresh_on_miss(&client).await.map_err(|e| from_db(&e))?;
+            plan(&catalog, ops)?
+        }
+        other => other?,
+    };
+
+    let (tx, txid) = begin_as(&mut client, USER_ROLE, user.user_id, false).await.map_err(|e| from_db(&e))?;
+
+    // Idempotency: a conflict on (owner_id, op_id) means this op was applied before. A concurrent request with
+    // the same op_id blocks here on the unique index until the first commits, then sees the conflict.
+    let op_ids: Vec<Uuid> = planned.iter().map(|p| p.op_id).collect();
+    let ledger = tx
+        .prepare_cached(
+            "insert into sync_applied_ops (op_id) select unnest($1::uuid[]) on conflict do nothing returning op_id",
+        )
+        .await
+        .map_err(|e| from_db(&e))?;
+    let fresh: HashSet<Uuid> =
+        tx.query(&ledger, &[&op_ids]).await.map_err(|e| from_db(&e))?.iter().map(|r| r.get(0)).collect();
+
+    let mut to_run: Vec<(usize, tokio_postgres::Statement, &PlannedOp)> = Vec::new();
+    for (index, op) in planned.iter().enumerate() {
+        if fresh.contains(&op.op_id) {
+            let sql = op_sql(op, ConflictPolicy::default());
+            let stmt = tx.prepare_cached(&sql).await.map_err(|e| from_db(&e).at_op(index))?;
+            to_run.push((index, stmt, op));
+        }
+    }
+    // Pipelined: every statement is sent before the first answer is awaited, so a 1000-op batch costs one
+    // round trip's latency plus Postgres's work, not 1000 round trips. After a failure Postgres aborts the
+    // transaction and later statements fail with 25P02; the first failure in request order is the culprit.
+    let tx_ref = &tx;
+    let outcomes = join_all(to_run.iter().map(|(_, stmt, op)| {
+        let tx = tx_ref;
+        let row = PgJson(&op.row);
+        async move {
+            let param: &(dyn ToSql + Sync) = if op.kind == OpKind::Delete { &op.id } else { &row };
+            // `insert ... default values` (a row with no columns) takes no parameter.
+            let params = if stmt.params().is_empty() { &[][..] } else { std::slice::from_ref(&param) };
+            tx.execute(stmt, params).await
+        }
+    }))
+    .await;
+
+    let mut statuses = vec![OpStatus::Duplicate; planned.len()];
+    for ((index, _, op), outcome) in to_run.iter().zip(outcomes) {
+        let affected = outcome.map_err(|e| from_db(&e).at_op(*index))?;
+        statuses[*index] = match op.kind {
+            OpKind::Update | OpKind::Delete if affected == 0 => OpStatus::NotFound,
+            _ => OpStatus::Applied,
+        };
+    }
+    tx.commit().await.map_err(|e| from_db(&e))?;
+
+    let results =
+        planned.iter().zip(statuses).map(|(op, status)| OpResult { op_id: op.op_id, status }).collect();
+    Ok(Json(BatchResponse { txid, results }))
+}
+
+/// Maps a body-read failure: over the size limit is 413, anything else 400.
+pub fn body_error(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body exceeds the server's limit (--max-body-bytes); split the batch",
+        )
+    } else {
+        ApiError::bad_request("invalid_body", rejection.body_text())
+    }
+}
+
+fn request_ops(request: &Value, max_ops: usize) -> Result<&Vec<Value>, ApiError> {
+    let obj = request
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("invalid_request", "the body must be a JSON object with `ops`"))?;
+    if let Some(device) = obj.get("device_id") {
+        if !device.is_null() && device.as_str().and_then(|s| Uuid::parse_str(s).ok()).is_none() {
+            return Err(ApiError::unprocessable("invalid_device_id", "`device_id` must be a UUID string"));
+        }
+    }
+    let ops = obj
+        .get("ops")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::bad_request("invalid_request", "`ops` must be an array of operations"))?;
+    if ops.len() > max_ops {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_ops",
+            format!("a batch holds at most {max_ops} ops (this one has {}); split it", ops.len()),
+        ));
+    }
+    Ok(ops)
+}
+
+fn plan(catalog: &Catalog, ops: &[Value]) -> Result<Vec<PlannedOp>, ApiError> {
+    let mut seen = HashSet::with_capacity(ops.len());
+    let mut planned = Vec::with_capacity(ops.len());
+    for (index, op) in ops.iter().enumerate() {
+        let p = plan_one(catalog, op).map_err(|e| e.at_op(index))?;
+        if !seen.insert(p.op_id) {
+            return Err(ApiError::unprocessable(
+                "duplicate_op_id",
+                format!("op_id {} appears twice in this batch", p.op_id),
+            )
+            .at_op(index));
+        }
+        planned.push(p);
+    }
+    Ok(planned)
+}
+
+fn plan_one(catalog: &Catalog, op: &Value) -> Result<PlannedOp, ApiError> {
+    let op = op.as_object().ok_or_else(|| ApiError::bad_request("invalid_op", "each op must be a JSON object"))?;
+    let op_id = match op.get("op_id") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::unprocessable("missing_op_id", "every op needs an `op_id` (a UUID)"));
+        }
+        Some(v) => v
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .ok_or_else(|| ApiError::unprocessable("invalid_op_id", "`op_id` must be a UUID string"))?,
+    };
+    let table_name = op
+        .get("table")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::unprocessable("missing_table", "every op needs a `table`"))?;
+    let table = catalog.table(table_name).ok_or_else(|| {
+        ApiError::unprocessable(
+            "unknown_table",
+            format!("`{table_name}` is not a synced table (synced: {})", catalog.names().join(", ")),
+        )
+    })?;
+    let kind_name = op.get("kind").and_then(Value::as_str).unwrap_or("");
+    let kind = OpKind::parse(kind_name).ok_or_else(|| {
+        ApiError::unprocessable(
+            "invalid_kind",
+            format!("`kind` must be insert, upsert, update or delete (got {kind_name:?})"),
+        )
+    })?;
+    let row = op
+        .get("row")
+        .and_then(Value::as_object)
+        .ok_or_else(|| ApiError::unprocessable("invalid_row", "`row` must be a JSON object"))?;
+
+    let mut clean = Map::with_capacity(row.len());
+    for (name, value) in row {
+        if SERVER_COLUMNS.contains(&name.as_str()) {
+            continue; // owner_id, created_at, updated_at: Postgres assigns them; a client's value is ignored.
+        }
+        if table.column(name).is_none() {
+            return Err(ApiError::unprocessable(
+                "unknown_column",
+                format!("table `{table_name}` has no column `{name}`"),
+            ));
+        }
+        if !table.is_writable(name) {
+            return Err(ApiError::unprocessable("read_only_column", format!("column `{name}` cannot be written")));
+        }
+        clean.insert(name.clone(), value.clone());
+    }
+    let id = match clean.get("id") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_str()
+                .and_then(|s| Uuid::parse_str(s).ok())
+                .ok_or_else(|| ApiError::unprocessable("invalid_value", "`row.id` must be a UUID string"))?,
+        ),
+    };
+    if id.is_none() && kind != OpKind::Insert {
+        return Err(ApiError::unprocessable("missing_id", format!("a {kind_name} needs `row.id`")));
+    }
+    if kind == OpKind::Delete {
+        clean.retain(|k, _| k == "id");
+    }
+    let columns: Vec<String> =
+        table.columns.iter().filter(|c| clean.contains_key(&c.name)).map(|c| c.name.clone()).collect();
+    if kind == OpKind::Update && columns.len() < 2 {
+        return Err(ApiError::unprocessable("empty_update", "an update needs `row.id` and at least one column"));
+    }
+    Ok(PlannedOp { op_id, table: table.clone(), kind, columns, row: Value::Object(clean), id })
+}
+
+/// SQL for one op. `$1` is the row as jsonb (or, for a delete, the id).
+fn op_sql(op: &PlannedOp, policy: ConflictPolicy) -> String {
+    let table = op.table.qualified();
+    let cols: Vec<String> = op.columns.iter().map(|c| quote_ident(c)).collect();
+    let col_list = cols.join(", ");
+    match op.kind {
+        OpKind::Insert | OpKind::Upsert if cols.is_empty() => format!("insert into {table} default values"),
+        OpKind::Insert => {
+            format!("insert into {table} ({col_list}) select {col_list} from jsonb_populate_record(null::{table}, $1)")
+        }
+        OpKind::Upsert => {
+            let updates: Vec<String> =
+                cols.iter().filter(|c| c.as_str() != "\"id\"").map(|c| format!("{c} = excluded.{c}")).collect();
+            let action =
+                if updates.is_empty() { "nothing".to_owned() } else { format!("update set {}", updates.join(", ")) };
+            format!(
+                "insert into {table} ({col_list}) select {col_list} from jsonb_populate_record(null::{table}, $1) \
+                 on conflict on constraint {} do {action}",
+                quote_ident(&op.table.primary_key)
+            )
+        }
+        OpKind::Update => update_sql(&table, &cols, policy),
+        OpKind::Delete => format!("delete from {table} where id = $1"),
+    }
+}
+
+fn update_sql(table: &str, cols: &[String], policy: ConflictPolicy) -> String {
+    let sets: Vec<String> =
+        cols.iter().filter(|c| c.as_str() != "\"id\"").map(|c| format!("{c} = r.{c}")).collect();
+    // Row-level security adds "owner_id = app.user_id" to the predicate: another user's row is simply not found.
+    let predicate = match policy {
+        ConflictPolicy::LastWriterWins => "t.id = r.id",
+    };
+    format!(
+        "update {table} as t set {} from jsonb_populate_record(null::{table}, $1) as r where {predicate}",
+        sets.join(", ")
+    )
+}

@@ -1,0 +1,310 @@
+//! Blob shells: coordination from devices, the unified BlobHandle, and the inventory.
+//!
+//! The bytes stay on devices. Postgres keeps three tables with different cardinalities (the seed's decision):
+//! `blobs_meta` (one per owner and sha256), `device_blobs` (one per owner, device and sha256) and `assets` (many
+//! per blob). The API merges them logically into a BlobHandle; the tables stay separate.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio_postgres::types::Json as PgJson;
+use uuid::Uuid;
+
+use crate::auth::{AuthError, AuthUser};
+use crate::db::{ADMIN_ROLE, USER_ROLE, begin_as};
+use crate::error::{ApiError, from_db};
+use crate::http::batch::body_error;
+use crate::state::AppState;
+
+/// Whether `s` is a sha256 in the canonical form: 64 lowercase hex characters.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn check_sha256(s: &str) -> Result<(), ApiError> {
+    if is_sha256(s) {
+        Ok(())
+    } else {
+        Err(ApiError::unprocessable("invalid_sha256", "sha256 must be 64 lowercase hexadecimal characters"))
+    }
+}
+
+/// One blob a device reports.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceBlobReport {
+    /// Content hash.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: i64,
+    /// MIME type.
+    #[serde(default)]
+    pub mime: Option<String>,
+    /// Original file name.
+    #[serde(default)]
+    pub filename: Option<String>,
+    /// Where the device keeps it.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Pages (PDFs).
+    #[serde(default)]
+    pub page_count: Option<i32>,
+    /// Pixels (images).
+    #[serde(default)]
+    pub image_width: Option<i32>,
+    /// Pixels (images).
+    #[serde(default)]
+    pub image_height: Option<i32>,
+    /// `healthy` (default), `missing`, `modified` or `relocated`.
+    #[serde(default)]
+    pub health: Option<String>,
+}
+
+/// Body of `POST /v1/blobs/coordinate`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinateRequest {
+    /// The reporting device's persistent id.
+    pub device_id: Uuid,
+    /// True when `blobs` is everything the device holds: its other blobs are then marked not present.
+    #[serde(default)]
+    pub complete: bool,
+    /// The blobs.
+    pub blobs: Vec<DeviceBlobReport>,
+}
+
+/// Response of `POST /v1/blobs/coordinate`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CoordinateResponse {
+    /// Transaction id (matches the stream's `txn.xid`).
+    pub txid: String,
+    /// `blobs_meta` rows created.
+    pub meta_created: u64,
+    /// `blobs_meta` rows whose empty fields were filled in.
+    pub meta_updated: u64,
+    /// `device_blobs` rows inserted or refreshed for this device.
+    pub devices_upserted: u64,
+    /// This device's other blobs marked not present (`complete: true`).
+    pub marked_missing: u64,
+}
+
+/// Handler for `POST /v1/blobs/coordinate`.
+pub async fn coordinate(
+    State(state): State<AppState>,
+    user: AuthUser,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<CoordinateResponse>, ApiError> {
+    let body = body.map_err(body_error)?;
+    let req: CoordinateRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::unprocessable("invalid_request", format!("invalid coordination request: {e}")))?;
+    if req.blobs.len() > state.limits.max_ops_per_batch {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_blobs",
+            format!("at most {} blobs per request; split it", state.limits.max_ops_per_batch),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, b) in req.blobs.iter().enumerate() {
+        check_sha256(&b.sha256).map_err(|e| e.at_blob(i))?;
+        if b.size < 0 {
+            return Err(ApiError::unprocessable("invalid_value", "size must be >= 0").at_blob(i));
+        }
+        if let Some(h) = &b.health {
+            if !["healthy", "missing", "modified", "relocated"].contains(&h.as_str()) {
+                return Err(ApiError::unprocessable(
+                    "invalid_value",
+                    "health must be healthy, missing, modified or relocated",
+                )
+                .at_blob(i));
+            }
+        }
+        if !seen.insert(b.sha256.as_str()) {
+            return Err(ApiError::unprocessable("duplicate_sha256", "a sha256 appears twice").at_blob(i));
+        }
+    }
+
+    let mut client = state.pool.get().await?;
+    let (tx, txid) = begin_as(&mut client, USER_ROLE, user.user_id, false).await.map_err(|e| from_db(&e))?;
+    let blobs = serde_json::to_value(&req.blobs).map_err(|e| ApiError::internal(&e))?;
+    let blobs = PgJson(&blobs);
+    const INPUT: &str = "jsonb_to_recordset($1) as x(sha256 text, size bigint, mime text, filename text, \
+         path text, page_count integer, image_width integer, image_height integer, health text)";
+    // Create what is missing; fill fields an earlier report left empty; never overwrite known metadata (the
+    // same content has the same facts, and a no-op must not produce a change on the stream).
+    let meta_sql = format!(
+        "insert into blobs_meta (sha256, size, mime, filename, page_count, image_width, image_height)
+         select sha256, size, mime, filename, page_count, image_width, image_height from {INPUT}
+         on conflict (owner_id, sha256) do update set
+           mime = coalesce(blobs_meta.mime, excluded.mime),
+           filename = coalesce(blobs_meta.filename, excluded.filename),
+           page_count = coalesce(blobs_meta.page_count, excluded.page_count),
+           image_width = coalesce(blobs_meta.image_width, excluded.image_width),
+           image_height = coalesce(blobs_meta.image_height, excluded.image_height)
+         where (blobs_meta.mime is null and excluded.mime is not null)
+            or (blobs_meta.filename is null and excluded.filename is not null)
+            or (blobs_meta.page_count is null and excluded.page_count is not null)
+            or (blobs_meta.image_width is null and excluded.image_width is not null)
+            or (blobs_meta.image_height is null and excluded.image_height is not null)
+         returning (xmax = 0)"
+    );
+    let meta_rows = tx.query(&meta_sql, &[&blobs]).await.map_err(|e| from_db(&e))?;
+    let meta_created = meta_rows.iter().filter(|r| r.get::<_, bool>(0)).count() as u64;
+    let meta_updated = meta_rows.len() as u64 - meta_created;
+    let device_sql = format!(
+        "insert into device_blobs (device_id, sha256, path, present, health, last_seen_at)
+         select $2, sha256, path, coalesce(health, 'healthy') <> 'missing', coalesce(health, 'healthy'), now()
+           from {INPUT}
+         on conflict (owner_id, device_id, sha256) do update set
+           path = excluded.path, present = excluded.present, health = excluded.health,
+           last_seen_at = excluded.last_seen_at"
+    );
+    let devices_upserted = tx.execute(&device_sql, &[&blobs, &req.device_id]).await.map_err(|e| from_db(&e))?;
+    let marked_missing = if req.complete {
+        let hashes: Vec<&str> = req.blobs.iter().map(|b| b.sha256.as_str()).collect();
+        tx.execute(
+            "update device_blobs set present = false, health = 'missing'
+              where device_id = $1 and present and not (sha256 = any($2::text[]))",
+            &[&req.device_id, &hashes],
+        )
+        .await
+        .map_err(|e| from_db(&e))?
+    } else {
+        0
+    };
+    tx.commit().await.map_err(|e| from_db(&e))?;
+    Ok(Json(CoordinateResponse { txid, meta_created, meta_updated, devices_upserted, marked_missing }))
+}
+
+/// Handler for `GET /v1/blobs/{sha256}`: the caller's BlobHandle.
+pub async fn get_blob(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(sha256): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check_sha256(&sha256)?;
+    let mut client = state.pool.get().await?;
+    let (tx, _) = begin_as(&mut client, USER_ROLE, user.user_id, true).await.map_err(|e| from_db(&e))?;
+    let row = tx
+        .query_one(
+            "select
+               (select to_jsonb(m) - 'owner_id' - 'sha256' from blobs_meta m where m.sha256 = $1),
+               coalesce((select jsonb_agg(to_jsonb(d) - 'owner_id' - 'sha256' - 'id' order by d.device_id)
+                           from device_blobs d where d.sha256 = $1), '[]'::jsonb),
+               coalesce((select jsonb_agg(to_jsonb(a) - 'owner_id' - 'sha256' order by a.created_at, a.id)
+                           from assets a where a.sha256 = $1), '[]'::jsonb)",
+            &[&sha256],
+        )
+        .await
+        .map_err(|e| from_db(&e))?;
+    let meta: Option<Value> = row.get::<_, Option<PgJson<Value>>>(0).map(|j| j.0);
+    let devices: Value = row.get::<_, PgJson<Value>>(1).0;
+    let assets: Value = row.get::<_, PgJson<Value>>(2).0;
+    let empty = |v: &Value| v.as_array().is_none_or(Vec::is_empty);
+    if meta.is_none() && empty(&devices) && empty(&assets) {
+        // Same answer whether the blob does not exist or belongs to someone else.
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no blob with this sha256"));
+    }
+    let available_on: Vec<&Value> = devices
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d.get("present") == Some(&Value::Bool(true)))
+        .filter_map(|d| d.get("device_id"))
+        .collect();
+    Ok(Json(json!({
+        "sha256": sha256,
+        "meta": meta,
+        "devices": devices,
+        "assets": assets,
+        "available_on": available_on,
+    })))
+}
+
+/// Paging parameters of the inventory endpoints.
+#[derive(Debug, Clone, Deserialize)]
+pub struct InventoryQuery {
+    /// Page size, 1..=1000 (default 100).
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Admin only: restrict to one owner.
+    pub owner_id: Option<Uuid>,
+}
+
+/// Handler for `GET /v1/admin/blobs`: every owner's `v_blob_inventory` rows (admin token).
+pub async fn admin_inventory(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Query(q): Query<InventoryQuery>,
+) -> Result<Json<Value>, axum::response::Response> {
+    use axum::response::IntoResponse;
+    if !user.admin {
+        return Err(AuthError::Forbidden.into_response());
+    }
+    inventory(&state, &user, ADMIN_ROLE, q).await.map_err(IntoResponse::into_response)
+}
+
+/// Handler for `GET /v1/blobs`: the caller's own inventory rows.
+pub async fn my_inventory(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Query(mut q): Query<InventoryQuery>,
+) -> Result<Json<Value>, ApiError> {
+    q.owner_id = None;
+    inventory(&state, &user, USER_ROLE, q).await
+}
+
+async fn inventory(state: &AppState, user: &AuthUser, role: &str, q: InventoryQuery) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::unprocessable("invalid_limit", "limit must be between 1 and 1000"));
+    }
+    let (after_owner, after_sha) = match &q.cursor {
+        None => (None, None),
+        Some(c) => {
+            let (o, s) = decode_cursor(c)
+                .ok_or_else(|| ApiError::unprocessable("invalid_cursor", "cursor is not one this server issued"))?;
+            (Some(o), Some(s))
+        }
+    };
+    let mut client = state.pool.get().await?;
+    let (tx, _) = begin_as(&mut client, role, user.user_id, true).await.map_err(|e| from_db(&e))?;
+    // Keyset paging on (owner_id, sha256), the unique key of blobs_meta: stable under concurrent inserts.
+    let rows = tx
+        .query(
+            "select to_jsonb(v), v.owner_id, v.sha256 from v_blob_inventory v
+              where ($1::uuid is null or v.owner_id = $1)
+                and ($2::uuid is null or (v.owner_id, v.sha256) > ($2, $3::text))
+              order by v.owner_id, v.sha256
+              limit $4",
+            &[&q.owner_id, &after_owner, &after_sha, &(limit + 1)],
+        )
+        .await
+        .map_err(|e| from_db(&e))?;
+    let more = rows.len() as i64 > limit;
+    let page = &rows[..rows.len().min(limit as usize)];
+    let next_cursor = if more {
+        page.last().map(|r| encode_cursor(r.get(1), r.get::<_, String>(2).as_str()))
+    } else {
+        None
+    };
+    let items: Vec<Value> = page.iter().map(|r| r.get::<_, PgJson<Value>>(0).0).collect();
+    Ok(Json(json!({ "items": items, "next_cursor": next_cursor })))
+}
+
+fn encode_cursor(owner: Uuid, sha256: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{owner}/{sha256}"))
+}
+
+fn decode_cursor(cursor: &str) -> Option<(Uuid, String)> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (owner, sha) = text.split_once('/')?;
+    is_sha256(sha).then(|| Some((Uuid::parse_str(owner).ok()?, sha.to_owned())))?
+}

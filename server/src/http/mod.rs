@@ -1,0 +1,5 @@
+//! HTTP endpoints.
+
+pub mod batch;
+pub mod blobs;
+pub mod health;

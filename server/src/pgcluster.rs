@@ -1,0 +1,445 @@
+//! A local PostgreSQL cluster started from the installed server binaries.
+//!
+//! Used by `deeprecall-sync dev` (a persistent cluster under `./.deeprecall/`) and by the integration tests (a
+//! throwaway cluster in a temp dir, stopped and removed on drop, even when the test panics).
+//!
+//! Why by hand: `pgtemp` shells out to `sudo` as root and hangs on shutdown; `postgresql_embedded` downloads
+//! binaries, and this machine has no internet. What we need is small: initdb once, write a settings file, pg_ctl
+//! start/stop. `initdb` refuses to run as root, so as root every command runs as the `postgres` system user
+//! (created by Debian's postgresql package) through `runuser`, on a directory that user owns.
+
+use std::fmt::Write as _;
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Error starting or stopping a local cluster; the message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// No PostgreSQL server binaries were found.
+    #[error(
+        "no PostgreSQL server binaries found (looked at `pg_config --bindir`, PATH and /usr/lib/postgresql/*/bin); \
+         install them, e.g. `apt-get install postgresql-15` on Debian/Ubuntu, or set DATABASE_URL to an existing server"
+    )]
+    NoBinaries,
+    /// Running as root, but there is no unprivileged `postgres` user to run the server as.
+    #[error(
+        "running as root, and initdb refuses root: create a `postgres` system user (Debian's postgresql package does) \
+         or run as an unprivileged user"
+    )]
+    NoUnprivilegedUser,
+    /// A command failed.
+    #[error("`{command}` failed: {detail}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its stderr / exit status.
+        detail: String,
+    },
+    /// File system error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
+    let context = context.into();
+    move |source| ClusterError::Io { context, source }
+}
+
+/// How the cluster should behave; tests trade durability for speed.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// `fsync=off`, `initdb --no-sync`: for throwaway clusters only.
+    pub ephemeral: bool,
+    /// Extra `postgresql.conf` lines.
+    pub extra_settings: Vec<(String, String)>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self { ephemeral: false, extra_settings: Vec::new() }
+    }
+}
+
+/// The superuser every local cluster is created with.
+pub const SUPERUSER: &str = "postgres";
+
+/// A running local cluster. Dropping it stops Postgres (fast shutdown).
+#[derive(Debug)]
+pub struct LocalCluster {
+    base: PathBuf,
+    bindir: PathBuf,
+    run_as: Option<(String, u32, u32)>,
+    port: u16,
+    password: String,
+    running: bool,
+    // Held so a temporary base directory is removed after Postgres has stopped (fields drop after `drop`).
+    _temp: Option<tempfile_dir::TempDir>,
+}
+
+/// A temp directory removed on drop, without a dependency on the `tempfile` crate in the server binary.
+mod tempfile_dir {
+    use std::path::{Path, PathBuf};
+
+    /// Owns a directory and removes it on drop.
+    #[derive(Debug)]
+    pub(super) struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub(super) fn new(prefix: &str) -> std::io::Result<Self> {
+            let base = std::env::temp_dir();
+            for _ in 0..16 {
+                let path = base.join(format!("{prefix}{:016x}", rand::random::<u64>()));
+                match std::fs::create_dir(&path) {
+                    Ok(()) => return Ok(Self(path)),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(std::io::Error::other("could not create a unique temp dir"))
+        }
+
+        pub(super) fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl LocalCluster {
+    /// A throwaway cluster in a new temp directory on a free port, removed on drop.
+    pub fn start_temporary(options: &ClusterOptions) -> Result<Self, ClusterError> {
+        let temp = tempfile_dir::TempDir::new("deeprecall-pg-").map_err(io_err("creating temp dir"))?;
+        let mut cluster = Self::open_or_init(temp.path(), options)?;
+        cluster._temp = Some(temp);
+        cluster.start(options)?;
+        Ok(cluster)
+    }
+
+    /// Opens the cluster under `base` (running initdb the first time) without starting it.
+    pub fn open_or_init(base: &Path, options: &ClusterOptions) -> Result<Self, ClusterError> {
+        let bindir = find_bindir()?;
+        let run_as = unprivileged_user()?;
+        std::fs::create_dir_all(base).map_err(io_err(format!("creating {}", base.display())))?;
+        let base = base.canonicalize().map_err(io_err(format!("resolving {}", base.display())))?;
+        if let Some((_, uid, gid)) = &run_as {
+            std::os::unix::fs::chown(&base, Some(*uid), Some(*gid))
+                .map_err(io_err(format!("chown {}", base.display())))?;
+        }
+        let password_file = base.join("superuser-password");
+        let fresh = !base.join("data").join("PG_VERSION").exists();
+        let password = if fresh {
+            let password = random_token(24);
+            std::fs::write(&password_file, format!("{password}\n"))
+                .map_err(io_err(format!("writing {}", password_file.display())))?;
+            restrict_permissions(&password_file, run_as.as_ref())?;
+            password
+        } else {
+            std::fs::read_to_string(&password_file)
+                .map_err(io_err(format!("reading {}", password_file.display())))?
+                .trim()
+                .to_owned()
+        };
+        let cluster = Self { base, bindir, run_as, port: 0, password, running: false, _temp: None };
+        if fresh {
+            cluster.initdb(options)?;
+        }
+        Ok(cluster)
+    }
+
+    fn initdb(&self, options: &ClusterOptions) -> Result<(), ClusterError> {
+        let data = self.base.join("data");
+        let mut args: Vec<String> = vec![
+            "-D".into(),
+            data.display().to_string(),
+            "-U".into(),
+            SUPERUSER.into(),
+            "--auth=scram-sha-256".into(),
+            format!("--pwfile={}", self.base.join("superuser-password").display()),
+            "--encoding=UTF8".into(),
+            "--locale=C.UTF-8".into(),
+        ];
+        if options.ephemeral {
+            args.push("--no-sync".into());
+        }
+        self.run_tool("initdb", &args)?;
+        // Our settings live in their own file, rewritten at every start, so upgrades of this code apply to
+        // existing dev clusters too.
+        let conf = data.join("postgresql.conf");
+        let mut text =
+            std::fs::read_to_string(&conf).map_err(io_err(format!("reading {}", conf.display())))?;
+        text.push_str("\ninclude_if_exists = 'deeprecall.conf'\n");
+        std::fs::write(&conf, text).map_err(io_err(format!("writing {}", conf.display())))?;
+        Ok(())
+    }
+
+    /// Starts Postgres on a free loopback port and waits until it accepts connections.
+    pub fn start(&mut self, options: &ClusterOptions) -> Result<(), ClusterError> {
+        let data = self.base.join("data");
+        // A stale postmaster.pid from a crash is handled by Postgres itself; a live one means it is running.
+        if self.status_running()? {
+            self.stop()?;
+        }
+        self.port = free_port()?;
+        let mut conf = String::new();
+        let mut settings: Vec<(String, String)> = vec![
+            ("port".into(), self.port.to_string()),
+            ("listen_addresses".into(), "'127.0.0.1'".into()),
+            // No unix socket: its path length is limited and a temp dir may be deep; TCP on loopback is enough.
+            ("unix_socket_directories".into(), "''".into()),
+            // Logical replication for the live stream (see docs/operations.md).
+            ("wal_level".into(), "logical".into()),
+            ("max_wal_senders".into(), "20".into()),
+            ("max_replication_slots".into(), "20".into()),
+            ("max_connections".into(), "200".into()),
+            ("logging_collector".into(), "off".into()),
+        ];
+        if options.ephemeral {
+            settings.push(("fsync".into(), "off".into()));
+            settings.push(("full_page_writes".into(), "off".into()));
+        }
+        settings.extend(options.extra_settings.iter().cloned());
+        for (k, v) in &settings {
+            let _ = writeln!(conf, "{k} = {v}");
+        }
+        let conf_path = data.join("deeprecall.conf");
+        std::fs::write(&conf_path, conf).map_err(io_err(format!("writing {}", conf_path.display())))?;
+        if let Some((_, uid, gid)) = &self.run_as {
+            std::os::unix::fs::chown(&conf_path, Some(*uid), Some(*gid))
+                .map_err(io_err(format!("chown {}", conf_path.display())))?;
+        }
+        let args = [
+            "-D".to_string(),
+            data.display().to_string(),
+            "-l".into(),
+            self.log_path().display().to_string(),
+            "-w".into(),
+            "-t".into(),
+            "60".into(),
+            "start".into(),
+        ];
+        self.run_tool("pg_ctl", &args).map_err(|e| match e {
+            ClusterError::Command { command, detail } => ClusterError::Command {
+                command,
+                detail: format!("{detail}\n--- {}:\n{}", self.log_path().display(), self.log_tail()),
+            },
+            other => other,
+        })?;
+        self.running = true;
+        Ok(())
+    }
+
+    fn status_running(&self) -> Result<bool, ClusterError> {
+        let data = self.base.join("data");
+        let out = self.command("pg_ctl", &["-D".into(), data.display().to_string(), "status".into()])?;
+        Ok(out.status.success())
+    }
+
+    /// Stops Postgres (fast shutdown: running transactions are rolled back, data is safe).
+    pub fn stop(&mut self) -> Result<(), ClusterError> {
+        let data = self.base.join("data");
+        self.run_tool(
+            "pg_ctl",
+            &["-D".into(), data.display().to_string(), "-m".into(), "fast".into(), "-w".into(), "stop".into()],
+        )?;
+        self.running = false;
+        Ok(())
+    }
+
+    /// Stops Postgres abruptly (as if it crashed); it recovers from WAL at the next start.
+    pub fn kill(&mut self) -> Result<(), ClusterError> {
+        let data = self.base.join("data");
+        self.run_tool(
+            "pg_ctl",
+            &["-D".into(), data.display().to_string(), "-m".into(), "immediate".into(), "-w".into(), "stop".into()],
+        )?;
+        self.running = false;
+        Ok(())
+    }
+
+    /// Starts a stopped cluster again on the same port (clients reconnect to the same URL).
+    pub fn restart_same_port(&mut self) -> Result<(), ClusterError> {
+        let data = self.base.join("data");
+        let args = [
+            "-D".to_string(),
+            data.display().to_string(),
+            "-l".into(),
+            self.log_path().display().to_string(),
+            "-w".into(),
+            "-t".into(),
+            "60".into(),
+            "start".into(),
+        ];
+        self.run_tool("pg_ctl", &args)?;
+        self.running = true;
+        Ok(())
+    }
+
+    /// The port Postgres listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connection URL for `database` as the superuser.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}", self.password, self.port)
+    }
+
+    /// The superuser's password (generated at initdb, kept in the base directory).
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// The directory holding `data/`, the log and the password file.
+    pub fn base_dir(&self) -> &Path {
+        &self.base
+    }
+
+    /// The server binaries in use.
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+
+    /// Path of the server log.
+    pub fn log_path(&self) -> PathBuf {
+        self.base.join("postgres.log")
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    fn command(&self, tool: &str, args: &[String]) -> Result<Output, ClusterError> {
+        let program = self.bindir.join(tool);
+        let mut cmd = match &self.run_as {
+            Some((user, _, _)) => {
+                let mut c = Command::new("runuser");
+                c.arg("-u").arg(user).arg("--").arg(&program);
+                c
+            }
+            None => Command::new(&program),
+        };
+        cmd.args(args).stdin(std::process::Stdio::null());
+        // pg_ctl's postmaster inherits our stdout/stderr otherwise, and a test harness waiting for EOF would hang.
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        cmd.output().map_err(io_err(format!("running {}", program.display())))
+    }
+
+    fn run_tool(&self, tool: &str, args: &[String]) -> Result<(), ClusterError> {
+        let out = self.command(tool, args)?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(ClusterError::Command {
+                command: format!("{tool} {}", args.join(" ")),
+                detail: format!(
+                    "{}{}{}",
+                    out.status,
+                    if out.stderr.is_empty() { "" } else { ": " },
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            })
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        if self.running {
+            if let Err(e) = self.stop() {
+                eprintln!("warning: stopping local Postgres failed: {e}");
+            }
+        }
+    }
+}
+
+/// Finds the PostgreSQL server binaries: `pg_config --bindir`, then PATH, then `/usr/lib/postgresql/*/bin`
+/// (newest version first). A directory counts only if it has `initdb`, `pg_ctl` and `postgres`.
+pub fn find_bindir() -> Result<PathBuf, ClusterError> {
+    let has_server = |dir: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|t| dir.join(t).is_file());
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        if out.status.success() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if has_server(&dir) {
+                return Ok(dir);
+            }
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if has_server(&dir) {
+                return Ok(dir);
+            }
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            Some((v, e.path().join("bin")))
+        })
+        .filter(|(_, dir)| has_server(dir))
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, dir)| dir).ok_or(ClusterError::NoBinaries)
+}
+
+/// As root: the `postgres` user's name, uid and gid. Otherwise None (run as ourselves).
+fn unprivileged_user() -> Result<Option<(String, u32, u32)>, ClusterError> {
+    let me = std::fs::metadata("/proc/self").map_err(io_err("reading /proc/self"))?;
+    if me.uid() != 0 {
+        return Ok(None);
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(io_err("reading /etc/passwd"))?;
+    for line in passwd.lines() {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.first() == Some(&"postgres") && fields.len() > 3 {
+            let uid = fields[2].parse().map_err(|_| ClusterError::NoUnprivilegedUser)?;
+            let gid = fields[3].parse().map_err(|_| ClusterError::NoUnprivilegedUser)?;
+            return Ok(Some(("postgres".to_owned(), uid, gid)));
+        }
+    }
+    Err(ClusterError::NoUnprivilegedUser)
+}
+
+fn restrict_permissions(path: &Path, run_as: Option<&(String, u32, u32)>) -> Result<(), ClusterError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(format!("chmod {}", path.display())))?;
+    if let Some((_, uid, gid)) = run_as {
+        std::os::unix::fs::chown(path, Some(*uid), Some(*gid))
+            .map_err(io_err(format!("chown {}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; Postgres takes it a moment later).
+pub fn free_port() -> Result<u16, ClusterError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io_err("finding a free port"))?;
+    let port = listener.local_addr().map_err(io_err("finding a free port"))?.port();
+    Ok(port)
+}
+
+/// A random alphanumeric string (passwords, secrets for dev).
+pub fn random_token(len: usize) -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::rng();
+    (0..len).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
+}
