@@ -113,23 +113,21 @@ impl TxnAssembler {
                 commit_time_micros,
                 flags: _,
             } => {
-                let open = self
-                    .open
-                    .as_ref()
-                    .ok_or(TxnError::NotInTransaction { what: "Commit" })?;
-                if open.commit_lsn != commit_lsn {
-                    return Err(TxnError::CommitLsnMismatch {
-                        xid: open.xid,
-                        final_lsn: open.commit_lsn,
+                let Some(mut txn) = self.open.take() else {
+                    return Err(TxnError::NotInTransaction { what: "Commit" });
+                };
+                if txn.commit_lsn != commit_lsn {
+                    let err = TxnError::CommitLsnMismatch {
+                        xid: txn.xid,
+                        final_lsn: txn.commit_lsn,
                         commit_lsn,
-                    });
+                    };
+                    self.open = Some(txn);
+                    return Err(err);
                 }
-                let mut txn = self.open.take();
-                if let Some(txn) = &mut txn {
-                    txn.end_lsn = end_lsn;
-                    txn.commit_time_micros = commit_time_micros;
-                }
-                Ok(txn)
+                txn.end_lsn = end_lsn;
+                txn.commit_time_micros = commit_time_micros;
+                Ok(Some(txn))
             }
             PgOutputMessage::Relation(body) => {
                 self.relations.insert(body);
