@@ -48,6 +48,10 @@ begin
       execute format('grant select, insert, update, delete on %I.%I to deeprecall_user', t.schemaname, t.tablename);
     end if;
     execute format('grant select on %I.%I to deeprecall_admin', t.schemaname, t.tablename);
+    if t.tablename <> 'sync_applied_ops' then
+      -- The live stream routes and filters on the old row (sql/0002_replication_state.sql says why).
+      execute format('alter table %I.%I replica identity full', t.schemaname, t.tablename);
+    end if;
 
     -- using: which rows a user sees, updates or deletes. with check: what a user may write. Without the check a
     -- client could insert or move a row to another owner. An empty or missing app.user_id makes

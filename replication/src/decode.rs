@@ -70,7 +70,7 @@ pub enum ChangeError {
 /// A table as last described by a Relation message.
 #[derive(Debug, Clone)]
 struct CachedRelation {
-    body: RelationBody,
+    body: Arc<RelationBody>,
     /// `pg_catalog` where the wire sends an empty namespace.
     schema: String,
     /// Column names shared by every decoded row instead of copied into each.
@@ -104,7 +104,7 @@ impl RelationCache {
         self.relations.insert(
             body.oid,
             CachedRelation {
-                body,
+                body: Arc::new(body),
                 schema,
                 names,
             },
@@ -113,7 +113,7 @@ impl RelationCache {
 
     /// The last Relation message for `oid`.
     pub fn get(&self, oid: u32) -> Option<&RelationBody> {
-        self.relations.get(&oid).map(|r| &r.body)
+        self.relations.get(&oid).map(|r| &*r.body)
     }
 
     /// `(schema, table)` of `oid`, with `pg_catalog` for the wire's empty namespace.

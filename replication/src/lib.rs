@@ -17,12 +17,16 @@
 //!        ▼  server: route to subscribers, then acknowledge end_lsn
 //! ```
 //!
-//! Everything here is a pure function of the bytes it is given: no I/O, no clock. The caller owns
+//! `protocol`, `decode` and `txn` are pure; `stream` owns the replication socket and `slot` holds the slot SQL.
+//!
+//! Everything in the pure modules is a pure function of the bytes it is given: no I/O, no clock. The caller owns
 //! the socket, feeds each message in stream order, and on any error restarts replication from the
 //! last acknowledged LSN with a fresh [`TxnAssembler`] (Postgres re-sends Relation messages then).
 
 pub mod decode;
 pub mod protocol;
+pub mod slot;
+pub mod stream;
 pub mod txn;
 
 pub use decode::{ChangeError, Op, RelationCache, Row, RowChange};

@@ -28,6 +28,9 @@ pub struct Transaction {
     pub changes: Vec<RowChange>,
     /// `(schema, table)` of every truncated table, once each, in first-truncated order.
     pub truncated: Vec<(String, String)>,
+    /// Transactional logical decoding messages (`pg_logical_emit_message(true, prefix, content)`) as
+    /// `(prefix, content)`, in order. The server uses them as barriers in the snapshot handoff.
+    pub messages: Vec<(String, Vec<u8>)>,
 }
 
 /// Why a message does not fit the stream so far. Fatal for this connection: reset the assembler
@@ -104,6 +107,7 @@ impl TxnAssembler {
                     commit_time_micros,
                     changes: Vec::new(),
                     truncated: Vec::new(),
+                    messages: Vec::new(),
                 });
                 Ok(None)
             }
@@ -137,9 +141,16 @@ impl TxnAssembler {
             PgOutputMessage::Type { .. } | PgOutputMessage::Origin { .. } => Ok(None),
             // Logical decoding messages are not row changes. A transactional one still proves
             // the stream is in a transaction; a non-transactional one may come at any point.
-            PgOutputMessage::Message { transactional, .. } => {
+            PgOutputMessage::Message {
+                transactional,
+                prefix,
+                content,
+                ..
+            } => {
                 if transactional {
-                    self.open_mut("transactional Message")?;
+                    self.open_mut("transactional Message")?
+                        .messages
+                        .push((prefix, content));
                 }
                 Ok(None)
             }

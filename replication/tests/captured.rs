@@ -77,6 +77,7 @@ fn txn(
         commit_time_micros,
         changes,
         truncated: vec![],
+        messages: vec![],
     }
 }
 
@@ -199,7 +200,11 @@ fn text_stream_decodes_to_the_expected_transactions() {
             ]
         }),
         // 6: the unpublished insert (xid 736) sends nothing. 7: transactional message only.
-        txn(737, "0/15366A8", "0/15366D8", 849152495446808, vec![]),
+        // A transaction holding only a transactional logical message: kept for the server's barriers.
+        Transaction {
+            messages: vec![("deeprecall".into(), b"txn-msg".to_vec())],
+            ..txn(737, "0/15366A8", "0/15366D8", 849152495446808, vec![])
+        },
         // 8: insert, then truncate of both tables in one statement.
         txn(
             738,

@@ -22,6 +22,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/blobs", get(blobs::my_inventory))
         .route("/v1/blobs/{sha256}", get(blobs::get_blob))
         .route("/v1/admin/blobs", get(blobs::admin_inventory))
+        .route("/v1/admin/replication", get(health::replication))
+        .route("/v1/stream", get(crate::live::ws::stream))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -33,5 +35,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

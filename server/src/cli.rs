@@ -12,8 +12,11 @@ use uuid::Uuid;
 use crate::auth::{AuthConfig, KeySource};
 use crate::db::catalog::{Catalog, CatalogHandle};
 use crate::db::{self, migrate};
+use crate::live::hub::{Hub, HubConfig};
+use crate::live::replicator::ReplicatorConfig;
 use crate::pgcluster::{ClusterOptions, LocalCluster, random_token};
 use crate::state::{AppState, Limits};
+use deeprecall_replication::stream::StreamConfig;
 
 /// deeprecall-sync: authoritative writes and live per-user sync next to PostgreSQL.
 #[derive(Debug, Parser)]
@@ -76,7 +79,8 @@ impl JwtArgs {
             sources.push(KeySource::PublicKeyPem(pem));
         }
         if let Some(path) = &self.jwks_file {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             sources.push(KeySource::Jwks(text));
         }
         Ok(AuthConfig::new(
@@ -98,11 +102,18 @@ pub struct LimitArgs {
     /// Most ops in one /v1/batch request, and blobs in one coordination (413 above it).
     #[arg(long, env = "DEEPRECALL_MAX_OPS_PER_BATCH", default_value_t = 1000)]
     pub max_ops_per_batch: usize,
+    /// Most concurrent WebSocket connections (503 above it).
+    #[arg(long, env = "DEEPRECALL_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
 }
 
 impl From<LimitArgs> for Limits {
     fn from(a: LimitArgs) -> Self {
-        Self { max_body_bytes: a.max_body_bytes, max_ops_per_batch: a.max_ops_per_batch }
+        Self {
+            max_body_bytes: a.max_body_bytes,
+            max_ops_per_batch: a.max_ops_per_batch,
+            max_connections: a.max_connections,
+        }
     }
 }
 
@@ -122,6 +133,12 @@ pub struct ServeArgs {
     /// Maximum pooled database connections.
     #[arg(long, env = "DEEPRECALL_POOL_SIZE", default_value_t = 16)]
     pub pool_size: usize,
+    /// Postgres URL for the replication connection, when DATABASE_URL's role lacks the REPLICATION attribute.
+    #[arg(long, env = "DEEPRECALL_REPLICATION_URL", hide_env_values = true)]
+    pub replication_url: Option<String>,
+    /// Logical replication slot this server owns (one per server instance reading the stream).
+    #[arg(long, env = "DEEPRECALL_SLOT", default_value = crate::live::DEFAULT_SLOT)]
+    pub slot: String,
     /// Token verification.
     #[command(flatten)]
     pub jwt: JwtArgs,
@@ -190,18 +207,85 @@ pub struct TokenArgs {
     pub admin_claim_value: String,
 }
 
-/// Connects, migrates (or checks the schema), loads the catalog and starts the catalog watcher.
-pub async fn prepare_state(
-    database_url: &str,
-    auth: AuthConfig,
-    limits: Limits,
-    pool_size: usize,
-    run_migrations: bool,
-) -> anyhow::Result<AppState> {
-    let config = db::parse_config(database_url).context("DATABASE_URL is not a valid postgres URL")?;
-    let pool = db::pool(config.clone(), pool_size)?;
+/// Everything needed to start a server against a database.
+#[derive(Debug)]
+pub struct ServerOptions {
+    /// Postgres URL for queries (and, without `replication_url`, for replication too).
+    pub database_url: String,
+    /// Postgres URL of a role with REPLICATION, when it differs from `database_url`.
+    pub replication_url: Option<String>,
+    /// Token verification.
+    pub auth: AuthConfig,
+    /// Request limits.
+    pub limits: Limits,
+    /// Pool size.
+    pub pool_size: usize,
+    /// Apply migrations at start (else refuse an outdated schema).
+    pub migrate: bool,
+    /// Replication slot name.
+    pub slot: String,
+    /// Hub limits.
+    pub hub: HubConfig,
+}
+
+impl ServerOptions {
+    /// Defaults for everything but the URL and the verifier.
+    pub fn new(database_url: impl Into<String>, auth: AuthConfig) -> Self {
+        Self {
+            database_url: database_url.into(),
+            replication_url: None,
+            auth,
+            limits: Limits::default(),
+            pool_size: 16,
+            migrate: true,
+            slot: crate::live::DEFAULT_SLOT.to_owned(),
+            hub: HubConfig::default(),
+        }
+    }
+}
+
+/// A started server: state for the router plus the background tasks.
+#[derive(Debug)]
+pub struct Server {
+    /// State shared by the handlers.
+    pub state: AppState,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+    replicator: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// A future that resolves when shutdown has begun (for `axum::serve`'s graceful shutdown).
+    pub fn shutdown_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.state.shutdown.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Begins shutdown: the replicator acknowledges its final position and stops, then every connection delivers
+    /// what is queued, sends each live subscription that final offset, and closes with the shutdown code.
+    pub fn begin_shutdown(&self) {
+        self.shutdown_tx.send_replace(true);
+    }
+
+    /// Shuts down and waits (bounded) for the replicator and the connections to finish.
+    pub async fn shutdown(self) {
+        self.begin_shutdown();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), self.replicator).await;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.state.hub.stats_connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Connects, migrates (or checks the schema), loads the catalog, starts the catalog watcher and the replicator.
+pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
+    let config = db::parse_config(&options.database_url)
+        .context("DATABASE_URL is not a valid postgres URL")?;
+    let pool = db::pool(config.clone(), options.pool_size)?;
     let mut client = pool.get().await.context("connecting to Postgres")?;
-    if run_migrations {
+    if options.migrate {
         let report = migrate::migrate(&mut client).await?;
         if !report.applied.is_empty() {
             tracing::info!(applied = ?report.applied, version = report.version, "migrations applied");
@@ -211,8 +295,65 @@ pub async fn prepare_state(
     }
     let catalog = Arc::new(CatalogHandle::new(Catalog::load(&client).await?));
     drop(client);
-    tokio::spawn(db::catalog::watch(config, catalog.clone(), pool.clone()));
-    Ok(AppState { pool, auth: Arc::new(auth), catalog, limits })
+    tokio::spawn(db::catalog::watch(
+        config.clone(),
+        catalog.clone(),
+        pool.clone(),
+    ));
+
+    let replication_config = match &options.replication_url {
+        Some(url) => {
+            db::parse_config(url).context("the replication URL is not a valid postgres URL")?
+        }
+        None => config,
+    };
+    let stream = StreamConfig::from_pg_config(
+        &replication_config,
+        &options.slot,
+        db::catalog::PUBLICATION,
+        db::SESSION_OPTIONS,
+    )?;
+    let hub = Arc::new(Hub::new(options.hub));
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let replicator = tokio::spawn(crate::live::replicator::run(
+        ReplicatorConfig {
+            stream,
+            slot: options.slot.clone(),
+        },
+        pool.clone(),
+        hub.clone(),
+        catalog.clone(),
+        shutdown_rx.clone(),
+    ));
+    let state = AppState {
+        pool,
+        auth: Arc::new(options.auth),
+        catalog,
+        limits: options.limits,
+        hub,
+        slot_name: options.slot,
+        shutdown: shutdown_rx,
+    };
+    Ok(Server {
+        state,
+        shutdown_tx,
+        replicator,
+    })
+}
+
+/// Serves until SIGINT/SIGTERM, then shuts down in order (docs/operations.md).
+async fn serve_until_signal(
+    listener: tokio::net::TcpListener,
+    server: Server,
+) -> anyhow::Result<()> {
+    let state = server.state.clone();
+    let signal = server.shutdown_signal();
+    let http = tokio::spawn(crate::app::serve(listener, state, signal));
+    crate::shutdown::signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), http).await;
+    Ok(())
 }
 
 /// Runs the parsed command line.
@@ -221,14 +362,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Dev(args) => dev(args).await,
         Command::Migrate(args) => {
-            let config = db::parse_config(&args.database_url).context("DATABASE_URL is not a valid postgres URL")?;
-            let (mut client, conn) = config.connect(tokio_postgres::NoTls).await.context("connecting to Postgres")?;
+            let config = db::parse_config(&args.database_url)
+                .context("DATABASE_URL is not a valid postgres URL")?;
+            let (mut client, conn) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .context("connecting to Postgres")?;
             tokio::spawn(conn);
             let report = migrate::migrate(&mut client).await?;
             if report.applied.is_empty() {
                 println!("schema is current (version {})", report.version);
             } else {
-                println!("applied {:?}; schema is at version {}", report.applied, report.version);
+                println!(
+                    "applied {:?}; schema is at version {}",
+                    report.applied, report.version
+                );
             }
             Ok(())
         }
@@ -249,7 +397,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 args.admin_claim,
                 args.admin_claim_value,
             )?;
-            let token = auth.mint(args.sub, args.admin, args.ttl).context("minting the token")?;
+            let token = auth
+                .mint(args.sub, args.admin, args.ttl)
+                .context("minting the token")?;
             println!("{token}");
             Ok(())
         }
@@ -258,24 +408,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let auth = args.jwt.auth_config(None)?;
-    let state = prepare_state(&args.database_url, auth, args.limits.into(), args.pool_size, args.migrate).await?;
+    let mut options = ServerOptions::new(args.database_url.clone(), auth);
+    options.replication_url = args.replication_url.clone();
+    options.limits = args.limits.into();
+    options.pool_size = args.pool_size;
+    options.migrate = args.migrate;
+    options.slot = args.slot.clone();
+    let server = start_server(options).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(addr = %args.listen, "deeprecall-sync serving");
-    crate::app::serve(listener, state, crate::shutdown::signal()).await?;
-    Ok(())
+    serve_until_signal(listener, server).await
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let secret = match &args.jwt.jwt_secret {
         Some(s) => s.clone(),
         None => read_or_create(&args.data_dir.join("jwt-secret"), || random_token(48))?,
     };
-    let dev_user: Uuid = read_or_create(&args.data_dir.join("dev-user-id"), || Uuid::new_v4().to_string())?
-        .parse()
-        .context("dev-user-id is not a UUID")?;
+    let dev_user: Uuid = read_or_create(&args.data_dir.join("dev-user-id"), || {
+        Uuid::new_v4().to_string()
+    })?
+    .parse()
+    .context("dev-user-id is not a UUID")?;
 
     let mut cluster = None;
     let database_url = match &args.database_url {
@@ -286,21 +444,34 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             c.start(&options)?;
             create_database(&c.url("postgres"), "deeprecall").await?;
             let url = c.url("deeprecall");
-            eprintln!("local Postgres {} on 127.0.0.1:{} (log: {})", c.bindir().display(), c.port(), c.log_path().display());
+            eprintln!(
+                "local Postgres {} on 127.0.0.1:{} (log: {})",
+                c.bindir().display(),
+                c.port(),
+                c.log_path().display()
+            );
             cluster = Some(c);
             url
         }
     };
     let result = async {
         let auth = args.jwt.auth_config(Some(secret))?;
-        let token = auth.mint(dev_user, false, 86_400).context("minting the dev token")?;
-        let state = prepare_state(&database_url, auth, args.limits.into(), 16, true).await?;
+        let token = auth
+            .mint(dev_user, false, 86_400)
+            .context("minting the dev token")?;
+        let mut options = ServerOptions::new(database_url.clone(), auth);
+        options.limits = args.limits.into();
+        let server = start_server(options).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
-            .with_context(|| format!("listening on {} (is another server running? use --listen)", args.listen))?;
+            .with_context(|| {
+                format!(
+                    "listening on {} (is another server running? use --listen)",
+                    args.listen
+                )
+            })?;
         print_dev_banner(args.listen, &database_url, dev_user, &token);
-        crate::app::serve(listener, state, crate::shutdown::signal()).await?;
-        anyhow::Ok(())
+        serve_until_signal(listener, server).await
     }
     .await;
     if let Some(mut c) = cluster {
@@ -333,11 +504,22 @@ fn print_dev_banner(listen: SocketAddr, database_url: &str, user: Uuid, token: &
 
 async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
     let config = db::parse_config(admin_url)?;
-    let (client, conn) = config.connect(tokio_postgres::NoTls).await.context("connecting to local Postgres")?;
+    let (client, conn) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .context("connecting to local Postgres")?;
     tokio::spawn(conn);
-    let exists = client.query_opt("select 1 from pg_database where datname = $1", &[&name]).await?.is_some();
+    let exists = client
+        .query_opt("select 1 from pg_database where datname = $1", &[&name])
+        .await?
+        .is_some();
     if !exists {
-        client.batch_execute(&format!("create database {}", db::catalog::quote_ident(name))).await?;
+        client
+            .batch_execute(&format!(
+                "create database {}",
+                db::catalog::quote_ident(name)
+            ))
+            .await?;
     }
     Ok(())
 }
@@ -356,7 +538,8 @@ fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<
         return read_secret_file(path);
     }
     let value = make();
-    std::fs::write(path, format!("{value}\n")).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(path, format!("{value}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(value)

@@ -25,7 +25,12 @@ pub struct ApiError {
 impl ApiError {
     /// An error with a status, code and message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), index: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            index: None,
+        }
     }
 
     /// 400 Bad Request.
@@ -60,13 +65,21 @@ impl ApiError {
             source = s.source();
         }
         tracing::error!(error = %chain, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error; see the server log")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal server error; see the server log",
+        )
     }
 
     /// 503 when the database cannot be reached.
     pub fn unavailable(err: &(dyn std::error::Error + 'static)) -> Self {
         tracing::warn!(error = %err, "database unavailable");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database is unavailable; retry later")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "the database is unavailable; retry later",
+        )
     }
 }
 
@@ -92,7 +105,11 @@ impl From<deadpool_postgres::PoolError> for ApiError {
 pub fn from_db(err: &tokio_postgres::Error) -> ApiError {
     use tokio_postgres::error::SqlState;
     let Some(db) = err.as_db_error() else {
-        return if err.is_closed() { ApiError::unavailable(err) } else { ApiError::internal(err) };
+        return if err.is_closed() {
+            ApiError::unavailable(err)
+        } else {
+            ApiError::internal(err)
+        };
     };
     let code = db.code();
     let msg = db.message().to_owned();
@@ -113,8 +130,14 @@ pub fn from_db(err: &tokio_postgres::Error) -> ApiError {
     } else if code.code().starts_with("22") || *code == SqlState::DATATYPE_MISMATCH {
         // Class 22: data exception (bad uuid, number out of range, invalid json, bad timestamp...).
         ApiError::unprocessable("invalid_value", msg)
-    } else if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED {
-        ApiError::new(StatusCode::CONFLICT, "retry", "the transaction conflicted with another; retry the request")
+    } else if *code == SqlState::T_R_SERIALIZATION_FAILURE
+        || *code == SqlState::T_R_DEADLOCK_DETECTED
+    {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "retry",
+            "the transaction conflicted with another; retry the request",
+        )
     } else {
         ApiError::internal(err)
     }

@@ -54,18 +54,12 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterE
 }
 
 /// How the cluster should behave; tests trade durability for speed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
     /// `fsync=off`, `initdb --no-sync`: for throwaway clusters only.
     pub ephemeral: bool,
     /// Extra `postgresql.conf` lines.
     pub extra_settings: Vec<(String, String)>,
-}
-
-impl Default for ClusterOptions {
-    fn default() -> Self {
-        Self { ephemeral: false, extra_settings: Vec::new() }
-    }
 }
 
 /// The superuser every local cluster is created with.
@@ -80,6 +74,7 @@ pub struct LocalCluster {
     port: u16,
     password: String,
     running: bool,
+    ephemeral: bool,
     // Held so a temporary base directory is removed after Postgres has stopped (fields drop after `drop`).
     _temp: Option<tempfile_dir::TempDir>,
 }
@@ -121,7 +116,8 @@ mod tempfile_dir {
 impl LocalCluster {
     /// A throwaway cluster in a new temp directory on a free port, removed on drop.
     pub fn start_temporary(options: &ClusterOptions) -> Result<Self, ClusterError> {
-        let temp = tempfile_dir::TempDir::new("deeprecall-pg-").map_err(io_err("creating temp dir"))?;
+        let temp =
+            tempfile_dir::TempDir::new("deeprecall-pg-").map_err(io_err("creating temp dir"))?;
         let mut cluster = Self::open_or_init(temp.path(), options)?;
         cluster._temp = Some(temp);
         cluster.start(options)?;
@@ -133,7 +129,9 @@ impl LocalCluster {
         let bindir = find_bindir()?;
         let run_as = unprivileged_user()?;
         std::fs::create_dir_all(base).map_err(io_err(format!("creating {}", base.display())))?;
-        let base = base.canonicalize().map_err(io_err(format!("resolving {}", base.display())))?;
+        let base = base
+            .canonicalize()
+            .map_err(io_err(format!("resolving {}", base.display())))?;
         if let Some((_, uid, gid)) = &run_as {
             std::os::unix::fs::chown(&base, Some(*uid), Some(*gid))
                 .map_err(io_err(format!("chown {}", base.display())))?;
@@ -152,7 +150,16 @@ impl LocalCluster {
                 .trim()
                 .to_owned()
         };
-        let cluster = Self { base, bindir, run_as, port: 0, password, running: false, _temp: None };
+        let cluster = Self {
+            base,
+            bindir,
+            run_as,
+            port: 0,
+            password,
+            running: false,
+            ephemeral: options.ephemeral,
+            _temp: None,
+        };
         if fresh {
             cluster.initdb(options)?;
         }
@@ -167,7 +174,10 @@ impl LocalCluster {
             "-U".into(),
             SUPERUSER.into(),
             "--auth=scram-sha-256".into(),
-            format!("--pwfile={}", self.base.join("superuser-password").display()),
+            format!(
+                "--pwfile={}",
+                self.base.join("superuser-password").display()
+            ),
             "--encoding=UTF8".into(),
             "--locale=C.UTF-8".into(),
         ];
@@ -178,8 +188,8 @@ impl LocalCluster {
         // Our settings live in their own file, rewritten at every start, so upgrades of this code apply to
         // existing dev clusters too.
         let conf = data.join("postgresql.conf");
-        let mut text =
-            std::fs::read_to_string(&conf).map_err(io_err(format!("reading {}", conf.display())))?;
+        let mut text = std::fs::read_to_string(&conf)
+            .map_err(io_err(format!("reading {}", conf.display())))?;
         text.push_str("\ninclude_if_exists = 'deeprecall.conf'\n");
         std::fs::write(&conf, text).map_err(io_err(format!("writing {}", conf.display())))?;
         Ok(())
@@ -215,7 +225,8 @@ impl LocalCluster {
             let _ = writeln!(conf, "{k} = {v}");
         }
         let conf_path = data.join("deeprecall.conf");
-        std::fs::write(&conf_path, conf).map_err(io_err(format!("writing {}", conf_path.display())))?;
+        std::fs::write(&conf_path, conf)
+            .map_err(io_err(format!("writing {}", conf_path.display())))?;
         if let Some((_, uid, gid)) = &self.run_as {
             std::os::unix::fs::chown(&conf_path, Some(*uid), Some(*gid))
                 .map_err(io_err(format!("chown {}", conf_path.display())))?;
@@ -233,7 +244,11 @@ impl LocalCluster {
         self.run_tool("pg_ctl", &args).map_err(|e| match e {
             ClusterError::Command { command, detail } => ClusterError::Command {
                 command,
-                detail: format!("{detail}\n--- {}:\n{}", self.log_path().display(), self.log_tail()),
+                detail: format!(
+                    "{detail}\n--- {}:\n{}",
+                    self.log_path().display(),
+                    self.log_tail()
+                ),
             },
             other => other,
         })?;
@@ -243,7 +258,10 @@ impl LocalCluster {
 
     fn status_running(&self) -> Result<bool, ClusterError> {
         let data = self.base.join("data");
-        let out = self.command("pg_ctl", &["-D".into(), data.display().to_string(), "status".into()])?;
+        let out = self.command(
+            "pg_ctl",
+            &["-D".into(), data.display().to_string(), "status".into()],
+        )?;
         Ok(out.status.success())
     }
 
@@ -252,7 +270,14 @@ impl LocalCluster {
         let data = self.base.join("data");
         self.run_tool(
             "pg_ctl",
-            &["-D".into(), data.display().to_string(), "-m".into(), "fast".into(), "-w".into(), "stop".into()],
+            &[
+                "-D".into(),
+                data.display().to_string(),
+                "-m".into(),
+                "fast".into(),
+                "-w".into(),
+                "stop".into(),
+            ],
         )?;
         self.running = false;
         Ok(())
@@ -263,7 +288,14 @@ impl LocalCluster {
         let data = self.base.join("data");
         self.run_tool(
             "pg_ctl",
-            &["-D".into(), data.display().to_string(), "-m".into(), "immediate".into(), "-w".into(), "stop".into()],
+            &[
+                "-D".into(),
+                data.display().to_string(),
+                "-m".into(),
+                "immediate".into(),
+                "-w".into(),
+                "stop".into(),
+            ],
         )?;
         self.running = false;
         Ok(())
@@ -294,7 +326,10 @@ impl LocalCluster {
 
     /// A connection URL for `database` as the superuser.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}", self.password, self.port)
+        format!(
+            "postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}",
+            self.password, self.port
+        )
     }
 
     /// The superuser's password (generated at initdb, kept in the base directory).
@@ -335,8 +370,10 @@ impl LocalCluster {
         };
         cmd.args(args).stdin(std::process::Stdio::null());
         // pg_ctl's postmaster inherits our stdout/stderr otherwise, and a test harness waiting for EOF would hang.
-        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-        cmd.output().map_err(io_err(format!("running {}", program.display())))
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd.output()
+            .map_err(io_err(format!("running {}", program.display())))
     }
 
     fn run_tool(&self, tool: &str, args: &[String]) -> Result<(), ClusterError> {
@@ -359,10 +396,15 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        if self.running {
-            if let Err(e) = self.stop() {
-                eprintln!("warning: stopping local Postgres failed: {e}");
-            }
+        // A throwaway cluster stops immediately: a fast shutdown would wait for every logical walsender's client
+        // to confirm the end of WAL, and in a test that client may be on the very thread blocked here.
+        let result = match (self.running, self.ephemeral) {
+            (false, _) => Ok(()),
+            (true, true) => self.kill(),
+            (true, false) => self.stop(),
+        };
+        if let Err(e) = result {
+            eprintln!("warning: stopping local Postgres failed: {e}");
         }
     }
 }
@@ -370,13 +412,17 @@ impl Drop for LocalCluster {
 /// Finds the PostgreSQL server binaries: `pg_config --bindir`, then PATH, then `/usr/lib/postgresql/*/bin`
 /// (newest version first). A directory counts only if it has `initdb`, `pg_ctl` and `postgres`.
 pub fn find_bindir() -> Result<PathBuf, ClusterError> {
-    let has_server = |dir: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|t| dir.join(t).is_file());
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        if out.status.success() {
-            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            if has_server(&dir) {
-                return Ok(dir);
-            }
+    let has_server = |dir: &Path| {
+        ["initdb", "pg_ctl", "postgres"]
+            .iter()
+            .all(|t| dir.join(t).is_file())
+    };
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if has_server(&dir) {
+            return Ok(dir);
         }
     }
     if let Some(path) = std::env::var_os("PATH") {
@@ -397,7 +443,10 @@ pub fn find_bindir() -> Result<PathBuf, ClusterError> {
         .filter(|(_, dir)| has_server(dir))
         .collect();
     versions.sort();
-    versions.pop().map(|(_, dir)| dir).ok_or(ClusterError::NoBinaries)
+    versions
+        .pop()
+        .map(|(_, dir)| dir)
+        .ok_or(ClusterError::NoBinaries)
 }
 
 /// As root: the `postgres` user's name, uid and gid. Otherwise None (run as ourselves).
@@ -410,15 +459,22 @@ fn unprivileged_user() -> Result<Option<(String, u32, u32)>, ClusterError> {
     for line in passwd.lines() {
         let fields: Vec<&str> = line.split(':').collect();
         if fields.first() == Some(&"postgres") && fields.len() > 3 {
-            let uid = fields[2].parse().map_err(|_| ClusterError::NoUnprivilegedUser)?;
-            let gid = fields[3].parse().map_err(|_| ClusterError::NoUnprivilegedUser)?;
+            let uid = fields[2]
+                .parse()
+                .map_err(|_| ClusterError::NoUnprivilegedUser)?;
+            let gid = fields[3]
+                .parse()
+                .map_err(|_| ClusterError::NoUnprivilegedUser)?;
             return Ok(Some(("postgres".to_owned(), uid, gid)));
         }
     }
     Err(ClusterError::NoUnprivilegedUser)
 }
 
-fn restrict_permissions(path: &Path, run_as: Option<&(String, u32, u32)>) -> Result<(), ClusterError> {
+fn restrict_permissions(
+    path: &Path,
+    run_as: Option<&(String, u32, u32)>,
+) -> Result<(), ClusterError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err(format!("chmod {}", path.display())))?;
@@ -432,7 +488,10 @@ fn restrict_permissions(path: &Path, run_as: Option<&(String, u32, u32)>) -> Res
 /// A free TCP port on 127.0.0.1 (bound then released; Postgres takes it a moment later).
 pub fn free_port() -> Result<u16, ClusterError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io_err("finding a free port"))?;
-    let port = listener.local_addr().map_err(io_err("finding a free port"))?.port();
+    let port = listener
+        .local_addr()
+        .map_err(io_err("finding a free port"))?
+        .port();
     Ok(port)
 }
 
@@ -441,5 +500,7 @@ pub fn random_token(len: usize) -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     let mut rng = rand::rng();
-    (0..len).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
+    (0..len)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
 }

@@ -18,3 +18,8 @@ pub async fn signal() {
         () = term => {},
     }
 }
+
+/// Resolves once `flag` is true (or its sender is gone). Holds no borrow across the await, so the future is Send.
+pub async fn until_true(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = flag.wait_for(|v| *v).await;
+}

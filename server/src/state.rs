@@ -7,6 +7,7 @@ use deadpool_postgres::Pool;
 
 use crate::auth::AuthConfig;
 use crate::db::catalog::CatalogHandle;
+use crate::live::hub::Hub;
 
 /// Request limits (configurable; exceeding one answers 413).
 #[derive(Debug, Clone, Copy)]
@@ -15,11 +16,17 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Most ops in one batch (and blobs in one coordination).
     pub max_ops_per_batch: usize,
+    /// Most concurrent WebSocket connections (503 above it).
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 8 * 1024 * 1024, max_ops_per_batch: 1000 }
+        Self {
+            max_body_bytes: 8 * 1024 * 1024,
+            max_ops_per_batch: 1000,
+            max_connections: 100_000,
+        }
     }
 }
 
@@ -34,6 +41,12 @@ pub struct AppState {
     pub catalog: Arc<CatalogHandle>,
     /// Request limits.
     pub limits: Limits,
+    /// Live-stream fan-out.
+    pub hub: Arc<Hub>,
+    /// Replication slot name.
+    pub slot_name: String,
+    /// Becomes true when the server shuts down (connections then close with the shutdown code).
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl FromRef<AppState> for Arc<AuthConfig> {

@@ -11,7 +11,12 @@ async fn batch_insert_is_owned_by_the_token_user() {
     assert_eq!(status, 200, "{body}");
     let user = Uuid::new_v4();
     let id = Uuid::new_v4();
-    let (status, body) = env.batch(user, json!([insert("works", json!({"id": id, "title": "T"}))])).await;
+    let (status, body) = env
+        .batch(
+            user,
+            json!([insert("works", json!({"id": id, "title": "T"}))]),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     let owner: Uuid = env
         .superuser()

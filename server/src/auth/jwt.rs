@@ -128,7 +128,11 @@ impl AuthError {
 
 impl IntoResponse for AuthError {
     fn into_response(self) -> Response {
-        let status = if self == Self::Forbidden { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED };
+        let status = if self == Self::Forbidden {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
         let body = Json(json!({ "error": { "code": self.code(), "message": self.to_string() } }));
         let mut resp = (status, body).into_response();
         if status == StatusCode::UNAUTHORIZED {
@@ -162,7 +166,9 @@ impl AuthConfig {
             match source {
                 KeySource::Secret(secret) => {
                     if secret.len() < 32 {
-                        return Err(ConfigError("the HS256 secret must be at least 32 bytes".into()));
+                        return Err(ConfigError(
+                            "the HS256 secret must be at least 32 bytes".into(),
+                        ));
                     }
                     keys.push(VerifyKey {
                         kid: None,
@@ -173,30 +179,43 @@ impl AuthConfig {
                 }
                 KeySource::PublicKeyPem(pem) => keys.push(pem_key(&pem)?),
                 KeySource::Jwks(text) => {
-                    let set: JwkSet =
-                        serde_json::from_str(&text).map_err(|e| ConfigError(format!("JWKS is not valid: {e}")))?;
+                    let set: JwkSet = serde_json::from_str(&text)
+                        .map_err(|e| ConfigError(format!("JWKS is not valid: {e}")))?;
                     for jwk in &set.keys {
                         let key = DecodingKey::from_jwk(jwk)
                             .map_err(|e| ConfigError(format!("JWKS key unusable: {e}")))?;
                         let algorithms = match jwk.common.key_algorithm {
-                            Some(alg) => vec![
-                                alg.to_string()
-                                    .parse::<Algorithm>()
-                                    .map_err(|_| ConfigError(format!("JWKS key algorithm {alg} unsupported")))?,
-                            ],
+                            Some(alg) => {
+                                vec![alg.to_string().parse::<Algorithm>().map_err(|_| {
+                                    ConfigError(format!("JWKS key algorithm {alg} unsupported"))
+                                })?]
+                            }
                             None => family_algorithms(key.family()),
                         };
-                        keys.push(VerifyKey { kid: jwk.common.key_id.clone(), key, algorithms });
+                        keys.push(VerifyKey {
+                            kid: jwk.common.key_id.clone(),
+                            key,
+                            algorithms,
+                        });
                     }
                 }
             }
         }
         if keys.is_empty() {
             return Err(ConfigError(
-                "no verification key: set --jwt-secret, --jwt-public-key-file or --jwks-file".into(),
+                "no verification key: set --jwt-secret, --jwt-public-key-file or --jwks-file"
+                    .into(),
             ));
         }
-        Ok(Self { keys, issuer, audience, admin_claim, admin_value, leeway_secs: 30, signing_secret })
+        Ok(Self {
+            keys,
+            issuer,
+            audience,
+            admin_claim,
+            admin_value,
+            leeway_secs: 30,
+            signing_secret,
+        })
     }
 
     /// Verifies a token and returns the caller.
@@ -205,8 +224,11 @@ impl AuthConfig {
         if alg.eq_ignore_ascii_case("none") {
             return Err(AuthError::UnsupportedAlgorithm(alg));
         }
-        let algorithm: Algorithm = alg.parse().map_err(|_| AuthError::UnsupportedAlgorithm(alg.clone()))?;
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        let algorithm: Algorithm = alg
+            .parse()
+            .map_err(|_| AuthError::UnsupportedAlgorithm(alg.clone()))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
         let candidates: Vec<&VerifyKey> = self
             .keys
             .iter()
@@ -217,11 +239,13 @@ impl AuthConfig {
             })
             .collect();
         if candidates.is_empty() {
-            return Err(if self.keys.iter().any(|k| k.algorithms.contains(&algorithm)) {
-                AuthError::UnknownKey
-            } else {
-                AuthError::UnsupportedAlgorithm(alg)
-            });
+            return Err(
+                if self.keys.iter().any(|k| k.algorithms.contains(&algorithm)) {
+                    AuthError::UnknownKey
+                } else {
+                    AuthError::UnsupportedAlgorithm(alg)
+                },
+            );
         }
         let mut validation = Validation::new(algorithm);
         validation.leeway = self.leeway_secs;
@@ -254,16 +278,25 @@ impl AuthConfig {
     }
 
     fn user_from_claims(&self, claims: &Value) -> Result<AuthUser, AuthError> {
-        let sub = claims.get("sub").and_then(Value::as_str).ok_or(AuthError::InvalidSubject)?;
+        let sub = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .ok_or(AuthError::InvalidSubject)?;
         let user_id = Uuid::parse_str(sub).map_err(|_| AuthError::InvalidSubject)?;
         let admin = match claims.get(&self.admin_claim) {
             Some(Value::String(s)) => *s == self.admin_value,
-            Some(Value::Array(items)) => items.iter().any(|v| v.as_str() == Some(self.admin_value.as_str())),
+            Some(Value::Array(items)) => items
+                .iter()
+                .any(|v| v.as_str() == Some(self.admin_value.as_str())),
             Some(Value::Bool(b)) => *b && self.admin_value == "true",
             _ => false,
         };
         let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
-        Ok(AuthUser { user_id, admin, expires_at })
+        Ok(AuthUser {
+            user_id,
+            admin,
+            expires_at,
+        })
     }
 
     /// Mints an HS256 token with the configured secret (development and tests; production tokens come from the
@@ -281,24 +314,38 @@ impl AuthConfig {
         if let Some(aud) = &self.audience {
             claims["aud"] = json!(aud);
         }
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret)).ok()
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .ok()
     }
 }
 
+/// A `DecodingKey::from_*_pem` constructor.
+type PemParser = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
+
 fn pem_key(pem: &[u8]) -> Result<VerifyKey, ConfigError> {
     let text = String::from_utf8_lossy(pem);
-    let attempts: [(fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>, AlgorithmFamily); 3] = [
+    let attempts: [(PemParser, AlgorithmFamily); 3] = [
         (DecodingKey::from_rsa_pem, AlgorithmFamily::Rsa),
         (DecodingKey::from_ed_pem, AlgorithmFamily::Ed),
         (DecodingKey::from_ec_pem, AlgorithmFamily::Ec),
     ];
     for (parse, family) in attempts {
         if let Ok(key) = parse(pem) {
-            return Ok(VerifyKey { kid: None, key, algorithms: family_algorithms(family) });
+            return Ok(VerifyKey {
+                kid: None,
+                key,
+                algorithms: family_algorithms(family),
+            });
         }
     }
     let first = text.lines().next().unwrap_or("");
-    Err(ConfigError(format!("public key is not an RSA, EC or Ed25519 PEM public key (starts with {first:?})")))
+    Err(ConfigError(format!(
+        "public key is not an RSA, EC or Ed25519 PEM public key (starts with {first:?})"
+    )))
 }
 
 fn family_algorithms(family: AlgorithmFamily) -> Vec<Algorithm> {
@@ -313,14 +360,18 @@ fn family_algorithms(family: AlgorithmFamily) -> Vec<Algorithm> {
 /// Reads `alg` from the header ourselves: jsonwebtoken cannot represent `none`, and we want to say so.
 fn header_alg(token: &str) -> Result<String, AuthError> {
     let mut parts = token.split('.');
-    let (Some(header), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err(AuthError::Malformed("a JWT has three dot-separated parts".into()));
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AuthError::Malformed(
+            "a JWT has three dot-separated parts".into(),
+        ));
     };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(header.trim_end_matches('='))
         .map_err(|_| AuthError::Malformed("header is not base64url".into()))?;
-    let value: Value =
-        serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed("header is not JSON".into()))?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|_| AuthError::Malformed("header is not JSON".into()))?;
     value
         .get("alg")
         .and_then(Value::as_str)
@@ -336,10 +387,12 @@ fn map_error(kind: &ErrorKind) -> AuthError {
         ErrorKind::InvalidIssuer => AuthError::InvalidIssuer,
         ErrorKind::InvalidAudience => AuthError::InvalidAudience,
         ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
-        ErrorKind::InvalidAlgorithm | ErrorKind::UnsupportedAlgorithm | ErrorKind::InvalidAlgorithmName => {
-            AuthError::UnsupportedAlgorithm("mismatch".into())
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::UnsupportedAlgorithm
+        | ErrorKind::InvalidAlgorithmName => AuthError::UnsupportedAlgorithm("mismatch".into()),
+        ErrorKind::InvalidClaimFormat(c) => {
+            AuthError::Malformed(format!("claim `{c}` has the wrong type"))
         }
-        ErrorKind::InvalidClaimFormat(c) => AuthError::Malformed(format!("claim `{c}` has the wrong type")),
         other => AuthError::Malformed(format!("{other:?}")),
     }
 }
@@ -350,7 +403,9 @@ mod tests {
 
     fn config() -> AuthConfig {
         AuthConfig::new(
-            vec![KeySource::Secret(b"0123456789abcdef0123456789abcdef".to_vec())],
+            vec![KeySource::Secret(
+                b"0123456789abcdef0123456789abcdef".to_vec(),
+            )],
             None,
             None,
             "role".into(),
@@ -360,7 +415,12 @@ mod tests {
     }
 
     fn sign(claims: Value, secret: &[u8]) -> String {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret)).unwrap()
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -384,21 +444,38 @@ mod tests {
             Err(AuthError::Expired)
         );
         assert_eq!(
-            c.verify(&sign(json!({"sub": sub, "exp": now + 3600, "nbf": now + 1800}), secret)),
+            c.verify(&sign(
+                json!({"sub": sub, "exp": now + 3600, "nbf": now + 1800}),
+                secret
+            )),
             Err(AuthError::NotYetValid)
         );
         assert_eq!(
-            c.verify(&sign(json!({"sub": sub, "exp": now + 60}), b"another-secret-another-secret-xx")),
+            c.verify(&sign(
+                json!({"sub": sub, "exp": now + 60}),
+                b"another-secret-another-secret-xx"
+            )),
             Err(AuthError::InvalidSignature)
         );
         assert_eq!(
             c.verify(&sign(json!({"sub": "alice", "exp": now + 60}), secret)),
             Err(AuthError::InvalidSubject)
         );
-        assert_eq!(c.verify(&sign(json!({"sub": sub}), secret)), Err(AuthError::MissingClaim("exp".into())));
+        assert_eq!(
+            c.verify(&sign(json!({"sub": sub}), secret)),
+            Err(AuthError::MissingClaim("exp".into()))
+        );
         assert!(matches!(c.verify("abc"), Err(AuthError::Malformed(_))));
-        let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
-        let none = format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&json!({"sub": sub, "exp": now + 60})));
-        assert_eq!(c.verify(&none), Err(AuthError::UnsupportedAlgorithm("none".into())));
+        let b64 =
+            |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        let none = format!(
+            "{}.{}.",
+            b64(&json!({"alg": "none", "typ": "JWT"})),
+            b64(&json!({"sub": sub, "exp": now + 60}))
+        );
+        assert_eq!(
+            c.verify(&none),
+            Err(AuthError::UnsupportedAlgorithm("none".into()))
+        );
     }
 }

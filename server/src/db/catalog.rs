@@ -25,6 +25,8 @@ pub struct Column {
     pub name: String,
     /// `format_type()` of the column, e.g. `uuid`, `text[]`, `timestamp with time zone`.
     pub type_name: String,
+    /// Type OID (`atttypid`), as in pgoutput Relation messages.
+    pub type_oid: u32,
     /// `not null` constraint.
     pub not_null: bool,
     /// Generated column (never writable, not in the WAL stream either).
@@ -93,7 +95,7 @@ impl Catalog {
             .query(
                 "select c.oid, n.nspname::text, c.relname::text, a.attname::text,
                         format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attgenerated <> '',
-                        coalesce(pk.conname::text, '')
+                        coalesce(pk.conname::text, ''), a.atttypid
                    from pg_publication_tables pt
                    join pg_namespace n on n.nspname = pt.schemaname
                    join pg_class c on c.relnamespace = n.oid and c.relname = pt.tablename
@@ -120,6 +122,7 @@ impl Catalog {
                 type_name: row.get(4),
                 not_null: row.get(5),
                 generated: row.get(6),
+                type_oid: row.get(8),
             });
         }
         // A table is synced only if it follows the convention the router and RLS rely on.
@@ -130,7 +133,9 @@ impl Catalog {
             }
             ok
         });
-        Ok(Self { tables: tables.into_iter().map(|(k, v)| (k, Arc::new(v))).collect() })
+        Ok(Self {
+            tables: tables.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+        })
     }
 }
 
@@ -152,7 +157,10 @@ const MISS_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 impl CatalogHandle {
     /// Wraps a loaded catalog.
     pub fn new(catalog: Catalog) -> Self {
-        Self { current: RwLock::new(Arc::new(catalog)), last_refresh: Mutex::new(Instant::now()) }
+        Self {
+            current: RwLock::new(Arc::new(catalog)),
+            last_refresh: Mutex::new(Instant::now()),
+        }
     }
 
     /// The current catalog.
@@ -169,29 +177,45 @@ impl CatalogHandle {
     }
 
     /// Refreshes only if the last refresh is older than the miss interval; returns the catalog to use.
-    pub async fn refresh_on_miss(&self, client: &Client) -> Result<Arc<Catalog>, tokio_postgres::Error> {
+    pub async fn refresh_on_miss(
+        &self,
+        client: &Client,
+    ) -> Result<Arc<Catalog>, tokio_postgres::Error> {
         let due = self.last_refresh.lock().await.elapsed() >= MISS_REFRESH_INTERVAL;
-        if due { self.refresh(client).await } else { Ok(self.get().await) }
+        if due {
+            self.refresh(client).await
+        } else {
+            Ok(self.get().await)
+        }
     }
 }
 
 /// Keeps the catalog fresh: LISTENs for `deeprecall_schema_changed` (sent by every `migrate`) on a dedicated
 /// connection and reloads. Reconnects after errors; runs until the process ends.
-pub async fn watch(config: tokio_postgres::Config, catalog: Arc<CatalogHandle>, pool: deadpool_postgres::Pool) {
+pub async fn watch(
+    config: tokio_postgres::Config,
+    catalog: Arc<CatalogHandle>,
+    pool: deadpool_postgres::Pool,
+) {
     use futures::StreamExt;
     loop {
         match config.connect(tokio_postgres::NoTls).await {
             Ok((client, mut connection)) => {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 let driver = tokio::spawn(async move {
-                    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    let mut messages =
+                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
                     while let Some(Ok(msg)) = messages.next().await {
                         if let tokio_postgres::AsyncMessage::Notification(_) = msg {
                             let _ = tx.send(());
                         }
                     }
                 });
-                if client.batch_execute("listen deeprecall_schema_changed").await.is_ok() {
+                if client
+                    .batch_execute("listen deeprecall_schema_changed")
+                    .await
+                    .is_ok()
+                {
                     while rx.recv().await.is_some() {
                         if let Ok(conn) = pool.get().await {
                             match catalog.refresh(&conn).await {

@@ -103,7 +103,12 @@ pub fn migrations() -> Vec<Migration> {
             let name = f.path().file_name()?.to_str()?.to_owned();
             let version: i32 = name.split('_').next()?.parse().ok()?;
             let sql = f.contents_utf8()?;
-            Some(Migration { version, name, sql, checksum: hex_sha256(sql) })
+            Some(Migration {
+                version,
+                name,
+                sql,
+                checksum: hex_sha256(sql),
+            })
         })
         .collect();
     out.sort_by_key(|m| m.version);
@@ -119,14 +124,22 @@ fn policies() -> Vec<(String, &'static str)> {
     let mut out: Vec<(String, &'static str)> = POLICIES_DIR
         .files()
         .filter(|f| f.path().extension().is_some_and(|e| e == "sql"))
-        .filter_map(|f| Some((f.path().file_name()?.to_str()?.to_owned(), f.contents_utf8()?)))
+        .filter_map(|f| {
+            Some((
+                f.path().file_name()?.to_str()?.to_owned(),
+                f.contents_utf8()?,
+            ))
+        })
         .collect();
     out.sort();
     out
 }
 
 fn hex_sha256(text: &str) -> String {
-    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 const CREATE_LEDGER: &str = "create table if not exists deeprecall_schema_migrations (
@@ -138,28 +151,42 @@ const CREATE_LEDGER: &str = "create table if not exists deeprecall_schema_migrat
 
 /// Applies pending migrations and the policies, under the advisory lock. Safe to run twice or concurrently.
 pub async fn migrate(client: &mut Client) -> Result<MigrateReport, MigrateError> {
-    client.execute("select pg_advisory_lock($1)", &[&LOCK_KEY]).await?;
+    client
+        .execute("select pg_advisory_lock($1)", &[&LOCK_KEY])
+        .await?;
     let result = migrate_locked(client).await;
     // Released on disconnect anyway; unlock explicitly so a pooled connection does not keep it.
-    let unlock = client.execute("select pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
+    let unlock = client
+        .execute("select pg_advisory_unlock($1)", &[&LOCK_KEY])
+        .await;
     let report = result?;
     unlock?;
     Ok(report)
 }
 
 async fn migrate_locked(client: &mut Client) -> Result<MigrateReport, MigrateError> {
-    client.batch_execute("set client_min_messages = warning").await?;
+    client
+        .batch_execute("set client_min_messages = warning")
+        .await?;
     client.batch_execute(CREATE_LEDGER).await?;
     let ours = migrations();
     let applied = applied_versions(client).await?;
     verify_known(&ours, &applied)?;
-    let mut report = MigrateReport { applied: Vec::new(), version: 0 };
+    let mut report = MigrateReport {
+        applied: Vec::new(),
+        version: 0,
+    };
     for m in &ours {
         if applied.iter().any(|(v, _, _)| *v == m.version) {
             continue;
         }
         let tx = client.transaction().await?;
-        tx.batch_execute(m.sql).await.map_err(|source| MigrateError::Apply { name: m.name.clone(), source })?;
+        tx.batch_execute(m.sql)
+            .await
+            .map_err(|source| MigrateError::Apply {
+                name: m.name.clone(),
+                source,
+            })?;
         tx.execute(
             "insert into deeprecall_schema_migrations (version, name, checksum) values ($1, $2, $3)",
             &[&m.version, &m.name, &m.checksum],
@@ -170,7 +197,9 @@ async fn migrate_locked(client: &mut Client) -> Result<MigrateReport, MigrateErr
     }
     let tx = client.transaction().await?;
     for (name, sql) in policies() {
-        tx.batch_execute(sql).await.map_err(|source| MigrateError::Apply { name, source })?;
+        tx.batch_execute(sql)
+            .await
+            .map_err(|source| MigrateError::Apply { name, source })?;
     }
     // Running servers refresh their catalog of writable tables on this notification.
     tx.batch_execute("notify deeprecall_schema_changed").await?;
@@ -179,11 +208,19 @@ async fn migrate_locked(client: &mut Client) -> Result<MigrateReport, MigrateErr
     Ok(report)
 }
 
-async fn applied_versions(client: &Client) -> Result<Vec<(i32, String, String)>, tokio_postgres::Error> {
+async fn applied_versions(
+    client: &Client,
+) -> Result<Vec<(i32, String, String)>, tokio_postgres::Error> {
     let rows = client
-        .query("select version, name, checksum from deeprecall_schema_migrations order by version", &[])
+        .query(
+            "select version, name, checksum from deeprecall_schema_migrations order by version",
+            &[],
+        )
         .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
 }
 
 fn verify_known(ours: &[Migration], applied: &[(i32, String, String)]) -> Result<(), MigrateError> {
@@ -211,7 +248,10 @@ fn verify_known(ours: &[Migration], applied: &[(i32, String, String)]) -> Result
 /// Checks that the database is exactly at this binary's version (for `serve` without `--migrate`, and `/readyz`).
 pub async fn check_current(client: &Client) -> Result<i32, MigrateError> {
     let exists: bool = client
-        .query_one("select to_regclass('deeprecall_schema_migrations') is not null", &[])
+        .query_one(
+            "select to_regclass('deeprecall_schema_migrations') is not null",
+            &[],
+        )
         .await?
         .get(0);
     let ours = migrations();
@@ -222,7 +262,10 @@ pub async fn check_current(client: &Client) -> Result<i32, MigrateError> {
     let applied = applied_versions(client).await?;
     verify_known(&ours, &applied)?;
     let found = applied.iter().map(|(v, _, _)| *v).max().unwrap_or(0);
-    if ours.iter().any(|m| !applied.iter().any(|(v, _, _)| *v == m.version)) {
+    if ours
+        .iter()
+        .any(|m| !applied.iter().any(|(v, _, _)| *v == m.version))
+    {
         return Err(MigrateError::DatabaseOlder { found, known });
     }
     Ok(found)

@@ -28,7 +28,13 @@ pub fn parse_config(url: &str) -> Result<tokio_postgres::Config, tokio_postgres:
 
 /// Builds the connection pool. Connections are opened lazily.
 pub fn pool(config: tokio_postgres::Config, max_size: usize) -> anyhow::Result<Pool> {
-    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
     Ok(Pool::builder(manager).max_size(max_size).build()?)
 }
 
@@ -48,7 +54,11 @@ pub async fn begin_as<'a>(
     user: uuid::Uuid,
     read_only: bool,
 ) -> Result<(deadpool_postgres::Transaction<'a>, String), tokio_postgres::Error> {
-    let tx = client.build_transaction().read_only(read_only).start().await?;
+    let tx = client
+        .build_transaction()
+        .read_only(read_only)
+        .start()
+        .await?;
     let begin = tx.prepare_cached(BEGIN_AS_USER_SQL).await?;
     let user = user.to_string();
     let txid: String = tx.query_one(&begin, &[&role, &user]).await?.get(2);

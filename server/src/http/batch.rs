@@ -119,8 +119,12 @@ pub async fn post_batch(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<BatchResponse>, ApiError> {
     let body = body.map_err(body_error)?;
-    let request: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("request body is not valid JSON: {e}")))?;
+    let request: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
     let ops = request_ops(&request, state.limits.max_ops_per_batch)?;
 
     let mut client = state.pool.get().await?;
@@ -128,31 +132,48 @@ pub async fn post_batch(
     let planned = match plan(&catalog, ops) {
         Err(e) if e.code == "unknown_table" || e.code == "unknown_column" => {
             // Maybe a migration added it since we loaded the catalog.
-            catalog = state.catalog.refresh_on_miss(&client).await.map_err(|e| from_db(&e))?;
+            catalog = state
+                .catalog
+                .refresh_on_miss(&client)
+                .await
+                .map_err(|e| from_db(&e))?;
             plan(&catalog, ops)?
         }
         other => other?,
     };
 
-    let (tx, txid) = begin_as(&mut client, USER_ROLE, user.user_id, false).await.map_err(|e| from_db(&e))?;
+    let (tx, txid) = begin_as(&mut client, USER_ROLE, user.user_id, false)
+        .await
+        .map_err(|e| from_db(&e))?;
 
     // Idempotency: a conflict on (owner_id, op_id) means this op was applied before. A concurrent request with
     // the same op_id blocks here on the unique index until the first commits, then sees the conflict.
-    let op_ids: Vec<Uuid> = planned.iter().map(|p| p.op_id).collect();
+    // Sorted so every request takes the ledger's index locks in the same order: two requests carrying the same
+    // op_ids in different orders (a re-batched retry racing the original) would otherwise deadlock (40P01).
+    let mut op_ids: Vec<Uuid> = planned.iter().map(|p| p.op_id).collect();
+    op_ids.sort_unstable();
     let ledger = tx
         .prepare_cached(
             "insert into sync_applied_ops (op_id) select unnest($1::uuid[]) on conflict do nothing returning op_id",
         )
         .await
         .map_err(|e| from_db(&e))?;
-    let fresh: HashSet<Uuid> =
-        tx.query(&ledger, &[&op_ids]).await.map_err(|e| from_db(&e))?.iter().map(|r| r.get(0)).collect();
+    let fresh: HashSet<Uuid> = tx
+        .query(&ledger, &[&op_ids])
+        .await
+        .map_err(|e| from_db(&e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
 
     let mut to_run: Vec<(usize, tokio_postgres::Statement, &PlannedOp)> = Vec::new();
     for (index, op) in planned.iter().enumerate() {
         if fresh.contains(&op.op_id) {
             let sql = op_sql(op, ConflictPolicy::default());
-            let stmt = tx.prepare_cached(&sql).await.map_err(|e| from_db(&e).at_op(index))?;
+            let stmt = tx
+                .prepare_cached(&sql)
+                .await
+                .map_err(|e| from_db(&e).at_op(index))?;
             to_run.push((index, stmt, op));
         }
     }
@@ -164,9 +185,17 @@ pub async fn post_batch(
         let tx = tx_ref;
         let row = PgJson(&op.row);
         async move {
-            let param: &(dyn ToSql + Sync) = if op.kind == OpKind::Delete { &op.id } else { &row };
+            let param: &(dyn ToSql + Sync) = if op.kind == OpKind::Delete {
+                &op.id
+            } else {
+                &row
+            };
             // `insert ... default values` (a row with no columns) takes no parameter.
-            let params = if stmt.params().is_empty() { &[][..] } else { std::slice::from_ref(&param) };
+            let params = if stmt.params().is_empty() {
+                &[][..]
+            } else {
+                std::slice::from_ref(&param)
+            };
             tx.execute(stmt, params).await
         }
     }))
@@ -182,8 +211,14 @@ pub async fn post_batch(
     }
     tx.commit().await.map_err(|e| from_db(&e))?;
 
-    let results =
-        planned.iter().zip(statuses).map(|(op, status)| OpResult { op_id: op.op_id, status }).collect();
+    let results = planned
+        .iter()
+        .zip(statuses)
+        .map(|(op, status)| OpResult {
+            op_id: op.op_id,
+            status,
+        })
+        .collect();
     Ok(Json(BatchResponse { txid, results }))
 }
 
@@ -201,23 +236,35 @@ pub fn body_error(rejection: BytesRejection) -> ApiError {
 }
 
 fn request_ops(request: &Value, max_ops: usize) -> Result<&Vec<Value>, ApiError> {
-    let obj = request
-        .as_object()
-        .ok_or_else(|| ApiError::bad_request("invalid_request", "the body must be a JSON object with `ops`"))?;
-    if let Some(device) = obj.get("device_id") {
-        if !device.is_null() && device.as_str().and_then(|s| Uuid::parse_str(s).ok()).is_none() {
-            return Err(ApiError::unprocessable("invalid_device_id", "`device_id` must be a UUID string"));
-        }
+    let obj = request.as_object().ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_request",
+            "the body must be a JSON object with `ops`",
+        )
+    })?;
+    if let Some(device) = obj.get("device_id")
+        && !device.is_null()
+        && device
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .is_none()
+    {
+        return Err(ApiError::unprocessable(
+            "invalid_device_id",
+            "`device_id` must be a UUID string",
+        ));
     }
-    let ops = obj
-        .get("ops")
-        .and_then(Value::as_array)
-        .ok_or_else(|| ApiError::bad_request("invalid_request", "`ops` must be an array of operations"))?;
+    let ops = obj.get("ops").and_then(Value::as_array).ok_or_else(|| {
+        ApiError::bad_request("invalid_request", "`ops` must be an array of operations")
+    })?;
     if ops.len() > max_ops {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_many_ops",
-            format!("a batch holds at most {max_ops} ops (this one has {}); split it", ops.len()),
+            format!(
+                "a batch holds at most {max_ops} ops (this one has {}); split it",
+                ops.len()
+            ),
         ));
     }
     Ok(ops)
@@ -241,15 +288,22 @@ fn plan(catalog: &Catalog, ops: &[Value]) -> Result<Vec<PlannedOp>, ApiError> {
 }
 
 fn plan_one(catalog: &Catalog, op: &Value) -> Result<PlannedOp, ApiError> {
-    let op = op.as_object().ok_or_else(|| ApiError::bad_request("invalid_op", "each op must be a JSON object"))?;
+    let op = op
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("invalid_op", "each op must be a JSON object"))?;
     let op_id = match op.get("op_id") {
         None | Some(Value::Null) => {
-            return Err(ApiError::unprocessable("missing_op_id", "every op needs an `op_id` (a UUID)"));
+            return Err(ApiError::unprocessable(
+                "missing_op_id",
+                "every op needs an `op_id` (a UUID)",
+            ));
         }
         Some(v) => v
             .as_str()
             .and_then(|s| Uuid::parse_str(s).ok())
-            .ok_or_else(|| ApiError::unprocessable("invalid_op_id", "`op_id` must be a UUID string"))?,
+            .ok_or_else(|| {
+                ApiError::unprocessable("invalid_op_id", "`op_id` must be a UUID string")
+            })?,
     };
     let table_name = op
         .get("table")
@@ -258,7 +312,10 @@ fn plan_one(catalog: &Catalog, op: &Value) -> Result<PlannedOp, ApiError> {
     let table = catalog.table(table_name).ok_or_else(|| {
         ApiError::unprocessable(
             "unknown_table",
-            format!("`{table_name}` is not a synced table (synced: {})", catalog.names().join(", ")),
+            format!(
+                "`{table_name}` is not a synced table (synced: {})",
+                catalog.names().join(", ")
+            ),
         )
     })?;
     let kind_name = op.get("kind").and_then(Value::as_str).unwrap_or("");
@@ -285,7 +342,22 @@ fn plan_one(catalog: &Catalog, op: &Value) -> Result<PlannedOp, ApiError> {
             ));
         }
         if !table.is_writable(name) {
-            return Err(ApiError::unprocessable("read_only_column", format!("column `{name}` cannot be written")));
+            return Err(ApiError::unprocessable(
+                "read_only_column",
+                format!("column `{name}` cannot be written"),
+            ));
+        }
+        if let Some(column) = table.column(name)
+            && !json_fits(&column.type_name, value)
+        {
+            return Err(ApiError::unprocessable(
+                "invalid_value",
+                format!(
+                    "column `{name}` is of type {}; got a JSON {}",
+                    column.type_name,
+                    json_kind(value)
+                ),
+            ));
         }
         clean.insert(name.clone(), value.clone());
     }
@@ -294,21 +366,73 @@ fn plan_one(catalog: &Catalog, op: &Value) -> Result<PlannedOp, ApiError> {
         Some(v) => Some(
             v.as_str()
                 .and_then(|s| Uuid::parse_str(s).ok())
-                .ok_or_else(|| ApiError::unprocessable("invalid_value", "`row.id` must be a UUID string"))?,
+                .ok_or_else(|| {
+                    ApiError::unprocessable("invalid_value", "`row.id` must be a UUID string")
+                })?,
         ),
     };
     if id.is_none() && kind != OpKind::Insert {
-        return Err(ApiError::unprocessable("missing_id", format!("a {kind_name} needs `row.id`")));
+        return Err(ApiError::unprocessable(
+            "missing_id",
+            format!("a {kind_name} needs `row.id`"),
+        ));
     }
     if kind == OpKind::Delete {
         clean.retain(|k, _| k == "id");
     }
-    let columns: Vec<String> =
-        table.columns.iter().filter(|c| clean.contains_key(&c.name)).map(|c| c.name.clone()).collect();
+    let columns: Vec<String> = table
+        .columns
+        .iter()
+        .filter(|c| clean.contains_key(&c.name))
+        .map(|c| c.name.clone())
+        .collect();
     if kind == OpKind::Update && columns.len() < 2 {
-        return Err(ApiError::unprocessable("empty_update", "an update needs `row.id` and at least one column"));
+        return Err(ApiError::unprocessable(
+            "empty_update",
+            "an update needs `row.id` and at least one column",
+        ));
     }
-    Ok(PlannedOp { op_id, table: table.clone(), kind, columns, row: Value::Object(clean), id })
+    Ok(PlannedOp {
+        op_id,
+        table: table.clone(),
+        kind,
+        columns,
+        row: Value::Object(clean),
+        id,
+    })
+}
+
+/// Whether a JSON value has a shape its column's type accepts. `jsonb_populate_record` would silently store a
+/// JSON array or object (or a number) in a text column as its JSON text, and an object in an array column's
+/// element as text: a wrong type that must be rejected, not coerced. Scalars are otherwise left to Postgres's
+/// own input functions (a bad number, uuid or timestamp fails there with class 22).
+fn json_fits(type_name: &str, value: &Value) -> bool {
+    if value.is_null() || type_name == "json" || type_name == "jsonb" {
+        return true;
+    }
+    if let Some(element) = type_name.strip_suffix("[]") {
+        return value
+            .as_array()
+            .is_some_and(|items| items.iter().all(|v| json_fits(element, v)));
+    }
+    let textual =
+        type_name == "text" || type_name.starts_with("character") || type_name == "citext";
+    if textual {
+        value.is_string()
+    } else {
+        !value.is_array() && !value.is_object()
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
 }
 
 /// SQL for one op. `$1` is the row as jsonb (or, for a delete, the id).
@@ -317,15 +441,25 @@ fn op_sql(op: &PlannedOp, policy: ConflictPolicy) -> String {
     let cols: Vec<String> = op.columns.iter().map(|c| quote_ident(c)).collect();
     let col_list = cols.join(", ");
     match op.kind {
-        OpKind::Insert | OpKind::Upsert if cols.is_empty() => format!("insert into {table} default values"),
+        OpKind::Insert | OpKind::Upsert if cols.is_empty() => {
+            format!("insert into {table} default values")
+        }
         OpKind::Insert => {
-            format!("insert into {table} ({col_list}) select {col_list} from jsonb_populate_record(null::{table}, $1)")
+            format!(
+                "insert into {table} ({col_list}) select {col_list} from jsonb_populate_record(null::{table}, $1)"
+            )
         }
         OpKind::Upsert => {
-            let updates: Vec<String> =
-                cols.iter().filter(|c| c.as_str() != "\"id\"").map(|c| format!("{c} = excluded.{c}")).collect();
-            let action =
-                if updates.is_empty() { "nothing".to_owned() } else { format!("update set {}", updates.join(", ")) };
+            let updates: Vec<String> = cols
+                .iter()
+                .filter(|c| c.as_str() != "\"id\"")
+                .map(|c| format!("{c} = excluded.{c}"))
+                .collect();
+            let action = if updates.is_empty() {
+                "nothing".to_owned()
+            } else {
+                format!("update set {}", updates.join(", "))
+            };
             format!(
                 "insert into {table} ({col_list}) select {col_list} from jsonb_populate_record(null::{table}, $1) \
                  on conflict on constraint {} do {action}",
@@ -338,8 +472,11 @@ fn op_sql(op: &PlannedOp, policy: ConflictPolicy) -> String {
 }
 
 fn update_sql(table: &str, cols: &[String], policy: ConflictPolicy) -> String {
-    let sets: Vec<String> =
-        cols.iter().filter(|c| c.as_str() != "\"id\"").map(|c| format!("{c} = r.{c}")).collect();
+    let sets: Vec<String> = cols
+        .iter()
+        .filter(|c| c.as_str() != "\"id\"")
+        .map(|c| format!("{c} = r.{c}"))
+        .collect();
     // Row-level security adds "owner_id = app.user_id" to the predicate: another user's row is simply not found.
     let predicate = match policy {
         ConflictPolicy::LastWriterWins => "t.id = r.id",

@@ -23,14 +23,19 @@ use crate::state::AppState;
 
 /// Whether `s` is a sha256 in the canonical form: 64 lowercase hex characters.
 pub fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn check_sha256(s: &str) -> Result<(), ApiError> {
     if is_sha256(s) {
         Ok(())
     } else {
-        Err(ApiError::unprocessable("invalid_sha256", "sha256 must be 64 lowercase hexadecimal characters"))
+        Err(ApiError::unprocessable(
+            "invalid_sha256",
+            "sha256 must be 64 lowercase hexadecimal characters",
+        ))
     }
 }
 
@@ -100,13 +105,20 @@ pub async fn coordinate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<CoordinateResponse>, ApiError> {
     let body = body.map_err(body_error)?;
-    let req: CoordinateRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::unprocessable("invalid_request", format!("invalid coordination request: {e}")))?;
+    let req: CoordinateRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::unprocessable(
+            "invalid_request",
+            format!("invalid coordination request: {e}"),
+        )
+    })?;
     if req.blobs.len() > state.limits.max_ops_per_batch {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_many_blobs",
-            format!("at most {} blobs per request; split it", state.limits.max_ops_per_batch),
+            format!(
+                "at most {} blobs per request; split it",
+                state.limits.max_ops_per_batch
+            ),
         ));
     }
     let mut seen = std::collections::HashSet::new();
@@ -115,22 +127,32 @@ pub async fn coordinate(
         if b.size < 0 {
             return Err(ApiError::unprocessable("invalid_value", "size must be >= 0").at_blob(i));
         }
-        if let Some(h) = &b.health {
-            if !["healthy", "missing", "modified", "relocated"].contains(&h.as_str()) {
-                return Err(ApiError::unprocessable(
-                    "invalid_value",
-                    "health must be healthy, missing, modified or relocated",
-                )
-                .at_blob(i));
-            }
+        if let Some(h) = &b.health
+            && !["healthy", "missing", "modified", "relocated"].contains(&h.as_str())
+        {
+            return Err(ApiError::unprocessable(
+                "invalid_value",
+                "health must be healthy, missing, modified or relocated",
+            )
+            .at_blob(i));
         }
         if !seen.insert(b.sha256.as_str()) {
-            return Err(ApiError::unprocessable("duplicate_sha256", "a sha256 appears twice").at_blob(i));
+            return Err(
+                ApiError::unprocessable("duplicate_sha256", "a sha256 appears twice").at_blob(i),
+            );
         }
     }
 
+    // Validated in request order (blob_index refers to it); written in sha256 order so that every request locks
+    // blobs_meta rows in the same order: two devices reporting the same library concurrently in different orders
+    // would otherwise deadlock (40P01).
+    let mut req = req;
+    req.blobs.sort_unstable_by(|a, b| a.sha256.cmp(&b.sha256));
+
     let mut client = state.pool.get().await?;
-    let (tx, txid) = begin_as(&mut client, USER_ROLE, user.user_id, false).await.map_err(|e| from_db(&e))?;
+    let (tx, txid) = begin_as(&mut client, USER_ROLE, user.user_id, false)
+        .await
+        .map_err(|e| from_db(&e))?;
     let blobs = serde_json::to_value(&req.blobs).map_err(|e| ApiError::internal(&e))?;
     let blobs = PgJson(&blobs);
     const INPUT: &str = "jsonb_to_recordset($1) as x(sha256 text, size bigint, mime text, filename text, \
@@ -153,7 +175,10 @@ pub async fn coordinate(
             or (blobs_meta.image_height is null and excluded.image_height is not null)
          returning (xmax = 0)"
     );
-    let meta_rows = tx.query(&meta_sql, &[&blobs]).await.map_err(|e| from_db(&e))?;
+    let meta_rows = tx
+        .query(&meta_sql, &[&blobs])
+        .await
+        .map_err(|e| from_db(&e))?;
     let meta_created = meta_rows.iter().filter(|r| r.get::<_, bool>(0)).count() as u64;
     let meta_updated = meta_rows.len() as u64 - meta_created;
     let device_sql = format!(
@@ -164,7 +189,10 @@ pub async fn coordinate(
            path = excluded.path, present = excluded.present, health = excluded.health,
            last_seen_at = excluded.last_seen_at"
     );
-    let devices_upserted = tx.execute(&device_sql, &[&blobs, &req.device_id]).await.map_err(|e| from_db(&e))?;
+    let devices_upserted = tx
+        .execute(&device_sql, &[&blobs, &req.device_id])
+        .await
+        .map_err(|e| from_db(&e))?;
     let marked_missing = if req.complete {
         let hashes: Vec<&str> = req.blobs.iter().map(|b| b.sha256.as_str()).collect();
         tx.execute(
@@ -178,7 +206,13 @@ pub async fn coordinate(
         0
     };
     tx.commit().await.map_err(|e| from_db(&e))?;
-    Ok(Json(CoordinateResponse { txid, meta_created, meta_updated, devices_upserted, marked_missing }))
+    Ok(Json(CoordinateResponse {
+        txid,
+        meta_created,
+        meta_updated,
+        devices_upserted,
+        marked_missing,
+    }))
 }
 
 /// Handler for `GET /v1/blobs/{sha256}`: the caller's BlobHandle.
@@ -189,7 +223,9 @@ pub async fn get_blob(
 ) -> Result<Json<Value>, ApiError> {
     check_sha256(&sha256)?;
     let mut client = state.pool.get().await?;
-    let (tx, _) = begin_as(&mut client, USER_ROLE, user.user_id, true).await.map_err(|e| from_db(&e))?;
+    let (tx, _) = begin_as(&mut client, USER_ROLE, user.user_id, true)
+        .await
+        .map_err(|e| from_db(&e))?;
     let row = tx
         .query_one(
             "select
@@ -208,7 +244,11 @@ pub async fn get_blob(
     let empty = |v: &Value| v.as_array().is_none_or(Vec::is_empty);
     if meta.is_none() && empty(&devices) && empty(&assets) {
         // Same answer whether the blob does not exist or belongs to someone else.
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no blob with this sha256"));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no blob with this sha256",
+        ));
     }
     let available_on: Vec<&Value> = devices
         .as_array()
@@ -247,7 +287,9 @@ pub async fn admin_inventory(
     if !user.admin {
         return Err(AuthError::Forbidden.into_response());
     }
-    inventory(&state, &user, ADMIN_ROLE, q).await.map_err(IntoResponse::into_response)
+    inventory(&state, &user, ADMIN_ROLE, q)
+        .await
+        .map_err(IntoResponse::into_response)
 }
 
 /// Handler for `GET /v1/blobs`: the caller's own inventory rows.
@@ -260,21 +302,32 @@ pub async fn my_inventory(
     inventory(&state, &user, USER_ROLE, q).await
 }
 
-async fn inventory(state: &AppState, user: &AuthUser, role: &str, q: InventoryQuery) -> Result<Json<Value>, ApiError> {
+async fn inventory(
+    state: &AppState,
+    user: &AuthUser,
+    role: &str,
+    q: InventoryQuery,
+) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::unprocessable("invalid_limit", "limit must be between 1 and 1000"));
+        return Err(ApiError::unprocessable(
+            "invalid_limit",
+            "limit must be between 1 and 1000",
+        ));
     }
     let (after_owner, after_sha) = match &q.cursor {
         None => (None, None),
         Some(c) => {
-            let (o, s) = decode_cursor(c)
-                .ok_or_else(|| ApiError::unprocessable("invalid_cursor", "cursor is not one this server issued"))?;
+            let (o, s) = decode_cursor(c).ok_or_else(|| {
+                ApiError::unprocessable("invalid_cursor", "cursor is not one this server issued")
+            })?;
             (Some(o), Some(s))
         }
     };
     let mut client = state.pool.get().await?;
-    let (tx, _) = begin_as(&mut client, role, user.user_id, true).await.map_err(|e| from_db(&e))?;
+    let (tx, _) = begin_as(&mut client, role, user.user_id, true)
+        .await
+        .map_err(|e| from_db(&e))?;
     // Keyset paging on (owner_id, sha256), the unique key of blobs_meta: stable under concurrent inserts.
     let rows = tx
         .query(
@@ -290,11 +343,15 @@ async fn inventory(state: &AppState, user: &AuthUser, role: &str, q: InventoryQu
     let more = rows.len() as i64 > limit;
     let page = &rows[..rows.len().min(limit as usize)];
     let next_cursor = if more {
-        page.last().map(|r| encode_cursor(r.get(1), r.get::<_, String>(2).as_str()))
+        page.last()
+            .map(|r| encode_cursor(r.get(1), r.get::<_, String>(2).as_str()))
     } else {
         None
     };
-    let items: Vec<Value> = page.iter().map(|r| r.get::<_, PgJson<Value>>(0).0).collect();
+    let items: Vec<Value> = page
+        .iter()
+        .map(|r| r.get::<_, PgJson<Value>>(0).0)
+        .collect();
     Ok(Json(json!({ "items": items, "next_cursor": next_cursor })))
 }
 
@@ -303,7 +360,9 @@ fn encode_cursor(owner: Uuid, sha256: &str) -> String {
 }
 
 fn decode_cursor(cursor: &str) -> Option<(Uuid, String)> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()?;
     let text = String::from_utf8(bytes).ok()?;
     let (owner, sha) = text.split_once('/')?;
     is_sha256(sha).then(|| Some((Uuid::parse_str(owner).ok()?, sha.to_owned())))?

@@ -1,0 +1,209 @@
+//! Pure: Postgres text output -> JSON, identical for snapshot rows and live changes.
+//!
+//! Both paths see the same text: pgoutput v1 sends each value's text output, and snapshot queries select
+//! `column::text` on connections with the same pinned DateStyle/IntervalStyle/extra_float_digits/bytea_output.
+//! The type OID decides the JSON shape:
+//!
+//! | type | JSON |
+//! |---|---|
+//! | bool | `true` / `false` |
+//! | int2, int4, int8, oid | number |
+//! | float4, float8 | number (NaN / ±Infinity as strings) |
+//! | json, jsonb | the JSON value itself |
+//! | one-dimensional arrays | array of the element type's JSON |
+//! | everything else (text, uuid, numeric, timestamps…) | string, exactly as Postgres prints it |
+//!
+//! numeric stays a string so no precision is lost in JavaScript.
+
+/// Type OIDs with a non-string JSON shape.
+mod oid {
+    pub(super) const BOOL: u32 = 16;
+    pub(super) const INT8: u32 = 20;
+    pub(super) const INT2: u32 = 21;
+    pub(super) const INT4: u32 = 23;
+    pub(super) const OID: u32 = 26;
+    pub(super) const JSON: u32 = 114;
+    pub(super) const FLOAT4: u32 = 700;
+    pub(super) const FLOAT8: u32 = 701;
+    pub(super) const JSONB: u32 = 3802;
+}
+
+/// Element type of a (one-dimensional) array type, for the array types a schema commonly uses.
+fn array_element(type_oid: u32) -> Option<u32> {
+    Some(match type_oid {
+        1000 => oid::BOOL,
+        1005 => oid::INT2,
+        1007 => oid::INT4,
+        1016 => oid::INT8,
+        1021 => oid::FLOAT4,
+        1022 => oid::FLOAT8,
+        199 => oid::JSON,
+        3807 => oid::JSONB,
+        // text[], varchar[], bpchar[], name[], uuid[], timestamptz[], timestamp[], date[], numeric[]
+        1009 | 1015 | 1014 | 1003 | 2951 | 1185 | 1115 | 1182 | 1231 => 25,
+        _ => return None,
+    })
+}
+
+/// Appends `s` as a JSON string.
+pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // serde_json's escaper writes straight into the buffer: no intermediate String.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Appends the JSON for one value of type `type_oid` given its text output (`None` = SQL NULL).
+pub fn write_value(out: &mut Vec<u8>, type_oid: u32, text: Option<&str>) {
+    let Some(text) = text else {
+        out.extend_from_slice(b"null");
+        return;
+    };
+    match type_oid {
+        oid::BOOL => out.extend_from_slice(if text == "t" { b"true" } else { b"false" }),
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => {
+            if text.parse::<i64>().is_ok() {
+                out.extend_from_slice(text.as_bytes());
+            } else {
+                write_json_str(out, text);
+            }
+        }
+        oid::FLOAT4 | oid::FLOAT8 => match text.parse::<f64>() {
+            Ok(v) if v.is_finite() => out.extend_from_slice(text.as_bytes()),
+            _ => write_json_str(out, text),
+        },
+        // Postgres's json/jsonb output is valid JSON already.
+        oid::JSON | oid::JSONB => out.extend_from_slice(text.as_bytes()),
+        other => match array_element(other)
+            .and_then(|elem| parse_array(text).map(|items| (elem, items)))
+        {
+            Some((elem, items)) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_value(out, elem, item.as_deref());
+                }
+                out.push(b']');
+            }
+            None => write_json_str(out, text),
+        },
+    }
+}
+
+/// Appends a JSON object of `(name, type_oid, text)` columns.
+pub fn write_row<'a>(
+    out: &mut Vec<u8>,
+    columns: impl Iterator<Item = (&'a str, u32, Option<&'a str>)>,
+) {
+    out.push(b'{');
+    for (i, (name, type_oid, text)) in columns.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json_str(out, name);
+        out.push(b':');
+        write_value(out, type_oid, text);
+    }
+    out.push(b'}');
+}
+
+/// Parses a one-dimensional array literal such as `{a,"b c",NULL,"d\"e"}`. `None` for anything else
+/// (multi-dimensional, explicit bounds), which is then sent as a string.
+pub fn parse_array(text: &str) -> Option<Vec<Option<String>>> {
+    let inner = text.strip_prefix('{')?.strip_suffix('}')?;
+    let mut items = Vec::new();
+    if inner.is_empty() {
+        return Some(items);
+    }
+    let mut chars = inner.chars().peekable();
+    loop {
+        let item = if chars.peek() == Some(&'"') {
+            chars.next();
+            let mut s = String::new();
+            loop {
+                match chars.next()? {
+                    '\\' => s.push(chars.next()?),
+                    '"' => break,
+                    c => s.push(c),
+                }
+            }
+            Some(s)
+        } else {
+            let mut s = String::new();
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                if c == '{' || c == '"' {
+                    return None; // nested array or stray quote
+                }
+                s.push(c);
+                chars.next();
+            }
+            if s == "NULL" { None } else { Some(s) }
+        };
+        items.push(item);
+        match chars.next() {
+            None => return Some(items),
+            Some(',') => continue,
+            Some(_) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(type_oid: u32, text: Option<&str>) -> String {
+        let mut out = Vec::new();
+        write_value(&mut out, type_oid, text);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn scalars() {
+        assert_eq!(json(16, Some("t")), "true");
+        assert_eq!(json(16, Some("f")), "false");
+        assert_eq!(json(23, Some("-42")), "-42");
+        assert_eq!(json(701, Some("1.5")), "1.5");
+        assert_eq!(json(701, Some("NaN")), "\"NaN\"");
+        assert_eq!(json(701, Some("Infinity")), "\"Infinity\"");
+        assert_eq!(json(3802, Some("{\"a\": [1, 2]}")), "{\"a\": [1, 2]}");
+        assert_eq!(
+            json(2950, Some("0b7c2f4e-7c1e-4a53-9d57-3b1c3c1d8a01")),
+            "\"0b7c2f4e-7c1e-4a53-9d57-3b1c3c1d8a01\""
+        );
+        assert_eq!(json(25, Some("say \"hi\"\n")), "\"say \\\"hi\\\"\\n\"");
+        assert_eq!(
+            json(1700, Some("3.14159265358979323846")),
+            "\"3.14159265358979323846\""
+        );
+        assert_eq!(json(25, None), "null");
+    }
+
+    #[test]
+    fn arrays() {
+        assert_eq!(json(1009, Some("{}")), "[]");
+        assert_eq!(
+            json(1009, Some("{a,\"b c\",NULL,\"d\\\"e\",\"NULL\"}")),
+            "[\"a\",\"b c\",null,\"d\\\"e\",\"NULL\"]"
+        );
+        assert_eq!(json(1007, Some("{1,2,3}")), "[1,2,3]");
+        assert_eq!(json(1007, Some("{{1,2},{3,4}}")), "\"{{1,2},{3,4}}\"");
+        assert_eq!(
+            json(1009, Some("{\"unterminated}")),
+            "\"{\\\"unterminated}\""
+        );
+    }
+
+    #[test]
+    fn rows() {
+        let mut out = Vec::new();
+        write_row(
+            &mut out,
+            [("id", 23, Some("1")), ("t", 25, None)].into_iter(),
+        );
+        assert_eq!(String::from_utf8(out).unwrap(), "{\"id\":1,\"t\":null}");
+    }
+}

@@ -1,0 +1,220 @@
+//! The replication task: slot upkeep, streaming, routing, publishing, acknowledging, reconnecting.
+//!
+//! What an acknowledged LSN promises: every transaction that ended at or before it has been published to the
+//! hub (delivered to connected subscribers' queues and kept in the in-memory history). It does not promise
+//! durability of that history: after a restart of this server, resumes are served from the slot's confirmed
+//! position onwards, and older offsets get `must_refetch`. On shutdown the final position is both acknowledged
+//! and sent to every live subscription, so clients connected at shutdown resume without refetching.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use deeprecall_replication::Lsn;
+use deeprecall_replication::slot::{self, SlotOutcome};
+use deeprecall_replication::stream::{ReplicationStream, StreamConfig, StreamError, StreamEvent};
+use tokio::sync::watch;
+
+use super::hub::Hub;
+use super::routing::{route, widen_xid};
+use crate::db::catalog::CatalogHandle;
+
+/// Replicator settings.
+#[derive(Debug, Clone)]
+pub struct ReplicatorConfig {
+    /// How to reach Postgres for replication.
+    pub stream: StreamConfig,
+    /// Slot name.
+    pub slot: String,
+}
+
+/// Runs until `shutdown` becomes true; then acknowledges the final position, closes the stream and marks the hub
+/// closed.
+pub async fn run(
+    config: ReplicatorConfig,
+    pool: Pool,
+    hub: Arc<Hub>,
+    catalog: Arc<CatalogHandle>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    const FIRST_RETRY: Duration = Duration::from_millis(100);
+    let mut backoff = FIRST_RETRY;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let began = tokio::time::Instant::now();
+        match session(&config, &pool, &hub, &catalog, &mut shutdown).await {
+            Ok(()) => break,
+            Err(e) => {
+                // A session that ran for a while failed for a new reason: retry quickly again.
+                if began.elapsed() > Duration::from_secs(30) {
+                    backoff = FIRST_RETRY;
+                }
+                tracing::warn!(error = %e, retry_in = ?backoff, "replication interrupted");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = crate::shutdown::until_true(&mut shutdown) => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    hub.close();
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Stream(#[from] StreamError),
+    #[error("slot: {0}")]
+    Slot(#[from] slot::SlotError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+}
+
+async fn session(
+    config: &ReplicatorConfig,
+    pool: &Pool,
+    hub: &Hub,
+    catalog: &CatalogHandle,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let client = pool.get().await?;
+    let outcome = slot::ensure_slot(&client, &config.slot).await?;
+    let generation = generation(&client, &config.slot, outcome).await?;
+    let info = slot::slot_info(&client, &config.slot).await?;
+    let start = info.and_then(|i| i.confirmed_flush_lsn).unwrap_or_default();
+    // Reference for widening 32-bit xids: the current snapshot's xmax (no xid is consumed to read it).
+    let mut xid_ref: u64 = client
+        .query_one(
+            "select pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await?
+        .get::<_, i64>(0) as u64;
+    drop(client);
+    hub.stream_started(generation, start.0);
+    tracing::info!(slot = %config.slot, generation, %start, ?outcome, "starting replication");
+
+    let mut stream = match ReplicationStream::start(&config.stream, Lsn(hub.position().lsn)).await {
+        Ok(s) => s,
+        Err(StreamError::SlotLost(reason)) => {
+            tracing::error!(%reason, "replication slot lost; recreating it, every subscription will refetch");
+            let client = pool.get().await?;
+            slot::recreate_slot(&client, &config.slot).await?;
+            bump_generation(&client, &config.slot).await?;
+            return Err(StreamError::Transient("slot recreated".into()).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    loop {
+        let event = tokio::select! {
+            biased;
+            () = crate::shutdown::until_true(shutdown) => {
+                let position = Lsn(hub.position().lsn);
+                stream.close(position).await;
+                tracing::info!(%position, "replication stopped; final position acknowledged");
+                return Ok(());
+            }
+            event = stream.next() => event?,
+        };
+        match event {
+            None => return Err(StreamError::Transient("stream ended".into()).into()),
+            Some(StreamEvent::Idle { wal_end }) => {
+                hub.advance(wal_end.0);
+                stream.ack(Lsn(hub.position().lsn));
+            }
+            Some(StreamEvent::Txn(txn)) => {
+                // After a reconnect Postgres re-sends from its confirmed position, which (persisted only at
+                // checkpoints) may be older than what we already published: skip those, by position.
+                if txn.end_lsn.0 <= hub.position().lsn {
+                    stream.ack(txn.end_lsn);
+                    continue;
+                }
+                let xid = widen_xid(txn.xid, xid_ref);
+                xid_ref = xid_ref.max(xid);
+                let current = catalog.get().await;
+                let routed = route(&txn, xid, stream.relations(), |name| {
+                    current.table(name).is_some()
+                });
+                if routed.unroutable > 0 {
+                    tracing::warn!(
+                        count = routed.unroutable,
+                        "changes without a valid owner_id were not routed"
+                    );
+                }
+                if schema_changed(&txn, stream.relations(), &current) {
+                    // A column was added or dropped: let the write path and snapshots see it too.
+                    if let Ok(conn) = pool.get().await {
+                        let _ = catalog.refresh_on_miss(&conn).await;
+                    }
+                }
+                hub.publish(routed, txn.end_lsn.0);
+                stream.ack(txn.end_lsn);
+            }
+        }
+    }
+}
+
+fn schema_changed(
+    txn: &deeprecall_replication::Transaction,
+    relations: &deeprecall_replication::RelationCache,
+    catalog: &crate::db::catalog::Catalog,
+) -> bool {
+    txn.changes.iter().any(|c| {
+        let (Some(rel), Some(table)) = (relations.get(c.relation_oid), catalog.table(&c.table))
+        else {
+            return false;
+        };
+        let streamed = table.columns.iter().filter(|col| !col.generated).count();
+        rel.columns.len() != streamed
+    })
+}
+
+/// The slot generation, bumped when the slot had to be (re)created after having existed.
+async fn generation(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    outcome: SlotOutcome,
+) -> Result<i64, tokio_postgres::Error> {
+    let existing: Option<i64> = client
+        .query_opt(
+            "select generation from deeprecall_replication_state where slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match (existing, outcome) {
+        (None, _) => Ok(client
+            .query_one(
+                "insert into deeprecall_replication_state (slot_name) values ($1)
+                 on conflict (slot_name) do update set updated_at = now() returning generation",
+                &[&slot],
+            )
+            .await?
+            .get(0)),
+        (Some(g), SlotOutcome::Existing) => Ok(g),
+        (Some(_), SlotOutcome::Created | SlotOutcome::Recreated) => {
+            bump_generation(client, slot).await
+        }
+    }
+}
+
+async fn bump_generation(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "insert into deeprecall_replication_state (slot_name) values ($1)
+             on conflict (slot_name) do update set generation = deeprecall_replication_state.generation + 1,
+                                                   updated_at = now()
+             returning generation",
+            &[&slot],
+        )
+        .await?
+        .get(0))
+}

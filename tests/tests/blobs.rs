@@ -1,0 +1,621 @@
+//! Blob coordination, the per-caller BlobHandle, the admin inventory and the figures of `v_blob_inventory`.
+
+use deeprecall_tests::{TestEnv, count, dump_table, error_code, insert, sha, statuses, xmins};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+#[tokio::test]
+async fn sha256_must_be_64_lowercase_hex() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let user = Uuid::new_v4();
+    let token = env.token(user);
+    let bad = [
+        sha(0xab).to_uppercase(),
+        sha(1)[..63].to_owned(),
+        format!("{}0", sha(1)),
+        format!("{}g", &sha(1)[..63]),
+        format!("{} ", &sha(1)[..63]),
+        String::new(),
+    ];
+    for s in &bad {
+        // The bad hash is the second blob: the first (valid) one must not be written either.
+        let body = json!({"device_id": Uuid::new_v4(), "blobs": [
+            {"sha256": sha(7), "size": 1}, {"sha256": s, "size": 1}]});
+        let (status, resp) = env.coordinate(user, body).await;
+        assert_eq!(
+            (status.as_u16(), error_code(&resp)),
+            (422, "invalid_sha256"),
+            "{s:?}: {resp}"
+        );
+        assert_eq!(resp["error"]["blob_index"], 1, "{resp}");
+    }
+    assert_eq!(count(&db, "select count(*) from blobs_meta", &[]).await, 0);
+    assert_eq!(
+        count(&db, "select count(*) from device_blobs", &[]).await,
+        0
+    );
+
+    for path in ["NOTHEX", &sha(0xab).to_uppercase(), &sha(1)[..63]] {
+        let (status, resp) = env.get(&format!("/v1/blobs/{path}"), Some(&token)).await;
+        assert_eq!(
+            (status.as_u16(), error_code(&resp)),
+            (422, "invalid_sha256"),
+            "{path}: {resp}"
+        );
+    }
+    // Valid but unknown: 404.
+    let (status, resp) = env
+        .get(&format!("/v1/blobs/{}", sha(9)), Some(&token))
+        .await;
+    assert_eq!(
+        (status.as_u16(), error_code(&resp)),
+        (404, "not_found"),
+        "{resp}"
+    );
+
+    // Other invalid reports name their blob too.
+    let cases = [
+        (json!({"sha256": sha(2), "size": -1}), "invalid_value"),
+        (
+            json!({"sha256": sha(2), "size": 1, "health": "great"}),
+            "invalid_value",
+        ),
+        (json!({"sha256": sha(7), "size": 1}), "duplicate_sha256"),
+    ];
+    for (blob, code) in cases {
+        let body =
+            json!({"device_id": Uuid::new_v4(), "blobs": [{"sha256": sha(7), "size": 1}, blob]});
+        let (status, resp) = env.coordinate(user, body).await;
+        assert_eq!((status.as_u16(), error_code(&resp)), (422, code), "{resp}");
+        assert_eq!(resp["error"]["blob_index"], 1, "{resp}");
+    }
+    let (status, resp) = env
+        .coordinate(user, json!({"device_id": "phone", "blobs": []}))
+        .await;
+    assert_eq!(
+        (status.as_u16(), error_code(&resp)),
+        (422, "invalid_request"),
+        "{resp}"
+    );
+
+    // The database enforces the same form on writes that bypass coordination.
+    let (status, resp) = env
+        .batch(
+            user,
+            json!([insert(
+                "blobs_meta",
+                json!({"sha256": sha(0xcd).to_uppercase(), "size": 1})
+            )]),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), error_code(&resp)),
+        (422, "constraint_violation"),
+        "{resp}"
+    );
+    assert_eq!(count(&db, "select count(*) from blobs_meta", &[]).await, 0);
+}
+
+#[tokio::test]
+async fn coordinate_is_idempotent_and_complete_marks_the_rest_missing() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let user = Uuid::new_v4();
+    let (d1, d2) = (Uuid::new_v4(), Uuid::new_v4());
+    let report = json!({"device_id": d1, "blobs": [
+        {"sha256": sha(1), "size": 1000, "mime": "application/pdf", "filename": "a.pdf", "path": "/docs/a.pdf",
+         "page_count": 12},
+        {"sha256": sha(2), "size": 2000, "path": "/docs/b.png"},
+    ]});
+    let (status, body) = env.coordinate(user, report.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (
+            body["meta_created"].as_u64(),
+            body["devices_upserted"].as_u64()
+        ),
+        (Some(2), Some(2)),
+        "{body}"
+    );
+    assert!(
+        body["txid"]
+            .as_str()
+            .is_some_and(|t| t.parse::<u64>().is_ok()),
+        "{body}"
+    );
+    let meta = dump_table(&db, "blobs_meta", &[]).await;
+    let meta_xmins = xmins(&db, "blobs_meta").await;
+    let volatile = ["last_seen_at", "updated_at"];
+    let devices = dump_table(&db, "device_blobs", &volatile).await;
+    assert_eq!(meta.len(), 2);
+    assert_eq!(devices.len(), 2);
+    assert!(meta.iter().all(|m| m["owner_id"] == json!(user)));
+    let a = meta.iter().find(|m| m["sha256"] == sha(1)).unwrap();
+    assert_eq!(
+        (
+            a["size"].as_i64(),
+            a["mime"].as_str(),
+            a["page_count"].as_i64()
+        ),
+        (Some(1000), Some("application/pdf"), Some(12))
+    );
+
+    // The identical report again: nothing created, the metadata rows not even rewritten (no stream change),
+    // the device rows the same apart from the last-seen clock.
+    let (status, body) = env.coordinate(user, report.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["meta_created"].as_u64(), body["meta_updated"].as_u64()),
+        (Some(0), Some(0)),
+        "{body}"
+    );
+    assert_eq!(dump_table(&db, "blobs_meta", &[]).await, meta);
+    assert_eq!(xmins(&db, "blobs_meta").await, meta_xmins);
+    assert_eq!(dump_table(&db, "device_blobs", &volatile).await, devices);
+
+    // A later report fills metadata that was missing but never overwrites what is known.
+    let (status, body) = env
+        .coordinate(
+            user,
+            json!({"device_id": d2, "blobs": [
+                {"sha256": sha(1), "size": 1000, "mime": "text/plain", "filename": "renamed.pdf", "path": "C:\\a.pdf"},
+                {"sha256": sha(2), "size": 2000, "mime": "image/png", "image_width": 640, "image_height": 480},
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["meta_created"].as_u64(), body["meta_updated"].as_u64()),
+        (Some(0), Some(1)),
+        "{body}"
+    );
+    let row = db
+        .query_one(
+            "select mime, filename from blobs_meta where sha256 = $1",
+            &[&sha(1)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        ("application/pdf".into(), "a.pdf".into())
+    );
+    let row = db
+        .query_one(
+            "select mime, image_width from blobs_meta where sha256 = $1",
+            &[&sha(2)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i32>(1)),
+        ("image/png".into(), 640)
+    );
+
+    // complete: true with only sha(1): d1's sha(2) is marked not present; d2 and sha(1) are untouched.
+    let (status, body) = env
+        .coordinate(
+            user,
+            json!({"device_id": d1, "complete": true, "blobs": [{"sha256": sha(1), "size": 1000}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["marked_missing"].as_u64(), Some(1), "{body}");
+    let presence = |device: Uuid| {
+        let db = &db;
+        async move {
+            db.query("select sha256, present, health from device_blobs where device_id = $1 order by sha256", &[&device])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1), r.get::<_, String>(2)))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        presence(d1).await,
+        vec![
+            (sha(1), true, "healthy".to_owned()),
+            (sha(2), false, "missing".to_owned())
+        ]
+    );
+    assert_eq!(
+        presence(d2).await,
+        vec![
+            (sha(1), true, "healthy".to_owned()),
+            (sha(2), true, "healthy".to_owned())
+        ]
+    );
+    // Repeating the complete report marks nothing more; an empty complete report empties the device.
+    let (_, body) = env
+        .coordinate(
+            user,
+            json!({"device_id": d1, "complete": true, "blobs": [{"sha256": sha(1), "size": 1000}]}),
+        )
+        .await;
+    assert_eq!(body["marked_missing"].as_u64(), Some(0), "{body}");
+    let (_, body) = env
+        .coordinate(
+            user,
+            json!({"device_id": d2, "complete": true, "blobs": []}),
+        )
+        .await;
+    assert_eq!(body["marked_missing"].as_u64(), Some(2), "{body}");
+    assert!(presence(d2).await.iter().all(|(_, present, _)| !present));
+    // Reporting a blob again brings it back.
+    let (_, body) = env
+        .coordinate(
+            user,
+            json!({"device_id": d2, "blobs": [{"sha256": sha(2), "size": 2000}]}),
+        )
+        .await;
+    assert_eq!(body["devices_upserted"].as_u64(), Some(1), "{body}");
+    assert_eq!(presence(d2).await[1], (sha(2), true, "healthy".to_owned()));
+
+    // Another user's coordination of the same device id and hashes never touches this user's rows.
+    let before = dump_table(&db, "device_blobs", &[]).await;
+    let other = Uuid::new_v4();
+    let (status, body) = env
+        .coordinate(
+            other,
+            json!({"device_id": d1, "complete": true, "blobs": []}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["marked_missing"].as_u64(), Some(0), "{body}");
+    assert_eq!(dump_table(&db, "device_blobs", &[]).await, before);
+}
+
+#[tokio::test]
+async fn blob_handle_merges_the_three_tables_for_the_caller_only() {
+    let env = TestEnv::start().await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let (d1, d2, db_) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let h = sha(0x42);
+    for (device, path) in [(d1, "/a/paper.pdf"), (d2, "/b/paper.pdf")] {
+        let (status, body) = env
+            .coordinate(
+                a,
+                json!({"device_id": device, "blobs": [{"sha256": h, "size": 4096, "mime": "application/pdf",
+                       "filename": "paper.pdf", "path": path, "page_count": 9}]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_, body) = env
+        .coordinate(
+            a,
+            json!({"device_id": d2, "blobs": [{"sha256": h, "size": 4096, "health": "missing"}]}),
+        )
+        .await;
+    assert_eq!(body["devices_upserted"], 1);
+    let (work, asset) = (Uuid::new_v4(), Uuid::new_v4());
+    let (status, body) = env
+        .batch(
+            a,
+            json!([
+                insert("works", json!({"id": work, "title": "Paper"})),
+                insert(
+                    "assets",
+                    json!({"id": asset, "sha256": h, "work_id": work, "role": "main"})
+                ),
+            ]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(statuses(&body), ["applied", "applied"]);
+
+    let (status, handle) = env
+        .get(&format!("/v1/blobs/{h}"), Some(&env.token(a)))
+        .await;
+    assert_eq!(status, 200, "{handle}");
+    assert_eq!(handle["sha256"], h);
+    assert_eq!(handle["meta"]["size"], 4096);
+    assert_eq!(handle["meta"]["mime"], "application/pdf");
+    assert_eq!(handle["meta"]["page_count"], 9);
+    let devices = handle["devices"].as_array().expect("devices");
+    let mut got: Vec<(String, bool)> = devices
+        .iter()
+        .map(|d| {
+            (
+                d["device_id"].as_str().unwrap().to_owned(),
+                d["present"] == true,
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want = vec![(d1.to_string(), true), (d2.to_string(), false)];
+    want.sort();
+    assert_eq!(got, want, "{handle}");
+    assert_eq!(
+        devices
+            .iter()
+            .find(|d| d["device_id"] == json!(d1))
+            .unwrap()["path"],
+        "/a/paper.pdf"
+    );
+    let assets = handle["assets"].as_array().expect("assets");
+    assert_eq!(assets.len(), 1);
+    assert_eq!(
+        (&assets[0]["id"], &assets[0]["work_id"]),
+        (&json!(asset), &json!(work))
+    );
+    assert!(
+        !handle.to_string().contains(&a.to_string()),
+        "owner ids are not part of the handle: {handle}"
+    );
+
+    // Another user: the same hash does not exist for them (404, same as a never-seen hash).
+    let (status, body) = env
+        .get(&format!("/v1/blobs/{h}"), Some(&env.token(b)))
+        .await;
+    assert_eq!(
+        (status.as_u16(), error_code(&body)),
+        (404, "not_found"),
+        "{body}"
+    );
+    // Once B holds the same content, B sees only B's device and no assets; A's handle is unchanged.
+    let (status, body) = env
+        .coordinate(
+            b,
+            json!({"device_id": db_, "blobs": [{"sha256": h, "size": 4096, "path": "/b"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, hb) = env
+        .get(&format!("/v1/blobs/{h}"), Some(&env.token(b)))
+        .await;
+    assert_eq!(status, 200, "{hb}");
+    let b_devices: Vec<&Value> = hb["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["device_id"])
+        .collect();
+    assert_eq!(b_devices, vec![&json!(db_)]);
+    assert_eq!(hb["assets"], json!([]));
+    assert_eq!(hb["meta"]["mime"], Value::Null, "B's metadata is B's own");
+    let (_, again) = env
+        .get(&format!("/v1/blobs/{h}"), Some(&env.token(a)))
+        .await;
+    assert_eq!(again, handle);
+}
+
+type Figures = (Uuid, String, i64, i32, Vec<Uuid>, Vec<Uuid>, i32, i64);
+
+/// `v_blob_inventory` as `client` sees it: owner, sha256, size, device_count, devices, missing_on, asset_count,
+/// stored_bytes.
+async fn read(client: &tokio_postgres::Client) -> Vec<Figures> {
+    client
+        .query(
+            "select owner_id, sha256, size, device_count, devices, missing_on, asset_count, stored_bytes
+               from v_blob_inventory order by owner_id, sha256",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7)))
+        .collect()
+}
+
+/// Coordinates `blobs` (seed, size) for `owner` on `device`.
+async fn hold(env: &TestEnv, owner: Uuid, device: Uuid, blobs: &[(u8, i64)], missing: &[u8]) {
+    let mut list: Vec<Value> = blobs
+        .iter()
+        .map(|(s, size)| json!({"sha256": sha(*s), "size": size}))
+        .collect();
+    list.extend(
+        missing
+            .iter()
+            .map(|s| json!({"sha256": sha(*s), "size": 0, "health": "missing"})),
+    );
+    let (status, body) = env
+        .coordinate(owner, json!({"device_id": device, "blobs": list}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn admin_inventory_needs_an_admin_and_pages_across_owners() {
+    let env = TestEnv::start().await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    hold(&env, a, Uuid::new_v4(), &[(1, 10), (2, 20), (3, 30)], &[]).await;
+    hold(
+        &env,
+        b,
+        Uuid::new_v4(),
+        &[(1, 10), (4, 40), (5, 50), (6, 60)],
+        &[],
+    )
+    .await;
+
+    let (status, body) = env.get("/v1/admin/blobs", Some(&env.token(a))).await;
+    assert_eq!(
+        (status.as_u16(), error_code(&body)),
+        (403, "forbidden"),
+        "{body}"
+    );
+    let (status, body) = env.get("/v1/admin/blobs", None).await;
+    assert_eq!(
+        (status.as_u16(), error_code(&body)),
+        (401, "missing_token"),
+        "{body}"
+    );
+
+    let admin = env.admin_token(Uuid::new_v4());
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/admin/blobs?limit=3&cursor={c}"),
+            None => "/v1/admin/blobs?limit=3".to_owned(),
+        };
+        let (status, page) = env.get(&path, Some(&admin)).await;
+        assert_eq!(status, 200, "{page}");
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 3);
+        seen.extend(items.iter().map(|i| {
+            (
+                i["owner_id"].as_str().unwrap().to_owned(),
+                i["sha256"].as_str().unwrap().to_owned(),
+            )
+        }));
+        pages += 1;
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+        assert!(pages < 10, "paging does not end");
+    }
+    assert_eq!(pages, 3);
+    let mut expected: Vec<(String, String)> =
+        [(a, 1), (a, 2), (a, 3), (b, 1), (b, 4), (b, 5), (b, 6)]
+            .iter()
+            .map(|(o, s)| (o.to_string(), sha(*s)))
+            .collect();
+    expected.sort();
+    assert_eq!(
+        seen, expected,
+        "every (owner, sha256) exactly once, in key order"
+    );
+
+    // Filter by owner; bad paging parameters are rejected.
+    let (status, page) = env
+        .get(&format!("/v1/admin/blobs?owner_id={b}"), Some(&admin))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["items"].as_array().unwrap().len(), 4);
+    assert_eq!(page["next_cursor"], Value::Null);
+    for q in ["limit=0", "limit=1001", "cursor=bm9wZQ"] {
+        let (status, body) = env.get(&format!("/v1/admin/blobs?{q}"), Some(&admin)).await;
+        assert_eq!(status, 422, "{q}: {body}");
+    }
+
+    // A user's own inventory (GET /v1/blobs) shows only their rows, whatever owner_id they ask for.
+    let (status, page) = env
+        .get(&format!("/v1/blobs?owner_id={b}"), Some(&env.token(a)))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let owners: Vec<&Value> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| &i["owner_id"])
+        .collect();
+    assert_eq!(owners, vec![&json!(a); 3]);
+}
+
+#[tokio::test]
+async fn blob_inventory_figures_are_right() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let (laptop, phone, desktop) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    // A: sha(1) on laptop and phone; sha(2) on laptop, missing on phone; sha(3) known but on no device.
+    hold(&env, a, laptop, &[(1, 1000), (2, 500)], &[]).await;
+    hold(&env, a, phone, &[(1, 1000)], &[2]).await;
+    let (status, body) = env
+        .batch(
+            a,
+            json!([
+                insert(
+                    "blobs_meta",
+                    json!({"sha256": sha(3), "size": 7, "mime": "text/plain"})
+                ),
+                insert("assets", json!({"sha256": sha(1), "role": "main"})),
+                insert("assets", json!({"sha256": sha(1), "role": "thumbnail"})),
+                insert("assets", json!({"sha256": sha(2)})),
+            ]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // B: the same content sha(1) on B's desktop; B's laptop figures never mix with A's.
+    hold(&env, b, desktop, &[(1, 1000)], &[]).await;
+
+    let mut both = vec![laptop, phone];
+    both.sort();
+    let a_rows: Vec<Figures> = vec![
+        (a, sha(1), 1000, 2, both, vec![], 2, 2000),
+        (a, sha(2), 500, 1, vec![laptop], vec![phone], 1, 500),
+        (a, sha(3), 7, 0, vec![], vec![], 0, 0),
+    ];
+    let b_rows: Vec<Figures> = vec![(b, sha(1), 1000, 1, vec![desktop], vec![], 0, 1000)];
+    let mut all = a_rows.clone();
+    all.extend(b_rows.clone());
+    all.sort_by(|x, y| (x.0, &x.1).cmp(&(y.0, &y.1)));
+    assert_eq!(read(&db).await, all);
+
+    // The admin role reads every owner; a user-scoped reader only their own; no user, nothing.
+    let admin = env.superuser().await;
+    admin
+        .batch_execute("set role deeprecall_admin")
+        .await
+        .unwrap();
+    assert_eq!(read(&admin).await, all);
+    assert_eq!(read(&env.as_user(a).await).await, a_rows);
+    assert_eq!(read(&env.as_user(b).await).await, b_rows);
+    assert_eq!(read(&env.as_user(Uuid::new_v4()).await).await, vec![]);
+
+    // The admin endpoint serves the same figures.
+    let (status, page) = env
+        .get("/v1/admin/blobs", Some(&env.admin_token(Uuid::new_v4())))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 4);
+    let a1 = items
+        .iter()
+        .find(|i| i["owner_id"] == json!(a) && i["sha256"] == sha(1))
+        .unwrap();
+    assert_eq!(
+        (
+            a1["device_count"].as_i64(),
+            a1["asset_count"].as_i64(),
+            a1["stored_bytes"].as_i64()
+        ),
+        (Some(2), Some(2), Some(2000))
+    );
+    assert_eq!(
+        count(
+            &db,
+            "select count(*) from v_blob_inventory where stored_bytes <> size * device_count",
+            &[]
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn two_devices_reporting_the_same_library_at_once_both_succeed() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let user = Uuid::new_v4();
+    // Large enough that the two transactions interleave; metadata rows locked in report order would deadlock
+    // when the two devices list the same blobs in different orders.
+    let blobs: Vec<Value> = (0..1000u32)
+        .map(|i| json!({"sha256": format!("{i:064x}"), "size": i, "mime": "application/pdf"}))
+        .collect();
+    for _ in 0..2 {
+        let reversed: Vec<Value> = blobs.iter().rev().cloned().collect();
+        let ((s1, b1), (s2, b2)) = tokio::join!(
+            env.coordinate(user, json!({"device_id": Uuid::new_v4(), "blobs": blobs})),
+            env.coordinate(
+                user,
+                json!({"device_id": Uuid::new_v4(), "blobs": reversed})
+            ),
+        );
+        assert_eq!((s1.as_u16(), s2.as_u16()), (200, 200), "{b1} {b2}");
+    }
+    assert_eq!(
+        count(&db, "select count(*) from blobs_meta", &[]).await,
+        1000
+    );
+    assert_eq!(
+        count(&db, "select count(*) from device_blobs", &[]).await,
+        4000
+    );
+}

@@ -1,0 +1,57 @@
+//! `/healthz` answers while the process runs; `/readyz` only while the database is at this binary's schema.
+
+use deeprecall_sync::db::migrate::latest_version;
+use deeprecall_tests::TestEnv;
+
+#[tokio::test]
+async fn readyz_follows_the_migration_ledger() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let (status, body) = env.get("/healthz", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ok");
+    let (status, body) = env.get("/readyz", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ready");
+    assert_eq!(body["schema_version"], latest_version());
+
+    // A newer schema than this binary knows: not ready, and it says why.
+    db.batch_execute("insert into deeprecall_schema_migrations (version, name, checksum) values (9999, 'x', 'x')")
+        .await
+        .unwrap();
+    let (status, body) = env.get("/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "not_ready");
+    assert!(
+        body["reason"].as_str().unwrap_or("").contains("newer"),
+        "{body}"
+    );
+    db.batch_execute("delete from deeprecall_schema_migrations where version = 9999")
+        .await
+        .unwrap();
+    let (status, body) = env.get("/readyz", None).await;
+    assert_eq!(status, 200, "back to ready: {body}");
+
+    // A ledger that lost its rows (older than this binary): not ready; liveness is unaffected.
+    db.batch_execute("delete from deeprecall_schema_migrations")
+        .await
+        .unwrap();
+    let (status, body) = env.get("/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("deeprecall-sync migrate"),
+        "{body}"
+    );
+    let (status, _) = env.get("/healthz", None).await;
+    assert_eq!(status, 200);
+
+    // No ledger at all: not ready either.
+    db.batch_execute("drop table deeprecall_schema_migrations")
+        .await
+        .unwrap();
+    let (status, body) = env.get("/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+}
