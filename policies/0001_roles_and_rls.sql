@@ -20,8 +20,14 @@ $$;
 -- The role running migrations (the server's role in a default setup) may switch to both.
 do $$
 begin
+  -- Only when not yet a member: re-granting needs ADMIN OPTION, which a plain member does not have.
   if not exists (select 1 from pg_roles where rolname = current_user and rolsuper) then
-    execute format('grant deeprecall_user, deeprecall_admin to %I', current_user);
+    if not pg_has_role(current_user, 'deeprecall_user', 'member') then
+      execute format('grant deeprecall_user to %I', current_user);
+    end if;
+    if not pg_has_role(current_user, 'deeprecall_admin', 'member') then
+      execute format('grant deeprecall_admin to %I', current_user);
+    end if;
   end if;
 end
 $$;

@@ -9,8 +9,6 @@
 -- owner_id defaults to the session's app.user_id, set by the server with set_config(..., true) inside the write
 -- transaction; row-level security (policies/) makes sure it can be nothing else.
 
-create extension if not exists pgcrypto;
-
 -- The user id of the current transaction, or null when none is set. After a transaction that used
 -- set_config(..., true) a pooled connection reads the setting as '' (not null): treat that as "no user" too.
 create or replace function deeprecall_current_user_id() returns uuid
@@ -196,7 +194,8 @@ create table sync_applied_ops (
 
 -- The synced tables are exactly the members of this publication. The server reads it (pg_publication_tables) to
 -- learn which tables and columns /v1/batch may write, and the live stream replicates it: adding a synced table is
--- "create table ... ; alter publication deeprecall_sync add table ...; a policy" — SQL only.
+-- "create table ...; alter publication deeprecall_sync add table ..." in a new migration — SQL only; policies/
+-- gives every member of the publication its row-level security on the next migrate.
 create publication deeprecall_sync for table
   works, blobs_meta, device_blobs, assets, annotations, activities, boards, strokes;
 

@@ -8,6 +8,9 @@ use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
+use axum::http::StatusCode;
+
+use crate::error::ApiError;
 use crate::http::{batch, blobs, health};
 use crate::state::AppState;
 
@@ -24,6 +27,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/blobs", get(blobs::admin_inventory))
         .route("/v1/admin/replication", get(health::replication))
         .route("/v1/stream", get(crate::live::ws::stream))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -38,4 +43,20 @@ pub async fn serve(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see docs/api.md",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not accept that method",
+    )
 }

@@ -124,8 +124,9 @@ pub fn from_db(err: &tokio_postgres::Error) -> ApiError {
         ApiError::unprocessable("foreign_key_violation", with_detail())
     } else if *code == SqlState::CHECK_VIOLATION || *code == SqlState::NOT_NULL_VIOLATION {
         ApiError::unprocessable("constraint_violation", with_detail())
-    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
-        // Includes "new row violates row-level security policy": the client tried to write what is not theirs.
+    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE && msg.contains("row-level security") {
+        // "new row violates row-level security policy": the client tried to write what is not theirs. Other
+        // privilege errors (e.g. "permission denied to set role") are the operator's setup, not the client's.
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", msg)
     } else if code.code().starts_with("22") || *code == SqlState::DATATYPE_MISMATCH {
         // Class 22: data exception (bad uuid, number out of range, invalid json, bad timestamp...).

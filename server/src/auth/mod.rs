@@ -12,8 +12,8 @@ use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
 use std::sync::Arc;
 
-/// Extracts the authenticated user from `Authorization: Bearer <jwt>` (or, for WebSockets in browsers, which
-/// cannot set headers, the `access_token` query parameter).
+/// Extracts the authenticated user from `Authorization: Bearer <jwt>` (or, on `/v1/stream` only, for browsers'
+/// WebSockets, which cannot set headers, the `access_token` query parameter).
 impl<S> FromRequestParts<S> for AuthUser
 where
     Arc<AuthConfig>: FromRef<S>,
@@ -37,7 +37,13 @@ fn bearer_token(parts: &Parts) -> Result<String, AuthError> {
         }
         return Ok(token.trim().to_owned());
     }
-    if let Some(query) = parts.uri.query() {
+    // Only the WebSocket upgrade accepts a token in the URL (browsers cannot set headers there); elsewhere a
+    // token in the URL would just end up in access logs.
+    if let Some(query) = parts
+        .uri
+        .query()
+        .filter(|_| parts.uri.path() == "/v1/stream")
+    {
         for pair in query.split('&') {
             if let Some(v) = pair.strip_prefix("access_token=") {
                 return Ok(v.to_owned());

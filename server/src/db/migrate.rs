@@ -176,11 +176,13 @@ async fn migrate_locked(client: &mut Client) -> Result<MigrateReport, MigrateErr
         applied: Vec::new(),
         version: 0,
     };
+    // One transaction for every pending migration and the policies: a schema is never left half-migrated, or
+    // migrated without its row-level security (which would make it look ready while every table is unprotected).
+    let tx = client.transaction().await?;
     for m in &ours {
         if applied.iter().any(|(v, _, _)| *v == m.version) {
             continue;
         }
-        let tx = client.transaction().await?;
         tx.batch_execute(m.sql)
             .await
             .map_err(|source| MigrateError::Apply {
@@ -192,16 +194,14 @@ async fn migrate_locked(client: &mut Client) -> Result<MigrateReport, MigrateErr
             &[&m.version, &m.name, &m.checksum],
         )
         .await?;
-        tx.commit().await?;
         report.applied.push(m.version);
     }
-    let tx = client.transaction().await?;
     for (name, sql) in policies() {
         tx.batch_execute(sql)
             .await
             .map_err(|source| MigrateError::Apply { name, source })?;
     }
-    // Running servers refresh their catalog of writable tables on this notification.
+    // Running servers refresh their catalog of writable tables on this notification (sent at commit).
     tx.batch_execute("notify deeprecall_schema_changed").await?;
     tx.commit().await?;
     report.version = latest_version();

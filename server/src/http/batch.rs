@@ -374,7 +374,7 @@ fn plan_one(catalog: &Catalog, op: &Value) -> Result<PlannedOp, ApiError> {
     if id.is_none() && kind != OpKind::Insert {
         return Err(ApiError::unprocessable(
             "missing_id",
-            format!("a {kind_name} needs `row.id`"),
+            format!("`{kind_name}` needs `row.id`"),
         ));
     }
     if kind == OpKind::Delete {

@@ -6,7 +6,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use base64::Engine as _;
@@ -92,7 +92,8 @@ pub struct CoordinateResponse {
     pub meta_created: u64,
     /// `blobs_meta` rows whose empty fields were filled in.
     pub meta_updated: u64,
-    /// `device_blobs` rows inserted or refreshed for this device.
+    /// `device_blobs` rows inserted or changed for this device (an unchanged report whose row was seen within
+    /// the last hour is not rewritten).
     pub devices_upserted: u64,
     /// This device's other blobs marked not present (`complete: true`).
     pub marked_missing: u64,
@@ -105,7 +106,14 @@ pub async fn coordinate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<CoordinateResponse>, ApiError> {
     let body = body.map_err(body_error)?;
-    let req: CoordinateRequest = serde_json::from_slice(&body).map_err(|e| {
+    // Same split as /v1/batch: not JSON at all is 400 invalid_json; JSON of the wrong shape is 422.
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
+    let req: CoordinateRequest = serde_json::from_value(value).map_err(|e| {
         ApiError::unprocessable(
             "invalid_request",
             format!("invalid coordination request: {e}"),
@@ -187,7 +195,13 @@ pub async fn coordinate(
            from {INPUT}
          on conflict (owner_id, device_id, sha256) do update set
            path = excluded.path, present = excluded.present, health = excluded.health,
-           last_seen_at = excluded.last_seen_at"
+           last_seen_at = excluded.last_seen_at
+         -- A rescan that finds nothing new writes nothing (no WAL, no stream traffic to every device), except
+         -- to refresh last_seen_at once it is older than the resolution anyone needs: an hour.
+         where device_blobs.path is distinct from excluded.path
+            or device_blobs.present <> excluded.present
+            or device_blobs.health <> excluded.health
+            or device_blobs.last_seen_at < excluded.last_seen_at - interval '1 hour'"
     );
     let devices_upserted = tx
         .execute(&device_sql, &[&blobs, &req.device_id])
@@ -277,13 +291,18 @@ pub struct InventoryQuery {
     pub owner_id: Option<Uuid>,
 }
 
+fn query_error(e: QueryRejection) -> ApiError {
+    ApiError::unprocessable("invalid_query", e.body_text())
+}
+
 /// Handler for `GET /v1/admin/blobs`: every owner's `v_blob_inventory` rows (admin token).
 pub async fn admin_inventory(
     State(state): State<AppState>,
     user: AuthUser,
-    Query(q): Query<InventoryQuery>,
+    q: Result<Query<InventoryQuery>, QueryRejection>,
 ) -> Result<Json<Value>, axum::response::Response> {
     use axum::response::IntoResponse;
+    let Query(q) = q.map_err(|e| query_error(e).into_response())?;
     if !user.admin {
         return Err(AuthError::Forbidden.into_response());
     }
@@ -296,8 +315,9 @@ pub async fn admin_inventory(
 pub async fn my_inventory(
     State(state): State<AppState>,
     user: AuthUser,
-    Query(mut q): Query<InventoryQuery>,
+    q: Result<Query<InventoryQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(mut q) = q.map_err(query_error)?;
     q.owner_id = None;
     inventory(&state, &user, USER_ROLE, q).await
 }

@@ -1,0 +1,61 @@
+//! Small HTTP behaviours: JSON errors everywhere, where a URL token is accepted, quiet rescans.
+
+use deeprecall_tests::TestEnv;
+use serde_json::json;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn unknown_paths_and_methods_answer_json_errors() {
+    let env = TestEnv::start().await;
+    let (status, body) = env.get("/v1/nope", None).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "not_found");
+    let (status, body) = env.get("/v1/batch", None).await;
+    assert_eq!(status, 405);
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    let token = env.token(Uuid::new_v4());
+    let (status, body) = env.get("/v1/blobs?limit=many", Some(&token)).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_query");
+}
+
+#[tokio::test]
+async fn a_token_in_the_url_is_only_accepted_for_the_stream() {
+    let env = TestEnv::start().await;
+    let token = env.token(Uuid::new_v4());
+    let (status, body) = env
+        .get(&format!("/v1/blobs?access_token={token}"), None)
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "missing_token");
+}
+
+#[tokio::test]
+async fn an_unchanged_rescan_rewrites_no_device_row() {
+    let env = TestEnv::start().await;
+    let user = Uuid::new_v4();
+    let token = env.token(user);
+    let device = Uuid::new_v4();
+    let body = json!({"device_id": device, "complete": true, "blobs": [
+        {"sha256": "a".repeat(64), "size": 10, "path": "/x/a.pdf"},
+        {"sha256": "b".repeat(64), "size": 20, "path": "/x/b.pdf"},
+    ]});
+    let (status, first) = env.post("/v1/blobs/coordinate", Some(&token), &body).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["devices_upserted"], 2);
+    let db = env.superuser().await;
+    let xmins = |rows: Vec<tokio_postgres::Row>| {
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    let sql = "select xmin::text from device_blobs order by sha256";
+    let before = xmins(db.query(sql, &[]).await.unwrap());
+    let (_, second) = env.post("/v1/blobs/coordinate", Some(&token), &body).await;
+    assert_eq!(second["devices_upserted"], 0, "{second}");
+    assert_eq!(xmins(db.query(sql, &[]).await.unwrap()), before);
+    // A moved file is a change.
+    let moved = json!({"device_id": device, "blobs": [{"sha256": "a".repeat(64), "size": 10, "path": "/y/a.pdf"}]});
+    let (_, third) = env.post("/v1/blobs/coordinate", Some(&token), &moved).await;
+    assert_eq!(third["devices_upserted"], 1, "{third}");
+}
