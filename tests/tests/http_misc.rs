@@ -59,3 +59,62 @@ async fn an_unchanged_rescan_rewrites_no_device_row() {
     let (_, third) = env.post("/v1/blobs/coordinate", Some(&token), &moved).await;
     assert_eq!(third["devices_upserted"], 1, "{third}");
 }
+
+/// Consecutive ops of one shape run as one statement; a repeated id must still behave as if each op ran alone.
+#[tokio::test]
+async fn set_based_batches_keep_per_op_semantics() {
+    use deeprecall_tests::{insert, op};
+    let env = TestEnv::start().await;
+    let user = Uuid::new_v4();
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let (status, body) = env
+        .batch(
+            user,
+            json!([
+                insert("works", json!({"id": a, "title": "a"})),
+                insert("works", json!({"id": b, "title": "b"})),
+                op("update", "works", json!({"id": a, "year": 1})),
+                op("update", "works", json!({"id": a, "year": 2})),
+                op("update", "works", json!({"id": c, "year": 3})),
+                op("delete", "works", json!({"id": b})),
+                op("delete", "works", json!({"id": b})),
+                op("upsert", "works", json!({"id": c, "title": "c"})),
+                op("upsert", "works", json!({"id": c, "title": "c2"})),
+            ]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let statuses: Vec<&str> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "applied",
+            "applied",
+            "applied",
+            "applied",
+            "not_found",
+            "applied",
+            "not_found",
+            "applied",
+            "applied"
+        ]
+    );
+    let db = env.superuser().await;
+    let rows = db
+        .query("select id, title, year from works order by title", &[])
+        .await
+        .unwrap();
+    let got: Vec<(Uuid, String, Option<i32>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(a, "a".to_owned(), Some(2)), (c, "c2".to_owned(), None)]
+    );
+}

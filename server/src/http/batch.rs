@@ -142,14 +142,55 @@ pub async fn post_batch(
         other => other?,
     };
 
+    // Fast path: consecutive ops of the same shape run as one set-based statement each. If any statement fails,
+    // we cannot tell which op of its set was to blame, so the batch is rolled back and run again op by op (still
+    // pipelined) purely to report the failing op's index; should that run succeed (a conflicting row vanished in
+    // between), it is the batch's result.
     let (tx, txid) = begin_as(&mut client, USER_ROLE, user.user_id, false)
         .await
         .map_err(|e| from_db(&e))?;
+    let fresh = record_ops(&tx, &planned).await?;
+    match execute_sets(&tx, &planned, &fresh).await {
+        Ok(statuses) => {
+            tx.commit().await.map_err(|e| from_db(&e))?;
+            return Ok(Json(response(txid, &planned, statuses)));
+        }
+        Err(e) if e.as_db_error().is_none() => return Err(from_db(&e)),
+        Err(_) => {
+            let _ = tx.rollback().await;
+        }
+    }
+    let (tx, txid) = begin_as(&mut client, USER_ROLE, user.user_id, false)
+        .await
+        .map_err(|e| from_db(&e))?;
+    let fresh = record_ops(&tx, &planned).await?;
+    let statuses = execute_each(&tx, &planned, &fresh).await?;
+    tx.commit().await.map_err(|e| from_db(&e))?;
+    Ok(Json(response(txid, &planned, statuses)))
+}
 
-    // Idempotency: a conflict on (owner_id, op_id) means this op was applied before. A concurrent request with
-    // the same op_id blocks here on the unique index until the first commits, then sees the conflict.
-    // Sorted so every request takes the ledger's index locks in the same order: two requests carrying the same
-    // op_ids in different orders (a re-batched retry racing the original) would otherwise deadlock (40P01).
+fn response(txid: String, planned: &[PlannedOp], statuses: Vec<OpStatus>) -> BatchResponse {
+    let results = planned
+        .iter()
+        .zip(statuses)
+        .map(|(op, status)| OpResult {
+            op_id: op.op_id,
+            status,
+        })
+        .collect();
+    BatchResponse { txid, results }
+}
+
+/// Records the batch's op_ids in the idempotency ledger; returns those that are new (the others were applied
+/// before and are answered `duplicate`).
+async fn record_ops(
+    tx: &deadpool_postgres::Transaction<'_>,
+    planned: &[PlannedOp],
+) -> Result<HashSet<Uuid>, ApiError> {
+    // A conflict on (owner_id, op_id) means this op was applied before. A concurrent request with the same op_id
+    // blocks here on the unique index until the first commits, then sees the conflict. Sorted so every request
+    // takes the ledger's index locks in the same order: two requests carrying the same op_ids in different orders
+    // (a re-batched retry racing the original) would otherwise deadlock (40P01).
     let mut op_ids: Vec<Uuid> = planned.iter().map(|p| p.op_id).collect();
     op_ids.sort_unstable();
     let ledger = tx
@@ -158,14 +199,119 @@ pub async fn post_batch(
         )
         .await
         .map_err(|e| from_db(&e))?;
-    let fresh: HashSet<Uuid> = tx
+    Ok(tx
         .query(&ledger, &[&op_ids])
         .await
         .map_err(|e| from_db(&e))?
         .iter()
         .map(|r| r.get(0))
-        .collect();
+        .collect())
+}
 
+/// Consecutive new ops that can run as one statement: same table, kind and columns, and (except for inserts,
+/// where a repeated id is the client's error anyway) no id twice, since one statement cannot update or delete a
+/// row twice.
+struct OpSet<'a> {
+    ops: Vec<(usize, &'a PlannedOp)>,
+    ids: HashSet<Uuid>,
+}
+
+impl OpSet<'_> {
+    fn first(&self) -> &PlannedOp {
+        self.ops[0].1
+    }
+}
+
+fn op_sets<'a>(planned: &'a [PlannedOp], fresh: &HashSet<Uuid>) -> Vec<OpSet<'a>> {
+    let mut sets: Vec<OpSet<'a>> = Vec::new();
+    for (index, op) in planned.iter().enumerate() {
+        if !fresh.contains(&op.op_id) {
+            continue;
+        }
+        let joins = sets.last().is_some_and(|set| {
+            let first = set.first();
+            first.kind == op.kind
+                && first.table.oid == op.table.oid
+                && first.columns == op.columns
+                && !op.columns.is_empty()
+                && (op.kind == OpKind::Insert || op.id.is_none_or(|id| !set.ids.contains(&id)))
+        });
+        if !joins {
+            sets.push(OpSet {
+                ops: Vec::new(),
+                ids: HashSet::new(),
+            });
+        }
+        if let Some(set) = sets.last_mut() {
+            set.ops.push((index, op));
+            if let Some(id) = op.id {
+                set.ids.insert(id);
+            }
+        }
+    }
+    sets
+}
+
+/// Runs every set as one statement, all pipelined.
+async fn execute_sets(
+    tx: &deadpool_postgres::Transaction<'_>,
+    planned: &[PlannedOp],
+    fresh: &HashSet<Uuid>,
+) -> Result<Vec<OpStatus>, tokio_postgres::Error> {
+    let sets = op_sets(planned, fresh);
+    let mut statements = Vec::with_capacity(sets.len());
+    for set in &sets {
+        statements.push(
+            tx.prepare_cached(&set_sql(set.first(), ConflictPolicy::default()))
+                .await?,
+        );
+    }
+    let outcomes = join_all(sets.iter().zip(&statements).map(|(set, stmt)| async move {
+        let first = set.first();
+        if first.columns.is_empty() {
+            // `insert ... default values`: one row, no parameter.
+            return tx.query(stmt, &[]).await;
+        }
+        match first.kind {
+            OpKind::Delete => {
+                let ids: Vec<Uuid> = set.ops.iter().filter_map(|(_, op)| op.id).collect();
+                tx.query(stmt, &[&ids]).await
+            }
+            _ => {
+                let rows: Vec<&Value> = set.ops.iter().map(|(_, op)| &op.row).collect();
+                tx.query(stmt, &[&PgJson(&rows)]).await
+            }
+        }
+    }))
+    .await;
+    let mut statuses = vec![OpStatus::Duplicate; planned.len()];
+    for (set, outcome) in sets.iter().zip(outcomes) {
+        let rows = outcome?;
+        let kind = set.first().kind;
+        let touched: HashSet<Uuid> = match kind {
+            OpKind::Update | OpKind::Delete => rows.iter().map(|r| r.get(0)).collect(),
+            _ => HashSet::new(),
+        };
+        for (index, op) in &set.ops {
+            statuses[*index] = match kind {
+                OpKind::Update | OpKind::Delete
+                    if !op.id.is_some_and(|id| touched.contains(&id)) =>
+                {
+                    OpStatus::NotFound
+                }
+                _ => OpStatus::Applied,
+            };
+        }
+    }
+    Ok(statuses)
+}
+
+/// Runs every new op as its own statement, pipelined, and reports the first failing op by index.
+async fn execute_each(
+    tx: &deadpool_postgres::Transaction<'_>,
+    planned: &[PlannedOp],
+    fresh: &HashSet<Uuid>,
+) -> Result<Vec<OpStatus>, ApiError> {
     let mut to_run: Vec<(usize, tokio_postgres::Statement, &PlannedOp)> = Vec::new();
     for (index, op) in planned.iter().enumerate() {
         if fresh.contains(&op.op_id) {
@@ -177,12 +323,10 @@ pub async fn post_batch(
             to_run.push((index, stmt, op));
         }
     }
-    // Pipelined: every statement is sent before the first answer is awaited, so a 1000-op batch costs one
-    // round trip's latency plus Postgres's work, not 1000 round trips. After a failure Postgres aborts the
+    // Pipelined: every statement is sent before the first answer is awaited, so even this path costs one round
+    // trip's latency plus Postgres's work, not one round trip per op. After a failure Postgres aborts the
     // transaction and later statements fail with 25P02; the first failure in request order is the culprit.
-    let tx_ref = &tx;
     let outcomes = join_all(to_run.iter().map(|(_, stmt, op)| {
-        let tx = tx_ref;
         let row = PgJson(&op.row);
         async move {
             let param: &(dyn ToSql + Sync) = if op.kind == OpKind::Delete {
@@ -200,7 +344,6 @@ pub async fn post_batch(
         }
     }))
     .await;
-
     let mut statuses = vec![OpStatus::Duplicate; planned.len()];
     for ((index, _, op), outcome) in to_run.iter().zip(outcomes) {
         let affected = outcome.map_err(|e| from_db(&e).at_op(*index))?;
@@ -209,17 +352,7 @@ pub async fn post_batch(
             _ => OpStatus::Applied,
         };
     }
-    tx.commit().await.map_err(|e| from_db(&e))?;
-
-    let results = planned
-        .iter()
-        .zip(statuses)
-        .map(|(op, status)| OpResult {
-            op_id: op.op_id,
-            status,
-        })
-        .collect();
-    Ok(Json(BatchResponse { txid, results }))
+    Ok(statuses)
 }
 
 /// Maps a body-read failure: over the size limit is 413, anything else 400.
@@ -468,6 +601,26 @@ fn op_sql(op: &PlannedOp, policy: ConflictPolicy) -> String {
         }
         OpKind::Update => update_sql(&table, &cols, policy),
         OpKind::Delete => format!("delete from {table} where id = $1"),
+    }
+}
+
+/// SQL for a set of ops shaped like `op`: `$1` is a JSON array of rows (or, for deletes, a uuid array). Updates
+/// and deletes return the ids they touched; the others are `not_found`.
+fn set_sql(op: &PlannedOp, policy: ConflictPolicy) -> String {
+    let single = op_sql(op, policy);
+    match op.kind {
+        _ if op.columns.is_empty() => single,
+        OpKind::Delete => format!(
+            "delete from {} where id = any($1::uuid[]) returning id",
+            op.table.qualified()
+        ),
+        OpKind::Update => format!(
+            "{} returning t.id",
+            single.replace("jsonb_populate_record(", "jsonb_populate_recordset(")
+        ),
+        OpKind::Insert | OpKind::Upsert => {
+            single.replace("jsonb_populate_record(", "jsonb_populate_recordset(")
+        }
     }
 }
 
