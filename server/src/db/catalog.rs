@@ -176,17 +176,29 @@ impl CatalogHandle {
         Ok(fresh)
     }
 
-    /// Refreshes only if the last refresh is older than the miss interval; returns the catalog to use.
+    /// Reloads after a request named a table or column we do not know, and returns the catalog to use.
+    ///
+    /// Reloads happen at most once per interval, so bad requests cannot hammer the database; a request that
+    /// arrives sooner waits for the next allowed reload rather than being refused with a stale answer (a column
+    /// added by plain DDL a moment ago must be writable). Concurrent misses share one reload.
     pub async fn refresh_on_miss(
         &self,
         client: &Client,
     ) -> Result<Arc<Catalog>, tokio_postgres::Error> {
-        let due = self.last_refresh.lock().await.elapsed() >= MISS_REFRESH_INTERVAL;
-        if due {
-            self.refresh(client).await
-        } else {
-            Ok(self.get().await)
+        let asked = Instant::now();
+        let mut last = self.last_refresh.lock().await;
+        if *last >= asked {
+            // Another miss reloaded while we waited for the lock: that reload already saw our change.
+            return Ok(self.get().await);
         }
+        let since = last.elapsed();
+        if since < MISS_REFRESH_INTERVAL {
+            tokio::time::sleep(MISS_REFRESH_INTERVAL - since).await;
+        }
+        let fresh = Arc::new(Catalog::load(client).await?);
+        *self.current.write().await = fresh.clone();
+        *last = Instant::now();
+        Ok(fresh)
     }
 }
 
