@@ -1,5 +1,5 @@
-//! Command line: `dev`, `serve`, `migrate`, `token`. Every flag can also come from the environment variable named
-//! in `--help`.
+//! Command line: `dev`, `serve`, `migrate`, `token`, `tail`. Every flag can also come from the environment variable
+//! named in `--help`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,6 +39,9 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Mint an HS256 token with the configured secret, for development; prints only the token.
     Token(TokenArgs),
+    /// Watch your own changes live: connect to a running server's /v1/stream with a token and print every frame
+    /// as one JSON line.
+    Tail(crate::tail::TailArgs),
 }
 
 /// How tokens are verified.
@@ -361,6 +364,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Dev(args) => dev(args).await,
+        Command::Tail(args) => crate::tail::run(args).await,
         Command::Migrate(args) => {
             let config = db::parse_config(&args.database_url)
                 .context("DATABASE_URL is not a valid postgres URL")?;

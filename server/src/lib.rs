@@ -16,3 +16,4 @@ pub mod live;
 pub mod pgcluster;
 pub mod shutdown;
 pub mod state;
+pub mod tail;

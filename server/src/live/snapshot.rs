@@ -207,9 +207,10 @@ async fn canonicalise(
             .column(&c.column)
             .ok_or_else(|| SnapshotError::BadFilter(format!("unknown column `{}`", c.column)))?;
         let given: Vec<&str> = c.values.iter().filter_map(|v| v.as_deref()).collect();
+        // The type's output function (what pgoutput sends), not a cast to text: see `output_text`.
         let sql = format!(
-            "select coalesce(array_agg(v::{}::text), '{{}}') from unnest($1::text[]) v",
-            column.type_name
+            "select coalesce(array_agg({}), '{{}}') from unnest($1::text[]) v",
+            output_text(&format!("v::{}", column.type_name))
         );
         let canonical: Vec<String> = tx.query_one(&sql, &[&given]).await.map_err(db_err)?.get(0);
         let mut values: Vec<Option<String>> = canonical.into_iter().map(Some).collect();
@@ -275,7 +276,7 @@ async fn snapshot(
         .collect();
     let select_list: Vec<String> = columns
         .iter()
-        .map(|(n, _)| format!("{}::text", quote_ident(n)))
+        .map(|(n, _)| output_text(&quote_ident(n)))
         .collect();
     let mut sql = format!(
         "select {} from {} where owner_id = $1",
@@ -336,6 +337,18 @@ async fn snapshot(
         wal_lsn,
         barrier_lsn,
     })
+}
+
+/// SQL for the text of `expr` as the type's output function prints it: what pgoutput v1 sends for the same value,
+/// so the snapshot and the live path render (and filters compare) identical text.
+///
+/// Not `expr::text`: a cast to text is the output function only for types without their own cast. `boolean::text`
+/// is `true`/`false` where the output (and the stream) says `t`/`f` (so every `true` reached snapshot clients as
+/// `false`, and a `{"favorite": true}` filter, canonicalised to `true`, never matched a live `t`); `bpchar::text`
+/// drops the padding and `inet::text` adds the netmask likewise. `format('%s', …)` calls the output function for
+/// any type; NULL stays NULL (format would print an empty string).
+fn output_text(expr: &str) -> String {
+    format!("case when ({expr}) is null then null else format('%s', {expr}) end")
 }
 
 /// Commits a transactional logical message and waits until the stream has delivered it; returns its position.

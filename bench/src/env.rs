@@ -1,0 +1,360 @@
+//! The benchmark's environment: a throwaway Postgres cluster, the release server as a child process, tokens,
+//! and what `/proc` says about the server.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use deeprecall_sync::auth::{AuthConfig, KeySource};
+use deeprecall_sync::pgcluster::{ClusterOptions, LocalCluster, free_port, random_token};
+use uuid::Uuid;
+
+/// The database the server and the benchmark use.
+pub(crate) const DATABASE: &str = "deeprecall";
+/// The server's replication slot (its default).
+pub(crate) const SERVER_SLOT: &str = "deeprecall_sync";
+/// The server's publication.
+pub(crate) const PUBLICATION: &str = "deeprecall_sync";
+
+/// A running server process.
+#[derive(Debug)]
+pub(crate) struct ServerProc {
+    child: tokio::process::Child,
+    /// Its process id.
+    pub(crate) pid: u32,
+}
+
+/// Everything the measurements share. Dropping it kills the server and stops the cluster (in that order).
+#[derive(Debug)]
+pub(crate) struct Env {
+    // Field order is drop order: server before cluster.
+    server: Option<ServerProc>,
+    /// The cluster (Postgres 15 from the installed binaries).
+    pub(crate) cluster: LocalCluster,
+    /// Token minting (same secret as the server's).
+    pub(crate) auth: AuthConfig,
+    secret: String,
+    /// Port the server listens on (127.0.0.1).
+    pub(crate) port: u16,
+    server_bin: PathBuf,
+    /// Scratch directory (pgbench scripts), removed on drop.
+    pub(crate) scratch: PathBuf,
+    /// Clock ticks per second for /proc CPU times.
+    pub(crate) clk_tck: f64,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// Raises RLIMIT_NOFILE (inherited by the server child): to `want` when allowed (root may raise the hard limit),
+/// else the soft limit to the hard one. Returns the resulting soft limit.
+pub(crate) fn raise_nofile(want: u64) -> u64 {
+    use rlimit::Resource;
+    let (soft, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap_or((1024, 1024));
+    if soft >= want {
+        return soft;
+    }
+    if rlimit::setrlimit(Resource::NOFILE, want, want.max(hard)).is_ok() {
+        return want;
+    }
+    rlimit::increase_nofile_limit(want).unwrap_or(soft)
+}
+
+/// The workspace root (this crate's parent directory).
+pub(crate) fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Builds the server in release mode and returns its path (next to this executable).
+pub(crate) fn build_server() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "deeprecall-sync",
+            "--bin",
+            "deeprecall-sync",
+        ])
+        .current_dir(workspace_root())
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build of the server failed: {status}");
+    }
+    let exe = std::env::current_exe().context("locating the benchmark executable")?;
+    let dir = exe.parent().context("executable has no directory")?;
+    let bin = dir.join("deeprecall-sync");
+    if !bin.is_file() {
+        bail!(
+            "{} not found (run the benchmark with `cargo run --release -p deeprecall-bench`)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+impl Env {
+    /// Starts the cluster (durable settings), creates the database, and starts the server.
+    pub(crate) async fn start(server_bin: PathBuf) -> anyhow::Result<Self> {
+        let options = ClusterOptions {
+            ephemeral: false,
+            extra_settings: vec![
+                ("shared_buffers".into(), "'512MB'".into()),
+                ("max_connections".into(), "300".into()),
+                ("max_wal_senders".into(), "20".into()),
+                ("max_replication_slots".into(), "20".into()),
+                ("max_wal_size".into(), "'4GB'".into()),
+            ],
+        };
+        let cluster = tokio::task::spawn_blocking(move || LocalCluster::start_temporary(&options))
+            .await?
+            .context("starting the throwaway Postgres cluster")?;
+        let admin = connect(&cluster.url("postgres")).await?;
+        admin
+            .batch_execute(&format!("create database {DATABASE}"))
+            .await
+            .context("creating the database")?;
+        drop(admin);
+        let secret = random_token(48);
+        let auth = AuthConfig::new(
+            vec![KeySource::Secret(secret.clone().into_bytes())],
+            None,
+            None,
+            "role".into(),
+            "admin".into(),
+        )?;
+        let scratch = std::env::temp_dir().join(format!("deeprecall-bench-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&scratch)?;
+        let clk_tck = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(100.0);
+        let mut env = Self {
+            server: None,
+            cluster,
+            auth,
+            secret,
+            port: free_port()?,
+            server_bin,
+            scratch,
+            clk_tck,
+        };
+        env.spawn_server().await?;
+        Ok(env)
+    }
+
+    /// The database URL (superuser).
+    pub(crate) fn db_url(&self) -> String {
+        self.cluster.url(DATABASE)
+    }
+
+    /// A new superuser connection to the database.
+    pub(crate) async fn sql(&self) -> anyhow::Result<tokio_postgres::Client> {
+        connect(&self.db_url()).await
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub(crate) fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A token for `user`, valid for a day.
+    pub(crate) fn token(&self, user: Uuid) -> String {
+        self.auth
+            .mint(user, false, 86_400)
+            .expect("the benchmark's auth config has a secret")
+    }
+
+    /// The running server's pid.
+    pub(crate) fn server_pid(&self) -> anyhow::Result<u32> {
+        self.server
+            .as_ref()
+            .map(|s| s.pid)
+            .context("the server is not running")
+    }
+
+    /// Spawns the server and waits (at most 60 s) until `/readyz` answers 200. Returns the spawn instant.
+    pub(crate) async fn spawn_server(&mut self) -> anyhow::Result<Instant> {
+        if self.server.is_some() {
+            bail!("the server is already running");
+        }
+        let mut cmd = tokio::process::Command::new(&self.server_bin);
+        cmd.arg("serve")
+            .arg("--database-url")
+            .arg(self.db_url())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--jwt-secret")
+            .arg(&self.secret)
+            .args([
+                "--migrate",
+                "--max-connections",
+                "200000",
+                "--max-ops-per-batch",
+                "1000",
+                "--pool-size",
+                "16",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let spawned = Instant::now();
+        let child = cmd.spawn().context("spawning deeprecall-sync")?;
+        let pid = child.id().context("server pid")?;
+        self.server = Some(ServerProc { child, pid });
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let url = format!("{}/readyz", self.base());
+        let deadline = spawned + Duration::from_secs(60);
+        loop {
+            if let Some(s) = self.server.as_mut()
+                && let Some(status) = s.child.try_wait()?
+            {
+                self.server = None;
+                bail!("deeprecall-sync exited during startup: {status}");
+            }
+            if let Ok(r) = http.get(&url).send().await
+                && r.status() == 200
+            {
+                return Ok(spawned);
+            }
+            if Instant::now() > deadline {
+                bail!("deeprecall-sync did not become ready within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sends SIGTERM (graceful shutdown) and waits up to 30 s for the process to exit, then kills it.
+    pub(crate) async fn stop_server(&mut self) -> anyhow::Result<()> {
+        let Some(mut s) = self.server.take() else {
+            return Ok(());
+        };
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &s.pid.to_string()])
+            .status();
+        match tokio::time::timeout(Duration::from_secs(30), s.child.wait()).await {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                let _ = s.child.kill().await;
+                bail!("deeprecall-sync did not exit within 30 s of SIGTERM (killed)")
+            }
+        }
+    }
+
+    /// Server CPU seconds so far (user + system).
+    pub(crate) fn server_cpu_secs(&self) -> anyhow::Result<f64> {
+        let pid = self.server_pid()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let rest = stat.rsplit_once(") ").context("malformed /proc stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+        let utime: f64 = fields.get(11).context("no utime")?.parse()?;
+        let stime: f64 = fields.get(12).context("no stime")?.parse()?;
+        Ok((utime + stime) / self.clk_tck)
+    }
+
+    /// Server resident memory in KiB.
+    pub(crate) fn server_rss_kib(&self) -> anyhow::Result<u64> {
+        let pid = self.server_pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .context("no VmRSS")?;
+        Ok(line
+            .split_whitespace()
+            .nth(1)
+            .context("malformed VmRSS")?
+            .parse()?)
+    }
+
+    /// Waits (at most `limit`) until the server's slot has confirmed `lsn`: everything before it was routed.
+    pub(crate) async fn wait_server_caught_up(
+        &self,
+        client: &tokio_postgres::Client,
+        lsn: &str,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let row = client
+                .query_one(
+                    "select coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false)
+                       from pg_replication_slots where slot_name = $1",
+                    &[&SERVER_SLOT, &lsn],
+                )
+                .await?;
+            if row.get::<_, bool>(0) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the server's slot did not reach {lsn} within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `PGPASSWORD`-style environment and `-h/-p/-U` arguments for the Postgres client tools.
+    pub(crate) fn pg_tool(&self, tool: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(self.cluster.bindir().join(tool));
+        cmd.env("PGPASSWORD", self.cluster.password())
+            .env_remove("PGSERVICE")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// A libpq conninfo string for the database (password from PGPASSWORD).
+    pub(crate) fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={DATABASE}",
+            self.cluster.port()
+        )
+    }
+}
+
+/// Connects with tokio-postgres (no TLS) and drives the connection in a task.
+pub(crate) async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await
+    .context("connecting to Postgres timed out")?
+    .context("connecting to Postgres")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// `pg_current_wal_lsn()` as text.
+pub(crate) async fn current_lsn(client: &tokio_postgres::Client) -> anyhow::Result<String> {
+    Ok(client
+        .query_one("select pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0))
+}
