@@ -34,6 +34,8 @@ pub struct TestEnv {
     pub http: reqwest::Client,
     server: Option<deeprecall_sync::cli::Server>,
     http_task: Option<tokio::task::JoinHandle<()>>,
+    /// Hub limits the server is (re)started with.
+    hub: deeprecall_sync::live::hub::HubConfig,
     // Declared last: dropped after the server is told to stop.
     /// The cluster.
     pub cluster: LocalCluster,
@@ -51,6 +53,7 @@ async fn serve(
     cluster: &LocalCluster,
     auth: AuthConfig,
     limits: Limits,
+    hub: deeprecall_sync::live::hub::HubConfig,
 ) -> (
     deeprecall_sync::cli::Server,
     tokio::task::JoinHandle<()>,
@@ -58,6 +61,7 @@ async fn serve(
 ) {
     let mut options = deeprecall_sync::cli::ServerOptions::new(cluster.url(DB_NAME), auth);
     options.limits = limits;
+    options.hub = hub;
     options.pool_size = 8;
     let server = deeprecall_sync::cli::start_server(options)
         .await
@@ -132,7 +136,17 @@ impl TestEnv {
 
     /// Starts a server (migrating the database) in front of `cluster`.
     async fn launch(cluster: LocalCluster, auth: AuthConfig, limits: Limits) -> Self {
-        let (server, http_task, addr) = serve(&cluster, auth, limits).await;
+        Self::launch_with_hub(cluster, auth, limits, Default::default()).await
+    }
+
+    /// Like [`TestEnv::launch`] with explicit hub limits.
+    async fn launch_with_hub(
+        cluster: LocalCluster,
+        auth: AuthConfig,
+        limits: Limits,
+        hub: deeprecall_sync::live::hub::HubConfig,
+    ) -> Self {
+        let (server, http_task, addr) = serve(&cluster, auth, limits, hub).await;
         let state = server.state.clone();
         Self {
             base: format!("http://{addr}"),
@@ -142,6 +156,7 @@ impl TestEnv {
             http: reqwest::Client::new(),
             server: Some(server),
             http_task: Some(http_task),
+            hub,
             cluster,
         }
     }
@@ -155,7 +170,8 @@ impl TestEnv {
 
     /// Starts a server again after [`TestEnv::stop_server`].
     pub async fn start_server_again(&mut self) {
-        let (server, http_task, addr) = serve(&self.cluster, test_auth(), self.state.limits).await;
+        let (server, http_task, addr) =
+            serve(&self.cluster, test_auth(), self.state.limits, self.hub).await;
         self.state = server.state.clone();
         self.auth = self.state.auth.clone();
         self.addr = addr;
@@ -387,4 +403,273 @@ pub async fn count(
 /// A 64-character lowercase hex string derived from `seed` (a valid, distinct sha256 for tests).
 pub fn sha(seed: u8) -> String {
     format!("{seed:02x}").repeat(32)
+}
+
+// ---- Live stream helpers (issue 3 tests) ----
+
+/// Per subscription id: rows keyed by their `id`.
+pub type SubState = std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>;
+
+impl TestEnv {
+    /// Like [`TestEnv::start_with`], with explicit hub limits (queue capacity, history), kept across
+    /// [`TestEnv::restart_server`].
+    pub async fn start_with_hub(
+        options: EnvOptions,
+        hub: deeprecall_sync::live::hub::HubConfig,
+    ) -> Self {
+        let (cluster, _) = start_cluster().await;
+        Self::launch_with_hub(
+            cluster,
+            test_auth(),
+            options.limits.unwrap_or_default(),
+            hub,
+        )
+        .await
+    }
+
+    /// Stops Postgres (fast shutdown, or an immediate "crash" when `crash`) and starts it again on the same port,
+    /// while the server keeps running. Blocks a runtime worker: needs `#[tokio::test(flavor = "multi_thread")]`.
+    pub async fn restart_postgres(&mut self, crash: bool) {
+        let cluster = &mut self.cluster;
+        tokio::task::block_in_place(|| {
+            if crash {
+                cluster.kill().expect("killing Postgres");
+            } else {
+                cluster.stop().expect("stopping Postgres");
+            }
+            cluster
+                .restart_same_port()
+                .expect("starting Postgres again");
+        });
+    }
+
+    /// The truth: `user`'s rows of `table` (optionally narrowed by the SQL condition `extra`, e.g.
+    /// `read_status = 'read'`), as the stream shows rows (each column's text output through the server's JSON
+    /// conversion), keyed by `id`. Reads as superuser, so RLS does not hide or add anything.
+    pub async fn truth(
+        &self,
+        table: &str,
+        user: Uuid,
+        extra: Option<&str>,
+    ) -> std::collections::BTreeMap<String, Value> {
+        let db = self.superuser().await;
+        let columns: Vec<(String, u32)> = db
+            .query(
+                "select attname::text, atttypid::oid from pg_attribute
+                  where attrelid = $1::text::regclass and attnum > 0 and not attisdropped and attgenerated = ''
+                  order by attnum",
+                &[&table],
+            )
+            .await
+            .expect("columns")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let list: Vec<String> = columns
+            .iter()
+            .map(|(n, _)| {
+                // The type's output function (what pgoutput sends), not a cast: `boolean::text` is `true`, the
+                // output is `t`.
+                let c = deeprecall_sync::db::catalog::quote_ident(n);
+                format!("case when {c} is null then null else format('%s', {c}) end")
+            })
+            .collect();
+        let sql = format!(
+            "select {} from {} where owner_id = $1 and ({})",
+            list.join(", "),
+            deeprecall_sync::db::catalog::quote_ident(table),
+            extra.unwrap_or("true")
+        );
+        let mut out = std::collections::BTreeMap::new();
+        for row in db.query(&sql, &[&user]).await.expect("truth query") {
+            let mut buf = Vec::new();
+            deeprecall_sync::live::convert::write_row(
+                &mut buf,
+                columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (n, oid))| (n.as_str(), *oid, row.get::<_, Option<&str>>(i))),
+            );
+            let v: Value = serde_json::from_slice(&buf).expect("row json");
+            out.insert(v["id"].as_str().unwrap_or_default().to_owned(), v);
+        }
+        out
+    }
+}
+
+/// Rebuilds every subscription's state from frames, in order, checking the stream's invariants: an insert
+/// never targets a row the subscription already holds, an update or delete only one it holds, a snapshot row
+/// arrives once, and no `(xid, row id, op)` arrives twice for a subscription (until a `must_refetch` restarts it).
+#[derive(Debug, Default)]
+pub struct StreamCheck {
+    /// The rebuilt state.
+    pub state: SubState,
+    seen: std::collections::HashMap<String, std::collections::HashSet<(String, String, String)>>,
+    /// `must_refetch` frames seen, with their reasons.
+    pub refetches: Vec<(String, String)>,
+    /// Number of changes applied.
+    pub changes: usize,
+}
+
+impl StreamCheck {
+    /// Applies every frame; panics with the first violation.
+    pub fn apply_all<'a>(&mut self, frames: impl IntoIterator<Item = &'a Value>) {
+        for f in frames {
+            if let Err(e) = self.apply(f) {
+                panic!("stream invariant violated: {e}\nframe: {}", short(f));
+            }
+        }
+    }
+
+    /// Applies one frame.
+    pub fn apply(&mut self, v: &Value) -> Result<(), String> {
+        match v["type"].as_str() {
+            Some("snapshot") => {
+                let id = v["id"].as_str().unwrap_or_default().to_owned();
+                let rows = self.state.entry(id.clone()).or_default();
+                for row in v["rows"].as_array().into_iter().flatten() {
+                    let key = row["id"].as_str().unwrap_or_default().to_owned();
+                    if rows.insert(key.clone(), row.clone()).is_some() {
+                        return Err(format!("snapshot of `{id}` carries row {key} twice"));
+                    }
+                }
+            }
+            Some("must_refetch") => {
+                let id = v["id"].as_str().unwrap_or_default().to_owned();
+                self.state.insert(id.clone(), Default::default());
+                self.seen.remove(&id);
+                self.refetches
+                    .push((id, v["reason"].as_str().unwrap_or_default().to_owned()));
+            }
+            Some("txn") => {
+                let xid = v["xid"].as_str().unwrap_or_default().to_owned();
+                for c in v["changes"].as_array().into_iter().flatten() {
+                    self.changes += 1;
+                    let sub = c["id"].as_str().unwrap_or_default().to_owned();
+                    let op = c["op"].as_str().unwrap_or_default().to_owned();
+                    let key = c["row"]["id"].as_str().unwrap_or_default().to_owned();
+                    if !self.seen.entry(sub.clone()).or_default().insert((
+                        xid.clone(),
+                        key.clone(),
+                        op.clone(),
+                    )) {
+                        return Err(format!(
+                            "duplicate: ({xid}, {key}, {op}) arrived twice for `{sub}`"
+                        ));
+                    }
+                    let rows = self.state.entry(sub.clone()).or_default();
+                    match op.as_str() {
+                        "insert" => {
+                            if rows.insert(key.clone(), c["row"].clone()).is_some() {
+                                return Err(format!(
+                                    "`{sub}`: insert of row {key} it already holds (xid {xid})"
+                                ));
+                            }
+                        }
+                        "update" => {
+                            let Some(old) = rows.get_mut(&key) else {
+                                return Err(format!(
+                                    "`{sub}`: update of row {key} it never received (xid {xid})"
+                                ));
+                            };
+                            if c.get("unchanged").is_some() {
+                                for (k, val) in c["row"].as_object().into_iter().flatten() {
+                                    old[k] = val.clone();
+                                }
+                            } else {
+                                *old = c["row"].clone();
+                            }
+                        }
+                        "delete" => {
+                            if rows.remove(&key).is_none() {
+                                return Err(format!(
+                                    "`{sub}`: delete of row {key} it never received (xid {xid})"
+                                ));
+                            }
+                        }
+                        other => return Err(format!("unknown op {other:?}")),
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// A frame, shortened for messages.
+pub fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 600 {
+        format!("{}…({} bytes)", &s[..600], s.len())
+    } else {
+        s
+    }
+}
+
+/// Differences between a subscription's rows and the truth (empty: equal). With `missing_as_null`, a column the
+/// client never received counts as null (rows received before an `ADD COLUMN`).
+pub fn diff_rows(
+    got: &std::collections::BTreeMap<String, Value>,
+    want: &std::collections::BTreeMap<String, Value>,
+    missing_as_null: bool,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, w) in want {
+        match got.get(k) {
+            None => out.push(format!("missing row {k}: {}", short(w))),
+            Some(g) => {
+                let (Some(go), Some(wo)) = (g.as_object(), w.as_object()) else {
+                    out.push(format!("row {k} not an object"));
+                    continue;
+                };
+                for (col, wv) in wo {
+                    let gv = go.get(col);
+                    let same = match gv {
+                        Some(gv) => gv == wv,
+                        None => missing_as_null && wv.is_null(),
+                    };
+                    if !same {
+                        out.push(format!(
+                            "row {k} column {col}: got {}, want {}",
+                            gv.map(short).unwrap_or_else(|| "<missing>".into()),
+                            short(wv)
+                        ));
+                    }
+                }
+                for col in go.keys().filter(|c| !wo.contains_key(*c)) {
+                    out.push(format!("row {k}: extra column {col}"));
+                }
+            }
+        }
+    }
+    for (k, g) in got {
+        if !want.contains_key(k) {
+            out.push(format!("extra row {k}: {}", short(g)));
+        }
+    }
+    out
+}
+
+/// Waits until `pred` matches a frame, counting frames already received (unlike [`stream::StreamClient::until`],
+/// which only looks at new ones); returns it. Panics after `timeout`.
+pub async fn seen_or_wait(
+    client: &mut stream::StreamClient,
+    timeout: std::time::Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    if let Some(v) = client.frames.iter().find(|v| pred(v)) {
+        return v.clone();
+    }
+    client.until(timeout, pred).await
+}
+
+/// Waits until each subscription in `ids` has received an `up_to_date` (already received ones count).
+pub async fn all_up_to_date(client: &mut stream::StreamClient, ids: &[&str]) {
+    for id in ids {
+        seen_or_wait(client, std::time::Duration::from_secs(30), |v| {
+            v["type"] == "up_to_date" && v["id"] == *id
+        })
+        .await;
+    }
 }

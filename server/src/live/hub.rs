@@ -406,6 +406,30 @@ impl Hub {
         Ok((txns, inner.position))
     }
 
+    /// Waits (at most `limit`) until the stream has started and, for an offset of the current generation, has
+    /// processed up to it. A process that just started has generation 0 and position 0 until the replicator's
+    /// first `stream_started`, and its position may trail an offset issued by the previous process (idle
+    /// keepalives advance it): resuming earlier would refuse offsets that are perfectly servable.
+    pub async fn ready_for(&self, from: Offset, limit: std::time::Duration) {
+        let mut changes = self.position_tx.subscribe();
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                {
+                    let inner = self.lock();
+                    if inner.generation != 0
+                        && (inner.generation != from.generation || inner.position >= from.lsn)
+                    {
+                        return;
+                    }
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
     /// Registers a barrier; the receiver yields the position of the transaction that carried it.
     pub fn barrier(&self, id: String) -> oneshot::Receiver<u64> {
         let (tx, rx) = oneshot::channel();

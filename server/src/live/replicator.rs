@@ -148,8 +148,12 @@ async fn session(
                 }
                 if schema_changed(&txn, stream.relations(), &current) {
                     // A column was added or dropped: let the write path and snapshots see it too.
+                    // A forced refresh, not `refresh_on_miss`: that one is rate-limited (1 s) against bad client
+                    // requests, so a DDL within a second of the last reload was skipped and, with no later change
+                    // on the table, the catalog (write path, snapshots' filters) never learned the column. The
+                    // mismatch is exact and disappears with the reload, so this runs once per schema change.
                     if let Ok(conn) = pool.get().await {
-                        let _ = catalog.refresh_on_miss(&conn).await;
+                        let _ = catalog.refresh(&conn).await;
                     }
                 }
                 hub.publish(routed, txn.end_lsn.0);

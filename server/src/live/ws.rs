@@ -53,6 +53,8 @@ const MAX_SUBSCRIPTIONS: usize = 100;
 const SNAPSHOT_CHUNK_ROWS: usize = 500;
 /// A frame that takes longer than this to write means the client is not reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a resume waits for the replication stream to (re)start and reach the client's offset.
+const RESUME_WAIT: Duration = Duration::from_secs(10);
 
 /// Upgrade handler.
 pub async fn stream(
@@ -487,6 +489,11 @@ impl Connection {
         let generation = self.state.hub.position().generation;
         match data.purpose {
             Purpose::Resume(from) => {
+                // Right after a server restart clients reconnect before the replicator has started (generation
+                // 0, position 0): resuming then answered `must_refetch` ("another slot generation") to every
+                // client of a graceful restart. Wait, bounded, until the stream is up and has reached the offset.
+                self.state.hub.ready_for(from, RESUME_WAIT).await;
+                let generation = self.state.hub.position().generation;
                 match self.state.hub.resume(self.user.user_id, &sub.table, from) {
                     Ok((txns, position)) => {
                         for txn in &txns {
