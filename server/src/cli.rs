@@ -322,6 +322,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         ReplicatorConfig {
             stream,
             slot: options.slot.clone(),
+            slot_admin: replication_config,
         },
         pool.clone(),
         hub.clone(),

@@ -1125,7 +1125,12 @@ async fn oracle_every_subscriber_converges_to_postgres() {
             ));
         }
         if log.steady && log.label.ends_with("/A") {
-            // The connection-level unit: one frame per committed transaction, its xid the batch's txid.
+            // The connection-level unit: one frame per committed transaction, its xid the batch's txid. A
+            // `must_refetch` (the mid-run ALTER TABLE ... ADD COLUMN makes every subscription on the table refetch)
+            // replaces part of the stream with a snapshot, and the handoff after it may re-send a transaction's
+            // changes for the refetched subscription in a frame of their own: then only "every xid is one of the
+            // user's txids" can be asserted.
+            let refetched = log.frames.iter().any(|(_, f)| f["type"] == "must_refetch");
             let mut per_xid: HashMap<&str, usize> = HashMap::new();
             for (_, f) in &log.frames {
                 if f["type"] == "txn" {
@@ -1135,7 +1140,7 @@ async fn oracle_every_subscriber_converges_to_postgres() {
                 }
             }
             for (xid, n) in &per_xid {
-                if *n > 1 {
+                if *n > 1 && !refetched {
                     violations.push(format!("{}: xid {xid} in {n} frames", log.label));
                 }
             }
@@ -1149,7 +1154,7 @@ async fn oracle_every_subscriber_converges_to_postgres() {
             let got_xids: HashSet<&str> = per_xid.keys().copied().collect();
             let missing: Vec<_> = expected_xids.difference(&got_xids).collect();
             let unexpected: Vec<_> = got_xids.difference(&expected_xids).collect();
-            if !missing.is_empty() || !unexpected.is_empty() {
+            if (!missing.is_empty() && !refetched) || !unexpected.is_empty() {
                 violations.push(format!(
                     "{}: txn xids differ from the writers' txids: missing {missing:?}, unexpected {unexpected:?}",
                     log.label

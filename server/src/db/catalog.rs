@@ -82,6 +82,11 @@ impl Catalog {
         self.tables.values().find(|t| t.oid == oid)
     }
 
+    /// All synced tables.
+    pub fn tables(&self) -> impl Iterator<Item = &Arc<Table>> {
+        self.tables.values()
+    }
+
     /// Names of all synced tables, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.tables.keys().map(String::as_str).collect();

@@ -90,6 +90,11 @@ impl LagSignal {
         }
     }
 
+    /// Whether the connection was marked lagging.
+    pub fn is_raised(&self) -> bool {
+        self.lagged.load(Ordering::Acquire)
+    }
+
     fn raise(&self) {
         self.lagged.store(true, Ordering::Release);
         self.notify.notify_waiters();
@@ -282,14 +287,24 @@ impl Hub {
             }
             self.remember(&mut inner, txn);
         }
-        for table in routed.truncated {
+        let marks = routed
+            .truncated
+            .into_iter()
+            .map(|t| (t, "truncated"))
+            .chain(
+                routed
+                    .schema_changed
+                    .into_iter()
+                    .map(|t| (t, "schema_changed")),
+            );
+        for (table, reason) in marks {
             inner.truncates.push_back((end_lsn, table.clone()));
             if inner.truncates.len() > self.config.truncate_memory
                 && let Some((lsn, _)) = inner.truncates.pop_front()
             {
                 inner.truncate_horizon = lsn;
             }
-            broadcast(&mut inner, Some(table), "truncated");
+            broadcast(&mut inner, Some(table), reason);
         }
         inner.position = inner.position.max(end_lsn);
         for id in routed.barriers {
@@ -388,6 +403,7 @@ impl Hub {
                 .iter()
                 .any(|(lsn, t)| *lsn > from.lsn && &**t == table)
         {
+            // A truncate or a schema change of this table happened after the offset: history cannot express it.
             return Err(CannotResume("table_truncated"));
         }
         let txns = match inner.history.get(&owner) {
@@ -428,6 +444,25 @@ impl Hub {
             }
         })
         .await;
+    }
+
+    /// Waits (at most `limit`) until the replicator has made sure the slot exists and is about to stream; returns
+    /// whether it has.
+    pub async fn wait_started(&self, limit: std::time::Duration) -> bool {
+        let mut changes = self.position_tx.subscribe();
+        tokio::time::timeout(limit, async {
+            loop {
+                if self.lock().generation != 0 {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
+        .is_ok()
+            && self.lock().generation != 0
     }
 
     /// Registers a barrier; the receiver yields the position of the transaction that carried it.

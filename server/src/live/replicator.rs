@@ -6,6 +6,7 @@
 //! position onwards, and older offsets get `must_refetch`. On shutdown the final position is both acknowledged
 //! and sent to every live subscription, so clients connected at shutdown resume without refetching.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,9 @@ pub struct ReplicatorConfig {
     pub stream: StreamConfig,
     /// Slot name.
     pub slot: String,
+    /// Ordinary connection settings of the replication role: slot functions need the REPLICATION attribute,
+    /// which the pool's role may lack (`--replication-url`).
+    pub slot_admin: tokio_postgres::Config,
 }
 
 /// Runs until `shutdown` becomes true; then acknowledges the final position, closes the stream and marks the hub
@@ -39,12 +43,25 @@ pub async fn run(
 ) {
     const FIRST_RETRY: Duration = Duration::from_millis(100);
     let mut backoff = FIRST_RETRY;
+    // Column lists per relation as last streamed, kept across reconnects (Postgres re-sends Relation messages on
+    // every connection; only a real change must trigger a refetch). A relation not streamed yet is compared with
+    // the catalog as it was when this server started, so a column added later is caught on its first change.
+    let mut known: HashMap<u32, Vec<(String, u32)>> = HashMap::new();
+    for table in catalog.get().await.tables() {
+        let columns = table
+            .columns
+            .iter()
+            .filter(|c| !c.generated)
+            .map(|c| (c.name.clone(), c.type_oid))
+            .collect();
+        known.insert(table.oid, columns);
+    }
     loop {
         if *shutdown.borrow() {
             break;
         }
         let began = tokio::time::Instant::now();
-        match session(&config, &pool, &hub, &catalog, &mut shutdown).await {
+        match session(&config, &pool, &hub, &catalog, &mut shutdown, &mut known).await {
             Ok(()) => break,
             Err(e) => {
                 // A session that ran for a while failed for a new reason: retry quickly again.
@@ -81,11 +98,14 @@ async fn session(
     hub: &Hub,
     catalog: &CatalogHandle,
     shutdown: &mut watch::Receiver<bool>,
+    known: &mut HashMap<u32, Vec<(String, u32)>>,
 ) -> Result<(), SessionError> {
+    let (admin, admin_conn) = config.slot_admin.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(admin_conn);
+    let outcome = slot::ensure_slot(&admin, &config.slot).await?;
     let client = pool.get().await?;
-    let outcome = slot::ensure_slot(&client, &config.slot).await?;
     let generation = generation(&client, &config.slot, outcome).await?;
-    let info = slot::slot_info(&client, &config.slot).await?;
+    let info = slot::slot_info(&admin, &config.slot).await?;
     let start = info.and_then(|i| i.confirmed_flush_lsn).unwrap_or_default();
     // Reference for widening 32-bit xids: the current snapshot's xmax (no xid is consumed to read it).
     let mut xid_ref: u64 = client
@@ -103,9 +123,8 @@ async fn session(
         Ok(s) => s,
         Err(StreamError::SlotLost(reason)) => {
             tracing::error!(%reason, "replication slot lost; recreating it, every subscription will refetch");
-            let client = pool.get().await?;
-            slot::recreate_slot(&client, &config.slot).await?;
-            bump_generation(&client, &config.slot).await?;
+            slot::recreate_slot(&admin, &config.slot).await?;
+            bump_generation(&*pool.get().await?, &config.slot).await?;
             return Err(StreamError::Transient("slot recreated".into()).into());
         }
         Err(e) => return Err(e.into()),
@@ -137,9 +156,10 @@ async fn session(
                 let xid = widen_xid(txn.xid, xid_ref);
                 xid_ref = xid_ref.max(xid);
                 let current = catalog.get().await;
-                let routed = route(&txn, xid, stream.relations(), |name| {
+                let mut routed = route(&txn, xid, stream.relations(), |name| {
                     current.table(name).is_some()
                 });
+                routed.schema_changed = columns_changed(&txn, stream.relations(), known, &current);
                 if routed.unroutable > 0 {
                     tracing::warn!(
                         count = routed.unroutable,
@@ -161,6 +181,48 @@ async fn session(
             }
         }
     }
+}
+
+/// Synced tables of `txn` whose streamed columns differ from the last Relation seen for them (or, before the
+/// first, from the catalog at startup). An added column with a default (or a dropped or retyped one) changes
+/// existing rows without a row change in the stream, so their subscriptions must refetch.
+fn columns_changed(
+    txn: &deeprecall_replication::Transaction,
+    relations: &deeprecall_replication::RelationCache,
+    known: &mut HashMap<u32, Vec<(String, u32)>>,
+    catalog: &crate::db::catalog::Catalog,
+) -> Vec<Arc<str>> {
+    let mut changed: Vec<Arc<str>> = Vec::new();
+    let mut seen: Vec<u32> = Vec::new();
+    for c in &txn.changes {
+        if seen.contains(&c.relation_oid) {
+            continue;
+        }
+        seen.push(c.relation_oid);
+        let Some(rel) = relations.get(c.relation_oid) else {
+            continue;
+        };
+        let same = known.get(&c.relation_oid).is_some_and(|prev| {
+            prev.len() == rel.columns.len()
+                && prev
+                    .iter()
+                    .zip(&rel.columns)
+                    .all(|((n, t), col)| *n == col.name && *t == col.type_oid)
+        });
+        if same {
+            continue;
+        }
+        let columns = rel
+            .columns
+            .iter()
+            .map(|col| (col.name.clone(), col.type_oid))
+            .collect();
+        let had = known.insert(c.relation_oid, columns).is_some();
+        if had && catalog.table(&c.table).is_some() {
+            changed.push(Arc::from(c.table.as_str()));
+        }
+    }
+    changed
 }
 
 fn schema_changed(

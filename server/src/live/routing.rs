@@ -106,6 +106,9 @@ pub struct Routed {
     pub per_owner: Vec<UserTxn>,
     /// Tables truncated (every subscription on them must refetch).
     pub truncated: Vec<Arc<str>>,
+    /// Tables whose columns changed (added with a default, dropped, retyped): existing rows changed without a
+    /// row change in the stream, so every subscription on them must refetch. Filled in by the replicator.
+    pub schema_changed: Vec<Arc<str>>,
     /// Barrier ids carried by this transaction.
     pub barriers: Vec<String>,
     /// Changes without a usable owner_id (not routed; counted for the operator).

@@ -132,8 +132,13 @@ impl SnapshotError {
     }
 }
 
+/// How long a resume waits for the replication stream to (re)start and reach the client's offset.
+const RESUME_WAIT: Duration = Duration::from_secs(10);
+
 /// How long a snapshot waits for its barrier to come back through the stream.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(60);
+/// After this long without its barrier, a snapshot emits another one.
+const BARRIER_RETRY: Duration = Duration::from_secs(5);
 
 /// Everything a snapshot task needs.
 #[derive(Debug, Clone)]
@@ -156,7 +161,14 @@ pub struct SnapshotJob {
 pub async fn run(pool: Pool, hub: Arc<Hub>, job: SnapshotJob, queue: mpsc::Sender<ConnEvent>) {
     let result = match job.purpose {
         Purpose::Snapshot => snapshot(&pool, &hub, &job).await,
-        Purpose::Resume(_) => canonical_only(&pool, &job).await,
+        Purpose::Resume(from) => {
+            let result = canonical_only(&pool, &job).await;
+            // Right after a server restart clients reconnect before the replicator has started (generation 0,
+            // position 0), and its position may still trail an offset the previous process issued: resuming
+            // then would refuse a servable offset. Wait, bounded, here rather than in the connection's loop.
+            hub.ready_for(from, RESUME_WAIT).await;
+            result
+        }
     };
     let outcome = SnapshotOutcome {
         sub_id: job.sub_id.clone(),
@@ -230,6 +242,11 @@ async fn snapshot(
     hub: &Hub,
     job: &SnapshotJob,
 ) -> Result<SnapshotData, SnapshotError> {
+    // The slot must exist before the snapshot is taken: a transaction committed after the snapshot but before the
+    // slot's consistent point would be in neither (right after server start, or while the slot is recreated).
+    if !hub.wait_started(BARRIER_TIMEOUT).await {
+        return Err(SnapshotError::StreamUnavailable);
+    }
     let mut client = pool
         .get()
         .await
@@ -353,32 +370,34 @@ fn output_text(expr: &str) -> String {
 
 /// Commits a transactional logical message and waits until the stream has delivered it; returns its position.
 async fn barrier(client: &mut deadpool_postgres::Object, hub: &Hub) -> Result<u64, SnapshotError> {
-    let id = Uuid::new_v4().to_string();
-    let done = hub.barrier(id.clone());
-    let emitted = async {
-        let tx = client.transaction().await?;
-        // The commit must reach the WAL (and so the walsender) now, whatever the server's default.
-        tx.batch_execute("set local synchronous_commit = on")
+    // Re-emitted if it does not come back soon: a reconnecting replicator may resume past it.
+    let deadline = tokio::time::Instant::now() + BARRIER_TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        let id = Uuid::new_v4().to_string();
+        let done = hub.barrier(id.clone());
+        let emitted = async {
+            let tx = client.transaction().await?;
+            // The commit must reach the WAL (and so the walsender) now, whatever the server's default.
+            tx.batch_execute("set local synchronous_commit = on")
+                .await?;
+            tx.execute(
+                "select pg_logical_emit_message(true, $1, $2)",
+                &[&BARRIER_PREFIX, &id],
+            )
             .await?;
-        tx.execute(
-            "select pg_logical_emit_message(true, $1, $2)",
-            &[&BARRIER_PREFIX, &id],
-        )
-        .await?;
-        tx.commit().await
-    }
-    .await;
-    if let Err(e) = emitted {
-        hub.cancel_barrier(&id);
-        return Err(db_err(e));
-    }
-    match tokio::time::timeout(BARRIER_TIMEOUT, done).await {
-        Ok(Ok(lsn)) => Ok(lsn),
-        _ => {
+            tx.commit().await
+        }
+        .await;
+        if let Err(e) = emitted {
             hub.cancel_barrier(&id);
-            Err(SnapshotError::StreamUnavailable)
+            return Err(db_err(e));
+        }
+        match tokio::time::timeout(BARRIER_RETRY, done).await {
+            Ok(Ok(lsn)) => return Ok(lsn),
+            _ => hub.cancel_barrier(&id),
         }
     }
+    Err(SnapshotError::StreamUnavailable)
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::convert::write_json_str;
 use super::filter::Filter;
-use super::hub::ConnEvent;
+use super::hub::{ConnEvent, LagSignal};
 use super::offset::Offset;
 use super::routing::UserTxn;
 use super::snapshot::{self, Purpose, SnapshotData, SnapshotJob, SnapshotOutcome};
@@ -53,8 +53,6 @@ const MAX_SUBSCRIPTIONS: usize = 100;
 const SNAPSHOT_CHUNK_ROWS: usize = 500;
 /// A frame that takes longer than this to write means the client is not reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a resume waits for the replication stream to (re)start and reach the client's offset.
-const RESUME_WAIT: Duration = Duration::from_secs(10);
 
 /// Upgrade handler.
 pub async fn stream(
@@ -62,6 +60,11 @@ pub async fn stream(
     user: AuthUser,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // A socket closes when its token expires (unless refreshed); one that is already expired would close at
+    // once, so refuse it here. (HTTP requests accept a small clock-skew leeway; a long-lived socket does not.)
+    if user.expires_at <= now_secs() {
+        return crate::auth::AuthError::Expired.into_response();
+    }
     if state.hub.stats_connections() >= state.limits.max_connections {
         return ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -103,6 +106,8 @@ struct Connection {
 /// Why the loop ended.
 enum Exit {
     Close(u16, &'static str),
+    /// The client sent a close frame: the library queued the echo; flush it.
+    ClientClosed,
     Gone,
 }
 
@@ -149,7 +154,7 @@ impl Connection {
             let step = tokio::select! {
                 biased;
                 () = crate::shutdown::until_true(&mut shutdown) => {
-                    break self.finish_for_shutdown(&mut sink, &mut queue).await;
+                    break self.finish_for_shutdown(&mut sink, &mut queue, &lag).await;
                 }
                 () = lag.wait() => Err(Exit::Close(close::TOO_SLOW, "too slow; reconnect and resume from your offset")),
                 () = expiry => Err(Exit::Close(close::TOKEN_EXPIRED, "token expired; reconnect with a fresh token")),
@@ -160,9 +165,11 @@ impl Connection {
                 msg = incoming.next() => match msg {
                     Some(Ok(Message::Text(text))) => self.on_client_message(&mut sink, &queue_tx, text.as_str()).await,
                     Some(Ok(Message::Binary(_))) => Err(Exit::Close(close::PROTOCOL, "binary frames are not supported")),
-                    Some(Ok(Message::Close(_))) => Err(Exit::Close(close::NORMAL, "bye")),
+                    Some(Ok(Message::Close(_))) => Err(Exit::ClientClosed),
                     Some(Ok(_)) => Ok(()), // ping/pong frames are answered by the library
-                    Some(Err(_)) | None => Err(Exit::Gone),
+                    // A frame over the size limit, or a malformed one; a reset socket just fails to get the close.
+                    Some(Err(_)) => Err(Exit::Close(close::PROTOCOL, "invalid frame or message too large")),
+                    None => Err(Exit::Gone),
                 },
             };
             if let Err(exit) = step {
@@ -170,6 +177,9 @@ impl Connection {
             }
         };
         hub.unregister(owner, conn_id);
+        if let Exit::ClientClosed = exit {
+            let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+        }
         if let Exit::Close(code, reason) = exit {
             let _ = tokio::time::timeout(
                 Duration::from_secs(2),
@@ -188,22 +198,42 @@ impl Connection {
         &mut self,
         sink: &mut Sink,
         queue: &mut mpsc::Receiver<ConnEvent>,
+        lag: &LagSignal,
     ) -> Exit {
         let hub = self.state.hub.clone();
         let _ = tokio::time::timeout(Duration::from_secs(5), hub.wait_closed()).await;
+        // A connection that lost a transaction to a full queue must not be told it is up to date.
+        if lag.is_raised() {
+            return Exit::Close(
+                close::TOO_SLOW,
+                "too slow; reconnect and resume from your offset",
+            );
+        }
         let (dummy_tx, _) = mpsc::channel(1);
+        // Subscriptions with a refetch still queued get no final offset: their last offset stays older than the
+        // restarted server's history, so their resume turns into a refetch instead of silently missing it.
+        let mut stale: Vec<Arc<str>> = Vec::new();
         while let Ok(event) = queue.try_recv() {
-            if let ConnEvent::Txn(_) = event
-                && let Err(e) = self.on_event(sink, &dummy_tx, event).await
-            {
-                return e;
+            match event {
+                ConnEvent::Txn(_) => {
+                    if let Err(e) = self.on_event(sink, &dummy_tx, event).await {
+                        return e;
+                    }
+                }
+                ConnEvent::Refetch { table, .. } => stale.extend(
+                    self.subs
+                        .iter()
+                        .filter(|(_, s)| table.as_deref().is_none_or(|t| t == &*s.table))
+                        .map(|(id, _)| id.clone()),
+                ),
+                ConnEvent::Snapshot(_) => {}
             }
         }
         let position = hub.position();
         let ids: Vec<Arc<str>> = self
             .subs
             .iter()
-            .filter(|(_, s)| matches!(s.state, SubState::Live { .. }))
+            .filter(|(id, s)| matches!(s.state, SubState::Live { .. }) && !stale.contains(id))
             .map(|(id, _)| id.clone())
             .collect();
         for id in ids {
@@ -239,7 +269,15 @@ impl Connection {
         match kind {
             "ping" => send_json(sink, json!({"type": "pong"})).await,
             "subscribe" => match self.subscribe(&msg, queue).await {
-                Ok(()) => Ok(()),
+                Ok(false) => Ok(()),
+                // The offset was not one we issue: say so before the snapshot that replaces the client's data.
+                Ok(true) => {
+                    send_json(
+                        sink,
+                        json!({"type": "must_refetch", "id": id, "reason": "invalid_offset"}),
+                    )
+                    .await
+                }
                 Err((code, message)) => send_json(sink, error(id, code, &message)).await,
             },
             "unsubscribe" => {
@@ -303,7 +341,7 @@ impl Connection {
         &mut self,
         msg: &Value,
         queue: &mpsc::Sender<ConnEvent>,
-    ) -> Result<(), (&'static str, String)> {
+    ) -> Result<bool, (&'static str, String)> {
         let id = msg
             .get("id")
             .and_then(Value::as_str)
@@ -349,12 +387,16 @@ impl Connection {
         };
         let filter = Filter::parse(msg.get("where"), |c| table.column(c).is_some())
             .map_err(|e| ("invalid_where", e.0))?;
+        let mut bad_offset = false;
         let purpose = match msg.get("offset") {
             None | Some(Value::Null) => Purpose::Snapshot,
             Some(v) => match v.as_str().and_then(|s| s.parse::<Offset>().ok()) {
                 Some(offset) => Purpose::Resume(offset),
                 // Not an offset we issued: the client must start over, which is what a snapshot does.
-                None => Purpose::Snapshot,
+                None => {
+                    bad_offset = true;
+                    Purpose::Snapshot
+                }
             },
         };
         let id: Arc<str> = Arc::from(id);
@@ -383,7 +425,7 @@ impl Connection {
             job,
             queue.clone(),
         ));
-        Ok(())
+        Ok(bad_offset)
     }
 
     async fn on_event(
@@ -489,10 +531,7 @@ impl Connection {
         let generation = self.state.hub.position().generation;
         match data.purpose {
             Purpose::Resume(from) => {
-                // Right after a server restart clients reconnect before the replicator has started (generation
-                // 0, position 0): resuming then answered `must_refetch` ("another slot generation") to every
-                // client of a graceful restart. Wait, bounded, until the stream is up and has reached the offset.
-                self.state.hub.ready_for(from, RESUME_WAIT).await;
+                // The resume task waited until the stream is up and has reached the offset (snapshot.rs).
                 let generation = self.state.hub.position().generation;
                 match self.state.hub.resume(self.user.user_id, &sub.table, from) {
                     Ok((txns, position)) => {
@@ -654,6 +693,13 @@ fn error(id: Option<&str>, code: &str, message: &str) -> Value {
         v["id"] = json!(id);
     }
     v
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn expires_in(exp: u64) -> Duration {
