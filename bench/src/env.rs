@@ -264,6 +264,29 @@ impl Env {
         }
     }
 
+    /// `GET /v1/admin/replication` (admin token) as text, for diagnostics.
+    pub(crate) async fn replication_stats(&self) -> String {
+        let Some(token) = self.auth.mint(Uuid::new_v4(), true, 600) else {
+            return "no admin token".into();
+        };
+        let http = match reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+        {
+            Ok(h) => h,
+            Err(e) => return e.to_string(),
+        };
+        match http
+            .get(format!("{}/v1/admin/replication", self.base()))
+            .bearer_auth(token)
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => e.to_string(),
+        }
+    }
+
     /// Server CPU seconds so far (user + system).
     pub(crate) fn server_cpu_secs(&self) -> anyhow::Result<f64> {
         let pid = self.server_pid()?;

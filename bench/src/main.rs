@@ -38,6 +38,15 @@ struct Args {
     /// Write no file (print the table only).
     #[arg(long)]
     no_write: bool,
+    /// Run only these measurements (for investigating one; implies --no-write).
+    #[arg(long, value_delimiter = ',', value_parser = ["write", "snapshot", "read", "live", "memory"])]
+    only: Vec<String>,
+}
+
+impl Args {
+    fn wants(&self, phase: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == phase)
+    }
 }
 
 /// Sizes of one run.
@@ -210,24 +219,35 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_else(|_| "unknown".into());
 
-    phase(&mut report, "write path", write_phase(&env, &sizes)).await;
-    ensure_server(&mut env, &mut report).await;
-    phase(&mut report, "snapshot", snapshot_phase(&env, &sizes)).await;
-    ensure_server(&mut env, &mut report).await;
-    phase(
-        &mut report,
-        "read throughput",
-        throughput_phase(&mut env, &sizes),
-    )
-    .await;
-    ensure_server(&mut env, &mut report).await;
-    phase(&mut report, "latency and fan-out", live_phase(&env, &sizes)).await;
-    phase(
-        &mut report,
-        "memory",
-        memory_phase(&mut env, &sizes, nofile),
-    )
-    .await;
+    if args.wants("write") {
+        phase(&mut report, "write path", write_phase(&env, &sizes)).await;
+        ensure_server(&mut env, &mut report).await;
+    }
+    if args.wants("snapshot") {
+        phase(&mut report, "snapshot", snapshot_phase(&env, &sizes)).await;
+        ensure_server(&mut env, &mut report).await;
+    }
+    if args.wants("read") {
+        phase(
+            &mut report,
+            "read throughput",
+            throughput_phase(&mut env, &sizes),
+        )
+        .await;
+        ensure_server(&mut env, &mut report).await;
+    }
+    if args.wants("live") {
+        phase(&mut report, "latency and fan-out", live_phase(&env, &sizes)).await;
+        ensure_server(&mut env, &mut report).await;
+    }
+    if args.wants("memory") {
+        phase(
+            &mut report,
+            "memory",
+            memory_phase(&mut env, &sizes, nofile),
+        )
+        .await;
+    }
 
     let elapsed = started.elapsed();
     if let Err(e) = env.stop_server().await {
@@ -244,7 +264,7 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
         println!("FAILED: {f}");
     }
     println!("total time: {:.0} s", elapsed.as_secs_f64());
-    if !args.no_write {
+    if !args.no_write && args.only.is_empty() {
         let file = if args.quick {
             "BENCHMARKS-quick.md"
         } else {
@@ -453,10 +473,16 @@ async fn memory_phase(
     let targets: Vec<usize> = sizes.memory.iter().map(|&n| n.min(cap)).collect();
     if targets != sizes.memory {
         notes.push(format!(
-            "memory: connection counts capped to {targets:?} by RLIMIT_NOFILE {nofile}."
+            "memory: connection counts capped to {targets:?} by RLIMIT_NOFILE {nofile} (the hard limit cannot be raised without CAP_SYS_RESOURCE; the server needs one descriptor per connection)."
         ));
     }
-    let r = memory::run(env, &targets).await?;
+    let r = match memory::run(env, &targets).await {
+        Ok(r) => r,
+        Err(e) => {
+            let stats = env.replication_stats().await;
+            return Err(e.context(format!("server replication stats: {stats}")));
+        }
+    };
     let rows = r
         .points
         .iter()
@@ -608,8 +634,8 @@ only entry point. It raises RLIMIT_NOFILE (root may raise the hard limit; otherw
 hard one) before spawning the server, which inherits it. WebSocket clients connect from 127.0.0.2–127.0.0.33 so
 ephemeral ports do not run out. Every wait is bounded; on any error the server is killed and the cluster stopped.
 
-- **Write path.** 4 clients, 4 users, each sending `POST /v1/batch` requests back to back (a new TCP-keepalive
-  HTTP/1.1 connection per client) with N `insert` ops on `annotations` (client ids, 100-character `body`, `page`,
+- **Write path.** 4 clients, 4 users, each sending `POST /v1/batch` requests back to back (one keep-alive HTTP/1.1
+  connection per client) with N `insert` ops on `annotations` (client ids, 100-character `body`, `page`,
   `geometry` `{{\"x\":1}}`); bodies are built before the clock starts; 2 warm-up requests per client are not counted.
   rows/s = rows / wall time of the slowest client; p50/p99 are per request. Postgres side: `pgbench -n -c 4 -j 2`
   with a script of `begin; select set_config('role','deeprecall_user',true), set_config('app.user_id', <user of

@@ -201,15 +201,30 @@ pub(crate) async fn open_idle(
     concurrency: usize,
     limit: Duration,
 ) -> anyhow::Result<Vec<TcpStream>> {
+    let total = tokens.len();
+    let opened = std::sync::atomic::AtomicUsize::new(0);
     let opening = futures::stream::iter(tokens)
-        .map(|token| async move {
-            let (ws, _) = connect_subscribed(port, &token, table, Buffers::Small).await?;
-            anyhow::Ok(ws.into_inner())
+        .map(|token| {
+            let opened = &opened;
+            async move {
+                let (ws, _) = connect_subscribed(port, &token, table, Buffers::Small).await?;
+                opened.fetch_add(1, Ordering::Relaxed);
+                anyhow::Ok(ws.into_inner())
+            }
         })
         .buffer_unordered(concurrency)
         .collect::<Vec<_>>();
     let results = tokio::time::timeout(limit, opening)
         .await
-        .with_context(|| format!("opening idle connections took longer than {limit:?}"))?;
-    results.into_iter().collect()
+        .with_context(|| {
+            format!(
+                "opening idle connections took longer than {limit:?} ({} of {total} opened)",
+                opened.load(Ordering::Relaxed)
+            )
+        })?;
+    let n = results.iter().filter(|r| r.is_ok()).count();
+    results
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()
+        .with_context(|| format!("opening idle connections: {n} of {total} succeeded"))
 }
