@@ -28,15 +28,19 @@ use super::routing::{Routed, UserTxn};
 pub enum ConnEvent {
     /// A committed transaction of this connection's user.
     Txn(Arc<UserTxn>),
-    /// Subscriptions on `table` (every table when `None`) must refetch.
-    Refetch {
-        /// The table, or all.
-        table: Option<Arc<str>>,
-        /// Why (sent to the client).
-        reason: &'static str,
-    },
+    /// Subscriptions on a table (or all) must refetch. Boxed: rare, and it would double every queue slot.
+    Refetch(Box<Refetch>),
     /// A snapshot task finished (or failed).
     Snapshot(Box<super::snapshot::SnapshotOutcome>),
+}
+
+/// Subscriptions on `table` (every table when `None`) must refetch.
+#[derive(Debug)]
+pub struct Refetch {
+    /// The table, or all.
+    pub table: Option<Arc<str>>,
+    /// Why (sent to the client).
+    pub reason: &'static str,
 }
 
 /// Limits of the hub.
@@ -525,10 +529,10 @@ fn broadcast(inner: &mut Inner, table: Option<Arc<str>>, reason: &'static str) {
     for conns in inner.conns.values() {
         for c in conns {
             if c.tx
-                .try_send(ConnEvent::Refetch {
+                .try_send(ConnEvent::Refetch(Box::new(Refetch {
                     table: table.clone(),
                     reason,
-                })
+                })))
                 .is_err()
             {
                 c.lag.raise();

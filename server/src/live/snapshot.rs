@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::types::Oid;
 use uuid::Uuid;
@@ -87,8 +88,6 @@ pub struct SnapshotData {
     pub filter: Filter,
     /// What the task was for.
     pub purpose: Purpose,
-    /// Row JSON objects.
-    pub rows: Vec<Box<str>>,
     /// S.
     pub snapshot: Option<PgSnapshot>,
     /// L.
@@ -155,6 +154,68 @@ pub struct SnapshotJob {
     pub filter: Filter,
     /// Snapshot or resume.
     pub purpose: Purpose,
+    /// Where row frames go (the connection's snapshot channel).
+    pub chunks: mpsc::Sender<SnapshotChunk>,
+}
+
+impl SnapshotJob {
+    async fn send_chunk(&self, frame: String) -> Result<(), SnapshotError> {
+        let chunk = SnapshotChunk {
+            sub_id: self.sub_id.clone(),
+            epoch: self.epoch,
+            frame,
+        };
+        // The connection is gone: stop reading rows.
+        self.chunks
+            .send(chunk)
+            .await
+            .map_err(|_| SnapshotError::Database("connection closed".into()))
+    }
+}
+
+/// One ready-to-send `snapshot` frame of a subscription's initial rows.
+#[derive(Debug)]
+pub struct SnapshotChunk {
+    /// Subscription id.
+    pub sub_id: Arc<str>,
+    /// Attempt it belongs to (a stale attempt's frames are dropped).
+    pub epoch: u64,
+    /// The frame's JSON text.
+    pub frame: String,
+}
+
+/// Rows per `snapshot` frame.
+pub const SNAPSHOT_FRAME_ROWS: usize = 500;
+
+/// Builds `{"type":"snapshot","id":…,"rows":[…]}` by appending rows.
+struct SnapshotFrame {
+    out: Vec<u8>,
+    rows: usize,
+}
+
+impl SnapshotFrame {
+    fn new(id: &str) -> Self {
+        let mut out = Vec::with_capacity(64 * 1024);
+        out.extend_from_slice(b"{\"type\":\"snapshot\",\"id\":");
+        convert::write_json_str(&mut out, id);
+        out.extend_from_slice(b",\"rows\":[");
+        Self { out, rows: 0 }
+    }
+
+    fn push_row(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        if self.rows > 0 {
+            self.out.push(b',');
+        }
+        write(&mut self.out);
+        self.rows += 1;
+    }
+
+    fn finish(mut self) -> String {
+        self.out.extend_from_slice(b"]}");
+        // Only valid UTF-8 went in: JSON punctuation, escaped strings and Postgres text (UTF-8 databases).
+        String::from_utf8(self.out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }
 }
 
 /// Runs a job and sends the outcome into the connection's queue.
@@ -200,7 +261,6 @@ async fn canonical_only(pool: &Pool, job: &SnapshotJob) -> Result<SnapshotData, 
     Ok(SnapshotData {
         filter,
         purpose: job.purpose,
-        rows: Vec::new(),
         snapshot: None,
         wal_lsn: 0,
         barrier_lsn: 0,
@@ -222,7 +282,7 @@ async fn canonicalise(
         // The type's output function (what pgoutput sends), not a cast to text: see `output_text`.
         let sql = format!(
             "select coalesce(array_agg({}), '{{}}') from unnest($1::text[]) v",
-            output_text(&format!("v::{}", column.type_name))
+            output_text(&format!("v::{}", column.type_name), column.type_oid)
         );
         let canonical: Vec<String> = tx.query_one(&sql, &[&given]).await.map_err(db_err)?.get(0);
         let mut values: Vec<Option<String>> = canonical.into_iter().map(Some).collect();
@@ -293,7 +353,7 @@ async fn snapshot(
         .collect();
     let select_list: Vec<String> = columns
         .iter()
-        .map(|(n, _)| output_text(&quote_ident(n)))
+        .map(|(n, oid)| output_text(&quote_ident(n), *oid))
         .collect();
     let mut sql = format!(
         "select {} from {} where owner_id = $1",
@@ -328,28 +388,41 @@ async fn snapshot(
     for a in &arrays {
         params.push(a);
     }
-    let rows = tx.query(&sql, &params).await.map_err(db_err)?;
-    let mut out = Vec::with_capacity(rows.len());
-    let mut buf = Vec::with_capacity(512);
-    for row in &rows {
-        buf.clear();
-        convert::write_row(
-            &mut buf,
-            columns
-                .iter()
-                .enumerate()
-                .map(|(i, (name, oid))| (name.as_str(), *oid, row.get::<_, Option<&str>>(i))),
-        );
-        out.push(String::from_utf8_lossy(&buf).into_owned().into_boxed_str());
+    // Rows are streamed to the client while Postgres still produces them, in frames of SNAPSHOT_FRAME_ROWS;
+    // the send waits when the client is slow (a bounded channel), so memory stays bounded.
+    let stream = tx
+        .query_raw(&sql, params.iter().copied())
+        .await
+        .map_err(db_err)?;
+    futures::pin_mut!(stream);
+    let mut frame = SnapshotFrame::new(&job.sub_id);
+    let mut sent_any = false;
+    while let Some(row) = stream.next().await {
+        let row = row.map_err(db_err)?;
+        frame.push_row(|buf| {
+            convert::write_row(
+                buf,
+                columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (name, oid))| (name.as_str(), *oid, row.get::<_, Option<&str>>(i))),
+            )
+        });
+        if frame.rows == SNAPSHOT_FRAME_ROWS {
+            let full = std::mem::replace(&mut frame, SnapshotFrame::new(&job.sub_id));
+            job.send_chunk(full.finish()).await?;
+            sent_any = true;
+        }
     }
-    drop(rows);
+    if frame.rows > 0 || !sent_any {
+        job.send_chunk(frame.finish()).await?;
+    }
     tx.commit().await.map_err(db_err)?;
 
     let barrier_lsn = barrier(&mut client, hub).await?;
     Ok(SnapshotData {
         filter,
         purpose: job.purpose,
-        rows: out,
         snapshot: Some(snapshot),
         wal_lsn,
         barrier_lsn,
@@ -364,8 +437,16 @@ async fn snapshot(
 /// `false`, and a `{"favorite": true}` filter, canonicalised to `true`, never matched a live `t`); `bpchar::text`
 /// drops the padding and `inet::text` adds the netmask likewise. `format('%s', …)` calls the output function for
 /// any type; NULL stays NULL (format would print an empty string).
-fn output_text(expr: &str) -> String {
-    format!("case when ({expr}) is null then null else format('%s', {expr}) end")
+fn output_text(expr: &str, type_oid: u32) -> String {
+    match type_oid {
+        // text, varchar, name: already their own output.
+        25 | 1043 | 19 => expr.to_owned(),
+        // uuid, integers, floats, numeric, json(b), timestamps, dates, arrays of these...: `::text` is the output
+        // function (no type-specific cast to text exists for them) and cheaper than format().
+        2950 | 20 | 21 | 23 | 26 | 700 | 701 | 1700 | 114 | 3802 | 1082 | 1083 | 1114 | 1184
+        | 1186 | 1009 | 1015 | 2951 | 1007 | 1016 | 1000 => format!("({expr})::text"),
+        _ => format!("case when ({expr}) is null then null else format('%s', {expr}) end"),
+    }
 }
 
 /// Commits a transactional logical message and waits until the stream has delivered it; returns its position.

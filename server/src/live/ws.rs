@@ -23,10 +23,10 @@ use tokio::sync::mpsc;
 
 use super::convert::write_json_str;
 use super::filter::Filter;
-use super::hub::{ConnEvent, LagSignal};
+use super::hub::{ConnEvent, LagSignal, Refetch};
 use super::offset::Offset;
 use super::routing::UserTxn;
-use super::snapshot::{self, Purpose, SnapshotData, SnapshotJob, SnapshotOutcome};
+use super::snapshot::{self, Purpose, SnapshotChunk, SnapshotJob, SnapshotOutcome};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -49,8 +49,6 @@ pub mod close {
 
 /// Most subscriptions on one connection.
 const MAX_SUBSCRIPTIONS: usize = 100;
-/// Rows per `snapshot` frame.
-const SNAPSHOT_CHUNK_ROWS: usize = 500;
 /// A frame that takes longer than this to write means the client is not reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -74,7 +72,8 @@ pub async fn stream(
         .into_response();
     }
     // Small socket buffers: most connections are idle, and memory per idle connection is a target.
-    ws.read_buffer_size(4 * 1024)
+    // Client messages are small (subscribe, ping); the buffer grows if one is not.
+    ws.read_buffer_size(512)
         .write_buffer_size(0)
         .max_message_size(1024 * 1024)
         .on_upgrade(move |socket| async move { Connection::new(state, user).run(socket).await })
@@ -99,6 +98,9 @@ struct Subscription {
 struct Connection {
     state: AppState,
     user: AuthUser,
+    /// Snapshot tasks send ready row frames here; a small bound makes them wait for a slow client.
+    chunks: mpsc::Sender<SnapshotChunk>,
+    chunks_rx: Option<mpsc::Receiver<SnapshotChunk>>,
     subs: HashMap<Arc<str>, Subscription>,
     next_epoch: u64,
 }
@@ -135,9 +137,12 @@ async fn send_json(sink: &mut Sink, value: Value) -> Result<(), Exit> {
 
 impl Connection {
     fn new(state: AppState, user: AuthUser) -> Self {
+        let (chunks, chunks_rx) = mpsc::channel(2);
         Self {
             state,
             user,
+            chunks,
+            chunks_rx: Some(chunks_rx),
             subs: HashMap::new(),
             next_epoch: 0,
         }
@@ -148,22 +153,39 @@ impl Connection {
         let hub = self.state.hub.clone();
         let (conn_id, mut queue, queue_tx, lag) = hub.register(owner);
         let (mut sink, mut incoming) = socket.split();
+        let Some(mut chunks_rx) = self.chunks_rx.take() else {
+            return;
+        };
         let mut shutdown = self.state.shutdown.clone();
         let exit = loop {
             let expiry = tokio::time::sleep(expires_in(self.user.expires_at));
             let step = tokio::select! {
                 biased;
                 () = crate::shutdown::until_true(&mut shutdown) => {
-                    break self.finish_for_shutdown(&mut sink, &mut queue, &lag).await;
+                    break Box::pin(self.finish_for_shutdown(&mut sink, &mut queue, &lag)).await;
                 }
                 () = lag.wait() => Err(Exit::Close(close::TOO_SLOW, "too slow; reconnect and resume from your offset")),
                 () = expiry => Err(Exit::Close(close::TOKEN_EXPIRED, "token expired; reconnect with a fresh token")),
+                // The task's future is as large as its largest branch, and there is one per connection, mostly
+                // idle: the hot path (a transaction) runs inline, everything rarer is boxed while it runs.
                 event = queue.recv() => match event {
-                    Some(event) => self.on_event(&mut sink, &queue_tx, event).await,
+                    Some(ConnEvent::Txn(txn)) => self.on_txn(&mut sink, txn).await,
+                    Some(event @ ConnEvent::Snapshot(_)) => {
+                        // Its task sent every row frame before this outcome: deliver them first.
+                        match self.drain_chunks(&mut sink, &mut chunks_rx).await {
+                            Ok(()) => Box::pin(self.on_event(&mut sink, &queue_tx, event)).await,
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Some(event) => Box::pin(self.on_event(&mut sink, &queue_tx, event)).await,
                     None => Err(Exit::Gone),
                 },
+                chunk = chunks_rx.recv() => match chunk {
+                    Some(chunk) => self.on_chunk(&mut sink, chunk).await,
+                    None => Ok(()),
+                },
                 msg = incoming.next() => match msg {
-                    Some(Ok(Message::Text(text))) => self.on_client_message(&mut sink, &queue_tx, text.as_str()).await,
+                    Some(Ok(Message::Text(text))) => Box::pin(self.on_client_message(&mut sink, &queue_tx, text.as_str())).await,
                     Some(Ok(Message::Binary(_))) => Err(Exit::Close(close::PROTOCOL, "binary frames are not supported")),
                     Some(Ok(Message::Close(_))) => Err(Exit::ClientClosed),
                     Some(Ok(_)) => Ok(()), // ping/pong frames are answered by the library
@@ -220,10 +242,10 @@ impl Connection {
                         return e;
                     }
                 }
-                ConnEvent::Refetch { table, .. } => stale.extend(
+                ConnEvent::Refetch(refetch) => stale.extend(
                     self.subs
                         .iter()
-                        .filter(|(_, s)| table.as_deref().is_none_or(|t| t == &*s.table))
+                        .filter(|(_, s)| refetch.table.as_deref().is_none_or(|t| t == &*s.table))
                         .map(|(id, _)| id.clone()),
                 ),
                 ConnEvent::Snapshot(_) => {}
@@ -418,6 +440,7 @@ impl Connection {
             table,
             filter,
             purpose,
+            chunks: self.chunks.clone(),
         };
         tokio::spawn(snapshot::run(
             self.state.pool.clone(),
@@ -435,25 +458,9 @@ impl Connection {
         event: ConnEvent,
     ) -> Result<(), Exit> {
         match event {
-            ConnEvent::Txn(txn) => {
-                let mut out = TxnFrame::new(&txn);
-                for (id, sub) in self.subs.iter_mut() {
-                    match &mut sub.state {
-                        SubState::Pending { buffer } => buffer.push(txn.clone()),
-                        SubState::Live { watermark } => {
-                            if txn.end_lsn.0 > *watermark {
-                                out.add_changes(id, sub.table.as_ref(), &sub.filter, &txn);
-                                *watermark = txn.end_lsn.0;
-                            }
-                        }
-                    }
-                }
-                if let Some(text) = out.finish() {
-                    send(sink, text).await?;
-                }
-                Ok(())
-            }
-            ConnEvent::Refetch { table, reason } => {
+            ConnEvent::Txn(txn) => self.on_txn(sink, txn).await,
+            ConnEvent::Refetch(refetch) => {
+                let Refetch { table, reason } = *refetch;
                 let ids: Vec<Arc<str>> = self
                     .subs
                     .iter()
@@ -471,6 +478,50 @@ impl Connection {
                 Ok(())
             }
             ConnEvent::Snapshot(outcome) => self.on_snapshot(sink, queue, *outcome).await,
+        }
+    }
+
+    /// Sends a snapshot row frame if its subscription attempt is still the pending one.
+    async fn on_chunk(&mut self, sink: &mut Sink, chunk: SnapshotChunk) -> Result<(), Exit> {
+        let wanted = self
+            .subs
+            .get(&chunk.sub_id)
+            .is_some_and(|s| s.epoch == chunk.epoch && matches!(s.state, SubState::Pending { .. }));
+        if wanted {
+            send(sink, chunk.frame).await
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn drain_chunks(
+        &mut self,
+        sink: &mut Sink,
+        chunks: &mut mpsc::Receiver<SnapshotChunk>,
+    ) -> Result<(), Exit> {
+        while let Ok(chunk) = chunks.try_recv() {
+            self.on_chunk(sink, chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// A committed transaction of this user: one frame with every live subscription's share of it.
+    async fn on_txn(&mut self, sink: &mut Sink, txn: Arc<UserTxn>) -> Result<(), Exit> {
+        let mut out = TxnFrame::new(&txn);
+        for (id, sub) in self.subs.iter_mut() {
+            match &mut sub.state {
+                SubState::Pending { buffer } => buffer.push(txn.clone()),
+                SubState::Live { watermark } => {
+                    if txn.end_lsn.0 > *watermark {
+                        out.add_changes(id, sub.table.as_ref(), &sub.filter, &txn);
+                        *watermark = txn.end_lsn.0;
+                    }
+                }
+            }
+        }
+        match out.finish() {
+            Some(text) => send(sink, text).await,
+            None => Ok(()),
         }
     }
 
@@ -493,6 +544,7 @@ impl Connection {
             table,
             filter: sub.filter.clone(),
             purpose: Purpose::Snapshot,
+            chunks: self.chunks.clone(),
         };
         tokio::spawn(snapshot::run(
             self.state.pool.clone(),
@@ -567,7 +619,7 @@ impl Connection {
                 }
             }
             Purpose::Snapshot => {
-                self.deliver_snapshot(sink, &id, &data).await?;
+                // The rows went out as they were read (on_chunk); now the transactions the snapshot missed.
                 let Some(sub) = self.subs.get_mut(&id) else {
                     return Ok(());
                 };
@@ -594,33 +646,6 @@ impl Connection {
                 .await
             }
         }
-    }
-
-    async fn deliver_snapshot(
-        &self,
-        sink: &mut Sink,
-        id: &str,
-        data: &SnapshotData,
-    ) -> Result<(), Exit> {
-        let mut chunks = data.rows.chunks(SNAPSHOT_CHUNK_ROWS).peekable();
-        if chunks.peek().is_none() {
-            return send_json(sink, json!({"type": "snapshot", "id": id, "rows": []})).await;
-        }
-        for chunk in chunks {
-            let mut out = Vec::with_capacity(chunk.iter().map(|r| r.len() + 1).sum::<usize>() + 64);
-            out.extend_from_slice(b"{\"type\":\"snapshot\",\"id\":");
-            write_json_str(&mut out, id);
-            out.extend_from_slice(b",\"rows\":[");
-            for (i, row) in chunk.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(row.as_bytes());
-            }
-            out.extend_from_slice(b"]}");
-            send(sink, String::from_utf8_lossy(&out).into_owned()).await?;
-        }
-        Ok(())
     }
 }
 
