@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use crate::auth::AuthUser;
 use crate::db::catalog::{Catalog, SERVER_COLUMNS, Table, quote_ident};
-use crate::db::{USER_ROLE, begin_as};
+use crate::db::{BEGIN_AS_USER_SQL, USER_ROLE};
 use crate::error::{ApiError, from_db};
 use crate::state::AppState;
 
@@ -146,10 +146,7 @@ pub async fn post_batch(
     // we cannot tell which op of its set was to blame, so the batch is rolled back and run again op by op (still
     // pipelined) purely to report the failing op's index; should that run succeed (a conflicting row vanished in
     // between), it is the batch's result.
-    let (tx, txid) = begin_as(&mut client, USER_ROLE, user.user_id, false)
-        .await
-        .map_err(|e| from_db(&e))?;
-    let fresh = record_ops(&tx, &planned).await?;
+    let (tx, txid, fresh) = begin_and_record(&mut client, user.user_id, &planned).await?;
     match execute_sets(&tx, &planned, &fresh).await {
         Ok(statuses) => {
             tx.commit().await.map_err(|e| from_db(&e))?;
@@ -160,10 +157,7 @@ pub async fn post_batch(
             let _ = tx.rollback().await;
         }
     }
-    let (tx, txid) = begin_as(&mut client, USER_ROLE, user.user_id, false)
-        .await
-        .map_err(|e| from_db(&e))?;
-    let fresh = record_ops(&tx, &planned).await?;
+    let (tx, txid, fresh) = begin_and_record(&mut client, user.user_id, &planned).await?;
     let statuses = execute_each(&tx, &planned, &fresh).await?;
     tx.commit().await.map_err(|e| from_db(&e))?;
     Ok(Json(response(txid, &planned, statuses)))
@@ -181,31 +175,51 @@ fn response(txid: String, planned: &[PlannedOp], statuses: Vec<OpStatus>) -> Bat
     BatchResponse { txid, results }
 }
 
-/// Records the batch's op_ids in the idempotency ledger; returns those that are new (the others were applied
-/// before and are answered `duplicate`).
-async fn record_ops(
-    tx: &deadpool_postgres::Transaction<'_>,
+/// Opens the user-scoped transaction and records the batch's op_ids in the idempotency ledger, both statements
+/// pipelined (one round trip). Returns the transaction, its txid and the op_ids that are new (the others were
+/// applied before and are answered `duplicate`).
+async fn begin_and_record<'a>(
+    client: &'a mut deadpool_postgres::Object,
+    user: Uuid,
     planned: &[PlannedOp],
-) -> Result<HashSet<Uuid>, ApiError> {
+) -> Result<(deadpool_postgres::Transaction<'a>, String, HashSet<Uuid>), ApiError> {
+    let tx = client
+        .build_transaction()
+        .start()
+        .await
+        .map_err(|e| from_db(&e))?;
+    let begin = tx
+        .prepare_cached(BEGIN_AS_USER_SQL)
+        .await
+        .map_err(|e| from_db(&e))?;
     // A conflict on (owner_id, op_id) means this op was applied before. A concurrent request with the same op_id
     // blocks here on the unique index until the first commits, then sees the conflict. Sorted so every request
     // takes the ledger's index locks in the same order: two requests carrying the same op_ids in different orders
     // (a re-batched retry racing the original) would otherwise deadlock (40P01).
-    let mut op_ids: Vec<Uuid> = planned.iter().map(|p| p.op_id).collect();
-    op_ids.sort_unstable();
     let ledger = tx
         .prepare_cached(
             "insert into sync_applied_ops (op_id) select unnest($1::uuid[]) on conflict do nothing returning op_id",
         )
         .await
         .map_err(|e| from_db(&e))?;
-    Ok(tx
-        .query(&ledger, &[&op_ids])
-        .await
+    let mut op_ids: Vec<Uuid> = planned.iter().map(|p| p.op_id).collect();
+    op_ids.sort_unstable();
+    let user = user.to_string();
+    // Sent back to back on one connection, so Postgres runs them in this order: the ledger rows get their
+    // owner_id default from the app.user_id the first statement sets.
+    let head_params: [&(dyn ToSql + Sync); 2] = [&USER_ROLE, &user];
+    let ledger_params: [&(dyn ToSql + Sync); 1] = [&op_ids];
+    let (head, recorded) = futures::join!(
+        tx.query_one(&begin, &head_params),
+        tx.query(&ledger, &ledger_params)
+    );
+    let txid: String = head.map_err(|e| from_db(&e))?.get(2);
+    let fresh = recorded
         .map_err(|e| from_db(&e))?
         .iter()
         .map(|r| r.get(0))
-        .collect())
+        .collect();
+    Ok((tx, txid, fresh))
 }
 
 /// Consecutive new ops that can run as one statement: same table, kind and columns, and (except for inserts,
