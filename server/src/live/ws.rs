@@ -587,25 +587,7 @@ impl Connection {
                 let generation = self.state.hub.position().generation;
                 match self.state.hub.resume(self.user.user_id, &sub.table, from) {
                     Ok((txns, position)) => {
-                        for txn in &txns {
-                            let mut frame = TxnFrame::new(txn);
-                            frame.add_changes(&id, &sub.table, &sub.filter, txn);
-                            if let Some(text) = frame.finish() {
-                                send(sink, text).await?;
-                            }
-                        }
-                        sub.state = SubState::Live {
-                            watermark: position,
-                        };
-                        let offset = Offset {
-                            generation,
-                            lsn: position,
-                        };
-                        send_json(
-                            sink,
-                            json!({"type": "up_to_date", "id": &*id, "offset": offset.to_string()}),
-                        )
-                        .await
+                        go_live(sink, &id, sub, txns.iter(), position, generation).await
                     }
                     Err(reason) => {
                         send_json(
@@ -623,30 +605,43 @@ impl Connection {
                 let Some(sub) = self.subs.get_mut(&id) else {
                     return Ok(());
                 };
-                let mut watermark = data.barrier_lsn;
-                for txn in buffer.iter().filter(|t| data.must_deliver(t)) {
-                    let mut frame = TxnFrame::new(txn);
-                    frame.add_changes(&id, &sub.table, &sub.filter, txn);
-                    if let Some(text) = frame.finish() {
-                        send(sink, text).await?;
-                    }
-                }
-                if let Some(last) = buffer.last() {
-                    watermark = watermark.max(last.end_lsn.0);
-                }
-                sub.state = SubState::Live { watermark };
-                let offset = Offset {
-                    generation,
-                    lsn: watermark,
-                };
-                send_json(
-                    sink,
-                    json!({"type": "up_to_date", "id": &*id, "offset": offset.to_string()}),
-                )
-                .await
+                let watermark = buffer.last().map_or(data.barrier_lsn, |last| {
+                    data.barrier_lsn.max(last.end_lsn.0)
+                });
+                let missed = buffer.iter().filter(|t| data.must_deliver(t));
+                go_live(sink, &id, sub, missed, watermark, generation).await
             }
         }
     }
+}
+
+/// Sends a pending subscription its share of `txns` (each in its own frame), makes it live past `watermark`,
+/// and tells the client it is up to date there.
+async fn go_live<'a>(
+    sink: &mut Sink,
+    id: &str,
+    sub: &mut Subscription,
+    txns: impl Iterator<Item = &'a Arc<UserTxn>>,
+    watermark: u64,
+    generation: i64,
+) -> Result<(), Exit> {
+    for txn in txns {
+        let mut frame = TxnFrame::new(txn);
+        frame.add_changes(id, &sub.table, &sub.filter, txn);
+        if let Some(text) = frame.finish() {
+            send(sink, text).await?;
+        }
+    }
+    sub.state = SubState::Live { watermark };
+    let offset = Offset {
+        generation,
+        lsn: watermark,
+    };
+    send_json(
+        sink,
+        json!({"type": "up_to_date", "id": id, "offset": offset.to_string()}),
+    )
+    .await
 }
 
 /// Builds one `txn` frame for a connection: the row JSON was serialised once by the router; here it is only
