@@ -111,6 +111,10 @@ struct Row {
     ratio: String,
     target: String,
     met: Option<bool>,
+    /// Identifies the row for the "Before / after" and "Targets not met" sections.
+    key: &'static str,
+    /// The row's headline figure (a ratio, or KiB for memory), for those sections.
+    value: f64,
 }
 
 impl Row {
@@ -122,7 +126,15 @@ impl Row {
             ratio: "—".into(),
             target: "—".into(),
             met: None,
+            key: "",
+            value: f64::NAN,
         }
+    }
+
+    fn key(mut self, key: &'static str, value: f64) -> Self {
+        self.key = key;
+        self.value = value;
+        self
     }
 
     fn ratio(mut self, ratio: f64, target: &str, met: bool) -> Self {
@@ -145,6 +157,18 @@ struct Report {
     rows: Vec<Row>,
     notes: Vec<String>,
     failures: Vec<String>,
+    /// Write-path figures per batch size, for the "Targets not met" section.
+    writes: Vec<(usize, write::WriteResult)>,
+    /// `/proc/loadavg` at the start and the end of the run.
+    load: (String, String),
+}
+
+/// The first 1-, 5- and 15-minute load averages from `/proc/loadavg`.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn fmt_rate(x: f64) -> String {
@@ -207,7 +231,10 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
     let started = Instant::now();
     let server_bin = tokio::task::spawn_blocking(env::build_server).await??;
     let nofile = env::raise_nofile(200_000);
-    let mut report = Report::default();
+    let mut report = Report {
+        load: (loadavg(), String::new()),
+        ..Report::default()
+    };
     report.notes.push(format!(
         "RLIMIT_NOFILE raised to {nofile} (inherited by the server)."
     ));
@@ -220,7 +247,14 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
         .unwrap_or_else(|_| "unknown".into());
 
     if args.wants("write") {
-        phase(&mut report, "write path", write_phase(&env, &sizes)).await;
+        let mut writes = Report::default();
+        phase(
+            &mut report,
+            "write path",
+            write_phase(&env, &sizes, &mut writes),
+        )
+        .await;
+        report.writes = writes.writes;
         ensure_server(&mut env, &mut report).await;
     }
     if args.wants("snapshot") {
@@ -250,6 +284,11 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
     }
 
     let elapsed = started.elapsed();
+    report.load.1 = loadavg();
+    report.notes.push(format!(
+        "load average (1/5/15 min, /proc/loadavg) at the start: {}; at the end: {} (2 cores, shared machine).",
+        report.load.0, report.load.1
+    ));
     if let Err(e) = env.stop_server().await {
         report.notes.push(format!("stopping the server: {e:#}"));
     }
@@ -308,34 +347,83 @@ async fn ensure_server(env: &mut Env, report: &mut Report) {
     }
 }
 
-async fn write_phase(env: &Env, sizes: &Sizes) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
+async fn write_phase(
+    env: &Env,
+    sizes: &Sizes,
+    report: &mut Report,
+) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     for &(batch, total) in &sizes.write {
         let r = write::run(env, batch, total).await?;
         let ratio = r.api_rows_s / r.pg_rows_s;
+        let ours = format!(
+            "{} ({:.1} / {:.1} ms)",
+            fmt_rate(r.api_rows_s),
+            r.api_p50_ms,
+            r.api_p99_ms
+        );
         rows.push(
             Row::new(
                 format!(
                     "batch write, {batch} op(s)/request, 4 clients: rows/s (p50 / p99 request)"
                 ),
-                format!(
-                    "{} ({:.1} / {:.1} ms)",
-                    fmt_rate(r.api_rows_s),
-                    r.api_p50_ms,
-                    r.api_p99_ms
-                ),
+                ours.clone(),
                 format!(
                     "{} (pgbench, avg {:.1} ms)",
                     fmt_rate(r.pg_rows_s),
                     r.pg_latency_ms
                 ),
             )
-            .ratio(ratio, "≥ 0.7×", ratio >= 0.7),
+            .ratio(ratio, "≥ 0.7×", ratio >= 0.7)
+            .key(write_key(batch), ratio),
         );
+        let ledger = r.api_rows_s / r.ledger.rows_s;
+        rows.push(
+            Row::new(
+                format!(
+                    "↳ reference 2, batch {batch}: pgbench + the same idempotency ledger insert"
+                ),
+                ours.clone(),
+                format!(
+                    "{} (pgbench + ledger, avg {:.1} ms; {:.2}× plain pgbench)",
+                    fmt_rate(r.ledger.rows_s),
+                    r.ledger.latency_ms,
+                    r.ledger.rows_s / r.pg_rows_s
+                ),
+            )
+            .ratio(ledger, "—", true),
+        );
+        let json = r.api_rows_s / r.json.rows_s;
+        rows.push(
+            Row::new(
+                format!("↳ reference 3, batch {batch}: pgbench + ledger + rows from JSON (the server's SQL)"),
+                ours,
+                format!(
+                    "{} (pgbench, server's SQL, avg {:.1} ms; {:.2}× plain pgbench)",
+                    fmt_rate(r.json.rows_s),
+                    r.json.latency_ms,
+                    r.json.rows_s / r.pg_rows_s
+                ),
+            )
+            .ratio(json, "—", true),
+        );
+        for row in rows.iter_mut().rev().take(2) {
+            row.met = None;
+        }
         notes.push(format!("write batch {batch}: {} rows per side.", r.rows));
+        report.writes.push((batch, r));
     }
     Ok((rows, notes))
+}
+
+fn write_key(batch: usize) -> &'static str {
+    match batch {
+        1 => "write-1",
+        100 => "write-100",
+        1000 => "write-1000",
+        _ => "write-other",
+    }
 }
 
 async fn snapshot_phase(env: &Env, sizes: &Sizes) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
@@ -348,7 +436,8 @@ async fn snapshot_phase(env: &Env, sizes: &Sizes) -> anyhow::Result<(Vec<Row>, V
                 format!("{:.0} ms", r.api_secs * 1e3),
                 format!("{:.0} ms (COPY TO STDOUT)", r.copy_secs * 1e3),
             )
-            .ratio(ratio, "≤ 2×", ratio <= 2.0),
+            .ratio(ratio, "≤ 2×", ratio <= 2.0)
+            .key("snapshot", ratio),
         ],
         vec![format!(
             "snapshot: best of 3 each; COPY produced {:.1} MB of text, the stream JSON frames of 500 rows.",
@@ -486,7 +575,8 @@ async fn memory_phase(
     let rows = r
         .points
         .iter()
-        .map(|p| {
+        .enumerate()
+        .map(|(i, p)| {
             Row::new(
                 format!(
                     "server memory per idle connection, {} connections",
@@ -496,6 +586,14 @@ async fn memory_phase(
                 "—",
             )
             .target("≤ 10 KiB", p.kib_per_conn() <= 10.0)
+            .key(
+                if i > 0 {
+                    "memory-large"
+                } else {
+                    "memory-small"
+                },
+                p.kib_per_conn(),
+            )
         })
         .collect();
     notes.push(format!(
@@ -614,7 +712,229 @@ fn render_doc(
         }
         let _ = writeln!(s);
     }
+    let _ = writeln!(s, "{}", before_after(&report.rows));
+    let _ = writeln!(s, "{}", targets_not_met(report));
     let _ = writeln!(s, "{}", method(sizes));
+    s
+}
+
+/// The first full run's figures (commit 26e878d, 2026-11-28 04:56 UTC) for the rows that changed since.
+const FIRST_RUN: [(&str, &str, &str, &str); 6] = [
+    (
+        "write-1",
+        "batch write, 1 op/request",
+        "0.56× (1669 vs 2971 rows/s)",
+        "set-based batch statements; one fewer round trip per batch (role/user statement and ledger insert pipelined); TCP_NODELAY",
+    ),
+    (
+        "write-100",
+        "batch write, 100 ops/request",
+        "0.48× (18.1k vs 37.9k rows/s)",
+        "set-based batch statements (one `insert … select … from jsonb_populate_recordset` instead of 100 pipelined statements); one fewer round trip",
+    ),
+    (
+        "write-1000",
+        "batch write, 1000 ops/request",
+        "0.44× (30.5k vs 68.7k rows/s)",
+        "set-based batch statements; one fewer round trip",
+    ),
+    (
+        "snapshot",
+        "100k-row snapshot vs COPY",
+        "2.86× (597 vs 209 ms)",
+        "snapshot rows streamed in frames while Postgres reads them (bounded channel) instead of read fully first; cheaper text output per type; TCP_NODELAY",
+    ),
+    (
+        "memory-small",
+        "memory per idle connection, first count",
+        "11.5 KiB (10000 connections)",
+        "smaller idle connections: 512-byte read buffer, rare events and branches boxed",
+    ),
+    (
+        "memory-large",
+        "memory per idle connection, second count",
+        "11.5 KiB (18000 connections)",
+        "as above",
+    ),
+];
+
+fn before_after(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "## Before / after\n\n\
+         The first full run (commit 26e878d, 2026-11-28 04:56 UTC, same command and machine) next to this run, for \
+         the rows that changed. Changes in between: TCP_NODELAY on the server's sockets; snapshot rows streamed while \
+         Postgres reads them (the spot check gave 1.21× COPY, was 2.86×); smaller idle connections (spot check 8.0 \
+         KiB, was 11.5); set-based batch statements; one fewer round trip per batch.\n\n\
+         | measure | first run | this run | change |\n|---|---|---|---|\n",
+    );
+    for (key, measure, before, change) in FIRST_RUN {
+        let now = rows
+            .iter()
+            .find(|r| r.key == key)
+            .map(|r| {
+                let met = match r.met {
+                    Some(true) => "target met",
+                    Some(false) => "target **not** met",
+                    None => "",
+                };
+                if key.starts_with("memory") {
+                    format!(
+                        "{} ({}; {met})",
+                        r.ours,
+                        r.measure.rsplit(", ").next().unwrap_or("")
+                    )
+                } else {
+                    format!("{} ({} vs {}; {met})", r.ratio, r.ours, r.pg)
+                }
+            })
+            .unwrap_or_else(|| "not measured".into());
+        let _ = writeln!(s, "| {measure} | {before} | {now} | {change} |");
+    }
+    s
+}
+
+fn targets_not_met(report: &Report) -> String {
+    let missed: Vec<&Row> = report
+        .rows
+        .iter()
+        .filter(|r| r.met == Some(false))
+        .collect();
+    let mut s = String::from("## Targets not met\n\n");
+    if missed.is_empty() {
+        s.push_str("Every target was met in this run.\n");
+        return s;
+    }
+    let mut wrote_write = false;
+    for row in missed {
+        if row.key.starts_with("write") {
+            if !wrote_write {
+                wrote_write = true;
+                s.push_str(&write_explanation(report));
+            }
+            continue;
+        }
+        let _ = write!(
+            s,
+            "- **{}**: {} vs {} ({}; target {}). ",
+            row.measure, row.ours, row.pg, row.ratio, row.target
+        );
+        s.push_str(match row.key {
+            "snapshot" => {
+                "The server turns every row into JSON text and frames of 500 rows and sends them over a \
+                 WebSocket whose client runs on the same 2 cores; COPY sends Postgres's own text format. A design \
+                 that reaches it: ship the snapshot in Postgres's COPY text (or binary) format inside the frames and \
+                 convert on the client, so the server only copies bytes.\n"
+            }
+            k if k.starts_with("memory") => {
+                "Per connection the server holds a tokio task, the WebSocket state with its buffers and the \
+                 subscription. A design that reaches it: park idle connections (no task, no buffers; wake on \
+                 readiness through one shared poller) and keep subscriptions in a per-owner table rather than per \
+                 connection.\n"
+            }
+            _ => {
+                "Missed in this run only; on this shared 2-core machine this measure has met its target in \
+                 earlier runs, so rerun it with `--only` before drawing conclusions (see the load averages above).\n"
+            }
+        });
+    }
+    s
+}
+
+/// "12.3 ms", or "no measurable time" for a difference lost in the noise.
+fn added_ms(ms: f64) -> String {
+    if ms < 0.5 {
+        format!("no measurable time ({ms:+.1} ms, within this machine's noise)")
+    } else {
+        format!("{ms:.1} ms")
+    }
+}
+
+fn write_explanation(report: &Report) -> String {
+    let mut s = String::from(
+        "- **Batch write ≥ 0.7× pgbench** (missed for the batch sizes marked **no** above). The two extra references \
+         show where the gap is. Per batch size, average pgbench transaction latency (4 clients, 2 cores) and rows/s:\n\n\
+         | batch | plain pgbench | + ledger | + ledger + rows from JSON (server's SQL) | server's SQL ÷ plain (the design's ceiling) | server ÷ server's SQL (the server process) | server ÷ plain (target ≥ 0.7×) |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for (batch, r) in &report.writes {
+        let _ = writeln!(
+            s,
+            "| {batch} | {:.1} ms, {} rows/s | {:.1} ms, {} rows/s | {:.1} ms, {} rows/s | {:.2}× | {:.2}× | {:.2}× |",
+            r.pg_latency_ms,
+            fmt_rate(r.pg_rows_s),
+            r.ledger.latency_ms,
+            fmt_rate(r.ledger.rows_s),
+            r.json.latency_ms,
+            fmt_rate(r.json.rows_s),
+            r.json.rows_s / r.pg_rows_s,
+            r.api_rows_s / r.json.rows_s,
+            r.api_rows_s / r.pg_rows_s,
+        );
+    }
+    let big = report
+        .writes
+        .iter()
+        .rev()
+        .find(|(_, r)| r.api_rows_s / r.pg_rows_s < 0.7)
+        .or(report.writes.last());
+    if let Some((batch, r)) = big {
+        let ledger_ms = r.ledger.latency_ms - r.pg_latency_ms;
+        let json_ms = r.json.latency_ms - r.ledger.latency_ms;
+        let ceiling = r.json.rows_s / r.pg_rows_s;
+        let process = r.api_rows_s / r.json.rows_s;
+        let _ = write!(
+            s,
+            "\n  At batch {batch}, the ledger adds {} per transaction and reading the rows from JSON instead of \
+             `generate_series` adds {} (pgbench averages; 4 concurrent transactions on 2 cores). By hand in psql, one session: 1000 rows by `generate_series` ~10 ms, by \
+             `jsonb_populate_recordset` ~16–19 ms; a ledger insert of 1000 op_ids ~5–7 ms into a small ledger, but \
+             18–37 ms into one of ~500k rows (36 ms right after a checkpoint): op_ids are random uuids, so every \
+             batch touches (and after a checkpoint writes full-page images of) index pages all over the owner's \
+             range, and the cost grows with the ledger. ",
+            added_ms(ledger_ms),
+            added_ms(json_ms)
+        );
+        if ceiling < 0.7 {
+            let _ = write!(
+                s,
+                "Postgres alone, running exactly the server's SQL, reaches {ceiling:.2}× plain pgbench: below the \
+                 0.7× target before the server process adds anything. "
+            );
+        } else {
+            let _ = write!(
+                s,
+                "Postgres alone, running exactly the server's SQL, reaches {ceiling:.2}× plain pgbench in this run. "
+            );
+        }
+        if process >= 0.9 {
+            let _ = writeln!(
+                s,
+                "The server process (HTTP, JSON parse and validation, the ~230 KB request body over the socket, the \
+                 response) costs little on top: the server reaches {process:.2}× of its own SQL run by pgbench \
+                 (above 1× means within this machine's noise, or the server's single pipelined round trip for role \
+                 and ledger beating pgbench's separate statements)."
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "The server process (HTTP, JSON parse and validation, the ~230 KB request body over the socket, the \
+                 response) costs the rest: the server reaches {process:.2}× of its own SQL run by pgbench."
+            );
+        }
+    }
+    s.push_str(
+        "\n  Figures at batch 1 and 100 move by ±30% between runs on this shared machine (see the load averages); \
+         the references run right after the API side of the same batch size, so compare within a batch size.\n",
+    );
+    s.push_str(
+        "\n  What design would reach it: (1) the ledger is one extra indexed row per op; a per-device monotonic \
+         sequence number with a high-water mark (`(owner, device) → last applied seq`, one row updated per batch) \
+         gives the same exactly-once guarantee for in-order retries at one row per batch. (2) Rows parsed from JSON by \
+         Postgres cost more than rows generated in SQL; a binary `COPY … FROM STDIN (FORMAT binary)` ingest into \
+         the table (values encoded by the server, which already validated them), or into a temporary staging \
+         table followed by one `insert … select`, avoids JSON in the database. Per-op results (conflicts, \
+         not_found) would then come from the staging step. (3) With both, the remaining gap is the server process \
+         sharing 2 cores with Postgres and the clients.\n",
+    );
     s
 }
 
@@ -640,9 +960,23 @@ ephemeral ports do not run out. Every wait is bounded; on any error the server i
   rows/s = rows / wall time of the slowest client; p50/p99 are per request. Postgres side: `pgbench -n -c 4 -j 2`
   with a script of `begin; select set_config('role','deeprecall_user',true), set_config('app.user_id', <user of
   :client_id>, true); insert … select gen_random_uuid(), 'note', <same body>, 1, '{{\"x\":1}}' from
-  generate_series(1, N); commit;`, the same 4 users, the same role and RLS policy; rows/s = tps × N. The server
-  additionally records each op_id in `sync_applied_ops` (idempotency), parses JSON and answers per op: that is
-  the cost being measured. Sizes: {writes}.
+  generate_series(1, N); commit;`, the same role and RLS policy; rows/s = tps × N. Every side (the API and each
+  pgbench reference) writes as 4 fresh users of its own, so each starts from empty per-owner ranges of the
+  `(owner_id, …)` indexes. This is the
+  target's reference (≥ 0.7×). The server additionally records each op_id in `sync_applied_ops` (idempotency),
+  has Postgres read the rows from a JSON parameter, parses JSON itself and answers per op. Two more pgbench
+  references, same clients, role and RLS, separate the database work that design requires from the server
+  process: **reference 2** (\"pgbench + ledger\") adds the server's ledger statement in the transaction, `insert
+  into sync_applied_ops (op_id) select u from (select gen_random_uuid() as u from generate_series(1, N)) as ids
+  order by u on conflict do nothing returning op_id` (sorted, as the server sorts its op_ids; the ledger's policy takes the owner from `app.user_id`, which the script sets); **reference
+  3** (\"server's SQL\") runs that ledger statement and, instead of `generate_series`, the server's set statement
+  `insert into annotations (id, page, kind, geometry, body) select gen_random_uuid(), page, kind, geometry, body
+  from jsonb_populate_recordset(null::annotations, (select rows::jsonb from bench_json where n = N))`, where
+  `bench_json` (a helper table, `rows text`) was loaded once per batch size with a JSON array of N rows shaped
+  like the API's (with an `id` each, parsed but replaced by a fresh one so every transaction can reuse the
+  array). The array is stored as text and cast, so Postgres parses JSON text into jsonb as it does for the
+  server's parameter. The ratio against reference 3 is the server process's own cost; reference 3 ÷ plain
+  pgbench is the ceiling of the design. Sizes: {writes}.
 - **Read throughput.** {users} users, one WebSocket subscriber each on `annotations` (no `where`), all
   `up_to_date`. A second slot `bench_recv` (pgoutput) is created; the server is stopped with SIGTERM (clients
   receive their final `up_to_date` offset, then close 1001); {rows} rows are inserted in SQL, 100 rows per

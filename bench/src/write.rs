@@ -32,6 +32,47 @@ pub(crate) struct WriteResult {
     pub(crate) pg_rows_s: f64,
     /// pgbench's average transaction latency, ms.
     pub(crate) pg_latency_ms: f64,
+    /// Reference 2: pgbench with the same idempotency ledger insert as the server.
+    pub(crate) ledger: PgbenchResult,
+    /// Reference 3: pgbench asking Postgres for exactly the server's work: ledger insert plus rows read from a
+    /// JSON array through `jsonb_populate_recordset`.
+    pub(crate) json: PgbenchResult,
+}
+
+/// One pgbench reference's figures.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PgbenchResult {
+    /// Rows/s (tps × batch).
+    pub(crate) rows_s: f64,
+    /// Average transaction latency, ms.
+    pub(crate) latency_ms: f64,
+}
+
+/// The ledger statement the server runs (`server/src/http/batch.rs`), with op_ids generated in Postgres instead
+/// of sent as a uuid[] parameter, in ascending order as the server sorts them.
+fn ledger_sql(batch: usize) -> String {
+    format!(
+        "insert into sync_applied_ops (op_id) select u from (select gen_random_uuid() as u from generate_series(1, {batch})) as ids order by u on conflict do nothing returning op_id;"
+    )
+}
+
+/// A JSON array of `batch` annotation rows shaped like the API's `row`s (with an `id`, so Postgres parses one
+/// uuid per row as it does for the server).
+fn json_rows(batch: usize) -> String {
+    let mut s = String::with_capacity(batch * 160 + 2);
+    s.push('[');
+    for i in 0..batch {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(
+            s,
+            "{{\"id\":\"{}\",\"kind\":\"note\",\"body\":\"{BODY}\",\"page\":1,\"geometry\":{{\"x\":1}}}}",
+            Uuid::new_v4()
+        );
+    }
+    s.push(']');
+    s
 }
 
 fn request_body(batch: usize) -> Vec<u8> {
@@ -119,19 +160,87 @@ pub(crate) async fn run(env: &Env, batch: usize, total_rows: usize) -> anyhow::R
     let api_secs = (ended - began).as_secs_f64();
     let (p50, _, p99) = stats::summary(&mut latencies);
 
-    // --- pgbench ---
-    let array = users
-        .iter()
-        .map(|u| format!("'{u}'"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let script = format!(
-        "begin;\n\
-         select set_config('role', 'deeprecall_user', true), set_config('app.user_id', (array[{array}])[:client_id + 1], true);\n\
-         insert into annotations (id, kind, body, page, geometry) select gen_random_uuid(), 'note', '{BODY}', 1, '{{\"x\":1}}' from generate_series(1, {batch});\n\
-         commit;\n"
+    // --- pgbench: plain (the target's reference), + ledger, + ledger and rows from JSON ---
+    // Every side writes as 4 users of its own, so each starts from the same state: the ledger and the
+    // annotations primary key are indexed by (owner_id, …), and inserting into an owner's range that an earlier
+    // side already filled with 100k random uuids touches far more index pages than inserting into a fresh one.
+    let head = || {
+        let array = (0..CLIENTS)
+            .map(|_| format!("'{}'", Uuid::new_v4()))
+            .collect::<Vec<_>>()
+            .join(",");
+        format!(
+            "begin;\n\
+             select set_config('role', 'deeprecall_user', true), set_config('app.user_id', (array[{array}])[:client_id + 1], true);\n"
+        )
+    };
+    let plain_insert = format!(
+        "insert into annotations (id, kind, body, page, geometry) select gen_random_uuid(), 'note', '{BODY}', 1, '{{\"x\":1}}' from generate_series(1, {batch});\n"
     );
-    let script_path = env.scratch.join(format!("insert-{batch}.sql"));
+    // The server's set statement, reading the JSON text from bench_json and converting it to jsonb (as the
+    // server's parameter is). The JSON's ids are parsed but fresh ids are inserted, so every transaction can
+    // reuse the same array.
+    let json_insert = format!(
+        "insert into annotations (id, page, kind, geometry, body) select gen_random_uuid(), page, kind, geometry, body \
+         from jsonb_populate_recordset(null::annotations, (select rows::jsonb from bench_json where n = {batch}));\n"
+    );
+    let sql = env.sql().await?;
+    sql.batch_execute(
+        "create table if not exists bench_json (n int primary key, rows text not null); \
+         grant select on bench_json to deeprecall_user;",
+    )
+    .await?;
+    sql.execute(
+        "insert into bench_json (n, rows) values ($1, $2) on conflict (n) do update set rows = excluded.rows",
+        &[&(batch as i32), &json_rows(batch)],
+    )
+    .await?;
+    drop(sql);
+    let plain = pgbench(
+        env,
+        &format!("{}{plain_insert}commit;\n", head()),
+        &format!("insert-{batch}"),
+        batch,
+        per_client,
+    )
+    .await?;
+    let ledger = pgbench(
+        env,
+        &format!("{}{}\n{plain_insert}commit;\n", head(), ledger_sql(batch)),
+        &format!("insert-ledger-{batch}"),
+        batch,
+        per_client,
+    )
+    .await?;
+    let json = pgbench(
+        env,
+        &format!("{}{}\n{json_insert}commit;\n", head(), ledger_sql(batch)),
+        &format!("insert-json-{batch}"),
+        batch,
+        per_client,
+    )
+    .await?;
+    Ok(WriteResult {
+        rows,
+        api_rows_s: rows as f64 / api_secs,
+        api_p50_ms: p50,
+        api_p99_ms: p99,
+        pg_rows_s: plain.rows_s,
+        pg_latency_ms: plain.latency_ms,
+        ledger,
+        json,
+    })
+}
+
+/// Runs `script` with `pgbench -n -c 4 -j 2`, `per_client` transactions per client.
+async fn pgbench(
+    env: &Env,
+    script: &str,
+    name: &str,
+    batch: usize,
+    per_client: usize,
+) -> anyhow::Result<PgbenchResult> {
+    let script_path = env.scratch.join(format!("{name}.sql"));
     std::fs::write(&script_path, script)?;
     let output = tokio::time::timeout(
         Duration::from_secs(300),
@@ -146,25 +255,20 @@ pub(crate) async fn run(env: &Env, batch: usize, total_rows: usize) -> anyhow::R
             .output(),
     )
     .await
-    .context("pgbench took longer than 300 s")??;
+    .with_context(|| format!("pgbench ({name}) took longer than 300 s"))??;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         bail!(
-            "pgbench failed ({}): {}{}",
+            "pgbench ({name}) failed ({}): {}{}",
             output.status,
             stdout,
             String::from_utf8_lossy(&output.stderr)
         );
     }
     let tps = parse_after(&stdout, "tps = ").context("no `tps = ` in pgbench's output")?;
-    let pg_latency_ms = parse_after(&stdout, "latency average = ").unwrap_or(0.0);
-    Ok(WriteResult {
-        rows,
-        api_rows_s: rows as f64 / api_secs,
-        api_p50_ms: p50,
-        api_p99_ms: p99,
-        pg_rows_s: tps * batch as f64,
-        pg_latency_ms,
+    Ok(PgbenchResult {
+        rows_s: tps * batch as f64,
+        latency_ms: parse_after(&stdout, "latency average = ").unwrap_or(0.0),
     })
 }
 
