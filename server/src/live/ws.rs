@@ -433,21 +433,7 @@ impl Connection {
                 state: SubState::Pending { buffer: Vec::new() },
             },
         );
-        let job = SnapshotJob {
-            owner: self.user.user_id,
-            sub_id: id,
-            epoch,
-            table,
-            filter,
-            purpose,
-            chunks: self.chunks.clone(),
-        };
-        tokio::spawn(snapshot::run(
-            self.state.pool.clone(),
-            self.state.hub.clone(),
-            job,
-            queue.clone(),
-        ));
+        self.start_job(id, epoch, table, filter, purpose, queue);
         Ok(bad_offset)
     }
 
@@ -537,13 +523,27 @@ impl Connection {
         self.next_epoch += 1;
         sub.epoch = self.next_epoch;
         sub.state = SubState::Pending { buffer: Vec::new() };
+        let (epoch, filter) = (sub.epoch, sub.filter.clone());
+        self.start_job(id.clone(), epoch, table, filter, Purpose::Snapshot, queue);
+    }
+
+    /// Spawns the snapshot (or resume) task of a pending subscription; its outcome comes back through `queue`.
+    fn start_job(
+        &self,
+        sub_id: Arc<str>,
+        epoch: u64,
+        table: Arc<crate::db::catalog::Table>,
+        filter: Filter,
+        purpose: Purpose,
+        queue: &mpsc::Sender<ConnEvent>,
+    ) {
         let job = SnapshotJob {
             owner: self.user.user_id,
-            sub_id: id.clone(),
-            epoch: sub.epoch,
+            sub_id,
+            epoch,
             table,
-            filter: sub.filter.clone(),
-            purpose: Purpose::Snapshot,
+            filter,
+            purpose,
             chunks: self.chunks.clone(),
         };
         tokio::spawn(snapshot::run(
