@@ -45,6 +45,12 @@ fn array_element(type_oid: u32) -> Option<u32> {
     })
 }
 
+/// Turns a buffer built by the writers here into a `String` without copying it. Only valid UTF-8 goes in (JSON
+/// punctuation, escaped strings, and Postgres text, which the decoder checks); a lossy copy is the fallback.
+pub fn into_string(buf: Vec<u8>) -> String {
+    String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 /// Appends `s` as a JSON string.
 pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
     // serde_json's escaper writes straight into the buffer: no intermediate String.

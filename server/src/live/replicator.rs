@@ -166,12 +166,11 @@ async fn session(
                         "changes without a valid owner_id were not routed"
                     );
                 }
-                if schema_changed(&txn, stream.relations(), &current) {
-                    // A column was added or dropped: let the write path and snapshots see it too.
+                if !routed.schema_changed.is_empty() {
+                    // A column was added, dropped or retyped: let the write path and snapshots see it too.
                     // A forced refresh, not `refresh_on_miss`: that one is rate-limited (1 s) against bad client
-                    // requests, so a DDL within a second of the last reload was skipped and, with no later change
-                    // on the table, the catalog (write path, snapshots' filters) never learned the column. The
-                    // mismatch is exact and disappears with the reload, so this runs once per schema change.
+                    // requests, so a DDL within a second of the last reload would be skipped. This runs once per
+                    // schema change (the new column list is then the known one).
                     if let Ok(conn) = pool.get().await {
                         let _ = catalog.refresh(&conn).await;
                     }
@@ -223,21 +222,6 @@ fn columns_changed(
         }
     }
     changed
-}
-
-fn schema_changed(
-    txn: &deeprecall_replication::Transaction,
-    relations: &deeprecall_replication::RelationCache,
-    catalog: &crate::db::catalog::Catalog,
-) -> bool {
-    txn.changes.iter().any(|c| {
-        let (Some(rel), Some(table)) = (relations.get(c.relation_oid), catalog.table(&c.table))
-        else {
-            return false;
-        };
-        let streamed = table.columns.iter().filter(|col| !col.generated).count();
-        rel.columns.len() != streamed
-    })
 }
 
 /// The slot generation, bumped when the slot had to be (re)created after having existed.

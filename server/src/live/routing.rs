@@ -238,9 +238,7 @@ fn change(rc: &RowChange, table: &Arc<str>, op: Op, relations: &RelationCache) -
         }
     }
     out.push(b'}');
-    // Only valid UTF-8 went in (text values are checked by the decoder, JSON escaping is ASCII-safe).
-    let row_json = String::from_utf8(out)
-        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    let row_json = convert::into_string(out);
     Change {
         table: table.clone(),
         op,

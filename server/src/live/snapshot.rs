@@ -212,9 +212,7 @@ impl SnapshotFrame {
 
     fn finish(mut self) -> String {
         self.out.extend_from_slice(b"]}");
-        // Only valid UTF-8 went in: JSON punctuation, escaped strings and Postgres text (UTF-8 databases).
-        String::from_utf8(self.out)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        convert::into_string(self.out)
     }
 }
 

@@ -703,7 +703,8 @@ impl TxnFrame {
             return None;
         }
         self.out.extend_from_slice(b"]}");
-        Some(String::from_utf8_lossy(&self.out).into_owned())
+        // Once per transaction per connection: no copy of the frame.
+        Some(super::convert::into_string(self.out))
     }
 }
 
