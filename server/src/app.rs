@@ -17,7 +17,8 @@ use crate::state::AppState;
 /// All routes. Tests drive this directly, without a socket.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
-    Router::new()
+    let cors = crate::http::cors::layer(&state.cors);
+    let router = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/v1/batch", post(batch::post_batch))
@@ -31,7 +32,12 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(TraceLayer::new_for_http())
-        .with_state(state)
+        .with_state(state);
+    // Outermost, so preflights are answered before routing and every response (errors included) gets the headers.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 /// Serves `router(state)` on `listener` until `shutdown` resolves, then drains in-flight requests.

@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::auth::{AuthConfig, KeySource};
 use crate::db::catalog::{Catalog, CatalogHandle};
 use crate::db::{self, migrate};
+use crate::http::cors::CorsOrigins;
 use crate::live::hub::{Hub, HubConfig};
 use crate::live::replicator::ReplicatorConfig;
 use crate::pgcluster::{ClusterOptions, LocalCluster, random_token};
@@ -120,6 +121,25 @@ impl From<LimitArgs> for Limits {
     }
 }
 
+/// HTTP flags shared by `serve` and `dev`.
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Origin allowed to call the API from a browser (scheme://host[:port]); repeat or comma-separate for several,
+    /// `*` for any. Default: none in `serve`, any in `dev`.
+    #[arg(
+        long = "cors-origin",
+        env = "DEEPRECALL_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
+}
+
+impl HttpArgs {
+    fn cors(&self, fallback: CorsOrigins) -> anyhow::Result<CorsOrigins> {
+        CorsOrigins::from_flags(&self.cors_origins, fallback).map_err(anyhow::Error::msg)
+    }
+}
+
 /// `serve` flags.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -148,6 +168,9 @@ pub struct ServeArgs {
     /// Limits.
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// HTTP settings.
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 /// `dev` flags.
@@ -168,6 +191,9 @@ pub struct DevArgs {
     /// Limits.
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// HTTP settings.
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 /// `migrate` flags.
@@ -229,6 +255,8 @@ pub struct ServerOptions {
     pub slot: String,
     /// Hub limits.
     pub hub: HubConfig,
+    /// Origins allowed to call the API from a browser.
+    pub cors: CorsOrigins,
 }
 
 impl ServerOptions {
@@ -243,6 +271,7 @@ impl ServerOptions {
             migrate: true,
             slot: crate::live::DEFAULT_SLOT.to_owned(),
             hub: HubConfig::default(),
+            cors: CorsOrigins::None,
         }
     }
 }
@@ -336,6 +365,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         limits: options.limits,
         hub,
         slot_name: options.slot,
+        cors: options.cors,
         shutdown: shutdown_rx,
     };
     Ok(Server {
@@ -419,6 +449,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     options.pool_size = args.pool_size;
     options.migrate = args.migrate;
     options.slot = args.slot.clone();
+    options.cors = args.http.cors(CorsOrigins::None)?;
     let server = start_server(options).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -466,6 +497,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             .context("minting the dev token")?;
         let mut options = ServerOptions::new(database_url.clone(), auth);
         options.limits = args.limits.into();
+        options.cors = args.http.cors(CorsOrigins::Any)?;
         let server = start_server(options).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

@@ -45,6 +45,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// Replication slot name.
     pub slot_name: String,
+    /// Origins allowed to call the API from a browser.
+    pub cors: crate::http::cors::CorsOrigins,
     /// Becomes true when the server shuts down (connections then close with the shutdown code).
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }

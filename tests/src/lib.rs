@@ -36,6 +36,8 @@ pub struct TestEnv {
     http_task: Option<tokio::task::JoinHandle<()>>,
     /// Hub limits the server is (re)started with.
     hub: deeprecall_sync::live::hub::HubConfig,
+    /// CORS origins the server is (re)started with.
+    cors: deeprecall_sync::http::cors::CorsOrigins,
     // Declared last: dropped after the server is told to stop.
     /// The cluster.
     pub cluster: LocalCluster,
@@ -46,6 +48,8 @@ pub struct TestEnv {
 pub struct EnvOptions {
     /// Request limits (default: the server's defaults).
     pub limits: Option<Limits>,
+    /// Origins allowed to call the API from a browser (default: none, as `serve`).
+    pub cors: deeprecall_sync::http::cors::CorsOrigins,
 }
 
 /// Starts a server in front of `cluster` on 127.0.0.1:0.
@@ -54,6 +58,7 @@ async fn serve(
     auth: AuthConfig,
     limits: Limits,
     hub: deeprecall_sync::live::hub::HubConfig,
+    cors: deeprecall_sync::http::cors::CorsOrigins,
 ) -> (
     deeprecall_sync::cli::Server,
     tokio::task::JoinHandle<()>,
@@ -62,6 +67,7 @@ async fn serve(
     let mut options = deeprecall_sync::cli::ServerOptions::new(cluster.url(DB_NAME), auth);
     options.limits = limits;
     options.hub = hub;
+    options.cors = cors;
     options.pool_size = 8;
     let server = deeprecall_sync::cli::start_server(options)
         .await
@@ -135,18 +141,20 @@ impl TestEnv {
     }
 
     /// Starts a server (migrating the database) in front of `cluster`.
-    async fn launch(cluster: LocalCluster, auth: AuthConfig, limits: Limits) -> Self {
-        Self::launch_with_hub(cluster, auth, limits, Default::default()).await
+    async fn launch(cluster: LocalCluster, auth: AuthConfig, options: EnvOptions) -> Self {
+        Self::launch_with_hub(cluster, auth, options, Default::default()).await
     }
 
     /// Like [`TestEnv::launch`] with explicit hub limits.
     async fn launch_with_hub(
         cluster: LocalCluster,
         auth: AuthConfig,
-        limits: Limits,
+        options: EnvOptions,
         hub: deeprecall_sync::live::hub::HubConfig,
     ) -> Self {
-        let (server, http_task, addr) = serve(&cluster, auth, limits, hub).await;
+        let limits = options.limits.unwrap_or_default();
+        let cors = options.cors;
+        let (server, http_task, addr) = serve(&cluster, auth, limits, hub, cors.clone()).await;
         let state = server.state.clone();
         Self {
             base: format!("http://{addr}"),
@@ -157,6 +165,7 @@ impl TestEnv {
             server: Some(server),
             http_task: Some(http_task),
             hub,
+            cors,
             cluster,
         }
     }
@@ -170,8 +179,14 @@ impl TestEnv {
 
     /// Starts a server again after [`TestEnv::stop_server`].
     pub async fn start_server_again(&mut self) {
-        let (server, http_task, addr) =
-            serve(&self.cluster, test_auth(), self.state.limits, self.hub).await;
+        let (server, http_task, addr) = serve(
+            &self.cluster,
+            test_auth(),
+            self.state.limits,
+            self.hub,
+            self.cors.clone(),
+        )
+        .await;
         self.state = server.state.clone();
         self.auth = self.state.auth.clone();
         self.addr = addr;
@@ -283,7 +298,7 @@ impl TestEnv {
     /// RS256/EdDSA, JWKS, issuer and audience tests). [`TestEnv::token`] only works when `auth` has a secret.
     pub async fn start_with_auth(options: EnvOptions, auth: AuthConfig) -> Self {
         let (cluster, _) = start_cluster().await;
-        Self::launch(cluster, auth, options.limits.unwrap_or_default()).await
+        Self::launch(cluster, auth, options).await
     }
 
     /// POSTs raw bytes (any content, not necessarily JSON) with an optional bearer token.
@@ -418,13 +433,7 @@ impl TestEnv {
         hub: deeprecall_sync::live::hub::HubConfig,
     ) -> Self {
         let (cluster, _) = start_cluster().await;
-        Self::launch_with_hub(
-            cluster,
-            test_auth(),
-            options.limits.unwrap_or_default(),
-            hub,
-        )
-        .await
+        Self::launch_with_hub(cluster, test_auth(), options, hub).await
     }
 
     /// Stops Postgres (fast shutdown, or an immediate "crash" when `crash`) and starts it again on the same port,

@@ -118,3 +118,73 @@ async fn set_based_batches_keep_per_op_semantics() {
         vec![(a, "a".to_owned(), Some(2)), (c, "c2".to_owned(), None)]
     );
 }
+
+/// Browsers call the API from the app's origin: preflights name `authorization`, and every answer (errors
+/// included: a CORS-less 401 looks like a network error to a page) carries the origin and the exposed headers.
+#[tokio::test]
+async fn cors_answers_preflights_and_errors_for_allowed_origins_only() {
+    use deeprecall_sync::http::cors::CorsOrigins;
+    let env = TestEnv::start_with(deeprecall_tests::EnvOptions {
+        cors: CorsOrigins::List(vec!["http://app.example:3000".into()]),
+        ..Default::default()
+    })
+    .await;
+    let preflight = env
+        .http
+        .request(reqwest::Method::OPTIONS, format!("{}/v1/batch", env.base))
+        .header("origin", "http://app.example:3000")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    let h = preflight.headers();
+    assert_eq!(h["access-control-allow-origin"], "http://app.example:3000");
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(allowed.contains("authorization"), "{allowed}");
+    assert!(allowed.contains("content-type"), "{allowed}");
+    assert!(
+        h["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+
+    // A 401 from an allowed origin is readable by the page.
+    let denied = env
+        .http
+        .post(format!("{}/v1/batch", env.base))
+        .header("origin", "http://app.example:3000")
+        .json(&json!({"ops": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 401);
+    assert_eq!(
+        denied.headers()["access-control-allow-origin"],
+        "http://app.example:3000"
+    );
+    let exposed = denied.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(exposed.contains("electric-offset"), "{exposed}");
+
+    // Another origin gets no CORS headers (the browser blocks it).
+    let other = env
+        .http
+        .post(format!("{}/v1/batch", env.base))
+        .header("origin", "http://evil.example")
+        .json(&json!({"ops": []}))
+        .send()
+        .await
+        .unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+}

@@ -15,6 +15,7 @@ async fn body_size_and_op_count_limits_answer_413() {
     };
     let env = TestEnv::start_with(EnvOptions {
         limits: Some(limits),
+        ..Default::default()
     })
     .await;
     let db = env.superuser().await;

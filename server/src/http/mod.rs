@@ -2,4 +2,5 @@
 
 pub mod batch;
 pub mod blobs;
+pub mod cors;
 pub mod health;
