@@ -1082,14 +1082,19 @@ const EXPECTED_GRANTS: &[(&str, &str, &[&str])] = &[
 async fn grants(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error> {
     const NAME: &str = "grants";
     let mut missing: Vec<String> = Vec::new();
-    let tables: Vec<String> = ctx.tables().iter().map(|t| t.qualified()).collect();
+    // (quoted name for to_regclass, name for people)
+    let tables: Vec<(String, String)> = ctx
+        .tables()
+        .iter()
+        .map(|t| (t.qualified(), format!("{}.{}", t.schema, t.name)))
+        .collect();
     for (object, role, privileges) in EXPECTED_GRANTS {
-        let objects: Vec<String> = if *object == "synced" {
+        let objects: Vec<(String, String)> = if *object == "synced" {
             tables.clone()
         } else {
-            vec![(*object).to_owned()]
+            vec![((*object).to_owned(), (*object).to_owned())]
         };
-        for table in objects {
+        for (regclass, table) in objects {
             for privilege in *privileges {
                 // has_table_privilege counts membership and PUBLIC, as Postgres does when it checks.
                 let has: Option<bool> = ctx
@@ -1097,7 +1102,7 @@ async fn grants(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error> {
                     .query_one(
                         "select case when to_regclass($2) is null then null
                                      else has_table_privilege($1, to_regclass($2), $3) end",
-                        &[role, &table, privilege],
+                        &[role, &regclass, privilege],
                     )
                     .await?
                     .get(0);

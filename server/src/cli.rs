@@ -343,7 +343,11 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
     let target =
         db::PgTarget::parse(&options.database_url).context("DATABASE_URL cannot be used")?;
     let pool = db::pool(&target, options.pool_size)?;
-    let mut client = pool.get().await.context("connecting to Postgres")?;
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| anyhow::anyhow!(target.explain(&e)))
+        .context("connecting to Postgres")?;
     if options.migrate {
         let report = migrate::migrate(&mut client).await?;
         if !report.applied.is_empty() {

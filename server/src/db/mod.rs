@@ -63,8 +63,15 @@ impl PgTarget {
     }
 
     /// Opens one connection (not pooled) and drives it in a background task.
-    pub async fn connect(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, connection) = self.config.connect(self.connector()).await?;
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, ConnectError> {
+        let (client, connection) =
+            self.config
+                .connect(self.connector())
+                .await
+                .map_err(|error| ConnectError {
+                    message: self.explain(&error),
+                    error,
+                })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "postgres connection closed");
@@ -72,6 +79,21 @@ impl PgTarget {
         });
         Ok(client)
     }
+
+    /// A connection error (from here or from the pool) with its causes on one line, certificate failures worded
+    /// for the operator.
+    pub fn explain(&self, err: &(dyn std::error::Error + 'static)) -> String {
+        tls::explain(err, &self.tls)
+    }
+}
+
+/// Connecting failed; the message includes the causes (`tokio-postgres` alone prints only the outermost one).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ConnectError {
+    message: String,
+    /// The original error (its causes are in the message already, so it is not reported as a source).
+    pub error: tokio_postgres::Error,
 }
 
 /// Parses a `postgres://` URL and pins the session settings (the TLS parameters are taken out and checked; connect

@@ -291,7 +291,6 @@ pub fn connector(tls: &TlsSettings) -> Result<PgConnector, DbUrlError> {
             Arc::new(PgVerifier {
                 inner,
                 check_host_name: tls.verifies_host_name(),
-                roots: path.clone(),
             })
         }
         _ => Arc::new(EncryptOnly { provider }),
@@ -342,22 +341,59 @@ fn load_roots(path: &Path) -> Result<RootCertStore, DbUrlError> {
     Ok(roots)
 }
 
-/// A verification failure worded for the operator: which setting decided, and what to change.
-#[derive(Debug)]
-struct VerifyError(String);
-
-impl std::fmt::Display for VerifyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+/// `err` and its causes on one line, with a certificate failure worded for the operator: which setting decided and
+/// what to change. (`tokio-postgres` keeps the TLS error in `source()`, and rustls prints an unknown issuer as
+/// `UnknownIssuer`.)
+pub fn explain(err: &(dyn std::error::Error + 'static), tls: &TlsSettings) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(rustls_error) = as_rustls(e) {
+            parts.push(explain_rustls(rustls_error, tls));
+            break;
+        }
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        current = e.source();
     }
+    parts.join(": ")
 }
 
-impl std::error::Error for VerifyError {}
+fn as_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    e.downcast_ref::<rustls::Error>().or_else(|| {
+        e.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    })
+}
 
-fn explained(message: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
-        VerifyError(message),
-    ))))
+fn explain_rustls(e: &rustls::Error, tls: &TlsSettings) -> String {
+    let roots = tls
+        .root_cert
+        .as_ref()
+        .map_or_else(|| "(none)".to_owned(), |p| p.display().to_string());
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => format!(
+            "the server's certificate is not signed by a CA in sslrootcert {roots} (sslmode={}): wrong CA file, or \
+             the server presents a certificate from another CA",
+            tls.mode
+        ),
+        rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
+            expected,
+            presented,
+        }) => format!(
+            "the server's certificate is not valid for host {:?} (it names {}); sslmode=verify-full checks the host \
+             in DATABASE_URL: connect by a name the certificate lists, or use sslmode=verify-ca to check the CA only",
+            expected.to_str(),
+            presented.join(", ")
+        ),
+        rustls::Error::InvalidCertificate(CertificateError::NotValidForName) => {
+            "the server's certificate is not valid for the host in DATABASE_URL (sslmode=verify-full)".to_owned()
+        }
+        other => format!("TLS: {other}"),
+    }
 }
 
 /// `verify-ca` and `verify-full` (and `prefer`/`require` with a root certificate): the chain must lead to a root in
@@ -366,7 +402,6 @@ fn explained(message: String) -> rustls::Error {
 struct PgVerifier {
     inner: Arc<WebPkiServerVerifier>,
     check_host_name: bool,
-    roots: PathBuf,
 }
 
 impl ServerCertVerifier for PgVerifier {
@@ -385,31 +420,11 @@ impl ServerCertVerifier for PgVerifier {
             ocsp_response,
             now,
         ) {
-            Ok(ok) => Ok(ok),
             // webpki checks the name after the chain, so a name error means the chain verified.
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) if !self.check_host_name => Ok(ServerCertVerified::assertion()),
-            Err(rustls::Error::InvalidCertificate(
-                e @ CertificateError::NotValidForNameContext { .. },
-            )) => Err(explained(format!(
-                "{e} (sslmode=verify-full: the host in DATABASE_URL must be a name the server's certificate \
-                     lists; connect by that name, or use sslmode=verify-ca to check only the CA)"
-            ))),
-            Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)) => {
-                Err(explained(format!(
-                    "the server's certificate is not valid for host {:?} (sslmode=verify-full)",
-                    server_name.to_str()
-                )))
-            }
-            Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
-                Err(explained(format!(
-                    "the server's certificate is not signed by a CA in sslrootcert {} (wrong CA file, or the server \
-                 presents a certificate from another CA)",
-                    self.roots.display()
-                )))
-            }
-            Err(e) => Err(e),
+            result => result,
         }
     }
 
