@@ -417,7 +417,8 @@ async fn replication_slots(ctx: &Db<'_>, args: &CheckArgs) -> Result<Check, toki
         .query_one(
             "select current_setting('max_replication_slots')::int,
                     (select count(*)::int from pg_replication_slots),
-                    exists (select 1 from pg_replication_slots where slot_name = $1),
+                    exists (select 1 from pg_replication_slots
+                             where slot_name = $1 and database = current_database()),
                     coalesce((select string_agg(slot_name::text, ', ' order by slot_name)
                                 from pg_replication_slots where slot_name <> $1), '')",
             &[&args.slot],
@@ -470,7 +471,8 @@ async fn wal_senders(ctx: &Db<'_>, args: &CheckArgs) -> Result<Check, tokio_post
         .query_one(
             "select current_setting('max_wal_senders')::int,
                     (select count(*)::int from pg_stat_replication r
-                      where r.pid is distinct from (select active_pid from pg_replication_slots where slot_name = $1))",
+                      where r.pid is distinct from (select active_pid from pg_replication_slots
+                                                     where slot_name = $1 and database = current_database()))",
             &[&args.slot],
         )
         .await?;
