@@ -319,6 +319,36 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Stops this cluster (immediately) and removes its base directory as soon as process `pid` has exited,
+    /// from a detached shell. For test harnesses that keep one cluster for a whole test binary in a static, which
+    /// is never dropped: the cluster then goes away with the process, even when it panics or is killed.
+    pub fn reap_when_process_exits(&self, pid: u32) -> Result<(), ClusterError> {
+        let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+        let pg_ctl = quote(&self.bindir.join("pg_ctl"));
+        let run_as = match &self.run_as {
+            Some((user, _, _)) => format!("runuser -u {user} -- "),
+            None => String::new(),
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; \
+             {run_as}{pg_ctl} -D {} -m immediate -w stop >/dev/null 2>&1; rm -rf {}",
+            quote(&self.base.join("data")),
+            quote(&self.base)
+        );
+        use std::os::unix::process::CommandExt;
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            // Its own process group: a Ctrl-C to the test run must not kill the reaper before it has reaped.
+            .process_group(0)
+            .spawn()
+            .map_err(io_err("starting the cluster reaper"))?;
+        Ok(())
+    }
+
     /// The port Postgres listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
