@@ -615,9 +615,43 @@ fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<
         return read_secret_file(path);
     }
     let value = make();
-    std::fs::write(path, format!("{value}\n"))
-        .with_context(|| format!("writing {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    write_private(path, &value)?;
     Ok(value)
+}
+
+/// Creates `path` readable by its owner only from the first byte (not written world-readable, then restricted),
+/// and refuses to overwrite an existing file.
+fn write_private(path: &Path, value: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(format!("{value}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_secrets_are_private_from_the_first_byte() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("deeprecall-cli-{}", Uuid::new_v4()));
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("jwt-secret");
+        let value = read_or_create(&path, || "s3cret".into()).unwrap();
+        assert_eq!(value, "s3cret");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // An existing secret is read, never replaced.
+        assert_eq!(read_or_create(&path, || "other".into()).unwrap(), "s3cret");
+        assert!(write_private(&path, "other").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

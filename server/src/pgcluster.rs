@@ -140,8 +140,19 @@ impl LocalCluster {
         let fresh = !base.join("data").join("PG_VERSION").exists();
         let password = if fresh {
             let password = random_token(24);
-            std::fs::write(&password_file, format!("{password}\n"))
-                .map_err(io_err(format!("writing {}", password_file.display())))?;
+            // Created owner-only from the first byte (a leftover from a failed init is truncated, then restricted).
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&password_file)
+                    .and_then(|mut f| f.write_all(format!("{password}\n").as_bytes()))
+                    .map_err(io_err(format!("writing {}", password_file.display())))?;
+            }
             restrict_permissions(&password_file, run_as.as_ref())?;
             password
         } else {
