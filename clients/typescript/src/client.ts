@@ -217,6 +217,14 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
     });
   }
 
+  /** Ops in the outbox (not yet committed, or committed and not yet back from the stream), oldest first. */
+  async pendingOps(table?: string): Promise<WrittenOp[]> {
+    const all = await this.session.db.outbox.orderBy('seq').toArray();
+    return all
+      .filter((o) => table === undefined || o.table === table)
+      .map((o) => ({ opId: o.opId, table: o.table, kind: o.kind, rowId: o.rowId, seq: o.seq }));
+  }
+
   /** Ops not yet committed by the server (a guest's: all of them). */
   pendingCount(): Promise<number> {
     return this.session.outbox.pendingCount();
