@@ -86,6 +86,11 @@ export class Applier {
     return this.seenXids.has(xid);
   }
 
+  /** Another tab's applier applied `xid` to the shared database (see leader.ts). */
+  noteApplied(xid: string): void {
+    this.markSeen(xid);
+  }
+
   /** Resolves when the transaction `xid` has been applied locally (or was part of a snapshot). */
   awaitTxId(xid: string, signal?: AbortSignal): Promise<void> {
     if (this.seenXids.has(xid)) return Promise.resolve();

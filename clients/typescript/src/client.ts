@@ -9,6 +9,7 @@ import { Emitter, SerialQueue } from './events.js';
 import { flushGuestWork, guestDatabaseExists } from './guest.js';
 import { Outbox, type OutboxEvents } from './outbox.js';
 import { mergeRows } from './overlay.js';
+import { TabLeadership } from './leader.js';
 import { LiveStream, type StreamEvents, type StreamStatus } from './stream.js';
 import { TokenSource } from './token.js';
 import { Transport } from './transport.js';
@@ -57,6 +58,8 @@ interface Session {
   applier: Applier;
   outbox: Outbox;
   stream: LiveStream | null;
+  leadership: TabLeadership | null;
+  applierEvents: Emitter<ApplierEvents>;
   streamStatus: StreamStatus | 'signed_out';
   unsubscribe: Array<() => void>;
   sweepTimer?: ReturnType<typeof setInterval>;
@@ -342,9 +345,21 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       events: streamEvents,
       ...(this.options.WebSocket ? { WebSocket: this.options.WebSocket } : {}),
     });
+    const stream = session.stream;
+    const leadership = new TabLeadership(db.name, {
+      lead: () => stream.start(),
+      status: (s) => {
+        session.streamStatus = s as StreamStatus;
+        this.updateState();
+      },
+      applied: (xid) => session.applier.noteApplied(xid),
+    });
+    session.leadership = leadership;
     session.unsubscribe.push(
+      session.applierEvents.on('applied', ({ xid }) => leadership.publishApplied(xid)),
       streamEvents.on('status', (s) => {
         session.streamStatus = s;
+        leadership.publishStatus(s);
         this.updateState();
       }),
       streamEvents.on('opened', () => {
@@ -363,9 +378,11 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
         if (reason === 'signed_out') this.events.emit('signedOut', { userId });
       }),
     );
-    session.stream.start();
+    leadership.start();
     session.outbox.setEnabled(true);
-    session.sweepTimer = setInterval(() => void session.applier.sweep(ACK_ECHO_GRACE_MS).catch(() => undefined), 5_000);
+    session.sweepTimer = setInterval(() => {
+      if (leadership.isLeader) void session.applier.sweep(ACK_ECHO_GRACE_MS).catch(() => undefined);
+    }, 5_000);
     return session;
   }
 
@@ -386,7 +403,18 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       seenXid: (x) => applier.seen(x),
       limits: outboxLimits,
     });
-    const session: Session = { mode, userId, db, applier, outbox, stream: null, streamStatus: 'connecting', unsubscribe: [] };
+    const session: Session = {
+      mode,
+      userId,
+      db,
+      applier,
+      applierEvents,
+      outbox,
+      stream: null,
+      leadership: null,
+      streamStatus: 'connecting',
+      unsubscribe: [],
+    };
     session.unsubscribe.push(
       applierEvents.on('applied', (e) => {
         this.stats.framesApplied++;
@@ -426,6 +454,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
     clearInterval(s.sweepTimer);
     s.outbox.stop();
     await s.stream?.stop();
+    await s.leadership?.stop();
     for (const u of s.unsubscribe) u();
     s.db.close();
   }

@@ -85,6 +85,8 @@ export class Outbox {
   private readonly sender = new SerialQueue();
   private loop: Promise<void> | null = null;
   private again = false;
+  /** seq -> txid of ops this client saw committed (bounded), so flush() can name the txids of its ops. */
+  private readonly ackLog = new Map<number, string>();
   private attempt = 0;
   private readonly stopper = new AbortController();
   /** Aborted to cut a backoff short (back online, new write). */
@@ -189,17 +191,31 @@ export class Outbox {
    * stop the flush. Throws FlushError when a request could not be delivered (then retried in the background).
    */
   async flush(opts: { retainSettled?: boolean } = {}): Promise<string[]> {
-    const txids: string[] = [];
+    // The ops pending now: flush() is done when none of them is pending any more, whoever sent them (the
+    // background loop may be sending one of their requests right now).
+    const pendingNow = (await this.pendingSeqs()).map((o) => o.seq);
+    const last = pendingNow.at(-1) ?? -Infinity;
     for (;;) {
+      const left = await this.db.outbox.where('[status+seq]').between(['pending', -Infinity], ['pending', last], true, true).count();
+      if (left === 0) break;
       const step = await this.sender.run(() => this.step(opts.retainSettled ?? false));
-      if (step.kind === 'empty') return txids;
-      if (step.kind === 'progress') {
-        if (step.txid) txids.push(step.txid);
-        continue;
-      }
+      if (step.kind === 'empty' || step.kind === 'progress') continue;
       if (this.enabled) this.kick();
       throw new FlushError(step.error.code, step.error.message, step.kind === 'retry');
     }
+    // Ours, and those of ops committed earlier (e.g. by the background loop just before) whose echo is still due.
+    const txids: string[] = [];
+    const add = (t: string | undefined): void => {
+      if (t !== undefined && !txids.includes(t)) txids.push(t);
+    };
+    for (const seq of pendingNow) add(this.ackLog.get(seq));
+    const waiting = await this.db.outbox.where('[status+seq]').between(['acked', -Infinity], ['acked', Infinity]).toArray();
+    for (const op of waiting) add(op.txid);
+    return txids;
+  }
+
+  private pendingSeqs(): Promise<OutboxRecord[]> {
+    return this.db.outbox.where('[status+seq]').between(['pending', -Infinity], ['pending', Infinity]).toArray();
   }
 
   /** Stops background sending for good (the client is closing or switching databases). */
@@ -294,6 +310,12 @@ export class Outbox {
             await recomputeLocal(db, touched);
           }),
         );
+        for (const seq of settlement.acked) this.ackLog.set(seq, txid);
+        while (this.ackLog.size > 100_000) {
+          const oldest = this.ackLog.keys().next().value;
+          if (oldest === undefined) break;
+          this.ackLog.delete(oldest);
+        }
         if (settlement.echoExpected) this.events.emit('acked', { txid });
         return settlement.echoExpected ? { kind: 'progress', txid } : { kind: 'progress' };
       }

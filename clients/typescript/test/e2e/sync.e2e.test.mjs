@@ -293,4 +293,39 @@ describe('sync client in a real browser', { concurrency: false }, () => {
       await d1.close();
     }
   });
+
+  test('6: two tabs of one device share one stream; the second takes over when the first closes', async () => {
+    const user = randomUUID();
+    const dev = await h.device({ user });
+    const other = await h.device({ user });
+    try {
+      const tabA = dev.page;
+      await dev.waitLive();
+      const sockets = [];
+      dev.context.on('page', (p) => p.on('websocket', (ws) => sockets.push(ws.url())));
+      const tabB = await dev.open(); // dev.page is now tab B
+      await waitFor('tab B mirrors the live state', async () => (await tabB.evaluate(() => window.app.sync.state)) === 'live');
+      await sleep(500);
+      assert.equal(sockets.length, 0, 'the second tab opened no socket of its own');
+
+      // A write in the follower tab is sent (outbox shared), echoed through the leader, awaited in the follower.
+      await tabB.evaluate(async () => {
+        await window.app.sync.write([{ table: 'works', kind: 'insert', row: { title: 'From tab B' } }]);
+        for (const txid of await window.app.sync.flush()) await window.app.sync.awaitTxId(txid, { timeoutMs: 10_000 });
+      });
+      await waitFor('tab A shows it', async () => (await tabA.$$eval('#works li .title', (e) => e.map((x) => x.textContent))).includes('From tab B'));
+      await waitFor('the other device shows it', hasTitle(other, 'From tab B'));
+      assert.equal(await tabB.evaluate(() => window.app.sync.pendingCount()), 0);
+
+      // The leader's tab closes: tab B takes over the stream.
+      await tabA.close();
+      await waitFor('tab B opened its own socket', async () => sockets.length === 1, { timeoutMs: 10_000 });
+      await waitFor('tab B live', async () => (await tabB.evaluate(() => window.app.sync.state)) === 'live');
+      await other.eval(() => window.app.sync.write([{ table: 'works', kind: 'insert', row: { title: 'After takeover' } }]));
+      await waitFor('tab B receives changes', async () => (await dev.titles()).includes('After takeover'));
+      assert.equal((await h.pgRows('works', user)).length, 2);
+    } finally {
+      await Promise.all([dev.close(), other.close()]);
+    }
+  });
 });
