@@ -132,13 +132,16 @@ export class Applier {
   }
 
   /**
-   * Drops acknowledged ops whose echo did not come (it was part of a snapshot, or arrived before the answer and
-   * fell out of memory) once the stream is live and they are older than `maxAgeMs`.
+   * Drops acknowledged ops whose echo did not come once the stream is live: ops with a txid after `maxAgeMs` (their
+   * transaction was part of a snapshot, or its echo came before the answer and fell out of memory), `duplicate`
+   * ops (no txid: their transaction committed in an earlier attempt) after `duplicateAgeMs`.
    */
-  sweep(maxAgeMs: number): Promise<void> {
+  sweep(maxAgeMs: number, duplicateAgeMs: number): Promise<void> {
     if (!this.allLive()) return Promise.resolve();
-    const cutoff = Date.now() - maxAgeMs;
-    return this.writer.run(() => this.dropAcked((op) => (op.ackedAt ?? 0) < cutoff));
+    const now = Date.now();
+    return this.writer.run(() =>
+      this.dropAcked((op) => (op.ackedAt ?? 0) < now - (op.txid === undefined ? duplicateAgeMs : maxAgeMs)),
+    );
   }
 
   private tables(): string[] {
@@ -238,7 +241,7 @@ export class Applier {
     return keys.filter((_, i) => found[i] !== undefined);
   }
 
-  private async dropAcked(pred: (op: { table: string; ackedAt?: number }) => boolean): Promise<void> {
+  private async dropAcked(pred: (op: { table: string; ackedAt?: number; txid?: string }) => boolean): Promise<void> {
     const db = this.db;
     const txids = await db.transaction('rw', this.tables(), async () => {
       const acked = (await db.outbox.where('[status+seq]').between(['acked', -Infinity], ['acked', Infinity]).toArray()).filter(pred);

@@ -56,8 +56,10 @@ export function planChunk<T extends QueuedOp>(
 export interface BatchSettlement {
   /** Committed in `txid`: keep the local effect until the stream brings `txid` back. */
   acked: number[];
-  /** `duplicate` (committed by an earlier attempt whose answer was lost) or `not_found` (no row to change). */
-  settled: number[];
+  /** `duplicate`: committed by an earlier attempt whose answer was lost, in a transaction whose xid is unknown. */
+  duplicate: number[];
+  /** `not_found`: no row to change; nothing happened and nothing will come back. */
+  notFound: number[];
   /** The transaction will appear on the stream only when at least one op was applied now. */
   echoExpected: boolean;
 }
@@ -68,14 +70,16 @@ export interface BatchSettlement {
  */
 export function settleBatch(chunk: readonly QueuedOp[], response: BatchResponse): BatchSettlement {
   const status = new Map(response.results.map((r) => [r.op_id, r.status]));
-  const out: BatchSettlement = { acked: [], settled: [], echoExpected: false };
+  const out: BatchSettlement = { acked: [], duplicate: [], notFound: [], echoExpected: false };
   for (const op of chunk) {
     const s = status.get(op.opId);
     if (s === 'applied') {
       out.acked.push(op.seq);
       out.echoExpected = true;
-    } else if (s === 'duplicate' || s === 'not_found') {
-      out.settled.push(op.seq);
+    } else if (s === 'duplicate') {
+      out.duplicate.push(op.seq);
+    } else if (s === 'not_found') {
+      out.notFound.push(op.seq);
     }
   }
   return out;

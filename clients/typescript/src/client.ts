@@ -49,7 +49,10 @@ export interface SyncEvents {
 export type TableRows<Schema, T extends string> = T extends keyof Schema ? Schema[T] : Row;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+/** Acknowledged ops whose echo never matched are dropped after this long while live (see applier.sweep). */
 const ACK_ECHO_GRACE_MS = 15_000;
+/** `duplicate` ops (no xid to wait for) keep their local effect this long while live. */
+const DUPLICATE_GRACE_MS = 2_000;
 
 interface Session {
   mode: 'guest' | 'user';
@@ -381,8 +384,8 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
     leadership.start();
     session.outbox.setEnabled(true);
     session.sweepTimer = setInterval(() => {
-      if (leadership.isLeader) void session.applier.sweep(ACK_ECHO_GRACE_MS).catch(() => undefined);
-    }, 5_000);
+      if (leadership.isLeader) void session.applier.sweep(ACK_ECHO_GRACE_MS, DUPLICATE_GRACE_MS).catch(() => undefined);
+    }, 1_000);
     return session;
   }
 

@@ -1,7 +1,8 @@
 // The outbox: every local write, in order, in IndexedDB, until the server has it and the stream has brought it back.
 //
 //   write() ──▶ [pending] ──/v1/batch 200──▶ [acked, txid] ──txn frame with that xid (applier)──▶ removed
-//                  │  ▲                  └── duplicate / not_found ──▶ removed (nothing will come back)
+//                  │  ▲                  ├── duplicate ──▶ [acked, no txid] ──live for a moment (sweep)──▶ removed
+//                  │  ▲                  └── not_found ──▶ removed (nothing happened, nothing will come back)
 //                  │  └── network error, 5xx, 409 retry, 429: resend later, same op ids (backoff with jitter)
 //                  └── 4xx naming the op (op_index) ──▶ removed, local effect undone, `rejected` event
 //
@@ -298,7 +299,11 @@ export class Outbox {
                 } else {
                   await db.outbox.update(op.seq, { status: 'acked', txid, ackedAt: now });
                 }
-              } else if (settlement.settled.includes(op.seq)) {
+              } else if (settlement.duplicate.includes(op.seq)) {
+                // Committed earlier, in a transaction whose xid we never learnt: keep the local effect until the
+                // applier's sweep (its echo is normally already on the way), so the row does not flicker.
+                await db.outbox.update(op.seq, { status: 'acked', ackedAt: now });
+              } else if (settlement.notFound.includes(op.seq)) {
                 if (retainSettled) {
                   await db.outbox.update(op.seq, { status: 'acked', ackedAt: now });
                 } else {

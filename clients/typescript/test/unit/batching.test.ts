@@ -45,7 +45,7 @@ test('an op larger than a whole request is reported, not sent', () => {
   assert.equal(plan.tooLarge.seq, 1);
 });
 
-test('settleBatch: applied ops wait for their echo; duplicate and not_found are done', () => {
+test('settleBatch: applied ops wait for their echo; duplicate and not_found are told apart', () => {
   const chunk = [op(1), op(2), op(3), op(4)];
   const s = settleBatch(chunk, {
     txid: '900',
@@ -56,7 +56,8 @@ test('settleBatch: applied ops wait for their echo; duplicate and not_found are 
     ],
   });
   assert.deepEqual(s.acked, [1]);
-  assert.deepEqual(s.settled, [2, 3]);
+  assert.deepEqual(s.duplicate, [2]);
+  assert.deepEqual(s.notFound, [3]);
   assert.equal(s.echoExpected, true);
 });
 

@@ -147,7 +147,7 @@ test('network failures keep everything; the retry sends the same op ids', async 
   flaky.db.close();
 });
 
-test('duplicate and not_found answers settle ops at once (nothing will come back for them)', async () => {
+test('not_found settles at once; duplicate keeps its effect until the sweep, while live', async () => {
   const t = setup((ops) => ({
     status: 200,
     body: { txid: '5', results: ops.map((o, i) => ({ op_id: o.op_id, status: i === 0 ? 'duplicate' : 'not_found' })) },
@@ -157,6 +157,16 @@ test('duplicate and not_found answers settle ops at once (nothing will come back
     { table: 'works', kind: 'delete', row: { id: 'gone' } },
   ]);
   assert.deepEqual(await t.outbox.flush(), [], 'no txid to await');
+  assert.deepEqual((await t.db.outbox.toArray()).map((o) => [o.rowId, o.status, o.txid]), [['a', 'acked', undefined]]);
+  assert.deepEqual((await t.rows('works')).map((r) => r['id']), ['a'], 'the duplicate insert stays visible');
+  await t.applier.sweep(15_000, 0);
+  assert.equal(await t.db.outbox.count(), 1, 'no sweep before the stream is live');
+  await t.applier.handle({ type: 'up_to_date', id: 'works', offset: '1-01' });
+  await t.applier.handle({ type: 'up_to_date', id: 'annotations', offset: '1-01' });
+  await t.applier.sweep(15_000, 60_000);
+  assert.equal(await t.db.outbox.count(), 1, 'younger than the grace period');
+  await new Promise((r) => setTimeout(r, 5));
+  await t.applier.sweep(15_000, 1);
   assert.equal(await t.db.outbox.count(), 0);
   t.db.close();
 });
