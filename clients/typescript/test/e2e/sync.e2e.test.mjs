@@ -263,7 +263,7 @@ describe('sync client in a real browser', { concurrency: false }, () => {
       await d1.waitLive();
       // One write() with a good and a bad op: one batch, refused as a whole for the bad one (op_index 1).
       await d1.page.route(`${h.server.url}/v1/batch`, async (route) => {
-        await sleep(400); // long enough to see the optimistic rows first
+        await sleep(2_000); // the answer comes later than the optimistic rows
         await route.continue();
       });
       await d1.eval(() =>
@@ -272,7 +272,7 @@ describe('sync client in a real browser', { concurrency: false }, () => {
           { table: 'works', kind: 'insert', row: { title: 'Bad work', read_status: 'finished-ish' } },
         ]),
       );
-      await waitFor('both optimistic rows', async () => (await d1.titles()).length === 2, { timeoutMs: 1_000 });
+      await waitFor('both optimistic rows', async () => (await d1.titles()).length === 2, { timeoutMs: 5_000, intervalMs: 50 });
       await waitFor('rejection shown', async () => (await d1.page.$$('#rejections li')).length === 1);
       await waitFor('bad row gone, good row kept', async () => {
         const t = await d1.titles();
