@@ -532,13 +532,21 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
     }
   }
 
-  /** Resolves when the session's subscriptions are all live, or after `ms`. */
+  /**
+   * Resolves when the session's subscriptions are all live, or after `ms`, or at once when waiting cannot help
+   * (offline, no token): the rows then arrive when the stream connects.
+   */
   private waitLive(s: Session, ms: number): Promise<void> {
+    const settled = (): boolean =>
+      s.streamStatus === 'live' ||
+      s.streamStatus === 'signed_out' ||
+      s.streamStatus === 'offline' ||
+      !((globalThis.navigator as Navigator | undefined)?.onLine ?? true);
     return new Promise((resolve) => {
-      if (s.streamStatus === 'live') return resolve();
+      if (settled()) return resolve();
       const timer = setTimeout(done, ms);
       const poll = setInterval(() => {
-        if (s.streamStatus === 'live' || s.streamStatus === 'signed_out') done();
+        if (settled()) done();
       }, 50);
       function done(): void {
         clearTimeout(timer);

@@ -328,4 +328,38 @@ describe('sync client in a real browser', { concurrency: false }, () => {
       await Promise.all([dev.close(), other.close()]);
     }
   });
+
+  test('7: must_refetch (a TRUNCATE) clears and refetches that table only', async () => {
+    const user = randomUUID();
+    const d1 = await h.device({ user });
+    try {
+      await d1.waitLive();
+      await d1.eval(async () => {
+        const { sync } = window.app;
+        await sync.write([
+          { table: 'works', kind: 'insert', row: { title: 'Survives the truncate' } },
+          { table: 'activities', kind: 'insert', row: { title: 'Reading group' } },
+        ]);
+        for (const t of await sync.flush()) await sync.awaitTxId(t, { timeoutMs: 10_000 });
+      });
+      const counts = () => d1.eval(async () => {
+        const db = window.app.sync.db;
+        return { works: await db.table('works').count(), activities: await db.table('activities').count() };
+      });
+      await waitFor('both rows synced', async () => JSON.stringify(await counts()) === '{"works":1,"activities":1}');
+      await h.db.query('truncate activities');
+      await waitFor('activities cleared on the device', async () => (await counts()).activities === 0, { timeoutMs: 15_000 });
+      assert.equal((await counts()).works, 1, 'the other tables are untouched');
+      await waitFor('live again', async () => (await d1.state()) === 'live');
+      // The refetched subscription is live: a new activity arrives.
+      await d1.eval(() => window.app.sync.write([{ table: 'activities', kind: 'insert', row: { title: 'After truncate' } }]));
+      await waitFor('new activity synced', async () => {
+        const rows = await d1.eval(async () => (await window.app.sync.db.table('activities').toArray()).map((r) => r.title));
+        return rows.length === 1 && rows[0] === 'After truncate';
+      });
+      assert.deepEqual(await d1.titles(), ['Survives the truncate']);
+    } finally {
+      await d1.close();
+    }
+  });
 });
