@@ -230,7 +230,15 @@ export class Outbox {
       this.again = false;
       for (;;) {
         if (!this.enabled || this.stopper.signal.aborted || !isOnline()) return;
-        const step = await this.sender.run(() => this.step(false));
+        let step: Step;
+        try {
+          step = await this.sender.run(() => this.step(false));
+        } catch (e) {
+          // The local database failed (closed under us by close()/signOut(), or quota): nothing was lost (the
+          // ops are still stored); try again later unless stopped.
+          if (this.stopper.signal.aborted) return;
+          step = { kind: 'retry', error: { code: 'local_database', message: String(e) } };
+        }
         if (step.kind === 'empty') {
           this.attempt = 0;
           break;

@@ -203,6 +203,12 @@ export class LiveStream {
         if (this.socket === ws) this.socket = null;
       };
 
+      // The local database failed (closed by close(), quota): drop this connection; the loop decides what next.
+      const failed = (e: unknown): void => {
+        if (this.stopper.signal.aborted) return;
+        events.emit('error', { source: 'stream', code: 'local_database', message: String(e), retrying: true });
+        ws.close(4000, 'local database error');
+      };
       const subscribe = async (table: string, known?: Map<string, string | null>): Promise<void> => {
         const offsets = known ?? (await applier.offsets());
         const offset = offsets.get(table) ?? null;
@@ -246,7 +252,7 @@ export class LiveStream {
               if (retry) {
                 const t = setTimeout(() => {
                   retryTimers.delete(t);
-                  void subscribe(table);
+                  subscribe(table).catch(failed);
                 }, backoffDelay(2));
                 retryTimers.add(t);
               }
@@ -280,7 +286,7 @@ export class LiveStream {
         void (async () => {
           const offsets = await applier.offsets();
           for (const table of applier.db.syncedTables) await subscribe(table, offsets);
-        })();
+        })().catch(failed);
         scheduleRefresh();
         const interval = this.opts.pingIntervalMs ?? 25_000;
         pingTimer = setInterval(() => {
