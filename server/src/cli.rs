@@ -136,16 +136,56 @@ pub struct LimitArgs {
     /// Most concurrent WebSocket connections (503 above it).
     #[arg(long, env = "DEEPRECALL_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+    /// Most open client TCP connections, HTTP and WebSocket alike; above it the server stops accepting until one
+    /// closes. Default: the file-descriptor limit (raised to its hard limit at start) minus a reserve for the
+    /// database pool, the replication stream and files; a larger value is lowered to that.
+    #[arg(long, env = "DEEPRECALL_MAX_HTTP_CONNECTIONS")]
+    pub max_http_connections: Option<usize>,
+    /// Seconds a client has to send a complete request header, and an idle keep-alive connection stays open.
+    #[arg(long, env = "DEEPRECALL_HEADER_TIMEOUT_SECS", default_value_t = 20)]
+    pub header_timeout_secs: u64,
 }
 
-impl From<LimitArgs> for Limits {
-    fn from(a: LimitArgs) -> Self {
-        Self {
-            max_body_bytes: a.max_body_bytes,
-            max_ops_per_batch: a.max_ops_per_batch,
-            max_connections: a.max_connections,
+impl LimitArgs {
+    /// The limits, with the connection cap fitted under the process's file-descriptor limit (which is raised to
+    /// its hard limit first; both are logged).
+    fn limits(&self, pool_size: usize) -> Limits {
+        let fd_cap = fd_connection_budget(pool_size);
+        let max_http_connections = match self.max_http_connections {
+            Some(wanted) if wanted > fd_cap => {
+                tracing::warn!(
+                    wanted,
+                    allowed = fd_cap,
+                    "--max-http-connections is above what the file-descriptor limit allows; lowered"
+                );
+                fd_cap
+            }
+            Some(wanted) => wanted.max(1),
+            None => fd_cap,
+        };
+        Limits {
+            max_body_bytes: self.max_body_bytes,
+            max_ops_per_batch: self.max_ops_per_batch,
+            max_connections: self.max_connections,
+            max_http_connections,
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs.max(1)),
         }
     }
+}
+
+/// Raises the soft file-descriptor limit to the hard one and returns how many client connections fit under it:
+/// a reserve stays for the pool, the replication and watcher connections, the listener, logs and files.
+fn fd_connection_budget(pool_size: usize) -> usize {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
+    let soft = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(before.0);
+    tracing::info!(
+        soft_before = before.0,
+        soft_now = soft,
+        hard = before.1,
+        "file-descriptor limit"
+    );
+    let reserve = pool_size as u64 + 128;
+    usize::try_from(soft.saturating_sub(reserve).max(16)).unwrap_or(usize::MAX)
 }
 
 /// HTTP flags shared by `serve` and `dev`.
@@ -474,7 +514,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let auth = args.jwt.auth_config(None)?;
     let mut options = ServerOptions::new(args.database_url.clone(), auth);
     options.replication_url = args.replication_url.clone();
-    options.limits = args.limits.into();
+    options.limits = args.limits.limits(args.pool_size);
     options.pool_size = args.pool_size;
     options.migrate = args.migrate;
     options.slot = args.slot.clone();
@@ -525,7 +565,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             .mint(dev_user, false, 86_400)
             .context("minting the dev token")?;
         let mut options = ServerOptions::new(database_url.clone(), auth);
-        options.limits = args.limits.into();
+        options.limits = args.limits.limits(options.pool_size);
         options.cors = args.http.cors(CorsOrigins::Any)?;
         let server = start_server(options).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
@@ -602,9 +642,43 @@ fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<
         return read_secret_file(path);
     }
     let value = make();
-    std::fs::write(path, format!("{value}\n"))
-        .with_context(|| format!("writing {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    write_private(path, &value)?;
     Ok(value)
+}
+
+/// Creates `path` readable by its owner only from the first byte (not written world-readable, then restricted),
+/// and refuses to overwrite an existing file.
+fn write_private(path: &Path, value: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(format!("{value}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_secrets_are_private_from_the_first_byte() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("deeprecall-cli-{}", Uuid::new_v4()));
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("jwt-secret");
+        let value = read_or_create(&path, || "s3cret".into()).unwrap();
+        assert_eq!(value, "s3cret");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // An existing secret is read, never replaced.
+        assert_eq!(read_or_create(&path, || "other".into()).unwrap(), "s3cret");
+        assert!(write_private(&path, "other").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -140,8 +140,19 @@ impl LocalCluster {
         let fresh = !base.join("data").join("PG_VERSION").exists();
         let password = if fresh {
             let password = random_token(24);
-            std::fs::write(&password_file, format!("{password}\n"))
-                .map_err(io_err(format!("writing {}", password_file.display())))?;
+            // Created owner-only from the first byte (a leftover from a failed init is truncated, then restricted).
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&password_file)
+                    .and_then(|mut f| f.write_all(format!("{password}\n").as_bytes()))
+                    .map_err(io_err(format!("writing {}", password_file.display())))?;
+            }
             restrict_permissions(&password_file, run_as.as_ref())?;
             password
         } else {
@@ -316,6 +327,36 @@ impl LocalCluster {
         ];
         self.run_tool("pg_ctl", &args)?;
         self.running = true;
+        Ok(())
+    }
+
+    /// Stops this cluster (immediately) and removes its base directory as soon as process `pid` has exited,
+    /// from a detached shell. For test harnesses that keep one cluster for a whole test binary in a static, which
+    /// is never dropped: the cluster then goes away with the process, even when it panics or is killed.
+    pub fn reap_when_process_exits(&self, pid: u32) -> Result<(), ClusterError> {
+        let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+        let pg_ctl = quote(&self.bindir.join("pg_ctl"));
+        let run_as = match &self.run_as {
+            Some((user, _, _)) => format!("runuser -u {user} -- "),
+            None => String::new(),
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; \
+             {run_as}{pg_ctl} -D {} -m immediate -w stop >/dev/null 2>&1; rm -rf {}",
+            quote(&self.base.join("data")),
+            quote(&self.base)
+        );
+        use std::os::unix::process::CommandExt;
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            // Its own process group: a Ctrl-C to the test run must not kill the reaper before it has reaped.
+            .process_group(0)
+            .spawn()
+            .map_err(io_err("starting the cluster reaper"))?;
         Ok(())
     }
 

@@ -18,6 +18,13 @@ pub struct Limits {
     pub max_ops_per_batch: usize,
     /// Most concurrent WebSocket connections (503 above it).
     pub max_connections: usize,
+    /// Most open client TCP connections (HTTP and WebSocket alike); kept below the file-descriptor limit so
+    /// the database connections and the replication stream always have descriptors. Above it, the server
+    /// stops accepting until a connection closes.
+    pub max_http_connections: usize,
+    /// Time a client has to send a request's complete header; also how long an idle keep-alive connection
+    /// stays open between requests (slowloris and idle sockets cannot pile up).
+    pub header_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -26,6 +33,8 @@ impl Default for Limits {
             max_body_bytes: 8 * 1024 * 1024,
             max_ops_per_batch: 1000,
             max_connections: 100_000,
+            max_http_connections: 10_000,
+            header_timeout: std::time::Duration::from_secs(20),
         }
     }
 }

@@ -1,15 +1,18 @@
-//! Test harness: a real PostgreSQL cluster per test, started from the installed server binaries in a temp dir on a
-//! free port, and a deeprecall-sync server on 127.0.0.1:0 in front of it. Dropping [`TestEnv`] stops the server
-//! and Postgres and removes the directory, also when the test panics (unwinding runs the drops).
+//! Test harness: a real PostgreSQL database per test, in a cluster started from the installed server binaries in a
+//! temp dir on a free port (one cluster per test binary, a migrated database per test: see [`cluster`]), and a
+//! deeprecall-sync server on 127.0.0.1:0 in front of it. Dropping [`TestEnv`] stops the server and drops the
+//! database and its replication slot, also when the test panics (unwinding runs the drops).
 
+pub mod cluster;
 pub mod ops;
 pub mod stream;
+
+use cluster::TestDb;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use deeprecall_sync::auth::{AuthConfig, KeySource};
-use deeprecall_sync::pgcluster::{ClusterOptions, LocalCluster};
 use deeprecall_sync::state::{AppState, Limits};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -40,8 +43,8 @@ pub struct TestEnv {
     /// CORS origins the server is (re)started with.
     cors: deeprecall_sync::http::cors::CorsOrigins,
     // Declared last: dropped after the server is told to stop.
-    /// The cluster.
-    pub cluster: LocalCluster,
+    /// The database (and the cluster it is in).
+    pub db: TestDb,
 }
 
 /// Settings for [`TestEnv::start_with`].
@@ -51,11 +54,14 @@ pub struct EnvOptions {
     pub limits: Option<Limits>,
     /// Origins allowed to call the API from a browser (default: none, as `serve`).
     pub cors: deeprecall_sync::http::cors::CorsOrigins,
+    /// Run Postgres in a cluster of the test's own, for tests that restart or reconfigure it (default: a database
+    /// in the test binary's shared cluster).
+    pub own_cluster: bool,
 }
 
-/// Starts a server in front of `cluster` on 127.0.0.1:0.
+/// Starts a server in front of `db` on 127.0.0.1:0.
 async fn serve(
-    cluster: &LocalCluster,
+    db: &TestDb,
     auth: AuthConfig,
     limits: Limits,
     hub: deeprecall_sync::live::hub::HubConfig,
@@ -65,7 +71,8 @@ async fn serve(
     tokio::task::JoinHandle<()>,
     SocketAddr,
 ) {
-    let mut options = deeprecall_sync::cli::ServerOptions::new(cluster.url(DB_NAME), auth);
+    let mut options = deeprecall_sync::cli::ServerOptions::new(db.url(), auth);
+    options.slot = db.slot_name();
     options.limits = limits;
     options.hub = hub;
     options.cors = cors;
@@ -85,24 +92,11 @@ async fn serve(
     (server, http_task, addr)
 }
 
-/// Starts a throwaway cluster with the test database created (not migrated).
-pub async fn start_cluster() -> (LocalCluster, String) {
-    let cluster = tokio::task::spawn_blocking(|| {
-        LocalCluster::start_temporary(&ClusterOptions {
-            ephemeral: true,
-            ..Default::default()
-        })
-    })
-    .await
-    .expect("cluster task")
-    .expect("starting a throwaway Postgres cluster");
-    let admin = connect(&cluster.url("postgres")).await;
-    admin
-        .batch_execute(&format!("create database {DB_NAME}"))
-        .await
-        .expect("create database");
-    let url = cluster.url(DB_NAME);
-    (cluster, url)
+/// Starts a throwaway cluster of its own with the test database created (not migrated).
+pub async fn start_cluster() -> (TestDb, String) {
+    let db = TestDb::own(DB_NAME).await;
+    let url = db.url();
+    (db, url)
 }
 
 /// Connects with the server's pinned session settings.
@@ -141,21 +135,25 @@ impl TestEnv {
         Self::start_with_auth(options, test_auth()).await
     }
 
-    /// Starts a server (migrating the database) in front of `cluster`.
-    async fn launch(cluster: LocalCluster, auth: AuthConfig, options: EnvOptions) -> Self {
-        Self::launch_with_hub(cluster, auth, options, Default::default()).await
+    /// Starts a server (migrating the database) in front of a new test database.
+    async fn launch(auth: AuthConfig, options: EnvOptions) -> Self {
+        Self::launch_with_hub(auth, options, Default::default()).await
     }
 
     /// Like [`TestEnv::launch`] with explicit hub limits.
     async fn launch_with_hub(
-        cluster: LocalCluster,
         auth: AuthConfig,
         options: EnvOptions,
         hub: deeprecall_sync::live::hub::HubConfig,
     ) -> Self {
+        let db = if options.own_cluster {
+            TestDb::own(DB_NAME).await
+        } else {
+            TestDb::shared().await
+        };
         let limits = options.limits.unwrap_or_default();
         let cors = options.cors;
-        let (server, http_task, addr) = serve(&cluster, auth, limits, hub, cors.clone()).await;
+        let (server, http_task, addr) = serve(&db, auth, limits, hub, cors.clone()).await;
         let state = server.state.clone();
         Self {
             base: format!("http://{addr}"),
@@ -167,7 +165,7 @@ impl TestEnv {
             http_task: Some(http_task),
             hub,
             cors,
-            cluster,
+            db,
         }
     }
 
@@ -181,7 +179,7 @@ impl TestEnv {
     /// Starts a server again after [`TestEnv::stop_server`].
     pub async fn start_server_again(&mut self) {
         let (server, http_task, addr) = serve(
-            &self.cluster,
+            &self.db,
             test_auth(),
             self.state.limits,
             self.hub,
@@ -198,7 +196,7 @@ impl TestEnv {
 
     /// Database URL (superuser) of the test database.
     pub fn db_url(&self) -> String {
-        self.cluster.url(DB_NAME)
+        self.db.url()
     }
 
     /// A superuser connection to the test database (bypasses RLS: for setup and for checking the truth).
@@ -298,8 +296,7 @@ impl TestEnv {
     /// Like [`TestEnv::start_with`], but the server verifies tokens with `auth` instead of [`test_auth`] (for
     /// RS256/EdDSA, JWKS, issuer and audience tests). [`TestEnv::token`] only works when `auth` has a secret.
     pub async fn start_with_auth(options: EnvOptions, auth: AuthConfig) -> Self {
-        let (cluster, _) = start_cluster().await;
-        Self::launch(cluster, auth, options).await
+        Self::launch(auth, options).await
     }
 
     /// POSTs raw bytes (any content, not necessarily JSON) with an optional bearer token.
@@ -433,14 +430,13 @@ impl TestEnv {
         options: EnvOptions,
         hub: deeprecall_sync::live::hub::HubConfig,
     ) -> Self {
-        let (cluster, _) = start_cluster().await;
-        Self::launch_with_hub(cluster, test_auth(), options, hub).await
+        Self::launch_with_hub(test_auth(), options, hub).await
     }
 
     /// Stops Postgres (fast shutdown, or an immediate "crash" when `crash`) and starts it again on the same port,
     /// while the server keeps running. Blocks a runtime worker: needs `#[tokio::test(flavor = "multi_thread")]`.
     pub async fn restart_postgres(&mut self, crash: bool) {
-        let cluster = &mut self.cluster;
+        let cluster = self.db.own_cluster_mut();
         tokio::task::block_in_place(|| {
             if crash {
                 cluster.kill().expect("killing Postgres");

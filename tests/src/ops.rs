@@ -167,6 +167,8 @@ impl TlsCluster {
                 ephemeral: true,
                 ..Default::default()
             })?;
+            // Stopped even if the test binary is killed rather than unwinding.
+            cluster.reap_when_process_exits(std::process::id())?;
             // Files Postgres reads must belong to the user it runs as (as root: `postgres`, who owns the base
             // directory), and the key must not be readable by others or Postgres refuses to start.
             let base = cluster.base_dir().to_path_buf();

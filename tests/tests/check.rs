@@ -15,6 +15,13 @@ fn failing(report: &Report) -> Vec<&'static str> {
         .collect()
 }
 
+/// The check `serve` would need for this test's database (its server uses a slot of its own).
+fn args(env: &TestEnv) -> CheckArgs {
+    let mut args = CheckArgs::new(env.db_url());
+    args.slot = env.db.slot_name();
+    args
+}
+
 fn line<'a>(report: &'a Report, name: &str) -> &'a deeprecall_sync::check::Check {
     report
         .get(name)
@@ -38,7 +45,7 @@ fn assert_only_failure(report: &Report, name: &str, mentions: &str) {
 #[tokio::test]
 async fn a_good_database_passes() {
     let env = TestEnv::start().await;
-    let report = check(&CheckArgs::new(env.db_url())).await;
+    let report = check(&args(&env)).await;
     let text = report.to_text();
     assert!(failing(&report).is_empty(), "{text}");
     assert_eq!(report.exit_code(), 0, "{text}");
@@ -75,7 +82,8 @@ async fn a_good_database_passes() {
 
     // The same through the binary: exit 0, one line per check, and --json for scripts.
     let url = env.db_url();
-    let out = run_bin(&["check"], &[("DATABASE_URL", &url)]).await;
+    let slot = env.db.slot_name();
+    let out = run_bin(&["check", "--slot", &slot], &[("DATABASE_URL", &url)]).await;
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
     assert!(
         out.stdout
@@ -92,12 +100,25 @@ async fn a_good_database_passes() {
         out.stdout
     );
     assert!(
-        !out.stdout.contains(env.cluster.password()),
+        !out.stdout.contains(env.db.cluster().password()),
         "password printed"
     );
-    let out = run_bin(&["check", "--json"], &[("DATABASE_URL", &url)]).await;
+    // The slot from the environment, as the systemd unit passes it.
+    let out = run_bin(
+        &["check", "--json"],
+        &[("DATABASE_URL", &url), ("DEEPRECALL_SLOT", &slot)],
+    )
+    .await;
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
     let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("check --json output");
+    assert!(
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "slot" && c["detail"].as_str().unwrap().contains("active")),
+        "{v}"
+    );
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["counts"]["fail"], 0, "{v}");
     assert!(
@@ -113,10 +134,12 @@ async fn a_good_database_passes() {
 #[tokio::test]
 async fn wal_level_replica_fails() {
     let cluster = tokio::task::spawn_blocking(|| {
-        LocalCluster::start_temporary(&ClusterOptions {
+        let cluster = LocalCluster::start_temporary(&ClusterOptions {
             ephemeral: true,
             extra_settings: vec![("wal_level".into(), "replica".into())],
-        })
+        })?;
+        cluster.reap_when_process_exits(std::process::id())?;
+        Ok::<_, deeprecall_sync::pgcluster::ClusterError>(cluster)
     })
     .await
     .unwrap()
@@ -162,7 +185,7 @@ async fn a_table_out_of_the_publication_fails() {
         .batch_execute("alter publication deeprecall_sync drop table boards")
         .await
         .unwrap();
-    let report = check(&CheckArgs::new(env.db_url())).await;
+    let report = check(&args(&env)).await;
     assert_only_failure(&report, "publication", "public.boards");
     assert!(
         line(&report, "publication")
@@ -183,7 +206,7 @@ async fn rls_not_forced_fails() {
         .batch_execute("alter table works no force row level security")
         .await
         .unwrap();
-    let report = check(&CheckArgs::new(env.db_url())).await;
+    let report = check(&args(&env)).await;
     assert_only_failure(&report, "row_level_security", "not forced on works");
 
     // And a policy that lets everyone read everything is reported too.
@@ -196,7 +219,7 @@ async fn rls_not_forced_fails() {
         )
         .await
         .unwrap();
-    let report = check(&CheckArgs::new(env.db_url())).await;
+    let report = check(&args(&env)).await;
     assert_only_failure(
         &report,
         "row_level_security",
@@ -212,7 +235,7 @@ async fn a_missing_grant_fails() {
         .batch_execute("revoke update on annotations from deeprecall_user")
         .await
         .unwrap();
-    let report = check(&CheckArgs::new(env.db_url())).await;
+    let report = check(&args(&env)).await;
     assert_only_failure(
         &report,
         "grants",
@@ -223,13 +246,13 @@ async fn a_missing_grant_fails() {
     deeprecall_sync::db::migrate::migrate(&mut db)
         .await
         .unwrap();
-    let report = check(&CheckArgs::new(env.db_url())).await;
+    let report = check(&args(&env)).await;
     assert!(failing(&report).is_empty(), "{}", report.to_text());
 }
 
 #[tokio::test]
 async fn an_unmigrated_database_and_a_role_without_replication_fail() {
-    let (cluster, url) = deeprecall_tests::start_cluster().await;
+    let (db, url) = deeprecall_tests::start_cluster().await;
     let report = check(&CheckArgs::new(url.clone())).await;
     let text = report.to_text();
     assert_eq!(failing(&report), vec!["schema_version"], "{text}");
@@ -255,7 +278,7 @@ async fn an_unmigrated_database_and_a_role_without_replication_fail() {
         .unwrap();
     let plain = format!(
         "postgres://plain:plain-password@127.0.0.1:{}/{DB_NAME}",
-        cluster.port()
+        db.cluster().port()
     );
     let report = check(&CheckArgs::new(plain)).await;
     let c = line(&report, "replication_role");

@@ -69,7 +69,12 @@ fn generation(offset: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_slot_means_refetch_then_a_fresh_snapshot() {
-    let mut env = TestEnv::start().await;
+    // `alter system` and checkpoints: a cluster of its own.
+    let mut env = TestEnv::start_with(deeprecall_tests::EnvOptions {
+        own_cluster: true,
+        ..Default::default()
+    })
+    .await;
     let alice = Uuid::new_v4();
     let (w1, w2) = (Uuid::new_v4(), Uuid::new_v4());
     env.batch(
@@ -196,7 +201,11 @@ async fn lost_slot_means_refetch_then_a_fresh_snapshot() {
 /// Postgres goes away under a live subscription and comes back: the same socket gets everything written just
 /// before and after, exactly once.
 async fn survives_postgres_restart(crash: bool) {
-    let mut env = TestEnv::start().await;
+    let mut env = TestEnv::start_with(deeprecall_tests::EnvOptions {
+        own_cluster: true,
+        ..Default::default()
+    })
+    .await;
     let alice = Uuid::new_v4();
     let mut client = StreamClient::connect(&env.base, &env.token(alice)).await;
     client.subscribe("w", "works", Value::Null).await;

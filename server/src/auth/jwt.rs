@@ -94,9 +94,12 @@ pub enum AuthError {
     /// `aud` does not match.
     #[error("token audience is not accepted")]
     InvalidAudience,
-    /// `sub` is not a UUID.
-    #[error("token subject (sub) must be a UUID")]
+    /// `sub` is not a UUID in canonical form.
+    #[error("token subject (sub) must be a UUID in canonical form (lowercase, hyphenated)")]
     InvalidSubject,
+    /// The header has a `crit` parameter (extensions this server does not understand).
+    #[error("token header has critical extensions (crit) this server does not support")]
+    UnsupportedCritical,
     /// No key matches the token's `kid`.
     #[error("no verification key for this token's kid")]
     UnknownKey,
@@ -120,6 +123,7 @@ impl AuthError {
             Self::InvalidIssuer => "invalid_issuer",
             Self::InvalidAudience => "invalid_audience",
             Self::InvalidSubject => "invalid_subject",
+            Self::UnsupportedCritical => "unsupported_critical_header",
             Self::UnknownKey => "unknown_key",
             Self::Forbidden => "forbidden",
         }
@@ -227,8 +231,11 @@ impl AuthConfig {
         let algorithm: Algorithm = alg
             .parse()
             .map_err(|_| AuthError::UnsupportedAlgorithm(alg.clone()))?;
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            // The library's text stays in the log: a client learns what is wrong, not how we parse.
+            tracing::debug!(error = %e, "token header rejected");
+            AuthError::Malformed("the header is not a valid JWT header".into())
+        })?;
         let candidates: Vec<&VerifyKey> = self
             .keys
             .iter()
@@ -283,6 +290,12 @@ impl AuthConfig {
             .and_then(Value::as_str)
             .ok_or(AuthError::InvalidSubject)?;
         let user_id = Uuid::parse_str(sub).map_err(|_| AuthError::InvalidSubject)?;
+        // One user, one spelling: `Uuid::parse_str` also takes uppercase, braces, `urn:uuid:` and unhyphenated
+        // forms, which would let differently written subjects (perhaps different users to the token issuer)
+        // silently become the same user here.
+        if user_id.hyphenated().to_string() != sub {
+            return Err(AuthError::InvalidSubject);
+        }
         let admin = match claims.get(&self.admin_claim) {
             Some(Value::String(s)) => *s == self.admin_value,
             Some(Value::Array(items)) => items
@@ -372,6 +385,11 @@ fn header_alg(token: &str) -> Result<String, AuthError> {
         .map_err(|_| AuthError::Malformed("header is not base64url".into()))?;
     let value: Value = serde_json::from_slice(&bytes)
         .map_err(|_| AuthError::Malformed("header is not JSON".into()))?;
+    // RFC 7515 §4.1.11: a recipient must reject a token whose `crit` names extensions it does not understand, and
+    // this server understands none.
+    if value.get("crit").is_some() {
+        return Err(AuthError::UnsupportedCritical);
+    }
     value
         .get("alg")
         .and_then(Value::as_str)
@@ -393,7 +411,10 @@ fn map_error(kind: &ErrorKind) -> AuthError {
         ErrorKind::InvalidClaimFormat(c) => {
             AuthError::Malformed(format!("claim `{c}` has the wrong type"))
         }
-        other => AuthError::Malformed(format!("{other:?}")),
+        other => {
+            tracing::debug!(error = ?other, "token rejected");
+            AuthError::Malformed("the token could not be decoded".into())
+        }
     }
 }
 
@@ -476,6 +497,43 @@ mod tests {
         assert_eq!(
             c.verify(&none),
             Err(AuthError::UnsupportedAlgorithm("none".into()))
+        );
+    }
+
+    #[test]
+    fn non_canonical_subjects_and_critical_headers_are_refused() {
+        let c = config();
+        let now = jsonwebtoken::get_current_timestamp();
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let id = Uuid::new_v4();
+        for sub in [
+            id.hyphenated().to_string().to_uppercase(),
+            format!("{{{id}}}"),
+            format!("urn:uuid:{id}"),
+            id.simple().to_string(),
+        ] {
+            assert_eq!(
+                c.verify(&sign(json!({"sub": sub, "exp": now + 60}), secret)),
+                Err(AuthError::InvalidSubject),
+                "{sub}"
+            );
+        }
+        let mut header = Header::new(Algorithm::HS256);
+        header.crit = Some(vec!["exp".into()]);
+        let crit = jsonwebtoken::encode(
+            &header,
+            &json!({"sub": id.to_string(), "exp": now + 60}),
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap();
+        assert_eq!(c.verify(&crit), Err(AuthError::UnsupportedCritical));
+        assert_eq!(
+            c.verify(&sign(
+                json!({"sub": id.to_string(), "exp": now + 60}),
+                secret
+            ))
+            .map(|u| u.user_id),
+            Ok(id)
         );
     }
 }

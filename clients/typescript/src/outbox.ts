@@ -1,0 +1,399 @@
+// The outbox: every local write, in order, in IndexedDB, until the server has it and the stream has brought it back.
+//
+//   write() ──▶ [pending] ──/v1/batch 200──▶ [acked, txid] ──txn frame with that xid (applier)──▶ removed
+//                  │  ▲                  ├── duplicate ──▶ [acked, no txid] ──live for a moment (sweep)──▶ removed
+//                  │  ▲                  └── not_found ──▶ removed (nothing happened, nothing will come back)
+//                  │  └── network error, 5xx, 409 retry, 429: resend later, same op ids (backoff with jitter)
+//                  └── 4xx naming the op (op_index) ──▶ removed, local effect undone, `rejected` event
+//
+// A guest's outbox is the same table, never flushed while a guest: `signIn()` sends it (guest.ts).
+// Op ids are generated when an op is queued and never change, so a resent op is answered `duplicate` and applied
+// once. `seq` (the primary key) increases strictly per outbox and is never reused; with `clientId` (a UUID per
+// outbox, in deeprecall_state) it is ready for per-client sequence idempotency on the server.
+
+import {
+  DEFAULT_LIMITS,
+  planChunk,
+  settleBatch,
+  shrink,
+  toBatchOp,
+  type BatchLimits,
+} from './batching.js';
+import { backoffDelay } from './backoff.js';
+import { recomputeLocal, OUTBOX, LOCAL, STATE, type OutboxRecord, type SyncDatabase } from './database.js';
+import { SerialQueue, sleep, type Emitter } from './events.js';
+import { applyOp, normaliseRow } from './overlay.js';
+import type { ServerError, Transport } from './transport.js';
+import type { Rejection, SyncErrorEvent, WriteOp, WrittenOp } from './types.js';
+
+const KINDS = new Set(['insert', 'upsert', 'update', 'delete']);
+
+/** Events the outbox reports. */
+export interface OutboxEvents {
+  rejected: Rejection;
+  error: SyncErrorEvent;
+  acked: { txid: string };
+}
+
+/** A flush that could not finish; the outbox keeps the ops and retries in the background when it can. */
+export class FlushError extends Error {
+  constructor(
+    readonly code: string,
+    message: string,
+    readonly transient: boolean,
+  ) {
+    super(message);
+    this.name = 'FlushError';
+  }
+}
+
+type Step =
+  | { kind: 'empty' }
+  | { kind: 'progress'; txid?: string }
+  | { kind: 'retry'; error: ServerError; retryAfterMs?: number }
+  | { kind: 'blocked'; error: ServerError };
+
+export interface OutboxOptions {
+  db: SyncDatabase;
+  transport: Transport;
+  deviceId: string;
+  /** The single writer of the local database (shared with the applier). */
+  writer: SerialQueue;
+  events: Emitter<OutboxEvents>;
+  /** xids the stream has already applied (an answer may arrive after its own echo). */
+  seenXid: (xid: string) => boolean;
+  limits?: Partial<BatchLimits>;
+}
+
+function isOnline(): boolean {
+  const nav = globalThis.navigator as Navigator | undefined;
+  return nav?.onLine ?? true;
+}
+
+function newUuid(): string {
+  return crypto.randomUUID();
+}
+
+export class Outbox {
+  readonly db: SyncDatabase;
+  private readonly transport: Transport;
+  private readonly deviceId: string;
+  private readonly writer: SerialQueue;
+  private readonly events: Emitter<OutboxEvents>;
+  private readonly seenXid: (xid: string) => boolean;
+  private limits: BatchLimits;
+  /** One request in flight at a time, in outbox order. */
+  private readonly sender = new SerialQueue();
+  private loop: Promise<void> | null = null;
+  private again = false;
+  /** seq -> txid of ops this client saw committed (bounded), so flush() can name the txids of its ops. */
+  private readonly ackLog = new Map<number, string>();
+  private attempt = 0;
+  private readonly stopper = new AbortController();
+  /** Aborted to cut a backoff short (back online, new write). */
+  private wake = new AbortController();
+  /** Whether the background loop may send (signed in, online). */
+  private enabled = false;
+
+  constructor(opts: OutboxOptions) {
+    this.db = opts.db;
+    this.transport = opts.transport;
+    this.deviceId = opts.deviceId;
+    this.writer = opts.writer;
+    this.events = opts.events;
+    this.seenXid = opts.seenXid;
+    this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
+  }
+
+  /**
+   * Queues ops and applies them to the local view in one transaction (all or none). Validates before touching
+   * anything: unknown table, bad kind, missing id.
+   */
+  async enqueue(ops: readonly WriteOp[]): Promise<WrittenOp[]> {
+    const db = this.db;
+    const prepared = ops.map((op, i) => {
+      const where = `write op ${i}`;
+      if (typeof op !== 'object' || op === null) throw new TypeError(`${where}: must be an object`);
+      if (!db.syncedTables.includes(op.table)) {
+        throw new TypeError(`${where}: table ${JSON.stringify(op.table)} is not one of this client's tables (${db.syncedTables.join(', ')})`);
+      }
+      if (!KINDS.has(op.kind)) throw new TypeError(`${where}: kind must be insert, upsert, update or delete`);
+      const row = normaliseRow(op.row, where);
+      if (row['id'] === undefined && op.kind === 'insert') row['id'] = newUuid();
+      if (typeof row['id'] !== 'string' || row['id'] === '') throw new TypeError(`${where}: row.id must be a string (a UUID)`);
+      if (op.kind === 'update' && Object.keys(row).length < 2) {
+        throw new TypeError(`${where}: an update needs row.id and at least one column`);
+      }
+      return { table: op.table, kind: op.kind, row, rowId: row['id'] };
+    });
+    if (prepared.length === 0) return [];
+    const tables = [...new Set(prepared.map((p) => p.table))];
+    return this.writer.run(() =>
+      db.transaction('rw', [db.table(OUTBOX), db.table(LOCAL), db.table(STATE), ...tables.map((t) => db.table(t))], async () => {
+        const meta = await outboxMeta(db);
+        const written: WrittenOp[] = [];
+        const now = Date.now();
+        for (const p of prepared) {
+          const seq = meta.nextSeq++;
+          const record: OutboxRecord = {
+            seq,
+            opId: newUuid(),
+            table: p.table,
+            rowId: p.rowId,
+            kind: p.kind,
+            row: p.row,
+            status: 'pending',
+            createdAt: now,
+          };
+          await db.outbox.add(record);
+          // Lay the op over the row's current view (local entry if any, else the synced row).
+          const local = await db.local.get([p.table, p.rowId]);
+          const base = local ? local.row : await db.synced(p.table).get(p.rowId);
+          const next = applyOp(base, record);
+          await db.local.put({ table: p.table, id: p.rowId, row: next === undefined ? null : next });
+          written.push({ opId: record.opId, table: p.table, kind: p.kind, rowId: p.rowId, seq });
+        }
+        await db.state.put(meta);
+        return written;
+      }),
+    );
+  }
+
+  /** Number of ops not yet committed by the server. */
+  pendingCount(): Promise<number> {
+    return this.db.outbox.where('[status+seq]').between(['pending', -Infinity], ['pending', Infinity]).count();
+  }
+
+  /** Allows (or stops) background sending; enabling starts a flush. */
+  setEnabled(enabled: boolean): void {
+    this.enabled = enabled;
+    if (enabled) this.kick();
+  }
+
+  /** Something changed (a write, back online, reconnected): flush in the background soon. */
+  kick(): void {
+    if (!this.enabled || this.stopper.signal.aborted) return;
+    this.again = true;
+    this.wake.abort();
+    if (this.loop) return;
+    this.loop = this.runLoop().finally(() => {
+      this.loop = null;
+    });
+  }
+
+  /** Resets the backoff (the network is back). */
+  resetBackoff(): void {
+    this.attempt = 0;
+  }
+
+  /**
+   * Sends every pending op now. Resolves with the txids of the requests that committed at least one op (each
+   * will come back over the stream: `awaitTxId`). Rejections are reported through the `rejected` event and do not
+   * stop the flush. Throws FlushError when a request could not be delivered (then retried in the background).
+   */
+  async flush(opts: { retainSettled?: boolean } = {}): Promise<string[]> {
+    // The ops pending now: flush() is done when none of them is pending any more, whoever sent them (the
+    // background loop may be sending one of their requests right now).
+    const pendingNow = (await this.pendingSeqs()).map((o) => o.seq);
+    const last = pendingNow.at(-1) ?? -Infinity;
+    for (;;) {
+      const left = await this.db.outbox.where('[status+seq]').between(['pending', -Infinity], ['pending', last], true, true).count();
+      if (left === 0) break;
+      const step = await this.sender.run(() => this.step(opts.retainSettled ?? false));
+      if (step.kind === 'empty' || step.kind === 'progress') continue;
+      if (this.enabled) this.kick();
+      throw new FlushError(step.error.code, step.error.message, step.kind === 'retry');
+    }
+    // Ours, and those of ops committed earlier (e.g. by the background loop just before) whose echo is still due.
+    const txids: string[] = [];
+    const add = (t: string | undefined): void => {
+      if (t !== undefined && !txids.includes(t)) txids.push(t);
+    };
+    for (const seq of pendingNow) add(this.ackLog.get(seq));
+    const waiting = await this.db.outbox.where('[status+seq]').between(['acked', -Infinity], ['acked', Infinity]).toArray();
+    for (const op of waiting) add(op.txid);
+    return txids;
+  }
+
+  private pendingSeqs(): Promise<OutboxRecord[]> {
+    return this.db.outbox.where('[status+seq]').between(['pending', -Infinity], ['pending', Infinity]).toArray();
+  }
+
+  /** Stops background sending for good (the client is closing or switching databases). */
+  stop(): void {
+    this.enabled = false;
+    this.stopper.abort();
+  }
+
+  private async runLoop(): Promise<void> {
+    while (this.again && this.enabled && !this.stopper.signal.aborted) {
+      this.again = false;
+      for (;;) {
+        if (!this.enabled || this.stopper.signal.aborted || !isOnline()) return;
+        let step: Step;
+        try {
+          step = await this.sender.run(() => this.step(false));
+        } catch (e) {
+          // The local database failed (closed under us by close()/signOut(), or quota): nothing was lost (the
+          // ops are still stored); try again later unless stopped.
+          if (this.stopper.signal.aborted) return;
+          step = { kind: 'retry', error: { code: 'local_database', message: String(e) } };
+        }
+        if (step.kind === 'empty') {
+          this.attempt = 0;
+          break;
+        }
+        if (step.kind === 'progress') {
+          this.attempt = 0;
+          continue;
+        }
+        const delay = Math.max(step.kind === 'retry' ? (step.retryAfterMs ?? 0) : 0, backoffDelay(this.attempt++, {
+          baseMs: 500,
+          // A request the server refuses as a whole (no op to blame) is a client or server configuration problem:
+          // keep the data, retry slowly.
+          maxMs: step.kind === 'blocked' ? 60_000 : 30_000,
+        }));
+        this.events.emit('error', {
+          source: 'batch',
+          code: step.error.code,
+          message: step.error.message,
+          retrying: true,
+        });
+        this.wake = new AbortController();
+        await sleep(delay, AbortSignal.any([this.stopper.signal, this.wake.signal]));
+        this.again = true;
+        break;
+      }
+    }
+  }
+
+  /** One request: the next chunk of pending ops, and what its answer does to the outbox. */
+  private step(retainSettled: boolean): Promise<Step> {
+    return withOutboxLock(this.db.name, () => this.stepLocked(retainSettled));
+  }
+
+  private async stepLocked(retainSettled: boolean): Promise<Step> {
+    const db = this.db;
+    const pending = await db.outbox
+      .where('[status+seq]')
+      .between(['pending', -Infinity], ['pending', Infinity])
+      .limit(this.limits.maxOps)
+      .toArray();
+    if (pending.length === 0) return { kind: 'empty' };
+    const plan = planChunk(pending, this.deviceId, this.limits);
+    if ('tooLarge' in plan) {
+      await this.reject(plan.tooLarge, 0, {
+        code: 'payload_too_large',
+        message: `this op alone is larger than a batch may be (${this.limits.maxBytes} bytes)`,
+      });
+      return { kind: 'progress' };
+    }
+    const chunk = plan.chunk;
+    const outcome = await this.transport.batch(this.deviceId, chunk.map(toBatchOp));
+    switch (outcome.kind) {
+      case 'ok': {
+        const settlement = settleBatch(chunk, outcome.value);
+        const txid = outcome.value.txid;
+        await this.writer.run(() =>
+          db.transaction('rw', [db.table(OUTBOX), db.table(LOCAL), ...db.syncedTables.map((t) => db.table(t))], async () => {
+            const now = Date.now();
+            const echoed = this.seenXid(txid);
+            const touched: Array<[string, string]> = [];
+            for (const op of chunk) {
+              if (settlement.acked.includes(op.seq)) {
+                if (echoed && !retainSettled) {
+                  await db.outbox.delete(op.seq);
+                  touched.push([op.table, op.rowId]);
+                } else {
+                  await db.outbox.update(op.seq, { status: 'acked', txid, ackedAt: now });
+                }
+              } else if (settlement.duplicate.includes(op.seq)) {
+                // Committed earlier, in a transaction whose xid we never learnt: keep the local effect until the
+                // applier's sweep (its echo is normally already on the way), so the row does not flicker.
+                await db.outbox.update(op.seq, { status: 'acked', ackedAt: now });
+              } else if (settlement.notFound.includes(op.seq)) {
+                if (retainSettled) {
+                  await db.outbox.update(op.seq, { status: 'acked', ackedAt: now });
+                } else {
+                  await db.outbox.delete(op.seq);
+                  touched.push([op.table, op.rowId]);
+                }
+              }
+            }
+            await recomputeLocal(db, touched);
+          }),
+        );
+        for (const seq of settlement.acked) this.ackLog.set(seq, txid);
+        while (this.ackLog.size > 100_000) {
+          const oldest = this.ackLog.keys().next().value;
+          if (oldest === undefined) break;
+          this.ackLog.delete(oldest);
+        }
+        if (settlement.echoExpected) this.events.emit('acked', { txid });
+        return settlement.echoExpected ? { kind: 'progress', txid } : { kind: 'progress' };
+      }
+      case 'rejected': {
+        const index = outcome.error.op_index;
+        const op = index !== undefined ? chunk[index] : undefined;
+        if (!op) return { kind: 'blocked', error: outcome.error };
+        await this.reject(op, outcome.status, outcome.error);
+        return { kind: 'progress' };
+      }
+      case 'too_large': {
+        const smaller = shrink(this.limits, chunk.length);
+        const first = chunk[0];
+        if (!smaller) {
+          if (first) await this.reject(first, outcome.status, outcome.error);
+          return { kind: 'progress' };
+        }
+        // The server's limits are lower than configured: remember the smaller size.
+        this.limits = smaller;
+        return { kind: 'progress' };
+      }
+      case 'transient':
+        return outcome.retryAfterMs !== undefined
+          ? { kind: 'retry', error: outcome.error, retryAfterMs: outcome.retryAfterMs }
+          : { kind: 'retry', error: outcome.error };
+      case 'auth':
+        return { kind: 'blocked', error: outcome.error };
+    }
+  }
+
+  /** Removes a refused op, undoes its local effect, tells the app. */
+  private async reject(op: OutboxRecord, status: number, error: ServerError): Promise<void> {
+    const db = this.db;
+    await this.writer.run(() =>
+      db.transaction('rw', [db.table(OUTBOX), db.table(LOCAL), ...db.syncedTables.map((t) => db.table(t))], async () => {
+        await db.outbox.delete(op.seq);
+        await recomputeLocal(db, [[op.table, op.rowId]]);
+      }),
+    );
+    this.events.emit('rejected', {
+      op: { opId: op.opId, table: op.table, kind: op.kind, row: op.row },
+      table: op.table,
+      rowId: op.rowId,
+      code: error.code,
+      message: error.message,
+      status,
+    });
+  }
+}
+
+/** The outbox's identity and next seq (created on first use). */
+async function outboxMeta(db: SyncDatabase): Promise<{ key: 'outbox'; clientId: string; nextSeq: number }> {
+  const meta = await db.state.get('outbox');
+  if (meta && meta.key === 'outbox') return { ...meta };
+  // Continue after any op already present (a state row lost to a manual clear must not reuse a seq).
+  const last = await db.outbox.orderBy('seq').last();
+  return { key: 'outbox', clientId: newUuid(), nextSeq: (last?.seq ?? 0) + 1 };
+}
+
+/**
+ * Several tabs of one app share the outbox: only one of them sends at a time (Web Locks), so no two requests
+ * race with the same ops. Without Web Locks (old browsers, Node) each client sends on its own.
+ */
+async function withOutboxLock<T>(dbName: string, f: () => Promise<T>): Promise<T> {
+  const locks = (globalThis.navigator as Navigator | undefined)?.locks;
+  if (!locks) return f();
+  return locks.request(`deeprecall-outbox:${dbName}`, () => f());
+}

@@ -1,0 +1,313 @@
+// The live connection (`GET /v1/stream`, docs/protocol.md): one WebSocket, one subscription per table, resumed
+// from stored offsets after every reconnect; the token refreshed on the open socket before it expires.
+//
+//            ┌────────────── backoff (jitter) ◀──── close 1001/1002/4008/1006, failure before open ───┐
+//            ▼                                                                                        │
+//   idle ─▶ token? ─▶ open socket ─▶ subscribe all (offsets) ─▶ catching up ─▶ live ──────────────────┤
+//            │                                                  (all up_to_date)                      │
+//            │ null: signed out (stop)      4001: new token, reconnect at once ───────────────────────┘
+//            │ throws: offline-ish, retry   4003: token of another user (stop, report)
+//   browser offline: socket closed, wait for `online`
+//
+// Messages are handed to the applier strictly in arrival order, one at a time.
+
+import type { Applier } from './applier.js';
+import { backoffDelay } from './backoff.js';
+import type { Emitter } from './events.js';
+import { sleep } from './events.js';
+import { CloseCode, parseServerMessage, streamUrl, type ClientMessage, type ServerMessage } from './protocol.js';
+import type { TokenSource } from './token.js';
+import type { SyncErrorEvent } from './types.js';
+
+/** What the stream reports to the client. */
+export type StreamStatus = 'connecting' | 'live' | 'offline' | 'stopped';
+
+export interface StreamEvents {
+  status: StreamStatus;
+  error: SyncErrorEvent;
+  /** The socket opened (counted for diagnostics). */
+  opened: undefined;
+  tokenRefreshed: { expiresAt: number };
+  /** The stream stopped for good: `signed_out` (getToken returned null) or `other_user` (close 4003). */
+  stopped: { reason: 'signed_out' | 'other_user' | 'closed' };
+}
+
+export interface StreamOptions {
+  url: string;
+  tokens: TokenSource;
+  applier: Applier;
+  /** The user this database belongs to: a token of anyone else is not used. */
+  userId: string;
+  events: Emitter<StreamEvents>;
+  WebSocket?: typeof WebSocket;
+  pingIntervalMs?: number;
+  pongTimeoutMs?: number;
+}
+
+const RETRYABLE_SUBSCRIPTION_ERRORS = new Set(['stream_unavailable', 'database_error']);
+
+function isOnline(): boolean {
+  const nav = globalThis.navigator as Navigator | undefined;
+  return nav?.onLine ?? true;
+}
+
+export class LiveStream {
+  private readonly opts: StreamOptions;
+  private readonly WS: typeof WebSocket;
+  private socket: WebSocket | null = null;
+  private readonly stopper = new AbortController();
+  private running: Promise<void> | null = null;
+  private attempt = 0;
+  private status: StreamStatus = 'stopped';
+  /** Wakes the loop early (back online). */
+  private wake: AbortController = new AbortController();
+
+  constructor(opts: StreamOptions) {
+    this.opts = opts;
+    const WS = opts.WebSocket ?? globalThis.WebSocket;
+    if (!WS) throw new Error('no WebSocket implementation: pass options.WebSocket');
+    this.WS = WS;
+  }
+
+  start(): void {
+    if (this.running || this.stopper.signal.aborted) return;
+    globalThis.addEventListener?.('online', this.onOnline);
+    globalThis.addEventListener?.('offline', this.onOffline);
+    this.running = this.loop().finally(() => {
+      this.running = null;
+    });
+  }
+
+  async stop(): Promise<void> {
+    this.stopper.abort();
+    this.wake.abort();
+    globalThis.removeEventListener?.('online', this.onOnline);
+    globalThis.removeEventListener?.('offline', this.onOffline);
+    this.socket?.close(CloseCode.normal);
+    await this.running;
+    this.setStatus('stopped');
+  }
+
+  private readonly onOnline = (): void => {
+    this.attempt = 0;
+    this.wake.abort();
+  };
+
+  private readonly onOffline = (): void => {
+    this.setStatus('offline');
+    // The socket may linger half-open for a long time; do not wait for it.
+    this.socket?.close(CloseCode.normal, 'offline');
+  };
+
+  private setStatus(s: StreamStatus): void {
+    if (this.status === s) return;
+    this.status = s;
+    this.opts.events.emit('status', s);
+  }
+
+  private async pause(ms: number): Promise<void> {
+    this.wake = new AbortController();
+    const both = AbortSignal.any([this.wake.signal, this.stopper.signal]);
+    await sleep(ms, both);
+  }
+
+  private async loop(): Promise<void> {
+    while (!this.stopper.signal.aborted) {
+      if (!isOnline()) {
+        this.setStatus('offline');
+        await this.pause(60_000);
+        continue;
+      }
+      this.setStatus('connecting');
+      const tok = await this.opts.tokens.get();
+      if (this.stopper.signal.aborted) return;
+      if (!tok.ok) {
+        if (tok.problem === 'signed_out') {
+          this.opts.events.emit('stopped', { reason: 'signed_out' });
+          return;
+        }
+        this.opts.events.emit('error', { source: 'token', code: tok.problem, message: tok.message, retrying: true });
+        this.setStatus('offline');
+        await this.pause(backoffDelay(this.attempt++));
+        continue;
+      }
+      if (tok.claims.sub !== this.opts.userId) {
+        this.opts.events.emit('error', {
+          source: 'token',
+          code: 'other_user',
+          message: `getToken() returned a token of user ${tok.claims.sub}, but this database belongs to ${this.opts.userId}`,
+          retrying: false,
+        });
+        this.opts.events.emit('stopped', { reason: 'other_user' });
+        return;
+      }
+      const result = await this.session(tok.token);
+      if (this.stopper.signal.aborted) return;
+      this.opts.applier.disconnected();
+      switch (result.kind) {
+        case 'never_opened':
+          // Browsers hide the status of a failed upgrade: it may have been the token (docs/protocol.md).
+          this.opts.tokens.invalidate(tok.token);
+          break;
+        case 'closed':
+          if (result.code === CloseCode.otherUser) {
+            this.opts.events.emit('error', {
+              source: 'stream',
+              code: 'other_user',
+              message: 'the server closed the stream: a refreshed token belonged to another user (4003)',
+              retrying: false,
+            });
+            this.opts.events.emit('stopped', { reason: 'other_user' });
+            return;
+          }
+          if (result.code === CloseCode.tokenExpired) {
+            this.opts.tokens.invalidate(tok.token);
+            continue; // reconnect at once with a new token
+          }
+          break;
+      }
+      if (!isOnline()) continue;
+      this.setStatus('connecting');
+      await this.pause(backoffDelay(this.attempt++));
+    }
+  }
+
+  /** One WebSocket connection from open to close. */
+  private session(token: string): Promise<{ kind: 'never_opened' } | { kind: 'closed'; code: number }> {
+    return new Promise((resolve) => {
+      const { applier, events } = this.opts;
+      let ws: WebSocket;
+      try {
+        ws = new this.WS(streamUrl(this.opts.url, token));
+      } catch (e) {
+        events.emit('error', { source: 'stream', code: 'connect_failed', message: String(e), retrying: true });
+        resolve({ kind: 'never_opened' });
+        return;
+      }
+      this.socket = ws;
+      let opened = false;
+      let chain: Promise<void> = Promise.resolve();
+      let refreshTimer: ReturnType<typeof setTimeout> | undefined;
+      let pingTimer: ReturnType<typeof setInterval> | undefined;
+      let pongDeadline: ReturnType<typeof setTimeout> | undefined;
+      const retryTimers = new Set<ReturnType<typeof setTimeout>>();
+
+      const send = (m: ClientMessage): void => {
+        if (ws.readyState === ws.OPEN) ws.send(JSON.stringify(m));
+      };
+      const cleanup = (): void => {
+        clearTimeout(refreshTimer);
+        clearInterval(pingTimer);
+        clearTimeout(pongDeadline);
+        for (const t of retryTimers) clearTimeout(t);
+        if (this.socket === ws) this.socket = null;
+      };
+
+      // The local database failed (closed by close(), quota): drop this connection; the loop decides what next.
+      const failed = (e: unknown): void => {
+        if (this.stopper.signal.aborted) return;
+        events.emit('error', { source: 'stream', code: 'local_database', message: String(e), retrying: true });
+        ws.close(4000, 'local database error');
+      };
+      const subscribe = async (table: string, known?: Map<string, string | null>): Promise<void> => {
+        const offsets = known ?? (await applier.offsets());
+        const offset = offsets.get(table) ?? null;
+        applier.subscribing(table);
+        send(offset ? { type: 'subscribe', id: table, table, offset } : { type: 'subscribe', id: table, table });
+      };
+
+      const scheduleRefresh = (): void => {
+        clearTimeout(refreshTimer);
+        const at = this.opts.tokens.refreshAt();
+        if (at === null) return;
+        refreshTimer = setTimeout(() => void refresh(0), Math.max(0, at - Date.now()));
+      };
+      const refresh = async (tries: number): Promise<void> => {
+        const next = await this.opts.tokens.fetchNew();
+        if (ws.readyState !== ws.OPEN) return;
+        if (next.ok) {
+          send({ type: 'refresh_token', access_token: next.token });
+          return; // token_refreshed schedules the next one
+        }
+        events.emit('error', { source: 'token', code: next.problem, message: next.message, retrying: next.problem !== 'signed_out' });
+        if (next.problem === 'signed_out') return; // the socket will close at exp (4001); the loop then stops
+        // Try again soon; if exp passes first, the server closes with 4001 and the loop reconnects.
+        refreshTimer = setTimeout(() => void refresh(tries + 1), Math.min(5_000, 500 * 2 ** tries));
+      };
+
+      const onMessage = (msg: ServerMessage): void => {
+        switch (msg.type) {
+          case 'token_refreshed':
+            events.emit('tokenRefreshed', { expiresAt: msg.expires_at });
+            scheduleRefresh();
+            return;
+          case 'pong':
+          case 'unsubscribed':
+            return;
+          case 'error':
+            if (msg.id !== undefined) {
+              const table = msg.id;
+              const retry = RETRYABLE_SUBSCRIPTION_ERRORS.has(msg.code);
+              events.emit('error', { source: 'stream', code: msg.code, message: `${table}: ${msg.message}`, retrying: retry });
+              if (retry) {
+                const t = setTimeout(() => {
+                  retryTimers.delete(t);
+                  subscribe(table).catch(failed);
+                }, backoffDelay(2));
+                retryTimers.add(t);
+              }
+            } else {
+              // An auth error answers a refresh_token: keep the old token's deadline and try again shortly.
+              events.emit('error', { source: 'stream', code: msg.code, message: msg.message, retrying: true });
+              refreshTimer = setTimeout(() => void refresh(1), 1_000);
+            }
+            return;
+          case 'unknown':
+            events.emit('error', { source: 'stream', code: 'unknown_message', message: msg.raw, retrying: true });
+            return;
+          default:
+            chain = chain
+              .then(() => applier.handle(msg))
+              .then(() => {
+                if (applier.allLive()) this.setStatus('live');
+              })
+              .catch((e: unknown) => {
+                // The local database failed (quota, closed): reconnect and resume from what was stored.
+                events.emit('error', { source: 'stream', code: 'apply_failed', message: String(e), retrying: true });
+                ws.close(4000, 'apply failed');
+              });
+        }
+      };
+
+      ws.onopen = () => {
+        opened = true;
+        this.attempt = 0;
+        events.emit('opened', undefined);
+        void (async () => {
+          const offsets = await applier.offsets();
+          for (const table of applier.db.syncedTables) await subscribe(table, offsets);
+        })().catch(failed);
+        scheduleRefresh();
+        const interval = this.opts.pingIntervalMs ?? 25_000;
+        pingTimer = setInterval(() => {
+          send({ type: 'ping' });
+          clearTimeout(pongDeadline);
+          pongDeadline = setTimeout(() => ws.close(4000, 'no pong'), this.opts.pongTimeoutMs ?? 10_000);
+        }, interval);
+      };
+      ws.onmessage = (ev: MessageEvent) => {
+        clearTimeout(pongDeadline); // anything from the server proves the connection is alive
+        if (typeof ev.data !== 'string') return;
+        onMessage(parseServerMessage(ev.data));
+      };
+      ws.onclose = (ev: CloseEvent) => {
+        cleanup();
+        // Let the frames already received finish applying before reconnecting.
+        void chain.then(() => resolve(opened ? { kind: 'closed', code: ev.code } : { kind: 'never_opened' }));
+      };
+      ws.onerror = () => {
+        // onclose follows and decides.
+      };
+    });
+  }
+}
