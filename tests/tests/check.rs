@@ -280,10 +280,36 @@ async fn an_unmigrated_database_and_a_role_without_replication_fail() {
         "postgres://plain:plain-password@127.0.0.1:{}/{DB_NAME}",
         db.cluster().port()
     );
-    let report = check(&CheckArgs::new(plain)).await;
+    let report = check(&CheckArgs::new(plain.clone())).await;
     let c = line(&report, "replication_role");
     assert_eq!(c.status, Status::Fail, "{}", report.to_text());
     assert!(c.detail.contains("plain") && c.detail.contains("lacks REPLICATION"));
+
+    // With a separate replication URL, that URL's role is the one checked; an unreachable one exits 2.
+    let mut args = CheckArgs::new(url.clone());
+    args.replication_url = Some(plain);
+    let report = check(&args).await;
+    let c = line(&report, "replication_role");
+    assert_eq!(c.status, Status::Fail, "{}", report.to_text());
+    assert!(
+        c.detail
+            .contains("plain (DEEPRECALL_REPLICATION_URL) lacks REPLICATION"),
+        "{}",
+        report.to_text()
+    );
+    args.replication_url = Some(format!(
+        "postgres://plain:wrong-password@127.0.0.1:{}/{DB_NAME}",
+        db.cluster().port()
+    ));
+    let report = check(&args).await;
+    assert_eq!(report.exit_code(), 2, "{}", report.to_text());
+    assert!(
+        line(&report, "replication_role")
+            .detail
+            .contains("password authentication failed"),
+        "{}",
+        report.to_text()
+    );
 }
 
 #[tokio::test]
