@@ -11,17 +11,116 @@
 
 use std::time::Duration;
 
+use pgwire_replication::config::TlsConfig;
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
 
 use crate::protocol::{Lsn, PgOutputMessage, parse_bytes};
 use crate::txn::{Transaction, TxnAssembler};
 use crate::{RelationCache, TxnError};
 
+/// libpq's `sslmode`: whether the connection is encrypted and what of the server's certificate is verified.
+///
+/// | mode | encrypted | chain verified | host name verified |
+/// |---|---|---|---|
+/// | `disable` | never | | |
+/// | `prefer` | when the server offers TLS | when a root certificate is configured | |
+/// | `require` | always | when a root certificate is configured (as libpq) | |
+/// | `verify-ca` | always | yes | |
+/// | `verify-full` | always | yes | yes |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS if the server offers it, else plain (libpq's default).
+    #[default]
+    Prefer,
+    /// TLS; the certificate is only checked when a root certificate is configured.
+    Require,
+    /// TLS; the certificate chain must lead to a configured root.
+    VerifyCa,
+    /// TLS; chain as `VerifyCa`, and the certificate must name the host connected to.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// libpq's spelling (`verify-full`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether the connection fails rather than fall back to plain TCP.
+    pub fn requires_tls(self) -> bool {
+        matches!(self, Self::Require | Self::VerifyCa | Self::VerifyFull)
+    }
+}
+
+impl std::fmt::Display for SslMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SslMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "disable" => Ok(Self::Disable),
+            "prefer" => Ok(Self::Prefer),
+            "require" => Ok(Self::Require),
+            "verify-ca" => Ok(Self::VerifyCa),
+            "verify-full" => Ok(Self::VerifyFull),
+            // libpq's `allow` tries plain first; nothing here wants that order, so say so instead of guessing.
+            other => Err(format!(
+                "unsupported sslmode {other:?}: use disable, prefer, require, verify-ca or verify-full"
+            )),
+        }
+    }
+}
+
+/// TLS settings of a connection, as libpq's `sslmode`, `sslrootcert`, `sslcert` and `sslkey` give them. The server
+/// parses them from DATABASE_URL and uses the same settings for its pooled and its replication connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// `sslmode`.
+    pub mode: SslMode,
+    /// PEM file of the trusted root certificates (`sslrootcert`, or a system bundle for `sslrootcert=system`).
+    /// With `prefer` or `require`, a root certificate makes the chain verified, as in libpq.
+    pub root_cert: Option<std::path::PathBuf>,
+    /// Client certificate chain (`sslcert`) and its key (`sslkey`), for servers that authenticate clients by
+    /// certificate.
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl TlsSettings {
+    /// Whether the server's certificate chain is verified.
+    pub fn verifies_chain(&self) -> bool {
+        match self.mode {
+            SslMode::Disable => false,
+            SslMode::Prefer | SslMode::Require => self.root_cert.is_some(),
+            SslMode::VerifyCa | SslMode::VerifyFull => true,
+        }
+    }
+
+    /// Whether the certificate must name the host.
+    pub fn verifies_host_name(&self) -> bool {
+        self.mode == SslMode::VerifyFull
+    }
+}
+
 /// How to reach the slot.
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
-    /// Host name or IP (TCP).
+    /// Host name or IP to connect to (TCP): the URL's `hostaddr` when given, else its host.
     pub host: String,
+    /// The name the server's certificate must carry under `verify-full` (the URL's host, also with `hostaddr`).
+    pub tls_host_name: String,
     /// Port.
     pub port: u16,
     /// Role with the REPLICATION attribute.
@@ -38,26 +137,36 @@ pub struct StreamConfig {
     pub options: String,
     /// How often feedback is sent at most.
     pub status_interval: Duration,
+    /// TLS, as for the server's other connections.
+    pub tls: TlsSettings,
 }
 
 impl StreamConfig {
-    /// Derives the replication settings from a `tokio_postgres::Config` (first TCP host).
+    /// Derives the replication settings from a `tokio_postgres::Config` (first TCP host) and the TLS settings parsed
+    /// from the same URL (`tokio_postgres::Config` keeps only part of them). Taking them as an argument, not as a
+    /// default, means a caller cannot silently stream in plain text from a URL that asked for TLS.
     pub fn from_pg_config(
         config: &tokio_postgres::Config,
+        tls: &TlsSettings,
         slot: &str,
         publication: &str,
         options: &str,
     ) -> Result<Self, StreamError> {
-        let host = config
-            .get_hosts()
-            .iter()
-            .find_map(|h| match h {
-                tokio_postgres::config::Host::Tcp(name) => Some(name.clone()),
-                _ => None,
-            })
-            .ok_or_else(|| {
-                StreamError::Fatal("replication needs a TCP host in DATABASE_URL".into())
-            })?;
+        let host = config.get_hosts().iter().find_map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => Some(name.clone()),
+            _ => None,
+        });
+        let hostaddr = config.get_hostaddrs().first().map(|a| a.to_string());
+        let (host, tls_host_name) = match (host, hostaddr) {
+            (Some(name), Some(addr)) => (addr, name),
+            (Some(name), None) => (name.clone(), name),
+            (None, Some(addr)) => (addr.clone(), addr),
+            (None, None) => {
+                return Err(StreamError::Fatal(
+                    "replication needs a TCP host in DATABASE_URL".into(),
+                ));
+            }
+        };
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let user = config.get_user().unwrap_or("postgres").to_owned();
         let password = config
@@ -67,6 +176,7 @@ impl StreamConfig {
         let database = config.get_dbname().unwrap_or(&user).to_owned();
         Ok(Self {
             host,
+            tls_host_name,
             port,
             user,
             password,
@@ -75,7 +185,38 @@ impl StreamConfig {
             publication: publication.to_owned(),
             options: options.to_owned(),
             status_interval: Duration::from_millis(500),
+            tls: tls.clone(),
         })
+    }
+
+    /// pgwire-replication's TLS configuration for these settings.
+    fn pgwire_tls(&self) -> TlsConfig {
+        let mode = match self.tls.mode {
+            SslMode::Disable => pgwire_replication::SslMode::Disable,
+            // With a root certificate, libpq verifies the chain in these modes too. pgwire-replication would not
+            // (and its `Prefer` cannot verify): `verify-ca` is the same check, at the price of no plain-text
+            // fallback for `prefer`, which a configured root certificate makes pointless anyway.
+            SslMode::Prefer | SslMode::Require if self.tls.root_cert.is_some() => {
+                pgwire_replication::SslMode::VerifyCa
+            }
+            SslMode::Prefer => pgwire_replication::SslMode::Prefer,
+            SslMode::Require => pgwire_replication::SslMode::Require,
+            SslMode::VerifyCa => pgwire_replication::SslMode::VerifyCa,
+            SslMode::VerifyFull => pgwire_replication::SslMode::VerifyFull,
+        };
+        let mut tls = TlsConfig {
+            mode,
+            ca_pem_path: self.tls.root_cert.clone(),
+            // Verify against the URL's host name even when connecting to `hostaddr`, and let an IP address be
+            // checked against the certificate's IP SANs (without this, pgwire-replication refuses `verify-full` to
+            // an IP address outright, where libpq checks it).
+            sni_hostname: Some(self.tls_host_name.clone()),
+            ..TlsConfig::default()
+        };
+        if let Some((cert, key)) = &self.tls.client_cert {
+            tls = tls.with_client_cert(cert.clone(), key.clone());
+        }
+        tls
     }
 }
 
@@ -125,6 +266,9 @@ fn classify(err: PgWireError) -> StreamError {
             StreamError::SlotLost(msg.clone())
         }
         PgWireError::Auth(msg) => StreamError::Fatal(format!("authentication failed: {msg}")),
+        // A certificate that does not verify, a server without TLS under sslmode=require, an unreadable root
+        // certificate: retrying the same connection cannot fix any of them.
+        PgWireError::Tls(msg) => StreamError::Fatal(format!("TLS: {msg}")),
         PgWireError::Server(msg) if msg.contains("42501") || msg.contains("28000") => {
             StreamError::Fatal(msg.clone())
         }
@@ -167,6 +311,7 @@ impl ReplicationStream {
             config.publication.as_str(),
         )
         .with_port(config.port)
+        .with_tls(config.pgwire_tls())
         .with_start_lsn(pgwire_replication::Lsn::from_u64(start.0))
         .with_status_interval(config.status_interval)
         .with_wakeup_interval(Duration::from_secs(1))

@@ -4,9 +4,13 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::HeaderName;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 
 use axum::http::StatusCode;
@@ -32,13 +36,68 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state);
     // Outermost, so preflights are answered before routing and every response (errors included) gets the headers.
-    match cors {
+    let router = match cors {
         Some(cors) => router.layer(cors),
         None => router,
+    };
+    with_request_id(router)
+}
+
+/// The header carrying a request's id, in both directions.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Gives every request an id (the caller's `x-request-id` when it is usable, else a new UUID), puts it on every
+/// response (preflights and errors included: these layers wrap everything else), and lets the trace span record
+/// it, so each log line of a request carries it.
+fn with_request_id(router: Router) -> Router {
+    router
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
+        .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeRequestUuid))
+        .layer(axum::middleware::map_request(drop_unusable_request_id))
+}
+
+/// An incoming id is kept only if it is one header of 1 to 128 characters from a conservative set: it ends up in
+/// log lines and in the response, so a client must not be able to inject line breaks, escape sequences or
+/// kilobytes into either. Anything else is replaced with a generated id.
+async fn drop_unusable_request_id(mut req: Request) -> Request {
+    let headers = req.headers();
+    let mut values = headers.get_all(&REQUEST_ID_HEADER).iter();
+    let usable = match (values.next(), values.next()) {
+        (None, _) => return req,
+        (Some(v), None) => usable_request_id(v.as_bytes()),
+        (Some(_), Some(_)) => false,
+    };
+    if !usable {
+        req.headers_mut().remove(&REQUEST_ID_HEADER);
     }
+    req
+}
+
+fn usable_request_id(id: &[u8]) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(b))
+}
+
+/// The span of one HTTP request: its id, method and path. Only the path: a WebSocket URL may carry the user's
+/// token in its query (`access_token`), which must not reach the logs. INFO level, so that warnings and errors
+/// logged while handling the request carry the id under the default filter.
+fn request_span(req: &Request) -> tracing::Span {
+    let id = req
+        .extensions()
+        .get::<RequestId>()
+        .and_then(|id| id.header_value().to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+    )
 }
 
 /// Holds one of the server's client-connection slots (see [`serve`]). Every request carries its connection's slot
@@ -155,4 +214,20 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this endpoint does not accept that method",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usable_request_id;
+
+    #[test]
+    fn request_ids_from_clients_are_kept_only_when_harmless() {
+        assert!(usable_request_id(b"0b9c1d2e-3f40-4a5b-8c6d-7e8f9a0b1c2d"));
+        assert!(usable_request_id(b"req_42:edge/eu-1"));
+        assert!(!usable_request_id(b""));
+        assert!(!usable_request_id(&[b'a'; 129]));
+        assert!(!usable_request_id(b"abc def"));
+        assert!(!usable_request_id(b"abc\x1b[31m"));
+        assert!(!usable_request_id("caf\u{e9}".as_bytes()));
+    }
 }

@@ -1,4 +1,4 @@
-//! Command line: `dev`, `serve`, `migrate`, `token`, `tail`. Every flag can also come from the environment variable
+//! Command line: `dev`, `serve`, `migrate`, `check`, `token`, `tail`. Every flag can also come from the environment variable
 //! named in `--help`.
 
 use std::net::SocketAddr;
@@ -26,7 +26,31 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log format on stderr: `text` for people, `json` (one object per line: timestamp, level, target, fields,
+    /// spans with the request id) for log shippers.
+    #[arg(
+        long,
+        env = "DEEPRECALL_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    pub log_format: LogFormat,
 }
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Ends the process with this exit status without printing an error (the command already reported why).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("exit status {0}")]
+pub struct Exit(pub u8);
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
@@ -38,6 +62,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply migrations (sql/) and policies (policies/) to DATABASE_URL; safe to run twice or concurrently.
     Migrate(MigrateArgs),
+    /// Preflight a database before serving from it: settings, privileges, publication, row-level security, grants,
+    /// migrations, slot. One line per check; exit 0 when nothing failed, 1 on a failure, 2 when it cannot connect.
+    Check(crate::check::CheckArgs),
     /// Mint an HS256 token with the configured secret, for development; prints only the token.
     Token(TokenArgs),
     /// Watch your own changes live: connect to a running server's /v1/stream with a token and print every frame
@@ -353,10 +380,14 @@ impl Server {
 
 /// Connects, migrates (or checks the schema), loads the catalog, starts the catalog watcher and the replicator.
 pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
-    let config = db::parse_config(&options.database_url)
-        .context("DATABASE_URL is not a valid postgres URL")?;
-    let pool = db::pool(config.clone(), options.pool_size)?;
-    let mut client = pool.get().await.context("connecting to Postgres")?;
+    let target =
+        db::PgTarget::parse(&options.database_url).context("DATABASE_URL cannot be used")?;
+    let pool = db::pool(&target, options.pool_size)?;
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| anyhow::anyhow!(target.explain(&e)))
+        .context("connecting to Postgres")?;
     if options.migrate {
         let report = migrate::migrate(&mut client).await?;
         if !report.applied.is_empty() {
@@ -368,19 +399,18 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
     let catalog = Arc::new(CatalogHandle::new(Catalog::load(&client).await?));
     drop(client);
     tokio::spawn(db::catalog::watch(
-        config.clone(),
+        target.clone(),
         catalog.clone(),
         pool.clone(),
     ));
 
-    let replication_config = match &options.replication_url {
-        Some(url) => {
-            db::parse_config(url).context("the replication URL is not a valid postgres URL")?
-        }
-        None => config,
+    let replication = match &options.replication_url {
+        Some(url) => db::PgTarget::parse(url).context("the replication URL cannot be used")?,
+        None => target,
     };
     let stream = StreamConfig::from_pg_config(
-        &replication_config,
+        &replication.config,
+        &replication.tls,
         &options.slot,
         db::catalog::PUBLICATION,
         db::SESSION_OPTIONS,
@@ -391,7 +421,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         ReplicatorConfig {
             stream,
             slot: options.slot.clone(),
-            slot_admin: replication_config,
+            slot_admin: replication.config,
         },
         pool.clone(),
         hub.clone(),
@@ -436,14 +466,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Dev(args) => dev(args).await,
         Command::Tail(args) => crate::tail::run(args).await,
+        Command::Check(args) => crate::check::run(args).await,
         Command::Migrate(args) => {
-            let config = db::parse_config(&args.database_url)
-                .context("DATABASE_URL is not a valid postgres URL")?;
-            let (mut client, conn) = config
-                .connect(tokio_postgres::NoTls)
+            let mut client = db::PgTarget::parse(&args.database_url)
+                .context("DATABASE_URL cannot be used")?
+                .connect()
                 .await
                 .context("connecting to Postgres")?;
-            tokio::spawn(conn);
             let report = migrate::migrate(&mut client).await?;
             if report.applied.is_empty() {
                 println!("schema is current (version {})", report.version);
@@ -580,12 +609,10 @@ fn print_dev_banner(listen: SocketAddr, database_url: &str, user: Uuid, token: &
 }
 
 async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
-    let config = db::parse_config(admin_url)?;
-    let (client, conn) = config
-        .connect(tokio_postgres::NoTls)
+    let client = db::PgTarget::parse(admin_url)?
+        .connect()
         .await
         .context("connecting to local Postgres")?;
-    tokio::spawn(conn);
     let exists = client
         .query_opt("select 1 from pg_database where datname = $1", &[&name])
         .await?

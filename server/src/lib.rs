@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod check;
 pub mod cli;
 pub mod db;
 pub mod error;

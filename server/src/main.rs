@@ -1,21 +1,41 @@
-//! The `deeprecall-sync` binary: parses the command line and hands over to the library.
+//! The `deeprecall-sync` binary: parses the command line, sets up logging and hands over to the library.
 
 use clap::Parser;
+use deeprecall_sync::cli::{Cli, Exit, LogFormat};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match deeprecall_sync::cli::run(deeprecall_sync::cli::Cli::parse()).await {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match deeprecall_sync::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<Exit>() {
+            Some(Exit(code)) => std::process::ExitCode::from(*code),
+            None => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// Logs go to stderr (stdout is for what a command prints: tokens, `check` reports, `tail` frames), filtered by
+/// RUST_LOG.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        // One object per line: timestamp, level, target, the event's fields at the top level (`message`, …), the
+        // innermost span as `span` and all enclosing spans as `spans` (the request span carries `request_id`).
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
     }
 }

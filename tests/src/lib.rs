@@ -4,6 +4,7 @@
 //! database and its replication slot, also when the test panics (unwinding runs the drops).
 
 pub mod cluster;
+pub mod ops;
 pub mod stream;
 
 use cluster::TestDb;

@@ -210,13 +210,13 @@ impl CatalogHandle {
 /// Keeps the catalog fresh: LISTENs for `deeprecall_schema_changed` (sent by every `migrate`) on a dedicated
 /// connection and reloads. Reconnects after errors; runs until the process ends.
 pub async fn watch(
-    config: tokio_postgres::Config,
+    target: crate::db::PgTarget,
     catalog: Arc<CatalogHandle>,
     pool: deadpool_postgres::Pool,
 ) {
     use futures::StreamExt;
     loop {
-        match config.connect(tokio_postgres::NoTls).await {
+        match target.config.connect(target.connector()).await {
             Ok((client, mut connection)) => {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 let driver = tokio::spawn(async move {

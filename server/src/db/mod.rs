@@ -2,9 +2,12 @@
 
 pub mod catalog;
 pub mod migrate;
+pub mod tls;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use deeprecall_replication::stream::TlsSettings;
+
+pub use tls::{DbUrlError, PgConnector};
 
 /// Session settings pinned on every connection the server opens (pool, snapshot and replication alike), so a value
 /// is rendered the same way in a snapshot row and in a live change: text output depends on these.
@@ -16,21 +19,94 @@ pub const USER_ROLE: &str = "deeprecall_user";
 /// The read-only reporting role (admin endpoints).
 pub const ADMIN_ROLE: &str = "deeprecall_admin";
 
-/// Parses a `postgres://` URL and pins the session settings.
-pub fn parse_config(url: &str) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
-    let mut config: tokio_postgres::Config = url.parse()?;
-    config.options(SESSION_OPTIONS);
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(std::time::Duration::from_secs(10));
-    }
-    Ok(config)
+/// A parsed DATABASE_URL: the `tokio-postgres` settings (session settings pinned), the TLS settings libpq's
+/// `ssl*` parameters ask for, and the connector that applies them. Every connection the server opens goes through
+/// one of these (the replication connection through [`TlsSettings`] in its `StreamConfig`).
+#[derive(Clone)]
+pub struct PgTarget {
+    /// Host, port, credentials, database, session options; `ssl_mode` is what tokio-postgres can express.
+    pub config: tokio_postgres::Config,
+    /// `sslmode`, `sslrootcert`, `sslcert`, `sslkey`.
+    pub tls: TlsSettings,
+    connector: PgConnector,
 }
 
-/// Builds the connection pool. Connections are opened lazily.
-pub fn pool(config: tokio_postgres::Config, max_size: usize) -> anyhow::Result<Pool> {
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // tokio_postgres::Config's Debug redacts the password.
+        f.debug_struct("PgTarget")
+            .field("config", &self.config)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgTarget {
+    /// Parses `url` (`postgres://…` or `key=value` pairs), pins the session settings and loads the certificates.
+    pub fn parse(url: &str) -> Result<Self, DbUrlError> {
+        let (mut config, tls) = tls::split_url(url)?;
+        config.options(SESSION_OPTIONS);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(10));
+        }
+        let connector = tls::connector(&tls)?;
+        Ok(Self {
+            config,
+            tls,
+            connector,
+        })
+    }
+
+    /// The TLS connector for these settings.
+    pub fn connector(&self) -> PgConnector {
+        self.connector.clone()
+    }
+
+    /// Opens one connection (not pooled) and drives it in a background task.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, ConnectError> {
+        let (client, connection) =
+            self.config
+                .connect(self.connector())
+                .await
+                .map_err(|error| ConnectError {
+                    message: self.explain(&error),
+                    error,
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    /// A connection error (from here or from the pool) with its causes on one line, certificate failures worded
+    /// for the operator.
+    pub fn explain(&self, err: &(dyn std::error::Error + 'static)) -> String {
+        tls::explain(err, &self.tls)
+    }
+}
+
+/// Connecting failed; the message includes the causes (`tokio-postgres` alone prints only the outermost one).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ConnectError {
+    message: String,
+    /// The original error (its causes are in the message already, so it is not reported as a source).
+    pub error: tokio_postgres::Error,
+}
+
+/// Parses a `postgres://` URL and pins the session settings (the TLS parameters are taken out and checked; connect
+/// through [`PgTarget`] to apply them).
+pub fn parse_config(url: &str) -> Result<tokio_postgres::Config, DbUrlError> {
+    Ok(PgTarget::parse(url)?.config)
+}
+
+/// Builds the connection pool. Connections are opened lazily, with the target's TLS settings.
+pub fn pool(target: &PgTarget, max_size: usize) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
-        config,
-        NoTls,
+        target.config.clone(),
+        target.connector(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

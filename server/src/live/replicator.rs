@@ -100,7 +100,13 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
     known: &mut HashMap<u32, Vec<(String, u32)>>,
 ) -> Result<(), SessionError> {
-    let (admin, admin_conn) = config.slot_admin.connect(tokio_postgres::NoTls).await?;
+    let (admin, admin_conn) = config
+        .slot_admin
+        .connect(
+            crate::db::tls::connector(&config.stream.tls)
+                .map_err(|e| StreamError::Fatal(e.to_string()))?,
+        )
+        .await?;
     tokio::spawn(admin_conn);
     let outcome = slot::ensure_slot(&admin, &config.slot).await?;
     let client = pool.get().await?;

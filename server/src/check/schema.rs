@@ -1,0 +1,592 @@
+//! Checks of what `migrate` sets up: migrations and their checksums, the publication, replica identity, row-level
+//! security and its policies, roles and grants.
+
+use super::{Check, CheckArgs, Db, Finding};
+use crate::db::catalog::PUBLICATION;
+use crate::db::migrate::{self, MigrateError};
+use crate::db::{ADMIN_ROLE, USER_ROLE};
+
+/// The remedy for anything `migrate` creates or re-applies.
+const MIGRATE_FIX: &str = "run `deeprecall-sync migrate` (it re-applies policies/: row-level security, grants, replica identity)";
+
+/// The migration line, and whether the schema exists at all (the checks after it need it).
+pub(super) async fn schema_version(ctx: &Db<'_>, args: &CheckArgs) -> (Check, bool) {
+    const NAME: &str = "schema_version";
+    let known = migrate::latest_version();
+    let count = migrate::migrations().len();
+    match migrate::check_current(ctx.client).await {
+        Ok(version) => (
+            Check::ok(
+                NAME,
+                format!(
+                    "version {version}, the latest this binary knows; checksums of all {count} migrations match"
+                ),
+            ),
+            true,
+        ),
+        Err(MigrateError::DatabaseOlder { found, known }) if args.migrate => (
+            Check::warn(
+                NAME,
+                format!(
+                    "version {found}, this binary's is {known}: serve --migrate will apply the rest at start"
+                ),
+                "nothing, if the role may migrate; or run `deeprecall-sync migrate` first",
+            ),
+            found > 0,
+        ),
+        Err(MigrateError::DatabaseOlder { found, known }) => (
+            Check::fail(
+                NAME,
+                if found == 0 {
+                    format!("not migrated (this binary's schema is version {known})")
+                } else {
+                    format!("version {found}, but this binary needs version {known}")
+                },
+                "run `deeprecall-sync migrate` (or start serve with --migrate)",
+            ),
+            found > 0,
+        ),
+        Err(e @ MigrateError::DatabaseNewer { .. }) => (
+            Check::fail(NAME, e.to_string(), "deploy the newer deeprecall-sync"),
+            true,
+        ),
+        Err(e @ MigrateError::ChecksumMismatch { .. }) => (
+            Check::fail(
+                NAME,
+                e.to_string(),
+                "run the deeprecall-sync release that applied it, or restore the migration's original text",
+            ),
+            true,
+        ),
+        Err(e) => (
+            Check::fail(
+                NAME,
+                format!("could not read the migrations ledger: {e} (this binary knows {known})"),
+                "run check as the role serve uses",
+            ),
+            false,
+        ),
+    }
+}
+
+pub(super) async fn publication(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error> {
+    const NAME: &str = "publication";
+    let Some(row) = ctx
+        .client
+        .query_opt(
+            "select pubinsert, pubupdate, pubdelete, pubtruncate, puballtables from pg_publication where pubname = $1",
+            &[&PUBLICATION],
+        )
+        .await?
+    else {
+        return Ok(Check::fail(
+            NAME,
+            format!("publication {PUBLICATION} does not exist: no table is synced"),
+            MIGRATE_FIX,
+        ));
+    };
+    let mut findings = Vec::new();
+    let actions = ["insert", "update", "delete", "truncate"];
+    let missing: Vec<&str> = actions
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !row.get::<_, bool>(*i))
+        .map(|(_, a)| *a)
+        .collect();
+    if !missing.is_empty() {
+        findings.push(Finding::fail(
+            format!("{PUBLICATION} does not publish {}", missing.join(", ")),
+            format!(
+                "alter publication {PUBLICATION} set (publish = 'insert, update, delete, truncate')"
+            ),
+        ));
+    }
+    // Tables with the shape of a synced table (an `id`, and an `owner_id` that defaults to the session's user, as
+    // sql/0001_schema.sql declares every synced table) that are not members: their writes succeed but never reach
+    // any client. The op ledger has no `id` and stays out.
+    let outside: Vec<String> = ctx
+        .client
+        .query(
+            "select format('%I.%I', n.nspname, c.relname)
+               from pg_class c
+               join pg_namespace n on n.oid = c.relnamespace
+              where c.relkind in ('r', 'p') and not c.relispartition
+                and n.nspname not in ('pg_catalog', 'information_schema')
+                and exists (select 1 from pg_attribute a
+                             where a.attrelid = c.oid and a.attname = 'id' and not a.attisdropped)
+                and exists (select 1 from pg_attribute a
+                              join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
+                             where a.attrelid = c.oid and a.attname = 'owner_id' and not a.attisdropped
+                               and pg_get_expr(d.adbin, d.adrelid) like '%deeprecall_current_user_id()%')
+                and not exists (select 1 from pg_publication_tables pt
+                                 where pt.pubname = $1 and pt.schemaname = n.nspname and pt.tablename = c.relname)
+              order by 1",
+            &[&PUBLICATION],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !outside.is_empty() {
+        findings.push(Finding::fail(
+            format!(
+                "{} not in {PUBLICATION}, though shaped like synced tables (id, owner_id defaulting to the session's \
+                 user): their writes never reach any client",
+                outside.join(", ")
+            ),
+            format!(
+                "alter publication {PUBLICATION} add table {}; then `deeprecall-sync migrate`",
+                outside.join(", ")
+            ),
+        ));
+    }
+    let members: Vec<String> = ctx
+        .client
+        .query(
+            "select tablename::text from pg_publication_tables where pubname = $1 order by 1",
+            &[&PUBLICATION],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let unsynced: Vec<&String> = members
+        .iter()
+        .filter(|m| ctx.catalog.table(m).is_none())
+        .collect();
+    if !unsynced.is_empty() {
+        findings.push(Finding::warn(
+            format!(
+                "{} in {PUBLICATION} but not synced: a synced table needs id, owner_id and a primary key",
+                unsynced
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            format!("add the missing columns or key, or: alter publication {PUBLICATION} drop table …"),
+        ));
+    }
+    if row.get::<_, bool>(4) {
+        findings.push(Finding::warn(
+            format!("{PUBLICATION} is FOR ALL TABLES: every table's changes are decoded"),
+            "drop it and run `deeprecall-sync migrate` on a database without it, or recreate it FOR TABLE the synced \
+             tables",
+        ));
+    }
+    if ctx.catalog.names().is_empty() && findings.is_empty() {
+        findings.push(Finding::fail(
+            format!("{PUBLICATION} has no synced table"),
+            MIGRATE_FIX,
+        ));
+    }
+    Ok(Check::from_findings(
+        NAME,
+        format!(
+            "{PUBLICATION} publishes insert, update, delete, truncate of {} synced tables: {}",
+            ctx.catalog.names().len(),
+            ctx.catalog.names().join(", ")
+        ),
+        findings,
+    ))
+}
+
+pub(super) async fn replica_identity(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error> {
+    const NAME: &str = "replica_identity";
+    let oids: Vec<u32> = ctx.tables().iter().map(|t| t.oid).collect();
+    let rows = ctx
+        .client
+        .query(
+            "select relname::text,
+                    case relreplident when 'd' then 'default' when 'n' then 'nothing' when 'i' then 'index'
+                                      else 'full' end
+               from pg_class where oid = any($1) and relreplident <> 'f' order by 1",
+            &[&oids],
+        )
+        .await?;
+    let wrong: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{} ({})", r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
+    Ok(if wrong.is_empty() {
+        Check::ok(NAME, format!("FULL on all {} synced tables", oids.len()))
+    } else {
+        let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        Check::fail(
+            NAME,
+            format!(
+                "not FULL: {}; the stream cannot route deletes by owner or fill unchanged large values",
+                wrong.join(", ")
+            ),
+            format!(
+                "{MIGRATE_FIX}, or: {}",
+                names
+                    .iter()
+                    .map(|n| format!("alter table {n} replica identity full;"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        )
+    })
+}
+
+/// The op ledger: not synced, but row-level security applies to it like to a synced table (policies/).
+const LEDGER: &str = "sync_applied_ops";
+
+/// A policy as policies/0001_roles_and_rls.sql creates it on every synced table and the ledger.
+struct ExpectedPolicy {
+    name: &'static str,
+    command: &'static str,
+    role: &'static str,
+    using: &'static str,
+    with_check: Option<&'static str>,
+}
+
+const EXPECTED_POLICIES: &[ExpectedPolicy] = &[
+    ExpectedPolicy {
+        name: "owner_isolation",
+        command: "ALL",
+        role: USER_ROLE,
+        using: "(owner_id = deeprecall_current_user_id())",
+        with_check: Some("(owner_id = deeprecall_current_user_id())"),
+    },
+    ExpectedPolicy {
+        name: "admin_read",
+        command: "SELECT",
+        role: ADMIN_ROLE,
+        using: "true",
+        with_check: None,
+    },
+];
+
+pub(super) async fn row_level_security(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error> {
+    const NAME: &str = "row_level_security";
+    let mut oids: Vec<u32> = ctx.tables().iter().map(|t| t.oid).collect();
+    if let Some(row) = ctx
+        .client
+        .query_opt("select to_regclass($1)::oid", &[&LEDGER])
+        .await?
+        && let Some(oid) = row.get::<_, Option<u32>>(0)
+    {
+        oids.push(oid);
+    }
+    let rows = ctx
+        .client
+        .query(
+            "select c.relname::text, c.relrowsecurity, c.relforcerowsecurity
+               from pg_class c where c.oid = any($1) order by 1",
+            &[&oids],
+        )
+        .await?;
+    let policies = ctx
+        .client
+        .query(
+            "select c.relname::text, p.polname::text, p.polpermissive,
+                    case p.polcmd when 'r' then 'SELECT' when 'a' then 'INSERT' when 'w' then 'UPDATE'
+                                  when 'd' then 'DELETE' else 'ALL' end,
+                    coalesce((select array_agg(case r when 0 then 'public' else pg_get_userbyid(r)::text end
+                                               order by 1)
+                                from unnest(p.polroles) r), '{}'),
+                    pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid)
+               from pg_policy p join pg_class c on c.oid = p.polrelid
+              where p.polrelid = any($1)",
+            &[&oids],
+        )
+        .await?;
+    let mut findings = Vec::new();
+    let mut not_enabled = Vec::new();
+    let mut not_forced = Vec::new();
+    for r in &rows {
+        let (table, enabled, forced): (String, bool, bool) = (r.get(0), r.get(1), r.get(2));
+        if !enabled {
+            not_enabled.push(table.clone());
+        } else if !forced {
+            not_forced.push(table.clone());
+        }
+    }
+    if !not_enabled.is_empty() {
+        findings.push(Finding::fail(
+            format!(
+                "row-level security is off on {}: a user-scoped session reads and writes every owner's rows",
+                not_enabled.join(", ")
+            ),
+            MIGRATE_FIX,
+        ));
+    }
+    if !not_forced.is_empty() {
+        findings.push(Finding::fail(
+            format!(
+                "row-level security is not forced on {}: the table owner (usually the server's own role) bypasses \
+                 the policies",
+                not_forced.join(", ")
+            ),
+            format!(
+                "{MIGRATE_FIX}, or: {}",
+                not_forced
+                    .iter()
+                    .map(|t| format!("alter table {t} force row level security;"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        ));
+    }
+    for r in &rows {
+        let table: String = r.get(0);
+        for expected in EXPECTED_POLICIES {
+            let found = policies
+                .iter()
+                .find(|p| p.get::<_, String>(0) == table && p.get::<_, String>(1) == expected.name);
+            let problem = match found {
+                None => Some("missing".to_owned()),
+                Some(p) => {
+                    let permissive: bool = p.get(2);
+                    let command: String = p.get(3);
+                    let roles: Vec<String> = p.get(4);
+                    let using: Option<String> = p.get(5);
+                    let with_check: Option<String> = p.get(6);
+                    if !permissive
+                        || command != expected.command
+                        || roles != [expected.role.to_owned()]
+                        || using.as_deref() != Some(expected.using)
+                        || with_check.as_deref() != expected.with_check
+                    {
+                        Some(format!(
+                            "differs (for {command} to {} using {} with check {})",
+                            roles.join(","),
+                            using.as_deref().unwrap_or("-"),
+                            with_check.as_deref().unwrap_or("-")
+                        ))
+                    } else {
+                        None
+                    }
+                }
+            };
+            if let Some(problem) = problem {
+                findings.push(Finding::fail(
+                    format!("policy {} on {table} {problem}", expected.name),
+                    MIGRATE_FIX,
+                ));
+            }
+        }
+        // Permissive policies are OR-ed: any extra one can only widen what a user sees or writes.
+        for p in policies.iter().filter(|p| {
+            p.get::<_, String>(0) == table
+                && p.get::<_, bool>(2)
+                && !EXPECTED_POLICIES
+                    .iter()
+                    .any(|e| e.name == p.get::<_, String>(1))
+        }) {
+            findings.push(Finding::warn(
+                format!(
+                    "extra permissive policy {} on {table}: permissive policies are OR-ed, so it can widen what a \
+                     user sees",
+                    p.get::<_, String>(1)
+                ),
+                format!(
+                    "make sure it is meant; else: drop policy {} on {table}",
+                    p.get::<_, String>(1)
+                ),
+            ));
+        }
+    }
+    Ok(Check::from_findings(
+        NAME,
+        format!(
+            "enabled and forced on {} tables (synced tables and {LEDGER}), with owner_isolation and admin_read",
+            rows.len()
+        ),
+        findings,
+    ))
+}
+
+pub(super) async fn roles(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error> {
+    const NAME: &str = "roles";
+    let mut findings = Vec::new();
+    for role in [USER_ROLE, ADMIN_ROLE] {
+        let row = ctx
+            .client
+            .query_opt(
+                "select rolsuper, rolbypassrls, rolcanlogin, pg_has_role(current_user, oid, 'MEMBER')
+                   from pg_roles where rolname = $1",
+                &[&role],
+            )
+            .await?;
+        let Some(row) = row else {
+            findings.push(Finding::fail(
+                format!("role {role} does not exist"),
+                MIGRATE_FIX,
+            ));
+            continue;
+        };
+        let (superuser, bypass, login, member): (bool, bool, bool, bool) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        if superuser || bypass {
+            findings.push(Finding::fail(
+                format!("{role} bypasses row-level security (superuser or bypassrls)"),
+                format!("alter role {role} nosuperuser nobypassrls"),
+            ));
+        }
+        if login {
+            findings.push(Finding::warn(
+                format!("{role} can log in; it is meant to be switched to, not logged in as"),
+                format!("alter role {role} nologin"),
+            ));
+        }
+        if !member {
+            findings.push(Finding::fail(
+                format!(
+                    "{} is not a member of {role}: every request would fail with permission denied to set role",
+                    ctx.login
+                ),
+                format!(
+                    "as a role with admin option on it (or createrole): grant {role} to {}; `deeprecall-sync migrate` \
+                     run as {} does it",
+                    ctx.login, ctx.login
+                ),
+            ));
+        }
+    }
+    let me = ctx
+        .client
+        .query_one(
+            "select rolbypassrls from pg_roles where rolname = current_user",
+            &[],
+        )
+        .await?;
+    if ctx.superuser || me.get::<_, bool>(0) {
+        findings.push(Finding::warn(
+            format!(
+                "{} is a {}: anything that does not switch to {USER_ROLE} sees every owner's rows",
+                ctx.login,
+                if ctx.superuser { "superuser" } else { "bypassrls role" }
+            ),
+            "serve as a dedicated role without superuser and bypassrls (docs/operations.md, Database and login role)",
+        ));
+    } else {
+        // Later migrations alter these tables (publication membership needs ownership).
+        let oids: Vec<u32> = ctx.tables().iter().map(|t| t.oid).collect();
+        let owners: Vec<String> = ctx
+            .client
+            .query(
+                "select distinct pg_get_userbyid(relowner)::text from pg_class
+                  where oid = any($1) and relowner <> (select oid from pg_roles where rolname = current_user)
+                  order by 1",
+                &[&oids],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !owners.is_empty() {
+            findings.push(Finding::warn(
+                format!(
+                    "synced tables are owned by {}, not by {}: a later migration run as {} cannot alter them",
+                    owners.join(", "),
+                    ctx.login,
+                    ctx.login
+                ),
+                "run migrate and serve as the same role, or transfer ownership: alter table … owner to …",
+            ));
+        }
+    }
+    Ok(Check::from_findings(
+        NAME,
+        format!(
+            "{USER_ROLE} and {ADMIN_ROLE} exist without bypassrls; {} is a member of both",
+            ctx.login
+        ),
+        findings,
+    ))
+}
+
+/// What policies/0001_roles_and_rls.sql grants: `(object, role, privileges)`, where `synced` stands for every synced
+/// table.
+const EXPECTED_GRANTS: &[(&str, &str, &[&str])] = &[
+    (
+        "synced",
+        USER_ROLE,
+        &["SELECT", "INSERT", "UPDATE", "DELETE"],
+    ),
+    ("synced", ADMIN_ROLE, &["SELECT"]),
+    (LEDGER, USER_ROLE, &["SELECT", "INSERT"]),
+    (LEDGER, ADMIN_ROLE, &["SELECT"]),
+    ("v_blob_inventory", USER_ROLE, &["SELECT"]),
+    ("v_blob_inventory", ADMIN_ROLE, &["SELECT"]),
+];
+
+pub(super) async fn grants(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error> {
+    const NAME: &str = "grants";
+    let mut missing: Vec<String> = Vec::new();
+    // (quoted name for to_regclass, name for people)
+    let tables: Vec<(String, String)> = ctx
+        .tables()
+        .iter()
+        .map(|t| (t.qualified(), format!("{}.{}", t.schema, t.name)))
+        .collect();
+    for (object, role, privileges) in EXPECTED_GRANTS {
+        let objects: Vec<(String, String)> = if *object == "synced" {
+            tables.clone()
+        } else {
+            vec![((*object).to_owned(), (*object).to_owned())]
+        };
+        for (regclass, table) in objects {
+            for privilege in *privileges {
+                // has_table_privilege counts membership and PUBLIC, as Postgres does when it checks.
+                let has: Option<bool> = ctx
+                    .client
+                    .query_one(
+                        "select case when to_regclass($2) is null then null
+                                     else has_table_privilege($1, to_regclass($2), $3) end",
+                        &[role, &regclass, privilege],
+                    )
+                    .await?
+                    .get(0);
+                match has {
+                    Some(true) => {}
+                    Some(false) => missing.push(format!("{role} lacks {privilege} on {table}")),
+                    None => missing.push(format!("{table} does not exist")),
+                }
+            }
+        }
+    }
+    let oids: Vec<u32> = ctx.tables().iter().map(|t| t.oid).collect();
+    let schemas: Vec<String> = ctx
+        .client
+        .query(
+            "select distinct n.nspname::text from pg_class c join pg_namespace n on n.oid = c.relnamespace
+              where c.oid = any($1) order by 1",
+            &[&oids],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for schema in &schemas {
+        for role in [USER_ROLE, ADMIN_ROLE] {
+            let has: bool = ctx
+                .client
+                .query_one(
+                    "select has_schema_privilege($1, $2, 'USAGE')",
+                    &[&role, schema],
+                )
+                .await?
+                .get(0);
+            if !has {
+                missing.push(format!("{role} lacks USAGE on schema {schema}"));
+            }
+        }
+    }
+    missing.dedup();
+    Ok(if missing.is_empty() {
+        Check::ok(
+            NAME,
+            format!(
+                "{USER_ROLE} and {ADMIN_ROLE} hold their privileges on {} synced tables, {LEDGER} and \
+                 v_blob_inventory",
+                tables.len()
+            ),
+        )
+    } else {
+        Check::fail(NAME, missing.join("; "), MIGRATE_FIX)
+    })
+}

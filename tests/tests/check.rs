@@ -1,0 +1,344 @@
+//! `deeprecall-sync check` against a good database and deliberately broken ones: each breakage fails exactly its
+//! own line, a good database passes (exit 0, warnings allowed), an unreachable one exits 2.
+
+use deeprecall_sync::check::{CheckArgs, Report, Status, check};
+use deeprecall_sync::pgcluster::{ClusterOptions, LocalCluster};
+use deeprecall_tests::ops::run_bin;
+use deeprecall_tests::{DB_NAME, TestEnv, connect};
+
+fn failing(report: &Report) -> Vec<&'static str> {
+    report
+        .checks
+        .iter()
+        .filter(|c| c.status == Status::Fail)
+        .map(|c| c.name)
+        .collect()
+}
+
+/// The check `serve` would need for this test's database (its server uses a slot of its own).
+fn args(env: &TestEnv) -> CheckArgs {
+    let mut args = CheckArgs::new(env.db_url());
+    args.slot = env.db.slot_name();
+    args
+}
+
+fn line<'a>(report: &'a Report, name: &str) -> &'a deeprecall_sync::check::Check {
+    report
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} line in\n{}", report.to_text()))
+}
+
+/// Asserts that exactly `name` failed, that its detail mentions `mentions`, and that it says how to fix it.
+fn assert_only_failure(report: &Report, name: &str, mentions: &str) {
+    let text = report.to_text();
+    assert_eq!(failing(report), vec![name], "{text}");
+    let c = line(report, name);
+    assert!(
+        c.detail.contains(mentions),
+        "{name}: {:?}\n{text}",
+        c.detail
+    );
+    assert!(c.fix.as_deref().is_some_and(|f| !f.is_empty()), "{text}");
+    assert_eq!(report.exit_code(), 1, "{text}");
+}
+
+#[tokio::test]
+async fn a_good_database_passes() {
+    let env = TestEnv::start().await;
+    let report = check(&args(&env)).await;
+    let text = report.to_text();
+    assert!(failing(&report).is_empty(), "{text}");
+    assert_eq!(report.exit_code(), 0, "{text}");
+    for name in [
+        "connection",
+        "tls",
+        "server_version",
+        "wal_level",
+        "replication_slots",
+        "wal_senders",
+        "replication_role",
+        "schema_version",
+        "publication",
+        "replica_identity",
+        "row_level_security",
+        "grants",
+        "slot",
+    ] {
+        assert_eq!(line(&report, name).status, Status::Ok, "{name}\n{text}");
+    }
+    // The test cluster keeps max_slot_wal_keep_size at its default, and the harness connects as a superuser.
+    assert_eq!(
+        line(&report, "max_slot_wal_keep_size").status,
+        Status::Warn,
+        "{text}"
+    );
+    assert_eq!(line(&report, "roles").status, Status::Warn, "{text}");
+    assert!(
+        line(&report, "publication").detail.contains("works"),
+        "{text}"
+    );
+    // The running test server holds the slot.
+    assert!(line(&report, "slot").detail.contains("active"), "{text}");
+
+    // The same through the binary: exit 0, one line per check, and --json for scripts.
+    let url = env.db_url();
+    let slot = env.db.slot_name();
+    let out = run_bin(&["check", "--slot", &slot], &[("DATABASE_URL", &url)]).await;
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("ok    wal_level ")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("warn  max_slot_wal_keep_size ") && l.contains("— fix: ")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        !out.stdout.contains(env.db.cluster().password()),
+        "password printed"
+    );
+    // The slot from the environment, as the systemd unit passes it.
+    let out = run_bin(
+        &["check", "--json"],
+        &[("DATABASE_URL", &url), ("DEEPRECALL_SLOT", &slot)],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("check --json output");
+    assert!(
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "slot" && c["detail"].as_str().unwrap().contains("active")),
+        "{v}"
+    );
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["counts"]["fail"], 0, "{v}");
+    assert!(
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "schema_version" && c["status"] == "ok"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn wal_level_replica_fails() {
+    let cluster = tokio::task::spawn_blocking(|| {
+        let cluster = LocalCluster::start_temporary(&ClusterOptions {
+            ephemeral: true,
+            extra_settings: vec![("wal_level".into(), "replica".into())],
+        })?;
+        cluster.reap_when_process_exits(std::process::id())?;
+        Ok::<_, deeprecall_sync::pgcluster::ClusterError>(cluster)
+    })
+    .await
+    .unwrap()
+    .expect("cluster with wal_level=replica");
+    let admin = connect(&cluster.url("postgres")).await;
+    admin
+        .batch_execute(&format!("create database {DB_NAME}"))
+        .await
+        .unwrap();
+    let mut db = connect(&cluster.url(DB_NAME)).await;
+    deeprecall_sync::db::migrate::migrate(&mut db)
+        .await
+        .expect("migrate");
+
+    let report = check(&CheckArgs::new(cluster.url(DB_NAME))).await;
+    assert_only_failure(&report, "wal_level", "replica");
+    assert!(
+        line(&report, "wal_level")
+            .fix
+            .as_deref()
+            .unwrap()
+            .contains("wal_level = logical"),
+        "{}",
+        report.to_text()
+    );
+
+    let out = run_bin(&["check"], &[("DATABASE_URL", &cluster.url(DB_NAME))]).await;
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("fail  wal_level ")),
+        "{}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+async fn a_table_out_of_the_publication_fails() {
+    let env = TestEnv::start().await;
+    env.superuser()
+        .await
+        .batch_execute("alter publication deeprecall_sync drop table boards")
+        .await
+        .unwrap();
+    let report = check(&args(&env)).await;
+    assert_only_failure(&report, "publication", "public.boards");
+    assert!(
+        line(&report, "publication")
+            .fix
+            .as_deref()
+            .unwrap()
+            .contains("alter publication deeprecall_sync add table public.boards"),
+        "{}",
+        report.to_text()
+    );
+}
+
+#[tokio::test]
+async fn rls_not_forced_fails() {
+    let env = TestEnv::start().await;
+    env.superuser()
+        .await
+        .batch_execute("alter table works no force row level security")
+        .await
+        .unwrap();
+    let report = check(&args(&env)).await;
+    assert_only_failure(&report, "row_level_security", "not forced on works");
+
+    // And a policy that lets everyone read everything is reported too.
+    env.superuser()
+        .await
+        .batch_execute(
+            "alter table works force row level security;
+             drop policy owner_isolation on annotations;
+             create policy owner_isolation on annotations for all to deeprecall_user using (true)",
+        )
+        .await
+        .unwrap();
+    let report = check(&args(&env)).await;
+    assert_only_failure(
+        &report,
+        "row_level_security",
+        "policy owner_isolation on annotations differs",
+    );
+}
+
+#[tokio::test]
+async fn a_missing_grant_fails() {
+    let env = TestEnv::start().await;
+    env.superuser()
+        .await
+        .batch_execute("revoke update on annotations from deeprecall_user")
+        .await
+        .unwrap();
+    let report = check(&args(&env)).await;
+    assert_only_failure(
+        &report,
+        "grants",
+        "deeprecall_user lacks UPDATE on public.annotations",
+    );
+    // migrate re-applies the grants: the fix the line gives works.
+    let mut db = env.superuser().await;
+    deeprecall_sync::db::migrate::migrate(&mut db)
+        .await
+        .unwrap();
+    let report = check(&args(&env)).await;
+    assert!(failing(&report).is_empty(), "{}", report.to_text());
+}
+
+#[tokio::test]
+async fn an_unmigrated_database_and_a_role_without_replication_fail() {
+    let (db, url) = deeprecall_tests::start_cluster().await;
+    let report = check(&CheckArgs::new(url.clone())).await;
+    let text = report.to_text();
+    assert_eq!(failing(&report), vec!["schema_version"], "{text}");
+    assert!(
+        line(&report, "schema_version")
+            .detail
+            .contains("not migrated"),
+        "{text}"
+    );
+    assert_eq!(line(&report, "grants").status, Status::Skip, "{text}");
+    // With --migrate, serve would migrate at start: a warning, not a failure.
+    let mut args = CheckArgs::new(url.clone());
+    args.migrate = true;
+    assert_eq!(check(&args).await.exit_code(), 0);
+
+    // A login role without REPLICATION (and not superuser) cannot open the stream.
+    let admin = connect(&url).await;
+    admin
+        .batch_execute(
+            "create role plain login password 'plain-password'; grant all on database deeprecall to plain",
+        )
+        .await
+        .unwrap();
+    let plain = format!(
+        "postgres://plain:plain-password@127.0.0.1:{}/{DB_NAME}",
+        db.cluster().port()
+    );
+    let report = check(&CheckArgs::new(plain.clone())).await;
+    let c = line(&report, "replication_role");
+    assert_eq!(c.status, Status::Fail, "{}", report.to_text());
+    assert!(c.detail.contains("plain") && c.detail.contains("lacks REPLICATION"));
+
+    // With a separate replication URL, that URL's role is the one checked; an unreachable one exits 2.
+    let mut args = CheckArgs::new(url.clone());
+    args.replication_url = Some(plain);
+    let report = check(&args).await;
+    let c = line(&report, "replication_role");
+    assert_eq!(c.status, Status::Fail, "{}", report.to_text());
+    assert!(
+        c.detail
+            .contains("plain (DEEPRECALL_REPLICATION_URL) lacks REPLICATION"),
+        "{}",
+        report.to_text()
+    );
+    args.replication_url = Some(format!(
+        "postgres://plain:wrong-password@127.0.0.1:{}/{DB_NAME}",
+        db.cluster().port()
+    ));
+    let report = check(&args).await;
+    assert_eq!(report.exit_code(), 2, "{}", report.to_text());
+    assert!(
+        line(&report, "replication_role")
+            .detail
+            .contains("password authentication failed"),
+        "{}",
+        report.to_text()
+    );
+}
+
+#[tokio::test]
+async fn cannot_connect_exits_2() {
+    let port = deeprecall_tests::ops::free_port();
+    let url = format!("postgres://nobody:secret-pw@127.0.0.1:{port}/nothing");
+    let report = check(&CheckArgs::new(url.clone())).await;
+    assert_eq!(report.exit_code(), 2, "{}", report.to_text());
+    assert_eq!(failing(&report), vec!["connection"]);
+    assert!(
+        !report.to_text().contains("secret-pw"),
+        "{}",
+        report.to_text()
+    );
+
+    let out = run_bin(&["check"], &[("DATABASE_URL", &url)]).await;
+    assert_eq!(out.code, Some(2), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("fail  connection"), "{}", out.stdout);
+    let out = run_bin(&["check", "--json"], &[("DATABASE_URL", &url)]).await;
+    assert_eq!(out.code, Some(2), "{}{}", out.stdout, out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(v["exit_code"], 2);
+
+    // A URL that cannot be used at all is reported the same way.
+    let out = run_bin(
+        &["check"],
+        &[("DATABASE_URL", "postgres://u@h/db?sslmode=verify-full")],
+    )
+    .await;
+    assert_eq!(out.code, Some(2), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("sslrootcert"), "{}", out.stdout);
+}

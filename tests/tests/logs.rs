@@ -1,0 +1,201 @@
+//! Request ids and JSON logs: every HTTP response carries `x-request-id` (the caller's when usable, else a new
+//! one), and the server run as a subprocess with `--log-format json` writes JSON lines whose request span carries
+//! that id.
+
+use std::time::Duration;
+
+use deeprecall_sync::http::cors::CorsOrigins;
+use deeprecall_tests::ops::{free_port, server_bin};
+use deeprecall_tests::{EnvOptions, TEST_SECRET, TestEnv};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+fn request_id(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get("x-request-id")
+        .unwrap_or_else(|| panic!("no x-request-id on {} {:?}", resp.status(), resp.url()))
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id() {
+    let env = TestEnv::start_with(EnvOptions {
+        cors: CorsOrigins::Any,
+        ..Default::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("{}{p}", env.base);
+
+    // Generated when absent: a UUID, different per request.
+    let a = request_id(&http.get(url("/healthz")).send().await.unwrap());
+    let b = request_id(&http.get(url("/healthz")).send().await.unwrap());
+    assert!(uuid::Uuid::parse_str(&a).is_ok(), "{a}");
+    assert_ne!(a, b);
+
+    // A usable incoming id is kept, on success and on errors alike.
+    for (method, path, status) in [
+        (reqwest::Method::GET, "/readyz", 200),
+        (reqwest::Method::GET, "/no/such/endpoint", 404),
+        (reqwest::Method::POST, "/v1/batch", 401),
+        (reqwest::Method::DELETE, "/v1/batch", 405),
+    ] {
+        let resp = http
+            .request(method.clone(), url(path))
+            .header("x-request-id", "edge-7f3a:42")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{method} {path}");
+        assert_eq!(request_id(&resp), "edge-7f3a:42", "{method} {path}");
+    }
+    // Preflights are answered by the CORS layer before routing, and still get one.
+    let resp = http
+        .request(reqwest::Method::OPTIONS, url("/v1/batch"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header("x-request-id", "preflight-1")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    assert_eq!(request_id(&resp), "preflight-1");
+
+    // An unusable one (too long, odd characters) is replaced.
+    for bad in [
+        "x".repeat(200),
+        "has spaces in it".to_owned(),
+        "quote\"d".to_owned(),
+    ] {
+        let resp = http
+            .get(url("/healthz"))
+            .header("x-request-id", bad.as_str())
+            .send()
+            .await
+            .unwrap();
+        let id = request_id(&resp);
+        assert!(uuid::Uuid::parse_str(&id).is_ok(), "{bad:?} -> {id}");
+    }
+}
+
+#[tokio::test]
+async fn json_logs_parse_and_carry_the_request_id() {
+    let env = TestEnv::start().await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(server_bin())
+        .args([
+            "serve",
+            "--log-format",
+            "json",
+            "--listen",
+            &listen,
+            // The test environment's own server holds the default slot.
+            "--slot",
+            "logs_test",
+        ])
+        .env("DATABASE_URL", env.db_url())
+        .env("DEEPRECALL_JWT_SECRET", TEST_SECRET)
+        .env("RUST_LOG", "info,tower_http=debug")
+        .env_remove("DEEPRECALL_LOG_FORMAT")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning deeprecall-sync serve");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+
+    let http = reqwest::Client::new();
+    let base = format!("http://{listen}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/healthz")).send().await
+            && r.status().is_success()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resp = http
+        .get(format!("{base}/readyz"))
+        .header("x-request-id", "log-test-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(request_id(&resp), "log-test-42");
+
+    // Read lines until the request's own log line shows up.
+    let mut lines: Vec<String> = Vec::new();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = rx.recv().await {
+            lines.push(line.clone());
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["span"]["request_id"] == "log-test-42" {
+                return v;
+            }
+        }
+        panic!("stderr ended")
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no log line with the request id; got:\n{}",
+            lines.join("\n")
+        )
+    });
+    assert_eq!(found["span"]["path"], "/readyz", "{found}");
+    assert_eq!(found["span"]["method"], "GET", "{found}");
+    assert!(
+        found["spans"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["request_id"] == "log-test-42")),
+        "{found}"
+    );
+
+    // Graceful stop, then every line the server wrote is one JSON object with the standard fields.
+    let pid = child.id().expect("pid").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("server stops on SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "{exit}");
+    let _ = reader.await;
+    while let Ok(line) = rx.try_recv() {
+        lines.push(line);
+    }
+    assert!(lines.len() >= 3, "{lines:?}");
+    for line in &lines {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        for field in ["timestamp", "level", "target"] {
+            assert!(v[field].is_string(), "{field} missing: {line}");
+        }
+    }
+    assert!(
+        lines.iter().any(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["message"] == "deeprecall-sync serving" && v["level"] == "INFO"
+        }),
+        "{lines:?}"
+    );
+}
