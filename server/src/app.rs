@@ -16,7 +16,7 @@ use tower_http::trace::TraceLayer;
 use axum::http::StatusCode;
 
 use crate::error::ApiError;
-use crate::http::{batch, blobs, health};
+use crate::http::{admin, batch, blobs, health};
 use crate::state::AppState;
 
 /// All routes. Tests drive this directly, without a socket.
@@ -26,12 +26,20 @@ pub fn router(state: AppState) -> Router {
     let router = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/v1/batch", post(batch::post_batch))
+        .route(
+            "/v1/batch",
+            post(batch::post_batch).layer(axum::middleware::from_fn(crate::metrics::track_batch)),
+        )
         .route("/v1/blobs/coordinate", post(blobs::coordinate))
         .route("/v1/blobs", get(blobs::my_inventory))
         .route("/v1/blobs/{sha256}", get(blobs::get_blob))
-        .route("/v1/admin/blobs", get(blobs::admin_inventory))
+        .route("/v1/admin/blobs", get(admin::blobs))
+        .route("/v1/admin/stats", get(admin::stats))
         .route("/v1/admin/replication", get(health::replication))
+        .route("/admin", get(admin::page))
+        .route("/admin/", get(admin::page_slash))
+        .route("/admin/app.js", get(admin::script))
+        .route("/admin/app.css", get(admin::style))
         .route("/v1/stream", get(crate::live::ws::stream))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -229,6 +229,10 @@ pub struct ServeArgs {
     /// Logical replication slot this server owns (one per server instance reading the stream).
     #[arg(long, env = "DEEPRECALL_SLOT", default_value = crate::live::DEFAULT_SLOT)]
     pub slot: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (no authentication: a loopback or private address, never
+    /// --listen's). Default: off.
+    #[arg(long, env = "DEEPRECALL_METRICS_LISTEN", value_name = "ADDR|off")]
+    pub metrics_listen: Option<crate::metrics::MetricsListen>,
     /// Token verification.
     #[command(flatten)]
     pub jwt: JwtArgs,
@@ -252,6 +256,10 @@ pub struct DevArgs {
     /// Use this Postgres instead of a local cluster.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, or `off`. Default: 127.0.0.1:9090 (skipped with a warning
+    /// when that port is taken).
+    #[arg(long, env = "DEEPRECALL_METRICS_LISTEN", value_name = "ADDR|off")]
+    pub metrics_listen: Option<crate::metrics::MetricsListen>,
     /// Token verification (default: an HS256 secret generated into --data-dir).
     #[command(flatten)]
     pub jwt: JwtArgs,
@@ -448,10 +456,18 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
 /// Serves until SIGINT/SIGTERM, then shuts down in order (docs/operations.md).
 async fn serve_until_signal(
     listener: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
     server: Server,
 ) -> anyhow::Result<()> {
     let state = server.state.clone();
     let signal = server.shutdown_signal();
+    if let Some(metrics) = metrics {
+        tokio::spawn(crate::metrics::serve(
+            metrics,
+            state.clone(),
+            server.shutdown_signal(),
+        ));
+    }
     let http = tokio::spawn(crate::app::serve(listener, state, signal));
     crate::shutdown::signal().await;
     tracing::info!("shutting down");
@@ -519,12 +535,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     options.migrate = args.migrate;
     options.slot = args.slot.clone();
     options.cors = args.http.cors(CorsOrigins::None)?;
+    // Before the server starts, so that what happens at start (a slot recreation) is counted.
+    let metrics = crate::metrics::bind(
+        args.metrics_listen,
+        crate::metrics::MetricsListen::Off,
+        args.listen,
+    )
+    .await?;
     let server = start_server(options).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(addr = %args.listen, "deeprecall-sync serving");
-    serve_until_signal(listener, server).await
+    if let Some(m) = &metrics {
+        tracing::info!(addr = %m.local_addr()?, "metrics at /metrics");
+    }
+    serve_until_signal(listener, metrics, server).await
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
@@ -567,6 +593,14 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         let mut options = ServerOptions::new(database_url.clone(), auth);
         options.limits = args.limits.limits(options.pool_size);
         options.cors = args.http.cors(CorsOrigins::Any)?;
+        let metrics = crate::metrics::bind(
+            args.metrics_listen,
+            crate::metrics::DEV_METRICS_LISTEN
+                .parse()
+                .map_err(anyhow::Error::msg)?,
+            args.listen,
+        )
+        .await?;
         let server = start_server(options).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -576,8 +610,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
                     args.listen
                 )
             })?;
-        print_dev_banner(args.listen, &database_url, dev_user, &token);
-        serve_until_signal(listener, server).await
+        let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
+        print_dev_banner(args.listen, metrics_addr, &database_url, dev_user, &token);
+        serve_until_signal(listener, metrics, server).await
     }
     .await;
     if let Some(mut c) = cluster {
@@ -587,7 +622,13 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     result
 }
 
-fn print_dev_banner(listen: SocketAddr, database_url: &str, user: Uuid, token: &str) {
+fn print_dev_banner(
+    listen: SocketAddr,
+    metrics: Option<SocketAddr>,
+    database_url: &str,
+    user: Uuid,
+    token: &str,
+) {
     let redacted = match database_url.split_once('@') {
         Some((creds, rest)) => match creds.rsplit_once(':') {
             Some((user, _)) if user.contains("//") => format!("{user}:***@{rest}"),
@@ -597,8 +638,10 @@ fn print_dev_banner(listen: SocketAddr, database_url: &str, user: Uuid, token: &
     };
     let op = Uuid::new_v4();
     let id = Uuid::new_v4();
+    let metrics = metrics.map_or("off".to_owned(), |m| format!("http://{m}/metrics"));
     println!(
-        "\ndeeprecall-sync dev: serving on http://{listen}\n  database: {redacted}\n  dev user: {user}\n\n\
+        "\ndeeprecall-sync dev: serving on http://{listen}\n  database: {redacted}\n  dev user: {user}\n  \
+         metrics: {metrics}\n  admin page: http://{listen}/admin (token: `deeprecall-sync token --sub <uuid> --admin`)\n\n\
          dev token (24 h; mint more with `deeprecall-sync token --sub <uuid>`):\n  {token}\n\n\
          try it (writes one row, owned by the dev user):\n\
          curl -s -X POST http://{listen}/v1/batch \\\n  -H 'Authorization: Bearer {token}' \\\n  \

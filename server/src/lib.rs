@@ -14,6 +14,7 @@ pub mod db;
 pub mod error;
 pub mod http;
 pub mod live;
+pub mod metrics;
 pub mod pgcluster;
 pub mod shutdown;
 pub mod state;

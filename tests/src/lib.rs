@@ -3,6 +3,7 @@
 //! deeprecall-sync server on 127.0.0.1:0 in front of it. Dropping [`TestEnv`] stops the server and drops the
 //! database and its replication slot, also when the test panics (unwinding runs the drops).
 
+pub mod admin;
 pub mod cluster;
 pub mod ops;
 pub mod stream;

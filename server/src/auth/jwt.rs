@@ -222,8 +222,13 @@ impl AuthConfig {
         })
     }
 
-    /// Verifies a token and returns the caller.
+    /// Verifies a token and returns the caller. Every rejection is counted by reason (`metrics::jwt_rejected`).
     pub fn verify(&self, token: &str) -> Result<AuthUser, AuthError> {
+        self.verify_uncounted(token)
+            .inspect_err(|e| crate::metrics::jwt_rejected(e.code()))
+    }
+
+    fn verify_uncounted(&self, token: &str) -> Result<AuthUser, AuthError> {
         let alg = header_alg(token)?;
         if alg.eq_ignore_ascii_case("none") {
             return Err(AuthError::UnsupportedAlgorithm(alg));

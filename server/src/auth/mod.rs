@@ -23,7 +23,8 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let config = Arc::<AuthConfig>::from_ref(state);
-        let token = bearer_token(parts)?;
+        // `verify` counts its own rejections; a missing or malformed header is counted here.
+        let token = bearer_token(parts).inspect_err(|e| crate::metrics::jwt_rejected(e.code()))?;
         config.verify(&token)
     }
 }

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use tokio_postgres::types::Json as PgJson;
 use uuid::Uuid;
 
-use crate::auth::{AuthError, AuthUser};
-use crate::db::{ADMIN_ROLE, USER_ROLE, begin_as};
+use crate::auth::AuthUser;
+use crate::db::{USER_ROLE, begin_as};
 use crate::error::{ApiError, from_db};
 use crate::http::batch::body_error;
 use crate::state::AppState;
@@ -293,22 +293,6 @@ pub struct InventoryQuery {
 
 fn query_error(e: QueryRejection) -> ApiError {
     ApiError::unprocessable("invalid_query", e.body_text())
-}
-
-/// Handler for `GET /v1/admin/blobs`: every owner's `v_blob_inventory` rows (admin token).
-pub async fn admin_inventory(
-    State(state): State<AppState>,
-    user: AuthUser,
-    q: Result<Query<InventoryQuery>, QueryRejection>,
-) -> Result<Json<Value>, axum::response::Response> {
-    use axum::response::IntoResponse;
-    let Query(q) = q.map_err(|e| query_error(e).into_response())?;
-    if !user.admin {
-        return Err(AuthError::Forbidden.into_response());
-    }
-    inventory(&state, &user, ADMIN_ROLE, q)
-        .await
-        .map_err(IntoResponse::into_response)
 }
 
 /// Handler for `GET /v1/blobs`: the caller's own inventory rows.

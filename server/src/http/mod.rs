@@ -1,5 +1,6 @@
 //! HTTP endpoints.
 
+pub mod admin;
 pub mod batch;
 pub mod blobs;
 pub mod cors;
