@@ -155,7 +155,12 @@ async fn jwt_rejections_are_counted_by_reason() {
 
 #[tokio::test]
 async fn slot_gauges_follow_postgres_and_lag_grows_while_the_stream_is_down() {
-    let mut env = TestEnv::start().await;
+    // Stops Postgres: a cluster of its own.
+    let mut env = TestEnv::start_with(deeprecall_tests::EnvOptions {
+        own_cluster: true,
+        ..Default::default()
+    })
+    .await;
     let m = MetricsEndpoint::start(&env).await;
     let slot = |s: &Scrape, name: &str| s.get(name).unwrap_or(f64::NAN);
     let live = scrape_until(&m, "an active slot", |s| {
@@ -212,7 +217,7 @@ async fn slot_gauges_follow_postgres_and_lag_grows_while_the_stream_is_down() {
     );
 
     // Postgres gone: the scrape still answers, says so, and does not invent slot figures.
-    env.cluster.stop().expect("stopping Postgres");
+    env.db.own_cluster_mut().stop().expect("stopping Postgres");
     let down = m.scrape().await;
     assert_eq!(slot(&down, names::DATABASE_UP), 0.0, "{}", down.text);
     assert!(slot(&down, names::SLOT_LAG_BYTES).is_nan(), "{}", down.text);
