@@ -333,6 +333,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         pool.clone(),
     ));
 
+    let barrier_config = config.clone();
     let replication_config = match &options.replication_url {
         Some(url) => {
             db::parse_config(url).context("the replication URL is not a valid postgres URL")?
@@ -346,6 +347,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         db::SESSION_OPTIONS,
     )?;
     let hub = Arc::new(Hub::new(options.hub));
+    let barriers = crate::live::barrier::Barriers::spawn(barrier_config, hub.clone());
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let replicator = tokio::spawn(crate::live::replicator::run(
         ReplicatorConfig {
@@ -364,6 +366,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         catalog,
         limits: options.limits,
         hub,
+        barriers,
         slot_name: options.slot,
         cors: options.cors,
         shutdown: shutdown_rx,

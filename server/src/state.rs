@@ -7,6 +7,7 @@ use deadpool_postgres::Pool;
 
 use crate::auth::AuthConfig;
 use crate::db::catalog::CatalogHandle;
+use crate::live::barrier::Barriers;
 use crate::live::hub::Hub;
 
 /// Request limits (configurable; exceeding one answers 413).
@@ -43,6 +44,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Live-stream fan-out.
     pub hub: Arc<Hub>,
+    /// Snapshot barriers (one emitter task for every snapshot).
+    pub barriers: Barriers,
     /// Replication slot name.
     pub slot_name: String,
     /// Origins allowed to call the API from a browser.
