@@ -28,6 +28,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/blobs", get(blobs::admin_inventory))
         .route("/v1/admin/replication", get(health::replication))
         .route("/v1/stream", get(crate::live::ws::stream))
+        .route("/v1/shape", get(crate::live::shape::get_shape))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -132,11 +132,27 @@ pub struct HttpArgs {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+    /// How long a `GET /v1/shape?live=true` request waits for a change before answering up-to-date, in
+    /// milliseconds (at most 40000: Electric's client gives up after 45 s).
+    #[arg(
+        long,
+        env = "DEEPRECALL_SHAPE_LIVE_HOLD_MS",
+        default_value_t = 20_000,
+        value_parser = clap::value_parser!(u64).range(1..=40_000)
+    )]
+    pub shape_live_hold_ms: u64,
 }
 
 impl HttpArgs {
     fn cors(&self, fallback: CorsOrigins) -> anyhow::Result<CorsOrigins> {
         CorsOrigins::from_flags(&self.cors_origins, fallback).map_err(anyhow::Error::msg)
+    }
+
+    fn shape(&self) -> crate::live::shape::ShapeConfig {
+        crate::live::shape::ShapeConfig {
+            live_hold: std::time::Duration::from_millis(self.shape_live_hold_ms),
+            ..Default::default()
+        }
     }
 }
 
@@ -257,6 +273,8 @@ pub struct ServerOptions {
     pub hub: HubConfig,
     /// Origins allowed to call the API from a browser.
     pub cors: CorsOrigins,
+    /// Timing of `GET /v1/shape`.
+    pub shape: crate::live::shape::ShapeConfig,
 }
 
 impl ServerOptions {
@@ -272,6 +290,7 @@ impl ServerOptions {
             slot: crate::live::DEFAULT_SLOT.to_owned(),
             hub: HubConfig::default(),
             cors: CorsOrigins::None,
+            shape: Default::default(),
         }
     }
 }
@@ -369,6 +388,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         barriers,
         slot_name: options.slot,
         cors: options.cors,
+        shapes: Arc::new(crate::live::shape::Shapes::new(options.shape)),
         shutdown: shutdown_rx,
     };
     Ok(Server {
@@ -453,6 +473,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     options.migrate = args.migrate;
     options.slot = args.slot.clone();
     options.cors = args.http.cors(CorsOrigins::None)?;
+    options.shape = args.http.shape();
     let server = start_server(options).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -501,6 +522,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         let mut options = ServerOptions::new(database_url.clone(), auth);
         options.limits = args.limits.into();
         options.cors = args.http.cors(CorsOrigins::Any)?;
+        options.shape = args.http.shape();
         let server = start_server(options).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

@@ -21,7 +21,9 @@
 
 pub mod barrier;
 pub mod convert;
+pub mod electric;
 pub mod filter;
+pub mod handle;
 pub mod handoff;
 pub mod hub;
 pub mod job;
@@ -30,8 +32,10 @@ pub mod protocol;
 pub mod replicator;
 pub mod routing;
 pub mod session;
+pub mod shape;
 pub mod snapshot;
 pub mod subscription;
+pub mod where_sql;
 pub mod ws;
 
 /// Default replication slot name.

@@ -187,7 +187,7 @@ impl Session {
                 return send(out, ServerMessage::error(Some(&id), code, &message));
             }
         };
-        let filter = match Filter::parse(s.filter.as_ref(), |c| table.column(c).is_some()) {
+        let filter = match Filter::parse(s.filter.as_ref(), |c| table.column(c)) {
             Ok(f) => f,
             Err(e) => return send(out, ServerMessage::error(Some(&id), "invalid_where", &e.0)),
         };
@@ -666,7 +666,9 @@ mod tests {
             &history(),
             &mut out,
         );
-        let unread = Filter::parse(Some(&json!({"read_status": "unread"})), |_| true).unwrap();
+        let t = table();
+        let unread =
+            Filter::parse(Some(&json!({"read_status": "unread"})), |c| t.column(c)).unwrap();
         s.on_job(snapshot_report("unread", 2, unread), &history(), &mut out);
         out.clear();
         s.on_txn(&txn(200, 3000, &[("a", "unread"), ("b", "read")]), &mut out);

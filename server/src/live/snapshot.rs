@@ -25,7 +25,7 @@ use tokio_postgres::types::{Oid, ToSql};
 
 use super::barrier::{BARRIER_TIMEOUT, Barriers};
 use super::convert::output_text_sql;
-use super::filter::{Condition, Filter};
+use super::filter::{Filter, SqlParam};
 use super::handoff::{Handoff, PgSnapshot};
 use super::hub::Hub;
 use super::job::{JobError, JobReport, JobSpec, Prepared, Purpose, SnapshotColumn};
@@ -106,7 +106,7 @@ async fn canonical_only(pool: &Pool, spec: &JobSpec) -> Result<Prepared, JobErro
     let (tx, _) = begin_as(&mut client, USER_ROLE, spec.owner, true)
         .await
         .map_err(db_err)?;
-    let filter = canonicalise(&tx, &spec.table, &spec.filter).await?;
+    let filter = canonicalise(&tx, &spec.filter).await?;
     Ok(Prepared {
         filter,
         purpose: spec.purpose,
@@ -116,34 +116,43 @@ async fn canonical_only(pool: &Pool, spec: &JobSpec) -> Result<Prepared, JobErro
     })
 }
 
-/// Rewrites the filter's values into Postgres's canonical text for each column's type (validating them).
-async fn canonicalise(
-    tx: &deadpool_postgres::Transaction<'_>,
-    table: &Table,
+/// Rewrites the filter's values into Postgres's canonical text for each column's type (validating them), in one
+/// round trip: each type's literals are cast and printed by the type's output function (what pgoutput sends, see
+/// `output_text_sql`), in order.
+pub async fn canonicalise(
+    client: &impl deadpool_postgres::GenericClient,
     filter: &Filter,
 ) -> Result<Filter, JobError> {
-    let mut out = Filter::default();
-    for c in &filter.conditions {
-        let column = table
-            .column(&c.column)
-            .ok_or_else(|| JobError::BadFilter(format!("unknown column `{}`", c.column)))?;
-        let given: Vec<&str> = c.values.iter().filter_map(|v| v.as_deref()).collect();
-        // The type's output function (what pgoutput sends), not a cast to text: see `output_text_sql`.
-        let sql = format!(
-            "select coalesce(array_agg({}), '{{}}') from unnest($1::text[]) v",
-            output_text_sql(&format!("v::{}", column.type_name), column.type_oid)
-        );
-        let canonical: Vec<String> = tx.query_one(&sql, &[&given]).await.map_err(db_err)?.get(0);
-        let mut values: Vec<Option<String>> = canonical.into_iter().map(Some).collect();
-        if c.values.iter().any(Option::is_none) {
-            values.push(None);
-        }
-        out.conditions.push(Condition {
-            column: c.column.clone(),
-            values,
-        });
+    if filter.is_canonical() {
+        return Ok(filter.clone());
     }
-    Ok(out)
+    let groups = filter.literals_by_type();
+    if groups.is_empty() {
+        return filter
+            .with_canonical(&[])
+            .map_err(|e| JobError::BadFilter(e.0));
+    }
+    let selects: Vec<String> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, (type_name, type_oid, _))| {
+            format!(
+                "(select coalesce(array_agg({} order by o), '{{}}') from unnest(${}::text[]) with ordinality u(v, o))",
+                output_text_sql(&format!("v::{type_name}"), *type_oid),
+                i + 1
+            )
+        })
+        .collect();
+    let sql = format!("select {}", selects.join(", "));
+    let params: Vec<&(dyn ToSql + Sync)> = groups
+        .iter()
+        .map(|(_, _, texts)| texts as &(dyn ToSql + Sync))
+        .collect();
+    let row = client.query_one(&sql, &params).await.map_err(db_err)?;
+    let canonical: Vec<Vec<String>> = (0..groups.len()).map(|i| row.get(i)).collect();
+    filter
+        .with_canonical(&canonical)
+        .map_err(|e| JobError::BadFilter(e.0))
 }
 
 async fn snapshot<S: SnapshotSink>(
@@ -186,7 +195,7 @@ async fn snapshot<S: SnapshotSink>(
         .parse::<deeprecall_replication::Lsn>()
         .map_err(|_| JobError::Database("unparseable WAL position".into()))?
         .0;
-    let filter = canonicalise(&tx, &spec.table, &spec.filter).await?;
+    let filter = canonicalise(&tx, &spec.filter).await?;
     let columns = match &spec.columns {
         Some(columns) => columns.clone(),
         None => current_columns(&tx, &spec.table).await?,
@@ -206,10 +215,13 @@ async fn snapshot<S: SnapshotSink>(
     };
     sink.prepared(&prepared).await.map_err(gone)?;
 
-    let (sql, arrays) = select_sql(&spec.table, &prepared.columns, &prepared.filter);
+    let (sql, filter_params) = select_sql(&spec.table, &prepared.columns, &prepared.filter);
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&spec.owner];
-    for a in &arrays {
-        params.push(a);
+    for p in &filter_params {
+        params.push(match p {
+            SqlParam::Text(t) => t,
+            SqlParam::List(l) => l,
+        });
     }
     // Rows are handed to the sink while Postgres still produces them; the sink waits when its client is slow.
     let stream = tx
@@ -267,39 +279,16 @@ fn select_sql(
     table: &Table,
     columns: &[SnapshotColumn],
     filter: &Filter,
-) -> (String, Vec<Vec<String>>) {
+) -> (String, Vec<SqlParam>) {
     let select_list: Vec<String> = columns
         .iter()
         .map(|c| output_text_sql(&quote_ident(&c.name), c.type_oid))
         .collect();
-    let mut sql = format!(
-        "select {} from {} where owner_id = $1",
+    let (condition, params) = filter.to_sql(2);
+    let sql = format!(
+        "select {} from {} where owner_id = $1 and {condition}",
         select_list.join(", "),
         table.qualified()
     );
-    let mut arrays: Vec<Vec<String>> = Vec::new();
-    for c in &filter.conditions {
-        let Some(column) = table.column(&c.column) else {
-            continue;
-        };
-        let ident = quote_ident(&c.column);
-        let mut parts = Vec::new();
-        let given: Vec<String> = c.values.iter().filter_map(Clone::clone).collect();
-        if !given.is_empty() {
-            arrays.push(given);
-            parts.push(format!(
-                "{ident} = any(${}::text[]::{}[])",
-                arrays.len() + 1,
-                column.type_name
-            ));
-        }
-        if c.values.iter().any(Option::is_none) {
-            parts.push(format!("{ident} is null"));
-        }
-        if parts.is_empty() {
-            parts.push("false".into());
-        }
-        sql.push_str(&format!(" and ({})", parts.join(" or ")));
-    }
-    (sql, arrays)
+    (sql, params)
 }
