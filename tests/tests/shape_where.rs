@@ -13,8 +13,10 @@ use uuid::Uuid;
 
 const T: Duration = Duration::from_secs(20);
 
-/// `(where for the endpoint, params, the same condition for the truth query)`.
-fn shapes() -> Vec<(&'static str, Vec<(usize, &'static str)>, &'static str)> {
+/// A `where` for the endpoint, its params, and the same condition for the truth query.
+type Case = (&'static str, Vec<(usize, &'static str)>, &'static str);
+
+fn shapes() -> Vec<Case> {
     vec![
         (
             "year >= 2000 AND year < 2010",
