@@ -553,6 +553,7 @@ async fn compile(state: &AppState, req: &ShapeRequest) -> Result<ShapeDef, ApiEr
     }
     let mut hash = Sha256::new();
     hash.update(b"deeprecall-shape/1\0");
+    hash.update(table.oid.to_be_bytes());
     hash.update(table.schema.as_bytes());
     hash.update(b".");
     hash.update(table.name.as_bytes());
