@@ -987,6 +987,8 @@ async fn run_sse(
         let step = tokio::select! {
             biased;
             () = crate::shutdown::until_true(&mut shutdown) => Step::Shutdown,
+            // The client went away: give the hub registration back now.
+            () = tx.closed() => return,
             () = lag.wait() => Step::Lagged,
             () = tokio::time::sleep_until(end) => Step::End,
             _ = keepalive.tick() => Step::Keepalive,
