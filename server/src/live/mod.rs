@@ -5,19 +5,20 @@
 //!                                 │ publish(Routed), then ack end_lsn
 //!                                 ▼
 //!                               hub ──► connection queue ──► ws task (session) ──► client
-//!                                 ▲                             │ subscribe
-//!                                 └── barrier ◄── snapshot job ◄┘
+//!                                 │  ▲                        │ subscribe
+//!                                 │  └─ barrier ◄─ snapshot job ◄┘ (also for shape requests)
+//!                                 └──► request queue / history ──► shape request ──► Electric client
 //! ```
 //!
 //! Layers, each importing only those below it (no two modules import each other):
 //!
 //! | layer | modules |
 //! |---|---|
-//! | transports (I/O) | `ws` (socket loop) |
-//! | session core (pure) | `session` (one WebSocket's subscriptions), `subscription` (one subscription's position) |
-//! | wire format (pure) | `protocol` (WebSocket messages and the frame encoders) |
+//! | transports (I/O) | `ws` (`GET /v1/stream`, socket loop), `shape` (`GET /v1/shape`, Electric's HTTP API) |
+//! | session core (pure) | `session` (one WebSocket's subscriptions), `subscription` (one subscription's position, both transports) |
+//! | wire formats (pure) | `protocol` (WebSocket messages and frame encoders), `electric` (shape messages, schema, offsets), `handle` (signed shape handles) |
 //! | jobs and fan-out | `snapshot` (the snapshot job), `barrier`, `hub` (queues, history), `replicator` |
-//! | model (pure) | `job`, `handoff`, `routing`, `filter`, `offset`, `convert` |
+//! | model (pure) | `job`, `handoff`, `routing`, `filter` + `where_sql` (one predicate model), `offset`, `convert` |
 
 pub mod barrier;
 pub mod convert;
