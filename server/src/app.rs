@@ -41,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/app.js", get(admin::script))
         .route("/admin/app.css", get(admin::style))
         .route("/v1/stream", get(crate::live::ws::stream))
+        .route("/v1/shape", get(crate::live::shape::get_shape))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -199,11 +199,27 @@ pub struct HttpArgs {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+    /// How long a `GET /v1/shape?live=true` request waits for a change before answering up-to-date, in
+    /// milliseconds (at most 40000: Electric's client gives up after 45 s).
+    #[arg(
+        long,
+        env = "DEEPRECALL_SHAPE_LIVE_HOLD_MS",
+        default_value_t = 20_000,
+        value_parser = clap::value_parser!(u64).range(1..=40_000)
+    )]
+    pub shape_live_hold_ms: u64,
 }
 
 impl HttpArgs {
     fn cors(&self, fallback: CorsOrigins) -> anyhow::Result<CorsOrigins> {
         CorsOrigins::from_flags(&self.cors_origins, fallback).map_err(anyhow::Error::msg)
+    }
+
+    fn shape(&self) -> crate::live::shape::ShapeConfig {
+        crate::live::shape::ShapeConfig {
+            live_hold: std::time::Duration::from_millis(self.shape_live_hold_ms),
+            ..Default::default()
+        }
     }
 }
 
@@ -332,6 +348,8 @@ pub struct ServerOptions {
     pub hub: HubConfig,
     /// Origins allowed to call the API from a browser.
     pub cors: CorsOrigins,
+    /// Timing of `GET /v1/shape`.
+    pub shape: crate::live::shape::ShapeConfig,
 }
 
 impl ServerOptions {
@@ -347,6 +365,7 @@ impl ServerOptions {
             slot: crate::live::DEFAULT_SLOT.to_owned(),
             hub: HubConfig::default(),
             cors: CorsOrigins::None,
+            shape: Default::default(),
         }
     }
 }
@@ -412,6 +431,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         pool.clone(),
     ));
 
+    let barrier_target = target.clone();
     let replication = match &options.replication_url {
         Some(url) => db::PgTarget::parse(url).context("the replication URL cannot be used")?,
         None => target,
@@ -424,6 +444,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         db::SESSION_OPTIONS,
     )?;
     let hub = Arc::new(Hub::new(options.hub));
+    let barriers = crate::live::barrier::Barriers::spawn(barrier_target, hub.clone());
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let replicator = tokio::spawn(crate::live::replicator::run(
         ReplicatorConfig {
@@ -442,8 +463,10 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         catalog,
         limits: options.limits,
         hub,
+        barriers,
         slot_name: options.slot,
         cors: options.cors,
+        shapes: Arc::new(crate::live::shape::Shapes::new(options.shape)),
         shutdown: shutdown_rx,
     };
     Ok(Server {
@@ -535,6 +558,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     options.migrate = args.migrate;
     options.slot = args.slot.clone();
     options.cors = args.http.cors(CorsOrigins::None)?;
+    options.shape = args.http.shape();
     // Before the server starts, so that what happens at start (a slot recreation) is counted.
     let metrics = crate::metrics::bind(
         args.metrics_listen,
@@ -593,6 +617,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         let mut options = ServerOptions::new(database_url.clone(), auth);
         options.limits = args.limits.limits(options.pool_size);
         options.cors = args.http.cors(CorsOrigins::Any)?;
+        options.shape = args.http.shape();
         let metrics = crate::metrics::bind(
             args.metrics_listen,
             crate::metrics::DEV_METRICS_LISTEN

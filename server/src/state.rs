@@ -7,7 +7,9 @@ use deadpool_postgres::Pool;
 
 use crate::auth::AuthConfig;
 use crate::db::catalog::CatalogHandle;
+use crate::live::barrier::Barriers;
 use crate::live::hub::Hub;
+use crate::live::shape::Shapes;
 
 /// Request limits (configurable; exceeding one answers 413).
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +54,10 @@ pub struct AppState {
     pub limits: Limits,
     /// Live-stream fan-out.
     pub hub: Arc<Hub>,
+    /// Snapshot barriers (one emitter task for every snapshot).
+    pub barriers: Barriers,
+    /// The Electric-compatible shape endpoint (`GET /v1/shape`): handle key, compiled definitions, timing.
+    pub shapes: Arc<Shapes>,
     /// Replication slot name.
     pub slot_name: String,
     /// Origins allowed to call the API from a browser.

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod ops;
+pub mod shape;
 pub mod stream;
 
 use cluster::TestDb;

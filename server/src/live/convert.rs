@@ -113,6 +113,26 @@ pub fn write_row<'a>(
     out.push(b'}');
 }
 
+/// SQL for the text of `expr` as the type's output function prints it: what pgoutput v1 sends for the same value,
+/// so the snapshot and the live path render (and filters compare) identical text.
+///
+/// Not `expr::text`: a cast to text is the output function only for types without their own cast. `boolean::text`
+/// is `true`/`false` where the output (and the stream) says `t`/`f` (so every `true` reached snapshot clients as
+/// `false`, and a `{"favorite": true}` filter, canonicalised to `true`, never matched a live `t`); `bpchar::text`
+/// drops the padding and `inet::text` adds the netmask likewise. `format('%s', …)` calls the output function for
+/// any type; NULL stays NULL (format would print an empty string).
+pub fn output_text_sql(expr: &str, type_oid: u32) -> String {
+    match type_oid {
+        // text, varchar, name: already their own output.
+        25 | 1043 | 19 => expr.to_owned(),
+        // uuid, integers, floats, numeric, json(b), timestamps, dates, arrays of these...: `::text` is the output
+        // function (no type-specific cast to text exists for them) and cheaper than format().
+        2950 | 20 | 21 | 23 | 26 | 700 | 701 | 1700 | 114 | 3802 | 1082 | 1083 | 1114 | 1184
+        | 1186 | 1009 | 1015 | 2951 | 1007 | 1016 | 1000 => format!("({expr})::text"),
+        _ => format!("case when ({expr}) is null then null else format('%s', {expr}) end"),
+    }
+}
+
 /// Parses a one-dimensional array literal such as `{a,"b c",NULL,"d\"e"}`. `None` for anything else
 /// (multi-dimensional, explicit bounds), which is then sent as a string.
 pub fn parse_array(text: &str) -> Option<Vec<Option<String>>> {

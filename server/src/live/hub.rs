@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, mpsc, oneshot};
 use uuid::Uuid;
 
+use super::job::JobReport;
 use super::offset::Offset;
 use super::routing::{Routed, UserTxn};
 
@@ -30,8 +31,8 @@ pub enum ConnEvent {
     Txn(Arc<UserTxn>),
     /// Subscriptions on a table (or all) must refetch. Boxed: rare, and it would double every queue slot.
     Refetch(Box<Refetch>),
-    /// A snapshot task finished (or failed).
-    Snapshot(Box<super::snapshot::SnapshotOutcome>),
+    /// A snapshot job's report (after its rows, or before them for the HTTP shape endpoint).
+    Job(Box<JobReport>),
 }
 
 /// Subscriptions on `table` (every table when `None`) must refetch.
@@ -237,12 +238,13 @@ impl Hub {
         self.position_tx.subscribe()
     }
 
-    /// Registers a connection of `owner`; returns its id, queue and lag signal.
+    /// Registers a connection of `owner`: from now on every committed transaction of the user is queued for it.
+    /// Returns the registration (dropping it unregisters), the queue and its sender, and the lag signal.
     pub fn register(
-        &self,
+        self: &Arc<Self>,
         owner: Uuid,
     ) -> (
-        u64,
+        Registration,
         mpsc::Receiver<ConnEvent>,
         mpsc::Sender<ConnEvent>,
         Arc<LagSignal>,
@@ -258,11 +260,16 @@ impl Hub {
             tx: tx.clone(),
             lag: lag.clone(),
         });
-        (id, rx, tx, lag)
+        let registration = Registration {
+            hub: self.clone(),
+            owner,
+            id,
+        };
+        (registration, rx, tx, lag)
     }
 
     /// Removes a connection.
-    pub fn unregister(&self, owner: Uuid, id: u64) {
+    fn unregister(&self, owner: Uuid, id: u64) {
         let mut inner = self.lock();
         if let Some(list) = inner.conns.get_mut(&owner) {
             let before = list.len();
@@ -508,6 +515,20 @@ impl Hub {
             history_users: inner.history.len(),
             history_bytes: inner.history_bytes,
         }
+    }
+}
+
+/// A connection's place in the hub; dropping it unregisters the connection (also when a request is cancelled).
+#[derive(Debug)]
+pub struct Registration {
+    hub: Arc<Hub>,
+    owner: Uuid,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.hub.unregister(self.owner, self.id);
     }
 }
 

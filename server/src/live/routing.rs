@@ -435,7 +435,14 @@ mod tests {
 
     #[test]
     fn filters_turn_moves_into_inserts_and_deletes() {
-        let f = Filter::parse(Some(&json!({"page": 1})), |_| true).unwrap();
+        let page = crate::db::catalog::Column {
+            name: "page".into(),
+            type_name: "integer".into(),
+            type_oid: 23,
+            not_null: false,
+            generated: false,
+        };
+        let f = Filter::parse(Some(&json!({"page": 1})), |_| Some(&page)).unwrap();
         let old = |p: &str| {
             row(&[
                 ("id", Some("1")),

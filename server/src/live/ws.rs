@@ -1,54 +1,28 @@
-//! `GET /v1/stream`: one WebSocket per client, JSON text frames (docs/protocol.md).
+//! `GET /v1/stream`: one WebSocket per client, JSON text frames (docs/protocol.md). This is the socket loop only:
+//! the connection's logic is the [`Session`] state machine, the wire format is `protocol.rs`.
 //!
-//! One task per connection owns everything about it: its subscriptions, its queue from the hub, the socket.
-//! Nothing is shared with other connections except the hub, so a slow client only ever delays itself.
-//!
-//! ```text
-//! hub queue ──► Txn ──► per live subscription: filter (watermark guards resume duplicates) ──► one `txn` frame
-//!                 └──► pending subscriptions: buffer until their snapshot/resume outcome arrives (same queue,
-//!                      so ordering with transactions is exact)
-//! ```
+//! One task per connection owns everything about it: its session, its queue from the hub, the socket. Nothing is
+//! shared with other connections except the hub, so a slow client only ever delays itself.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
-use deeprecall_replication::Op;
 use futures::{SinkExt, StreamExt};
-use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::convert::write_json_str;
-use super::filter::Filter;
-use super::hub::{ConnEvent, LagSignal, Refetch};
-use super::offset::Offset;
-use super::routing::UserTxn;
-use super::snapshot::{self, Purpose, SnapshotChunk, SnapshotJob, SnapshotOutcome};
+use super::hub::{ConnEvent, LagSignal};
+use super::job::{JobReport, JobSpec, Prepared, Purpose, SnapshotColumn};
+use super::protocol::{ClientMessage, SNAPSHOT_FRAME_ROWS, SnapshotFrame, close};
+use super::session::{Action, Actions, Session, SnapshotChunk, StartJob};
+use super::snapshot::{self, SinkGone, SnapshotSink};
 use crate::auth::AuthUser;
+use crate::db::catalog::Table;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Close codes (docs/protocol.md).
-pub mod close {
-    /// Normal close (client asked).
-    pub const NORMAL: u16 = 1000;
-    /// Server shutting down: reconnect and resume with your offsets.
-    pub const SHUTDOWN: u16 = 1001;
-    /// Protocol violation (binary frame, oversized message).
-    pub const PROTOCOL: u16 = 1002;
-    /// The token expired and was not refreshed: reconnect with a fresh token and resume.
-    pub const TOKEN_EXPIRED: u16 = 4001;
-    /// A refreshed token belongs to another user.
-    pub const USER_MISMATCH: u16 = 4003;
-    /// The client did not keep up: reconnect and resume with your offsets.
-    pub const TOO_SLOW: u16 = 4008;
-}
-
-/// Most subscriptions on one connection.
-const MAX_SUBSCRIPTIONS: usize = 100;
 /// A frame that takes longer than this to write means the client is not reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -79,30 +53,15 @@ pub async fn stream(
         .on_upgrade(move |socket| async move { Connection::new(state, user).run(socket).await })
 }
 
-#[derive(Debug)]
-enum SubState {
-    /// Waiting for a snapshot or resume; transactions are buffered.
-    Pending { buffer: Vec<Arc<UserTxn>> },
-    /// Delivering transactions past `watermark`.
-    Live { watermark: u64 },
-}
-
-#[derive(Debug)]
-struct Subscription {
-    table: Arc<str>,
-    filter: Filter,
-    epoch: u64,
-    state: SubState,
-}
-
 struct Connection {
     state: AppState,
     user: AuthUser,
-    /// Snapshot tasks send ready row frames here; a small bound makes them wait for a slow client.
+    session: Session,
+    /// Snapshot jobs send ready row frames here; a small bound makes them wait for a slow client.
     chunks: mpsc::Sender<SnapshotChunk>,
     chunks_rx: Option<mpsc::Receiver<SnapshotChunk>>,
-    subs: HashMap<Arc<str>, Subscription>,
-    next_epoch: u64,
+    /// Reused for every event: the hot path allocates nothing here.
+    actions: Actions,
 }
 
 /// Why the loop ended.
@@ -131,34 +90,29 @@ async fn send(sink: &mut Sink, text: String) -> Result<(), Exit> {
     }
 }
 
-async fn send_json(sink: &mut Sink, value: Value) -> Result<(), Exit> {
-    send(sink, value.to_string()).await
-}
-
 impl Connection {
     fn new(state: AppState, user: AuthUser) -> Self {
         let (chunks, chunks_rx) = mpsc::channel(2);
         Self {
+            session: Session::new(&user),
             state,
             user,
             chunks,
             chunks_rx: Some(chunks_rx),
-            subs: HashMap::new(),
-            next_epoch: 0,
+            actions: Vec::new(),
         }
     }
 
     async fn run(mut self, socket: WebSocket) {
-        let owner = self.user.user_id;
         let hub = self.state.hub.clone();
-        let (conn_id, mut queue, queue_tx, lag) = hub.register(owner);
+        let (registration, mut queue, queue_tx, lag) = hub.register(self.user.user_id);
         let (mut sink, mut incoming) = socket.split();
         let Some(mut chunks_rx) = self.chunks_rx.take() else {
             return;
         };
         let mut shutdown = self.state.shutdown.clone();
         let exit = loop {
-            let expiry = tokio::time::sleep(expires_in(self.user.expires_at));
+            let expiry = tokio::time::sleep(expires_in(self.session.expires_at()));
             let step = tokio::select! {
                 biased;
                 () = crate::shutdown::until_true(&mut shutdown) => {
@@ -169,23 +123,33 @@ impl Connection {
                 // The task's future is as large as its largest branch, and there is one per connection, mostly
                 // idle: the hot path (a transaction) runs inline, everything rarer is boxed while it runs.
                 event = queue.recv() => match event {
-                    Some(ConnEvent::Txn(txn)) => self.on_txn(&mut sink, txn).await,
-                    Some(event @ ConnEvent::Snapshot(_)) => {
-                        // Its task sent every row frame before this outcome: deliver them first.
-                        match self.drain_chunks(&mut sink, &mut chunks_rx).await {
-                            Ok(()) => Box::pin(self.on_event(&mut sink, &queue_tx, event)).await,
-                            Err(e) => Err(e),
-                        }
+                    Some(ConnEvent::Txn(txn)) => {
+                        self.session.on_txn(&txn, &mut self.actions);
+                        self.perform(&mut sink, &queue_tx).await
                     }
-                    Some(event) => Box::pin(self.on_event(&mut sink, &queue_tx, event)).await,
+                    Some(ConnEvent::Job(report)) => {
+                        // Its job sent every row frame before this report: deliver them first.
+                        while let Ok(chunk) = chunks_rx.try_recv() {
+                            self.session.on_chunk(chunk, &mut self.actions);
+                        }
+                        self.session.on_job(*report, &*hub, &mut self.actions);
+                        Box::pin(self.perform(&mut sink, &queue_tx)).await
+                    }
+                    Some(ConnEvent::Refetch(refetch)) => {
+                        self.session.on_refetch(&refetch, &mut self.actions);
+                        Box::pin(self.perform(&mut sink, &queue_tx)).await
+                    }
                     None => Err(Exit::Gone),
                 },
                 chunk = chunks_rx.recv() => match chunk {
-                    Some(chunk) => self.on_chunk(&mut sink, chunk).await,
+                    Some(chunk) => {
+                        self.session.on_chunk(chunk, &mut self.actions);
+                        self.perform(&mut sink, &queue_tx).await
+                    }
                     None => Ok(()),
                 },
                 msg = incoming.next() => match msg {
-                    Some(Ok(Message::Text(text))) => Box::pin(self.on_client_message(&mut sink, &queue_tx, text.as_str())).await,
+                    Some(Ok(Message::Text(text))) => Box::pin(self.on_text(&mut sink, &queue_tx, text.as_str())).await,
                     Some(Ok(Message::Binary(_))) => Err(Exit::Close(close::PROTOCOL, "binary frames are not supported")),
                     Some(Ok(Message::Close(_))) => Err(Exit::ClientClosed),
                     Some(Ok(_)) => Ok(()), // ping/pong frames are answered by the library
@@ -198,7 +162,7 @@ impl Connection {
                 break exit;
             }
         };
-        hub.unregister(owner, conn_id);
+        drop(registration);
         if let Exit::ClientClosed = exit {
             let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
         }
@@ -214,8 +178,58 @@ impl Connection {
         }
     }
 
-    /// Server shutdown: wait for the replicator to stop publishing, deliver what is queued, tell every live
-    /// subscription the final position (the slot was acknowledged up to it, so a resume after restart is exact).
+    /// Carries out the session's actions, in order.
+    async fn perform(
+        &mut self,
+        sink: &mut Sink,
+        queue: &mpsc::Sender<ConnEvent>,
+    ) -> Result<(), Exit> {
+        let mut result = Ok(());
+        // Drained in full even after a failed send, so the list is empty for the next event.
+        for action in self.actions.drain(..) {
+            if result.is_err() {
+                continue;
+            }
+            result = match action {
+                Action::Send(text) => send(sink, text).await,
+                Action::Close(code, reason) => Err(Exit::Close(code, reason)),
+                Action::Start(start) => {
+                    start_job(&self.state, &self.chunks, queue, &mut self.session, start).await;
+                    Ok(())
+                }
+            };
+        }
+        result
+    }
+
+    async fn on_text(
+        &mut self,
+        sink: &mut Sink,
+        queue: &mpsc::Sender<ConnEvent>,
+        text: &str,
+    ) -> Result<(), Exit> {
+        match ClientMessage::parse(text) {
+            Err(e) => self.session.protocol_error(&e, &mut self.actions),
+            Ok(ClientMessage::Subscribe(s)) => {
+                if self.session.admit(&s, &mut self.actions) {
+                    let table = resolve_table(&self.state, s.table.as_deref().unwrap_or("")).await;
+                    self.session.subscribe(s, table, &mut self.actions);
+                }
+            }
+            Ok(ClientMessage::RefreshToken { access_token }) => {
+                let verified = self
+                    .state
+                    .auth
+                    .verify(access_token.as_deref().unwrap_or(""));
+                self.session.refresh_token(verified, &mut self.actions);
+            }
+            Ok(other) => self.session.on_message(other, &mut self.actions),
+        }
+        self.perform(sink, queue).await
+    }
+
+    /// Server shutdown: wait for the replicator to stop publishing, then let the session deliver what is queued
+    /// and send the final offsets.
     async fn finish_for_shutdown(
         &mut self,
         sink: &mut Sink,
@@ -231,489 +245,153 @@ impl Connection {
                 "too slow; reconnect and resume from your offset",
             );
         }
+        let queued = std::iter::from_fn(|| queue.try_recv().ok());
+        self.session
+            .shutdown(queued, hub.position(), &mut self.actions);
         let (dummy_tx, _) = mpsc::channel(1);
-        // Subscriptions with a refetch still queued get no final offset: their last offset stays older than the
-        // restarted server's history, so their resume turns into a refetch instead of silently missing it.
-        let mut stale: Vec<Arc<str>> = Vec::new();
-        while let Ok(event) = queue.try_recv() {
-            match event {
-                ConnEvent::Txn(_) => {
-                    if let Err(e) = self.on_event(sink, &dummy_tx, event).await {
-                        return e;
-                    }
-                }
-                ConnEvent::Refetch(refetch) => stale.extend(
-                    self.subs
-                        .iter()
-                        .filter(|(_, s)| refetch.table.as_deref().is_none_or(|t| t == &*s.table))
-                        .map(|(id, _)| id.clone()),
-                ),
-                ConnEvent::Snapshot(_) => {}
-            }
-        }
-        let position = hub.position();
-        let ids: Vec<Arc<str>> = self
-            .subs
-            .iter()
-            .filter(|(id, s)| matches!(s.state, SubState::Live { .. }) && !stale.contains(id))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in ids {
-            let msg = json!({"type": "up_to_date", "id": &*id, "offset": position.to_string()});
-            if let Err(e) = send_json(sink, msg).await {
-                return e;
-            }
-        }
-        Exit::Close(
-            close::SHUTDOWN,
-            "server shutting down; reconnect and resume from your offset",
-        )
-    }
-
-    async fn on_client_message(
-        &mut self,
-        sink: &mut Sink,
-        queue: &mpsc::Sender<ConnEvent>,
-        text: &str,
-    ) -> Result<(), Exit> {
-        let msg: Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => {
-                return send_json(
-                    sink,
-                    error(None, "invalid_message", &format!("not JSON: {e}")),
-                )
-                .await;
-            }
-        };
-        let kind = msg.get("type").and_then(Value::as_str).unwrap_or("");
-        let id = msg.get("id").and_then(Value::as_str);
-        match kind {
-            "ping" => send_json(sink, json!({"type": "pong"})).await,
-            "subscribe" => match self.subscribe(&msg, queue).await {
-                Ok(false) => Ok(()),
-                // The offset was not one we issue: say so before the snapshot that replaces the client's data.
-                Ok(true) => {
-                    send_json(
-                        sink,
-                        json!({"type": "must_refetch", "id": id, "reason": "invalid_offset"}),
-                    )
-                    .await
-                }
-                Err((code, message)) => send_json(sink, error(id, code, &message)).await,
-            },
-            "unsubscribe" => {
-                let Some(id) = id else {
-                    return send_json(
-                        sink,
-                        error(None, "invalid_message", "unsubscribe needs an `id`"),
-                    )
-                    .await;
-                };
-                if self.subs.remove(id).is_some() {
-                    send_json(sink, json!({"type": "unsubscribed", "id": id})).await
-                } else {
-                    send_json(
-                        sink,
-                        error(
-                            Some(id),
-                            "unknown_subscription",
-                            "no subscription with this id",
-                        ),
-                    )
-                    .await
-                }
-            }
-            "refresh_token" => {
-                let token = msg
-                    .get("access_token")
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                match self.state.auth.verify(token) {
-                    Ok(new) if new.user_id == self.user.user_id => {
-                        self.user = new;
-                        send_json(
-                            sink,
-                            json!({"type": "token_refreshed", "expires_at": self.user.expires_at}),
-                        )
-                        .await
-                    }
-                    Ok(_) => Err(Exit::Close(
-                        close::USER_MISMATCH,
-                        "the refreshed token belongs to another user",
-                    )),
-                    Err(e) => send_json(sink, error(None, e.code(), &e.to_string())).await,
-                }
-            }
-            other => {
-                send_json(
-                    sink,
-                    error(
-                        id,
-                        "invalid_message",
-                        &format!("unknown message type {other:?}"),
-                    ),
-                )
-                .await
-            }
+        match self.perform(sink, &dummy_tx).await {
+            Err(exit) => exit,
+            Ok(()) => Exit::Gone,
         }
     }
+}
 
-    async fn subscribe(
-        &mut self,
-        msg: &Value,
-        queue: &mpsc::Sender<ConnEvent>,
-    ) -> Result<bool, (&'static str, String)> {
-        let id = msg
-            .get("id")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty() && s.len() <= 200)
-            .ok_or((
-                "invalid_message",
-                "subscribe needs an `id` (1-200 characters)".to_owned(),
-            ))?;
-        if self.subs.contains_key(id) {
-            return Err((
-                "duplicate_subscription",
-                format!("a subscription `{id}` exists; unsubscribe first"),
-            ));
-        }
-        if self.subs.len() >= MAX_SUBSCRIPTIONS {
-            return Err((
-                "too_many_subscriptions",
-                format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"),
-            ));
-        }
-        let table_name = msg.get("table").and_then(Value::as_str).unwrap_or("");
-        let catalog = self.state.catalog.get().await;
-        let table = match catalog.table(table_name) {
+/// The synced table called `name`; a miss reloads the catalog (rate-limited) before answering `unknown_table`.
+async fn resolve_table(state: &AppState, name: &str) -> Result<Arc<Table>, (&'static str, String)> {
+    if let Some(t) = state.catalog.get().await.table(name) {
+        return Ok(t.clone());
+    }
+    let client = state
+        .pool
+        .get()
+        .await
+        .map_err(|e| ("database_error", e.to_string()))?;
+    let fresh = state
+        .catalog
+        .refresh_on_miss(&client)
+        .await
+        .map_err(|e| ("database_error", e.to_string()))?;
+    fresh
+        .table(name)
+        .cloned()
+        .ok_or(("unknown_table", format!("`{name}` is not a synced table")))
+}
+
+/// Spawns the job of a pending subscription; its report comes back through `queue`.
+async fn start_job(
+    state: &AppState,
+    chunks: &mpsc::Sender<SnapshotChunk>,
+    queue: &mpsc::Sender<ConnEvent>,
+    session: &mut Session,
+    start: StartJob,
+) {
+    let table = match start.table {
+        Some(t) => t,
+        None => match state.catalog.get().await.table(&start.table_name) {
             Some(t) => t.clone(),
-            None => {
-                let client = self
-                    .state
-                    .pool
-                    .get()
-                    .await
-                    .map_err(|e| ("database_error", e.to_string()))?;
-                let fresh = self
-                    .state
-                    .catalog
-                    .refresh_on_miss(&client)
-                    .await
-                    .map_err(|e| ("database_error", e.to_string()))?;
-                fresh.table(table_name).cloned().ok_or((
-                    "unknown_table",
-                    format!("`{table_name}` is not a synced table"),
-                ))?
-            }
+            None => return session.forget(&start.sub_id),
+        },
+    };
+    let sink = WsSink {
+        sub_id: start.sub_id.clone(),
+        epoch: start.epoch,
+        chunks: chunks.clone(),
+        queue: queue.clone(),
+        frame: None,
+        sent_any: false,
+    };
+    let spec = JobSpec {
+        owner: session.owner(),
+        sub_id: start.sub_id,
+        epoch: start.epoch,
+        table,
+        filter: start.filter,
+        purpose: start.purpose,
+        columns: None,
+    };
+    tokio::spawn(snapshot::run(
+        state.pool.clone(),
+        state.hub.clone(),
+        state.barriers.clone(),
+        spec,
+        sink,
+    ));
+}
+
+/// Renders a job's rows as `snapshot` frames of [`SNAPSHOT_FRAME_ROWS`] rows and passes its report to the
+/// connection's queue (after the frames, so the loop can deliver them first).
+struct WsSink {
+    sub_id: Arc<str>,
+    epoch: u64,
+    chunks: mpsc::Sender<SnapshotChunk>,
+    queue: mpsc::Sender<ConnEvent>,
+    frame: Option<SnapshotFrame>,
+    sent_any: bool,
+}
+
+impl WsSink {
+    async fn send_frame(&mut self, frame: SnapshotFrame) -> Result<(), SinkGone> {
+        self.sent_any = true;
+        let chunk = SnapshotChunk {
+            sub_id: self.sub_id.clone(),
+            epoch: self.epoch,
+            frame: frame.finish(),
         };
-        let filter = Filter::parse(msg.get("where"), |c| table.column(c).is_some())
-            .map_err(|e| ("invalid_where", e.0))?;
-        let mut bad_offset = false;
-        let purpose = match msg.get("offset") {
-            None | Some(Value::Null) => Purpose::Snapshot,
-            Some(v) => match v.as_str().and_then(|s| s.parse::<Offset>().ok()) {
-                Some(offset) => Purpose::Resume(offset),
-                // Not an offset we issued: the client must start over, which is what a snapshot does.
-                None => {
-                    bad_offset = true;
-                    Purpose::Snapshot
-                }
-            },
-        };
-        let id: Arc<str> = Arc::from(id);
-        self.next_epoch += 1;
-        let epoch = self.next_epoch;
-        self.subs.insert(
-            id.clone(),
-            Subscription {
-                table: Arc::from(table.name.as_str()),
-                filter: filter.clone(),
-                epoch,
-                state: SubState::Pending { buffer: Vec::new() },
-            },
+        self.chunks.send(chunk).await.map_err(|_| SinkGone)
+    }
+}
+
+impl SnapshotSink for WsSink {
+    async fn prepared(&mut self, _prepared: &Prepared) -> Result<(), SinkGone> {
+        Ok(())
+    }
+
+    async fn row(
+        &mut self,
+        columns: &[SnapshotColumn],
+        row: &tokio_postgres::Row,
+    ) -> Result<(), SinkGone> {
+        let frame = self
+            .frame
+            .get_or_insert_with(|| SnapshotFrame::new(&self.sub_id));
+        frame.push_row(
+            columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name.as_str(), c.type_oid, row.get::<_, Option<&str>>(i))),
         );
-        self.start_job(id, epoch, table, filter, purpose, queue);
-        Ok(bad_offset)
-    }
-
-    async fn on_event(
-        &mut self,
-        sink: &mut Sink,
-        queue: &mpsc::Sender<ConnEvent>,
-        event: ConnEvent,
-    ) -> Result<(), Exit> {
-        match event {
-            ConnEvent::Txn(txn) => self.on_txn(sink, txn).await,
-            ConnEvent::Refetch(refetch) => {
-                let Refetch { table, reason } = *refetch;
-                let ids: Vec<Arc<str>> = self
-                    .subs
-                    .iter()
-                    .filter(|(_, s)| table.as_deref().is_none_or(|t| t == &*s.table))
-                    .map(|(id, _)| id.clone())
-                    .collect();
-                for id in ids {
-                    send_json(
-                        sink,
-                        json!({"type": "must_refetch", "id": &*id, "reason": reason}),
-                    )
-                    .await?;
-                    self.restart_snapshot(&id, queue).await;
-                }
-                Ok(())
-            }
-            ConnEvent::Snapshot(outcome) => self.on_snapshot(sink, queue, *outcome).await,
-        }
-    }
-
-    /// Sends a snapshot row frame if its subscription attempt is still the pending one.
-    async fn on_chunk(&mut self, sink: &mut Sink, chunk: SnapshotChunk) -> Result<(), Exit> {
-        let wanted = self
-            .subs
-            .get(&chunk.sub_id)
-            .is_some_and(|s| s.epoch == chunk.epoch && matches!(s.state, SubState::Pending { .. }));
-        if wanted {
-            send(sink, chunk.frame).await
-        } else {
-            Ok(())
-        }
-    }
-
-    async fn drain_chunks(
-        &mut self,
-        sink: &mut Sink,
-        chunks: &mut mpsc::Receiver<SnapshotChunk>,
-    ) -> Result<(), Exit> {
-        while let Ok(chunk) = chunks.try_recv() {
-            self.on_chunk(sink, chunk).await?;
+        if frame.rows() >= SNAPSHOT_FRAME_ROWS
+            && let Some(full) = self.frame.take()
+        {
+            self.send_frame(full).await?;
         }
         Ok(())
     }
 
-    /// A committed transaction of this user: one frame with every live subscription's share of it.
-    async fn on_txn(&mut self, sink: &mut Sink, txn: Arc<UserTxn>) -> Result<(), Exit> {
-        let mut out = TxnFrame::new(&txn);
-        for (id, sub) in self.subs.iter_mut() {
-            match &mut sub.state {
-                SubState::Pending { buffer } => buffer.push(txn.clone()),
-                SubState::Live { watermark } => {
-                    if txn.end_lsn.0 > *watermark {
-                        out.add_changes(id, sub.table.as_ref(), &sub.filter, &txn);
-                        *watermark = txn.end_lsn.0;
-                    }
-                }
-            }
-        }
-        match out.finish() {
-            Some(text) => send(sink, text).await,
-            None => Ok(()),
-        }
-    }
-
-    async fn restart_snapshot(&mut self, id: &Arc<str>, queue: &mpsc::Sender<ConnEvent>) {
-        let catalog = self.state.catalog.get().await;
-        let Some(sub) = self.subs.get_mut(id) else {
-            return;
-        };
-        let Some(table) = catalog.table(&sub.table).cloned() else {
-            self.subs.remove(id);
-            return;
-        };
-        self.next_epoch += 1;
-        sub.epoch = self.next_epoch;
-        sub.state = SubState::Pending { buffer: Vec::new() };
-        let (epoch, filter) = (sub.epoch, sub.filter.clone());
-        self.start_job(id.clone(), epoch, table, filter, Purpose::Snapshot, queue);
-    }
-
-    /// Spawns the snapshot (or resume) task of a pending subscription; its outcome comes back through `queue`.
-    fn start_job(
-        &self,
-        sub_id: Arc<str>,
-        epoch: u64,
-        table: Arc<crate::db::catalog::Table>,
-        filter: Filter,
-        purpose: Purpose,
-        queue: &mpsc::Sender<ConnEvent>,
-    ) {
-        let job = SnapshotJob {
-            owner: self.user.user_id,
-            sub_id,
-            epoch,
-            table,
-            filter,
-            purpose,
-            chunks: self.chunks.clone(),
-        };
-        tokio::spawn(snapshot::run(
-            self.state.pool.clone(),
-            self.state.hub.clone(),
-            job,
-            queue.clone(),
-        ));
-    }
-
-    async fn on_snapshot(
-        &mut self,
-        sink: &mut Sink,
-        queue: &mpsc::Sender<ConnEvent>,
-        outcome: SnapshotOutcome,
-    ) -> Result<(), Exit> {
-        let id = outcome.sub_id.clone();
-        let Some(sub) = self.subs.get_mut(&id) else {
-            return Ok(());
-        };
-        if sub.epoch != outcome.epoch {
-            return Ok(()); // superseded by a refetch or a re-subscribe
-        }
-        let data = match outcome.result {
-            Ok(d) => d,
-            Err(e) => {
-                self.subs.remove(&id);
-                return send_json(sink, error(Some(&id), e.code(), &e.to_string())).await;
-            }
-        };
-        let SubState::Pending { buffer } =
-            std::mem::replace(&mut sub.state, SubState::Live { watermark: 0 })
-        else {
-            return Ok(());
-        };
-        sub.filter = data.filter.clone();
-        let generation = self.state.hub.position().generation;
-        match data.purpose {
-            Purpose::Resume(from) => {
-                // The resume task waited until the stream is up and has reached the offset (snapshot.rs).
-                let generation = self.state.hub.position().generation;
-                match self.state.hub.resume(self.user.user_id, &sub.table, from) {
-                    Ok((txns, position)) => {
-                        go_live(sink, &id, sub, txns.iter(), position, generation).await
-                    }
-                    Err(reason) => {
-                        send_json(
-                            sink,
-                            json!({"type": "must_refetch", "id": &*id, "reason": reason.0}),
-                        )
-                        .await?;
-                        self.restart_snapshot(&id, queue).await;
-                        Ok(())
-                    }
-                }
-            }
-            Purpose::Snapshot => {
-                // The rows went out as they were read (on_chunk); now the transactions the snapshot missed.
-                let Some(sub) = self.subs.get_mut(&id) else {
-                    return Ok(());
-                };
-                let watermark = buffer.last().map_or(data.barrier_lsn, |last| {
-                    data.barrier_lsn.max(last.end_lsn.0)
-                });
-                let missed = buffer.iter().filter(|t| data.must_deliver(t));
-                go_live(sink, &id, sub, missed, watermark, generation).await
-            }
-        }
-    }
-}
-
-/// Sends a pending subscription its share of `txns` (each in its own frame), makes it live past `watermark`,
-/// and tells the client it is up to date there.
-async fn go_live<'a>(
-    sink: &mut Sink,
-    id: &str,
-    sub: &mut Subscription,
-    txns: impl Iterator<Item = &'a Arc<UserTxn>>,
-    watermark: u64,
-    generation: i64,
-) -> Result<(), Exit> {
-    for txn in txns {
-        let mut frame = TxnFrame::new(txn);
-        frame.add_changes(id, &sub.table, &sub.filter, txn);
-        if let Some(text) = frame.finish() {
-            send(sink, text).await?;
-        }
-    }
-    sub.state = SubState::Live { watermark };
-    let offset = Offset {
-        generation,
-        lsn: watermark,
-    };
-    send_json(
-        sink,
-        json!({"type": "up_to_date", "id": id, "offset": offset.to_string()}),
-    )
-    .await
-}
-
-/// Builds one `txn` frame for a connection: the row JSON was serialised once by the router; here it is only
-/// copied next to each subscription id that receives it.
-struct TxnFrame {
-    out: Vec<u8>,
-    changes: usize,
-}
-
-impl TxnFrame {
-    fn new(txn: &UserTxn) -> Self {
-        let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(b"{\"type\":\"txn\",\"xid\":\"");
-        out.extend_from_slice(txn.xid.to_string().as_bytes());
-        out.extend_from_slice(b"\",\"lsn\":\"");
-        out.extend_from_slice(txn.commit_lsn.to_string().as_bytes());
-        out.extend_from_slice(b"\",\"offset\":\"");
-        out.extend_from_slice(
-            Offset {
-                generation: txn.generation,
-                lsn: txn.end_lsn.0,
-            }
-            .to_string()
-            .as_bytes(),
+    async fn finish(mut self, report: JobReport) {
+        let snapshot_done = matches!(
+            &report.result,
+            Ok(Prepared {
+                purpose: Purpose::Snapshot,
+                ..
+            })
         );
-        out.extend_from_slice(b"\",\"changes\":[");
-        Self { out, changes: 0 }
-    }
-
-    fn add_changes(&mut self, id: &str, table: &str, filter: &Filter, txn: &UserTxn) {
-        for change in txn.changes.iter().filter(|c| &*c.table == table) {
-            let Some(op) = change.for_filter(filter) else {
-                continue;
+        if snapshot_done {
+            // The last frame, or the one empty frame of an empty result.
+            let last = match self.frame.take() {
+                Some(f) => Some(f),
+                None if !self.sent_any => Some(SnapshotFrame::new(&self.sub_id)),
+                None => None,
             };
-            if self.changes > 0 {
-                self.out.push(b',');
+            if let Some(f) = last
+                && self.send_frame(f).await.is_err()
+            {
+                return;
             }
-            self.changes += 1;
-            self.out.extend_from_slice(b"{\"id\":");
-            write_json_str(&mut self.out, id);
-            self.out.extend_from_slice(b",\"table\":");
-            write_json_str(&mut self.out, table);
-            self.out.extend_from_slice(match op {
-                Op::Insert => b",\"op\":\"insert\",\"row\":".as_slice(),
-                Op::Update => b",\"op\":\"update\",\"row\":".as_slice(),
-                Op::Delete => b",\"op\":\"delete\",\"row\":".as_slice(),
-            });
-            self.out.extend_from_slice(change.row_json.as_bytes());
-            if !change.unchanged.is_empty() && op == Op::Update {
-                self.out.extend_from_slice(b",\"unchanged\":");
-                let _ = serde_json::to_writer(&mut self.out, &change.unchanged);
-            }
-            self.out.push(b'}');
         }
+        // Waits if the queue is full: a report must not be dropped (the connection closes if it lags).
+        let _ = self.queue.send(ConnEvent::Job(Box::new(report))).await;
     }
-
-    fn finish(mut self) -> Option<String> {
-        if self.changes == 0 {
-            return None;
-        }
-        self.out.extend_from_slice(b"]}");
-        // Once per transaction per connection: no copy of the frame.
-        Some(super::convert::into_string(self.out))
-    }
-}
-
-fn error(id: Option<&str>, code: &str, message: &str) -> Value {
-    let mut v = json!({"type": "error", "code": code, "message": message});
-    if let Some(id) = id {
-        v["id"] = json!(id);
-    }
-    v
 }
 
 fn now_secs() -> u64 {
@@ -724,9 +402,5 @@ fn now_secs() -> u64 {
 }
 
 fn expires_in(exp: u64) -> Duration {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    Duration::from_secs(exp.saturating_sub(now))
+    Duration::from_secs(exp.saturating_sub(now_secs()))
 }

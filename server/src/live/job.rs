@@ -1,0 +1,107 @@
+//! What a snapshot job is asked to do and what it answers.
+//!
+//! These types sit below everything that uses them: the session core starts jobs, the snapshot runner executes
+//! them, and the hub's connection queue carries their reports (so a report is ordered exactly with the
+//! transactions queued before it). Keeping them here means none of those modules imports another for them.
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::filter::Filter;
+use super::handoff::Handoff;
+use super::offset::Offset;
+use crate::db::catalog::Table;
+
+/// What a pending subscription waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Initial (or refetch) snapshot.
+    Snapshot,
+    /// Resume: only the filter needs canonicalising; the hub's history does the rest.
+    Resume(Offset),
+}
+
+/// One column a snapshot reads: its name and type OID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotColumn {
+    /// Column name.
+    pub name: String,
+    /// Type OID (decides how its text output is rendered).
+    pub type_oid: u32,
+}
+
+/// A job: read one subscription's rows (or only validate its filter, for a resume).
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// The user (rows are read as this user, under row-level security).
+    pub owner: Uuid,
+    /// Subscription id (the transport's name for it).
+    pub sub_id: Arc<str>,
+    /// Which attempt of that subscription this is (a report of a superseded attempt is ignored).
+    pub epoch: u64,
+    /// Table (from the catalog).
+    pub table: Arc<Table>,
+    /// Filter as the client sent it (canonicalised by the job unless it already is).
+    pub filter: Filter,
+    /// Snapshot or resume.
+    pub purpose: Purpose,
+    /// Columns to read; `None` = every non-generated column as of the snapshot (columns added since the catalog
+    /// was loaded included).
+    pub columns: Option<Arc<[SnapshotColumn]>>,
+}
+
+/// What a job established before its rows: enough to render them and to hand over to the live stream.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The filter with canonical values.
+    pub filter: Filter,
+    /// What the job was for.
+    pub purpose: Purpose,
+    /// Snapshot visibility and barrier (`None` for a resume).
+    pub handoff: Option<Handoff>,
+    /// The columns read, in the order of each row.
+    pub columns: Arc<[SnapshotColumn]>,
+    /// Slot generation the barrier came through (0 for a resume).
+    pub generation: i64,
+}
+
+/// A job's answer, delivered through the owner's hub queue.
+#[derive(Debug)]
+pub struct JobReport {
+    /// Subscription id.
+    pub sub_id: Arc<str>,
+    /// Which attempt of that subscription this answers.
+    pub epoch: u64,
+    /// Data or error.
+    pub result: Result<Prepared, JobError>,
+}
+
+/// Why a subscription could not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    /// A `where` value does not fit its column's type.
+    #[error("invalid `where` value: {0}")]
+    BadFilter(String),
+    /// The replication stream did not deliver the barrier in time.
+    #[error("the live stream is not available; retry")]
+    StreamUnavailable,
+    /// The shape's definition no longer fits the table (a column was dropped or retyped meanwhile).
+    #[error("the table changed; refetch")]
+    SchemaChanged,
+    /// Database trouble.
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+impl JobError {
+    /// Stable code for the client.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadFilter(_) => "invalid_where",
+            Self::StreamUnavailable => "stream_unavailable",
+            Self::SchemaChanged => "schema_changed",
+            Self::Database(_) => "database_error",
+        }
+    }
+}

@@ -1,0 +1,996 @@
+//! Pure: one WebSocket connection's subscriptions, as a state machine. Events in (client messages, the user's
+//! committed transactions, refetches, snapshot row frames and job reports), actions out (frames to send, jobs to
+//! start, a close). No socket, no database, no clock: `ws.rs` drives it, the unit tests below drive it too.
+//!
+//! ```text
+//! hub queue ──► Txn ──► per live subscription: filter (watermark guards resume duplicates) ──► one `txn` frame
+//!                 └──► pending subscriptions: buffer until their snapshot/resume report arrives (same queue,
+//!                      so ordering with transactions is exact)
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::filter::Filter;
+use super::hub::{CannotResume, ConnEvent, Hub, Refetch};
+use super::job::{JobReport, Purpose};
+use super::offset::Offset;
+use super::protocol::{
+    ClientMessage, OffsetField, ProtocolError, ServerMessage, Subscribe, TxnFrame, close,
+};
+use super::routing::UserTxn;
+use super::subscription::Subscription;
+use crate::auth::{AuthError, AuthUser};
+use crate::db::catalog::Table;
+
+/// Most subscriptions on one connection.
+pub const MAX_SUBSCRIPTIONS: usize = 100;
+
+/// What the session needs from the per-user history (the hub implements it; tests fake it).
+pub trait History {
+    /// The transactions of `owner` after `from` and the position they reach, or why they cannot be served.
+    fn resume(
+        &self,
+        owner: Uuid,
+        table: &str,
+        from: Offset,
+    ) -> Result<(Vec<Arc<UserTxn>>, u64), CannotResume>;
+
+    /// The current generation and processed position.
+    fn position(&self) -> Offset;
+}
+
+impl History for Hub {
+    fn resume(
+        &self,
+        owner: Uuid,
+        table: &str,
+        from: Offset,
+    ) -> Result<(Vec<Arc<UserTxn>>, u64), CannotResume> {
+        Hub::resume(self, owner, table, from)
+    }
+
+    fn position(&self) -> Offset {
+        Hub::position(self)
+    }
+}
+
+/// One ready-to-send `snapshot` frame of a subscription's initial rows.
+#[derive(Debug)]
+pub struct SnapshotChunk {
+    /// Subscription id.
+    pub sub_id: Arc<str>,
+    /// Attempt it belongs to (a stale attempt's frames are dropped).
+    pub epoch: u64,
+    /// The frame's JSON text.
+    pub frame: String,
+}
+
+/// A job to start for a pending subscription.
+#[derive(Debug, Clone)]
+pub struct StartJob {
+    /// Subscription id.
+    pub sub_id: Arc<str>,
+    /// Attempt number.
+    pub epoch: u64,
+    /// Table name.
+    pub table_name: Arc<str>,
+    /// The table when the caller already resolved it (subscribe); otherwise resolve `table_name` (refetch).
+    pub table: Option<Arc<Table>>,
+    /// Filter.
+    pub filter: Filter,
+    /// Snapshot or resume.
+    pub purpose: Purpose,
+}
+
+/// What the socket loop must do.
+#[derive(Debug)]
+pub enum Action {
+    /// Send this text frame.
+    Send(String),
+    /// Start a job (its report comes back as [`ConnEvent::Job`]).
+    Start(StartJob),
+    /// Close the connection with this code and reason.
+    Close(u16, &'static str),
+}
+
+/// Reusable list of actions; the socket loop drains it after every event.
+pub type Actions = Vec<Action>;
+
+/// One connection's subscriptions.
+#[derive(Debug)]
+pub struct Session {
+    owner: Uuid,
+    expires_at: u64,
+    subs: HashMap<Arc<str>, Subscription>,
+    next_epoch: u64,
+}
+
+fn send(out: &mut Actions, msg: ServerMessage<'_>) {
+    out.push(Action::Send(msg.to_text()));
+}
+
+impl Session {
+    /// A session of `user` with no subscriptions.
+    pub fn new(user: &AuthUser) -> Self {
+        Self {
+            owner: user.user_id,
+            expires_at: user.expires_at,
+            subs: HashMap::new(),
+            next_epoch: 0,
+        }
+    }
+
+    /// The user.
+    pub fn owner(&self) -> Uuid {
+        self.owner
+    }
+
+    /// When the connection's token expires (unix seconds).
+    pub fn expires_at(&self) -> u64 {
+        self.expires_at
+    }
+
+    /// A client message that could not be parsed.
+    pub fn protocol_error(&mut self, e: &ProtocolError, out: &mut Actions) {
+        send(
+            out,
+            ServerMessage::error(e.id.as_deref(), e.code, &e.message),
+        );
+    }
+
+    /// The checks of a `subscribe` that need no table: `Ok` to go on and resolve the table.
+    pub fn admit(&mut self, s: &Subscribe, out: &mut Actions) -> bool {
+        let error = match s.id.as_deref() {
+            Some(id) if !id.is_empty() && id.len() <= 200 => {
+                if self.subs.contains_key(id) {
+                    Some((
+                        "duplicate_subscription",
+                        format!("a subscription `{id}` exists; unsubscribe first"),
+                    ))
+                } else if self.subs.len() >= MAX_SUBSCRIPTIONS {
+                    Some((
+                        "too_many_subscriptions",
+                        format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"),
+                    ))
+                } else {
+                    None
+                }
+            }
+            _ => Some((
+                "invalid_message",
+                "subscribe needs an `id` (1-200 characters)".to_owned(),
+            )),
+        };
+        match error {
+            Some((code, message)) => {
+                send(out, ServerMessage::error(s.id.as_deref(), code, &message));
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// A `subscribe` that passed [`Session::admit`], with its table resolved (or why not).
+    pub fn subscribe(
+        &mut self,
+        s: Subscribe,
+        table: Result<Arc<Table>, (&'static str, String)>,
+        out: &mut Actions,
+    ) {
+        let id = s.id.unwrap_or_default();
+        let table = match table {
+            Ok(t) => t,
+            Err((code, message)) => {
+                return send(out, ServerMessage::error(Some(&id), code, &message));
+            }
+        };
+        let filter = match Filter::parse(s.filter.as_ref(), |c| table.column(c)) {
+            Ok(f) => f,
+            Err(e) => return send(out, ServerMessage::error(Some(&id), "invalid_where", &e.0)),
+        };
+        let purpose = match s.offset {
+            OffsetField::None | OffsetField::Invalid => Purpose::Snapshot,
+            OffsetField::Valid(offset) => Purpose::Resume(offset),
+        };
+        let id: Arc<str> = Arc::from(id);
+        self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        let table_name: Arc<str> = Arc::from(table.name.as_str());
+        self.subs.insert(
+            id.clone(),
+            Subscription::pending(table_name.clone(), filter.clone(), epoch),
+        );
+        out.push(Action::Start(StartJob {
+            sub_id: id.clone(),
+            epoch,
+            table_name,
+            table: Some(table),
+            filter,
+            purpose,
+        }));
+        if s.offset == OffsetField::Invalid {
+            // Not an offset we issue: say so before the snapshot that replaces the client's data.
+            send(out, ServerMessage::must_refetch(&id, "invalid_offset"));
+        }
+    }
+
+    /// `ping` and `unsubscribe` (`subscribe` and `refresh_token` have their own entry points).
+    pub fn on_message(&mut self, msg: ClientMessage, out: &mut Actions) {
+        match msg {
+            ClientMessage::Ping => send(out, ServerMessage::pong()),
+            ClientMessage::Unsubscribe { id: None } => send(
+                out,
+                ServerMessage::error(None, "invalid_message", "unsubscribe needs an `id`"),
+            ),
+            ClientMessage::Unsubscribe { id: Some(id) } => {
+                if self.subs.remove(id.as_str()).is_some() {
+                    send(out, ServerMessage::unsubscribed(&id));
+                } else {
+                    send(
+                        out,
+                        ServerMessage::error(
+                            Some(&id),
+                            "unknown_subscription",
+                            "no subscription with this id",
+                        ),
+                    );
+                }
+            }
+            ClientMessage::Subscribe(_) | ClientMessage::RefreshToken { .. } => {}
+        }
+    }
+
+    /// `refresh_token`, with the new token verified (or why not).
+    pub fn refresh_token(&mut self, verified: Result<AuthUser, AuthError>, out: &mut Actions) {
+        match verified {
+            Ok(new) if new.user_id == self.owner => {
+                self.expires_at = new.expires_at;
+                send(out, ServerMessage::token_refreshed(new.expires_at));
+            }
+            Ok(_) => out.push(Action::Close(
+                close::USER_MISMATCH,
+                "the refreshed token belongs to another user",
+            )),
+            Err(e) => send(out, ServerMessage::error(None, e.code(), &e.to_string())),
+        }
+    }
+
+    /// A committed transaction of this user: one frame with every live subscription's share of it. The hot
+    /// path: no allocation besides the frame itself.
+    pub fn on_txn(&mut self, txn: &Arc<UserTxn>, out: &mut Actions) {
+        let mut frame = TxnFrame::new(txn);
+        for (id, sub) in self.subs.iter_mut() {
+            if sub.offer(txn) {
+                frame.add_changes(id, &sub.table, &sub.filter, txn);
+            }
+        }
+        if let Some(text) = frame.finish() {
+            out.push(Action::Send(text));
+        }
+    }
+
+    /// Subscriptions on a table (or all) must refetch: each is told and restarted with a fresh snapshot.
+    pub fn on_refetch(&mut self, refetch: &Refetch, out: &mut Actions) {
+        let ids: Vec<Arc<str>> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.on_table(refetch.table.as_deref()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            send(out, ServerMessage::must_refetch(&id, refetch.reason));
+            self.restart(&id, out);
+        }
+    }
+
+    /// A snapshot row frame: sent if its subscription attempt is still the pending one.
+    pub fn on_chunk(&mut self, chunk: SnapshotChunk, out: &mut Actions) {
+        if self
+            .subs
+            .get(&chunk.sub_id)
+            .is_some_and(|s| s.awaits(chunk.epoch))
+        {
+            out.push(Action::Send(chunk.frame));
+        }
+    }
+
+    /// A job's report. Row frames of a snapshot were all passed to [`Session::on_chunk`] before.
+    pub fn on_job(&mut self, report: JobReport, history: &impl History, out: &mut Actions) {
+        let id = report.sub_id;
+        let Some(sub) = self.subs.get_mut(&id) else {
+            return;
+        };
+        if !sub.awaits(report.epoch) {
+            return; // superseded by a refetch or a re-subscribe
+        }
+        let prepared = match report.result {
+            Ok(p) => p,
+            Err(e) => {
+                self.subs.remove(&id);
+                return send(
+                    out,
+                    ServerMessage::error(Some(&id), e.code(), &e.to_string()),
+                );
+            }
+        };
+        sub.filter = prepared.filter;
+        let generation = history.position().generation;
+        match (prepared.purpose, prepared.handoff) {
+            (Purpose::Resume(from), _) => {
+                // The job waited until the stream is up and has reached the offset (snapshot.rs).
+                match history.resume(self.owner, &sub.table, from) {
+                    Ok((txns, position)) => {
+                        sub.go_live_at(position);
+                        go_live(out, &id, sub, &txns, position, generation);
+                    }
+                    Err(reason) => {
+                        send(out, ServerMessage::must_refetch(&id, reason.0));
+                        self.restart(&id, out);
+                    }
+                }
+            }
+            (Purpose::Snapshot, Some(handoff)) => {
+                // The rows went out as they were read; now the transactions the snapshot missed.
+                let (missed, watermark) = sub.go_live_after_snapshot(&handoff, false);
+                go_live(out, &id, sub, &missed, watermark, generation);
+            }
+            (Purpose::Snapshot, None) => {}
+        }
+    }
+
+    /// The table of a subscription to restart is gone: forget the subscription.
+    pub fn forget(&mut self, id: &str) {
+        self.subs.remove(id);
+    }
+
+    /// Server shutdown, after the replicator stopped publishing: delivers what is queued, then tells every live
+    /// subscription the final position (the slot was acknowledged up to it, so a resume after restart is exact).
+    /// Subscriptions with a refetch still queued get no final offset: their last offset stays older than the
+    /// restarted server's history, so their resume turns into a refetch instead of silently missing it.
+    pub fn shutdown(
+        &mut self,
+        queued: impl Iterator<Item = ConnEvent>,
+        position: Offset,
+        out: &mut Actions,
+    ) {
+        let mut stale: Vec<Arc<str>> = Vec::new();
+        for event in queued {
+            match event {
+                ConnEvent::Txn(txn) => self.on_txn(&txn, out),
+                ConnEvent::Refetch(refetch) => stale.extend(
+                    self.subs
+                        .iter()
+                        .filter(|(_, s)| s.on_table(refetch.table.as_deref()))
+                        .map(|(id, _)| id.clone()),
+                ),
+                ConnEvent::Job(_) => {}
+            }
+        }
+        let mut ids: Vec<&Arc<str>> = self
+            .subs
+            .iter()
+            .filter(|(id, s)| s.is_live() && !stale.contains(id))
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort();
+        for id in ids {
+            send(out, ServerMessage::up_to_date(id, position));
+        }
+        out.push(Action::Close(
+            close::SHUTDOWN,
+            "server shutting down; reconnect and resume from your offset",
+        ));
+    }
+
+    fn restart(&mut self, id: &Arc<str>, out: &mut Actions) {
+        let Some(sub) = self.subs.get_mut(id) else {
+            return;
+        };
+        self.next_epoch += 1;
+        sub.restart(self.next_epoch);
+        out.push(Action::Start(StartJob {
+            sub_id: id.clone(),
+            epoch: sub.epoch,
+            table_name: sub.table.clone(),
+            table: None,
+            filter: sub.filter.clone(),
+            purpose: Purpose::Snapshot,
+        }));
+    }
+}
+
+/// Sends a subscription that just went live its share of `txns` (each in its own frame), then `up_to_date` at
+/// `watermark`.
+fn go_live(
+    out: &mut Actions,
+    id: &str,
+    sub: &Subscription,
+    txns: &[Arc<UserTxn>],
+    watermark: u64,
+    generation: i64,
+) {
+    for txn in txns {
+        let mut frame = TxnFrame::new(txn);
+        frame.add_changes(id, &sub.table, &sub.filter, txn);
+        if let Some(text) = frame.finish() {
+            out.push(Action::Send(text));
+        }
+    }
+    send(
+        out,
+        ServerMessage::up_to_date(
+            id,
+            Offset {
+                generation,
+                lsn: watermark,
+            },
+        ),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::catalog::Column;
+    use crate::live::handoff::{Handoff, PgSnapshot};
+    use crate::live::job::{JobError, Prepared};
+    use crate::live::routing::Change;
+    use deeprecall_replication::{Lsn, Op, Row};
+    use serde_json::{Value, json};
+    use std::cell::RefCell;
+
+    const OWNER: Uuid = Uuid::from_u128(7);
+
+    struct FakeHistory {
+        txns: Vec<Arc<UserTxn>>,
+        position: u64,
+        refuse: Option<&'static str>,
+        asked: RefCell<Vec<Offset>>,
+    }
+
+    impl History for FakeHistory {
+        fn resume(
+            &self,
+            _owner: Uuid,
+            _table: &str,
+            from: Offset,
+        ) -> Result<(Vec<Arc<UserTxn>>, u64), CannotResume> {
+            self.asked.borrow_mut().push(from);
+            match self.refuse {
+                Some(r) => Err(CannotResume(r)),
+                None => Ok((
+                    self.txns
+                        .iter()
+                        .filter(|t| t.end_lsn.0 > from.lsn)
+                        .cloned()
+                        .collect(),
+                    self.position,
+                )),
+            }
+        }
+
+        fn position(&self) -> Offset {
+            Offset {
+                generation: 1,
+                lsn: self.position,
+            }
+        }
+    }
+
+    fn history() -> FakeHistory {
+        FakeHistory {
+            txns: vec![],
+            position: 5000,
+            refuse: None,
+            asked: RefCell::new(vec![]),
+        }
+    }
+
+    fn table() -> Arc<Table> {
+        let col = |name: &str, oid| Column {
+            name: name.into(),
+            type_name: "text".into(),
+            type_oid: oid,
+            not_null: false,
+            generated: false,
+        };
+        Arc::new(Table {
+            oid: 1,
+            schema: "public".into(),
+            name: "works".into(),
+            columns: vec![col("id", 25), col("owner_id", 2950), col("read_status", 25)],
+            primary_key: "works_pkey".into(),
+        })
+    }
+
+    fn user() -> AuthUser {
+        AuthUser {
+            user_id: OWNER,
+            expires_at: 100,
+            admin: false,
+        }
+    }
+
+    fn txn(xid: u64, commit: u64, rows: &[(&str, &str)]) -> Arc<UserTxn> {
+        let changes = rows
+            .iter()
+            .map(|(id, status)| {
+                let row: Row = [
+                    ("id", Some(*id)),
+                    ("owner_id", Some("00000000-0000-0000-0000-000000000007")),
+                    ("read_status", Some(*status)),
+                ]
+                .into_iter()
+                .collect();
+                Change {
+                    table: "works".into(),
+                    op: Op::Insert,
+                    new: Some(row),
+                    old: None,
+                    unchanged: vec![],
+                    row_json: json!({"id": id, "read_status": status}).to_string().into(),
+                }
+            })
+            .collect();
+        Arc::new(UserTxn {
+            owner: OWNER,
+            xid,
+            generation: 1,
+            commit_lsn: Lsn(commit),
+            end_lsn: Lsn(commit + 8),
+            changes,
+            bytes: 0,
+        })
+    }
+
+    fn subscribe(session: &mut Session, json: Value, out: &mut Actions) {
+        let Ok(ClientMessage::Subscribe(s)) = ClientMessage::parse(&json.to_string()) else {
+            panic!("not a subscribe: {json}")
+        };
+        if session.admit(&s, out) {
+            session.subscribe(s, Ok(table()), out);
+        }
+    }
+
+    fn frames(out: &mut Actions) -> Vec<Value> {
+        out.drain(..)
+            .filter_map(|a| match a {
+                Action::Send(t) => Some(serde_json::from_str(&t).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn started(out: &Actions) -> Vec<(String, u64, Purpose)> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::Start(s) => Some((s.sub_id.to_string(), s.epoch, s.purpose)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn snapshot_report(id: &str, epoch: u64, filter: Filter) -> JobReport {
+        JobReport {
+            sub_id: id.into(),
+            epoch,
+            result: Ok(Prepared {
+                filter,
+                purpose: Purpose::Snapshot,
+                handoff: Some(Handoff {
+                    snapshot: PgSnapshot::parse("100:110:105").unwrap(),
+                    wal_lsn: 1000,
+                    barrier_lsn: 1500,
+                }),
+                columns: Arc::from(vec![]),
+                generation: 1,
+            }),
+        }
+    }
+
+    #[test]
+    fn snapshot_handoff_then_live_frames() {
+        let mut s = Session::new(&user());
+        let mut out = Actions::new();
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "w", "table": "works"}),
+            &mut out,
+        );
+        assert_eq!(started(&out), vec![("w".into(), 1, Purpose::Snapshot)]);
+        out.clear();
+        // While pending: buffered, nothing sent.
+        s.on_txn(&txn(101, 900, &[("a", "unread")]), &mut out);
+        s.on_txn(&txn(105, 950, &[("b", "unread")]), &mut out);
+        assert!(out.is_empty());
+        s.on_chunk(
+            SnapshotChunk {
+                sub_id: "w".into(),
+                epoch: 1,
+                frame: r#"{"type":"snapshot","id":"w","rows":[]}"#.into(),
+            },
+            &mut out,
+        );
+        s.on_chunk(
+            SnapshotChunk {
+                sub_id: "w".into(),
+                epoch: 0,
+                frame: "stale".into(),
+            },
+            &mut out,
+        );
+        s.on_job(
+            snapshot_report("w", 1, Filter::default()),
+            &history(),
+            &mut out,
+        );
+        let f = frames(&mut out);
+        assert_eq!(f.len(), 3, "{f:?}");
+        assert_eq!(f[0]["type"], "snapshot");
+        // xid 101 is in the snapshot; 105 was in progress.
+        assert_eq!(f[1]["xid"], "105");
+        assert_eq!(f[1]["changes"][0]["id"], "w");
+        assert_eq!(
+            f[2],
+            json!({"type": "up_to_date", "id": "w", "offset": "1-00000000000005dc"})
+        );
+        // Live: once, and never what the watermark already covers.
+        s.on_txn(&txn(105, 950, &[("b", "unread")]), &mut out);
+        assert!(out.is_empty());
+        s.on_txn(&txn(120, 2000, &[("c", "read")]), &mut out);
+        let f = frames(&mut out);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0]["offset"], "1-00000000000007d8");
+    }
+
+    #[test]
+    fn one_frame_per_transaction_for_all_subscriptions() {
+        let mut s = Session::new(&user());
+        let mut out = Actions::new();
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "all", "table": "works"}),
+            &mut out,
+        );
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "unread", "table": "works", "where": {"read_status": "unread"}}),
+            &mut out,
+        );
+        out.clear();
+        s.on_job(
+            snapshot_report("all", 1, Filter::default()),
+            &history(),
+            &mut out,
+        );
+        let t = table();
+        let unread =
+            Filter::parse(Some(&json!({"read_status": "unread"})), |c| t.column(c)).unwrap();
+        s.on_job(snapshot_report("unread", 2, unread), &history(), &mut out);
+        out.clear();
+        s.on_txn(&txn(200, 3000, &[("a", "unread"), ("b", "read")]), &mut out);
+        let f = frames(&mut out);
+        assert_eq!(f.len(), 1);
+        let mut ids: Vec<(String, String)> = f[0]["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["id"].as_str().unwrap().into(),
+                    c["row"]["id"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            vec![
+                ("all".into(), "a".into()),
+                ("all".into(), "b".into()),
+                ("unread".into(), "a".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn errors_leave_nothing_behind() {
+        let mut s = Session::new(&user());
+        let mut out = Actions::new();
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "table": "works"}),
+            &mut out,
+        );
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "c", "table": "works", "where": {"nope": 1}}),
+            &mut out,
+        );
+        let Ok(ClientMessage::Subscribe(sub)) =
+            ClientMessage::parse(r#"{"type":"subscribe","id":"t","table":"x"}"#)
+        else {
+            panic!()
+        };
+        assert!(s.admit(&sub, &mut out));
+        s.subscribe(
+            sub,
+            Err(("unknown_table", "`x` is not a synced table".into())),
+            &mut out,
+        );
+        let f = frames(&mut out);
+        let codes: Vec<(&str, Value)> = f
+            .iter()
+            .map(|v| (v["code"].as_str().unwrap(), v["id"].clone()))
+            .collect();
+        assert_eq!(
+            codes,
+            vec![
+                ("invalid_message", Value::Null),
+                ("invalid_where", json!("c")),
+                ("unknown_table", json!("t"))
+            ]
+        );
+        // The ids are free.
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "c", "table": "works"}),
+            &mut out,
+        );
+        assert_eq!(started(&out).len(), 1);
+        out.clear();
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "c", "table": "works"}),
+            &mut out,
+        );
+        assert_eq!(frames(&mut out)[0]["code"], "duplicate_subscription");
+        // A failed job removes its subscription.
+        s.on_job(
+            JobReport {
+                sub_id: "c".into(),
+                epoch: 1,
+                result: Err(JobError::StreamUnavailable),
+            },
+            &history(),
+            &mut out,
+        );
+        assert_eq!(frames(&mut out)[0]["code"], "stream_unavailable");
+        s.on_message(
+            ClientMessage::Unsubscribe {
+                id: Some("c".into()),
+            },
+            &mut out,
+        );
+        assert_eq!(frames(&mut out)[0]["code"], "unknown_subscription");
+    }
+
+    #[test]
+    fn invalid_offset_refetches_and_resume_replays_history() {
+        let mut s = Session::new(&user());
+        let mut out = Actions::new();
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "bad", "table": "works", "offset": "zz"}),
+            &mut out,
+        );
+        assert_eq!(started(&out), vec![("bad".into(), 1, Purpose::Snapshot)]);
+        assert_eq!(
+            frames(&mut out),
+            vec![json!({"type": "must_refetch", "id": "bad", "reason": "invalid_offset"})]
+        );
+        let from = Offset {
+            generation: 1,
+            lsn: 1000,
+        };
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "r", "table": "works", "offset": from.to_string()}),
+            &mut out,
+        );
+        assert_eq!(started(&out), vec![("r".into(), 2, Purpose::Resume(from))]);
+        out.clear();
+        let mut h = history();
+        h.txns = vec![
+            txn(50, 900, &[("old", "read")]),
+            txn(60, 1100, &[("new", "read")]),
+        ];
+        let report = JobReport {
+            sub_id: "r".into(),
+            epoch: 2,
+            result: Ok(Prepared {
+                filter: Filter::default(),
+                purpose: Purpose::Resume(from),
+                handoff: None,
+                columns: Arc::from(vec![]),
+                generation: 0,
+            }),
+        };
+        s.on_job(report, &h, &mut out);
+        let f = frames(&mut out);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0]["xid"], "60");
+        assert_eq!(f[1]["offset"], "1-0000000000001388");
+        // Refused: must_refetch, then a snapshot job for the same id.
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "x", "table": "works", "offset": from.to_string()}),
+            &mut out,
+        );
+        out.clear();
+        h.refuse = Some("offset_older_than_server_history");
+        let report = JobReport {
+            sub_id: "x".into(),
+            epoch: 3,
+            result: Ok(Prepared {
+                filter: Filter::default(),
+                purpose: Purpose::Resume(from),
+                handoff: None,
+                columns: Arc::from(vec![]),
+                generation: 0,
+            }),
+        };
+        s.on_job(report, &h, &mut out);
+        assert_eq!(started(&out), vec![("x".into(), 4, Purpose::Snapshot)]);
+        assert_eq!(
+            frames(&mut out)[0]["reason"],
+            "offset_older_than_server_history"
+        );
+    }
+
+    #[test]
+    fn refetch_restarts_only_that_table_and_shutdown_skips_stale() {
+        let mut s = Session::new(&user());
+        let mut out = Actions::new();
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "a", "table": "works"}),
+            &mut out,
+        );
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "b", "table": "works"}),
+            &mut out,
+        );
+        out.clear();
+        s.on_job(
+            snapshot_report("a", 1, Filter::default()),
+            &history(),
+            &mut out,
+        );
+        s.on_job(
+            snapshot_report("b", 2, Filter::default()),
+            &history(),
+            &mut out,
+        );
+        out.clear();
+        s.on_refetch(
+            &Refetch {
+                table: Some("boards".into()),
+                reason: "truncated",
+            },
+            &mut out,
+        );
+        assert!(out.is_empty());
+        s.shutdown(
+            [ConnEvent::Refetch(Box::new(Refetch {
+                table: None,
+                reason: "slot_recreated",
+            }))]
+            .into_iter(),
+            Offset {
+                generation: 1,
+                lsn: 9,
+            },
+            &mut out,
+        );
+        assert!(
+            frames(&mut out).is_empty(),
+            "a refetch was pending: no final offsets"
+        );
+        let mut s2 = Session::new(&user());
+        subscribe(
+            &mut s2,
+            json!({"type": "subscribe", "id": "a", "table": "works"}),
+            &mut out,
+        );
+        s2.on_job(
+            snapshot_report("a", 1, Filter::default()),
+            &history(),
+            &mut out,
+        );
+        out.clear();
+        s2.on_refetch(
+            &Refetch {
+                table: Some("works".into()),
+                reason: "truncated",
+            },
+            &mut out,
+        );
+        assert_eq!(started(&out), vec![("a".into(), 2, Purpose::Snapshot)]);
+        assert_eq!(frames(&mut out)[0]["reason"], "truncated");
+        s2.shutdown(
+            std::iter::empty(),
+            Offset {
+                generation: 1,
+                lsn: 9,
+            },
+            &mut out,
+        );
+        assert!(matches!(
+            out.last(),
+            Some(Action::Close(close::SHUTDOWN, _))
+        ));
+        assert!(
+            frames(&mut out).is_empty(),
+            "pending subscriptions get no final offset"
+        );
+    }
+
+    #[test]
+    fn shutdown_delivers_queued_then_final_offsets() {
+        let mut s = Session::new(&user());
+        let mut out = Actions::new();
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "a", "table": "works"}),
+            &mut out,
+        );
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "p", "table": "works"}),
+            &mut out,
+        );
+        s.on_job(
+            snapshot_report("a", 1, Filter::default()),
+            &history(),
+            &mut out,
+        );
+        out.clear();
+        let queued = [ConnEvent::Txn(txn(300, 4000, &[("z", "read")]))];
+        s.shutdown(
+            queued.into_iter(),
+            Offset {
+                generation: 1,
+                lsn: 4100,
+            },
+            &mut out,
+        );
+        let f = frames(&mut out);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert_eq!(f[0]["type"], "txn");
+        assert_eq!(
+            f[1],
+            json!({"type": "up_to_date", "id": "a", "offset": "1-0000000000001004"})
+        );
+    }
+
+    #[test]
+    fn token_refresh() {
+        let mut s = Session::new(&user());
+        let mut out = Actions::new();
+        s.refresh_token(
+            Ok(AuthUser {
+                user_id: OWNER,
+                expires_at: 500,
+                admin: false,
+            }),
+            &mut out,
+        );
+        assert_eq!(s.expires_at(), 500);
+        assert_eq!(frames(&mut out)[0]["expires_at"], 500);
+        s.refresh_token(
+            Ok(AuthUser {
+                user_id: Uuid::from_u128(8),
+                expires_at: 600,
+                admin: false,
+            }),
+            &mut out,
+        );
+        assert!(matches!(out[0], Action::Close(close::USER_MISMATCH, _)));
+        assert_eq!(s.expires_at(), 500);
+    }
+}

@@ -1,0 +1,1378 @@
+//! `GET /v1/shape`: Electric's HTTP shape API (docs/electric.md) over the same core as `/v1/stream`: the snapshot
+//! job with its barrier handoff, the subscription state, the per-user history for offsets, the filter with its
+//! move-in/move-out rules and the must-refetch reasons. Every shape is limited to the token's user.
+//!
+//! ```text
+//! offset=-1            register with the hub ─► snapshot job ─► report (S, L, B) ─► headers (offset = B)
+//!                      body: rows as the job reads them, then the buffered transactions the rows miss (up to B),
+//!                      then up-to-date
+//! offset=O             history after O (whole transactions, filtered) then up-to-date; or 409
+//! offset=O&live=true   the same; if nothing: hold (registered with the hub) until a change, a refetch (409),
+//!                      the hold time (up-to-date at the current position) or shutdown
+//! …&live_sse=true      the same as server-sent events for up to a minute
+//! ```
+//!
+//! Handles are signed and stateless (handle.rs); definitions are compiled once and cached (their literals are
+//! canonicalised through Postgres, which also validates them).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_postgres::types::Oid;
+use uuid::Uuid;
+
+use super::electric::{
+    ShapeColumn, ShapeEncoder, format_offset, must_refetch_body, parse_offset, schema_header,
+    write_up_to_date,
+};
+use super::filter::Filter;
+use super::handle::{HandleKey, KEY_BYTES};
+use super::hub::{CannotResume, ConnEvent, Hub, LagSignal};
+use super::job::{JobError, JobReport, JobSpec, Prepared, Purpose, SnapshotColumn};
+use super::offset::Offset;
+use super::routing::UserTxn;
+use super::snapshot::{self, SinkGone, SnapshotSink, canonicalise};
+use super::subscription::Subscription;
+use super::where_sql::parse_where;
+use crate::auth::{AuthError, AuthUser};
+use crate::db::catalog::Table;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Timing of the shape endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShapeConfig {
+    /// How long a `live=true` request waits for a change before answering up-to-date (the client gives up after
+    /// 45 s; Electric holds 20 s).
+    pub live_hold: Duration,
+    /// How long a server-sent-events response stays open.
+    pub sse_duration: Duration,
+    /// How often an idle server-sent-events response sends a keep-alive.
+    pub sse_keepalive: Duration,
+}
+
+impl Default for ShapeConfig {
+    fn default() -> Self {
+        Self {
+            live_hold: Duration::from_secs(20),
+            sse_duration: Duration::from_secs(60),
+            sse_keepalive: Duration::from_secs(21),
+        }
+    }
+}
+
+/// Most compiled definitions kept.
+const MAX_DEFINITIONS: usize = 4096;
+/// How long a request with an offset waits for a (re)starting stream to reach it.
+const RESUME_WAIT: Duration = Duration::from_secs(10);
+/// Bytes of rows collected before a chunk of a snapshot body is handed to the socket.
+const BODY_CHUNK: usize = 64 * 1024;
+
+/// The shape endpoint's shared state.
+#[derive(Debug)]
+pub struct Shapes {
+    config: ShapeConfig,
+    key: tokio::sync::OnceCell<HandleKey>,
+    definitions: Mutex<HashMap<String, Arc<ShapeDef>>>,
+    cursor: AtomicU64,
+}
+
+impl Shapes {
+    /// Empty state with `config`.
+    pub fn new(config: ShapeConfig) -> Self {
+        Self {
+            config,
+            key: tokio::sync::OnceCell::new(),
+            definitions: Mutex::new(HashMap::new()),
+            cursor: AtomicU64::new(0),
+        }
+    }
+
+    /// The timing.
+    pub fn config(&self) -> ShapeConfig {
+        self.config
+    }
+
+    /// A cursor never handed out before, also across restarts (the client suppresses an up-to-date whose cursor
+    /// it has seen within a minute): milliseconds since the epoch, or one more than the last one.
+    fn next_cursor(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut current = self.cursor.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(current + 1);
+            match self
+                .cursor
+                .compare_exchange(current, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// The handle signing key, created in the database on first use.
+    async fn key(&self, pool: &deadpool_postgres::Pool) -> Result<HandleKey, ApiError> {
+        self.key
+            .get_or_try_init(|| async {
+                let client = pool.get().await?;
+                let fresh: [u8; KEY_BYTES] = rand::random();
+                client
+                    .execute(
+                        "insert into deeprecall_shape_keys (key) values ($1) on conflict (id) do nothing",
+                        &[&fresh.as_slice()],
+                    )
+                    .await
+                    .map_err(|e| ApiError::internal(&e))?;
+                let key: Vec<u8> = client
+                    .query_one("select key from deeprecall_shape_keys", &[])
+                    .await
+                    .map_err(|e| ApiError::internal(&e))?
+                    .get(0);
+                HandleKey::from_bytes(&key).ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "the shape handle key is malformed; see the server log",
+                    )
+                })
+            })
+            .await
+            .cloned()
+    }
+}
+
+/// A compiled shape definition.
+#[derive(Debug)]
+pub struct ShapeDef {
+    table: Arc<Table>,
+    filter: Filter,
+    columns: Vec<ShapeColumn>,
+    snapshot_columns: Arc<[SnapshotColumn]>,
+    schema: String,
+    replica_full: bool,
+    /// What a handle is bound to, besides the user and the slot generation.
+    hash: [u8; 32],
+}
+
+impl ShapeDef {
+    fn encoder(&self) -> ShapeEncoder {
+        ShapeEncoder::new(
+            &self.table.schema,
+            &self.table.name,
+            self.columns.clone(),
+            self.replica_full,
+        )
+    }
+}
+
+/// `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OffsetParam {
+    /// `-1`: from the start.
+    Initial,
+    /// An offset this server issued.
+    At(u64),
+    /// Anything else: the client must start over (409).
+    Malformed,
+}
+
+/// A parsed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ShapeRequest {
+    table: String,
+    offset: OffsetParam,
+    handle: Option<String>,
+    live: bool,
+    sse: bool,
+    where_: String,
+    params: BTreeMap<usize, String>,
+    columns: Option<String>,
+    replica_full: bool,
+}
+
+impl ShapeRequest {
+    /// The definition's cache key: everything that shapes the definition, as sent.
+    fn definition_key(&self) -> String {
+        let params: Vec<String> = self
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        format!(
+            "{}\0{}\0{}\0{}\0{}",
+            self.table,
+            self.where_,
+            params.join("\u{1}"),
+            self.columns.as_deref().unwrap_or("\u{2}"),
+            self.replica_full
+        )
+    }
+}
+
+fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request(code, message)
+}
+
+/// Parses the query string. Unknown parameters are ignored (the client adds `cursor`, `log`, `cache-buster`,
+/// `expired_handle`, … and apps add their own).
+fn parse_request(query: &str) -> Result<ShapeRequest, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
+        .map_err(|e| bad_request("invalid_request", format!("malformed query string: {e}")))?;
+    let mut last: HashMap<&str, &str> = HashMap::new();
+    let mut params = BTreeMap::new();
+    for (k, v) in &pairs {
+        if let Some(n) = k.strip_prefix("params[").and_then(|r| r.strip_suffix(']')) {
+            let n: usize = n.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                bad_request(
+                    "invalid_params",
+                    format!("`{k}`: use params[1], params[2], …"),
+                )
+            })?;
+            params.insert(n, v.clone());
+        } else {
+            last.insert(k.as_str(), v.as_str());
+        }
+    }
+    if last.contains_key("params") {
+        return Err(bad_request(
+            "invalid_params",
+            "send `where` parameters as params[1]=…&params[2]=…",
+        ));
+    }
+    let table = last
+        .get("table")
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| bad_request("invalid_request", "`table` is required"))?
+        .to_string();
+    let offset = match last.get("offset").copied() {
+        None => {
+            return Err(bad_request(
+                "invalid_request",
+                "`offset` is required (-1 to start)",
+            ));
+        }
+        Some("-1") => OffsetParam::Initial,
+        Some("now") => {
+            return Err(bad_request(
+                "invalid_request",
+                "offset=now is not supported; start with offset=-1",
+            ));
+        }
+        Some(o) => parse_offset(o).map_or(OffsetParam::Malformed, OffsetParam::At),
+    };
+    let flag = |name: &str| -> Result<bool, ApiError> {
+        match last.get(name).copied() {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(other) => Err(bad_request(
+                "invalid_request",
+                format!("`{name}` must be true or false, not {other:?}"),
+            )),
+        }
+    };
+    let live = flag("live")?;
+    let sse = live && (flag("live_sse")? || flag("experimental_live_sse")?);
+    let handle = last
+        .get("handle")
+        .filter(|h| !h.is_empty())
+        .map(|h| h.to_string());
+    if offset != OffsetParam::Initial && handle.is_none() {
+        return Err(bad_request(
+            "invalid_request",
+            "`handle` is required with an offset other than -1",
+        ));
+    }
+    if live && offset == OffsetParam::Initial {
+        return Err(bad_request(
+            "invalid_request",
+            "live=true needs an offset and handle from an earlier response",
+        ));
+    }
+    let replica_full = match last.get("replica").copied() {
+        None | Some("default") => false,
+        Some("full") => true,
+        Some(other) => {
+            return Err(bad_request(
+                "invalid_request",
+                format!("`replica` must be default or full, not {other:?}"),
+            ));
+        }
+    };
+    match last.get("log").copied() {
+        None | Some("full") => {}
+        Some(other) => {
+            return Err(bad_request(
+                "invalid_request",
+                format!("log={other} is not supported; use log=full"),
+            ));
+        }
+    }
+    Ok(ShapeRequest {
+        table,
+        offset,
+        handle,
+        live,
+        sse,
+        where_: last.get("where").copied().unwrap_or("").to_owned(),
+        params,
+        columns: last.get("columns").map(|c| c.to_string()),
+        replica_full,
+    })
+}
+
+/// Splits a comma-separated list of SQL identifiers (`"id","owner_id"`, `id,title`); quoted ones are taken
+/// verbatim (`""` is a quote), bare ones fold to lower case.
+fn identifiers(list: &str, separator: char) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    let mut chars = list.trim().chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut name = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        name.push('"');
+                    }
+                    '"' => break,
+                    c => name.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == separator || c.is_whitespace() {
+                    break;
+                }
+                name.push(c.to_ascii_lowercase());
+                chars.next();
+            }
+        }
+        if name.is_empty() {
+            return None;
+        }
+        out.push(name);
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        match chars.next() {
+            None => return Some(out),
+            Some(c) if c == separator => continue,
+            Some(_) => return None,
+        }
+    }
+}
+
+impl Shapes {
+    /// The compiled definition of `req` (cached), or why the request is bad.
+    async fn definition(
+        &self,
+        state: &AppState,
+        req: &ShapeRequest,
+    ) -> Result<Arc<ShapeDef>, ApiError> {
+        let cache_key = req.definition_key();
+        let catalog = state.catalog.get().await;
+        let cached = self
+            .definitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&cache_key)
+            .cloned();
+        if let Some(def) = cached
+            && catalog
+                .table(&def.table.name)
+                .is_some_and(|t| Arc::ptr_eq(t, &def.table))
+        {
+            return Ok(def);
+        }
+        let def = Arc::new(compile(state, req).await?);
+        let mut defs = self.definitions.lock().unwrap_or_else(|e| e.into_inner());
+        if defs.len() >= MAX_DEFINITIONS {
+            // Rare and cheap to rebuild: drop an arbitrary half.
+            let drop: Vec<String> = defs.keys().take(MAX_DEFINITIONS / 2).cloned().collect();
+            for k in drop {
+                defs.remove(&k);
+            }
+        }
+        defs.insert(cache_key, def.clone());
+        Ok(def)
+    }
+}
+
+async fn compile(state: &AppState, req: &ShapeRequest) -> Result<ShapeDef, ApiError> {
+    let parts = identifiers(&req.table, '.')
+        .filter(|p| p.len() <= 2)
+        .ok_or_else(|| {
+            bad_request(
+                "unknown_table",
+                format!("`{}` is not a table name", req.table),
+            )
+        })?;
+    let unknown = || {
+        bad_request(
+            "unknown_table",
+            format!("`{}` is not a synced table", req.table),
+        )
+    };
+    let (schema, name) = match parts.as_slice() {
+        [name] => (None, name.as_str()),
+        [schema, name] => (Some(schema.as_str()), name.as_str()),
+        _ => return Err(unknown()),
+    };
+    let table = match state.catalog.get().await.table(name) {
+        Some(t) => t.clone(),
+        None => {
+            let client = state.pool.get().await?;
+            let fresh = state
+                .catalog
+                .refresh_on_miss(&client)
+                .await
+                .map_err(|e| ApiError::internal(&e))?;
+            fresh.table(name).cloned().ok_or_else(unknown)?
+        }
+    };
+    if schema.is_some_and(|s| s != table.schema) {
+        return Err(unknown());
+    }
+    let filter = parse_where(&req.where_, &req.params, |c| table.column(c))
+        .map_err(|e| bad_request("invalid_where", e.0))?;
+    let client = state.pool.get().await?;
+    let filter = canonicalise(&client, &filter).await.map_err(|e| match e {
+        JobError::BadFilter(m) => {
+            bad_request("invalid_where", format!("invalid `where` value: {m}"))
+        }
+        other => {
+            tracing::warn!(error = %other, "canonicalising a shape's where failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database is unavailable; retry later",
+            )
+        }
+    })?;
+    let rows = client
+        .query(
+            "select a.attname::text, a.atttypid,
+                    (case when t.typcategory = 'A' and et.oid is not null then et.typname else t.typname end)::text,
+                    case when t.typcategory = 'A' and et.oid is not null then greatest(a.attndims, 1) else 0 end,
+                    a.attnotnull, array_position(pk.conkey, a.attnum), a.attgenerated <> ''
+               from pg_attribute a
+               join pg_type t on t.oid = a.atttypid
+               left join pg_type et on et.oid = t.typelem and t.typelem <> 0
+               left join pg_constraint pk on pk.conrelid = a.attrelid and pk.contype = 'p'
+              where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped
+              order by a.attnum",
+            &[&(table.oid as Oid)],
+        )
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let mut all: Vec<(ShapeColumn, bool)> = rows
+        .iter()
+        .map(|r| {
+            let pk: Option<i32> = r.get(5);
+            (
+                ShapeColumn {
+                    name: r.get(0),
+                    type_oid: r.get(1),
+                    typname: r.get(2),
+                    dims: r.get(3),
+                    not_null: r.get(4),
+                    pk_index: pk.and_then(|p| usize::try_from(p - 1).ok()),
+                },
+                r.get(6),
+            )
+        })
+        .collect();
+    let columns: Vec<ShapeColumn> = match &req.columns {
+        None => all
+            .drain(..)
+            .filter(|(_, generated)| !generated)
+            .map(|(c, _)| c)
+            .collect(),
+        Some(list) => {
+            let wanted = identifiers(list, ',').ok_or_else(|| {
+                bad_request(
+                    "invalid_columns",
+                    "`columns` must be a comma-separated list of column names",
+                )
+            })?;
+            for w in &wanted {
+                match all.iter().find(|(c, _)| c.name == *w) {
+                    None => {
+                        return Err(bad_request(
+                            "invalid_columns",
+                            format!("unknown column `{w}` in `columns`"),
+                        ));
+                    }
+                    Some((_, true)) => {
+                        return Err(bad_request(
+                            "invalid_columns",
+                            format!("`{w}` is a generated column; it cannot be synced"),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+            if let Some((missing, _)) = all
+                .iter()
+                .find(|(c, _)| c.pk_index.is_some() && !wanted.contains(&c.name))
+            {
+                return Err(bad_request(
+                    "invalid_columns",
+                    format!(
+                        "`columns` must include the primary key (`{}` is missing)",
+                        missing.name
+                    ),
+                ));
+            }
+            all.drain(..)
+                .filter(|(c, _)| wanted.contains(&c.name))
+                .map(|(c, _)| c)
+                .collect()
+        }
+    };
+    if !columns.iter().any(|c| c.pk_index.is_some()) {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the table has no primary key",
+        ));
+    }
+    let mut hash = Sha256::new();
+    hash.update(b"deeprecall-shape/1\0");
+    hash.update(table.oid.to_be_bytes());
+    hash.update(table.schema.as_bytes());
+    hash.update(b".");
+    hash.update(table.name.as_bytes());
+    hash.update(b"\0");
+    hash.update(filter.canonical_text().as_bytes());
+    hash.update(b"\0");
+    for c in &columns {
+        hash.update(c.name.as_bytes());
+        hash.update(b",");
+    }
+    hash.update(if req.replica_full {
+        b"\0full"
+    } else {
+        b"\0dflt"
+    });
+    Ok(ShapeDef {
+        snapshot_columns: columns
+            .iter()
+            .map(|c| SnapshotColumn {
+                name: c.name.clone(),
+                type_oid: c.type_oid,
+            })
+            .collect(),
+        schema: schema_header(&columns),
+        columns,
+        table,
+        filter,
+        replica_full: req.replica_full,
+        hash: hash.finalize().into(),
+    })
+}
+
+/// `GET /v1/shape`.
+pub async fn get_shape(
+    State(state): State<AppState>,
+    user: Result<AuthUser, AuthError>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let mut response = match user {
+        Err(e) => e.into_response(),
+        Ok(user) => match serve(&state, &user, query.as_deref().unwrap_or("")).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        },
+    };
+    // Per-user data behind URLs that do not name the user: never cacheable (a shared or browser cache would hand
+    // one account's rows to another).
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn serve(state: &AppState, user: &AuthUser, query: &str) -> Result<Response, ApiError> {
+    let req = parse_request(query)?;
+    let def = state.shapes.definition(state, &req).await?;
+    let key = state.shapes.key(&state.pool).await?;
+    let owner = user.user_id;
+    let offset = match req.offset {
+        OffsetParam::Initial => return snapshot_response(state, owner, &def, &key).await,
+        OffsetParam::Malformed => return Ok(refetch(state, owner, &def, &key, "invalid_offset")),
+        OffsetParam::At(lsn) => lsn,
+    };
+    let handle = req.handle.as_deref().unwrap_or("");
+    let Ok(generation) = key.verify(handle, owner, &def.hash) else {
+        // Another user's, another definition's, forged, or from another key.
+        return Ok(refetch(state, owner, &def, &key, "unknown_handle"));
+    };
+    let from = Offset {
+        generation,
+        lsn: offset,
+    };
+    // Right after a restart the stream may not have started, or not reached an offset the previous process
+    // issued: wait (bounded) rather than refuse a servable offset.
+    state.hub.ready_for(from, RESUME_WAIT).await;
+    if req.live && state.hub.stats_connections() >= state.limits.max_connections {
+        return Err(too_many());
+    }
+    let mut feed = match Feed::open(state, owner, &def, from, req.live) {
+        Ok(feed) => feed,
+        Err(reason) => return Ok(refetch(state, owner, &def, &key, reason)),
+    };
+    if req.sse {
+        return Ok(sse_response(state, handle, from, feed));
+    }
+    let cursor = req.live.then(|| state.shapes.next_cursor());
+    if feed.has_changes() || !req.live {
+        let offset = feed.offset();
+        return Ok(ok_response(
+            &def,
+            handle,
+            offset,
+            req.live,
+            cursor,
+            feed.finish_body(offset),
+        ));
+    }
+    let outcome = feed.hold(state, state.shapes.config.live_hold).await;
+    Ok(match outcome {
+        Held::Answer(offset) => {
+            ok_response(&def, handle, offset, true, cursor, feed.finish_body(offset))
+        }
+        Held::Refetch(reason) => refetch(state, owner, &def, &key, reason),
+    })
+}
+
+fn too_many() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_connections",
+        "the server is at its connection limit; retry later",
+    )
+}
+
+/// A 409: the client drops its rows and starts over with the new handle.
+fn refetch(
+    state: &AppState,
+    owner: Uuid,
+    def: &ShapeDef,
+    key: &HandleKey,
+    reason: &str,
+) -> Response {
+    let handle = key.mint(state.hub.position().generation, owner, &def.hash);
+    let mut response = (
+        StatusCode::CONFLICT,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        must_refetch_body(reason),
+    )
+        .into_response();
+    set(&mut response, "electric-handle", &handle);
+    response
+}
+
+fn set(response: &mut Response, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(name), v);
+    }
+}
+
+fn ok_response(
+    def: &ShapeDef,
+    handle: &str,
+    offset: u64,
+    live: bool,
+    cursor: Option<u64>,
+    body: Vec<u8>,
+) -> Response {
+    let mut response = (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response();
+    shape_headers(&mut response, def, handle, offset, live, cursor);
+    response
+}
+
+fn shape_headers(
+    response: &mut Response,
+    def: &ShapeDef,
+    handle: &str,
+    offset: u64,
+    live: bool,
+    cursor: Option<u64>,
+) {
+    set(response, "electric-handle", handle);
+    set(response, "electric-offset", &format_offset(offset));
+    set(response, "electric-up-to-date", "true");
+    if !live {
+        set(response, "electric-schema", &def.schema);
+    }
+    if let Some(c) = cursor {
+        set(response, "electric-cursor", &c.to_string());
+    }
+}
+
+/// A subscription of one request after an offset: the history's share, then (when held) live transactions.
+struct Feed {
+    hub: Arc<Hub>,
+    sub: Subscription,
+    encoder: ShapeEncoder,
+    /// Messages collected and not sent yet.
+    messages: Vec<Vec<u8>>,
+    /// The hub registration, queue and lag signal (only when the request may wait).
+    live: Option<(
+        super::hub::Registration,
+        mpsc::Receiver<ConnEvent>,
+        Arc<LagSignal>,
+    )>,
+}
+
+/// How a hold ended.
+enum Held {
+    /// Answer 200 at this offset.
+    Answer(u64),
+    /// Answer 409 with this reason.
+    Refetch(&'static str),
+}
+
+impl Feed {
+    /// Registers (for a live request) before copying the history after `from`, so nothing published in between
+    /// is missed; the watermark then drops what the copy already holds.
+    fn open(
+        state: &AppState,
+        owner: Uuid,
+        def: &ShapeDef,
+        from: Offset,
+        live: bool,
+    ) -> Result<Self, &'static str> {
+        let hub = state.hub.clone();
+        let live = live.then(|| {
+            let (registration, queue, _tx, lag) = hub.register(owner);
+            (registration, queue, lag)
+        });
+        let (txns, position) = hub
+            .resume(owner, &def.table.name, from)
+            .map_err(|CannotResume(reason)| reason)?;
+        let mut sub =
+            Subscription::pending(Arc::from(def.table.name.as_str()), def.filter.clone(), 0);
+        sub.go_live_at(position);
+        let mut feed = Self {
+            hub,
+            sub,
+            encoder: def.encoder(),
+            messages: Vec::new(),
+            live,
+        };
+        for txn in &txns {
+            feed.add(txn);
+        }
+        Ok(feed)
+    }
+
+    fn add(&mut self, txn: &UserTxn) {
+        let messages = self.encoder.txn_messages(txn, &self.sub.filter);
+        self.messages.extend(messages);
+    }
+
+    fn has_changes(&self) -> bool {
+        !self.messages.is_empty()
+    }
+
+    /// Everything up to here has been looked at.
+    fn offset(&self) -> u64 {
+        self.sub.watermark().unwrap_or(0)
+    }
+
+    /// Offers queued transactions (without waiting); `Err` when a refetch of this shape is queued.
+    fn drain(&mut self) -> Result<(), &'static str> {
+        loop {
+            let event = match self.live.as_mut() {
+                Some((_, queue, _)) => queue.try_recv().ok(),
+                None => None,
+            };
+            match event {
+                None => return Ok(()),
+                Some(event) => self.on_event(event)?,
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: ConnEvent) -> Result<(), &'static str> {
+        match event {
+            ConnEvent::Txn(txn) => {
+                if self.sub.offer(&txn) {
+                    self.add(&txn);
+                }
+                Ok(())
+            }
+            ConnEvent::Refetch(r) if self.sub.on_table(r.table.as_deref()) => Err(r.reason),
+            ConnEvent::Refetch(_) | ConnEvent::Job(_) => Ok(()),
+        }
+    }
+
+    /// After the last transaction offered, the position everything is covered up to: the hub's position read
+    /// *before* draining the queue (publishing queues a transaction before it moves the position).
+    fn settle(&mut self) -> Result<u64, &'static str> {
+        let position = self.hub.position().lsn;
+        self.drain()?;
+        Ok(position.max(self.offset()))
+    }
+
+    /// Waits up to `hold` for a change of the shape.
+    async fn hold(&mut self, state: &AppState, hold: Duration) -> Held {
+        let deadline = tokio::time::Instant::now() + hold;
+        let mut shutdown = state.shutdown.clone();
+        let hub = self.hub.clone();
+        loop {
+            let Some((_, queue, lag)) = self.live.as_mut() else {
+                return Held::Answer(self.offset());
+            };
+            let lag = lag.clone();
+            let event = tokio::select! {
+                biased;
+                () = crate::shutdown::until_true(&mut shutdown) => {
+                    // The replicator acknowledges its final position: answer with it, so the client resumes
+                    // exactly after the restart.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), hub.wait_closed()).await;
+                    None
+                }
+                // Lost a transaction to a full queue: answer with what is complete; the rest comes from history.
+                () = lag.wait() => return Held::Answer(self.offset()),
+                () = tokio::time::sleep_until(deadline) => None,
+                event = queue.recv() => match event {
+                    Some(event) => Some(event),
+                    None => return Held::Answer(self.offset()),
+                },
+            };
+            let Some(event) = event else {
+                return match self.settle() {
+                    Ok(offset) => Held::Answer(offset),
+                    Err(reason) => Held::Refetch(reason),
+                };
+            };
+            if let Err(reason) = self.on_event(event) {
+                return Held::Refetch(reason);
+            }
+            if self.has_changes() {
+                // Whatever else is queued right now goes along.
+                return match self.drain() {
+                    Ok(()) => Held::Answer(self.offset()),
+                    Err(reason) => Held::Refetch(reason),
+                };
+            }
+        }
+    }
+
+    /// The JSON body: the messages collected so far, then up-to-date at `offset`.
+    fn finish_body(&mut self, offset: u64) -> Vec<u8> {
+        let mut body =
+            Vec::with_capacity(self.messages.iter().map(|m| m.len() + 1).sum::<usize>() + 96);
+        body.push(b'[');
+        for m in self.messages.drain(..) {
+            body.extend_from_slice(&m);
+            body.push(b',');
+        }
+        write_up_to_date(&mut body, offset);
+        body.push(b']');
+        body
+    }
+
+    /// The messages collected so far and up-to-date at `offset`, as server-sent events.
+    fn finish_events(&mut self, offset: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in self.messages.drain(..) {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(&m);
+            out.extend_from_slice(b"\n\n");
+        }
+        out.extend_from_slice(b"data: ");
+        write_up_to_date(&mut out, offset);
+        out.extend_from_slice(b"\n\n");
+        out
+    }
+}
+
+/// Server-sent events: the history's changes, then live ones, each transaction followed by an up-to-date
+/// carrying the offset it reaches (the client's offset moves only through those), for up to a minute.
+fn sse_response(state: &AppState, handle: &str, from: Offset, feed: Feed) -> Response {
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let config = state.shapes.config;
+    let shutdown = state.shutdown.clone();
+    tokio::spawn(run_sse(feed, tx, config, shutdown, from.lsn));
+    let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    }));
+    let mut response = (
+        StatusCode::OK,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
+            // Proxies such as nginx must not buffer the stream.
+            (
+                HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        body,
+    )
+        .into_response();
+    let cursor = state.shapes.next_cursor();
+    set(&mut response, "electric-handle", handle);
+    set(&mut response, "electric-offset", &format_offset(from.lsn));
+    set(&mut response, "electric-cursor", &cursor.to_string());
+    response
+}
+
+async fn run_sse(
+    mut feed: Feed,
+    tx: mpsc::Sender<Bytes>,
+    config: ShapeConfig,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut sent: u64,
+) {
+    enum Step {
+        Shutdown,
+        Lagged,
+        End,
+        Keepalive,
+        Event(Option<ConnEvent>),
+    }
+    // The history's share first.
+    if feed.has_changes() {
+        let offset = feed.offset();
+        if send_events(&tx, &mut feed, offset).await.is_err() {
+            return;
+        }
+        sent = offset;
+    }
+    let hub = feed.hub.clone();
+    let end = tokio::time::Instant::now() + config.sse_duration;
+    let mut keepalive = tokio::time::interval_at(
+        tokio::time::Instant::now() + config.sse_keepalive,
+        config.sse_keepalive,
+    );
+    loop {
+        let Some((_, queue, lag)) = feed.live.as_mut() else {
+            return;
+        };
+        let lag = lag.clone();
+        let step = tokio::select! {
+            biased;
+            () = crate::shutdown::until_true(&mut shutdown) => Step::Shutdown,
+            // The client went away: give the hub registration back now.
+            () = tx.closed() => return,
+            () = lag.wait() => Step::Lagged,
+            () = tokio::time::sleep_until(end) => Step::End,
+            _ = keepalive.tick() => Step::Keepalive,
+            event = queue.recv() => Step::Event(event),
+        };
+        match step {
+            Step::Shutdown => {
+                // The replicator acknowledges its final position; the client resumes from it after the restart.
+                let _ = tokio::time::timeout(Duration::from_secs(5), hub.wait_closed()).await;
+                let _ = settle_and_send(&tx, &mut feed, sent).await;
+                return;
+            }
+            // Lost a transaction to a full queue: end here; the client reconnects from its offset.
+            Step::Lagged => return,
+            Step::End => {
+                let _ = settle_and_send(&tx, &mut feed, sent).await;
+                return;
+            }
+            Step::Keepalive => match settle_and_send(&tx, &mut feed, sent).await {
+                Ok(Some(offset)) => sent = offset,
+                Ok(None) => {
+                    if tx
+                        .send(Bytes::from_static(b": keep-alive\n\n"))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(()) => return,
+            },
+            // A refetch (or the queue closing) ends the stream: the client reconnects from its offset and gets
+            // the 409 then.
+            Step::Event(None) => return,
+            Step::Event(Some(event)) => {
+                if feed.on_event(event).is_err() {
+                    return;
+                }
+                if feed.has_changes() {
+                    let offset = feed.offset();
+                    if send_events(&tx, &mut feed, offset).await.is_err() {
+                        return;
+                    }
+                    sent = offset;
+                }
+            }
+        }
+    }
+}
+
+/// Sends the collected changes as events, then up-to-date at `offset`.
+async fn send_events(tx: &mpsc::Sender<Bytes>, feed: &mut Feed, offset: u64) -> Result<(), ()> {
+    tx.send(Bytes::from(feed.finish_events(offset)))
+        .await
+        .map_err(|_| ())
+}
+
+/// Settles the position and, if it moved past `sent` (or there are changes), sends them and an up-to-date;
+/// returns the new offset.
+async fn settle_and_send(
+    tx: &mpsc::Sender<Bytes>,
+    feed: &mut Feed,
+    sent: u64,
+) -> Result<Option<u64>, ()> {
+    let offset = feed.settle().map_err(|_| ())?;
+    if offset <= sent && !feed.has_changes() {
+        return Ok(None);
+    }
+    send_events(tx, feed, offset).await?;
+    Ok(Some(offset))
+}
+
+/// A snapshot: rows streamed as the job reads them, then the handoff and up-to-date.
+async fn snapshot_response(
+    state: &AppState,
+    owner: Uuid,
+    def: &ShapeDef,
+    key: &HandleKey,
+) -> Result<Response, ApiError> {
+    if state.hub.stats_connections() >= state.limits.max_connections {
+        return Err(too_many());
+    }
+    let (registration, mut queue, queue_tx, lag) = state.hub.register(owner);
+    let (body_tx, body_rx) = mpsc::channel::<BodyPart>(4);
+    let sub_id: Arc<str> = Arc::from("shape");
+    let sink = ShapeSink {
+        sub_id: sub_id.clone(),
+        encoder: def.encoder(),
+        queue: queue_tx,
+        body: body_tx,
+        buf: Vec::new(),
+        rows: 0,
+        prepared_sent: false,
+    };
+    let spec = JobSpec {
+        owner,
+        sub_id,
+        epoch: 1,
+        table: def.table.clone(),
+        filter: def.filter.clone(),
+        purpose: Purpose::Snapshot,
+        columns: Some(def.snapshot_columns.clone()),
+    };
+    tokio::spawn(snapshot::run(
+        state.pool.clone(),
+        state.hub.clone(),
+        state.barriers.clone(),
+        spec,
+        sink,
+    ));
+    // Every transaction of the user is buffered until the job reports S, L and B (through the same queue, so
+    // the buffer then holds every transaction up to B).
+    let mut sub = Subscription::pending(Arc::from(def.table.name.as_str()), def.filter.clone(), 1);
+    let mut shutdown = state.shutdown.clone();
+    let prepared: Prepared = loop {
+        let event = tokio::select! {
+            biased;
+            () = crate::shutdown::until_true(&mut shutdown) => return Err(shutting_down()),
+            event = queue.recv() => event,
+        };
+        match event {
+            Some(ConnEvent::Txn(txn)) => {
+                sub.offer(&txn);
+            }
+            Some(ConnEvent::Refetch(r)) if sub.on_table(r.table.as_deref()) => {
+                return Ok(refetch(state, owner, def, key, r.reason));
+            }
+            Some(ConnEvent::Refetch(_)) => {}
+            Some(ConnEvent::Job(report)) => match report.result {
+                Ok(p) => break p,
+                Err(e) => return job_error(state, owner, def, key, e),
+            },
+            None => return Err(shutting_down()),
+        }
+    };
+    let Some(handoff) = prepared.handoff.clone() else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "snapshot without handoff",
+        ));
+    };
+    if lag.is_raised() {
+        // A transaction of the handoff was lost to a full queue.
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "too many writes while the snapshot was taken; retry",
+        ));
+    }
+    let (missed, watermark) = sub.go_live_after_snapshot(&handoff, true);
+    drop(registration);
+    drop(queue);
+    let mut encoder = def.encoder();
+    let mut tail = Vec::new();
+    let mut first = true;
+    for txn in &missed {
+        encoder.write_txn(&mut tail, txn, &prepared.filter, &mut first);
+    }
+    if !first {
+        tail.push(b',');
+    }
+    write_up_to_date(&mut tail, watermark);
+    tail.push(b']');
+    let handle = key.mint(prepared.generation, owner, &def.hash);
+    let body = Body::from_stream(futures::stream::unfold(
+        (body_rx, Some(tail)),
+        |(mut rx, tail)| async move {
+            let tail = tail?;
+            match rx.recv().await {
+                Some(BodyPart::Bytes(b)) => Some((Ok(b), (rx, Some(tail)))),
+                Some(BodyPart::Done { ok: true, any_rows }) => {
+                    let mut last = Vec::with_capacity(tail.len() + 1);
+                    last.push(if any_rows { b',' } else { b'[' });
+                    last.extend_from_slice(&tail);
+                    Some((Ok(Bytes::from(last)), (rx, None)))
+                }
+                // The job failed half-way: break the response off, so the client retries instead of taking a
+                // partial snapshot for a whole one.
+                Some(BodyPart::Done { ok: false, .. }) | None => Some((
+                    Err(std::io::Error::other("the snapshot failed")),
+                    (rx, None),
+                )),
+            }
+        },
+    ));
+    let mut response = (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response();
+    shape_headers(&mut response, def, &handle, watermark, false, None);
+    Ok(response)
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "the server is shutting down; retry",
+    )
+}
+
+fn job_error(
+    state: &AppState,
+    owner: Uuid,
+    def: &ShapeDef,
+    key: &HandleKey,
+    e: JobError,
+) -> Result<Response, ApiError> {
+    match e {
+        JobError::BadFilter(m) => Err(bad_request(
+            "invalid_where",
+            format!("invalid `where` value: {m}"),
+        )),
+        JobError::SchemaChanged => Ok(refetch(state, owner, def, key, "schema_changed")),
+        JobError::StreamUnavailable => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stream_unavailable",
+            "the live stream is not available; retry",
+        )),
+        JobError::Database(m) => {
+            tracing::warn!(error = %m, "shape snapshot failed");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the snapshot failed; retry later",
+            ))
+        }
+    }
+}
+
+/// What the snapshot job hands the response body.
+enum BodyPart {
+    Bytes(Bytes),
+    Done { ok: bool, any_rows: bool },
+}
+
+/// Renders a job's rows as Electric insert messages into the response body; its report goes through the hub
+/// queue before the first row (the handler needs the offset for the headers).
+struct ShapeSink {
+    sub_id: Arc<str>,
+    encoder: ShapeEncoder,
+    queue: mpsc::Sender<ConnEvent>,
+    body: mpsc::Sender<BodyPart>,
+    buf: Vec<u8>,
+    rows: usize,
+    prepared_sent: bool,
+}
+
+impl ShapeSink {
+    async fn flush(&mut self) -> Result<(), SinkGone> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        self.body
+            .send(BodyPart::Bytes(chunk))
+            .await
+            .map_err(|_| SinkGone)
+    }
+}
+
+impl SnapshotSink for ShapeSink {
+    async fn prepared(&mut self, prepared: &Prepared) -> Result<(), SinkGone> {
+        self.prepared_sent = true;
+        let report = JobReport {
+            sub_id: self.sub_id.clone(),
+            epoch: 1,
+            result: Ok(prepared.clone()),
+        };
+        self.queue
+            .send(ConnEvent::Job(Box::new(report)))
+            .await
+            .map_err(|_| SinkGone)
+    }
+
+    async fn row(
+        &mut self,
+        _columns: &[SnapshotColumn],
+        row: &tokio_postgres::Row,
+    ) -> Result<(), SinkGone> {
+        self.buf.push(if self.rows == 0 { b'[' } else { b',' });
+        self.rows += 1;
+        self.encoder
+            .write_snapshot_row(&mut self.buf, |i| row.get::<_, Option<&str>>(i));
+        if self.buf.len() >= BODY_CHUNK {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self, report: JobReport) {
+        if !self.prepared_sent {
+            let _ = self.queue.send(ConnEvent::Job(Box::new(report))).await;
+            return;
+        }
+        let ok = report.result.is_ok();
+        if ok && self.flush().await.is_err() {
+            return;
+        }
+        let _ = self
+            .body
+            .send(BodyPart::Done {
+                ok,
+                any_rows: self.rows > 0,
+            })
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_parameters() {
+        let r = parse_request(
+            "table=works&offset=-1&where=year%20%3E%20%241&params%5B1%5D=2000&columns=%22id%22%2C%22owner_id%22&replica=full&log=full&cache-buster=x&expired_handle=y&whatever=1",
+        )
+        .unwrap();
+        assert_eq!(r.table, "works");
+        assert_eq!(r.offset, OffsetParam::Initial);
+        assert_eq!(r.where_, "year > $1");
+        assert_eq!(r.params.get(&1).map(String::as_str), Some("2000"));
+        assert_eq!(r.columns.as_deref(), Some("\"id\",\"owner_id\""));
+        assert!(r.replica_full && !r.live && !r.sse);
+        let r = parse_request("table=works&offset=12_0&handle=h&live=true&cursor=&live_sse=true")
+            .unwrap();
+        assert_eq!(r.offset, OffsetParam::At(12));
+        assert!(r.live && r.sse);
+        assert_eq!(
+            parse_request("table=works&offset=0/1A&handle=h")
+                .unwrap()
+                .offset,
+            OffsetParam::Malformed
+        );
+        for bad in [
+            "offset=-1",
+            "table=works",
+            "table=works&offset=12_0",
+            "table=works&offset=-1&live=true",
+            "table=works&offset=-1&live=yes",
+            "table=works&offset=-1&replica=half",
+            "table=works&offset=-1&log=changes_only",
+            "table=works&offset=-1&params%5B0%5D=x",
+            "table=works&offset=-1&params=x",
+            "table=works&offset=now",
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    #[test]
+    fn identifier_lists() {
+        assert_eq!(
+            identifiers(r#""id","owner_id", Title ,"a""b""#, ','),
+            Some(vec![
+                "id".into(),
+                "owner_id".into(),
+                "title".into(),
+                "a\"b".into()
+            ])
+        );
+        assert_eq!(
+            identifiers(r#""public"."works""#, '.'),
+            Some(vec!["public".into(), "works".into()])
+        );
+        assert_eq!(identifiers("public.works", '.').map(|v| v.len()), Some(2));
+        for bad in ["", "a,,b", "\"open", "a b"] {
+            assert_eq!(identifiers(bad, ','), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn cursors_only_increase() {
+        let s = Shapes::new(ShapeConfig::default());
+        let a = s.next_cursor();
+        let b = s.next_cursor();
+        assert!(b > a);
+    }
+}

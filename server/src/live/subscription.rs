@@ -1,0 +1,204 @@
+//! Pure: one subscription's position relative to the stream, shared by both transports (the WebSocket session and
+//! the HTTP shape endpoint).
+//!
+//! ```text
+//!             subscribe / refetch                snapshot report (handoff)
+//!   ──────────────► Pending { buffer } ──────────────────────────────► Live { watermark }
+//!                     ▲   every txn of the user is buffered              │ txn past watermark: deliver,
+//!                     │                                                  │ watermark = its end
+//!                     └───────────── must refetch ◄──────────────────────┘
+//! ```
+//!
+//! Going live after a snapshot delivers the buffered transactions the snapshot did not contain
+//! ([`Handoff::must_deliver`]); after a resume, the history's transactions past the client's offset. From then on
+//! the watermark drops everything already delivered (a transaction can be both in a copied history and in the
+//! queue behind it), so each change arrives exactly once.
+
+use std::sync::Arc;
+
+use super::filter::Filter;
+use super::handoff::Handoff;
+use super::routing::UserTxn;
+
+/// Where a subscription is.
+#[derive(Debug)]
+enum SubState {
+    /// Waiting for a snapshot or resume; transactions are buffered.
+    Pending { buffer: Vec<Arc<UserTxn>> },
+    /// Delivering transactions past `watermark`.
+    Live { watermark: u64 },
+}
+
+/// One subscription: a table, a filter, and its position.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Table name.
+    pub table: Arc<str>,
+    /// The filter (canonical once the first job report arrived).
+    pub filter: Filter,
+    /// Attempt number: reports and row chunks of older attempts are ignored.
+    pub epoch: u64,
+    state: SubState,
+}
+
+impl Subscription {
+    /// A subscription waiting for attempt `epoch`.
+    pub fn pending(table: Arc<str>, filter: Filter, epoch: u64) -> Self {
+        Self {
+            table,
+            filter,
+            epoch,
+            state: SubState::Pending { buffer: Vec::new() },
+        }
+    }
+
+    /// Whether it is live (not waiting for a snapshot or resume).
+    pub fn is_live(&self) -> bool {
+        matches!(self.state, SubState::Live { .. })
+    }
+
+    /// Whether it waits for attempt `epoch`.
+    pub fn awaits(&self, epoch: u64) -> bool {
+        self.epoch == epoch && !self.is_live()
+    }
+
+    /// Starts over as attempt `epoch` (a refetch): back to pending with an empty buffer.
+    pub fn restart(&mut self, epoch: u64) {
+        self.epoch = epoch;
+        self.state = SubState::Pending { buffer: Vec::new() };
+    }
+
+    /// Whether a refetch for `table` (every table when `None`) concerns it.
+    pub fn on_table(&self, table: Option<&str>) -> bool {
+        table.is_none_or(|t| t == &*self.table)
+    }
+
+    /// A committed transaction of the user arrives. Returns whether to deliver it now (live, and past the
+    /// watermark, which then moves to its end); a pending subscription buffers it.
+    pub fn offer(&mut self, txn: &Arc<UserTxn>) -> bool {
+        match &mut self.state {
+            SubState::Pending { buffer } => {
+                buffer.push(txn.clone());
+                false
+            }
+            SubState::Live { watermark } => {
+                if txn.end_lsn.0 > *watermark {
+                    *watermark = txn.end_lsn.0;
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    /// The snapshot's rows went out: goes live and returns the buffered transactions to deliver after them, plus
+    /// the watermark (the stream position the client is then complete up to).
+    ///
+    /// With `cut_at_barrier` only transactions up to the barrier are handed over and the watermark is the barrier
+    /// (for a transport that answers once and leaves later ones to the next request); otherwise every buffered
+    /// one is, and the watermark is past the last of them.
+    pub fn go_live_after_snapshot(
+        &mut self,
+        handoff: &Handoff,
+        cut_at_barrier: bool,
+    ) -> (Vec<Arc<UserTxn>>, u64) {
+        let mut buffer = match std::mem::replace(&mut self.state, SubState::Live { watermark: 0 }) {
+            SubState::Pending { buffer } => buffer,
+            SubState::Live { .. } => Vec::new(),
+        };
+        let watermark = if cut_at_barrier {
+            buffer.retain(|t| t.end_lsn.0 <= handoff.barrier_lsn && handoff.must_deliver(t));
+            handoff.barrier_lsn
+        } else {
+            let last = buffer.last().map_or(0, |t| t.end_lsn.0);
+            buffer.retain(|t| handoff.must_deliver(t));
+            handoff.barrier_lsn.max(last)
+        };
+        self.state = SubState::Live { watermark };
+        (buffer, watermark)
+    }
+
+    /// Goes live at `watermark` (a resume: the history up to it was copied); drops the buffer.
+    pub fn go_live_at(&mut self, watermark: u64) {
+        self.state = SubState::Live { watermark };
+    }
+
+    /// The live position (`None` while pending).
+    pub fn watermark(&self) -> Option<u64> {
+        match self.state {
+            SubState::Live { watermark } => Some(watermark),
+            SubState::Pending { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::handoff::PgSnapshot;
+    use deeprecall_replication::Lsn;
+    use uuid::Uuid;
+
+    fn txn(xid: u64, commit: u64) -> Arc<UserTxn> {
+        Arc::new(UserTxn {
+            owner: Uuid::nil(),
+            xid,
+            generation: 1,
+            commit_lsn: Lsn(commit),
+            end_lsn: Lsn(commit + 8),
+            changes: vec![],
+            bytes: 0,
+        })
+    }
+
+    fn handoff() -> Handoff {
+        Handoff {
+            snapshot: PgSnapshot::parse("100:110:105").unwrap(),
+            wal_lsn: 1000,
+            barrier_lsn: 1500,
+        }
+    }
+
+    #[test]
+    fn buffers_then_hands_over_what_the_snapshot_missed() {
+        let mut s = Subscription::pending("works".into(), Filter::default(), 1);
+        assert!(s.awaits(1) && !s.awaits(2));
+        for t in [txn(101, 900), txn(105, 950), txn(112, 1200), txn(113, 1600)] {
+            assert!(!s.offer(&t), "pending subscriptions never deliver directly");
+        }
+        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), false);
+        let xids: Vec<u64> = missed.iter().map(|t| t.xid).collect();
+        assert_eq!(xids, vec![105, 112, 113]);
+        assert_eq!(watermark, 1608);
+        assert!(s.is_live());
+        // Queued behind the buffer already: dropped; new: delivered once.
+        assert!(!s.offer(&txn(113, 1600)));
+        assert!(s.offer(&txn(114, 1700)));
+        assert!(!s.offer(&txn(114, 1700)));
+        assert_eq!(s.watermark(), Some(1708));
+    }
+
+    #[test]
+    fn cut_at_barrier_leaves_later_transactions_for_later() {
+        let mut s = Subscription::pending("works".into(), Filter::default(), 1);
+        for t in [txn(105, 950), txn(113, 1600)] {
+            s.offer(&t);
+        }
+        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), true);
+        assert_eq!(missed.len(), 1);
+        assert_eq!(missed[0].xid, 105);
+        assert_eq!(watermark, 1500);
+    }
+
+    #[test]
+    fn restart_and_refetch_scope() {
+        let mut s = Subscription::pending("works".into(), Filter::default(), 1);
+        s.go_live_at(50);
+        assert!(!s.offer(&txn(1, 40)));
+        assert!(s.offer(&txn(2, 60)));
+        assert!(s.on_table(Some("works")) && s.on_table(None) && !s.on_table(Some("boards")));
+        s.restart(2);
+        assert!(s.awaits(2) && s.watermark().is_none());
+    }
+}
