@@ -91,3 +91,31 @@ async fn client_connections_are_capped_and_a_freed_slot_is_reused() {
         .unwrap();
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn an_open_websocket_keeps_its_connection_slot() {
+    let env = env_with(Limits {
+        max_http_connections: 2,
+        header_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    })
+    .await;
+    let token = env.token(uuid::Uuid::new_v4());
+    let _one = deeprecall_tests::stream::StreamClient::connect(&env.base, &token).await;
+    let _two = deeprecall_tests::stream::StreamClient::connect(&env.base, &token).await;
+    // Both slots are held by upgraded sockets: a plain request waits.
+    let url = format!("{}/healthz", env.base);
+    let request = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !request.is_finished(),
+        "a request was served while both slots were held by WebSockets"
+    );
+    drop(_two);
+    let status = tokio::time::timeout(Duration::from_secs(10), request)
+        .await
+        .expect("the waiting request was not served after a WebSocket closed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
+}

@@ -30,6 +30,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn stream(
     State(state): State<AppState>,
     user: AuthUser,
+    slot: Option<axum::Extension<crate::app::ConnectionSlot>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     // A socket closes when its token expires (unless refreshed); one that is already expired would close at
@@ -50,7 +51,11 @@ pub async fn stream(
     ws.read_buffer_size(512)
         .write_buffer_size(0)
         .max_message_size(1024 * 1024)
-        .on_upgrade(move |socket| async move { Connection::new(state, user).run(socket).await })
+        .on_upgrade(move |socket| async move {
+            // The upgraded socket keeps its connection slot (app::serve's cap) for as long as it lives.
+            let _slot = slot;
+            Connection::new(state, user).run(socket).await
+        })
 }
 
 struct Connection {
