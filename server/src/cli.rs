@@ -121,6 +121,26 @@ impl From<LimitArgs> for Limits {
     }
 }
 
+/// Op-ledger retention (docs/operations.md).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct LedgerArgs {
+    /// Days an op_id stays in the idempotency ledger of batches without `client_id` (a retry after that is applied
+    /// again); older entries are pruned in the background. 0 keeps them forever.
+    #[arg(
+        long,
+        env = "DEEPRECALL_OP_LEDGER_RETENTION_DAYS",
+        default_value_t = 30
+    )]
+    pub op_ledger_retention_days: u32,
+}
+
+impl LedgerArgs {
+    /// The retention as a duration.
+    pub fn retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.op_ledger_retention_days) * 86_400)
+    }
+}
+
 /// HTTP flags shared by `serve` and `dev`.
 #[derive(Debug, Clone, Args)]
 pub struct HttpArgs {
@@ -168,6 +188,9 @@ pub struct ServeArgs {
     /// Limits.
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Op-ledger retention.
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
     /// HTTP settings.
     #[command(flatten)]
     pub http: HttpArgs,
@@ -191,6 +214,9 @@ pub struct DevArgs {
     /// Limits.
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Op-ledger retention.
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
     /// HTTP settings.
     #[command(flatten)]
     pub http: HttpArgs,
@@ -257,6 +283,10 @@ pub struct ServerOptions {
     pub hub: HubConfig,
     /// Origins allowed to call the API from a browser.
     pub cors: CorsOrigins,
+    /// How long op_ids stay in the ledger (zero: forever).
+    pub op_ledger_retention: std::time::Duration,
+    /// How often the ledger is pruned.
+    pub op_ledger_prune_interval: std::time::Duration,
 }
 
 impl ServerOptions {
@@ -272,6 +302,8 @@ impl ServerOptions {
             slot: crate::live::DEFAULT_SLOT.to_owned(),
             hub: HubConfig::default(),
             cors: CorsOrigins::None,
+            op_ledger_retention: std::time::Duration::from_secs(30 * 86_400),
+            op_ledger_prune_interval: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -347,6 +379,12 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
     )?;
     let hub = Arc::new(Hub::new(options.hub));
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(db::ledger::prune_periodically(
+        pool.clone(),
+        options.op_ledger_retention,
+        options.op_ledger_prune_interval,
+        shutdown_rx.clone(),
+    ));
     let replicator = tokio::spawn(crate::live::replicator::run(
         ReplicatorConfig {
             stream,
@@ -446,6 +484,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut options = ServerOptions::new(args.database_url.clone(), auth);
     options.replication_url = args.replication_url.clone();
     options.limits = args.limits.into();
+    options.op_ledger_retention = args.ledger.retention();
     options.pool_size = args.pool_size;
     options.migrate = args.migrate;
     options.slot = args.slot.clone();
@@ -497,6 +536,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             .context("minting the dev token")?;
         let mut options = ServerOptions::new(database_url.clone(), auth);
         options.limits = args.limits.into();
+        options.op_ledger_retention = args.ledger.retention();
         options.cors = args.http.cors(CorsOrigins::Any)?;
         let server = start_server(options).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
