@@ -40,3 +40,6 @@ drop policy if exists retention_read on sync_applied_ops;
 create policy retention_read on sync_applied_ops as permissive for select to deeprecall_maintenance using (true);
 drop policy if exists retention_prune on sync_applied_ops;
 create policy retention_prune on sync_applied_ops as permissive for delete to deeprecall_maintenance using (true);
+
+-- The fast path of a sequence batch (sql/0003); runs as the caller, under the policies above.
+grant execute on function deeprecall_claim_seq(uuid, bigint, bigint) to deeprecall_user;

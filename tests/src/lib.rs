@@ -2,6 +2,7 @@
 //! free port, and a deeprecall-sync server on 127.0.0.1:0 in front of it. Dropping [`TestEnv`] stops the server
 //! and Postgres and removes the directory, also when the test panics (unwinding runs the drops).
 
+pub mod batch;
 pub mod stream;
 
 use std::net::SocketAddr;

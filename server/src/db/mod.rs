@@ -111,8 +111,28 @@ impl<'a> Scope<'a> {
         self
     }
 
+    /// The `BEGIN` that opens a transaction of this scope.
+    fn begin_sql(&self) -> String {
+        let mut sql = String::from("begin");
+        match self.isolation {
+            Some(IsolationLevel::Serializable) => sql.push_str(" isolation level serializable"),
+            Some(IsolationLevel::RepeatableRead) => {
+                sql.push_str(" isolation level repeatable read")
+            }
+            Some(IsolationLevel::ReadCommitted) => sql.push_str(" isolation level read committed"),
+            Some(IsolationLevel::ReadUncommitted) => {
+                sql.push_str(" isolation level read uncommitted")
+            }
+            _ => {}
+        }
+        if self.read_only {
+            sql.push_str(" read only");
+        }
+        sql
+    }
+
     /// The first statement: `select <first_reading…>, [pg_current_xact_id()::text,] set_config('role', $1, true),
-    /// set_config('app.user_id', $2, true)`.
+    /// set_config('app.user_id', $2, true)`, with its parameters ([`Scope::head_params`]).
     fn head_sql(&self) -> String {
         let mut sql = String::from("select ");
         for e in self.first_reading {
@@ -124,6 +144,16 @@ impl<'a> Scope<'a> {
         }
         sql.push_str("set_config('role', $1, true), set_config('app.user_id', $2, true)");
         sql
+    }
+}
+
+impl Scope<'_> {
+    /// The first statement's parameters: the role and the user (`''` for none).
+    fn head_params(&self) -> (&'static str, String) {
+        (
+            self.role,
+            self.user.map(|u| u.to_string()).unwrap_or_default(),
+        )
     }
 }
 
@@ -176,9 +206,9 @@ pub async fn begin_scoped<'c>(
         builder = builder.isolation_level(level);
     }
     let tx = builder.start().await?;
-    let user = scope.user.map(|u| u.to_string()).unwrap_or_default();
+    let (role, user) = scope.head_params();
     let (head, rest) = {
-        let head_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&scope.role, &user];
+        let head_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&role, &user];
         // join! polls the head first, so it is sent first; join_all sends the rest in order behind it.
         futures::join!(
             tx.query_one(&head, &head_params),
@@ -199,6 +229,78 @@ pub async fn begin_scoped<'c>(
         head,
         txid,
         pipelined,
+    })
+}
+
+/// What [`run_scoped`] returns: every statement's outcome. The transaction committed iff `committed`.
+pub struct OneTrip {
+    /// The first statement's row (see [`Session::head`]), or why the transaction failed at its start.
+    pub head: Result<tokio_postgres::Row, tokio_postgres::Error>,
+    /// `pg_current_xact_id()` with [`Scope::with_txid`], once the head succeeded.
+    pub txid: Option<String>,
+    /// Each statement's rows or error, in the order given. After the first error the rest fail with 25P02.
+    pub results: Vec<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+    /// Whether the transaction committed: every statement succeeded and so did `COMMIT`.
+    pub committed: bool,
+}
+
+impl std::fmt::Debug for OneTrip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OneTrip")
+            .field("txid", &self.txid)
+            .field("committed", &self.committed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A whole transaction of `scope` in **one** round trip: `BEGIN`, the scope's first statement (the same one
+/// [`begin_scoped`] runs), `statements` in order, and `COMMIT` are all sent before any answer is awaited. If any
+/// statement fails, Postgres aborts the transaction, the later ones fail with 25P02, and the `COMMIT` rolls it back:
+/// all or nothing, decided by Postgres without waiting for the server.
+///
+/// For callers that know everything they will run up front (the write path's common case). Prepare the
+/// statements on `client` first (`prepare_cached`). Every message is queued on the connection within the first poll,
+/// so even if this future is dropped (the HTTP client went away) the connection ends outside a transaction.
+/// `Err` only when the connection itself failed.
+pub async fn run_scoped(
+    client: &mut deadpool_postgres::Object,
+    scope: &Scope<'_>,
+    statements: &[Pipelined<'_>],
+) -> Result<OneTrip, tokio_postgres::Error> {
+    let head = client.prepare_cached(&scope.head_sql()).await?;
+    let (role, user) = scope.head_params();
+    let head_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&role, &user];
+    let client: &tokio_postgres::Client = client;
+    let begin = scope.begin_sql();
+    // join! polls each future once, in order, on its first poll: all messages are queued before anything is awaited.
+    let (begun, head, results, commit) = futures::join!(
+        client.batch_execute(&begin),
+        client.query_one(&head, &head_params),
+        futures::future::join_all(
+            statements
+                .iter()
+                .map(|(stmt, params)| client.query(*stmt, params))
+        ),
+        client.batch_execute("commit")
+    );
+    begun?;
+    // A failed transaction's COMMIT succeeds (as a rollback); a failing COMMIT is a failed commit (or a lost
+    // connection, reported as such by the caller's error mapping).
+    let committed = head.is_ok() && results.iter().all(Result::is_ok);
+    if let Err(e) = commit
+        && (committed || e.is_closed())
+    {
+        return Err(e);
+    }
+    let txid = match (&head, scope.txid) {
+        (Ok(row), true) => Some(row.get::<_, String>(scope.first_reading.len())),
+        _ => None,
+    };
+    Ok(OneTrip {
+        head,
+        txid,
+        results,
+        committed,
     })
 }
 

@@ -1,21 +1,33 @@
 //! The executor: runs a [`Plan`] in one transaction as the user. It only talks to Postgres; what to run comes
 //! from the planner.
 //!
+//! Fast path, the common case (nothing of the batch was seen before), **one round trip** (`db::run_scoped`):
+//!
+//! ```text
+//! BEGIN; set role + app.user_id + txid;
+//!   claim: deeprecall_claim_seq(client, first, last)   -- lock the client's row, check last_seq = first - 1,
+//!                                                          advance it (client_id batches)
+//!       or insert into sync_applied_ops (op_ids)       -- plain insert: a known op_id is a unique violation
+//!   one statement per run of same-shape ops
+//! COMMIT                                                -- a rollback if anything failed
+//! ```
+//!
+//! If the claim fails (a retry, an overlap, a gap, a concurrent copy of the batch), the careful path runs instead:
+//!
 //! ```text
 //! BEGIN
 //!   set role + app.user_id + txid (db::begin_scoped)  ┐ one round trip
-//!   idempotency: lock the client's row (client_id)     │
-//!            or  insert the op_ids into the ledger     ┘
+//!   lock the client's row and read last_seq (client_id)│
+//!     or insert the op_ids, on conflict do nothing     ┘ → which ops are new
 //!   [409 seq_gap if the batch starts after last_seq + 1]
 //!   one statement per run of new same-shape ops         ┐ one round trip
 //!   advance the client's last_seq (client_id)           ┘
 //! COMMIT
 //! ```
 //!
-//! If a statement fails we cannot tell which row of its run was to blame: the transaction is rolled back and the
-//! batch run again op by op (still pipelined, the same prepared statements with one-element arrays) purely to
-//! report the first failing op's index; should that run succeed (a conflicting row vanished in between), it is the
-//! batch's result.
+//! If a data statement fails we cannot tell which row of its run was to blame: the batch runs again op by op
+//! (careful path, still pipelined, the same prepared statements with one-element arrays) purely to report the first
+//! failing op's index; should that run succeed (a conflicting row vanished in between), it is the batch's result.
 
 use std::collections::HashSet;
 
@@ -27,7 +39,7 @@ use uuid::Uuid;
 
 use super::plan::{self, Plan, PlannedOp, Statement};
 use super::request::OpKind;
-use crate::db::{Scope, begin_scoped};
+use crate::db::{Scope, begin_scoped, run_scoped};
 use crate::error::{ApiError, from_db};
 
 /// Status of one op in the response.
@@ -100,6 +112,107 @@ const CREATE_CLIENT_SQL: &str = "insert into sync_clients (client_id, last_seq) 
 const ADVANCE_CLIENT_SQL: &str =
     "update sync_clients set last_seq = $2, updated_at = now() where client_id = $1";
 
+const CLAIM_SQL: &str = "select deeprecall_claim_seq($1, $2, $3)";
+/// The fast path's ledger insert: no `on conflict`, so an op_id applied before aborts the fast path.
+const LEDGER_FAST_SQL: &str = "insert into sync_applied_ops (op_id) select unnest($1::uuid[])";
+/// SQLSTATE raised by `deeprecall_claim_seq` when the batch does not continue the client's sequence.
+const SEQ_MISMATCH: &str = "DRSEQ";
+
+/// How the fast path ended.
+enum Fast {
+    /// Committed.
+    Done(BatchResponse),
+    /// Part of the batch was seen before (or a gap): take the careful path.
+    Seen,
+    /// A data statement failed: find the failing op.
+    Failed,
+}
+
+/// The fast path: the whole batch, assumed new, in one round trip.
+async fn fast(
+    client: &mut deadpool_postgres::Object,
+    user: Uuid,
+    plan: &Plan,
+) -> Result<Fast, ApiError> {
+    let db = |e: tokio_postgres::Error| from_db(&e);
+    let (Some(first), Some(last)) = (
+        plan.ops.first().map(|o| o.seq),
+        plan.ops.last().map(|o| o.seq),
+    ) else {
+        return Ok(Fast::Seen);
+    };
+    let statements = plan::statements(&plan.ops, |_| true);
+    let (claim, prepared) = futures::join!(
+        client.prepare_cached(match plan.client_id {
+            Some(_) => CLAIM_SQL,
+            None => LEDGER_FAST_SQL,
+        }),
+        join_all(statements.iter().map(|s| client.prepare_cached(&s.sql)))
+    );
+    let claim = claim.map_err(db)?;
+    let prepared = prepared
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let mut op_ids: Vec<Uuid> = plan.ops.iter().map(|p| p.op_id).collect();
+    // Sorted: concurrent batches with the same op_ids take the ledger's index locks in the same order.
+    op_ids.sort_unstable();
+    let (first, last) = (first.unwrap_or(0), last.unwrap_or(0));
+    let claim_params: Vec<&(dyn ToSql + Sync)> = match plan.client_id {
+        Some(ref client_id) => vec![client_id, &first, &last],
+        None => vec![&op_ids],
+    };
+    let binds: Vec<Vec<&(dyn ToSql + Sync)>> = statements.iter().map(Statement::bind).collect();
+    let mut pipelined: Vec<crate::db::Pipelined<'_>> = vec![(&claim, &claim_params)];
+    pipelined.extend(prepared.iter().zip(&binds).map(|(p, b)| (p, b.as_slice())));
+    let trip = run_scoped(client, &Scope::user(user).with_txid(), &pipelined)
+        .await
+        .map_err(db)?;
+    if let Err(e) = &trip.head {
+        return Err(from_db(e));
+    }
+    let mut results = trip.results.into_iter();
+    match results.next() {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => {
+            let seen = e.code().is_some_and(|c| {
+                c.code() == SEQ_MISMATCH || *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            });
+            return if seen {
+                Ok(Fast::Seen)
+            } else {
+                Err(from_db(&e))
+            };
+        }
+        None => {
+            return Err(ApiError::internal(&std::io::Error::other(
+                "claim result missing",
+            )));
+        }
+    }
+    let mut statuses = vec![OpStatus::Applied; plan.ops.len()];
+    for (statement, outcome) in statements.iter().zip(results) {
+        match outcome {
+            Ok(rows) => record(&mut statuses, plan, statement, &rows),
+            Err(e) if e.as_db_error().is_some() => return Ok(Fast::Failed),
+            Err(e) => return Err(from_db(&e)),
+        }
+    }
+    if !trip.committed {
+        return Ok(Fast::Failed);
+    }
+    let seen = match plan.client_id {
+        Some(_) => Seen::LastSeq(first - 1),
+        None => Seen::New(HashSet::new()),
+    };
+    Ok(Fast::Done(response(
+        trip.txid.unwrap_or_default(),
+        plan,
+        &seen,
+        statuses,
+    )))
+}
+
 /// Runs `plan` for `user` on a pooled connection.
 pub(crate) async fn run(
     pool: &deadpool_postgres::Pool,
@@ -107,7 +220,12 @@ pub(crate) async fn run(
     plan: &Plan,
 ) -> Result<BatchResponse, ApiError> {
     let mut client = pool.get().await?;
-    {
+    let careful = match fast(&mut client, user, plan).await? {
+        Fast::Done(response) => return Ok(response),
+        Fast::Seen => true,
+        Fast::Failed => false,
+    };
+    if careful {
         let begun = begin(&mut client, user, plan).await?;
         match run_sets(&begun, plan).await {
             Ok(statuses) => {
@@ -233,11 +351,20 @@ async fn send_all(
     statements: &[Statement<'_>],
 ) -> Result<Vec<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>, tokio_postgres::Error> {
     let tx = &begun.tx;
-    let prepared = join_all(statements.iter().map(|s| tx.prepare_cached(&s.sql)))
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
     let advance = advance(plan, &begun.seen);
+    // Prepared (or found in the connection's cache) before anything runs, so that the data statements and the
+    // advance go out back to back.
+    let (prepared, advance_stmt) = futures::join!(
+        join_all(statements.iter().map(|s| tx.prepare_cached(&s.sql))),
+        async {
+            match advance {
+                Some(_) => tx.prepare_cached(ADVANCE_CLIENT_SQL).await.map(Some),
+                None => Ok(None),
+            }
+        }
+    );
+    let prepared = prepared.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let advance_stmt = advance_stmt?;
     let (outcomes, advanced) = futures::join!(
         join_all(
             statements
@@ -249,12 +376,11 @@ async fn send_all(
                 })
         ),
         async {
-            match &advance {
-                Some((client_id, top)) => tx
-                    .execute(ADVANCE_CLIENT_SQL, &[client_id, top])
-                    .await
-                    .map(|_| ()),
-                None => Ok(()),
+            match (&advance, &advance_stmt) {
+                (Some((client_id, top)), Some(stmt)) => {
+                    tx.execute(stmt, &[client_id, top]).await.map(|_| ())
+                }
+                _ => Ok(()),
             }
         }
     );
