@@ -20,34 +20,32 @@ create table sync_clients (
 -- through this index. Rows are appended in applied_at order, so inserts touch only the rightmost leaf page.
 create index sync_applied_ops_applied_at_idx on sync_applied_ops (applied_at);
 
--- The common case of a sequence batch, in one statement: lock the client's row, check that the batch starts right
--- after its last applied seq, and advance it to the batch's last seq. Raises (and so aborts the batch's
--- transaction) when that does not hold: a retry (overlap), a gap, or a client's first batch not starting at 1. The
--- server then runs the batch again the careful way, which answers duplicates and gaps (server/src/http/batch/
--- execute.rs). Runs as the caller: row-level security narrows every statement to the caller's own rows.
+-- The common case of a sequence batch, in one statement: advance the client's last_seq from first - 1 to the
+-- batch's last seq. The UPDATE takes the row lock itself (a concurrent batch of the same client waits for it, then
+-- re-checks the condition against the committed value), so no separate SELECT ... FOR UPDATE (and its WAL record)
+-- is needed. Raises, and so aborts the batch's transaction, when the batch does not continue the sequence: a retry
+-- (overlap), a gap, or a client's first batch not starting at 1. The server then runs the batch again the careful
+-- way, which answers duplicates and gaps (server/src/http/batch/execute.rs). Runs as the caller: row-level security
+-- narrows every statement to the caller's own rows.
 create function deeprecall_claim_seq(p_client uuid, p_first bigint, p_last bigint) returns bigint
 language plpgsql
 as $$
-declare
-  v_last bigint;
 begin
-  select last_seq into v_last from sync_clients where client_id = p_client for update;
-  if not found then
-    if p_first = 1 then
-      insert into sync_clients (client_id, last_seq) values (p_client, p_last)
-        on conflict (owner_id, client_id) do nothing;
-      if found then
-        return 0;
-      end if;
+  update sync_clients set last_seq = p_last, updated_at = now()
+   where client_id = p_client and last_seq = p_first - 1;
+  if found then
+    return p_first - 1;
+  end if;
+  if p_first = 1 then
+    -- The client's first batch. A concurrent first batch waits here for the other's commit, then does nothing.
+    insert into sync_clients (client_id, last_seq) values (p_client, p_last)
+      on conflict (owner_id, client_id) do nothing;
+    if found then
+      return 0;
     end if;
-    raise exception 'deeprecall: sequence of client % does not continue here', p_client
-      using errcode = 'DRSEQ';
   end if;
-  if v_last <> p_first - 1 then
-    raise exception 'deeprecall: sequence of client % is at %, the batch starts at %', p_client, v_last, p_first
-      using errcode = 'DRSEQ';
-  end if;
-  update sync_clients set last_seq = p_last, updated_at = now() where client_id = p_client;
-  return v_last;
+  raise exception 'deeprecall: this batch (seq % to %) does not continue the sequence of client %',
+    p_first, p_last, p_client
+    using errcode = 'DRSEQ';
 end
 $$;

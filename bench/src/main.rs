@@ -330,6 +330,9 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
     for f in &report.failures {
         println!("FAILED: {f}");
     }
+    if !report.writes.is_empty() {
+        println!("\n{}", write_detail(&report));
+    }
     println!("total time: {:.0} s", elapsed.as_secs_f64());
     if !args.no_write && args.only.is_empty() && args.server_bin.is_none() {
         let file = if args.quick {
@@ -452,7 +455,7 @@ fn write_rows(batch: usize, r: &write::WriteResult, recorded: Option<usize>) -> 
     if let Some(sql) = r.server_sql {
         rows.push(
             Row::new(
-                format!("↳ reference 3, batch {batch}: pgbench running the server's SQL (client row lock + unnest insert + seq advance)"),
+                format!("↳ reference 3, batch {batch}: pgbench running the server's SQL (claim the client's seqs + unnest insert)"),
                 ours,
                 format!(
                     "{} (pgbench, server's SQL, avg {:.1} ms; {:.2}× plain pgbench)",
@@ -952,9 +955,13 @@ fn write_detail(report: &Report) -> String {
         "## Write path in detail\n\n\
          Average pgbench transaction latency (4 clients, 2 cores) and rows/s per reference; the API uses sequence \
          idempotency (`client_id` + `seq`). \"server's SQL\" is reference 3: pgbench running exactly the statements the \
-         server sends (lock the client's row, one `insert … select … from unnest(…)`, advance the seq), so \
+         server sends (`deeprecall_claim_seq`, which locks the client's row, checks and advances its seq, then one \
+         `insert … select … from unnest(…)`), each in its own round trip where the server pipelines them, so \
          server's SQL ÷ plain is what the design costs inside Postgres and server ÷ server's SQL what the server \
-         process (HTTP, parsing, typed encoding, the response) costs on top.\n\n",
+         process (HTTP, parsing, typed encoding, the response) costs on top. Server CPU per row is the server \
+         process's user + system time (`/proc/<pid>/stat`) from the start of a side until the server has routed its \
+         last row, divided by the rows: on the pgbench side it is the live stream's decoding and routing alone, on \
+         the API side that plus answering the requests.\n\n",
     );
     for (title, writes) in [
         ("First sweep", &report.writes),
@@ -966,8 +973,8 @@ fn write_detail(report: &Report) -> String {
         let _ = writeln!(
             s,
             "{title}:\n\n\
-             | batch | plain pgbench | + per-op ledger | server's SQL | server's SQL ÷ plain | server ÷ server's SQL | server ÷ plain | API without client_id ÷ plain |\n\
-             |---|---|---|---|---|---|---|---|"
+             | batch | plain pgbench | + per-op ledger | server's SQL | server's SQL ÷ plain | server ÷ server's SQL | server ÷ plain | API without client_id ÷ plain | server CPU per row: API side / pgbench side |\n\
+             |---|---|---|---|---|---|---|---|---|"
         );
         for (batch, r) in writes {
             let (sql, ceiling, process) = match r.server_sql {
@@ -983,12 +990,14 @@ fn write_detail(report: &Report) -> String {
                 .map_or_else(|| "—".into(), |l| format!("{:.2}×", l.rows_s / r.pg_rows_s));
             let _ = writeln!(
                 s,
-                "| {batch} | {:.1} ms, {} rows/s | {:.1} ms, {} rows/s | {sql} | {ceiling} | {process} | {:.2}× | {ledger_api} |",
+                "| {batch} | {:.1} ms, {} rows/s | {:.1} ms, {} rows/s | {sql} | {ceiling} | {process} | {:.2}× | {ledger_api} | {:.1} / {:.1} µs |",
                 r.pg_latency_ms,
                 fmt_rate(r.pg_rows_s),
                 r.ledger.latency_ms,
                 fmt_rate(r.ledger.rows_s),
                 r.api_rows_s / r.pg_rows_s,
+                r.api_server_us_per_row,
+                r.pg_server_us_per_row,
             );
         }
         s.push('\n');
@@ -1066,10 +1075,13 @@ ephemeral ports do not run out. Every wait is bounded; on any error the server i
   ledger statement that batches *without* `client_id` run, `insert into sync_applied_ops (op_id) select u from
   (select gen_random_uuid() as u from generate_series(1, N)) as ids order by u on conflict do nothing returning
   op_id` (sorted, as the server sorts its op_ids); **reference 3** (\"server's SQL\") runs exactly the statements
-  the server sends on the sequence path: `select last_seq from sync_clients where client_id = … for update`, the
-  server's set statement `insert into annotations (id, kind, body, page, geometry) select u.id, … from
-  unnest(<uuid[]>, <text[]>, <text[]>, <int4[]>, <jsonb[]>) as u(…)` (the arrays built in SQL with `array_agg` /
-  `array_fill`, where the server binds them as binary parameters) and `update sync_clients set last_seq = …`. The
+  the server sends on the sequence path: `select deeprecall_claim_seq(c.client_id, c.last_seq + 1, c.last_seq +
+  N) from sync_clients c where c.client_id = …` (the function locks the client's row, checks the seq and advances
+  it; the server passes the batch's first and last seq) and the server's set statement `insert into annotations (id,
+  kind, body, page, geometry) select u.id, … from unnest(<uuid[]>, <text[]>, <text[]>, <int4[]>, <jsonb[]>) as
+  u(…)` (the arrays built in SQL with `array_agg` / `array_fill`, where the server binds them as binary
+  parameters). pgbench sends each statement in its own round trip; the server pipelines `BEGIN`, the role switch,
+  the claim, the insert and `COMMIT` into one. The
   ratio against reference 3 is the server process's own cost; reference 3 ÷ plain pgbench is the ceiling of the
   design. At batch 100 the API is also measured without `client_id` (the per-op ledger path). Then
   {recorded} ops are recorded (ledger rows spread over 1000 owners, applied over the last day, plus a

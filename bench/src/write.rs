@@ -29,14 +29,18 @@ pub(crate) struct WriteResult {
     pub(crate) api_p50_ms: f64,
     /// Request latency p99, ms.
     pub(crate) api_p99_ms: f64,
+    /// Server CPU per row on the API side, µs.
+    pub(crate) api_server_us_per_row: f64,
+    /// Server CPU per row while plain pgbench wrote (decoding and routing only), µs.
+    pub(crate) pg_server_us_per_row: f64,
     /// Rows/s through pgbench (tps × batch).
     pub(crate) pg_rows_s: f64,
     /// pgbench's average transaction latency, ms.
     pub(crate) pg_latency_ms: f64,
     /// Reference 2: pgbench plus the per-op ledger insert of batches without `client_id`.
     pub(crate) ledger: PgbenchResult,
-    /// Reference 3: pgbench asking Postgres for exactly the server's work on the sequence path: lock the client's
-    /// row, one `insert … select … from unnest(arrays)`, advance the client's seq. `None` against a server whose
+    /// Reference 3: pgbench asking Postgres for exactly the server's work on the sequence path: claim the client's
+    /// next seqs (`deeprecall_claim_seq`: lock, check, advance), one `insert … select … from unnest(arrays)`. `None` against a server whose
     /// schema has no `sync_clients` (a build from before sequence idempotency).
     pub(crate) server_sql: Option<PgbenchResult>,
     /// The API without `client_id` (per-op ledger), when measured for this batch size.
@@ -52,6 +56,9 @@ pub(crate) struct ApiResult {
     pub(crate) p50_ms: f64,
     /// Request latency p99, ms.
     pub(crate) p99_ms: f64,
+    /// Server CPU time (user + system) per row written, µs: answering the requests plus decoding and routing the
+    /// rows from the replication stream.
+    pub(crate) server_us_per_row: f64,
 }
 
 /// One pgbench reference's figures.
@@ -61,6 +68,8 @@ pub(crate) struct PgbenchResult {
     pub(crate) rows_s: f64,
     /// Average transaction latency, ms.
     pub(crate) latency_ms: f64,
+    /// Server CPU time per row, µs (it decodes and routes pgbench's rows from the replication stream too).
+    pub(crate) server_us_per_row: f64,
 }
 
 /// The ledger statement the server runs (`server/src/http/batch.rs`), with op_ids generated in Postgres instead
@@ -173,6 +182,7 @@ pub(crate) async fn api(
     }
     start.wait().await;
     let began = Instant::now();
+    let cpu_before = env.server_cpu_secs()?;
     let mut latencies = Vec::new();
     let mut ended = began;
     for t in tasks {
@@ -183,11 +193,16 @@ pub(crate) async fn api(
         ended = ended.max(end);
     }
     let secs = (ended - began).as_secs_f64();
+    let rows = (per_client * batch * CLIENTS) as f64;
+    // The server finishes routing its rows after the last answer: count that too.
+    settle(env).await?;
+    let cpu = env.server_cpu_secs()? - cpu_before;
     let (p50, _, p99) = stats::summary(&mut latencies);
     Ok(ApiResult {
-        rows_s: (per_client * batch * CLIENTS) as f64 / secs,
+        rows_s: rows / secs,
         p50_ms: p50,
         p99_ms: p99,
+        server_us_per_row: cpu * 1e6 / rows,
     })
 }
 
@@ -255,7 +270,10 @@ pub(crate) async fn run(
     // arrays built in SQL instead of bound as binary parameters.
     let sql = env.sql().await?;
     let has_clients: bool = sql
-        .query_one("select to_regclass('sync_clients') is not null", &[])
+        .query_one(
+            "select to_regprocedure('deeprecall_claim_seq(uuid, bigint, bigint)') is not null",
+            &[],
+        )
         .await?
         .get(0);
     let server_sql = if has_clients {
@@ -269,13 +287,15 @@ pub(crate) async fn run(
             .await?;
         }
         let client = pick(&clients, "::uuid[]");
+        // deeprecall_claim_seq locks the client's row, checks and advances its seq (sql/0003); the server calls it
+        // with the batch's first and last seq, pgbench reads the current one in the same statement.
         let script = format!(
-            "{head}select last_seq from sync_clients where client_id = {client} for update;\n\
+            "{head}select deeprecall_claim_seq(c.client_id, c.last_seq + 1, c.last_seq + {batch}) \
+             from sync_clients c where c.client_id = {client};\n\
              insert into annotations (id, kind, body, page, geometry) select u.id, u.kind, u.body, u.page, u.geometry \
              from unnest((select array_agg(gen_random_uuid()) from generate_series(1, {batch})), \
              array_fill('note'::text, array[{batch}]), array_fill('{BODY}'::text, array[{batch}]), \
              array_fill(1, array[{batch}]), array_fill('{{\"x\":1}}'::jsonb, array[{batch}])) as u(id, kind, body, page, geometry);\n\
-             update sync_clients set last_seq = last_seq + {batch}, updated_at = now() where client_id = {client};\n\
              commit;\n",
             head = head(&owners)
         );
@@ -297,6 +317,8 @@ pub(crate) async fn run(
         api_rows_s: api_seq.rows_s,
         api_p50_ms: api_seq.p50_ms,
         api_p99_ms: api_seq.p99_ms,
+        api_server_us_per_row: api_seq.server_us_per_row,
+        pg_server_us_per_row: plain.server_us_per_row,
         pg_rows_s: plain.rows_s,
         pg_latency_ms: plain.latency_ms,
         ledger,
@@ -342,6 +364,7 @@ async fn pgbench(
     per_client: usize,
 ) -> anyhow::Result<PgbenchResult> {
     settle(env).await?;
+    let cpu_before = env.server_cpu_secs()?;
     let script_path = env.scratch.join(format!("{name}.sql"));
     std::fs::write(&script_path, script)?;
     let output = tokio::time::timeout(
@@ -368,9 +391,12 @@ async fn pgbench(
         );
     }
     let tps = parse_after(&stdout, "tps = ").context("no `tps = ` in pgbench's output")?;
+    settle(env).await?;
+    let cpu = env.server_cpu_secs()? - cpu_before;
     Ok(PgbenchResult {
         rows_s: tps * batch as f64,
         latency_ms: parse_after(&stdout, "latency average = ").unwrap_or(0.0),
+        server_us_per_row: cpu * 1e6 / (per_client * 4 * batch) as f64,
     })
 }
 

@@ -23,12 +23,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use serde_json::value::RawValue;
-use tokio_postgres::types::{Json as PgJson, ToSql};
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::request::{BatchRequest, OpKind, OpRequest};
-use super::value::{self, Cell, ColumnType, Timestamp};
+use super::value::{self, Cell, ColumnType, JsonText, Timestamp};
 use crate::db::catalog::{Catalog, SERVER_COLUMNS, Table, quote_ident};
 use crate::error::ApiError;
 
@@ -238,7 +237,7 @@ pub(crate) enum Param<'p> {
     /// `float8[]`.
     F64(Vec<Option<f64>>),
     /// `json[]` / `jsonb[]`: each value's JSON text as sent.
-    Json(Vec<Option<PgJson<&'p RawValue>>>),
+    Json(Vec<Option<JsonText<'p>>>),
     /// `timestamptz[]`.
     Timestamp(Vec<Option<Timestamp>>),
 }
@@ -290,7 +289,7 @@ fn param<'p>(ty: &ColumnType, cells: impl Iterator<Item = &'p Cell>) -> Param<'p
         ColumnType::Int8 => collect!(I64, Cell::I64(v) => *v),
         ColumnType::Float4 => collect!(F32, Cell::F32(v) => *v),
         ColumnType::Float8 => collect!(F64, Cell::F64(v) => *v),
-        ColumnType::Json | ColumnType::Jsonb => collect!(Json, Cell::Json(j) => PgJson(&**j)),
+        ColumnType::Json | ColumnType::Jsonb => collect!(Json, Cell::Json(j) => JsonText(j)),
         ColumnType::Timestamptz => collect!(Timestamp, Cell::Timestamp(t) => *t),
     }
 }

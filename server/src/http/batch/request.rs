@@ -66,12 +66,13 @@ pub(crate) struct OpRequest<'a> {
     pub(crate) row: Vec<(Cow<'a, str>, &'a RawValue)>,
 }
 
-/// Parses `body`: the envelope with at most `max_ops` ops (stopping at op `max_ops + 1`), then each op.
+/// Parses `body` in one pass: the envelope with at most `max_ops` ops (stopping at op `max_ops + 1`), each op's
+/// fields and row entries as slices of the body; then checks each op's fields.
 pub(crate) fn parse(body: &[u8], max_ops: usize) -> Result<BatchRequest<'_>, ApiError> {
     let envelope = parse_envelope(body, max_ops)?;
     let mut ops = Vec::with_capacity(envelope.ops.len());
-    for (index, raw) in envelope.ops.iter().enumerate() {
-        ops.push(parse_op(raw).map_err(|e| e.at_op(index))?);
+    for (index, slot) in envelope.ops.into_iter().enumerate() {
+        ops.push(check_op(slot).map_err(|e| e.at_op(index))?);
     }
     Ok(BatchRequest {
         client_id: envelope.client_id,
@@ -79,11 +80,10 @@ pub(crate) fn parse(body: &[u8], max_ops: usize) -> Result<BatchRequest<'_>, Api
     })
 }
 
-/// The envelope: `ops` as raw slices, `client_id` and `device_id` checked.
-#[derive(Debug)]
+/// The envelope: `ops` read into their fields, `client_id` and `device_id` checked.
 struct Envelope<'a> {
     client_id: Option<Uuid>,
-    ops: Vec<&'a RawValue>,
+    ops: Vec<OpSlot<'a>>,
 }
 
 /// What went wrong inside the streaming parse, beyond what serde's error says.
@@ -166,7 +166,7 @@ impl<'de> Visitor<'de> for EnvelopeSeed<'_> {
         while let Some(key) = map.next_key::<Key<'de>>()? {
             match key.0.as_ref() {
                 "ops" => {
-                    let seed = Bounded::<&'de RawValue>::new(
+                    let seed = Bounded::<OpSlot<'de>>::new(
                         self.max_ops,
                         &self.findings.too_many,
                         "an array of operations",
@@ -242,51 +242,121 @@ fn str_of(raw: &RawValue) -> Option<Cow<'_, str>> {
     serde_json::from_str::<Key<'_>>(raw.get()).ok().map(|k| k.0)
 }
 
-/// The fields of one op, each still raw so that every mistake gets its own code.
-#[derive(Deserialize)]
-struct OpFields<'a> {
-    #[serde(borrow, default)]
-    op_id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    seq: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    table: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    kind: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    row: Option<&'a RawValue>,
+/// One element of `ops` as read: its fields, each still raw so that every mistake gets its own code later; or
+/// something that is not an object. Read in the envelope's single pass (no second parse of the op), and never an
+/// error there, so that "not JSON" anywhere in the body still wins over a mistake in an op.
+enum OpSlot<'a> {
+    Fields(OpFields<'a>),
+    NotObject,
 }
 
-/// The row's entries in request order (a repeated key is kept twice here; the planner lets the last one win, as
-/// `JSON.parse` does).
-struct RowEntries<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+#[derive(Default)]
+struct OpFields<'a> {
+    op_id: Option<&'a RawValue>,
+    seq: Option<&'a RawValue>,
+    table: Option<&'a RawValue>,
+    kind: Option<&'a RawValue>,
+    row: Option<RowSlot<'a>>,
+}
 
-impl<'de> Deserialize<'de> for RowEntries<'de> {
+/// `row` as read: its entries in request order (a repeated key is kept twice here; the planner lets the last one
+/// win, as `JSON.parse` does), or something that is not an object.
+enum RowSlot<'a> {
+    Entries(Vec<(Cow<'a, str>, &'a RawValue)>),
+    NotObject,
+}
+
+/// Consumes any JSON value that is not the object a slot wants, and says so.
+macro_rules! not_object {
+    ($ty:ident) => {
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($ty::NotObject)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($ty::NotObject)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($ty::NotObject)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($ty::NotObject)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($ty::NotObject)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok($ty::NotObject)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok($ty::NotObject)
+        }
+    };
+}
+
+impl<'de> Deserialize<'de> for OpSlot<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct OpVisitor;
+        impl<'de> Visitor<'de> for OpVisitor {
+            type Value = OpSlot<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an operation")
+            }
+            not_object!(OpSlot);
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OpSlot<'de>, A::Error> {
+                let mut op = OpFields::default();
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    // A key given twice keeps its last value.
+                    match key.0.as_ref() {
+                        "op_id" => op.op_id = map.next_value()?,
+                        "seq" => op.seq = map.next_value()?,
+                        "table" => op.table = map.next_value()?,
+                        "kind" => op.kind = map.next_value()?,
+                        "row" => op.row = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(OpSlot::Fields(op))
+            }
+        }
+        d.deserialize_any(OpVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for RowSlot<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct RowVisitor;
         impl<'de> Visitor<'de> for RowVisitor {
-            type Value = RowEntries<'de>;
+            type Value = RowSlot<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
+                f.write_str("a row")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RowEntries<'de>, A::Error> {
-                let mut out: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::new();
+            not_object!(RowSlot);
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RowSlot<'de>, A::Error> {
+                let mut out: Vec<(Cow<'de, str>, &'de RawValue)> =
+                    Vec::with_capacity(map.size_hint().unwrap_or(8).min(64));
                 while let Some((key, value)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
                     out.push((key.0, value));
                 }
-                Ok(RowEntries(out))
+                Ok(RowSlot::Entries(out))
             }
         }
-        d.deserialize_map(RowVisitor)
+        d.deserialize_any(RowVisitor)
     }
 }
 
-fn parse_op(raw: &RawValue) -> Result<OpRequest<'_>, ApiError> {
-    let invalid_op = || ApiError::bad_request("invalid_op", "each op must be a JSON object");
-    if !raw.get().starts_with('{') {
-        return Err(invalid_op());
-    }
-    let fields: OpFields<'_> = serde_json::from_str(raw.get()).map_err(|_| invalid_op())?;
+fn check_op(slot: OpSlot<'_>) -> Result<OpRequest<'_>, ApiError> {
+    let OpSlot::Fields(fields) = slot else {
+        return Err(ApiError::bad_request(
+            "invalid_op",
+            "each op must be a JSON object",
+        ));
+    };
     let op_id = match fields.op_id {
         None => {
             return Err(ApiError::unprocessable(
@@ -324,17 +394,18 @@ fn parse_op(raw: &RawValue) -> Result<OpRequest<'_>, ApiError> {
             format!("`kind` must be insert, upsert, update or delete (got {kind_name:?})"),
         )
     })?;
-    let row = fields
-        .row
-        .filter(|r| r.get().starts_with('{'))
-        .and_then(|r| serde_json::from_str::<RowEntries<'_>>(r.get()).ok())
-        .ok_or_else(|| ApiError::unprocessable("invalid_row", "`row` must be a JSON object"))?;
+    let Some(RowSlot::Entries(row)) = fields.row else {
+        return Err(ApiError::unprocessable(
+            "invalid_row",
+            "`row` must be a JSON object",
+        ));
+    };
     Ok(OpRequest {
         op_id,
         seq,
         table,
         kind,
-        row: row.0,
+        row,
     })
 }
 

@@ -196,7 +196,7 @@ impl ColumnType {
 }
 
 /// A decoded value, owned (it outlives the request body when parsing runs on a blocking thread).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Cell {
     /// SQL NULL.
     Null,
@@ -216,29 +216,10 @@ pub(crate) enum Cell {
     F32(f32),
     /// `double precision`.
     F64(f64),
-    /// `json` / `jsonb`: the value's JSON text as sent.
-    Json(Box<RawValue>),
+    /// `json` / `jsonb`: the value's JSON text as sent (valid JSON: the request parser checked it).
+    Json(String),
     /// `timestamp with time zone`.
     Timestamp(Timestamp),
-}
-
-impl PartialEq for Cell {
-    fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (Self::Null, Self::Null) => true,
-            (Self::Uuid(a), Self::Uuid(b)) => a == b,
-            (Self::Text(a), Self::Text(b)) => a == b,
-            (Self::Bool(a), Self::Bool(b)) => a == b,
-            (Self::I16(a), Self::I16(b)) => a == b,
-            (Self::I32(a), Self::I32(b)) => a == b,
-            (Self::I64(a), Self::I64(b)) => a == b,
-            (Self::F32(a), Self::F32(b)) => a == b,
-            (Self::F64(a), Self::F64(b)) => a == b,
-            (Self::Json(a), Self::Json(b)) => a.get() == b.get(),
-            (Self::Timestamp(a), Self::Timestamp(b)) => a == b,
-            _ => false,
-        }
-    }
 }
 
 /// Why a value does not fit its column.
@@ -271,12 +252,19 @@ fn kind(raw: &str) -> &'static str {
     }
 }
 
-fn string(raw: &str) -> Option<String> {
-    if kind(raw) == "string" {
-        serde_json::from_str(raw).ok()
+/// The text of a JSON string, borrowed from the body when it has no escapes (the common case: no allocation, no
+/// second parse).
+fn text(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    if inner.contains('\\') {
+        serde_json::from_str::<String>(raw).ok().map(Into::into)
     } else {
-        None
+        Some(inner.into())
     }
+}
+
+fn string(raw: &str) -> Option<String> {
+    text(raw).map(std::borrow::Cow::into_owned)
 }
 
 fn wrong(expected: &str, raw: &str) -> ValueError {
@@ -291,7 +279,7 @@ pub(crate) fn decode(ty: &ColumnType, raw: &RawValue) -> Result<Cell, ValueError
     }
     match ty {
         ColumnType::Uuid => {
-            let s = string(raw).ok_or_else(|| wrong("a UUID string", raw))?;
+            let s = text(raw).ok_or_else(|| wrong("a UUID string", raw))?;
             Uuid::parse_str(&s)
                 .map(Cell::Uuid)
                 .map_err(|_| ValueError::new(format!("{s:?} is not a UUID")))
@@ -403,9 +391,7 @@ fn json(raw: &str, binary: bool) -> Result<Cell, ValueError> {
             "jsonb cannot hold \\u0000 in a string (Postgres refuses it)",
         ));
     }
-    RawValue::from_string(raw.to_owned())
-        .map(Cell::Json)
-        .map_err(|e| ValueError::new(format!("not JSON: {e}")))
+    Ok(Cell::Json(raw.to_owned()))
 }
 
 /// Whether valid JSON text contains the escape `\u0000` (any case). Outside strings a backslash cannot occur, and
@@ -466,7 +452,7 @@ fn array(element: &ColumnType, raw: &str) -> Result<String, ValueError> {
                 "number" => item.get().to_owned(),
                 _ => string(item.get()).unwrap_or_default(),
             },
-            Cell::Json(j) => j.get().to_owned(),
+            Cell::Json(j) => j,
             Cell::Timestamp(t) => t.to_string(),
         };
         out.push('"');
@@ -681,6 +667,32 @@ impl std::fmt::Display for Timestamp {
     }
 }
 
+/// JSON text bound as `json` or `jsonb` as it is (binary `jsonb` is a version byte and the text). No serialisation
+/// and no second validation: the request parser already checked it is JSON.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct JsonText<'a>(pub(crate) &'a str);
+
+impl tokio_postgres::types::ToSql for JsonText<'_> {
+    fn to_sql(
+        &self,
+        ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use bytes::BufMut;
+        if *ty == tokio_postgres::types::Type::JSONB {
+            out.put_u8(1);
+        }
+        out.put_slice(self.0.as_bytes());
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::JSON || *ty == tokio_postgres::types::Type::JSONB
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
 impl tokio_postgres::types::ToSql for Timestamp {
     fn to_sql(
         &self,
@@ -705,6 +717,10 @@ mod tests {
 
     fn raw(s: &str) -> Box<RawValue> {
         RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    fn json(s: &str) -> Cell {
+        Cell::Json(s.to_owned())
     }
 
     fn ok(ty: &ColumnType, s: &str) -> Cell {
@@ -869,10 +885,10 @@ mod tests {
 
         assert_eq!(
             ok(&ColumnType::Jsonb, "{\"x\": [1, 2]}"),
-            Cell::Json(raw("{\"x\": [1, 2]}"))
+            json("{\"x\": [1, 2]}")
         );
         assert_eq!(ok(&ColumnType::Jsonb, "null"), Cell::Null);
-        assert_eq!(ok(&ColumnType::Jsonb, "\"s\""), Cell::Json(raw("\"s\"")));
+        assert_eq!(ok(&ColumnType::Jsonb, "\"s\""), json("\"s\""));
         assert!(
             err(&ColumnType::Jsonb, r#"{"a": "x\u0000"}"#)
                 .message
