@@ -61,6 +61,8 @@ struct Sizes {
     write: Vec<(usize, usize)>,
     /// Ops recorded (ledger rows) before the write sweep runs a second time.
     recorded_ops: usize,
+    /// (batch size, rows per side) of that second sweep.
+    write_recorded: Vec<(usize, usize)>,
     /// Seconds of probing without, then with, the 8 MB flood.
     flood_secs: f64,
     read_users: usize,
@@ -84,6 +86,7 @@ impl Sizes {
         Self {
             write: vec![(1, 4_000), (100, 100_000), (1000, 100_000)],
             recorded_ops: 1_000_000,
+            write_recorded: vec![(1, 4_000), (100, 100_000), (1000, 100_000)],
             flood_secs: 5.0,
             read_users: 1000,
             read_rows: 200_000,
@@ -101,6 +104,7 @@ impl Sizes {
         Self {
             write: vec![(1, 400), (100, 10_000), (1000, 10_000)],
             recorded_ops: 100_000,
+            write_recorded: vec![(100, 10_000)],
             flood_secs: 2.0,
             read_users: 100,
             read_rows: 20_000,
@@ -400,7 +404,7 @@ async fn write_phase(
         sizes.recorded_ops,
         began.elapsed().as_secs_f64()
     ));
-    for &(batch, total) in &sizes.write {
+    for &(batch, total) in &sizes.write_recorded {
         let r = write::run(env, batch, total, batch == 100).await?;
         rows.extend(write_rows(batch, &r, Some(sizes.recorded_ops)));
         report.writes_after.push((batch, r));
@@ -421,6 +425,7 @@ fn write_rows(batch: usize, r: &write::WriteResult, recorded: Option<usize>) -> 
         r.api_p99_ms
     );
     let after = match recorded {
+        Some(n) if n % 1_000_000 == 0 => format!(", after {}M ops recorded", n / 1_000_000),
         Some(n) => format!(", after {}k ops recorded", n / 1000),
         None => String::new(),
     };
@@ -826,56 +831,88 @@ fn render_doc(
     s
 }
 
-/// The first full run's figures (commit 26e878d, 2026-11-28 04:56 UTC) for the rows that changed since.
-const FIRST_RUN: [(&str, &str, &str, &str); 6] = [
+/// The previous full run's figures (commit c64c414, 2026-11-28 05:56 UTC), and for rows it did not have, what the
+/// server before the write-path work (issue 9) measured with this benchmark on 2026-12-02 (`--server-bin`, a busy
+/// shared machine: load 4–7 on 2 cores, so ranges over several runs).
+const PREVIOUS_RUN: [(&str, &str, &str, &str); 11] = [
     (
         "write-1",
         "batch write, 1 op/request",
-        "0.56× (1669 vs 2971 rows/s)",
-        "set-based batch statements; one fewer round trip per batch (role/user statement and ledger insert pipelined); TCP_NODELAY",
+        "0.70× (1367 vs 1960 rows/s)",
+        "sequence idempotency (`client_id` + `seq`); the whole batch in one round trip (`BEGIN`, role switch, seq claim, statement, `COMMIT` pipelined)",
     ),
     (
         "write-100",
         "batch write, 100 ops/request",
-        "0.48× (18.1k vs 37.9k rows/s)",
-        "set-based batch statements (one `insert … select … from jsonb_populate_recordset` instead of 100 pipelined statements); one fewer round trip",
+        "0.51× (18.8k vs 36.6k rows/s)",
+        "one `sync_clients` row update per batch instead of 100 random-uuid ledger index entries; values typed in Rust and bound as binary arrays (`unnest`) instead of JSON parsed by Postgres; one round trip",
     ),
     (
         "write-1000",
         "batch write, 1000 ops/request",
-        "0.44× (30.5k vs 68.7k rows/s)",
-        "set-based batch statements; one fewer round trip",
+        "0.57× (32.3k vs 56.7k rows/s)",
+        "as above",
+    ),
+    (
+        "write-1-recorded",
+        "batch write, 1 op/request, after 1M ops recorded",
+        "not in that run; the pre-change server: 0.56–0.77×",
+        "the sequence path never touches the per-op ledger (which is now pruned after its retention)",
+    ),
+    (
+        "write-100-recorded",
+        "batch write, 100 ops/request, after 1M ops recorded",
+        "not in that run; the pre-change server: 0.56–0.63×",
+        "as above",
+    ),
+    (
+        "write-1000-recorded",
+        "batch write, 1000 ops/request, after 1M ops recorded",
+        "not in that run; the pre-change server: 0.38–0.44×",
+        "as above",
+    ),
+    (
+        "flood-latency",
+        "another user's 1-op batch while 4 clients send 8 MB bodies of 1M tiny ops",
+        "not in that run; the pre-change server: p50 2.5–6.0 s (1 or 2 requests answered in 5 s)",
+        "the op count is checked while parsing (the parse stops at op 1001), no JSON tree is built, large bodies are parsed on the blocking pool",
+    ),
+    (
+        "flood-rss",
+        "server RSS during that flood",
+        "not in that run; the pre-change server: +1.2 GiB (1076 → 2310 MiB)",
+        "as above",
     ),
     (
         "snapshot",
         "100k-row snapshot vs COPY",
-        "2.86× (597 vs 209 ms)",
-        "snapshot rows streamed in frames while Postgres reads them (bounded channel) instead of read fully first; cheaper text output per type; TCP_NODELAY",
+        "1.04× (260 vs 249 ms)",
+        "— (not part of this change)",
     ),
     (
         "memory-small",
         "memory per idle connection, first count",
-        "11.5 KiB (10000 connections)",
-        "smaller idle connections: 512-byte read buffer, rare events and branches boxed",
+        "8.0 KiB (10000 connections)",
+        "— (not part of this change)",
     ),
     (
         "memory-large",
         "memory per idle connection, second count",
-        "11.5 KiB (18000 connections)",
-        "as above",
+        "8.0 KiB (18000 connections)",
+        "— (not part of this change)",
     ),
 ];
 
 fn before_after(rows: &[Row]) -> String {
     let mut s = String::from(
         "## Before / after\n\n\
-         The first full run (commit 26e878d, 2026-11-28 04:56 UTC, same command and machine) next to this run, for \
-         the rows that changed. Changes in between: TCP_NODELAY on the server's sockets; snapshot rows streamed while \
-         Postgres reads them (the spot check gave 1.21× COPY, was 2.86×); smaller idle connections (spot check 8.0 \
-         KiB, was 11.5); set-based batch statements; one fewer round trip per batch.\n\n\
-         | measure | first run | this run | change |\n|---|---|---|---|\n",
+         The previous full run (commit c64c414, 2026-11-28 05:56 UTC, same command) next to this run. Changes in \
+         between (issue 9, and item 3 of issue 11): sequence idempotency, typed binary ingest, one round trip per \
+         batch in the common case, request bodies parsed as a stream that counts ops. For rows that run did not \
+         have, the figure is what the server before this change measured with this benchmark on a busy machine.\n\n\
+         | measure | before | this run | change |\n|---|---|---|---|\n",
     );
-    for (key, measure, before, change) in FIRST_RUN {
+    for (key, measure, before, change) in PREVIOUS_RUN {
         let now = rows
             .iter()
             .find(|r| r.key == key)
@@ -891,6 +928,10 @@ fn before_after(rows: &[Row]) -> String {
                         r.ours,
                         r.measure.rsplit(", ").next().unwrap_or("")
                     )
+                } else if key == "flood-rss" {
+                    r.ours.clone()
+                } else if key == "flood-latency" {
+                    format!("p50 / p99 {} ({})", r.ours, r.pg)
                 } else {
                     format!("{} ({} vs {}; {met})", r.ratio, r.ours, r.pg)
                 }
@@ -1085,8 +1126,8 @@ ephemeral ports do not run out. Every wait is bounded; on any error the server i
   ratio against reference 3 is the server process's own cost; reference 3 ÷ plain pgbench is the ceiling of the
   design. At batch 100 the API is also measured without `client_id` (the per-op ledger path). Then
   {recorded} ops are recorded (ledger rows spread over 1000 owners, applied over the last day, plus a
-  `sync_clients` row per owner; one SQL statement, then `vacuum analyze`) and the whole sweep runs a second time:
-  write throughput must not fall as the ledger grows. Sizes: {writes}.
+  `sync_clients` row per owner; one SQL statement, then `vacuum analyze`) and the sweep runs a second time
+  ({again}): write throughput must not fall as the ledger grows. Sizes: {writes}.
 - **Memory amplification.** A fresh user sends 1-op batches back to back for {flood} s alone, then for {flood} s
   while 4 other clients keep sending 8 MB bodies (`{{\"ops\":[{{\"a\":1}},…]}}`, a million tiny ops each, under the
   8 MiB body limit) that the server must refuse with 413 `too_many_ops`; p50/p99 of the probe's requests, and the
@@ -1140,6 +1181,12 @@ target is missed, the notes above and the table give the observable evidence (ti
         mem = sizes.memory,
         snap = sizes.snapshot_rows,
         recorded = sizes.recorded_ops,
+        again = sizes
+            .write_recorded
+            .iter()
+            .map(|(b, _)| format!("batch {b}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         flood = sizes.flood_secs,
     )
 }

@@ -1065,3 +1065,95 @@ async fn other_types_are_cast_by_postgres() {
         "a varchar(3) is not silently truncated"
     );
 }
+
+/// `db::begin_scoped`, the one place the row-level-security session is set up (every path uses it; the live
+/// snapshot will too): role and user are set for the transaction only, `first_reading` expressions come from the
+/// transaction's first statement, and a read-only transaction is not given a transaction id.
+#[tokio::test]
+async fn the_session_function_sets_role_and_user_for_one_transaction() {
+    use deeprecall_sync::db::{Scope, begin_scoped, run_scoped};
+    let env = TestEnv::start().await;
+    let user = Uuid::new_v4();
+    let mut client = env.state.pool.get().await.unwrap();
+    let scope = Scope::user(user)
+        .isolation(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only()
+        .first_reading(&[
+            "pg_current_snapshot()::text",
+            "pg_current_wal_insert_lsn()::text",
+        ]);
+    {
+        let session = begin_scoped(&mut client, &scope, &[]).await.unwrap();
+        let snapshot: String = session.head.get(0);
+        let lsn: String = session.head.get(1);
+        assert_eq!(snapshot.split(':').count(), 3, "{snapshot}");
+        assert!(lsn.contains('/'), "{lsn}");
+        assert_eq!(session.txid, None);
+        let row = session
+        .tx
+        .query_one(
+            "select current_user::text, current_setting('app.user_id'), \
+                    current_setting('transaction_isolation'), current_setting('transaction_read_only'), \
+                    pg_current_xact_id_if_assigned() is null, pg_current_snapshot()::text",
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(row.get::<_, String>(0), "deeprecall_user");
+        assert_eq!(row.get::<_, String>(1), user.to_string());
+        assert_eq!(row.get::<_, String>(2), "repeatable read");
+        assert_eq!(row.get::<_, String>(3), "on");
+        assert!(row.get::<_, bool>(4), "a read-only session has no xid");
+        assert_eq!(
+            row.get::<_, String>(5),
+            snapshot,
+            "the first statement took the snapshot"
+        );
+        session.tx.commit().await.unwrap();
+    }
+    // Transaction-local: the pooled connection is back to the server's role with no user.
+    let row = client
+        .query_one(
+            "select current_user::text <> 'deeprecall_user', current_setting('app.user_id', true)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, Option<String>>(1).unwrap_or_default(), "");
+
+    // The one-round-trip form: a failing statement rolls the whole transaction back.
+    let insert = client
+        .prepare_cached("insert into works (title) values ($1)")
+        .await
+        .unwrap();
+    let (ok, bad): (&str, Option<&str>) = ("kept?", None);
+    let trip = run_scoped(
+        &mut client,
+        &Scope::user(user).with_txid(),
+        &[(&insert, &[&ok]), (&insert, &[&bad])],
+    )
+    .await
+    .unwrap();
+    assert!(trip.txid.is_some());
+    assert!(trip.results[0].is_ok() && trip.results[1].is_err());
+    assert!(!trip.committed);
+    let trip = run_scoped(
+        &mut client,
+        &Scope::user(user).with_txid(),
+        &[(&insert, &[&ok])],
+    )
+    .await
+    .unwrap();
+    assert!(trip.committed);
+    let db = env.superuser().await;
+    assert_eq!(
+        count(
+            &db,
+            "select count(*) from works where owner_id = $1",
+            &[&user]
+        )
+        .await,
+        1
+    );
+}
