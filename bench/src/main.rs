@@ -1053,35 +1053,55 @@ fn write_detail(report: &Report) -> String {
 fn write_explanation(report: &Report) -> String {
     let mut s = String::from(
         "- **Batch write ≥ 0.8× pgbench at 100 and 1000 ops, ≥ 0.7× at 1 op** (missed for the rows marked **no** \
-         above). See \"Write path in detail\": ",
+         above; \"Write path in detail\" has every reference):\n",
     );
-    let worst = report
-        .writes
-        .iter()
-        .chain(&report.writes_after)
-        .filter_map(|(b, r)| r.server_sql.map(|q| (b, r, q)))
-        .min_by(|a, b| {
-            (a.1.api_rows_s / a.1.pg_rows_s).total_cmp(&(b.1.api_rows_s / b.1.pg_rows_s))
-        });
-    match worst {
-        Some((batch, r, q)) => {
-            let ceiling = q.rows_s / r.pg_rows_s;
-            let process = r.api_rows_s / q.rows_s;
-            let _ = writeln!(
-                s,
-                "at batch {batch}, Postgres running the server's SQL reaches {ceiling:.2}× plain pgbench and the server \
-                 {process:.2}× of that. {}",
-                if ceiling < 0.85 {
-                    "The statements themselves (the extra client-row lock and update, unnest instead of \
-                     generate_series) are where the time goes; on a 2-core machine the server process, the clients \
-                     and Postgres also share the cores."
-                } else {
-                    "The server process (HTTP, parsing, encoding, the response, sharing 2 cores with Postgres and \
-                     the clients) is where the time goes."
+    let target = |batch: usize| if batch == 1 { 0.7 } else { 0.8 };
+    let sweeps = [
+        ("first sweep", &report.writes),
+        ("second sweep", &report.writes_after),
+    ];
+    for (sweep, writes) in sweeps {
+        for (batch, r) in writes.iter() {
+            let ratio = r.api_rows_s / r.pg_rows_s;
+            if ratio >= target(*batch) {
+                continue;
+            }
+            let _ = write!(s, "  - batch {batch}, {sweep}: {ratio:.2}×. ");
+            if let Some(q) = r.server_sql {
+                let _ = write!(
+                    s,
+                    "Postgres running the server's SQL reached {:.2}× plain pgbench, the server {:.2}× of that \
+                     (server CPU {:.1} µs per row against {:.1} µs while pgbench wrote). ",
+                    q.rows_s / r.pg_rows_s,
+                    r.api_rows_s / q.rows_s,
+                    r.api_server_us_per_row,
+                    r.pg_server_us_per_row
+                );
+            }
+            let other = sweeps
+                .iter()
+                .filter(|(name, _)| *name != sweep)
+                .flat_map(|(_, w)| w.iter())
+                .find(|(b, _)| b == batch)
+                .map(|(_, o)| o.api_rows_s / o.pg_rows_s);
+            match other {
+                Some(o) if o >= target(*batch) => {
+                    let _ = writeln!(
+                        s,
+                        "The same batch size met the target in the other sweep ({o:.2}×): on this shared machine \
+                         that is run-to-run noise (see the load averages); rerun with `--only write`."
+                    );
                 }
-            );
+                _ => {
+                    let _ = writeln!(
+                        s,
+                        "Where the gap is: the references above separate Postgres's work for the server's SQL \
+                         from the server process (HTTP, parsing, typed encoding, the response), which shares the \
+                         2 cores with Postgres and the clients."
+                    );
+                }
+            }
         }
-        None => s.push_str("the server's SQL reference did not run.\n"),
     }
     s
 }
