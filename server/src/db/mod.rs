@@ -183,8 +183,9 @@ pub type Pipelined<'s> = (
     &'s [&'s (dyn tokio_postgres::types::ToSql + Sync)],
 );
 
-/// Opens a transaction acting as `scope` says: the **only** place the row-level-security session (role,
-/// `app.user_id`) is set up, for every path (batch, blobs, inventory, snapshots, housekeeping).
+/// Opens a transaction acting as `scope` says. With [`run_scoped`], the only way the row-level-security session
+/// (role, `app.user_id`; its SQL is [`Scope`]'s) is set up, for every path (batch, blobs, inventory, snapshots,
+/// housekeeping).
 ///
 /// Round trips: `BEGIN`, then the first statement with every `pipelined` statement sent behind it before any answer
 /// is awaited (Postgres runs them in order, after the role switch, so they are bound by row-level security). Prepare
@@ -325,4 +326,41 @@ pub async fn begin_as<'a>(
     }
     let session = begin_scoped(client, &scope, &[]).await?;
     Ok((session.tx, session.txid.unwrap_or_default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_statement_reads_before_it_switches_role() {
+        let user = uuid::Uuid::nil();
+        assert_eq!(
+            Scope::user(user).with_txid().head_sql(),
+            "select pg_current_xact_id()::text, set_config('role', $1, true), set_config('app.user_id', $2, true)"
+        );
+        let snapshot = Scope::user(user)
+            .isolation(IsolationLevel::RepeatableRead)
+            .read_only()
+            .first_reading(&[
+                "pg_current_snapshot()::text",
+                "pg_current_wal_insert_lsn()::text",
+            ]);
+        assert_eq!(
+            snapshot.head_sql(),
+            "select pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text, set_config('role', $1, true), \
+             set_config('app.user_id', $2, true)"
+        );
+        assert_eq!(
+            snapshot.begin_sql(),
+            "begin isolation level repeatable read read only"
+        );
+        assert_eq!(Scope::user(user).begin_sql(), "begin");
+        assert_eq!(snapshot.head_params(), (USER_ROLE, user.to_string()));
+        assert_eq!(
+            Scope::maintenance().head_params(),
+            (MAINTENANCE_ROLE, String::new())
+        );
+        assert_eq!(Scope::admin(user).head_params().0, ADMIN_ROLE);
+    }
 }
