@@ -325,7 +325,8 @@ impl Env {
         loop {
             let row = client
                 .query_one(
-                    "select coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false)
+                    // No row yet right after the server started (its replicator creates the slot): not caught up.
+                    "select coalesce(bool_or(confirmed_flush_lsn >= $2::text::pg_lsn), false)
                        from pg_replication_slots where slot_name = $1",
                     &[&SERVER_SLOT, &lsn],
                 )

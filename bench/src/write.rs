@@ -1,5 +1,6 @@
-//! Write path: rows/s through `POST /v1/batch` (4 clients, 4 users) next to `pgbench` running the same inserts
-//! as the same role under the same RLS policy.
+//! Write path: rows/s through `POST /v1/batch` (4 clients, 4 users, sequence idempotency) next to `pgbench`
+//! running the same inserts as the same role under the same RLS policy, plus pgbench references that run the
+//! server's own SQL; and the ledger path (batches without `client_id`) for comparison.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -28,15 +29,36 @@ pub(crate) struct WriteResult {
     pub(crate) api_p50_ms: f64,
     /// Request latency p99, ms.
     pub(crate) api_p99_ms: f64,
+    /// Server CPU per row on the API side, µs.
+    pub(crate) api_server_us_per_row: f64,
+    /// Server CPU per row while plain pgbench wrote (decoding and routing only), µs.
+    pub(crate) pg_server_us_per_row: f64,
     /// Rows/s through pgbench (tps × batch).
     pub(crate) pg_rows_s: f64,
     /// pgbench's average transaction latency, ms.
     pub(crate) pg_latency_ms: f64,
-    /// Reference 2: pgbench with the same idempotency ledger insert as the server.
+    /// Reference 2: pgbench plus the per-op ledger insert of batches without `client_id`.
     pub(crate) ledger: PgbenchResult,
-    /// Reference 3: pgbench asking Postgres for exactly the server's work: ledger insert plus rows read from a
-    /// JSON array through `jsonb_populate_recordset`.
-    pub(crate) json: PgbenchResult,
+    /// Reference 3: pgbench asking Postgres for exactly the server's work on the sequence path: claim the client's
+    /// next seqs (`deeprecall_claim_seq`: lock, check, advance), one `insert … select … from unnest(arrays)`. `None` against a server whose
+    /// schema has no `sync_clients` (a build from before sequence idempotency).
+    pub(crate) server_sql: Option<PgbenchResult>,
+    /// The API without `client_id` (per-op ledger), when measured for this batch size.
+    pub(crate) api_ledger: Option<ApiResult>,
+}
+
+/// The API side's figures.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ApiResult {
+    /// Rows/s.
+    pub(crate) rows_s: f64,
+    /// Request latency p50, ms.
+    pub(crate) p50_ms: f64,
+    /// Request latency p99, ms.
+    pub(crate) p99_ms: f64,
+    /// Server CPU time (user + system) per row written, µs: answering the requests plus decoding and routing the
+    /// rows from the replication stream.
+    pub(crate) server_us_per_row: f64,
 }
 
 /// One pgbench reference's figures.
@@ -46,6 +68,8 @@ pub(crate) struct PgbenchResult {
     pub(crate) rows_s: f64,
     /// Average transaction latency, ms.
     pub(crate) latency_ms: f64,
+    /// Server CPU time per row, µs (it decodes and routes pgbench's rows from the replication stream too).
+    pub(crate) server_us_per_row: f64,
 }
 
 /// The ledger statement the server runs (`server/src/http/batch.rs`), with op_ids generated in Postgres instead
@@ -56,35 +80,26 @@ fn ledger_sql(batch: usize) -> String {
     )
 }
 
-/// A JSON array of `batch` annotation rows shaped like the API's `row`s (with an `id`, so Postgres parses one
-/// uuid per row as it does for the server).
-fn json_rows(batch: usize) -> String {
-    let mut s = String::with_capacity(batch * 160 + 2);
-    s.push('[');
-    for i in 0..batch {
-        if i > 0 {
-            s.push(',');
-        }
-        let _ = write!(
-            s,
-            "{{\"id\":\"{}\",\"kind\":\"note\",\"body\":\"{BODY}\",\"page\":1,\"geometry\":{{\"x\":1}}}}",
-            Uuid::new_v4()
-        );
+/// A request of `batch` annotation inserts. With `sequence = Some((client_id, first_seq))` the batch carries the
+/// client's id and numbers its ops from `first_seq` (sequence idempotency); without, the ops go through the
+/// per-op ledger.
+fn request_body(batch: usize, sequence: Option<(Uuid, i64)>) -> Vec<u8> {
+    let mut s = String::with_capacity(batch * 240 + 64);
+    s.push('{');
+    if let Some((client, _)) = sequence {
+        let _ = write!(s, "\"client_id\":\"{client}\",");
     }
-    s.push(']');
-    s
-}
-
-fn request_body(batch: usize) -> Vec<u8> {
-    let mut s = String::with_capacity(batch * 230 + 16);
-    s.push_str("{\"ops\":[");
+    s.push_str("\"ops\":[");
     for i in 0..batch {
         if i > 0 {
             s.push(',');
         }
+        let seq = sequence
+            .map(|(_, first)| format!("\"seq\":{},", first + i as i64))
+            .unwrap_or_default();
         let _ = write!(
             s,
-            "{{\"op_id\":\"{}\",\"table\":\"annotations\",\"kind\":\"insert\",\"row\":{{\"id\":\"{}\",\"kind\":\"note\",\"body\":\"{BODY}\",\"page\":1,\"geometry\":{{\"x\":1}}}}}}",
+            "{{\"op_id\":\"{}\",{seq}\"table\":\"annotations\",\"kind\":\"insert\",\"row\":{{\"id\":\"{}\",\"kind\":\"note\",\"body\":\"{BODY}\",\"page\":1,\"geometry\":{{\"x\":1}}}}}}",
             Uuid::new_v4(),
             Uuid::new_v4()
         );
@@ -112,23 +127,42 @@ async fn post(http: &reqwest::Client, url: &str, token: &str, body: Vec<u8>) -> 
     Ok(())
 }
 
-/// Runs one batch size on both sides: `total_rows` rows each.
-pub(crate) async fn run(env: &Env, batch: usize, total_rows: usize) -> anyhow::Result<WriteResult> {
-    let users: Vec<Uuid> = (0..CLIENTS).map(|_| Uuid::new_v4()).collect();
-    let per_client = (total_rows / (batch * CLIENTS)).max(1);
-    let rows = per_client * batch * CLIENTS;
-    let url = format!("{}/v1/batch", env.base());
+/// Waits until the server has decoded and routed everything written so far. The server decodes every write to a
+/// synced table, whoever made it; without this, a side would start while the server still decodes the previous
+/// side's rows and pay for them.
+async fn settle(env: &Env) -> anyhow::Result<()> {
+    let sql = env.sql().await?;
+    let lsn = crate::env::current_lsn(&sql).await?;
+    env.wait_server_caught_up(&sql, &lsn, Duration::from_secs(300))
+        .await
+}
 
-    // --- API ---
+/// Sends `per_client` requests of `batch` ops from each of 4 clients (4 fresh users), after 2 warm-up requests
+/// each; `sequence` puts every client on sequence idempotency (its own client_id, seq from 1).
+pub(crate) async fn api(
+    env: &Env,
+    batch: usize,
+    per_client: usize,
+    sequence: bool,
+) -> anyhow::Result<ApiResult> {
+    settle(env).await?;
+    let url = format!("{}/v1/batch", env.base());
     let start = Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
     let mut tasks = Vec::new();
-    for user in &users {
-        let token = env.token(*user);
+    for _ in 0..CLIENTS {
+        let token = env.token(Uuid::new_v4());
         let url = url.clone();
         let start = start.clone();
         // Bodies are built before the clock starts.
-        let warmup: Vec<Vec<u8>> = (0..2).map(|_| request_body(batch)).collect();
-        let bodies: Vec<Vec<u8>> = (0..per_client).map(|_| request_body(batch)).collect();
+        let client_id = Uuid::new_v4();
+        let mut next_seq = 1;
+        let mut body = || {
+            let seq = sequence.then_some((client_id, next_seq));
+            next_seq += batch as i64;
+            request_body(batch, seq)
+        };
+        let warmup: Vec<Vec<u8>> = (0..2).map(|_| body()).collect();
+        let bodies: Vec<Vec<u8>> = (0..per_client).map(|_| body()).collect();
         tasks.push(tokio::spawn(async move {
             let http = reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -148,6 +182,7 @@ pub(crate) async fn run(env: &Env, batch: usize, total_rows: usize) -> anyhow::R
     }
     start.wait().await;
     let began = Instant::now();
+    let cpu_before = env.server_cpu_secs()?;
     let mut latencies = Vec::new();
     let mut ended = began;
     for t in tasks {
@@ -157,48 +192,63 @@ pub(crate) async fn run(env: &Env, batch: usize, total_rows: usize) -> anyhow::R
         latencies.extend(l);
         ended = ended.max(end);
     }
-    let api_secs = (ended - began).as_secs_f64();
+    let secs = (ended - began).as_secs_f64();
+    let rows = (per_client * batch * CLIENTS) as f64;
+    // The server finishes routing its rows after the last answer: count that too.
+    settle(env).await?;
+    let cpu = env.server_cpu_secs()? - cpu_before;
     let (p50, _, p99) = stats::summary(&mut latencies);
+    Ok(ApiResult {
+        rows_s: rows / secs,
+        p50_ms: p50,
+        p99_ms: p99,
+        server_us_per_row: cpu * 1e6 / rows,
+    })
+}
 
-    // --- pgbench: plain (the target's reference), + ledger, + ledger and rows from JSON ---
-    // Every side writes as 4 users of its own, so each starts from the same state: the ledger and the
-    // annotations primary key are indexed by (owner_id, …), and inserting into an owner's range that an earlier
-    // side already filled with 100k random uuids touches far more index pages than inserting into a fresh one.
-    let head = || {
-        let array = (0..CLIENTS)
-            .map(|_| format!("'{}'", Uuid::new_v4()))
+/// Runs one batch size on both sides: `total_rows` rows each. With `ledger_path`, the API is also measured
+/// without `client_id`.
+pub(crate) async fn run(
+    env: &Env,
+    batch: usize,
+    total_rows: usize,
+    ledger_path: bool,
+) -> anyhow::Result<WriteResult> {
+    let per_client = (total_rows / (batch * CLIENTS)).max(1);
+    let rows = per_client * batch * CLIENTS;
+    let api_seq = api(env, batch, per_client, true).await?;
+    let api_ledger = if ledger_path {
+        Some(api(env, batch, per_client, false).await?)
+    } else {
+        None
+    };
+
+    // --- pgbench: plain (the target's reference), + per-op ledger, the server's SQL ---
+    // Every side writes as 4 users of its own, so each starts from the same state: the annotations primary key is
+    // indexed by (owner_id, …), and inserting into an owner's range that an earlier side already filled with 100k
+    // random uuids touches far more index pages than inserting into a fresh one.
+    let users = || -> Vec<Uuid> { (0..CLIENTS).map(|_| Uuid::new_v4()).collect() };
+    let pick = |ids: &[Uuid], cast: &str| {
+        let array = ids
+            .iter()
+            .map(|u| format!("'{u}'"))
             .collect::<Vec<_>>()
             .join(",");
+        format!("(array[{array}]{cast})[:client_id + 1]")
+    };
+    let head = |ids: &[Uuid]| {
         format!(
             "begin;\n\
-             select set_config('role', 'deeprecall_user', true), set_config('app.user_id', (array[{array}])[:client_id + 1], true);\n"
+             select set_config('role', 'deeprecall_user', true), set_config('app.user_id', {}, true), pg_current_xact_id()::text;\n",
+            pick(ids, "")
         )
     };
     let plain_insert = format!(
         "insert into annotations (id, kind, body, page, geometry) select gen_random_uuid(), 'note', '{BODY}', 1, '{{\"x\":1}}' from generate_series(1, {batch});\n"
     );
-    // The server's set statement, reading the JSON text from bench_json and converting it to jsonb (as the
-    // server's parameter is). The JSON's ids are parsed but fresh ids are inserted, so every transaction can
-    // reuse the same array.
-    let json_insert = format!(
-        "insert into annotations (id, page, kind, geometry, body) select gen_random_uuid(), page, kind, geometry, body \
-         from jsonb_populate_recordset(null::annotations, (select rows::jsonb from bench_json where n = {batch}));\n"
-    );
-    let sql = env.sql().await?;
-    sql.batch_execute(
-        "create table if not exists bench_json (n int primary key, rows text not null); \
-         grant select on bench_json to deeprecall_user;",
-    )
-    .await?;
-    sql.execute(
-        "insert into bench_json (n, rows) values ($1, $2) on conflict (n) do update set rows = excluded.rows",
-        &[&(batch as i32), &json_rows(batch)],
-    )
-    .await?;
-    drop(sql);
     let plain = pgbench(
         env,
-        &format!("{}{plain_insert}commit;\n", head()),
+        &format!("{}{plain_insert}commit;\n", head(&users())),
         &format!("insert-{batch}"),
         batch,
         per_client,
@@ -206,30 +256,103 @@ pub(crate) async fn run(env: &Env, batch: usize, total_rows: usize) -> anyhow::R
     .await?;
     let ledger = pgbench(
         env,
-        &format!("{}{}\n{plain_insert}commit;\n", head(), ledger_sql(batch)),
+        &format!(
+            "{}{}\n{plain_insert}commit;\n",
+            head(&users()),
+            ledger_sql(batch)
+        ),
         &format!("insert-ledger-{batch}"),
         batch,
         per_client,
     )
     .await?;
-    let json = pgbench(
-        env,
-        &format!("{}{}\n{json_insert}commit;\n", head(), ledger_sql(batch)),
-        &format!("insert-json-{batch}"),
-        batch,
-        per_client,
-    )
-    .await?;
+    // The server's statements on the sequence path (server/src/http/batch/execute.rs and plan.rs), with the
+    // arrays built in SQL instead of bound as binary parameters.
+    let sql = env.sql().await?;
+    let has_clients: bool = sql
+        .query_one(
+            "select to_regprocedure('deeprecall_claim_seq(uuid, bigint, bigint)') is not null",
+            &[],
+        )
+        .await?
+        .get(0);
+    let server_sql = if has_clients {
+        let owners = users();
+        let clients = users();
+        for (owner, client) in owners.iter().zip(&clients) {
+            sql.execute(
+                "insert into sync_clients (owner_id, client_id, last_seq) values ($1, $2, 0)",
+                &[owner, client],
+            )
+            .await?;
+        }
+        let client = pick(&clients, "::uuid[]");
+        // deeprecall_claim_seq locks the client's row, checks and advances its seq (sql/0003); the server calls it
+        // with the batch's first and last seq, pgbench reads the current one in the same statement.
+        let script = format!(
+            "{head}select deeprecall_claim_seq(c.client_id, c.last_seq + 1, c.last_seq + {batch}) \
+             from sync_clients c where c.client_id = {client};\n\
+             insert into annotations (id, kind, body, page, geometry) select u.id, u.kind, u.body, u.page, u.geometry \
+             from unnest((select array_agg(gen_random_uuid()) from generate_series(1, {batch})), \
+             array_fill('note'::text, array[{batch}]), array_fill('{BODY}'::text, array[{batch}]), \
+             array_fill(1, array[{batch}]), array_fill('{{\"x\":1}}'::jsonb, array[{batch}])) as u(id, kind, body, page, geometry);\n\
+             commit;\n",
+            head = head(&owners)
+        );
+        Some(
+            pgbench(
+                env,
+                &script,
+                &format!("insert-seq-{batch}"),
+                batch,
+                per_client,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     Ok(WriteResult {
         rows,
-        api_rows_s: rows as f64 / api_secs,
-        api_p50_ms: p50,
-        api_p99_ms: p99,
+        api_rows_s: api_seq.rows_s,
+        api_p50_ms: api_seq.p50_ms,
+        api_p99_ms: api_seq.p99_ms,
+        api_server_us_per_row: api_seq.server_us_per_row,
+        pg_server_us_per_row: plain.server_us_per_row,
         pg_rows_s: plain.rows_s,
         pg_latency_ms: plain.latency_ms,
         ledger,
-        json,
+        server_sql,
+        api_ledger,
     })
+}
+
+/// Records `ops` more ops the way a long-lived deployment has them: rows in the per-op ledger (spread over 1,000
+/// owners, applied over the last day) and a `sync_clients` row per owner. Superuser, one statement each.
+pub(crate) async fn record_ops(env: &Env, ops: usize) -> anyhow::Result<()> {
+    let sql = env.sql().await?;
+    let owners: Vec<Uuid> = (0..1000).map(|_| Uuid::new_v4()).collect();
+    sql.execute(
+        "insert into sync_applied_ops (owner_id, op_id, applied_at)
+         select ($1::uuid[])[1 + i % 1000], gen_random_uuid(), now() - (i % 86400) * interval '1 second'
+           from generate_series(1, $2::int) as i",
+        &[&owners, &(ops as i32)],
+    )
+    .await?;
+    if sql
+        .query_one("select to_regclass('sync_clients') is not null", &[])
+        .await?
+        .get::<_, bool>(0)
+    {
+        sql.execute(
+            "insert into sync_clients (owner_id, client_id, last_seq)
+             select o, gen_random_uuid(), $2 from unnest($1::uuid[]) as o",
+            &[&owners, &((ops / 1000) as i64)],
+        )
+        .await?;
+    }
+    sql.batch_execute("vacuum analyze sync_applied_ops").await?;
+    Ok(())
 }
 
 /// Runs `script` with `pgbench -n -c 4 -j 2`, `per_client` transactions per client.
@@ -240,6 +363,8 @@ async fn pgbench(
     batch: usize,
     per_client: usize,
 ) -> anyhow::Result<PgbenchResult> {
+    settle(env).await?;
+    let cpu_before = env.server_cpu_secs()?;
     let script_path = env.scratch.join(format!("{name}.sql"));
     std::fs::write(&script_path, script)?;
     let output = tokio::time::timeout(
@@ -266,9 +391,12 @@ async fn pgbench(
         );
     }
     let tps = parse_after(&stdout, "tps = ").context("no `tps = ` in pgbench's output")?;
+    settle(env).await?;
+    let cpu = env.server_cpu_secs()? - cpu_before;
     Ok(PgbenchResult {
         rows_s: tps * batch as f64,
         latency_ms: parse_after(&stdout, "latency average = ").unwrap_or(0.0),
+        server_us_per_row: cpu * 1e6 / (per_client * 4 * batch) as f64,
     })
 }
 

@@ -188,6 +188,26 @@ fn fd_connection_budget(pool_size: usize) -> usize {
     usize::try_from(soft.saturating_sub(reserve).max(16)).unwrap_or(usize::MAX)
 }
 
+/// Op-ledger retention (docs/operations.md).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct LedgerArgs {
+    /// Days an op_id stays in the idempotency ledger of batches without `client_id` (a retry after that is applied
+    /// again); older entries are pruned in the background. 0 keeps them forever.
+    #[arg(
+        long,
+        env = "DEEPRECALL_OP_LEDGER_RETENTION_DAYS",
+        default_value_t = 30
+    )]
+    pub op_ledger_retention_days: u32,
+}
+
+impl LedgerArgs {
+    /// The retention as a duration.
+    pub fn retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.op_ledger_retention_days) * 86_400)
+    }
+}
+
 /// HTTP flags shared by `serve` and `dev`.
 #[derive(Debug, Clone, Args)]
 pub struct HttpArgs {
@@ -255,6 +275,9 @@ pub struct ServeArgs {
     /// Limits.
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Op-ledger retention.
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
     /// HTTP settings.
     #[command(flatten)]
     pub http: HttpArgs,
@@ -282,6 +305,9 @@ pub struct DevArgs {
     /// Limits.
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Op-ledger retention.
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
     /// HTTP settings.
     #[command(flatten)]
     pub http: HttpArgs,
@@ -350,6 +376,10 @@ pub struct ServerOptions {
     pub cors: CorsOrigins,
     /// Timing of `GET /v1/shape`.
     pub shape: crate::live::shape::ShapeConfig,
+    /// How long op_ids stay in the ledger (zero: forever).
+    pub op_ledger_retention: std::time::Duration,
+    /// How often the ledger is pruned.
+    pub op_ledger_prune_interval: std::time::Duration,
 }
 
 impl ServerOptions {
@@ -366,6 +396,8 @@ impl ServerOptions {
             hub: HubConfig::default(),
             cors: CorsOrigins::None,
             shape: Default::default(),
+            op_ledger_retention: std::time::Duration::from_secs(30 * 86_400),
+            op_ledger_prune_interval: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -446,6 +478,12 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
     let hub = Arc::new(Hub::new(options.hub));
     let barriers = crate::live::barrier::Barriers::spawn(barrier_target, hub.clone());
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(db::ledger::prune_periodically(
+        pool.clone(),
+        options.op_ledger_retention,
+        options.op_ledger_prune_interval,
+        shutdown_rx.clone(),
+    ));
     let replicator = tokio::spawn(crate::live::replicator::run(
         ReplicatorConfig {
             stream,
@@ -554,6 +592,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut options = ServerOptions::new(args.database_url.clone(), auth);
     options.replication_url = args.replication_url.clone();
     options.limits = args.limits.limits(args.pool_size);
+    options.op_ledger_retention = args.ledger.retention();
     options.pool_size = args.pool_size;
     options.migrate = args.migrate;
     options.slot = args.slot.clone();
@@ -616,6 +655,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             .context("minting the dev token")?;
         let mut options = ServerOptions::new(database_url.clone(), auth);
         options.limits = args.limits.limits(options.pool_size);
+        options.op_ledger_retention = args.ledger.retention();
         options.cors = args.http.cors(CorsOrigins::Any)?;
         options.shape = args.http.shape();
         let metrics = crate::metrics::bind(

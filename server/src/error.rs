@@ -20,6 +20,8 @@ pub struct ApiError {
     /// Which element of the request is to blame: (`"op_index"`, n) in a batch, (`"blob_index"`, n) in a
     /// blob coordination.
     pub index: Option<(&'static str, usize)>,
+    /// More machine-readable facts for the client, e.g. `last_seq` of a `seq_gap`.
+    pub fields: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl ApiError {
@@ -30,6 +32,7 @@ impl ApiError {
             code,
             message: message.into(),
             index: None,
+            fields: Vec::new(),
         }
     }
 
@@ -46,6 +49,12 @@ impl ApiError {
     /// Attaches the index of the failing op.
     pub fn at_op(mut self, index: usize) -> Self {
         self.index = Some(("op_index", index));
+        self
+    }
+
+    /// Adds a field to the error object (next to `code` and `message`).
+    pub fn with(mut self, field: &'static str, value: impl Into<serde_json::Value>) -> Self {
+        self.fields.push((field, value.into()));
         self
     }
 
@@ -89,6 +98,9 @@ impl IntoResponse for ApiError {
         if let Some((field, i)) = self.index {
             error[field] = json!(i);
         }
+        for (field, value) in self.fields {
+            error[field] = value;
+        }
         (self.status, Json(json!({ "error": error }))).into_response()
     }
 }
@@ -128,6 +140,10 @@ pub fn from_db(err: &tokio_postgres::Error) -> ApiError {
         // "new row violates row-level security policy": the client tried to write what is not theirs. Other
         // privilege errors (e.g. "permission denied to set role") are the operator's setup, not the client's.
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", msg)
+    } else if *code == SqlState::PROGRAM_LIMIT_EXCEEDED {
+        // 54000, e.g. "index row size 9016 exceeds btree version 4 maximum 2704 for index …": a value too large
+        // for where the client put it. The client's to fix, not the server's.
+        ApiError::unprocessable("value_too_large", msg)
     } else if code.code().starts_with("22") || *code == SqlState::DATATYPE_MISMATCH {
         // Class 22: data exception (bad uuid, number out of range, invalid json, bad timestamp...).
         ApiError::unprocessable("invalid_value", msg)

@@ -4,6 +4,7 @@
 //! database and its replication slot, also when the test panics (unwinding runs the drops).
 
 pub mod admin;
+pub mod batch;
 pub mod cluster;
 pub mod ops;
 pub mod shape;

@@ -79,7 +79,8 @@ async fn sha256_must_be_64_lowercase_hex() {
         "{resp}"
     );
 
-    // The database enforces the same form on writes that bypass coordination.
+    // Writes that bypass coordination are held to the same form, checked by the server before the database (the
+    // table's check constraint stays as the last line).
     let (status, resp) = env
         .batch(
             user,
@@ -91,10 +92,119 @@ async fn sha256_must_be_64_lowercase_hex() {
         .await;
     assert_eq!(
         (status.as_u16(), error_code(&resp)),
-        (422, "constraint_violation"),
+        (422, "invalid_sha256"),
         "{resp}"
     );
+    assert_eq!(resp["error"]["op_index"], 0, "{resp}");
     assert_eq!(count(&db, "select count(*) from blobs_meta", &[]).await, 0);
+}
+
+/// A 9,000-character sha256 was a 500 ("index row size exceeds maximum") when written through /v1/batch into a
+/// table whose sha256 is indexed without a check constraint (device_blobs, assets). Every path now answers 4xx
+/// before the database, and nothing is written.
+#[tokio::test]
+async fn an_oversized_sha256_is_a_client_error_on_every_path() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let user = Uuid::new_v4();
+    let token = env.token(user);
+    // Random hex: incompressible, so the index entry really is too large (a run of one letter would compress and
+    // fit, and then fail only on the foreign key).
+    let huge: String = (0..282)
+        .map(|_| Uuid::new_v4().simple().to_string())
+        .collect::<String>()[..9000]
+        .to_owned();
+    let device = Uuid::new_v4();
+    for (table, row) in [
+        (
+            "device_blobs",
+            json!({"id": Uuid::new_v4(), "device_id": device, "sha256": huge}),
+        ),
+        ("assets", json!({"id": Uuid::new_v4(), "sha256": huge})),
+        ("blobs_meta", json!({"sha256": huge, "size": 1})),
+        ("annotations", json!({"id": Uuid::new_v4(), "sha256": huge})),
+    ] {
+        let ok = insert("works", json!({"id": Uuid::new_v4(), "title": "before"}));
+        let (status, resp) = env.batch(user, json!([ok, insert(table, row)])).await;
+        assert_eq!(
+            (status.as_u16(), error_code(&resp)),
+            (422, "invalid_sha256"),
+            "{table}: {resp}"
+        );
+        assert_eq!(resp["error"]["op_index"], 1, "{table}: {resp}");
+    }
+    let (status, resp) = env
+        .coordinate(
+            user,
+            json!({"device_id": device, "blobs": [{"sha256": huge, "size": 1}]}),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), error_code(&resp)),
+        (422, "invalid_sha256"),
+        "{resp}"
+    );
+    let (status, resp) = env.get(&format!("/v1/blobs/{huge}"), Some(&token)).await;
+    assert_eq!(
+        (status.as_u16(), error_code(&resp)),
+        (422, "invalid_sha256"),
+        "{resp}"
+    );
+    for t in [
+        "works",
+        "blobs_meta",
+        "device_blobs",
+        "assets",
+        "annotations",
+    ] {
+        assert_eq!(
+            count(&db, &format!("select count(*) from {t}"), &[]).await,
+            0,
+            "{t}"
+        );
+    }
+
+    // A value too large for an index in a column the server cannot know about (a table added by SQL) is still a
+    // client error: Postgres's "program limit exceeded" (54000) maps to 422 value_too_large, not 500.
+    db.batch_execute(
+        "create table labels (
+           id uuid not null default gen_random_uuid(),
+           owner_id uuid not null default deeprecall_current_user_id(),
+           name text not null,
+           created_at timestamptz not null default now(),
+           updated_at timestamptz not null default now(),
+           primary key (owner_id, id),
+           unique (owner_id, name));
+         alter publication deeprecall_sync add table labels;",
+    )
+    .await
+    .unwrap();
+    let mut migrator = deeprecall_tests::connect(&env.db_url()).await;
+    deeprecall_sync::db::migrate::migrate(&mut migrator)
+        .await
+        .expect("migrate");
+    // 9,600 random hex digits: nothing for Postgres's compression to find, so far above the index's 2,704 bytes.
+    let noise: String = (0..300)
+        .map(|_| Uuid::new_v4().simple().to_string())
+        .collect();
+    let op = insert("labels", json!({"name": noise}));
+    let mut last = Value::Null;
+    for _ in 0..50 {
+        let (status, resp) = env.batch(user, json!([op.clone()])).await;
+        if error_code(&resp) != "unknown_table" {
+            assert_eq!(
+                (status.as_u16(), error_code(&resp)),
+                (422, "value_too_large"),
+                "{resp}"
+            );
+            assert_eq!(resp["error"]["op_index"], 0, "{resp}");
+            assert_eq!(count(&db, "select count(*) from labels", &[]).await, 0);
+            return;
+        }
+        last = resp;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("labels never became writable: {last}");
 }
 
 #[tokio::test]

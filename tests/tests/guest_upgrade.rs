@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use deeprecall_tests::batch::numbered;
 use deeprecall_tests::{TestEnv, count, insert, op, sha, statuses};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -227,4 +228,72 @@ async fn an_interrupted_flush_ends_in_the_same_rows_as_a_clean_one() {
     assert_eq!(status, 200, "{handle}");
     assert_eq!(handle["assets"].as_array().map(Vec::len), Some(1));
     assert_eq!(handle["devices"].as_array().map(Vec::len), Some(1));
+}
+
+/// The same queue on the sequence path: the outbox has a `client_id` and numbered its ops when they were queued.
+/// Interrupted and re-sent from the start, or abandoned mid-flight, the flush ends in the clean flush's rows.
+#[tokio::test]
+async fn an_interrupted_flush_with_a_client_sequence_ends_in_the_same_rows() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let queue = guest_queue();
+    let mut next = 1;
+    let batches: Vec<Vec<Value>> = queue
+        .batches
+        .iter()
+        .map(|b| {
+            let ops = numbered(b.as_array().expect("a batch is an array"), next);
+            next += ops.len() as i64;
+            ops
+        })
+        .collect();
+    let flush = |user: Uuid, client: Uuid, batch: &[Value]| {
+        let env = &env;
+        let batch = batch.to_vec();
+        async move {
+            let (status, body) = env.seq_batch(user, client, &batch).await;
+            assert_eq!(status, 200, "{body}");
+            statuses(&body)
+        }
+    };
+
+    let clean = Uuid::new_v4();
+    let client = Uuid::new_v4();
+    flush_coordinate(&env, clean, &queue).await;
+    for batch in &batches {
+        let s = flush(clean, client, batch).await;
+        assert!(s.iter().all(|s| s == "applied"), "{s:?}");
+    }
+    let expected = rows_of(&db, clean).await;
+
+    let resumed = Uuid::new_v4();
+    flush_coordinate(&env, resumed, &queue).await;
+    let half = batches.len() / 2;
+    for batch in &batches[..half] {
+        flush(resumed, client, batch).await;
+    }
+    // The whole outbox again, as one request: the first half answers duplicate, the rest applies.
+    let all: Vec<Value> = batches.concat();
+    let s = flush(resumed, client, &all).await;
+    let done: usize = batches[..half].iter().map(Vec::len).sum();
+    assert!(s[..done].iter().all(|s| s == "duplicate"), "{s:?}");
+    assert!(s[done..].iter().all(|s| s == "applied"), "{s:?}");
+    assert_eq!(rows_of(&db, resumed).await, expected);
+
+    let abandoned = Uuid::new_v4();
+    for (i, batch) in batches.iter().enumerate() {
+        let delay = Duration::from_millis(2 * i as u64);
+        let _ =
+            tokio::time::timeout(delay, env.coordinate(abandoned, queue.coordinate.clone())).await;
+        let _ = tokio::time::timeout(delay, env.seq_batch(abandoned, client, batch)).await;
+    }
+    flush_coordinate(&env, abandoned, &queue).await;
+    for batch in &batches {
+        let s = flush(abandoned, client, batch).await;
+        assert!(
+            s.iter().all(|s| s == "applied" || s == "duplicate"),
+            "{s:?}"
+        );
+    }
+    assert_eq!(rows_of(&db, abandoned).await, expected);
 }

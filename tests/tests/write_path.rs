@@ -746,3 +746,414 @@ async fn the_same_ops_sent_concurrently_in_different_orders_apply_once_without_f
         );
     }
 }
+
+/// Values are decoded by the server into their column's type and bound as typed parameters: what is stored is
+/// exactly what was meant, including the forms the live stream itself sends (a client writing back a row it received).
+#[tokio::test]
+async fn values_are_typed_by_the_server_and_stored_exactly() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let user = Uuid::new_v4();
+    let (work, activity, board, stroke) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    let upper = Uuid::new_v4();
+    let tags = json!(["a \"q\"", "back\\slash", null, "NULL", "", "{x,y}", "é ✓"]);
+    let authors = json!([{"name": "Vaswani", "orcid": null, "n": [1, 2.5, {"deep": true}]}]);
+    let ops = json!([
+        insert(
+            "works",
+            json!({"id": work, "title": "It's \"quoted\"", "year": "2017", "tags": tags,
+                   "authors": authors, "favorite": true, "subtitle": null})
+        ),
+        insert(
+            "activities",
+            json!({"id": activity, "title": "t", "work_ids": [upper.to_string().to_uppercase(), work],
+                   "starts_at": "2026-12-01T10:00:00.5+01:00",
+                   "ends_at": "2026-12-01 10:00:00.409858+00"})
+        ),
+        insert(
+            "boards",
+            json!({"id": board, "width": "NaN", "height": 1.5, "background": {"a": [1, {"b": null}]}})
+        ),
+        insert(
+            "strokes",
+            json!({"id": stroke, "board_id": board, "bbox": null, "z_index": -3, "points": []})
+        ),
+        insert(
+            "blobs_meta",
+            json!({"sha256": deeprecall_tests::sha(7), "size": "9007199254740993", "page_count": 5})
+        ),
+        op(
+            "update",
+            "activities",
+            json!({"id": activity, "ends_at": "infinity"})
+        ),
+    ]);
+    let (status, body) = env.batch(user, ops).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(statuses(&body), vec!["applied"; 6]);
+
+    let tags_sent: Vec<Option<String>> = serde_json::from_value(tags).unwrap();
+    let row = db
+        .query_one(
+            "select title, year, tags = $2::text[], authors = $3::jsonb, favorite, subtitle is null
+               from works where id = $1",
+            &[&work, &tags_sent, &authors],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "It's \"quoted\"");
+    assert_eq!(row.get::<_, Option<i32>>(1), Some(2017));
+    assert!(row.get::<_, bool>(2), "text[] stored element by element");
+    assert!(row.get::<_, bool>(3), "jsonb stored as sent");
+    assert!(row.get::<_, bool>(4));
+    assert!(row.get::<_, bool>(5));
+
+    let row = db
+        .query_one(
+            "select starts_at = '2026-12-01 09:00:00.5+00', ends_at = 'infinity', work_ids = array[$2, $3]::uuid[]
+               from activities where id = $1",
+            &[&activity, &upper, &work],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "offset applied, fraction kept");
+    assert!(row.get::<_, bool>(1), "infinity");
+    assert!(row.get::<_, bool>(2), "uuid[] normalised");
+
+    let row = db
+        .query_one(
+            "select width = 'NaN', height = 1.5, background = '{\"a\": [1, {\"b\": null}]}'
+               from boards where id = $1",
+            &[&board],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1) && row.get::<_, bool>(2));
+    let row = db
+        .query_one(
+            "select bbox is null, z_index from strokes where id = $1",
+            &[&stroke],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "a JSON null is SQL NULL");
+    assert_eq!(row.get::<_, i32>(1), -3);
+    let size: i64 = db
+        .query_one("select size from blobs_meta", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        size, 9_007_199_254_740_993,
+        "a bigint beyond 2^53 as a string"
+    );
+
+    // A timestamp exactly as Postgres prints it (what the stream sends) writes back unchanged.
+    let printed: String = db
+        .query_one("select created_at::text from works where id = $1", &[&work])
+        .await
+        .unwrap()
+        .get(0);
+    let (status, body) = env
+        .batch(
+            user,
+            json!([op(
+                "update",
+                "activities",
+                json!({"id": activity, "starts_at": printed})
+            )]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let same: bool = db
+        .query_one(
+            "select a.starts_at = w.created_at from activities a, works w where a.id = $1 and w.id = $2",
+            &[&activity, &work],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(same, "{printed} did not round-trip");
+}
+
+/// Values that do not fit their column are refused with 422 and the op's index, naming the column, before the
+/// database: the whole batch writes nothing.
+#[tokio::test]
+async fn values_that_do_not_fit_their_column_are_refused() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let user = Uuid::new_v4();
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "activities",
+            json!({"title": "t", "starts_at": "yesterday"}),
+            "starts_at",
+        ),
+        (
+            "activities",
+            json!({"title": "t", "starts_at": "now"}),
+            "starts_at",
+        ),
+        (
+            "activities",
+            json!({"title": "t", "starts_at": "2026-12-01"}),
+            "starts_at",
+        ),
+        (
+            "activities",
+            json!({"title": "t", "starts_at": "2026-12-01T10:00:00"}),
+            "starts_at",
+        ),
+        (
+            "activities",
+            json!({"title": "t", "starts_at": "2026-02-30T10:00:00Z"}),
+            "starts_at",
+        ),
+        (
+            "activities",
+            json!({"title": "t", "work_ids": ["not-a-uuid"]}),
+            "work_ids",
+        ),
+        (
+            "works",
+            json!({"title": "t", "favorite": "yes"}),
+            "favorite",
+        ),
+        ("works", json!({"title": "t", "year": 2019.5}), "year"),
+        (
+            "works",
+            json!({"title": "t", "year": 99_999_999_999_i64}),
+            "year",
+        ),
+        ("works", json!({"title": "t", "tags": "{a,b}"}), "tags"),
+        ("works", json!({"title": "t", "tags": [["a"]]}), "tags"),
+        ("works", json!({"title": 7}), "title"),
+        ("works", json!({"title": "a\u{0}b"}), "title"),
+        (
+            "works",
+            json!({"title": "t", "authors": [{"name": "a\u{0}b"}]}),
+            "authors",
+        ),
+        ("boards", json!({"width": "1.5"}), "width"),
+        (
+            "blobs_meta",
+            json!({"sha256": deeprecall_tests::sha(1), "size": 1.5}),
+            "size",
+        ),
+    ];
+    for (table, row, column) in cases {
+        let ops = json!([
+            insert("works", json!({"title": "first"})),
+            insert(table, row.clone())
+        ]);
+        let (status, body) = env.batch(user, ops).await;
+        assert_eq!(
+            (status.as_u16(), error_code(&body)),
+            (422, "invalid_value"),
+            "{table} {row}: {body}"
+        );
+        assert_eq!(body["error"]["op_index"], 1, "{table} {row}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("column `{column}`")),
+            "{table} {row}: {message}"
+        );
+    }
+    for t in TABLES.iter().chain(&["blobs_meta", "sync_applied_ops"]) {
+        assert_eq!(
+            count(&db, &format!("select count(*) from {t}"), &[]).await,
+            0,
+            "{t}"
+        );
+    }
+}
+
+/// Types the server does not decode itself travel as text and are cast by Postgres, which applies its own input
+/// rules (and reports errors with the op's index); explicit casts never truncate.
+#[tokio::test]
+async fn other_types_are_cast_by_postgres() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let user = Uuid::new_v4();
+    db.batch_execute(
+        "create table readings (
+           id uuid not null default gen_random_uuid(),
+           owner_id uuid not null default deeprecall_current_user_id(),
+           amount numeric(30,20),
+           day date,
+           took interval,
+           code varchar(3),
+           days date[],
+           created_at timestamptz not null default now(),
+           updated_at timestamptz not null default now(),
+           primary key (owner_id, id));
+         alter publication deeprecall_sync add table readings;",
+    )
+    .await
+    .unwrap();
+    let mut migrator = deeprecall_tests::connect(&env.db_url()).await;
+    deeprecall_sync::db::migrate::migrate(&mut migrator)
+        .await
+        .expect("migrate");
+    let id = Uuid::new_v4();
+    let good = insert(
+        "readings",
+        json!({"id": id, "amount": "AMOUNT", "day": "2026-12-01", "took": "1 day 02:00:00",
+               "code": "abc", "days": ["2026-12-01", null]}),
+    );
+    // A JSON number with more digits than an f64 holds, sent as raw JSON: numeric keeps every digit.
+    let body = good
+        .to_string()
+        .replace("\"AMOUNT\"", "3.14159265358979323846");
+    let token = env.token(user);
+    let mut last = Value::Null;
+    for _ in 0..50 {
+        let (status, resp) = env
+            .post_raw(
+                "/v1/batch",
+                Some(&token),
+                format!("{{\"ops\":[{body}]}}").into_bytes(),
+            )
+            .await;
+        if status == 200 {
+            last = Value::Null;
+            break;
+        }
+        last = resp;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(last, Value::Null, "readings never became writable");
+    let row = db
+        .query_one(
+            "select amount::text, day = '2026-12-01', took = '26 hours', code, days::text from readings where id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "3.14159265358979323846");
+    assert!(row.get::<_, bool>(1) && row.get::<_, bool>(2));
+    assert_eq!(row.get::<_, String>(3), "abc");
+    assert_eq!(row.get::<_, String>(4), "{2026-12-01,NULL}");
+    for (row, want) in [
+        (json!({"amount": "twenty"}), "invalid_value"),
+        (json!({"code": "abcd"}), "invalid_value"),
+        (json!({"day": {"y": 2026}}), "invalid_value"),
+    ] {
+        let ops = json!([
+            insert("works", json!({"title": "x"})),
+            insert("readings", row.clone())
+        ]);
+        let (status, body) = env.batch(user, ops).await;
+        assert_eq!(
+            (
+                status.as_u16(),
+                error_code(&body),
+                &body["error"]["op_index"]
+            ),
+            (422, want, &json!(1)),
+            "{row}: {body}"
+        );
+    }
+    assert_eq!(
+        count(&db, "select count(*) from readings", &[]).await,
+        1,
+        "a varchar(3) is not silently truncated"
+    );
+}
+
+/// `db::begin_scoped`, the one place the row-level-security session is set up (every path uses it; the live
+/// snapshot will too): role and user are set for the transaction only, `first_reading` expressions come from the
+/// transaction's first statement, and a read-only transaction is not given a transaction id.
+#[tokio::test]
+async fn the_session_function_sets_role_and_user_for_one_transaction() {
+    use deeprecall_sync::db::{Scope, begin_scoped, run_scoped};
+    let env = TestEnv::start().await;
+    let user = Uuid::new_v4();
+    let mut client = env.state.pool.get().await.unwrap();
+    let scope = Scope::user(user)
+        .isolation(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only()
+        .first_reading(&[
+            "pg_current_snapshot()::text",
+            "pg_current_wal_insert_lsn()::text",
+        ]);
+    {
+        let session = begin_scoped(&mut client, &scope, &[]).await.unwrap();
+        let snapshot: String = session.head.get(0);
+        let lsn: String = session.head.get(1);
+        assert_eq!(snapshot.split(':').count(), 3, "{snapshot}");
+        assert!(lsn.contains('/'), "{lsn}");
+        assert_eq!(session.txid, None);
+        let row = session
+        .tx
+        .query_one(
+            "select current_user::text, current_setting('app.user_id'), \
+                    current_setting('transaction_isolation'), current_setting('transaction_read_only'), \
+                    pg_current_xact_id_if_assigned() is null, pg_current_snapshot()::text",
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(row.get::<_, String>(0), "deeprecall_user");
+        assert_eq!(row.get::<_, String>(1), user.to_string());
+        assert_eq!(row.get::<_, String>(2), "repeatable read");
+        assert_eq!(row.get::<_, String>(3), "on");
+        assert!(row.get::<_, bool>(4), "a read-only session has no xid");
+        assert_eq!(
+            row.get::<_, String>(5),
+            snapshot,
+            "the first statement took the snapshot"
+        );
+        session.tx.commit().await.unwrap();
+    }
+    // Transaction-local: the pooled connection is back to the server's role with no user.
+    let row = client
+        .query_one(
+            "select current_user::text <> 'deeprecall_user', current_setting('app.user_id', true)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, Option<String>>(1).unwrap_or_default(), "");
+
+    // The one-round-trip form: a failing statement rolls the whole transaction back.
+    let insert = client
+        .prepare_cached("insert into works (title) values ($1)")
+        .await
+        .unwrap();
+    let (ok, bad): (&str, Option<&str>) = ("kept?", None);
+    let trip = run_scoped(
+        &mut client,
+        &Scope::user(user).with_txid(),
+        &[(&insert, &[&ok]), (&insert, &[&bad])],
+    )
+    .await
+    .unwrap();
+    assert!(trip.txid.is_some());
+    assert!(trip.results[0].is_ok() && trip.results[1].is_err());
+    assert!(!trip.committed);
+    let trip = run_scoped(
+        &mut client,
+        &Scope::user(user).with_txid(),
+        &[(&insert, &[&ok])],
+    )
+    .await
+    .unwrap();
+    assert!(trip.committed);
+    let db = env.superuser().await;
+    assert_eq!(
+        count(
+            &db,
+            "select count(*) from works where owner_id = $1",
+            &[&user]
+        )
+        .await,
+        1
+    );
+}

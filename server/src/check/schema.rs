@@ -4,7 +4,7 @@
 use super::{Check, CheckArgs, Db, Finding};
 use crate::db::catalog::PUBLICATION;
 use crate::db::migrate::{self, MigrateError};
-use crate::db::{ADMIN_ROLE, USER_ROLE};
+use crate::db::{ADMIN_ROLE, MAINTENANCE_ROLE, USER_ROLE};
 
 /// The remedy for anything `migrate` creates or re-applies.
 const MIGRATE_FIX: &str = "run `deeprecall-sync migrate` (it re-applies policies/: row-level security, grants, replica identity)";
@@ -232,6 +232,8 @@ pub(super) async fn replica_identity(ctx: &Db<'_>) -> Result<Check, tokio_postgr
 
 /// The op ledger: not synced, but row-level security applies to it like to a synced table (policies/).
 const LEDGER: &str = "sync_applied_ops";
+/// The per-client sequence records (sql/0003): row-level security like a synced table (policies/0002).
+const CLIENTS: &str = "sync_clients";
 
 /// A policy as policies/0001_roles_and_rls.sql creates it on every synced table and the ledger.
 struct ExpectedPolicy {
@@ -259,16 +261,46 @@ const EXPECTED_POLICIES: &[ExpectedPolicy] = &[
     },
 ];
 
+/// The op-ledger pruner's policies (policies/0002): on the ledger only, for the maintenance role.
+const LEDGER_POLICIES: &[ExpectedPolicy] = &[
+    ExpectedPolicy {
+        name: "retention_read",
+        command: "SELECT",
+        role: MAINTENANCE_ROLE,
+        using: "true",
+        with_check: None,
+    },
+    ExpectedPolicy {
+        name: "retention_prune",
+        command: "DELETE",
+        role: MAINTENANCE_ROLE,
+        using: "true",
+        with_check: None,
+    },
+];
+
+/// The policies `table` must have.
+fn expected_policies(table: &str) -> impl Iterator<Item = &'static ExpectedPolicy> {
+    let ledger = if table == LEDGER {
+        LEDGER_POLICIES
+    } else {
+        &[]
+    };
+    EXPECTED_POLICIES.iter().chain(ledger)
+}
+
 pub(super) async fn row_level_security(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error> {
     const NAME: &str = "row_level_security";
     let mut oids: Vec<u32> = ctx.tables().iter().map(|t| t.oid).collect();
-    if let Some(row) = ctx
-        .client
-        .query_opt("select to_regclass($1)::oid", &[&LEDGER])
-        .await?
-        && let Some(oid) = row.get::<_, Option<u32>>(0)
-    {
-        oids.push(oid);
+    for table in [LEDGER, CLIENTS] {
+        if let Some(row) = ctx
+            .client
+            .query_opt("select to_regclass($1)::oid", &[&table])
+            .await?
+            && let Some(oid) = row.get::<_, Option<u32>>(0)
+        {
+            oids.push(oid);
+        }
     }
     let rows = ctx
         .client
@@ -332,7 +364,7 @@ pub(super) async fn row_level_security(ctx: &Db<'_>) -> Result<Check, tokio_post
     }
     for r in &rows {
         let table: String = r.get(0);
-        for expected in EXPECTED_POLICIES {
+        for expected in expected_policies(&table) {
             let found = policies
                 .iter()
                 .find(|p| p.get::<_, String>(0) == table && p.get::<_, String>(1) == expected.name);
@@ -372,9 +404,7 @@ pub(super) async fn row_level_security(ctx: &Db<'_>) -> Result<Check, tokio_post
         for p in policies.iter().filter(|p| {
             p.get::<_, String>(0) == table
                 && p.get::<_, bool>(2)
-                && !EXPECTED_POLICIES
-                    .iter()
-                    .any(|e| e.name == p.get::<_, String>(1))
+                && !expected_policies(&table).any(|e| e.name == p.get::<_, String>(1))
         }) {
             findings.push(Finding::warn(
                 format!(
@@ -392,7 +422,8 @@ pub(super) async fn row_level_security(ctx: &Db<'_>) -> Result<Check, tokio_post
     Ok(Check::from_findings(
         NAME,
         format!(
-            "enabled and forced on {} tables (synced tables and {LEDGER}), with owner_isolation and admin_read",
+            "enabled and forced on {} tables (synced tables, {LEDGER}, {CLIENTS}), with owner_isolation and admin_read \
+             (and the pruner's policies on {LEDGER})",
             rows.len()
         ),
         findings,
@@ -402,7 +433,7 @@ pub(super) async fn row_level_security(ctx: &Db<'_>) -> Result<Check, tokio_post
 pub(super) async fn roles(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error> {
     const NAME: &str = "roles";
     let mut findings = Vec::new();
-    for role in [USER_ROLE, ADMIN_ROLE] {
+    for role in [USER_ROLE, ADMIN_ROLE, MAINTENANCE_ROLE] {
         let row = ctx
             .client
             .query_opt(
@@ -492,7 +523,7 @@ pub(super) async fn roles(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error> 
     Ok(Check::from_findings(
         NAME,
         format!(
-            "{USER_ROLE} and {ADMIN_ROLE} exist without bypassrls; {} is a member of both",
+            "{USER_ROLE}, {ADMIN_ROLE} and {MAINTENANCE_ROLE} exist without bypassrls; {} is a member of each",
             ctx.login
         ),
         findings,
@@ -510,6 +541,9 @@ const EXPECTED_GRANTS: &[(&str, &str, &[&str])] = &[
     ("synced", ADMIN_ROLE, &["SELECT"]),
     (LEDGER, USER_ROLE, &["SELECT", "INSERT"]),
     (LEDGER, ADMIN_ROLE, &["SELECT"]),
+    (LEDGER, MAINTENANCE_ROLE, &["SELECT", "DELETE"]),
+    (CLIENTS, USER_ROLE, &["SELECT", "INSERT", "UPDATE"]),
+    (CLIENTS, ADMIN_ROLE, &["SELECT"]),
     ("v_blob_inventory", USER_ROLE, &["SELECT"]),
     ("v_blob_inventory", ADMIN_ROLE, &["SELECT"]),
 ];
@@ -562,7 +596,7 @@ pub(super) async fn grants(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error>
         .map(|r| r.get(0))
         .collect();
     for schema in &schemas {
-        for role in [USER_ROLE, ADMIN_ROLE] {
+        for role in [USER_ROLE, ADMIN_ROLE, MAINTENANCE_ROLE] {
             let has: bool = ctx
                 .client
                 .query_one(
@@ -581,8 +615,8 @@ pub(super) async fn grants(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error>
         Check::ok(
             NAME,
             format!(
-                "{USER_ROLE} and {ADMIN_ROLE} hold their privileges on {} synced tables, {LEDGER} and \
-                 v_blob_inventory",
+                "{USER_ROLE}, {ADMIN_ROLE} and {MAINTENANCE_ROLE} hold their privileges on {} synced tables, \
+                 {LEDGER}, {CLIENTS} and v_blob_inventory",
                 tables.len()
             ),
         )

@@ -1,6 +1,8 @@
-//! Database access: the connection pool, migrations and the catalog of synced tables.
+//! Database access: the connection pool, the row-level-security session ([`begin_scoped`]), migrations, the catalog
+//! of synced tables and op-ledger retention.
 
 pub mod catalog;
+pub mod ledger;
 pub mod migrate;
 pub mod tls;
 
@@ -8,6 +10,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use deeprecall_replication::stream::TlsSettings;
 
 pub use tls::{DbUrlError, PgConnector};
+use tokio_postgres::IsolationLevel;
 
 /// Session settings pinned on every connection the server opens (pool, snapshot and replication alike), so a value
 /// is rendered the same way in a snapshot row and in a live change: text output depends on these.
@@ -18,6 +21,8 @@ pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO,MDY -c IntervalStyle=postgre
 pub const USER_ROLE: &str = "deeprecall_user";
 /// The read-only reporting role (admin endpoints).
 pub const ADMIN_ROLE: &str = "deeprecall_admin";
+/// The housekeeping role: may read and delete op-ledger rows of every owner, nothing else (policies/).
+pub const MAINTENANCE_ROLE: &str = "deeprecall_maintenance";
 
 /// A parsed DATABASE_URL: the `tokio-postgres` settings (session settings pinned), the TLS settings libpq's
 /// `ssl*` parameters ask for, and the connector that applies them. Every connection the server opens goes through
@@ -114,29 +119,325 @@ pub fn pool(target: &PgTarget, max_size: usize) -> anyhow::Result<Pool> {
     Ok(Pool::builder(manager).max_size(max_size).build()?)
 }
 
-/// Starts a user-scoped transaction's first statement: switches to `role` and sets `app.user_id` for this
-/// transaction only (`set_config(..., true)` is `SET LOCAL`, which takes no bind parameters), and returns the
-/// transaction id as a decimal string (`pg_current_xact_id()`, 64-bit with epoch; the stream reports the same).
-pub const BEGIN_AS_USER_SQL: &str = "select set_config('role', $1, true), set_config('app.user_id', $2, true), \
-     pg_current_xact_id()::text";
+/// How a transaction that acts for someone starts: which role, which user, isolation, read-only, and what else its
+/// first statement reads. Built with [`Scope::user`], [`Scope::admin`] or [`Scope::maintenance`] and the builder
+/// methods; consumed by [`begin_scoped`], the one place the row-level-security session is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    role: &'static str,
+    user: Option<uuid::Uuid>,
+    isolation: Option<IsolationLevel>,
+    read_only: bool,
+    first_reading: &'a [&'a str],
+    txid: bool,
+}
 
-/// Opens a transaction on a pooled connection as `role` with `app.user_id = user`; returns it with its txid.
+impl<'a> Scope<'a> {
+    /// `user`'s own work: role `deeprecall_user`, `app.user_id = user` (row-level security restricts every statement
+    /// to their rows).
+    pub fn user(user: uuid::Uuid) -> Self {
+        Self::with_role(USER_ROLE, Some(user))
+    }
+
+    /// Read-only reporting across owners: role `deeprecall_admin`, `app.user_id = user` (the admin's own id).
+    pub fn admin(user: uuid::Uuid) -> Self {
+        Self::with_role(ADMIN_ROLE, Some(user))
+    }
+
+    /// Server housekeeping (op-ledger retention): role `deeprecall_maintenance`, no user.
+    pub fn maintenance() -> Self {
+        Self::with_role(MAINTENANCE_ROLE, None)
+    }
+
+    fn with_role(role: &'static str, user: Option<uuid::Uuid>) -> Self {
+        Self {
+            role,
+            user,
+            isolation: None,
+            read_only: false,
+            first_reading: &[],
+            txid: false,
+        }
+    }
+
+    /// A read-only transaction.
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
+        self
+    }
+
+    /// An isolation level other than the session default (read committed).
+    pub fn isolation(mut self, level: IsolationLevel) -> Self {
+        self.isolation = Some(level);
+        self
+    }
+
+    /// Also return the transaction id (`pg_current_xact_id()`, decimal): for writes, whose txid the live stream
+    /// reports. Not for reads: it would assign them an xid for nothing.
+    pub fn with_txid(mut self) -> Self {
+        self.txid = true;
+        self
+    }
+
+    /// SQL expressions (constant text, never client input) evaluated by the transaction's **first** statement,
+    /// before the role switch, e.g. `pg_current_snapshot()::text` and `pg_current_wal_insert_lsn()::text` for a
+    /// snapshot whose position must be read in the same instant as its snapshot is taken. Their values are
+    /// [`Session::head`]'s columns `0..n`.
+    pub fn first_reading(mut self, expressions: &'a [&'a str]) -> Self {
+        self.first_reading = expressions;
+        self
+    }
+
+    /// The `BEGIN` that opens a transaction of this scope.
+    fn begin_sql(&self) -> String {
+        let mut sql = String::from("begin");
+        match self.isolation {
+            Some(IsolationLevel::Serializable) => sql.push_str(" isolation level serializable"),
+            Some(IsolationLevel::RepeatableRead) => {
+                sql.push_str(" isolation level repeatable read")
+            }
+            Some(IsolationLevel::ReadCommitted) => sql.push_str(" isolation level read committed"),
+            Some(IsolationLevel::ReadUncommitted) => {
+                sql.push_str(" isolation level read uncommitted")
+            }
+            _ => {}
+        }
+        if self.read_only {
+            sql.push_str(" read only");
+        }
+        sql
+    }
+
+    /// The first statement: `select <first_reading…>, [pg_current_xact_id()::text,] set_config('role', $1, true),
+    /// set_config('app.user_id', $2, true)`, with its parameters ([`Scope::head_params`]).
+    fn head_sql(&self) -> String {
+        let mut sql = String::from("select ");
+        for e in self.first_reading {
+            sql.push_str(e);
+            sql.push_str(", ");
+        }
+        if self.txid {
+            sql.push_str("pg_current_xact_id()::text, ");
+        }
+        sql.push_str("set_config('role', $1, true), set_config('app.user_id', $2, true)");
+        sql
+    }
+}
+
+impl Scope<'_> {
+    /// The first statement's parameters: the role and the user (`''` for none).
+    fn head_params(&self) -> (&'static str, String) {
+        (
+            self.role,
+            self.user.map(|u| u.to_string()).unwrap_or_default(),
+        )
+    }
+}
+
+/// A transaction opened by [`begin_scoped`].
+pub struct Session<'c> {
+    /// The transaction; rolled back when dropped uncommitted.
+    pub tx: deadpool_postgres::Transaction<'c>,
+    /// The first statement's row: the [`Scope::first_reading`] values at columns `0..n`.
+    pub head: tokio_postgres::Row,
+    /// `pg_current_xact_id()` as a decimal string, with [`Scope::with_txid`].
+    pub txid: Option<String>,
+    /// Rows of each statement pipelined behind the first one, in the order given.
+    pub pipelined: Vec<Vec<tokio_postgres::Row>>,
+}
+
+impl std::fmt::Debug for Session<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("txid", &self.txid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A statement to pipeline behind the session's first statement, with its parameters.
+pub type Pipelined<'s> = (
+    &'s tokio_postgres::Statement,
+    &'s [&'s (dyn tokio_postgres::types::ToSql + Sync)],
+);
+
+/// Opens a transaction acting as `scope` says. With [`run_scoped`], the only way the row-level-security session
+/// (role, `app.user_id`; its SQL is [`Scope`]'s) is set up, for every path (batch, blobs, inventory, snapshots,
+/// housekeeping).
 ///
-/// Both settings are transaction-local, so the connection goes back to the pool as the server's own role with no
-/// user set (and then reads `app.user_id` as `''`, which the policies treat as "no user").
+/// Round trips: `BEGIN`, then the first statement with every `pipelined` statement sent behind it before any answer
+/// is awaited (Postgres runs them in order, after the role switch, so they are bound by row-level security). Prepare
+/// the pipelined statements on `client` beforehand (`prepare_cached`). The first statement itself is prepared before
+/// `BEGIN`, so that in a repeatable-read transaction it really is the statement that takes the snapshot (a `Parse`
+/// inside the transaction would take it already).
+///
+/// Both settings are transaction-local (`set_config(…, true)` is `SET LOCAL`, which takes no bind parameters), so the
+/// connection goes back to the pool as the server's own role with no user set (and then reads `app.user_id` as `''`,
+/// which the policies treat as "no user").
+pub async fn begin_scoped<'c>(
+    client: &'c mut deadpool_postgres::Object,
+    scope: &Scope<'_>,
+    pipelined: &[Pipelined<'_>],
+) -> Result<Session<'c>, tokio_postgres::Error> {
+    let head = client.prepare_cached(&scope.head_sql()).await?;
+    let mut builder = client.build_transaction().read_only(scope.read_only);
+    if let Some(level) = scope.isolation {
+        builder = builder.isolation_level(level);
+    }
+    let tx = builder.start().await?;
+    let (role, user) = scope.head_params();
+    let (head, rest) = {
+        let head_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&role, &user];
+        // join! polls the head first, so it is sent first; join_all sends the rest in order behind it.
+        futures::join!(
+            tx.query_one(&head, &head_params),
+            futures::future::join_all(
+                pipelined
+                    .iter()
+                    .map(|(stmt, params)| tx.query(*stmt, params))
+            )
+        )
+    };
+    let head = head?;
+    let pipelined = rest.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let txid = scope
+        .txid
+        .then(|| head.get::<_, String>(scope.first_reading.len()));
+    Ok(Session {
+        tx,
+        head,
+        txid,
+        pipelined,
+    })
+}
+
+/// What [`run_scoped`] returns: every statement's outcome. The transaction committed iff `committed`.
+pub struct OneTrip {
+    /// The first statement's row (see [`Session::head`]), or why the transaction failed at its start.
+    pub head: Result<tokio_postgres::Row, tokio_postgres::Error>,
+    /// `pg_current_xact_id()` with [`Scope::with_txid`], once the head succeeded.
+    pub txid: Option<String>,
+    /// Each statement's rows or error, in the order given. After the first error the rest fail with 25P02.
+    pub results: Vec<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+    /// Whether the transaction committed: every statement succeeded and so did `COMMIT`.
+    pub committed: bool,
+}
+
+impl std::fmt::Debug for OneTrip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OneTrip")
+            .field("txid", &self.txid)
+            .field("committed", &self.committed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A whole transaction of `scope` in **one** round trip: `BEGIN`, the scope's first statement (the same one
+/// [`begin_scoped`] runs), `statements` in order, and `COMMIT` are all sent before any answer is awaited. If any
+/// statement fails, Postgres aborts the transaction, the later ones fail with 25P02, and the `COMMIT` rolls it back:
+/// all or nothing, decided by Postgres without waiting for the server.
+///
+/// For callers that know everything they will run up front (the write path's common case). Prepare the
+/// statements on `client` first (`prepare_cached`). Every message is queued on the connection within the first poll,
+/// so even if this future is dropped (the HTTP client went away) the connection ends outside a transaction.
+/// `Err` only when the connection itself failed.
+pub async fn run_scoped(
+    client: &mut deadpool_postgres::Object,
+    scope: &Scope<'_>,
+    statements: &[Pipelined<'_>],
+) -> Result<OneTrip, tokio_postgres::Error> {
+    let head = client.prepare_cached(&scope.head_sql()).await?;
+    let (role, user) = scope.head_params();
+    let head_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&role, &user];
+    let client: &tokio_postgres::Client = client;
+    let begin = scope.begin_sql();
+    // join! polls each future once, in order, on its first poll: all messages are queued before anything is awaited.
+    let (begun, head, results, commit) = futures::join!(
+        client.batch_execute(&begin),
+        client.query_one(&head, &head_params),
+        futures::future::join_all(
+            statements
+                .iter()
+                .map(|(stmt, params)| client.query(*stmt, params))
+        ),
+        client.batch_execute("commit")
+    );
+    begun?;
+    // A failed transaction's COMMIT succeeds (as a rollback); a failing COMMIT is a failed commit (or a lost
+    // connection, reported as such by the caller's error mapping).
+    let committed = head.is_ok() && results.iter().all(Result::is_ok);
+    if let Err(e) = commit
+        && (committed || e.is_closed())
+    {
+        return Err(e);
+    }
+    let txid = match (&head, scope.txid) {
+        (Ok(row), true) => Some(row.get::<_, String>(scope.first_reading.len())),
+        _ => None,
+    };
+    Ok(OneTrip {
+        head,
+        txid,
+        results,
+        committed,
+    })
+}
+
+/// Opens a transaction on a pooled connection as `role` with `app.user_id = user`; returns it with its txid
+/// (empty for read-only transactions, which get none).
+///
+/// Kept for callers not yet converted to [`begin_scoped`] (the live snapshot path); it is a thin wrapper around it.
 pub async fn begin_as<'a>(
     client: &'a mut deadpool_postgres::Object,
     role: &str,
     user: uuid::Uuid,
     read_only: bool,
 ) -> Result<(deadpool_postgres::Transaction<'a>, String), tokio_postgres::Error> {
-    let tx = client
-        .build_transaction()
-        .read_only(read_only)
-        .start()
-        .await?;
-    let begin = tx.prepare_cached(BEGIN_AS_USER_SQL).await?;
-    let user = user.to_string();
-    let txid: String = tx.query_one(&begin, &[&role, &user]).await?.get(2);
-    Ok((tx, txid))
+    let mut scope = match role {
+        ADMIN_ROLE => Scope::admin(user),
+        _ => Scope::user(user),
+    };
+    if read_only {
+        scope = scope.read_only();
+    } else {
+        scope = scope.with_txid();
+    }
+    let session = begin_scoped(client, &scope, &[]).await?;
+    Ok((session.tx, session.txid.unwrap_or_default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_statement_reads_before_it_switches_role() {
+        let user = uuid::Uuid::nil();
+        assert_eq!(
+            Scope::user(user).with_txid().head_sql(),
+            "select pg_current_xact_id()::text, set_config('role', $1, true), set_config('app.user_id', $2, true)"
+        );
+        let snapshot = Scope::user(user)
+            .isolation(IsolationLevel::RepeatableRead)
+            .read_only()
+            .first_reading(&[
+                "pg_current_snapshot()::text",
+                "pg_current_wal_insert_lsn()::text",
+            ]);
+        assert_eq!(
+            snapshot.head_sql(),
+            "select pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text, set_config('role', $1, true), \
+             set_config('app.user_id', $2, true)"
+        );
+        assert_eq!(
+            snapshot.begin_sql(),
+            "begin isolation level repeatable read read only"
+        );
+        assert_eq!(Scope::user(user).begin_sql(), "begin");
+        assert_eq!(snapshot.head_params(), (USER_ROLE, user.to_string()));
+        assert_eq!(
+            Scope::maintenance().head_params(),
+            (MAINTENANCE_ROLE, String::new())
+        );
+        assert_eq!(Scope::admin(user).head_params().0, ADMIN_ROLE);
+    }
 }

@@ -18,7 +18,7 @@ use tokio_postgres::types::{Json as PgJson, ToSql};
 use uuid::Uuid;
 
 use crate::auth::{AuthError, AuthUser};
-use crate::db::{ADMIN_ROLE, begin_as};
+use crate::db::{Scope, begin_scoped};
 use crate::error::{ApiError, from_db};
 use crate::http::blobs::is_sha256;
 use crate::state::AppState;
@@ -374,9 +374,10 @@ async fn admin_tx<'a>(
     client: &'a mut deadpool_postgres::Object,
     user: &AuthUser,
 ) -> Result<deadpool_postgres::Transaction<'a>, ApiError> {
-    let (tx, _) = begin_as(client, ADMIN_ROLE, user.user_id, true)
+    let tx = begin_scoped(client, &Scope::admin(user.user_id).read_only(), &[])
         .await
-        .map_err(|e| from_db(&e))?;
+        .map_err(|e| from_db(&e))?
+        .tx;
     tx.execute(
         "select set_config('statement_timeout', $1, true)",
         &[&STATEMENT_TIMEOUT],

@@ -16,9 +16,9 @@ use tokio_postgres::types::Json as PgJson;
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
-use crate::db::{USER_ROLE, begin_as};
+use crate::db::{Scope, begin_scoped};
 use crate::error::{ApiError, from_db};
-use crate::http::batch::body_error;
+use crate::http::batch::{Bounded, body_error, parse_off_runtime};
 use crate::state::AppState;
 
 /// Whether `s` is a sha256 in the canonical form: 64 lowercase hex characters.
@@ -83,6 +83,93 @@ pub struct CoordinateRequest {
     pub blobs: Vec<DeviceBlobReport>,
 }
 
+/// Parses a coordination body as a stream (like `/v1/batch`, docs/api.md "Limits"): `blobs` is counted while it is
+/// read, and the parse stops at blob `max + 1` with 413 `too_many_blobs`, before the rest of the body is looked at.
+/// Not JSON is 400 `invalid_json`; JSON of the wrong shape 422 `invalid_request`.
+fn parse_coordinate(body: &[u8], max: usize) -> Result<CoordinateRequest, ApiError> {
+    let exceeded = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = serde::de::DeserializeSeed::deserialize(
+        CoordinateSeed {
+            max,
+            exceeded: &exceeded,
+        },
+        &mut de,
+    )
+    .and_then(|req| de.end().map(|()| req));
+    match parsed {
+        _ if exceeded.get() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_blobs",
+            format!("at most {max} blobs per request; split it"),
+        )),
+        Err(e) if e.is_syntax() || e.is_eof() => Err(ApiError::bad_request(
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )),
+        Err(e) => Err(ApiError::unprocessable(
+            "invalid_request",
+            format!("invalid coordination request: {e}"),
+        )),
+        Ok(req) => Ok(req),
+    }
+}
+
+/// [`CoordinateRequest`]'s fields, with `blobs` read through [`Bounded`].
+struct CoordinateSeed<'f> {
+    max: usize,
+    exceeded: &'f std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for CoordinateSeed<'_> {
+    type Value = CoordinateRequest;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        const FIELDS: &[&str] = &["device_id", "complete", "blobs"];
+        d.deserialize_struct("CoordinateRequest", FIELDS, self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for CoordinateSeed<'_> {
+    type Value = CoordinateRequest;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object with `device_id` and `blobs`")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        let (mut device_id, mut complete, mut blobs) = (None, None, None);
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "device_id" if device_id.is_none() => device_id = Some(map.next_value::<Uuid>()?),
+                "complete" if complete.is_none() => complete = Some(map.next_value::<bool>()?),
+                "blobs" if blobs.is_none() => {
+                    blobs = Some(map.next_value_seed(Bounded::<DeviceBlobReport>::new(
+                        self.max,
+                        self.exceeded,
+                        "an array of blobs",
+                    ))?);
+                }
+                "device_id" | "complete" | "blobs" => {
+                    return Err(A::Error::custom(format!("duplicate field `{key}`")));
+                }
+                other => {
+                    return Err(A::Error::unknown_field(
+                        other,
+                        &["device_id", "complete", "blobs"],
+                    ));
+                }
+            }
+        }
+        Ok(CoordinateRequest {
+            device_id: device_id.ok_or_else(|| A::Error::missing_field("device_id"))?,
+            complete: complete.unwrap_or(false),
+            blobs: blobs.ok_or_else(|| A::Error::missing_field("blobs"))?,
+        })
+    }
+}
+
 /// Response of `POST /v1/blobs/coordinate`.
 #[derive(Debug, Clone, Serialize)]
 pub struct CoordinateResponse {
@@ -106,29 +193,8 @@ pub async fn coordinate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<CoordinateResponse>, ApiError> {
     let body = body.map_err(body_error)?;
-    // Same split as /v1/batch: not JSON at all is 400 invalid_json; JSON of the wrong shape is 422.
-    let value: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_json",
-            format!("request body is not valid JSON: {e}"),
-        )
-    })?;
-    let req: CoordinateRequest = serde_json::from_value(value).map_err(|e| {
-        ApiError::unprocessable(
-            "invalid_request",
-            format!("invalid coordination request: {e}"),
-        )
-    })?;
-    if req.blobs.len() > state.limits.max_ops_per_batch {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_blobs",
-            format!(
-                "at most {} blobs per request; split it",
-                state.limits.max_ops_per_batch
-            ),
-        ));
-    }
+    let max = state.limits.max_ops_per_batch;
+    let req = parse_off_runtime(body, move |bytes| parse_coordinate(bytes, max)).await?;
     let mut seen = std::collections::HashSet::new();
     for (i, b) in req.blobs.iter().enumerate() {
         check_sha256(&b.sha256).map_err(|e| e.at_blob(i))?;
@@ -158,9 +224,10 @@ pub async fn coordinate(
     req.blobs.sort_unstable_by(|a, b| a.sha256.cmp(&b.sha256));
 
     let mut client = state.pool.get().await?;
-    let (tx, txid) = begin_as(&mut client, USER_ROLE, user.user_id, false)
+    let session = begin_scoped(&mut client, &Scope::user(user.user_id).with_txid(), &[])
         .await
         .map_err(|e| from_db(&e))?;
+    let (tx, txid) = (session.tx, session.txid.unwrap_or_default());
     let blobs = serde_json::to_value(&req.blobs).map_err(|e| ApiError::internal(&e))?;
     let blobs = PgJson(&blobs);
     const INPUT: &str = "jsonb_to_recordset($1) as x(sha256 text, size bigint, mime text, filename text, \
@@ -237,10 +304,11 @@ pub async fn get_blob(
 ) -> Result<Json<Value>, ApiError> {
     check_sha256(&sha256)?;
     let mut client = state.pool.get().await?;
-    let (tx, _) = begin_as(&mut client, USER_ROLE, user.user_id, true)
+    let session = begin_scoped(&mut client, &Scope::user(user.user_id).read_only(), &[])
         .await
         .map_err(|e| from_db(&e))?;
-    let row = tx
+    let row = session
+        .tx
         .query_one(
             "select
                (select to_jsonb(m) - 'owner_id' - 'sha256' from blobs_meta m where m.sha256 = $1),
@@ -303,13 +371,12 @@ pub async fn my_inventory(
 ) -> Result<Json<Value>, ApiError> {
     let Query(mut q) = q.map_err(query_error)?;
     q.owner_id = None;
-    inventory(&state, &user, USER_ROLE, q).await
+    inventory(&state, Scope::user(user.user_id), q).await
 }
 
 async fn inventory(
     state: &AppState,
-    user: &AuthUser,
-    role: &str,
+    scope: Scope<'_>,
     q: InventoryQuery,
 ) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(100);
@@ -329,9 +396,10 @@ async fn inventory(
         }
     };
     let mut client = state.pool.get().await?;
-    let (tx, _) = begin_as(&mut client, role, user.user_id, true)
+    let session = begin_scoped(&mut client, &scope.read_only(), &[])
         .await
         .map_err(|e| from_db(&e))?;
+    let tx = session.tx;
     // Keyset paging on (owner_id, sha256), the unique key of blobs_meta: stable under concurrent inserts.
     let rows = tx
         .query(

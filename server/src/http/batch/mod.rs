@@ -1,0 +1,79 @@
+//! `POST /v1/batch`: the one write path.
+//!
+//! ```text
+//! body (≤ --max-body-bytes) ──request::parse──► BatchRequest      typed; stops at op max+1 (413); blocking pool if large
+//!                           ──plan::plan──────► Plan               catalog + typed values, 4xx with op_index; no DB
+//!                           ──execute::run────► BatchResponse      one transaction as the user (RLS), idempotent
+//! ```
+//!
+//! Values never become SQL text: each column of a run of same-shape ops is one typed binary array parameter,
+//! expanded with `unnest` (plan.rs); identifiers come from the catalog and are quoted. `owner_id` is never taken
+//! from the client: it defaults to `app.user_id`, and the policy's `with check` refuses anything else.
+//!
+//! Idempotency (docs/api.md): a batch with `client_id` numbers its ops with `seq`, and the server keeps one row per
+//! (owner, client) with the last applied seq; a batch without keeps one ledger row per `op_id`
+//! (`sync_applied_ops`, pruned after the retention by `db::ledger`).
+
+mod body;
+mod execute;
+mod plan;
+mod request;
+mod value;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+
+pub use body::body_error;
+pub(crate) use body::{Bounded, parse_off_runtime};
+pub use execute::{BatchResponse, OpResult, OpStatus};
+pub use request::OpKind;
+
+use crate::auth::AuthUser;
+use crate::db::catalog::Catalog;
+use crate::error::{ApiError, from_db};
+use crate::state::AppState;
+
+/// Handler for `POST /v1/batch`.
+pub async fn post_batch(
+    State(state): State<AppState>,
+    user: AuthUser,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<BatchResponse>, ApiError> {
+    let body = body.map_err(body_error)?;
+    let max_ops = state.limits.max_ops_per_batch;
+    // Parsed and planned before a database connection is taken: a bad or oversized batch never holds one.
+    let plan = match parse_and_plan(body.clone(), state.catalog.get().await, max_ops).await {
+        Err(e) if e.code == "unknown_table" || e.code == "unknown_column" => {
+            // Maybe a migration added it since we loaded the catalog.
+            let catalog = {
+                let client = state.pool.get().await?;
+                state
+                    .catalog
+                    .refresh_on_miss(&client)
+                    .await
+                    .map_err(|e| from_db(&e))?
+            };
+            parse_and_plan(body, catalog, max_ops).await?
+        }
+        other => other?,
+    };
+    execute::run(&state.pool, user.user_id, &plan)
+        .await
+        .map(Json)
+}
+
+async fn parse_and_plan(
+    body: Bytes,
+    catalog: Arc<Catalog>,
+    max_ops: usize,
+) -> Result<plan::Plan, ApiError> {
+    parse_off_runtime(body, move |bytes| {
+        let request = request::parse(bytes, max_ops)?;
+        plan::plan(catalog.as_ref(), &request)
+    })
+    .await
+}
