@@ -91,12 +91,36 @@ pub struct UserTxn {
     pub generation: i64,
     /// Commit LSN.
     pub commit_lsn: Lsn,
-    /// End of the commit record: the stream position after this transaction.
+    /// End of the commit record: the stream position after this transaction. In a part that is not the
+    /// transaction's last, the commit LSN (the end is not known yet).
     pub end_lsn: Lsn,
     /// The changes, in commit order.
     pub changes: Vec<Change>,
-    /// Approximate memory held, for the history budget.
+    /// Memory held (rows, rendered JSON, bookkeeping), for the history and queue budgets.
     pub bytes: usize,
+    /// Which part of a transaction that came in parts this is (0 for a transaction that came whole).
+    pub part: u32,
+    /// Whether this is the transaction's last part (always, for a transaction that came whole).
+    pub last: bool,
+}
+
+impl UserTxn {
+    /// Whether the transaction came in parts (too large to hold whole): it is delivered part by part, never kept
+    /// in the history, and only its last part carries a resumable position.
+    pub fn is_split(&self) -> bool {
+        self.part > 0 || !self.last
+    }
+}
+
+impl Change {
+    /// Memory this change holds.
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.row_json.len()
+            + self.new.as_ref().map_or(0, Row::approx_bytes)
+            + self.old.as_ref().map_or(0, Row::approx_bytes)
+            + self.unchanged.iter().map(|c| c.len() + 24).sum::<usize>()
+    }
 }
 
 /// A transaction split by owner.
@@ -177,12 +201,14 @@ pub fn route(
                         commit_lsn: txn.commit_lsn,
                         end_lsn: txn.end_lsn,
                         changes: Vec::new(),
-                        bytes: 0,
+                        bytes: std::mem::size_of::<UserTxn>(),
+                        part: txn.part,
+                        last: txn.last,
                     });
                     routed.per_owner.len() - 1
                 });
                 let user = &mut routed.per_owner[i];
-                user.bytes += change.row_json.len() + 64;
+                user.bytes += change.approx_bytes();
                 user.changes.push(change);
             }
             None => routed.unroutable += 1,
@@ -310,6 +336,8 @@ mod tests {
             changes,
             truncated: vec![],
             messages: vec![],
+            part: 0,
+            last: true,
         }
     }
 
