@@ -151,6 +151,8 @@ pub struct ConnQueue {
     rx: mpsc::Receiver<ConnEvent>,
     queued: Arc<AtomicUsize>,
     total: Arc<AtomicUsize>,
+    /// Woken when bytes are released (the replicator may be pacing a large transaction).
+    room: Arc<Notify>,
 }
 
 impl ConnQueue {
@@ -172,6 +174,7 @@ impl ConnQueue {
         if let Some(ConnEvent::Txn(txn)) = event {
             self.queued.fetch_sub(txn.bytes, Ordering::AcqRel);
             self.total.fetch_sub(txn.bytes, Ordering::AcqRel);
+            self.room.notify_waiters();
         }
     }
 }
@@ -227,6 +230,9 @@ struct Inner {
     barriers: HashMap<String, oneshot::Sender<u64>>,
     next_id: u64,
     stream: StreamState,
+    /// The transaction coming in parts right now (its commit LSN) and the owners its parts reached so far: each
+    /// of them gets its last part, even an empty one, to close it.
+    split: Option<(u64, std::collections::HashSet<Uuid>)>,
 }
 
 /// The hub. Cheap to share (`Arc<Hub>`).
@@ -236,6 +242,8 @@ pub struct Hub {
     connections: std::sync::atomic::AtomicUsize,
     /// Bytes of transactions queued for all connections.
     queued_total: Arc<AtomicUsize>,
+    /// Notified whenever a connection takes a transaction off its queue.
+    room: Arc<Notify>,
     closed: tokio::sync::watch::Sender<bool>,
     config: HubConfig,
     position_tx: tokio::sync::watch::Sender<u64>,
@@ -274,6 +282,7 @@ impl Hub {
         Self {
             connections: std::sync::atomic::AtomicUsize::new(0),
             queued_total: Arc::new(AtomicUsize::new(0)),
+            room: Arc::new(Notify::new()),
             closed,
             inner: Mutex::new(Inner {
                 generation: 0,
@@ -290,6 +299,7 @@ impl Hub {
                 barriers: HashMap::new(),
                 next_id: 0,
                 stream: StreamState::Starting,
+                split: None,
             }),
             config,
             position_tx,
@@ -436,6 +446,7 @@ impl Hub {
             rx,
             queued,
             total: self.queued_total.clone(),
+            room: self.room.clone(),
         };
         (registration, queue, tx, lag)
     }
@@ -466,13 +477,29 @@ impl Hub {
     /// A part is queued for the owner's connections but never kept in the history (it would be a partial
     /// transaction there, and too large anyway): the owner's history horizon moves past it, so an offset from
     /// before it cannot be resumed and refetches instead.
-    pub fn publish(&self, routed: Routed, end_lsn: u64) {
+    pub fn publish(&self, mut routed: Routed, end_lsn: u64) {
         let mut inner = self.lock();
         let generation = inner.generation;
-        let mut last = true;
+        let last = routed.last;
+        if routed.is_split() {
+            let reached = match &mut inner.split {
+                Some((commit, owners)) if *commit == routed.commit_lsn => owners,
+                other => &mut other.insert((routed.commit_lsn, Default::default())).1,
+            };
+            reached.extend(routed.per_owner.iter().map(|t| t.owner));
+            if last {
+                // Owners reached by an earlier part but without a change in the last one get it empty: it
+                // completes the transaction for them (and carries its offset).
+                for owner in std::mem::take(reached) {
+                    if !routed.per_owner.iter().any(|t| t.owner == owner) {
+                        routed.per_owner.push(routed.empty_part_for(owner));
+                    }
+                }
+                inner.split = None;
+            }
+        }
         for mut txn in routed.per_owner {
             txn.generation = generation;
-            last = txn.last;
             let txn = Arc::new(txn);
             if let Some(conns) = inner.conns.get(&txn.owner) {
                 for c in conns {
@@ -530,6 +557,41 @@ impl Hub {
         let position = inner.position;
         drop(inner);
         self.position_tx.send_replace(position);
+    }
+
+    /// Waits, at most until `deadline`, until every connection that `routed` goes to has room for its share
+    /// (within the byte budgets). The replicator paces the parts of a large transaction this way: a connection
+    /// that reads, only more slowly than Postgres sends, gets the whole transaction instead of being cut off and
+    /// refetching everything, while memory stays within the queues' budgets. Past the deadline, publishing cuts
+    /// off whoever still has no room.
+    pub async fn wait_for_room(&self, routed: &Routed, deadline: tokio::time::Instant) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let full = {
+                let inner = self.lock();
+                let total = self.queued_total.load(Ordering::Acquire);
+                let bytes: usize = routed.per_owner.iter().map(|t| t.bytes).sum();
+                total + bytes > self.config.queued_bytes_total
+                    || routed.per_owner.iter().any(|t| {
+                        inner.conns.get(&t.owner).is_some_and(|conns| {
+                            conns.iter().any(|c| {
+                                let queued = c.queued.load(Ordering::Acquire);
+                                !c.lag.is_raised()
+                                    && queued > 0
+                                    && queued + t.bytes > self.config.queue_bytes
+                            })
+                        })
+                    })
+            };
+            if !full {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Queues `txn` for connection `c` within its byte budgets; a connection that cannot take it is cut off.

@@ -32,6 +32,11 @@ pub struct ReplicatorConfig {
     pub slot_admin: tokio_postgres::Config,
 }
 
+/// How long the parts of one large transaction may wait, in all, for slow connections to make room in their
+/// queues before those still full are cut off (the bound on how much a large transaction can delay the ones
+/// committed after it, beyond its own decoding).
+pub const SPLIT_PACING_BUDGET: Duration = Duration::from_secs(30);
+
 /// How long another process may hold the slot before this server calls itself on standby. Shorter holds are
 /// normal: right after a replication connection closes, its walsender keeps the slot for a moment (55006).
 const STANDBY_AFTER: Duration = Duration::from_secs(2);
@@ -132,6 +137,8 @@ struct SplitProgress {
     open: Option<(u64, u32)>,
     /// Tables whose columns changed in a part published so far: refetched when the transaction completes.
     schema_changed: Vec<Arc<str>>,
+    /// Until when its parts may wait for room in slow connections' queues ([`SPLIT_PACING_BUDGET`]).
+    pace_until: Option<tokio::time::Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,6 +247,7 @@ async fn session(
                     if commit != txn.commit_lsn.0 {
                         split.open = None;
                         split.schema_changed.clear();
+                        split.pace_until = None;
                     }
                 }
                 crate::metrics::transaction_decoded(txn.changes.len(), txn.last);
@@ -276,6 +284,15 @@ async fn session(
                 crate::metrics::changes_routed(
                     routed.per_owner.iter().map(|u| u.changes.len()).sum(),
                 );
+                if txn.is_split() {
+                    let deadline = *split
+                        .pace_until
+                        .get_or_insert_with(|| tokio::time::Instant::now() + SPLIT_PACING_BUDGET);
+                    hub.wait_for_room(&routed, deadline).await;
+                    if txn.last {
+                        split.pace_until = None;
+                    }
+                }
                 hub.publish(routed, txn.end_lsn.0);
                 if txn.last {
                     stream.ack(txn.end_lsn);

@@ -124,7 +124,7 @@ impl Change {
 }
 
 /// A transaction split by owner.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Routed {
     /// One entry per owner touched.
     pub per_owner: Vec<UserTxn>,
@@ -137,6 +137,56 @@ pub struct Routed {
     pub barriers: Vec<String>,
     /// Changes without a usable owner_id (not routed; counted for the operator).
     pub unroutable: usize,
+    /// The transaction's identity and part (for owners a part did not reach).
+    pub xid: u64,
+    /// Commit LSN.
+    pub commit_lsn: u64,
+    /// End LSN (the commit LSN in a part before the last).
+    pub end_lsn: u64,
+    /// Part number.
+    pub part: u32,
+    /// Whether this is the transaction's last part.
+    pub last: bool,
+}
+
+impl Default for Routed {
+    /// A whole (not split) transaction with nothing in it.
+    fn default() -> Self {
+        Self {
+            per_owner: Vec::new(),
+            truncated: Vec::new(),
+            schema_changed: Vec::new(),
+            barriers: Vec::new(),
+            unroutable: 0,
+            xid: 0,
+            commit_lsn: 0,
+            end_lsn: 0,
+            part: 0,
+            last: true,
+        }
+    }
+}
+
+impl Routed {
+    /// Whether the transaction came in parts.
+    pub fn is_split(&self) -> bool {
+        self.part > 0 || !self.last
+    }
+
+    /// This part of the transaction for `owner`, without changes.
+    pub fn empty_part_for(&self, owner: Uuid) -> UserTxn {
+        UserTxn {
+            owner,
+            xid: self.xid,
+            generation: 0,
+            commit_lsn: Lsn(self.commit_lsn),
+            end_lsn: Lsn(self.end_lsn),
+            changes: Vec::new(),
+            bytes: std::mem::size_of::<UserTxn>(),
+            part: self.part,
+            last: self.last,
+        }
+    }
 }
 
 /// Widens a 32-bit xid to the 64-bit value nearest `reference` (both sides of a wraparound).
@@ -172,6 +222,11 @@ pub fn route(
             .iter()
             .map(|(_, t)| Arc::from(t.as_str()))
             .collect(),
+        xid,
+        commit_lsn: txn.commit_lsn.0,
+        end_lsn: txn.end_lsn.0,
+        part: txn.part,
+        last: txn.last,
         ..Default::default()
     };
     let mut index: HashMap<Uuid, usize> = HashMap::new();
