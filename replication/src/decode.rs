@@ -308,6 +308,19 @@ impl Row {
     pub fn is_empty(&self) -> bool {
         self.columns.is_empty()
     }
+
+    /// Memory this row holds: its values plus a slot (name pointer and value header) per column.
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self
+                .columns
+                .iter()
+                .map(|(_, v)| {
+                    std::mem::size_of::<(Arc<str>, Option<String>)>()
+                        + v.as_ref().map_or(0, String::len)
+                })
+                .sum::<usize>()
+    }
 }
 
 impl<'a> FromIterator<(&'a str, Option<&'a str>)> for Row {
@@ -357,6 +370,16 @@ impl RowChange {
     /// Whether `name` kept its previous out-of-line value and was not sent.
     pub fn is_unchanged(&self, name: &str) -> bool {
         self.unchanged.iter().any(|c| c == name)
+    }
+
+    /// Memory this change holds (its rows, names and lists), for size limits.
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.schema.len()
+            + self.table.len()
+            + self.new.as_ref().map_or(0, Row::approx_bytes)
+            + self.old.as_ref().map_or(0, Row::approx_bytes)
+            + self.unchanged.iter().map(|c| c.len() + 24).sum::<usize>()
     }
 }
 

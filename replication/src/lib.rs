@@ -34,4 +34,4 @@ pub use protocol::{
     ColumnDef, ColumnValue, DecodeError, Lsn, ParseLsnError, PgOutputMessage, RelationBody,
     TupleData, parse, parse_bytes,
 };
-pub use txn::{Transaction, TxnAssembler, TxnError};
+pub use txn::{PartLimit, Transaction, TxnAssembler, TxnError};

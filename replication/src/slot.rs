@@ -100,6 +100,55 @@ pub async fn slot_info(
     }))
 }
 
+/// The walsender streaming from a slot: who holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotHolder {
+    /// Its backend pid.
+    pub pid: i32,
+    /// Its `application_name` (deeprecall-sync's is `deeprecall-sync-replication`).
+    pub application_name: Option<String>,
+    /// Client address (`None` for a local socket).
+    pub client_addr: Option<String>,
+    /// When its connection started.
+    pub since: Option<String>,
+}
+
+impl std::fmt::Display for SlotHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "walsender pid {} ({} from {}, since {})",
+            self.pid,
+            self.application_name
+                .as_deref()
+                .unwrap_or("unknown application"),
+            self.client_addr.as_deref().unwrap_or("a local socket"),
+            self.since.as_deref().unwrap_or("?")
+        )
+    }
+}
+
+/// Who streams from `slot` right now, if anyone.
+pub async fn slot_holder(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<SlotHolder>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "select s.active_pid, r.application_name, r.client_addr::text, r.backend_start::text
+               from pg_replication_slots s left join pg_stat_replication r on r.pid = s.active_pid
+              where s.slot_name = $1 and s.active_pid is not null",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| SlotHolder {
+        pid: r.get(0),
+        application_name: r.get(1),
+        client_addr: r.get(2),
+        since: r.get(3),
+    }))
+}
+
 /// What [`ensure_slot`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotOutcome {

@@ -16,7 +16,7 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, Repl
 
 use crate::protocol::{Lsn, PgOutputMessage, parse_bytes};
 use crate::txn::{Transaction, TxnAssembler};
-use crate::{RelationCache, TxnError};
+use crate::{PartLimit, RelationCache, TxnError};
 
 /// libpq's `sslmode`: whether the connection is encrypted and what of the server's certificate is verified.
 ///
@@ -139,7 +139,16 @@ pub struct StreamConfig {
     pub status_interval: Duration,
     /// TLS, as for the server's other connections.
     pub tls: TlsSettings,
+    /// How large a part of a transaction may get before it is handed out ([`crate::txn`]): the bound on what a
+    /// transaction costs in memory, whatever its size.
+    pub part_limit: PartLimit,
 }
+
+/// Default [`StreamConfig::part_limit`]: about 4 MiB of decoded rows, at most 5,000 changes.
+pub const DEFAULT_PART_LIMIT: PartLimit = PartLimit {
+    changes: 5_000,
+    bytes: 4 * 1024 * 1024,
+};
 
 impl StreamConfig {
     /// Derives the replication settings from a `tokio_postgres::Config` (first TCP host) and the TLS settings parsed
@@ -186,6 +195,7 @@ impl StreamConfig {
             options: options.to_owned(),
             status_interval: Duration::from_millis(500),
             tls: tls.clone(),
+            part_limit: DEFAULT_PART_LIMIT,
         })
     }
 
@@ -244,12 +254,21 @@ pub enum StreamError {
     /// Configuration or protocol problems that retrying will not fix.
     #[error("replication stream failed: {0}")]
     Fatal(String),
+    /// The stream could not be decoded. Definite: Postgres re-sends the same bytes after a reconnect, so a retry
+    /// fails the same way (the caller stops instead of looping).
+    #[error("replication stream cannot be decoded: {0}")]
+    Decode(String),
 }
 
 impl StreamError {
     /// Whether retrying the same thing later can succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Transient(_))
+    }
+
+    /// Whether a retry is certain to fail the same way (the stream itself is undecodable).
+    pub fn is_definite(&self) -> bool {
+        matches!(self, Self::Decode(_))
     }
 }
 
@@ -280,9 +299,9 @@ fn classify(err: PgWireError) -> StreamError {
 
 impl From<TxnError> for StreamError {
     fn from(e: TxnError) -> Self {
-        // A decode error on a well-formed stream is a bug or a version mismatch; reconnecting re-sends Relation
-        // messages and may heal a cache problem, so treat it as transient but log it loudly upstream.
-        StreamError::Transient(format!("pgoutput decoding: {e}"))
+        // Every connection starts with a fresh assembler and Postgres re-sends the Relation messages it needs, so
+        // a decode error is not a cache glitch: it is a bug or a version mismatch, and the same bytes come again.
+        StreamError::Decode(format!("pgoutput decoding: {e}"))
     }
 }
 
@@ -321,7 +340,7 @@ impl ReplicationStream {
         client.wait_started().await.map_err(classify)?;
         Ok(Self {
             client,
-            assembler: TxnAssembler::new(),
+            assembler: TxnAssembler::with_part_limit(config.part_limit),
         })
     }
 
@@ -376,7 +395,7 @@ impl ReplicationStream {
                     content: content.to_vec(),
                 },
                 ReplicationEvent::XLogData { data, .. } => parse_bytes(data)
-                    .map_err(|e| StreamError::Transient(format!("pgoutput parse: {e}")))?,
+                    .map_err(|e| StreamError::Decode(format!("pgoutput parse: {e}")))?,
                 ReplicationEvent::StoppedAt { .. } => return Ok(None),
             };
             if let Some(txn) = self.assembler.push(message)? {

@@ -9,6 +9,13 @@
 //! Rows are decoded as they arrive, against the relation cache as it is at that point of the
 //! stream: a Relation message inside a transaction (sent after `ALTER TABLE`) applies to the
 //! changes after it, exactly as Postgres wrote them.
+//!
+//! **Parts.** A transaction is never held whole in memory beyond [`PartLimit`]: once its decoded
+//! changes reach the limit, they are handed out as a part (`last == false`) and the assembler goes
+//! on with an empty list. Protocol version 1 sends a transaction only after it committed, so a part
+//! is committed data; what a part does not have yet is the end of the commit record (`end_lsn`),
+//! which only the last part (at Commit) carries. A small transaction is one part, `part == 0`,
+//! `last == true`, as before. Truncations and logical messages always travel in the last part.
 
 use crate::decode::{ChangeError, RelationCache, RowChange};
 use crate::protocol::{Lsn, PgOutputMessage};
@@ -31,6 +38,41 @@ pub struct Transaction {
     /// Transactional logical decoding messages (`pg_logical_emit_message(true, prefix, content)`) as
     /// `(prefix, content)`, in order. The server uses them as barriers in the snapshot handoff.
     pub messages: Vec<(String, Vec<u8>)>,
+    /// Index of this part of the transaction (0 for the first, or only, part).
+    pub part: u32,
+    /// Whether this is the transaction's last part (its Commit was seen). Only the last part has the
+    /// real `end_lsn`; earlier parts carry `commit_lsn` there, and no truncations or messages.
+    pub last: bool,
+}
+
+impl Transaction {
+    /// Whether the transaction came in more than one part and this is one of them.
+    pub fn is_split(&self) -> bool {
+        self.part > 0 || !self.last
+    }
+}
+
+/// When an open transaction's decoded changes are handed out as a part (whichever is reached first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartLimit {
+    /// Most changes in one part.
+    pub changes: usize,
+    /// Most decoded bytes ([`RowChange::approx_bytes`]) in one part.
+    pub bytes: usize,
+}
+
+impl PartLimit {
+    /// No limit: every transaction is one part.
+    pub const NONE: Self = Self {
+        changes: usize::MAX,
+        bytes: usize::MAX,
+    };
+}
+
+impl Default for PartLimit {
+    fn default() -> Self {
+        Self::NONE
+    }
 }
 
 /// Why a message does not fit the stream so far. Fatal for this connection: reset the assembler
@@ -77,12 +119,23 @@ pub enum TxnError {
 pub struct TxnAssembler {
     relations: RelationCache,
     open: Option<Transaction>,
+    /// Decoded bytes in the open transaction's current part.
+    open_bytes: usize,
+    limit: PartLimit,
 }
 
 impl TxnAssembler {
-    /// An assembler with an empty relation cache and no open transaction.
+    /// An assembler with an empty relation cache and no open transaction; transactions come whole.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An assembler that hands out a transaction in parts of at most `limit`.
+    pub fn with_part_limit(limit: PartLimit) -> Self {
+        Self {
+            limit,
+            ..Self::default()
+        }
     }
 
     /// Feeds one message; returns the transaction it completes, if it is a Commit.
@@ -108,7 +161,10 @@ impl TxnAssembler {
                     changes: Vec::new(),
                     truncated: Vec::new(),
                     messages: Vec::new(),
+                    part: 0,
+                    last: false,
                 });
+                self.open_bytes = 0;
                 Ok(None)
             }
             PgOutputMessage::Commit {
@@ -131,6 +187,8 @@ impl TxnAssembler {
                 }
                 txn.end_lsn = end_lsn;
                 txn.commit_time_micros = commit_time_micros;
+                txn.last = true;
+                self.open_bytes = 0;
                 Ok(Some(txn))
             }
             PgOutputMessage::Relation(body) => {
@@ -186,10 +244,29 @@ impl TxnAssembler {
                     .open
                     .as_mut()
                     .ok_or(TxnError::NotInTransaction { what })?;
-                if let Some(row) = self.relations.decode(&change)? {
-                    open.changes.push(row);
+                let Some(row) = self.relations.decode(&change)? else {
+                    return Ok(None);
+                };
+                self.open_bytes += row.approx_bytes();
+                open.changes.push(row);
+                if open.changes.len() < self.limit.changes && self.open_bytes < self.limit.bytes {
+                    return Ok(None);
                 }
-                Ok(None)
+                // The part is full: hand it out and go on with the same transaction.
+                let part = Transaction {
+                    xid: open.xid,
+                    commit_lsn: open.commit_lsn,
+                    end_lsn: open.commit_lsn,
+                    commit_time_micros: open.commit_time_micros,
+                    changes: std::mem::take(&mut open.changes),
+                    truncated: Vec::new(),
+                    messages: Vec::new(),
+                    part: open.part,
+                    last: false,
+                };
+                open.part += 1;
+                self.open_bytes = 0;
+                Ok(Some(part))
             }
         }
     }
@@ -213,6 +290,7 @@ impl TxnAssembler {
     /// Drops any open transaction and the relation cache, for a new replication connection.
     pub fn reset(&mut self) {
         self.open = None;
+        self.open_bytes = 0;
         self.relations.clear();
     }
 }
@@ -491,5 +569,90 @@ mod tests {
         );
         assert_eq!(txns.len(), 1);
         assert!(txns[0].changes.is_empty());
+    }
+
+    #[test]
+    fn a_large_transaction_comes_in_parts_and_the_last_one_commits_it() {
+        let mut asm = TxnAssembler::with_part_limit(PartLimit {
+            changes: 2,
+            bytes: usize::MAX,
+        });
+        let mut msgs = vec![relation(1, "items", &["id", "title"]), begin(700, 0x10)];
+        for i in 0..5 {
+            msgs.push(insert(1, &[&i.to_string(), "x"]));
+        }
+        msgs.push(PgOutputMessage::Message {
+            transactional: true,
+            lsn: Lsn(0x0f),
+            prefix: "p".into(),
+            content: b"c".to_vec(),
+        });
+        msgs.push(commit(0x10, 0x18));
+        let parts = feed(&mut asm, msgs);
+        let shape: Vec<(u32, bool, usize, u64, usize)> = parts
+            .iter()
+            .map(|t| {
+                (
+                    t.part,
+                    t.last,
+                    t.changes.len(),
+                    t.end_lsn.0,
+                    t.messages.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (0, false, 2, 0x10, 0),
+                (1, false, 2, 0x10, 0),
+                (2, true, 1, 0x18, 1)
+            ]
+        );
+        assert!(
+            parts
+                .iter()
+                .all(|t| t.xid == 700 && t.commit_lsn == Lsn(0x10))
+        );
+        assert!(parts.iter().all(Transaction::is_split));
+        let ids: Vec<&str> = parts
+            .iter()
+            .flat_map(|t| t.changes.iter().map(|c| c.column("id").unwrap_or("")))
+            .collect();
+        assert_eq!(
+            ids,
+            ["0", "1", "2", "3", "4"],
+            "every change once, in order"
+        );
+
+        // The next transaction starts with fresh counters; a small one stays whole.
+        let next = feed(
+            &mut asm,
+            vec![begin(701, 0x20), insert(1, &["9", "y"]), commit(0x20, 0x28)],
+        );
+        assert_eq!(next.len(), 1);
+        assert!(!next[0].is_split() && next[0].last && next[0].part == 0);
+    }
+
+    #[test]
+    fn a_byte_limit_splits_on_decoded_size() {
+        let mut asm = TxnAssembler::with_part_limit(PartLimit {
+            changes: usize::MAX,
+            bytes: 4096,
+        });
+        let big = "x".repeat(3000);
+        let parts = feed(
+            &mut asm,
+            vec![
+                relation(1, "items", &["id", "title"]),
+                begin(700, 0x10),
+                insert(1, &["1", &big]),
+                insert(1, &["2", &big]),
+                insert(1, &["3", &big]),
+                commit(0x10, 0x18),
+            ],
+        );
+        let sizes: Vec<usize> = parts.iter().map(|t| t.changes.len()).collect();
+        assert_eq!(sizes, vec![2, 1]);
     }
 }

@@ -78,6 +78,8 @@ fn txn(
         changes,
         truncated: vec![],
         messages: vec![],
+        part: 0,
+        last: true,
     }
 }
 

@@ -230,6 +230,34 @@ pub struct HttpArgs {
     pub shape_live_hold_ms: u64,
 }
 
+/// Memory bounds of the live stream (docs/operations.md, "Memory bounds").
+#[derive(Debug, Clone, Copy, Args)]
+pub struct MemoryArgs {
+    /// Bytes of per-user transaction history kept for resumes, for all users together (oldest evicted first;
+    /// a resume from before what is kept refetches).
+    #[arg(long, env = "DEEPRECALL_HISTORY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub history_bytes: usize,
+    /// Bytes of transactions queued for one connection; a connection that falls further behind is closed as
+    /// too slow (4008) and resumes.
+    #[arg(long, env = "DEEPRECALL_QUEUE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub queue_bytes: usize,
+    /// Bytes of transactions queued for all connections together.
+    #[arg(long, env = "DEEPRECALL_QUEUE_BYTES_TOTAL", default_value_t = 512 * 1024 * 1024)]
+    pub queue_bytes_total: usize,
+    /// Decoded bytes after which a large transaction is handed on in parts instead of being held whole.
+    #[arg(long, env = "DEEPRECALL_TRANSACTION_PART_BYTES", default_value_t = deeprecall_replication::stream::DEFAULT_PART_LIMIT.bytes)]
+    pub transaction_part_bytes: usize,
+}
+
+impl MemoryArgs {
+    fn apply(&self, options: &mut ServerOptions) {
+        options.hub.history_bytes = self.history_bytes;
+        options.hub.queue_bytes = self.queue_bytes;
+        options.hub.queued_bytes_total = self.queue_bytes_total;
+        options.part_limit.bytes = self.transaction_part_bytes.max(1);
+    }
+}
+
 impl HttpArgs {
     fn cors(&self, fallback: CorsOrigins) -> anyhow::Result<CorsOrigins> {
         CorsOrigins::from_flags(&self.cors_origins, fallback).map_err(anyhow::Error::msg)
@@ -281,6 +309,9 @@ pub struct ServeArgs {
     /// HTTP settings.
     #[command(flatten)]
     pub http: HttpArgs,
+    /// Memory bounds.
+    #[command(flatten)]
+    pub memory: MemoryArgs,
 }
 
 /// `dev` flags.
@@ -311,6 +342,9 @@ pub struct DevArgs {
     /// HTTP settings.
     #[command(flatten)]
     pub http: HttpArgs,
+    /// Memory bounds.
+    #[command(flatten)]
+    pub memory: MemoryArgs,
 }
 
 /// `migrate` flags.
@@ -380,6 +414,8 @@ pub struct ServerOptions {
     pub op_ledger_retention: std::time::Duration,
     /// How often the ledger is pruned.
     pub op_ledger_prune_interval: std::time::Duration,
+    /// When a large transaction is handed on in parts.
+    pub part_limit: deeprecall_replication::PartLimit,
 }
 
 impl ServerOptions {
@@ -398,6 +434,7 @@ impl ServerOptions {
             shape: Default::default(),
             op_ledger_retention: std::time::Duration::from_secs(30 * 86_400),
             op_ledger_prune_interval: std::time::Duration::from_secs(600),
+            part_limit: deeprecall_replication::stream::DEFAULT_PART_LIMIT,
         }
     }
 }
@@ -468,13 +505,14 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         Some(url) => db::PgTarget::parse(url).context("the replication URL cannot be used")?,
         None => target,
     };
-    let stream = StreamConfig::from_pg_config(
+    let mut stream = StreamConfig::from_pg_config(
         &replication.config,
         &replication.tls,
         &options.slot,
         db::catalog::PUBLICATION,
         db::SESSION_OPTIONS,
     )?;
+    stream.part_limit = options.part_limit;
     let hub = Arc::new(Hub::new(options.hub));
     let barriers = crate::live::barrier::Barriers::spawn(barrier_target, hub.clone());
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -598,6 +636,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     options.slot = args.slot.clone();
     options.cors = args.http.cors(CorsOrigins::None)?;
     options.shape = args.http.shape();
+    args.memory.apply(&mut options);
     // Before the server starts, so that what happens at start (a slot recreation) is counted.
     let metrics = crate::metrics::bind(
         args.metrics_listen,
@@ -658,6 +697,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         options.op_ledger_retention = args.ledger.retention();
         options.cors = args.http.cors(CorsOrigins::Any)?;
         options.shape = args.http.shape();
+        args.memory.apply(&mut options);
         let metrics = crate::metrics::bind(
             args.metrics_listen,
             crate::metrics::DEV_METRICS_LISTEN

@@ -78,6 +78,10 @@ pub mod names {
     pub const USERS: &str = "deeprecall_stream_users";
     /// Gauge: bytes of resume history held in memory.
     pub const HISTORY_BYTES: &str = "deeprecall_stream_history_bytes";
+    /// Gauge.
+    pub const QUEUED_BYTES: &str = "deeprecall_stream_queued_bytes";
+    /// Gauge.
+    pub const STREAM_STATE: &str = "deeprecall_replication_stream_state";
     /// Counter (label `status`): `POST /v1/batch` responses.
     pub const BATCH_REQUESTS: &str = "deeprecall_batch_requests_total";
     /// Histogram: `POST /v1/batch` latency.
@@ -127,8 +131,13 @@ pub struct MetricDef {
 /// `wal_status` values of `pg_replication_slots` (PostgreSQL 15).
 pub const WAL_STATUSES: &[&str] = &["reserved", "extended", "unreserved", "lost"];
 
+/// States of the replication stream in this process (`StreamState`).
+pub const STREAM_STATES: &[&str] = &["starting", "streaming", "standby", "failed"];
+
 /// `must_refetch` reasons (docs/protocol.md).
 pub const REFETCH_REASONS: &[&str] = &[
+    "stream_discontinuity",
+    "transaction_too_large",
     "truncated",
     "schema_changed",
     "invalid_offset",
@@ -316,6 +325,20 @@ pub const CATALOGUE: &[MetricDef] = &[
         unit: Unit::Bytes,
         label: None,
         help: "Bytes of per-user resume history held in memory (bounded by the hub's limit, 256 MiB by default).",
+    },
+    MetricDef {
+        name: names::QUEUED_BYTES,
+        kind: Kind::Gauge,
+        unit: Unit::Bytes,
+        label: None,
+        help: "Bytes of transactions waiting in connection queues (bounded per connection and in total; a connection over its bound is cut off as too slow).",
+    },
+    MetricDef {
+        name: names::STREAM_STATE,
+        kind: Kind::Gauge,
+        unit: Unit::Count,
+        label: Some(("state", STREAM_STATES)),
+        help: "Whether this server streams from the replication slot: 1 for the current state (starting, streaming, standby: another process holds the slot, failed: the stream cannot be decoded), 0 for the others.",
     },
     MetricDef {
         name: names::BATCH_REQUESTS,
@@ -516,12 +539,16 @@ pub static TOTALS: Totals = Totals {
 
 // ---- Counting sites. Each is one call at the place where the event happens. ----
 
-/// The replicator decoded a committed transaction with `changes` row changes.
-pub fn transaction_decoded(changes: usize) {
-    TOTALS.transactions.fetch_add(1, Ordering::Relaxed);
+/// The replicator decoded `changes` row changes of a committed transaction; `complete` on its last part (a large
+/// transaction comes in parts: it is counted once).
+pub fn transaction_decoded(changes: usize, complete: bool) {
+    let transactions = u64::from(complete);
+    TOTALS
+        .transactions
+        .fetch_add(transactions, Ordering::Relaxed);
     TOTALS.changes.fetch_add(changes as u64, Ordering::Relaxed);
     if let Some(h) = handles() {
-        h.transactions.increment(1);
+        h.transactions.increment(transactions);
         h.changes.increment(changes as u64);
     }
 }
@@ -765,6 +792,16 @@ fn set_server_gauges(
     metrics::gauge!(names::CONNECTIONS, "transport" => "websocket").set(hub.connections as f64);
     metrics::gauge!(names::USERS).set(hub.users as f64);
     metrics::gauge!(names::HISTORY_BYTES).set(hub.history_bytes as f64);
+    metrics::gauge!(names::QUEUED_BYTES).set(hub.queued_bytes as f64);
+    let state = match &hub.stream {
+        crate::live::hub::StreamState::Starting => "starting",
+        crate::live::hub::StreamState::Streaming => "streaming",
+        crate::live::hub::StreamState::Standby(_) => "standby",
+        crate::live::hub::StreamState::Failed(_) => "failed",
+    };
+    for s in STREAM_STATES {
+        metrics::gauge!(names::STREAM_STATE, "state" => *s).set(bool_gauge(*s == state));
+    }
     metrics::gauge!(names::POOL_MAX).set(pool.max_size as f64);
     metrics::gauge!(names::POOL_SIZE).set(pool.size as f64);
     metrics::gauge!(names::POOL_IN_USE).set(pool.size.saturating_sub(pool.available) as f64);

@@ -41,10 +41,8 @@ pub struct TestEnv {
     pub http: reqwest::Client,
     server: Option<deeprecall_sync::cli::Server>,
     http_task: Option<tokio::task::JoinHandle<()>>,
-    /// Hub limits the server is (re)started with.
-    hub: deeprecall_sync::live::hub::HubConfig,
-    /// CORS origins the server is (re)started with.
-    cors: deeprecall_sync::http::cors::CorsOrigins,
+    /// Settings the server is (re)started with.
+    settings: Settings,
     // Declared last: dropped after the server is told to stop.
     /// The database (and the cluster it is in).
     pub db: TestDb,
@@ -60,15 +58,24 @@ pub struct EnvOptions {
     /// Run Postgres in a cluster of the test's own, for tests that restart or reconfigure it (default: a database
     /// in the test binary's shared cluster).
     pub own_cluster: bool,
+    /// When a large transaction is handed on in parts (default: the server's default).
+    pub part_limit: Option<deeprecall_replication::PartLimit>,
+}
+
+/// What a test server is (re)started with.
+#[derive(Debug, Clone)]
+struct Settings {
+    limits: Limits,
+    hub: deeprecall_sync::live::hub::HubConfig,
+    cors: deeprecall_sync::http::cors::CorsOrigins,
+    part_limit: Option<deeprecall_replication::PartLimit>,
 }
 
 /// Starts a server in front of `db` on 127.0.0.1:0.
 async fn serve(
     db: &TestDb,
     auth: AuthConfig,
-    limits: Limits,
-    hub: deeprecall_sync::live::hub::HubConfig,
-    cors: deeprecall_sync::http::cors::CorsOrigins,
+    settings: &Settings,
 ) -> (
     deeprecall_sync::cli::Server,
     tokio::task::JoinHandle<()>,
@@ -76,9 +83,12 @@ async fn serve(
 ) {
     let mut options = deeprecall_sync::cli::ServerOptions::new(db.url(), auth);
     options.slot = db.slot_name();
-    options.limits = limits;
-    options.hub = hub;
-    options.cors = cors;
+    options.limits = settings.limits;
+    options.hub = settings.hub;
+    options.cors = settings.cors.clone();
+    if let Some(limit) = settings.part_limit {
+        options.part_limit = limit;
+    }
     options.pool_size = 8;
     let server = deeprecall_sync::cli::start_server(options)
         .await
@@ -154,9 +164,13 @@ impl TestEnv {
         } else {
             TestDb::shared().await
         };
-        let limits = options.limits.unwrap_or_default();
-        let cors = options.cors;
-        let (server, http_task, addr) = serve(&db, auth, limits, hub, cors.clone()).await;
+        let settings = Settings {
+            limits: options.limits.unwrap_or_default(),
+            hub,
+            cors: options.cors,
+            part_limit: options.part_limit,
+        };
+        let (server, http_task, addr) = serve(&db, auth, &settings).await;
         let state = server.state.clone();
         Self {
             base: format!("http://{addr}"),
@@ -166,8 +180,7 @@ impl TestEnv {
             http: reqwest::Client::new(),
             server: Some(server),
             http_task: Some(http_task),
-            hub,
-            cors,
+            settings,
             db,
         }
     }
@@ -181,14 +194,7 @@ impl TestEnv {
 
     /// Starts a server again after [`TestEnv::stop_server`].
     pub async fn start_server_again(&mut self) {
-        let (server, http_task, addr) = serve(
-            &self.db,
-            test_auth(),
-            self.state.limits,
-            self.hub,
-            self.cors.clone(),
-        )
-        .await;
+        let (server, http_task, addr) = serve(&self.db, test_auth(), &self.settings).await;
         self.state = server.state.clone();
         self.auth = self.state.auth.clone();
         self.addr = addr;

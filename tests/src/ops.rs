@@ -260,9 +260,16 @@ pub struct UrlServer {
 impl UrlServer {
     /// Migrates and serves `database_url` with the test secret.
     pub async fn start(database_url: &str) -> Self {
+        Self::start_on_slot(database_url, deeprecall_sync::live::DEFAULT_SLOT).await
+    }
+
+    /// Like [`UrlServer::start`], reading replication slot `slot` (e.g. a `TestEnv`'s, for two servers on one
+    /// slot).
+    pub async fn start_on_slot(database_url: &str, slot: &str) -> Self {
         let mut options =
             deeprecall_sync::cli::ServerOptions::new(database_url, crate::test_auth());
         options.pool_size = 4;
+        options.slot = slot.to_owned();
         let server = deeprecall_sync::cli::start_server(options)
             .await
             .expect("starting the server");

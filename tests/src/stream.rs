@@ -182,7 +182,8 @@ impl StreamClient {
                     .insert(id, v["offset"].as_str().unwrap_or_default().to_owned());
             }
             Some("txn") => {
-                let offset = v["offset"].as_str().unwrap_or_default().to_owned();
+                // A part of a transaction that comes in parts, before its last, has no offset: keep the last one.
+                let offset = v["offset"].as_str().map(str::to_owned);
                 for change in v["changes"].as_array().into_iter().flatten() {
                     let sub = change["id"].as_str().unwrap_or_default().to_owned();
                     let rows = self.state.entry(sub.clone()).or_default();
@@ -203,7 +204,9 @@ impl StreamClient {
                             rows.insert(key, row.clone());
                         }
                     }
-                    self.offsets.insert(sub, offset.clone());
+                    if let Some(offset) = &offset {
+                        self.offsets.insert(sub, offset.clone());
+                    }
                 }
             }
             _ => {}

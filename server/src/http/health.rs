@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use crate::db::migrate;
+use crate::live::hub::StreamState;
 use crate::state::AppState;
 
 /// Liveness: answers while the process runs.
@@ -13,24 +14,49 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Readiness: 200 when the database answers and is at this binary's schema version, else 503 with the reason.
+/// Readiness: 200 when the database answers, is at this binary's schema version, and this process streams from
+/// the replication slot (a server on standby, whose slot another process holds, is not ready: a load balancer
+/// must send clients to the one that streams); else 503 with the reason.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let not_ready = |reason: String| {
+    let not_ready = |reason: &str, detail: String| {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not_ready", "reason": reason })),
+            Json(json!({ "status": "not_ready", "reason": reason, "detail": detail })),
         )
     };
     let client = match state.pool.get().await {
         Ok(c) => c,
-        Err(e) => return not_ready(format!("database unreachable: {e}")),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: database unreachable");
+            return not_ready(
+                "database_unreachable",
+                "no database connection could be opened; see the server log".into(),
+            );
+        }
     };
-    match migrate::check_current(&client).await {
-        Ok(version) => (
+    let version = match migrate::check_current(&client).await {
+        Ok(version) => version,
+        Err(e) => return not_ready("schema", e.to_string()),
+    };
+    match state.hub.stream_state() {
+        StreamState::Streaming => (
             StatusCode::OK,
             Json(json!({ "status": "ready", "schema_version": version })),
         ),
-        Err(e) => not_ready(e.to_string()),
+        StreamState::Starting => not_ready(
+            "stream_starting",
+            "the replication stream is starting or reconnecting".into(),
+        ),
+        StreamState::Standby(holder) => not_ready(
+            "standby",
+            format!(
+                "another process holds the replication slot ({holder}); this server waits on standby"
+            ),
+        ),
+        StreamState::Failed(_) => not_ready(
+            "stream_failed",
+            "the replication stream stopped: it cannot be decoded; see the server log".into(),
+        ),
     }
 }
 
@@ -51,6 +77,19 @@ pub async fn replication(
     let slot = deeprecall_replication::slot::slot_info(&client, &state.slot_name)
         .await
         .map_err(|e| crate::error::from_db(&e).into_response())?;
+    // Who streams from the slot: this process or another (a server on standby names the one that streams).
+    let holder = deeprecall_replication::slot::slot_holder(&client, &state.slot_name)
+        .await
+        .ok()
+        .flatten()
+        .map(|h| {
+            json!({
+                "pid": h.pid,
+                "application_name": h.application_name,
+                "client_addr": h.client_addr,
+                "since": h.since,
+            })
+        });
     Ok(Json(json!({
         "slot": state.slot_name,
         "exists": slot.is_some(),
@@ -59,6 +98,9 @@ pub async fn replication(
         "safe_wal_size": slot.as_ref().and_then(|s| s.safe_wal_size),
         "retained_bytes": slot.as_ref().and_then(|s| s.retained_bytes),
         "confirmed_flush_lsn": slot.as_ref().and_then(|s| s.confirmed_flush_lsn).map(|l| l.to_string()),
+        // Whether this process streams from the slot, or who else holds it (standby).
+        "stream": state.hub.stream_state(),
+        "holder": holder,
         "hub": state.hub.stats(),
     })))
 }

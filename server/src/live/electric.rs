@@ -441,6 +441,8 @@ mod tests {
                 change(Op::Delete, None, Some(&old)),
             ],
             bytes: 0,
+            part: 0,
+            last: true,
         };
         let cols: Vec<Column> = vec![Column {
             name: "year".into(),

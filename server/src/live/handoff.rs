@@ -57,7 +57,12 @@ pub struct Handoff {
 impl Handoff {
     /// Whether transaction `t` (committed after the subscription registered) is missing from the snapshot's rows.
     pub fn must_deliver(&self, t: &UserTxn) -> bool {
-        t.commit_lsn.0 >= self.wal_lsn || !self.snapshot.sees(t.xid)
+        self.must_deliver_at(t.xid, t.commit_lsn.0)
+    }
+
+    /// [`Handoff::must_deliver`] for a transaction known by its (64-bit) xid and commit LSN.
+    pub fn must_deliver_at(&self, xid: u64, commit_lsn: u64) -> bool {
+        commit_lsn >= self.wal_lsn || !self.snapshot.sees(xid)
     }
 }
 
@@ -102,6 +107,8 @@ mod tests {
             end_lsn: Lsn(commit + 8),
             changes: vec![],
             bytes: 0,
+            part: 0,
+            last: true,
         };
         assert!(!h.must_deliver(&txn(101, 900)), "seen by S, before L");
         assert!(h.must_deliver(&txn(105, 900)), "in progress at S");

@@ -14,7 +14,7 @@
 //! lagging and it is closed with the "resume" code.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -55,6 +55,12 @@ pub struct HubConfig {
     pub history_bytes: usize,
     /// Truncations remembered (a resume across one of its table refetches).
     pub truncate_memory: usize,
+    /// Most bytes of transactions queued for one connection (one transaction always fits an empty queue);
+    /// beyond it the connection is cut off as too slow.
+    pub queue_bytes: usize,
+    /// Most bytes of transactions queued for all connections together (counted per connection, so a
+    /// transaction shared by several connections counts several times: an upper bound).
+    pub queued_bytes_total: usize,
 }
 
 impl Default for HubConfig {
@@ -64,6 +70,8 @@ impl Default for HubConfig {
             history_per_user: 1000,
             history_bytes: 256 * 1024 * 1024,
             truncate_memory: 256,
+            queue_bytes: 32 * 1024 * 1024,
+            queued_bytes_total: 512 * 1024 * 1024,
         }
     }
 }
@@ -74,36 +82,124 @@ struct ConnEntry {
     id: u64,
     tx: mpsc::Sender<ConnEvent>,
     lag: Arc<LagSignal>,
+    /// Bytes of the transactions in its queue.
+    queued: Arc<AtomicUsize>,
 }
 
-/// Raised by the hub when a connection's queue overflowed.
+/// Raised by the hub when a connection must close: its queue overflowed (it lost a transaction), or this server
+/// went on standby (another process holds the replication slot).
 #[derive(Debug, Default)]
 pub struct LagSignal {
-    lagged: AtomicBool,
+    /// 0: fine, 1: lagging, 2: standby.
+    state: AtomicU8,
     notify: Notify,
 }
 
+const LAGGING: u8 = 1;
+const STANDBY: u8 = 2;
+
 impl LagSignal {
-    /// Waits until the connection is marked lagging.
+    /// Waits until the connection must close.
     pub async fn wait(&self) {
         loop {
             let notified = self.notify.notified();
-            if self.lagged.load(Ordering::Acquire) {
+            if self.state.load(Ordering::Acquire) != 0 {
                 return;
             }
             notified.await;
         }
     }
 
-    /// Whether the connection was marked lagging.
+    /// Whether the connection lost a transaction (its queue overflowed).
     pub fn is_raised(&self) -> bool {
-        self.lagged.load(Ordering::Acquire)
+        self.state.load(Ordering::Acquire) == LAGGING
+    }
+
+    /// The close code and reason to tell the client (after [`LagSignal::wait`] returned).
+    pub fn close_frame(&self) -> (u16, &'static str) {
+        if self.state.load(Ordering::Acquire) == STANDBY {
+            (
+                super::protocol::close::STANDBY,
+                "this server is on standby (another one streams); reconnect and resume from your offset",
+            )
+        } else {
+            (
+                super::protocol::close::TOO_SLOW,
+                "too slow; reconnect and resume from your offset",
+            )
+        }
     }
 
     fn raise(&self) {
-        self.lagged.store(true, Ordering::Release);
+        // Lagging wins over standby: it also means a transaction was lost.
+        self.state.store(LAGGING, Ordering::Release);
         self.notify.notify_waiters();
     }
+
+    fn raise_standby(&self) {
+        let _ = self
+            .state
+            .compare_exchange(0, STANDBY, Ordering::AcqRel, Ordering::Acquire);
+        self.notify.notify_waiters();
+    }
+}
+
+/// A connection's end of its queue. Receiving a transaction releases its bytes from the connection's and the
+/// hub's accounting (dropping the queue releases whatever is still in it).
+#[derive(Debug)]
+pub struct ConnQueue {
+    rx: mpsc::Receiver<ConnEvent>,
+    queued: Arc<AtomicUsize>,
+    total: Arc<AtomicUsize>,
+    /// Woken when bytes are released (the replicator may be pacing a large transaction).
+    room: Arc<Notify>,
+}
+
+impl ConnQueue {
+    /// The next event; `None` when the queue is closed.
+    pub async fn recv(&mut self) -> Option<ConnEvent> {
+        let event = self.rx.recv().await;
+        self.release(event.as_ref());
+        event
+    }
+
+    /// The next event if one is queued.
+    pub fn try_recv(&mut self) -> Result<ConnEvent, mpsc::error::TryRecvError> {
+        let event = self.rx.try_recv();
+        self.release(event.as_ref().ok());
+        event
+    }
+
+    fn release(&self, event: Option<&ConnEvent>) {
+        if let Some(ConnEvent::Txn(txn)) = event {
+            self.queued.fetch_sub(txn.bytes, Ordering::AcqRel);
+            self.total.fetch_sub(txn.bytes, Ordering::AcqRel);
+            self.room.notify_waiters();
+        }
+    }
+}
+
+impl Drop for ConnQueue {
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok(event) = self.rx.try_recv() {
+            self.release(Some(&event));
+        }
+    }
+}
+
+/// Whether this process streams from the replication slot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "detail")]
+pub enum StreamState {
+    /// Not streaming yet, or reconnecting after an interruption.
+    Starting,
+    /// Streaming: the slot is this process's.
+    Streaming,
+    /// Another process holds the slot (e.g. the other server of a rolling deploy); this one waits for it.
+    Standby(String),
+    /// Stopped for good: the stream cannot be decoded (a retry would fail the same way).
+    Failed(String),
 }
 
 #[derive(Debug, Default)]
@@ -133,6 +229,10 @@ struct Inner {
     truncate_horizon: u64,
     barriers: HashMap<String, oneshot::Sender<u64>>,
     next_id: u64,
+    stream: StreamState,
+    /// The transaction coming in parts right now (its commit LSN) and the owners its parts reached so far: each
+    /// of them gets its last part, even an empty one, to close it.
+    split: Option<(u64, std::collections::HashSet<Uuid>)>,
 }
 
 /// The hub. Cheap to share (`Arc<Hub>`).
@@ -140,6 +240,10 @@ struct Inner {
 pub struct Hub {
     inner: Mutex<Inner>,
     connections: std::sync::atomic::AtomicUsize,
+    /// Bytes of transactions queued for all connections.
+    queued_total: Arc<AtomicUsize>,
+    /// Notified whenever a connection takes a transaction off its queue.
+    room: Arc<Notify>,
     closed: tokio::sync::watch::Sender<bool>,
     config: HubConfig,
     position_tx: tokio::sync::watch::Sender<u64>,
@@ -164,6 +268,10 @@ pub struct HubStats {
     pub history_users: usize,
     /// Bytes of history.
     pub history_bytes: usize,
+    /// Bytes of transactions waiting in connection queues.
+    pub queued_bytes: usize,
+    /// Whether this process streams from the slot.
+    pub stream: StreamState,
 }
 
 impl Hub {
@@ -173,6 +281,8 @@ impl Hub {
         let (closed, _) = tokio::sync::watch::channel(false);
         Self {
             connections: std::sync::atomic::AtomicUsize::new(0),
+            queued_total: Arc::new(AtomicUsize::new(0)),
+            room: Arc::new(Notify::new()),
             closed,
             inner: Mutex::new(Inner {
                 generation: 0,
@@ -188,6 +298,8 @@ impl Hub {
                 truncate_horizon: 0,
                 barriers: HashMap::new(),
                 next_id: 0,
+                stream: StreamState::Starting,
+                split: None,
             }),
             config,
             position_tx,
@@ -200,28 +312,88 @@ impl Hub {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Called by the replicator when streaming (re)starts. `start` is the slot's confirmed position. A new
-    /// generation means the slot was recreated: history is dropped and every subscription refetches.
+    /// Called by the replicator once Postgres accepted START_REPLICATION (the slot is this process's). `start` is
+    /// where the stream starts: the slot's confirmed position, read after the start, when no other process can
+    /// move it any more.
+    ///
+    /// Continuity is checked, never assumed:
+    /// - a new generation means the slot was recreated: history is dropped and every subscription refetches;
+    /// - a start *past* this process's position means another process streamed from the slot meanwhile and
+    ///   acknowledged changes this process never saw (a rolling deploy's other server): history and offsets
+    ///   before `start` cannot be served, and every subscription refetches (`stream_discontinuity`).
     pub fn stream_started(&self, generation: i64, start: u64) {
         let mut inner = self.lock();
         if inner.generation != generation {
             let first = inner.generation == 0;
             inner.generation = generation;
-            inner.start = start;
-            inner.position = inner.position.max(start);
-            inner.history.clear();
-            inner.fifo.clear();
-            inner.live_entries = 0;
-            inner.history_bytes = 0;
-            inner.truncates.clear();
-            inner.truncate_horizon = start;
+            reset_history(&mut inner, start);
             if !first {
                 broadcast(&mut inner, None, "slot_recreated");
             }
+        } else if start > inner.position {
+            tracing::warn!(
+                position = %deeprecall_replication::Lsn(inner.position),
+                start = %deeprecall_replication::Lsn(start),
+                "the slot was advanced by another process; every subscription refetches"
+            );
+            reset_history(&mut inner, start);
+            broadcast(&mut inner, None, "stream_discontinuity");
         }
+        inner.stream = StreamState::Streaming;
         let position = inner.position;
         drop(inner);
         self.position_tx.send_replace(position);
+    }
+
+    /// The stream stopped (error, reconnect pending): no longer streaming.
+    pub fn stream_interrupted(&self) {
+        let mut inner = self.lock();
+        if inner.stream == StreamState::Streaming {
+            inner.stream = StreamState::Starting;
+        }
+    }
+
+    /// Another process holds the slot: this server waits on standby. Its connections are closed with the
+    /// standby code (their clients reconnect, through the load balancer, to the server that streams); new ones
+    /// are refused until it streams again.
+    pub fn stream_standby(&self, holder: String) {
+        let mut inner = self.lock();
+        inner.stream = StreamState::Standby(holder);
+        for conns in inner.conns.values() {
+            for c in conns {
+                c.lag.raise_standby();
+            }
+        }
+    }
+
+    /// The stream stopped for good (it cannot be decoded).
+    pub fn stream_failed(&self, reason: String) {
+        self.lock().stream = StreamState::Failed(reason);
+        self.position_tx.send_modify(|_| {});
+    }
+
+    /// Whether this process streams.
+    pub fn stream_state(&self) -> StreamState {
+        self.lock().stream.clone()
+    }
+
+    /// The answer to a new client while this server is on standby (503 with `Retry-After`), if it is.
+    pub fn standby_refusal(&self) -> Option<axum::response::Response> {
+        use axum::response::IntoResponse;
+        if !matches!(self.lock().stream, StreamState::Standby(_)) {
+            return None;
+        }
+        let mut response = crate::error::ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "standby",
+            "this server is on standby (another server streams from the replication slot); retry",
+        )
+        .into_response();
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("2"),
+        );
+        Some(response)
     }
 
     /// The current generation and processed position.
@@ -245,27 +417,43 @@ impl Hub {
         owner: Uuid,
     ) -> (
         Registration,
-        mpsc::Receiver<ConnEvent>,
+        ConnQueue,
         mpsc::Sender<ConnEvent>,
         Arc<LagSignal>,
     ) {
         let (tx, rx) = mpsc::channel(self.config.queue_capacity);
         let lag = Arc::new(LagSignal::default());
+        let queued = Arc::new(AtomicUsize::new(0));
         let mut inner = self.lock();
         self.connections.fetch_add(1, Ordering::Relaxed);
         inner.next_id += 1;
         let id = inner.next_id;
+        if matches!(inner.stream, StreamState::Standby(_)) {
+            lag.raise_standby();
+        }
         inner.conns.entry(owner).or_default().push(ConnEntry {
             id,
             tx: tx.clone(),
             lag: lag.clone(),
+            queued: queued.clone(),
         });
         let registration = Registration {
             hub: self.clone(),
             owner,
             id,
         };
-        (registration, rx, tx, lag)
+        let queue = ConnQueue {
+            rx,
+            queued,
+            total: self.queued_total.clone(),
+            room: self.room.clone(),
+        };
+        (registration, queue, tx, lag)
+    }
+
+    /// Open connections of `owner`.
+    pub fn user_connections(&self, owner: Uuid) -> usize {
+        self.lock().conns.get(&owner).map_or(0, Vec::len)
     }
 
     /// Removes a connection.
@@ -282,21 +470,64 @@ impl Hub {
         }
     }
 
-    /// Publishes one routed transaction at stream position `end_lsn` (called in commit order).
-    pub fn publish(&self, routed: Routed, end_lsn: u64) {
+    /// Publishes one routed transaction, or one part of a transaction that came in parts, in commit order.
+    /// `end_lsn` is the transaction's end (for a part before the last: its commit LSN; the position then does
+    /// not move).
+    ///
+    /// A part is queued for the owner's connections but never kept in the history (it would be a partial
+    /// transaction there, and too large anyway): the owner's history horizon moves past it, so an offset from
+    /// before it cannot be resumed and refetches instead.
+    pub fn publish(&self, mut routed: Routed, end_lsn: u64) {
         let mut inner = self.lock();
         let generation = inner.generation;
+        let last = routed.last;
+        if routed.is_split() {
+            let reached = match &mut inner.split {
+                Some((commit, owners)) if *commit == routed.commit_lsn => owners,
+                other => &mut other.insert((routed.commit_lsn, Default::default())).1,
+            };
+            reached.extend(routed.per_owner.iter().map(|t| t.owner));
+            if last {
+                // Owners reached by an earlier part but without a change in the last one get it empty: it
+                // completes the transaction for them (and carries its offset).
+                for owner in std::mem::take(reached) {
+                    if !routed.per_owner.iter().any(|t| t.owner == owner) {
+                        routed.per_owner.push(routed.empty_part_for(owner));
+                    }
+                }
+                inner.split = None;
+            }
+        }
         for mut txn in routed.per_owner {
             txn.generation = generation;
             let txn = Arc::new(txn);
             if let Some(conns) = inner.conns.get(&txn.owner) {
                 for c in conns {
-                    if c.tx.try_send(ConnEvent::Txn(txn.clone())).is_err() {
-                        c.lag.raise();
-                    }
+                    self.enqueue(c, &txn);
                 }
             }
-            self.remember(&mut inner, txn);
+            if txn.is_split() {
+                let horizon = if txn.last {
+                    txn.end_lsn.0
+                } else {
+                    txn.commit_lsn.0 + 1
+                };
+                let start = inner.start;
+                let history = inner
+                    .history
+                    .entry(txn.owner)
+                    .or_insert_with(|| UserHistory {
+                        txns: VecDeque::new(),
+                        horizon: start,
+                    });
+                history.horizon = history.horizon.max(horizon);
+            } else {
+                self.remember(&mut inner, txn);
+            }
+        }
+        if !last {
+            // A part before the transaction's last: nothing else to do until it completes.
+            return;
         }
         let marks = routed
             .truncated
@@ -326,6 +557,57 @@ impl Hub {
         let position = inner.position;
         drop(inner);
         self.position_tx.send_replace(position);
+    }
+
+    /// Waits, at most until `deadline`, until every connection that `routed` goes to has room for its share
+    /// (within the byte budgets). The replicator paces the parts of a large transaction this way: a connection
+    /// that reads, only more slowly than Postgres sends, gets the whole transaction instead of being cut off and
+    /// refetching everything, while memory stays within the queues' budgets. Past the deadline, publishing cuts
+    /// off whoever still has no room.
+    pub async fn wait_for_room(&self, routed: &Routed, deadline: tokio::time::Instant) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let full = {
+                let inner = self.lock();
+                let total = self.queued_total.load(Ordering::Acquire);
+                let bytes: usize = routed.per_owner.iter().map(|t| t.bytes).sum();
+                total + bytes > self.config.queued_bytes_total
+                    || routed.per_owner.iter().any(|t| {
+                        inner.conns.get(&t.owner).is_some_and(|conns| {
+                            conns.iter().any(|c| {
+                                let queued = c.queued.load(Ordering::Acquire);
+                                !c.lag.is_raised()
+                                    && queued > 0
+                                    && queued + t.bytes > self.config.queue_bytes
+                            })
+                        })
+                    })
+            };
+            if !full {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Queues `txn` for connection `c` within its byte budgets; a connection that cannot take it is cut off.
+    fn enqueue(&self, c: &ConnEntry, txn: &Arc<UserTxn>) {
+        let bytes = txn.bytes;
+        // Counted before sending (the receiver may release it at once); given back if it is not sent.
+        let before = c.queued.fetch_add(bytes, Ordering::AcqRel);
+        let total = self.queued_total.fetch_add(bytes, Ordering::AcqRel);
+        // One transaction always fits an empty queue, however large.
+        let over = (before > 0 && before + bytes > self.config.queue_bytes)
+            || total + bytes > self.config.queued_bytes_total;
+        if over || c.tx.try_send(ConnEvent::Txn(txn.clone())).is_err() {
+            c.queued.fetch_sub(bytes, Ordering::AcqRel);
+            self.queued_total.fetch_sub(bytes, Ordering::AcqRel);
+            c.lag.raise();
+        }
     }
 
     /// Advances the position without a transaction (idle keepalive).
@@ -457,13 +739,13 @@ impl Hub {
         .await;
     }
 
-    /// Waits (at most `limit`) until the replicator has made sure the slot exists and is about to stream; returns
-    /// whether it has.
+    /// Waits (at most `limit`) until this process streams from the slot; returns whether it does.
     pub async fn wait_started(&self, limit: std::time::Duration) -> bool {
         let mut changes = self.position_tx.subscribe();
-        tokio::time::timeout(limit, async {
+        let streaming = || self.lock().stream == StreamState::Streaming;
+        let _ = tokio::time::timeout(limit, async {
             loop {
-                if self.lock().generation != 0 {
+                if streaming() {
                     return;
                 }
                 if changes.changed().await.is_err() {
@@ -471,9 +753,8 @@ impl Hub {
                 }
             }
         })
-        .await
-        .is_ok()
-            && self.lock().generation != 0
+        .await;
+        streaming()
     }
 
     /// Registers a barrier; the receiver yields the position of the transaction that carried it.
@@ -514,8 +795,22 @@ impl Hub {
             connections: inner.conns.values().map(Vec::len).sum(),
             history_users: inner.history.len(),
             history_bytes: inner.history_bytes,
+            queued_bytes: self.queued_total.load(Ordering::Relaxed),
+            stream: inner.stream.clone(),
         }
     }
+}
+
+/// Forgets every user's history: positions before `start` cannot be served from here on.
+fn reset_history(inner: &mut Inner, start: u64) {
+    inner.start = start;
+    inner.position = inner.position.max(start);
+    inner.history.clear();
+    inner.fifo.clear();
+    inner.live_entries = 0;
+    inner.history_bytes = 0;
+    inner.truncates.clear();
+    inner.truncate_horizon = start;
 }
 
 /// A connection's place in the hub; dropping it unregisters the connection (also when a request is cancelled).

@@ -33,6 +33,9 @@ pub mod close {
     pub const USER_MISMATCH: u16 = 4003;
     /// The client did not keep up: reconnect and resume with your offsets.
     pub const TOO_SLOW: u16 = 4008;
+    /// This server is on standby (another server streams from the replication slot): reconnect (through the
+    /// load balancer) and resume with your offsets. The WebSocket standard's "try again later".
+    pub const STANDBY: u16 = 1013;
 }
 
 /// A message from the client.
@@ -261,20 +264,34 @@ pub struct TxnFrame {
 }
 
 impl TxnFrame {
-    /// Starts the frame of `txn`.
+    /// Starts the frame of `txn`. A transaction that came in parts gets one frame per part: each says its `part`
+    /// number, those before the last say `"more": true` and carry no offset (the transaction's end is not known
+    /// yet, and a client holding only some parts has no resumable position).
     pub fn new(txn: &UserTxn) -> Self {
         let mut out = Vec::with_capacity(256);
         // Written straight into the buffer: no temporary strings per frame.
         let _ = write!(
             out,
-            "{{\"type\":\"txn\",\"xid\":\"{}\",\"lsn\":\"{}\",\"offset\":\"{}\",\"changes\":[",
-            txn.xid,
-            txn.commit_lsn,
-            Offset {
-                generation: txn.generation,
-                lsn: txn.end_lsn.0,
-            }
+            "{{\"type\":\"txn\",\"xid\":\"{}\",\"lsn\":\"{}\",",
+            txn.xid, txn.commit_lsn,
         );
+        if txn.last {
+            let _ = write!(
+                out,
+                "\"offset\":\"{}\",",
+                Offset {
+                    generation: txn.generation,
+                    lsn: txn.end_lsn.0,
+                }
+            );
+        }
+        if txn.is_split() {
+            let _ = write!(out, "\"part\":{},", txn.part);
+            if !txn.last {
+                out.extend_from_slice(b"\"more\":true,");
+            }
+        }
+        out.extend_from_slice(b"\"changes\":[");
         Self { out, changes: 0 }
     }
 
@@ -308,13 +325,19 @@ impl TxnFrame {
     }
 
     /// The frame's text, or `None` when no subscription received anything.
-    pub fn finish(mut self) -> Option<String> {
+    pub fn finish(self) -> Option<String> {
         if self.changes == 0 {
             return None;
         }
+        Some(self.finish_even_if_empty())
+    }
+
+    /// The frame's text, also with no change (the last part of a transaction whose earlier parts were sent: it
+    /// tells the client the transaction is complete, and where it ends).
+    pub fn finish_even_if_empty(mut self) -> String {
         self.out.extend_from_slice(b"]}");
         // Once per transaction per connection: no copy of the frame.
-        Some(convert::into_string(self.out))
+        convert::into_string(self.out)
     }
 }
 

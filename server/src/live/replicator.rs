@@ -16,7 +16,7 @@ use deeprecall_replication::slot::{self, SlotOutcome};
 use deeprecall_replication::stream::{ReplicationStream, StreamConfig, StreamError, StreamEvent};
 use tokio::sync::watch;
 
-use super::hub::Hub;
+use super::hub::{Hub, StreamState};
 use super::routing::{route, widen_xid};
 use crate::db::catalog::CatalogHandle;
 
@@ -31,6 +31,15 @@ pub struct ReplicatorConfig {
     /// which the pool's role may lack (`--replication-url`).
     pub slot_admin: tokio_postgres::Config,
 }
+
+/// How long the parts of one large transaction may wait, in all, for slow connections to make room in their
+/// queues before those still full are cut off (the bound on how much a large transaction can delay the ones
+/// committed after it, beyond its own decoding).
+pub const SPLIT_PACING_BUDGET: Duration = Duration::from_secs(30);
+
+/// How long another process may hold the slot before this server calls itself on standby. Shorter holds are
+/// normal: right after a replication connection closes, its walsender keeps the slot for a moment (55006).
+const STANDBY_AFTER: Duration = Duration::from_secs(2);
 
 /// Runs until `shutdown` becomes true; then acknowledges the final position, closes the stream and marks the hub
 /// closed.
@@ -56,28 +65,80 @@ pub async fn run(
             .collect();
         known.insert(table.oid, columns);
     }
+    let mut split = SplitProgress::default();
+    let mut held_since: Option<tokio::time::Instant> = None;
     loop {
         if *shutdown.borrow() {
             break;
         }
         let began = tokio::time::Instant::now();
-        match session(&config, &pool, &hub, &catalog, &mut shutdown, &mut known).await {
+        let result = session(
+            &config,
+            &pool,
+            &hub,
+            &catalog,
+            &mut shutdown,
+            &mut known,
+            &mut split,
+        )
+        .await;
+        let wait = match result {
             Ok(()) => break,
+            Err(SessionError::Stream(e)) if e.is_definite() => {
+                // The same bytes come again after a reconnect: retrying would loop for ever. Stop, loudly.
+                tracing::error!(
+                    error = %e,
+                    "the replication stream cannot be decoded; live delivery stops until the cause is fixed and \
+                     the server restarted (a retry would fail the same way)"
+                );
+                hub.stream_failed(e.to_string());
+                crate::shutdown::until_true(&mut shutdown).await;
+                break;
+            }
+            Err(SessionError::SlotInUse(holder)) => {
+                hub.stream_interrupted();
+                let since = *held_since.get_or_insert(began);
+                if since.elapsed() >= STANDBY_AFTER {
+                    if !matches!(hub.stream_state(), StreamState::Standby(_)) {
+                        tracing::warn!(%holder, slot = %config.slot, "another process holds the replication slot; on standby until it is free");
+                    }
+                    hub.stream_standby(holder);
+                }
+                // Take over promptly when the other process lets go (a rolling deploy).
+                Duration::from_millis(500)
+            }
             Err(e) => {
+                held_since = None;
+                hub.stream_interrupted();
                 // A session that ran for a while failed for a new reason: retry quickly again.
                 if began.elapsed() > Duration::from_secs(30) {
                     backoff = FIRST_RETRY;
                 }
                 tracing::warn!(error = %e, retry_in = ?backoff, "replication interrupted");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = crate::shutdown::until_true(&mut shutdown) => break,
-                }
+                let wait = backoff;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+                wait
             }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = crate::shutdown::until_true(&mut shutdown) => break,
         }
     }
     hub.close();
+}
+
+/// How far a transaction that comes in parts has been published. After a reconnect Postgres sends it again from
+/// its first part (only its end is acknowledged); the parts already published are skipped, so no client gets a
+/// change twice. Part boundaries are a pure function of the decoded changes and the limit, so they are the same.
+#[derive(Debug, Default)]
+struct SplitProgress {
+    /// Commit LSN of the transaction in progress, and how many of its parts were published.
+    open: Option<(u64, u32)>,
+    /// Tables whose columns changed in a part published so far: refetched when the transaction completes.
+    schema_changed: Vec<Arc<str>>,
+    /// Until when its parts may wait for room in slow connections' queues ([`SPLIT_PACING_BUDGET`]).
+    pace_until: Option<tokio::time::Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +151,8 @@ enum SessionError {
     Db(#[from] tokio_postgres::Error),
     #[error("pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    #[error("the replication slot is in use by {0}")]
+    SlotInUse(String),
 }
 
 async fn session(
@@ -99,6 +162,7 @@ async fn session(
     catalog: &CatalogHandle,
     shutdown: &mut watch::Receiver<bool>,
     known: &mut HashMap<u32, Vec<(String, u32)>>,
+    split: &mut SplitProgress,
 ) -> Result<(), SessionError> {
     let (admin, admin_conn) = config
         .slot_admin
@@ -111,8 +175,6 @@ async fn session(
     let outcome = slot::ensure_slot(&admin, &config.slot).await?;
     let client = pool.get().await?;
     let generation = generation(&client, &config.slot, outcome).await?;
-    let info = slot::slot_info(&admin, &config.slot).await?;
-    let start = info.and_then(|i| i.confirmed_flush_lsn).unwrap_or_default();
     // Reference for widening 32-bit xids: the current snapshot's xmax (no xid is consumed to read it).
     let mut xid_ref: u64 = client
         .query_one(
@@ -122,8 +184,6 @@ async fn session(
         .await?
         .get::<_, i64>(0) as u64;
     drop(client);
-    hub.stream_started(generation, start.0);
-    tracing::info!(slot = %config.slot, generation, %start, ?outcome, "starting replication");
 
     let mut stream = match ReplicationStream::start(&config.stream, Lsn(hub.position().lsn)).await {
         Ok(s) => s,
@@ -131,10 +191,27 @@ async fn session(
             tracing::error!(%reason, "replication slot lost; recreating it, every subscription will refetch");
             slot::recreate_slot(&admin, &config.slot).await?;
             bump_generation(&*pool.get().await?, &config.slot).await?;
+            crate::metrics::slot_recreated();
             return Err(StreamError::Transient("slot recreated".into()).into());
+        }
+        // 55006: another walsender streams from the slot (another server, or our previous connection's for a
+        // moment).
+        Err(StreamError::Transient(message)) if message.contains("55006") => {
+            let holder = slot::slot_holder(&admin, &config.slot).await.ok().flatten();
+            return Err(SessionError::SlotInUse(
+                holder.map_or_else(|| "another process".to_owned(), |h| h.to_string()),
+            ));
         }
         Err(e) => return Err(e.into()),
     };
+    // Only now is the slot ours: no other process can move its confirmed position any more, so this is where the
+    // stream really starts. Read before, it could be stale (another server acknowledging until it let go), and
+    // the hub could not tell that changes are missing (hub.rs, `stream_started`).
+    let info = slot::slot_info(&admin, &config.slot).await?;
+    let start = info.and_then(|i| i.confirmed_flush_lsn).unwrap_or_default();
+    hub.stream_started(generation, start.0);
+    tracing::info!(slot = %config.slot, generation, %start, ?outcome, "streaming from the replication slot");
+
     loop {
         let event = tokio::select! {
             biased;
@@ -154,25 +231,40 @@ async fn session(
             }
             Some(StreamEvent::Txn(txn)) => {
                 // After a reconnect Postgres re-sends from its confirmed position, which (persisted only at
-                // checkpoints) may be older than what we already published: skip those, by position.
-                if txn.end_lsn.0 <= hub.position().lsn {
-                    stream.ack(txn.end_lsn);
+                // checkpoints) may be older than what we already published: skip those, by position. (A part
+                // before a transaction's last does not move the position, so its commit LSN is what counts.)
+                if txn.commit_lsn.0 < hub.position().lsn {
+                    if txn.last {
+                        stream.ack(txn.end_lsn);
+                    }
                     continue;
                 }
+                // ... and the parts of a split transaction that were published before the reconnect.
+                if let Some((commit, published)) = split.open {
+                    if commit == txn.commit_lsn.0 && txn.part < published {
+                        continue;
+                    }
+                    if commit != txn.commit_lsn.0 {
+                        split.open = None;
+                        split.schema_changed.clear();
+                        split.pace_until = None;
+                    }
+                }
+                crate::metrics::transaction_decoded(txn.changes.len(), txn.last);
                 let xid = widen_xid(txn.xid, xid_ref);
                 xid_ref = xid_ref.max(xid);
                 let current = catalog.get().await;
                 let mut routed = route(&txn, xid, stream.relations(), |name| {
                     current.table(name).is_some()
                 });
-                routed.schema_changed = columns_changed(&txn, stream.relations(), known, &current);
+                let changed = columns_changed(&txn, stream.relations(), known, &current);
                 if routed.unroutable > 0 {
                     tracing::warn!(
                         count = routed.unroutable,
                         "changes without a valid owner_id were not routed"
                     );
                 }
-                if !routed.schema_changed.is_empty() {
+                if !changed.is_empty() {
                     // A column was added, dropped or retyped: let the write path and snapshots see it too.
                     // A forced refresh, not `refresh_on_miss`: that one is rate-limited (1 s) against bad client
                     // requests, so a DDL within a second of the last reload would be skipped. This runs once per
@@ -181,8 +273,30 @@ async fn session(
                         let _ = catalog.refresh(&conn).await;
                     }
                 }
+                // Refetches happen when the transaction is complete (with its truncations and barriers).
+                split.schema_changed.extend(changed);
+                if txn.last {
+                    routed.schema_changed = std::mem::take(&mut split.schema_changed);
+                    split.open = None;
+                } else {
+                    split.open = Some((txn.commit_lsn.0, txn.part + 1));
+                }
+                crate::metrics::changes_routed(
+                    routed.per_owner.iter().map(|u| u.changes.len()).sum(),
+                );
+                if txn.is_split() {
+                    let deadline = *split
+                        .pace_until
+                        .get_or_insert_with(|| tokio::time::Instant::now() + SPLIT_PACING_BUDGET);
+                    hub.wait_for_room(&routed, deadline).await;
+                    if txn.last {
+                        split.pace_until = None;
+                    }
+                }
                 hub.publish(routed, txn.end_lsn.0);
-                stream.ack(txn.end_lsn);
+                if txn.last {
+                    stream.ack(txn.end_lsn);
+                }
             }
         }
     }

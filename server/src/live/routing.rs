@@ -91,16 +91,40 @@ pub struct UserTxn {
     pub generation: i64,
     /// Commit LSN.
     pub commit_lsn: Lsn,
-    /// End of the commit record: the stream position after this transaction.
+    /// End of the commit record: the stream position after this transaction. In a part that is not the
+    /// transaction's last, the commit LSN (the end is not known yet).
     pub end_lsn: Lsn,
     /// The changes, in commit order.
     pub changes: Vec<Change>,
-    /// Approximate memory held, for the history budget.
+    /// Memory held (rows, rendered JSON, bookkeeping), for the history and queue budgets.
     pub bytes: usize,
+    /// Which part of a transaction that came in parts this is (0 for a transaction that came whole).
+    pub part: u32,
+    /// Whether this is the transaction's last part (always, for a transaction that came whole).
+    pub last: bool,
+}
+
+impl UserTxn {
+    /// Whether the transaction came in parts (too large to hold whole): it is delivered part by part, never kept
+    /// in the history, and only its last part carries a resumable position.
+    pub fn is_split(&self) -> bool {
+        self.part > 0 || !self.last
+    }
+}
+
+impl Change {
+    /// Memory this change holds.
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.row_json.len()
+            + self.new.as_ref().map_or(0, Row::approx_bytes)
+            + self.old.as_ref().map_or(0, Row::approx_bytes)
+            + self.unchanged.iter().map(|c| c.len() + 24).sum::<usize>()
+    }
 }
 
 /// A transaction split by owner.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Routed {
     /// One entry per owner touched.
     pub per_owner: Vec<UserTxn>,
@@ -113,6 +137,56 @@ pub struct Routed {
     pub barriers: Vec<String>,
     /// Changes without a usable owner_id (not routed; counted for the operator).
     pub unroutable: usize,
+    /// The transaction's identity and part (for owners a part did not reach).
+    pub xid: u64,
+    /// Commit LSN.
+    pub commit_lsn: u64,
+    /// End LSN (the commit LSN in a part before the last).
+    pub end_lsn: u64,
+    /// Part number.
+    pub part: u32,
+    /// Whether this is the transaction's last part.
+    pub last: bool,
+}
+
+impl Default for Routed {
+    /// A whole (not split) transaction with nothing in it.
+    fn default() -> Self {
+        Self {
+            per_owner: Vec::new(),
+            truncated: Vec::new(),
+            schema_changed: Vec::new(),
+            barriers: Vec::new(),
+            unroutable: 0,
+            xid: 0,
+            commit_lsn: 0,
+            end_lsn: 0,
+            part: 0,
+            last: true,
+        }
+    }
+}
+
+impl Routed {
+    /// Whether the transaction came in parts.
+    pub fn is_split(&self) -> bool {
+        self.part > 0 || !self.last
+    }
+
+    /// This part of the transaction for `owner`, without changes.
+    pub fn empty_part_for(&self, owner: Uuid) -> UserTxn {
+        UserTxn {
+            owner,
+            xid: self.xid,
+            generation: 0,
+            commit_lsn: Lsn(self.commit_lsn),
+            end_lsn: Lsn(self.end_lsn),
+            changes: Vec::new(),
+            bytes: std::mem::size_of::<UserTxn>(),
+            part: self.part,
+            last: self.last,
+        }
+    }
 }
 
 /// Widens a 32-bit xid to the 64-bit value nearest `reference` (both sides of a wraparound).
@@ -148,6 +222,11 @@ pub fn route(
             .iter()
             .map(|(_, t)| Arc::from(t.as_str()))
             .collect(),
+        xid,
+        commit_lsn: txn.commit_lsn.0,
+        end_lsn: txn.end_lsn.0,
+        part: txn.part,
+        last: txn.last,
         ..Default::default()
     };
     let mut index: HashMap<Uuid, usize> = HashMap::new();
@@ -177,12 +256,14 @@ pub fn route(
                         commit_lsn: txn.commit_lsn,
                         end_lsn: txn.end_lsn,
                         changes: Vec::new(),
-                        bytes: 0,
+                        bytes: std::mem::size_of::<UserTxn>(),
+                        part: txn.part,
+                        last: txn.last,
                     });
                     routed.per_owner.len() - 1
                 });
                 let user = &mut routed.per_owner[i];
-                user.bytes += change.row_json.len() + 64;
+                user.bytes += change.approx_bytes();
                 user.changes.push(change);
             }
             None => routed.unroutable += 1,
@@ -310,6 +391,8 @@ mod tests {
             changes,
             truncated: vec![],
             messages: vec![],
+            part: 0,
+            last: true,
         }
     }
 

@@ -21,7 +21,7 @@ use super::protocol::{
     ClientMessage, OffsetField, ProtocolError, ServerMessage, Subscribe, TxnFrame, close,
 };
 use super::routing::UserTxn;
-use super::subscription::Subscription;
+use super::subscription::{MustRefetch, Subscription};
 use crate::auth::{AuthError, AuthUser};
 use crate::db::catalog::Table;
 
@@ -106,6 +106,9 @@ pub struct Session {
     expires_at: u64,
     subs: HashMap<Arc<str>, Subscription>,
     next_epoch: u64,
+    /// The transaction that came in parts and of which this connection was sent a part but not yet the last
+    /// one: its last part goes out even without changes, to close it.
+    open_split: Option<u64>,
 }
 
 fn send(out: &mut Actions, msg: ServerMessage<'_>) {
@@ -120,6 +123,7 @@ impl Session {
             expires_at: user.expires_at,
             subs: HashMap::new(),
             next_epoch: 0,
+            open_split: None,
         }
     }
 
@@ -267,7 +271,15 @@ impl Session {
                 frame.add_changes(id, &sub.table, &sub.filter, txn);
             }
         }
-        if let Some(text) = frame.finish() {
+        let text = if txn.last && self.open_split.take() == Some(txn.xid) {
+            Some(frame.finish_even_if_empty())
+        } else {
+            frame.finish()
+        };
+        if let Some(text) = text {
+            if !txn.last {
+                self.open_split = Some(txn.xid);
+            }
             out.push(Action::Send(text));
         }
     }
@@ -334,8 +346,16 @@ impl Session {
             }
             (Purpose::Snapshot, Some(handoff)) => {
                 // The rows went out as they were read; now the transactions the snapshot missed.
-                let (missed, watermark) = sub.go_live_after_snapshot(&handoff, false);
-                go_live(out, &id, sub, &missed, watermark, generation);
+                match sub.go_live_after_snapshot(&handoff, false) {
+                    Ok((missed, watermark)) => {
+                        go_live(out, &id, sub, &missed, watermark, generation);
+                    }
+                    // It missed one too large to have been buffered: start over with a newer snapshot.
+                    Err(MustRefetch(reason)) => {
+                        send(out, ServerMessage::must_refetch(&id, reason));
+                        self.restart(&id, out);
+                    }
+                }
             }
             (Purpose::Snapshot, None) => {}
         }
@@ -543,6 +563,8 @@ mod tests {
             end_lsn: Lsn(commit + 8),
             changes,
             bytes: 0,
+            part: 0,
+            last: true,
         })
     }
 

@@ -35,12 +35,12 @@ use super::electric::{
 };
 use super::filter::Filter;
 use super::handle::{HandleKey, KEY_BYTES};
-use super::hub::{CannotResume, ConnEvent, Hub, LagSignal};
+use super::hub::{CannotResume, ConnEvent, ConnQueue, Hub, LagSignal};
 use super::job::{JobError, JobReport, JobSpec, Prepared, Purpose, SnapshotColumn};
 use super::offset::Offset;
 use super::routing::UserTxn;
 use super::snapshot::{self, SinkGone, SnapshotSink, canonicalise};
-use super::subscription::Subscription;
+use super::subscription::{MustRefetch, Subscription};
 use super::where_sql::parse_where;
 use crate::auth::{AuthError, AuthUser};
 use crate::db::catalog::Table;
@@ -609,6 +609,9 @@ pub async fn get_shape(
 
 async fn serve(state: &AppState, user: &AuthUser, query: &str) -> Result<Response, ApiError> {
     let req = parse_request(query)?;
+    if let Some(refusal) = state.hub.standby_refusal() {
+        return Ok(refusal);
+    }
     let def = state.shapes.definition(state, &req).await?;
     let key = state.shapes.key(&state.pool).await?;
     let owner = user.user_id;
@@ -746,11 +749,7 @@ struct Feed {
     /// Messages collected and not sent yet.
     messages: Vec<Vec<u8>>,
     /// The hub registration, queue and lag signal (only when the request may wait).
-    live: Option<(
-        super::hub::Registration,
-        mpsc::Receiver<ConnEvent>,
-        Arc<LagSignal>,
-    )>,
+    live: Option<(super::hub::Registration, ConnQueue, Arc<LagSignal>)>,
 }
 
 /// How a hold ended.
@@ -827,6 +826,18 @@ impl Feed {
         match event {
             ConnEvent::Txn(txn) => {
                 if self.sub.offer(&txn) {
+                    if txn.is_split() {
+                        // A transaction too large to come whole is never in the history that a response's
+                        // offset resumes from, and is too large for one response: the shape refetches (if the
+                        // transaction touches it).
+                        let touches = txn.changes.iter().any(|c| {
+                            *c.table == *self.sub.table && c.for_filter(&self.sub.filter).is_some()
+                        });
+                        if touches {
+                            return Err("transaction_too_large");
+                        }
+                        return Ok(());
+                    }
                     self.add(&txn);
                 }
                 Ok(())
@@ -1139,7 +1150,11 @@ async fn snapshot_response(
             "too many writes while the snapshot was taken; retry",
         ));
     }
-    let (missed, watermark) = sub.go_live_after_snapshot(&handoff, true);
+    let (missed, watermark) = match sub.go_live_after_snapshot(&handoff, true) {
+        Ok(handed_over) => handed_over,
+        // The snapshot lacks a transaction too large to have been buffered: a newer snapshot will have it.
+        Err(MustRefetch(reason)) => return Ok(refetch(state, owner, def, key, reason)),
+    };
     drop(registration);
     drop(queue);
     let mut encoder = def.encoder();

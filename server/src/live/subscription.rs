@@ -20,14 +20,44 @@ use super::filter::Filter;
 use super::handoff::Handoff;
 use super::routing::UserTxn;
 
+/// Most bytes of transactions one pending subscription buffers while its snapshot is taken. Beyond it (and for
+/// any part of a transaction too large to come whole) only the transaction's identity is kept: if the snapshot
+/// turns out to lack it, the subscription refetches instead of delivering it from the buffer.
+pub const PENDING_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+
+/// A transaction a pending subscription did not buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Skipped {
+    xid: u64,
+    commit_lsn: u64,
+}
+
 /// Where a subscription is.
 #[derive(Debug)]
 enum SubState {
-    /// Waiting for a snapshot or resume; transactions are buffered.
-    Pending { buffer: Vec<Arc<UserTxn>> },
+    /// Waiting for a snapshot or resume; transactions are buffered (up to [`PENDING_BUFFER_BYTES`]).
+    Pending {
+        buffer: Vec<Arc<UserTxn>>,
+        bytes: usize,
+        skipped: Vec<Skipped>,
+    },
     /// Delivering transactions past `watermark`.
     Live { watermark: u64 },
 }
+
+impl SubState {
+    fn pending() -> Self {
+        Self::Pending {
+            buffer: Vec::new(),
+            bytes: 0,
+            skipped: Vec::new(),
+        }
+    }
+}
+
+/// The snapshot lacks a transaction the subscription did not buffer: it must refetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MustRefetch(pub &'static str);
 
 /// One subscription: a table, a filter, and its position.
 #[derive(Debug)]
@@ -48,7 +78,7 @@ impl Subscription {
             table,
             filter,
             epoch,
-            state: SubState::Pending { buffer: Vec::new() },
+            state: SubState::pending(),
         }
     }
 
@@ -65,7 +95,7 @@ impl Subscription {
     /// Starts over as attempt `epoch` (a refetch): back to pending with an empty buffer.
     pub fn restart(&mut self, epoch: u64) {
         self.epoch = epoch;
-        self.state = SubState::Pending { buffer: Vec::new() };
+        self.state = SubState::pending();
     }
 
     /// Whether a refetch for `table` (every table when `None`) concerns it.
@@ -73,17 +103,35 @@ impl Subscription {
         table.is_none_or(|t| t == &*self.table)
     }
 
-    /// A committed transaction of the user arrives. Returns whether to deliver it now (live, and past the
-    /// watermark, which then moves to its end); a pending subscription buffers it.
+    /// A committed transaction of the user (or a part of one) arrives. Returns whether to deliver it now (live,
+    /// and past the watermark, which then moves to its end; a part before the last one does not move it); a
+    /// pending subscription buffers it, within its budget.
     pub fn offer(&mut self, txn: &Arc<UserTxn>) -> bool {
         match &mut self.state {
-            SubState::Pending { buffer } => {
-                buffer.push(txn.clone());
+            SubState::Pending {
+                buffer,
+                bytes,
+                skipped,
+            } => {
+                if txn.is_split() || *bytes + txn.bytes > PENDING_BUFFER_BYTES {
+                    let id = Skipped {
+                        xid: txn.xid,
+                        commit_lsn: txn.commit_lsn.0,
+                    };
+                    if skipped.last() != Some(&id) {
+                        skipped.push(id);
+                    }
+                } else {
+                    *bytes += txn.bytes;
+                    buffer.push(txn.clone());
+                }
                 false
             }
             SubState::Live { watermark } => {
                 if txn.end_lsn.0 > *watermark {
-                    *watermark = txn.end_lsn.0;
+                    if txn.last {
+                        *watermark = txn.end_lsn.0;
+                    }
                     true
                 } else {
                     false
@@ -98,13 +146,25 @@ impl Subscription {
     /// With `cut_at_barrier` only transactions up to the barrier are handed over and the watermark is the barrier
     /// (for a transport that answers once and leaves later ones to the next request); otherwise every buffered
     /// one is, and the watermark is past the last of them.
+    ///
+    /// `Err` when the snapshot lacks a transaction that was not buffered (too large, or over the budget): the
+    /// subscription stays pending and must refetch.
     pub fn go_live_after_snapshot(
         &mut self,
         handoff: &Handoff,
         cut_at_barrier: bool,
-    ) -> (Vec<Arc<UserTxn>>, u64) {
+    ) -> Result<(Vec<Arc<UserTxn>>, u64), MustRefetch> {
+        if let SubState::Pending { skipped, .. } = &self.state {
+            let needed = skipped.iter().any(|t| {
+                (!cut_at_barrier || t.commit_lsn < handoff.barrier_lsn)
+                    && handoff.must_deliver_at(t.xid, t.commit_lsn)
+            });
+            if needed {
+                return Err(MustRefetch("transaction_too_large"));
+            }
+        }
         let mut buffer = match std::mem::replace(&mut self.state, SubState::Live { watermark: 0 }) {
-            SubState::Pending { buffer } => buffer,
+            SubState::Pending { buffer, .. } => buffer,
             SubState::Live { .. } => Vec::new(),
         };
         let watermark = if cut_at_barrier {
@@ -116,7 +176,7 @@ impl Subscription {
             handoff.barrier_lsn.max(last)
         };
         self.state = SubState::Live { watermark };
-        (buffer, watermark)
+        Ok((buffer, watermark))
     }
 
     /// Goes live at `watermark` (a resume: the history up to it was copied); drops the buffer.
@@ -149,6 +209,8 @@ mod tests {
             end_lsn: Lsn(commit + 8),
             changes: vec![],
             bytes: 0,
+            part: 0,
+            last: true,
         })
     }
 
@@ -167,7 +229,7 @@ mod tests {
         for t in [txn(101, 900), txn(105, 950), txn(112, 1200), txn(113, 1600)] {
             assert!(!s.offer(&t), "pending subscriptions never deliver directly");
         }
-        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), false);
+        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), false).unwrap();
         let xids: Vec<u64> = missed.iter().map(|t| t.xid).collect();
         assert_eq!(xids, vec![105, 112, 113]);
         assert_eq!(watermark, 1608);
@@ -185,7 +247,7 @@ mod tests {
         for t in [txn(105, 950), txn(113, 1600)] {
             s.offer(&t);
         }
-        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), true);
+        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), true).unwrap();
         assert_eq!(missed.len(), 1);
         assert_eq!(missed[0].xid, 105);
         assert_eq!(watermark, 1500);
@@ -200,5 +262,53 @@ mod tests {
         assert!(s.on_table(Some("works")) && s.on_table(None) && !s.on_table(Some("boards")));
         s.restart(2);
         assert!(s.awaits(2) && s.watermark().is_none());
+    }
+
+    fn part(xid: u64, commit: u64, index: u32, last: bool) -> Arc<UserTxn> {
+        let mut t = (*txn(xid, commit)).clone();
+        t.part = index;
+        t.last = last;
+        if !last {
+            t.end_lsn = Lsn(commit);
+        }
+        Arc::new(t)
+    }
+
+    #[test]
+    fn parts_are_delivered_in_order_and_only_the_last_moves_the_watermark() {
+        let mut s = Subscription::pending("works".into(), Filter::default(), 1);
+        s.go_live_at(500);
+        assert!(s.offer(&part(120, 1000, 0, false)));
+        assert!(s.offer(&part(120, 1000, 1, false)));
+        assert_eq!(s.watermark(), Some(500));
+        assert!(s.offer(&part(120, 1000, 2, true)));
+        assert_eq!(s.watermark(), Some(1008));
+        assert!(!s.offer(&part(120, 1000, 2, true)), "not twice");
+    }
+
+    #[test]
+    fn an_unbuffered_transaction_the_snapshot_lacks_means_refetch() {
+        // Committed after the snapshot (commit >= L): the snapshot lacks it, and its parts were not buffered.
+        let mut s = Subscription::pending("works".into(), Filter::default(), 1);
+        s.offer(&part(120, 1200, 0, false));
+        s.offer(&part(120, 1200, 1, true));
+        assert_eq!(
+            s.go_live_after_snapshot(&handoff(), false).unwrap_err(),
+            MustRefetch("transaction_too_large")
+        );
+        assert!(!s.is_live());
+        // Visible in the snapshot (committed before it): its parts are simply not needed.
+        let mut s = Subscription::pending("works".into(), Filter::default(), 1);
+        s.offer(&part(101, 900, 0, false));
+        s.offer(&part(101, 900, 1, true));
+        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), false).unwrap();
+        assert!(missed.is_empty());
+        assert_eq!(watermark, 1500);
+        // Over the buffer budget: kept as an identity only, same rule.
+        let mut s = Subscription::pending("works".into(), Filter::default(), 1);
+        let mut big = (*txn(112, 1200)).clone();
+        big.bytes = PENDING_BUFFER_BYTES + 1;
+        s.offer(&Arc::new(big));
+        assert!(s.go_live_after_snapshot(&handoff(), false).is_err());
     }
 }

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
-use super::hub::{ConnEvent, LagSignal};
+use super::hub::{ConnEvent, ConnQueue, LagSignal};
 use super::job::{JobReport, JobSpec, Prepared, Purpose, SnapshotColumn};
 use super::protocol::{ClientMessage, SNAPSHOT_FRAME_ROWS, SnapshotFrame, close};
 use super::session::{Action, Actions, Session, SnapshotChunk, StartJob};
@@ -37,6 +37,9 @@ pub async fn stream(
     // once, so refuse it here. (HTTP requests accept a small clock-skew leeway; a long-lived socket does not.)
     if user.expires_at <= now_secs() {
         return crate::auth::AuthError::Expired.into_response();
+    }
+    if let Some(refusal) = state.hub.standby_refusal() {
+        return refusal;
     }
     if state.hub.stats_connections() >= state.limits.max_connections {
         return ApiError::new(
@@ -123,7 +126,10 @@ impl Connection {
                 () = crate::shutdown::until_true(&mut shutdown) => {
                     break Box::pin(self.finish_for_shutdown(&mut sink, &mut queue, &lag)).await;
                 }
-                () = lag.wait() => Err(Exit::Close(close::TOO_SLOW, "too slow; reconnect and resume from your offset")),
+                () = lag.wait() => {
+                    let (code, reason) = lag.close_frame();
+                    Err(Exit::Close(code, reason))
+                }
                 () = expiry => Err(Exit::Close(close::TOKEN_EXPIRED, "token expired; reconnect with a fresh token")),
                 // The task's future is as large as its largest branch, and there is one per connection, mostly
                 // idle: the hot path (a transaction) runs inline, everything rarer is boxed while it runs.
@@ -238,7 +244,7 @@ impl Connection {
     async fn finish_for_shutdown(
         &mut self,
         sink: &mut Sink,
-        queue: &mut mpsc::Receiver<ConnEvent>,
+        queue: &mut ConnQueue,
         lag: &LagSignal,
     ) -> Exit {
         let hub = self.state.hub.clone();

@@ -1,0 +1,259 @@
+//! Transactions too large to hold whole (issue 11, "the memory bound is not the memory"): they come from the slot
+//! in parts and reach subscribers part by part, each change exactly once; only the last part carries an offset,
+//! and an offset from before such a transaction refetches instead of resuming into half of it.
+
+use std::time::Duration;
+
+use deeprecall_replication::PartLimit;
+use deeprecall_tests::stream::StreamClient;
+use deeprecall_tests::{EnvOptions, StreamCheck, TestEnv, diff_rows, insert};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const T: Duration = Duration::from_secs(30);
+
+async fn env() -> TestEnv {
+    TestEnv::start_with(EnvOptions {
+        part_limit: Some(PartLimit {
+            changes: 100,
+            bytes: usize::MAX,
+        }),
+        ..Default::default()
+    })
+    .await
+}
+
+/// One transaction of `n` new works: every third for `other`, the rest for `owner`.
+async fn big_insert(env: &TestEnv, owner: Uuid, other: Uuid, n: i32) {
+    env.superuser()
+        .await
+        .execute(
+            "insert into works (id, owner_id, title)
+             select gen_random_uuid(), case when g % 3 = 0 then $2::uuid else $1::uuid end, 'big ' || g
+               from generate_series(1, $3) g",
+            &[&owner, &other, &n],
+        )
+        .await
+        .unwrap();
+}
+
+/// Reads frames until the last part of a transaction that came in parts.
+async fn until_complete(client: &mut StreamClient) -> Value {
+    client
+        .until(T, |v| {
+            v["type"] == "txn" && v.get("part").is_some() && v.get("more").is_none()
+        })
+        .await
+}
+
+#[tokio::test]
+async fn a_large_transaction_arrives_in_parts_each_change_once_and_converges() {
+    let env = env().await;
+    let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut a = StreamClient::connect(&env.base, &env.token(alice)).await;
+    let mut b = StreamClient::connect(&env.base, &env.token(bob)).await;
+    for c in [&mut a, &mut b] {
+        c.subscribe("works", "works", json!(null)).await;
+        c.up_to_date("works").await;
+    }
+    let before = a.frames.len();
+    big_insert(&env, alice, bob, 1500).await;
+    let last = until_complete(&mut a).await;
+    until_complete(&mut b).await;
+
+    // Alice's share: 1000 rows in parts of at most 100 changes of the whole transaction.
+    let frames: Vec<&Value> = a.frames[before..]
+        .iter()
+        .filter(|v| v["type"] == "txn")
+        .collect();
+    assert!(
+        frames.len() >= 10,
+        "expected parts, got {} frames",
+        frames.len()
+    );
+    let xid = &last["xid"];
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(&f["xid"], xid, "one transaction");
+        assert_eq!(f["part"].as_u64(), Some(i as u64), "parts in order: {f}");
+        let is_last = i + 1 == frames.len();
+        assert_eq!(
+            f.get("more").is_none(),
+            is_last,
+            "only the last part ends it"
+        );
+        assert_eq!(
+            f.get("offset").is_some(),
+            is_last,
+            "only the last part has an offset"
+        );
+        assert!(f["changes"].as_array().unwrap().len() <= 100);
+    }
+    let mut check = StreamCheck::default();
+    check.apply_all(a.frames.iter());
+    let diff = diff_rows(
+        &check.state["works"],
+        &env.truth("works", alice, None).await,
+        false,
+    );
+    assert!(diff.is_empty(), "{diff:#?}");
+    assert_eq!(check.state["works"].len(), 1000);
+    let mut check = StreamCheck::default();
+    check.apply_all(b.frames.iter());
+    assert_eq!(check.state["works"].len(), 500);
+    assert!(
+        check.state["works"]
+            .values()
+            .all(|r| r["owner_id"] == bob.to_string()),
+        "only bob's rows reach bob"
+    );
+
+    // Ordinary transactions after it still come whole.
+    let (status, body) = env
+        .batch(
+            alice,
+            json!([insert(
+                "works",
+                json!({"id": Uuid::new_v4(), "title": "after"})
+            )]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let after = a
+        .until(T, |v| {
+            v["type"] == "txn" && v["changes"][0]["row"]["title"] == "after"
+        })
+        .await;
+    assert!(
+        after.get("part").is_none() && after.get("offset").is_some(),
+        "{after}"
+    );
+}
+
+#[tokio::test]
+async fn an_offset_from_before_a_large_transaction_refetches_and_converges() {
+    let env = env().await;
+    let alice = Uuid::new_v4();
+    let mut a = StreamClient::connect(&env.base, &env.token(alice)).await;
+    a.subscribe("works", "works", json!(null)).await;
+    let offset = a.up_to_date("works").await["offset"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    a.close().await;
+    big_insert(&env, alice, Uuid::new_v4(), 600).await;
+    // An ordinary one after it, so the stream has certainly passed the large one.
+    env.batch(
+        alice,
+        json!([insert(
+            "works",
+            json!({"id": Uuid::new_v4(), "title": "later"})
+        )]),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut again = StreamClient::connect(&env.base, &env.token(alice)).await;
+    again.resume("works", "works", json!(null), &offset).await;
+    let refetch = again.until(T, |v| v["type"] == "must_refetch").await;
+    assert_eq!(
+        refetch["reason"], "offset_older_than_server_history",
+        "{refetch}"
+    );
+    again.up_to_date("works").await;
+    let mut check = StreamCheck::default();
+    check.apply_all(again.frames.iter());
+    let diff = diff_rows(
+        &check.state["works"],
+        &env.truth("works", alice, None).await,
+        false,
+    );
+    assert!(diff.is_empty(), "{diff:#?}");
+    assert_eq!(check.state["works"].len(), 401);
+}
+
+#[tokio::test]
+async fn a_shape_touched_by_a_large_transaction_refetches() {
+    let env = env().await;
+    let alice = Uuid::new_v4();
+    let token = env.token(alice);
+    let url = |q: &str| format!("{}/v1/shape?table=works&{q}", env.base);
+    let first = env
+        .http
+        .get(url("offset=-1"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let handle = first.headers()["electric-handle"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let offset = first.headers()["electric-offset"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let _ = first.text().await;
+    big_insert(&env, alice, Uuid::new_v4(), 600).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let resumed = env
+        .http
+        .get(url(&format!("offset={offset}&handle={handle}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resumed.status(),
+        409,
+        "{}",
+        resumed.text().await.unwrap_or_default()
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_is_cut_off_by_queued_bytes_not_by_count() {
+    let env = TestEnv::start_with_hub(
+        EnvOptions::default(),
+        deeprecall_sync::live::hub::HubConfig {
+            queue_bytes: 64 * 1024,
+            ..Default::default()
+        },
+    )
+    .await;
+    let alice = Uuid::new_v4();
+    let mut slow = StreamClient::connect(&env.base, &env.token(alice)).await;
+    slow.subscribe("works", "works", json!(null)).await;
+    slow.up_to_date("works").await;
+    // Not reading now. Transactions of ~300 kB each fill the socket buffers, then overflow a 64 kB queue long
+    // before 1024 of them would.
+    let title = "x".repeat(300_000);
+    for _ in 0..60 {
+        let (status, body) = env
+            .batch(
+                alice,
+                json!([insert(
+                    "works",
+                    json!({"id": Uuid::new_v4(), "title": title})
+                )]),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let stats = env.state.hub.stats();
+    // At most the cap plus the one transaction an empty queue always takes.
+    assert!(
+        stats.queued_bytes <= 2 * 1024 * 1024,
+        "queued bytes stay bounded: {stats:?}"
+    );
+    // Reading again: what was queued, then the close with the resume code.
+    slow.drain(Duration::from_secs(2)).await;
+    assert!(
+        matches!(
+            &slow.closed,
+            Some(deeprecall_tests::stream::Closed::Code(4008, _))
+        ),
+        "{:?}",
+        slow.closed
+    );
+}
