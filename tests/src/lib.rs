@@ -172,6 +172,14 @@ impl TestEnv {
         };
         let (server, http_task, addr) = serve(&db, auth, &settings).await;
         let state = server.state.clone();
+        // Ready as a deployed server would be before traffic reaches it (`/readyz`): streaming from its slot.
+        assert!(
+            state
+                .hub
+                .wait_started(std::time::Duration::from_secs(60))
+                .await,
+            "the test server's replication stream did not start"
+        );
         Self {
             base: format!("http://{addr}"),
             addr,

@@ -1,4 +1,5 @@
-//! `/healthz` answers while the process runs; `/readyz` only while the database is at this binary's schema.
+//! `/healthz` answers while the process runs; `/readyz` only while the database is at this binary's schema and the
+//! process streams from its replication slot.
 
 use deeprecall_sync::db::migrate::latest_version;
 use deeprecall_tests::TestEnv;
@@ -10,8 +11,20 @@ async fn readyz_follows_the_migration_ledger() {
     let (status, body) = env.get("/healthz", None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "ok");
-    let (status, body) = env.get("/readyz", None).await;
-    assert_eq!(status, 200, "{body}");
+    // Ready once the replication stream runs (a moment after start).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let body = loop {
+        let (status, body) = env.get("/readyz", None).await;
+        if status == 200 {
+            break body;
+        }
+        assert_eq!(body["reason"], "stream_starting", "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert_eq!(body["status"], "ready");
     assert_eq!(body["schema_version"], latest_version());
 
@@ -22,8 +35,9 @@ async fn readyz_follows_the_migration_ledger() {
     let (status, body) = env.get("/readyz", None).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["status"], "not_ready");
+    assert_eq!(body["reason"], "schema", "{body}");
     assert!(
-        body["reason"].as_str().unwrap_or("").contains("newer"),
+        body["detail"].as_str().unwrap_or("").contains("newer"),
         "{body}"
     );
     db.batch_execute("delete from deeprecall_schema_migrations where version = 9999")
@@ -39,7 +53,7 @@ async fn readyz_follows_the_migration_ledger() {
     let (status, body) = env.get("/readyz", None).await;
     assert_eq!(status, 503, "{body}");
     assert!(
-        body["reason"]
+        body["detail"]
             .as_str()
             .unwrap_or("")
             .contains("deeprecall-sync migrate"),

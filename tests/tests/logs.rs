@@ -117,8 +117,9 @@ async fn json_logs_parse_and_carry_the_request_id() {
     let http = reqwest::Client::new();
     let base = format!("http://{listen}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    // Ready: the database answers and the replication stream runs.
     loop {
-        if let Ok(r) = http.get(format!("{base}/healthz")).send().await
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
             && r.status().is_success()
         {
             break;
