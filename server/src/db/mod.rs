@@ -102,8 +102,14 @@ pub fn parse_config(url: &str) -> Result<tokio_postgres::Config, DbUrlError> {
     Ok(PgTarget::parse(url)?.config)
 }
 
-/// Builds the connection pool. Connections are opened lazily, with the target's TLS settings.
-pub fn pool(target: &PgTarget, max_size: usize) -> anyhow::Result<Pool> {
+/// Builds a connection pool. Connections are opened lazily, with the target's TLS settings. With `wait_timeout`, a
+/// `get()` that finds every connection in use fails with `PoolError::Timeout(Wait)` after that long instead of
+/// waiting for ever (the handlers answer it 503 `database_busy` with `Retry-After`).
+pub fn pool(
+    target: &PgTarget,
+    max_size: usize,
+    wait_timeout: Option<std::time::Duration>,
+) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
         target.config.clone(),
         target.connector(),
@@ -111,7 +117,11 @@ pub fn pool(target: &PgTarget, max_size: usize) -> anyhow::Result<Pool> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Ok(Pool::builder(manager).max_size(max_size).build()?)
+    Ok(Pool::builder(manager)
+        .max_size(max_size)
+        .wait_timeout(wait_timeout)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()?)
 }
 
 /// Starts a user-scoped transaction's first statement: switches to `role` and sets `app.user_id` for this

@@ -33,6 +33,8 @@ pub mod close {
     pub const USER_MISMATCH: u16 = 4003;
     /// The client did not keep up: reconnect and resume with your offsets.
     pub const TOO_SLOW: u16 = 4008;
+    /// The user already has `--max-connections-per-user` sockets open.
+    pub const TOO_MANY_CONNECTIONS: u16 = 4029;
 }
 
 /// A message from the client.
