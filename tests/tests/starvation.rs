@@ -387,9 +387,17 @@ async fn a_snapshot_larger_than_the_memory_budget_arrives_complete_and_in_order(
         assert!(Instant::now() < deadline, "not given back: {stats:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        long_transactions(&env.superuser().await, 0.0)
-            .await
-            .is_empty()
-    );
+    let su = env.superuser().await;
+    assert!(long_transactions(&su, 0.0).await.is_empty());
+    // The snapshot connections are a pool of their own, named so that operators can tell them apart.
+    let named: i64 = su
+        .query_one(
+            "select count(*) from pg_stat_activity
+              where datname = current_database() and application_name = 'deeprecall-sync snapshot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(named >= 1, "no snapshot connection in pg_stat_activity");
 }
