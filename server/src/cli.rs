@@ -13,6 +13,7 @@ use crate::auth::{AuthConfig, KeySource};
 use crate::db::catalog::{Catalog, CatalogHandle};
 use crate::db::{self, migrate};
 use crate::http::cors::CorsOrigins;
+use crate::live::admission::{PerUserLimit, SnapshotCapacity, SnapshotLimits};
 use crate::live::hub::{Hub, HubConfig};
 use crate::live::replicator::ReplicatorConfig;
 use crate::pgcluster::{ClusterOptions, LocalCluster, random_token};
@@ -136,6 +137,41 @@ pub struct LimitArgs {
     /// Most concurrent WebSocket connections (503 above it).
     #[arg(long, env = "DEEPRECALL_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+    /// Most concurrent WebSocket connections of one user; the next one is closed right after the upgrade with
+    /// code 4029.
+    #[arg(long, env = "DEEPRECALL_MAX_CONNECTIONS_PER_USER", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_user: u32,
+    /// Milliseconds a request waits for a pooled connection when all are busy; then 503 `database_busy` with
+    /// `Retry-After`.
+    #[arg(long, env = "DEEPRECALL_POOL_WAIT_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub pool_wait_timeout_ms: u64,
+    /// Snapshot and resume jobs reading from Postgres at once, on connections of their own (in addition to
+    /// --pool-size).
+    #[arg(long, env = "DEEPRECALL_SNAPSHOT_CONCURRENCY", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub snapshot_concurrency: u32,
+    /// One user's snapshot jobs at once, from start until the client has received the rows.
+    #[arg(long, env = "DEEPRECALL_SNAPSHOT_CONCURRENCY_PER_USER", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub snapshot_concurrency_per_user: u32,
+    /// Milliseconds a snapshot job waits in line for both; then `too_many_snapshots` (retryable).
+    #[arg(long, env = "DEEPRECALL_SNAPSHOT_QUEUE_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_queue_timeout_ms: u64,
+    /// Bytes of rows one snapshot keeps in memory until its client takes them; beyond, they go to a temporary
+    /// file in TMPDIR.
+    #[arg(long, env = "DEEPRECALL_SNAPSHOT_BUFFER_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub snapshot_buffer_bytes: usize,
+    /// Bytes of rows all snapshots together keep in memory.
+    #[arg(long, env = "DEEPRECALL_SNAPSHOT_BUFFER_TOTAL_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub snapshot_buffer_total_bytes: usize,
+    /// Snapshot spill files open at once (one file descriptor each); a snapshot that needs one more fails with
+    /// `too_many_snapshots`.
+    #[arg(long, env = "DEEPRECALL_SNAPSHOT_SPILL_FILES", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub snapshot_spill_files: u32,
     /// Most open client TCP connections, HTTP and WebSocket alike; above it the server stops accepting until one
     /// closes. Default: the file-descriptor limit (raised to its hard limit at start) minus a reserve for the
     /// database pool, the replication stream and files; a larger value is lowered to that.
@@ -150,7 +186,17 @@ impl LimitArgs {
     /// The limits, with the connection cap fitted under the process's file-descriptor limit (which is raised to
     /// its hard limit first; both are logged).
     fn limits(&self, pool_size: usize) -> Limits {
-        let fd_cap = fd_connection_budget(pool_size);
+        let snapshots = SnapshotLimits {
+            concurrency: self.snapshot_concurrency as usize,
+            per_user: self.snapshot_concurrency_per_user as usize,
+            queue_timeout: std::time::Duration::from_millis(self.snapshot_queue_timeout_ms),
+            buffer_bytes: self.snapshot_buffer_bytes,
+            buffer_total_bytes: self.snapshot_buffer_total_bytes,
+            spill_files: self.snapshot_spill_files as usize,
+        };
+        // Descriptors kept for Postgres connections (both pools) and spill files, not for clients.
+        let fd_cap =
+            fd_connection_budget(pool_size + snapshots.concurrency + snapshots.spill_files);
         let max_http_connections = match self.max_http_connections {
             Some(wanted) if wanted > fd_cap => {
                 tracing::warn!(
@@ -167,6 +213,9 @@ impl LimitArgs {
             max_body_bytes: self.max_body_bytes,
             max_ops_per_batch: self.max_ops_per_batch,
             max_connections: self.max_connections,
+            max_connections_per_user: self.max_connections_per_user as usize,
+            pool_wait_timeout: std::time::Duration::from_millis(self.pool_wait_timeout_ms),
+            snapshots,
             max_http_connections,
             header_timeout: std::time::Duration::from_secs(self.header_timeout_secs.max(1)),
         }
@@ -174,8 +223,9 @@ impl LimitArgs {
 }
 
 /// Raises the soft file-descriptor limit to the hard one and returns how many client connections fit under it:
-/// a reserve stays for the pool, the replication and watcher connections, the listener, logs and files.
-fn fd_connection_budget(pool_size: usize) -> usize {
+/// a reserve stays for `reserved` (both pools and the spill files), the replication and watcher connections, the
+/// listener, logs and files.
+fn fd_connection_budget(reserved: usize) -> usize {
     let before = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
     let soft = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(before.0);
     tracing::info!(
@@ -184,7 +234,7 @@ fn fd_connection_budget(pool_size: usize) -> usize {
         hard = before.1,
         "file-descriptor limit"
     );
-    let reserve = pool_size as u64 + 128;
+    let reserve = reserved as u64 + 128;
     usize::try_from(soft.saturating_sub(reserve).max(16)).unwrap_or(usize::MAX)
 }
 
@@ -478,7 +528,15 @@ impl Server {
 pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
     let target =
         db::PgTarget::parse(&options.database_url).context("DATABASE_URL cannot be used")?;
-    let pool = db::pool(&target, options.pool_size)?;
+    let limits = options.limits;
+    let pool = db::pool(&target, options.pool_size, Some(limits.pool_wait_timeout))?;
+    // Snapshots get connections of their own, so they can never take the write path's (docs/decisions.md,
+    // "Snapshots never wait for a client while holding a connection"); named so operators can tell them apart.
+    let mut snapshot_target = target.clone();
+    snapshot_target
+        .config
+        .application_name("deeprecall-sync snapshot");
+    let snapshot_pool = db::pool(&snapshot_target, limits.snapshots.concurrency.max(1), None)?;
     let mut client = pool
         .get()
         .await
@@ -535,6 +593,8 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
     ));
     let state = AppState {
         pool,
+        snapshots: Arc::new(SnapshotCapacity::new(snapshot_pool, &limits.snapshots)),
+        sockets_per_user: PerUserLimit::new(limits.max_connections_per_user),
         auth: Arc::new(options.auth),
         catalog,
         limits: options.limits,

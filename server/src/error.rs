@@ -1,10 +1,10 @@
 //! HTTP API errors: `{"error": {"code", "message", "op_index"?}}` with a deliberate status.
 //!
 //! The body says what the client did wrong and how to fix it. Internal failures get a generic message; their
-//! full source chain goes to the log, never to the client.
+//! full source chain goes to the log, never to the client. Every 503 carries `Retry-After` (seconds).
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -22,7 +22,12 @@ pub struct ApiError {
     pub index: Option<(&'static str, usize)>,
     /// More machine-readable facts for the client, e.g. `last_seq` of a `seq_gap`.
     pub fields: Vec<(&'static str, serde_json::Value)>,
+    /// `Retry-After` in seconds (a 503 without one gets [`DEFAULT_RETRY_AFTER_SECS`]).
+    pub retry_after: Option<u32>,
 }
+
+/// `Retry-After` of a 503 that names no other delay.
+pub const DEFAULT_RETRY_AFTER_SECS: u32 = 5;
 
 impl ApiError {
     /// An error with a status, code and message.
@@ -33,7 +38,14 @@ impl ApiError {
             message: message.into(),
             index: None,
             fields: Vec::new(),
+            retry_after: None,
         }
+    }
+
+    /// Sets `Retry-After` (seconds).
+    pub fn retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     /// 400 Bad Request.
@@ -81,6 +93,17 @@ impl ApiError {
         )
     }
 
+    /// 503 when every pooled connection stayed busy for the pool's wait timeout: nothing was done, retry soon.
+    pub fn busy() -> Self {
+        tracing::warn!("no pooled database connection came free within the pool wait timeout");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_busy",
+            "every database connection is busy; retry after the Retry-After delay",
+        )
+        .retry_after(1)
+    }
+
     /// 503 when the database cannot be reached.
     pub fn unavailable(err: &(dyn std::error::Error + 'static)) -> Self {
         tracing::warn!(error = %err, "database unavailable");
@@ -101,13 +124,32 @@ impl IntoResponse for ApiError {
         for (field, value) in self.fields {
             error[field] = value;
         }
-        (self.status, Json(json!({ "error": error }))).into_response()
+        let retry_after = match self.retry_after {
+            Some(secs) => Some(secs),
+            None if self.status == StatusCode::SERVICE_UNAVAILABLE => {
+                Some(DEFAULT_RETRY_AFTER_SECS)
+            }
+            None => None,
+        };
+        let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }
 
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
-        Self::unavailable(&err)
+        match err {
+            // The pool's wait timeout (db::pool): the database is fine, every connection is in use.
+            deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+                Self::busy()
+            }
+            err => Self::unavailable(&err),
+        }
     }
 }
 

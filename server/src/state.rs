@@ -7,11 +7,12 @@ use deadpool_postgres::Pool;
 
 use crate::auth::AuthConfig;
 use crate::db::catalog::CatalogHandle;
+use crate::live::admission::{PerUserLimit, SnapshotCapacity, SnapshotLimits};
 use crate::live::barrier::Barriers;
 use crate::live::hub::Hub;
 use crate::live::shape::Shapes;
 
-/// Request limits (configurable; exceeding one answers 413).
+/// Request and resource limits (configurable; docs/operations.md lists them with their flags).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Largest request body accepted, in bytes.
@@ -20,6 +21,12 @@ pub struct Limits {
     pub max_ops_per_batch: usize,
     /// Most concurrent WebSocket connections (503 above it).
     pub max_connections: usize,
+    /// Most concurrent WebSocket connections of one user (the next one is closed with 4029).
+    pub max_connections_per_user: usize,
+    /// How long a request waits for a pooled connection before it is answered 503 `database_busy`.
+    pub pool_wait_timeout: std::time::Duration,
+    /// Snapshot concurrency (a pool of their own), per-user places, spool memory and spill files.
+    pub snapshots: SnapshotLimits,
     /// Most open client TCP connections (HTTP and WebSocket alike); kept below the file-descriptor limit so
     /// the database connections and the replication stream always have descriptors. Above it, the server
     /// stops accepting until a connection closes.
@@ -35,6 +42,9 @@ impl Default for Limits {
             max_body_bytes: 8 * 1024 * 1024,
             max_ops_per_batch: 1000,
             max_connections: 100_000,
+            max_connections_per_user: 32,
+            pool_wait_timeout: std::time::Duration::from_secs(5),
+            snapshots: SnapshotLimits::default(),
             max_http_connections: 10_000,
             header_timeout: std::time::Duration::from_secs(20),
         }
@@ -44,8 +54,12 @@ impl Default for Limits {
 /// Everything a handler needs.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    /// Pooled connections as the server's role (user work switches role per transaction).
+    /// Pooled connections as the server's role (user work switches role per transaction); never used by snapshots.
     pub pool: Pool,
+    /// Snapshot jobs' own connections, per-user places and spool budget.
+    pub snapshots: Arc<SnapshotCapacity>,
+    /// Open WebSockets per user (`Limits::max_connections_per_user`).
+    pub sockets_per_user: Arc<PerUserLimit>,
     /// Token verification.
     pub auth: Arc<AuthConfig>,
     /// Synced tables and their columns.

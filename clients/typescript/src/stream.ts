@@ -44,7 +44,7 @@ export interface StreamOptions {
   pongTimeoutMs?: number;
 }
 
-const RETRYABLE_SUBSCRIPTION_ERRORS = new Set(['stream_unavailable', 'database_error']);
+const RETRYABLE_SUBSCRIPTION_ERRORS = new Set(['stream_unavailable', 'database_error', 'too_many_snapshots']);
 
 function isOnline(): boolean {
   const nav = globalThis.navigator as Navigator | undefined;

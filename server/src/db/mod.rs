@@ -107,8 +107,14 @@ pub fn parse_config(url: &str) -> Result<tokio_postgres::Config, DbUrlError> {
     Ok(PgTarget::parse(url)?.config)
 }
 
-/// Builds the connection pool. Connections are opened lazily, with the target's TLS settings.
-pub fn pool(target: &PgTarget, max_size: usize) -> anyhow::Result<Pool> {
+/// Builds a connection pool. Connections are opened lazily, with the target's TLS settings. With `wait_timeout`, a
+/// `get()` that finds every connection in use fails with `PoolError::Timeout(Wait)` after that long instead of
+/// waiting for ever (the handlers answer it 503 `database_busy` with `Retry-After`).
+pub fn pool(
+    target: &PgTarget,
+    max_size: usize,
+    wait_timeout: Option<std::time::Duration>,
+) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
         target.config.clone(),
         target.connector(),
@@ -116,7 +122,11 @@ pub fn pool(target: &PgTarget, max_size: usize) -> anyhow::Result<Pool> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Ok(Pool::builder(manager).max_size(max_size).build()?)
+    Ok(Pool::builder(manager)
+        .max_size(max_size)
+        .wait_timeout(wait_timeout)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()?)
 }
 
 /// How a transaction that acts for someone starts: which role, which user, isolation, read-only, and what else its
@@ -380,29 +390,6 @@ pub async fn run_scoped(
         results,
         committed,
     })
-}
-
-/// Opens a transaction on a pooled connection as `role` with `app.user_id = user`; returns it with its txid
-/// (empty for read-only transactions, which get none).
-///
-/// Kept for callers not yet converted to [`begin_scoped`] (the live snapshot path); it is a thin wrapper around it.
-pub async fn begin_as<'a>(
-    client: &'a mut deadpool_postgres::Object,
-    role: &str,
-    user: uuid::Uuid,
-    read_only: bool,
-) -> Result<(deadpool_postgres::Transaction<'a>, String), tokio_postgres::Error> {
-    let mut scope = match role {
-        ADMIN_ROLE => Scope::admin(user),
-        _ => Scope::user(user),
-    };
-    if read_only {
-        scope = scope.read_only();
-    } else {
-        scope = scope.with_txid();
-    }
-    let session = begin_scoped(client, &scope, &[]).await?;
-    Ok((session.tx, session.txid.unwrap_or_default()))
 }
 
 #[cfg(test)]

@@ -89,8 +89,13 @@ pub enum JobError {
     /// The shape's definition no longer fits the table (a column was dropped or retyped meanwhile).
     #[error("the table changed; refetch")]
     SchemaChanged,
-    /// Database trouble.
-    #[error("database error: {0}")]
+    /// No snapshot place (per user or server-wide) came free within the queue timeout, or no spill file could be
+    /// opened: retry after a backoff.
+    #[error("too many snapshots are running; retry after a backoff")]
+    Busy,
+    /// Database trouble. The detail is logged, never sent: clients see a generic message (no database or library
+    /// text reaches them).
+    #[error("the database could not serve this subscription; retry")]
     Database(String),
 }
 
@@ -101,6 +106,7 @@ impl JobError {
             Self::BadFilter(_) => "invalid_where",
             Self::StreamUnavailable => "stream_unavailable",
             Self::SchemaChanged => "schema_changed",
+            Self::Busy => "too_many_snapshots",
             Self::Database(_) => "database_error",
         }
     }

@@ -17,9 +17,10 @@
 //! | transports (I/O) | `ws` (`GET /v1/stream`, socket loop), `shape` (`GET /v1/shape`, Electric's HTTP API) |
 //! | session core (pure) | `session` (one WebSocket's subscriptions), `subscription` (one subscription's position, both transports) |
 //! | wire formats (pure) | `protocol` (WebSocket messages and frame encoders), `electric` (shape messages, schema, offsets), `handle` (signed shape handles) |
-//! | jobs and fan-out | `snapshot` (the snapshot job), `barrier`, `hub` (queues, history), `replicator` |
+//! | jobs and fan-out | `snapshot` (the snapshot job), `spill` (its spool: memory, then a temp file), `admission` (snapshot and per-user limits), `barrier`, `hub` (queues, history), `replicator` |
 //! | model (pure) | `job`, `handoff`, `routing`, `filter` + `where_sql` (one predicate model), `offset`, `convert` |
 
+pub mod admission;
 pub mod barrier;
 pub mod convert;
 pub mod electric;
@@ -35,6 +36,7 @@ pub mod routing;
 pub mod session;
 pub mod shape;
 pub mod snapshot;
+pub mod spill;
 pub mod subscription;
 pub mod where_sql;
 pub mod ws;

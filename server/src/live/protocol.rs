@@ -36,6 +36,8 @@ pub mod close {
     /// This server is on standby (another server streams from the replication slot): reconnect (through the
     /// load balancer) and resume with your offsets. The WebSocket standard's "try again later".
     pub const STANDBY: u16 = 1013;
+    /// The user already has `--max-connections-per-user` sockets open.
+    pub const TOO_MANY_CONNECTIONS: u16 = 4029;
 }
 
 /// A message from the client.

@@ -1104,7 +1104,7 @@ async fn snapshot_response(
         columns: Some(def.snapshot_columns.clone()),
     };
     tokio::spawn(snapshot::run(
-        state.pool.clone(),
+        state.snapshots.clone(),
         state.hub.clone(),
         state.barriers.clone(),
         spec,
@@ -1229,6 +1229,12 @@ fn job_error(
             "stream_unavailable",
             "the live stream is not available; retry",
         )),
+        JobError::Busy => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_snapshots",
+            "too many snapshots are running for this user or server; retry after the Retry-After delay",
+        )
+        .retry_after(5)),
         JobError::Database(m) => {
             tracing::warn!(error = %m, "shape snapshot failed");
             Err(ApiError::new(
@@ -1288,16 +1294,22 @@ impl SnapshotSink for ShapeSink {
     async fn row(
         &mut self,
         _columns: &[SnapshotColumn],
-        row: &tokio_postgres::Row,
+        row: &[Option<&str>],
     ) -> Result<(), SinkGone> {
         self.buf.push(if self.rows == 0 { b'[' } else { b',' });
         self.rows += 1;
         self.encoder
-            .write_snapshot_row(&mut self.buf, |i| row.get::<_, Option<&str>>(i));
+            .write_snapshot_row(&mut self.buf, |i| row.get(i).copied().flatten());
         if self.buf.len() >= BODY_CHUNK {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    async fn closed(&self) {
+        // The handler (waiting for the report) and then the response body hold the receiver: either ends when
+        // the client disconnects.
+        self.body.closed().await;
     }
 
     async fn finish(mut self, report: JobReport) {

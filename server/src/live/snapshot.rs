@@ -3,14 +3,24 @@
 //! frames, or an Electric HTTP response body), its report goes back through the sink too.
 //!
 //! ```text
-//!   pooled connection: BEGIN REPEATABLE READ READ ONLY
-//!     1. pg_current_snapshot() = S, pg_current_wal_insert_lsn() = L, role + app.user_id (RLS applies)
-//!     2. canonicalise the filter's values; read the column list
-//!   barrier task: a barrier committed after S ──► stream position B       (barrier.rs)
-//!     3. sink.prepared(S, L, B, columns, filter)
-//!     4. rows ──► sink.row() …  (while Postgres still reads them; the sink's bound makes a slow client wait)
-//!   COMMIT; sink.finish(report)
+//!  job task (holds no connection)                     reader task (holds a snapshot connection)
+//!   admission: a per-user place, a snapshot connection (admission.rs; bounded wait, else `Busy`)
+//!                                          ──spawn──►  BEGIN REPEATABLE READ READ ONLY
+//!                                                       1. pg_current_snapshot() = S, pg_current_wal_insert_lsn() = L,
+//!                                                          role + app.user_id (RLS applies)
+//!                                                       2. canonicalise the filter; the column list; start the query
+//!   ◄──────────── started (S, L, filter, columns) ───── 3. rows ──► spool (memory, then a temp file; spill.rs)
+//!   barrier committed after S ──► stream position B     COMMIT; the connection goes back to the snapshot pool
+//!   sink.prepared(S, L, B, columns, filter)
+//!   rows from the spool ──► sink.row() … at the client's pace
+//!   sink.finish(report); the per-user place is given back
 //! ```
+//!
+//! Why two tasks: the reader never waits for the client. It reads as fast as Postgres produces the rows, commits
+//! and gives its connection back; a client that reads slowly (or not at all) only keeps its spool (bounded memory,
+//! then disk) and its user's place, never a connection or an open transaction holding back `xmin`
+//! (docs/decisions.md, "Snapshots never wait for a client while holding a connection"). A fast client still gets
+//! the first rows while Postgres reads the rest: the spool hands rows over as soon as the forwarder waits for them.
 //!
 //! The connection's buffered transactions plus S, L and B decide which transactions the rows miss
 //! (handoff.rs). A resume job only canonicalises the filter and waits until the stream can serve the offset.
@@ -19,18 +29,21 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::Object;
 use futures::StreamExt;
-use tokio_postgres::types::{Oid, ToSql};
+use tokio::sync::oneshot;
+use tokio_postgres::types::{Oid, ToSql, Type};
 
+use super::admission::{Admission, AdmitError, SnapshotCapacity};
 use super::barrier::{BARRIER_TIMEOUT, Barriers};
 use super::convert::output_text_sql;
 use super::filter::{Filter, SqlParam};
 use super::handoff::{Handoff, PgSnapshot};
 use super::hub::Hub;
 use super::job::{JobError, JobReport, JobSpec, Prepared, Purpose, SnapshotColumn};
+use super::spill::{SpoolError, SpoolWriter};
 use crate::db::catalog::{Table, quote_ident};
-use crate::db::{USER_ROLE, begin_as};
+use crate::db::{Scope, begin_scoped};
 
 /// How long a resume waits for the replication stream to (re)start and reach the client's offset.
 const RESUME_WAIT: Duration = Duration::from_secs(10);
@@ -47,12 +60,15 @@ pub trait SnapshotSink: Send + 'static {
         prepared: &Prepared,
     ) -> impl Future<Output = Result<(), SinkGone>> + Send;
 
-    /// One row: `row.get::<Option<&str>>(i)` is the text output of `columns[i]`.
+    /// One row: `row[i]` is the text output of `columns[i]` (`None`: NULL).
     fn row(
         &mut self,
         columns: &[SnapshotColumn],
-        row: &tokio_postgres::Row,
+        row: &[Option<&str>],
     ) -> impl Future<Output = Result<(), SinkGone>> + Send;
+
+    /// Resolves once the receiver is gone: a job still waiting for its turn is then dropped.
+    fn closed(&self) -> impl Future<Output = ()> + Send;
 
     /// The job ended (after its last row, or with an error).
     fn finish(self, report: JobReport) -> impl Future<Output = ()> + Send;
@@ -60,16 +76,16 @@ pub trait SnapshotSink: Send + 'static {
 
 /// Runs a job and hands its report to the sink.
 pub async fn run<S: SnapshotSink>(
-    pool: Pool,
+    capacity: Arc<SnapshotCapacity>,
     hub: Arc<Hub>,
     barriers: Barriers,
     spec: JobSpec,
     mut sink: S,
 ) {
     let result = match spec.purpose {
-        Purpose::Snapshot => snapshot(&pool, &hub, &barriers, &spec, &mut sink).await,
+        Purpose::Snapshot => snapshot(&capacity, &hub, &barriers, &spec, &mut sink).await,
         Purpose::Resume(from) => {
-            let result = canonical_only(&pool, &spec).await;
+            let result = canonical_only(&capacity, &spec, &sink).await;
             // Right after a server restart clients reconnect before the replicator has started (generation 0,
             // position 0), and its position may still trail an offset the previous process issued: resuming
             // then would refuse a servable offset. Wait, bounded, here rather than in the connection's loop.
@@ -77,6 +93,10 @@ pub async fn run<S: SnapshotSink>(
             result
         }
     };
+    if let Err(JobError::Database(detail)) = &result {
+        // The client gets a generic `database_error`; the cause is for the operator.
+        tracing::warn!(error = %detail, table = %spec.table.name, "snapshot failed");
+    }
     sink.finish(JobReport {
         sub_id: spec.sub_id.clone(),
         epoch: spec.epoch,
@@ -98,15 +118,54 @@ fn gone(_: SinkGone) -> JobError {
     JobError::Database("connection closed".into())
 }
 
-async fn canonical_only(pool: &Pool, spec: &JobSpec) -> Result<Prepared, JobError> {
-    let mut client = pool
-        .get()
-        .await
-        .map_err(|e| JobError::Database(e.to_string()))?;
-    let (tx, _) = begin_as(&mut client, USER_ROLE, spec.owner, true)
-        .await
-        .map_err(db_err)?;
-    let filter = canonicalise(&tx, &spec.filter).await?;
+impl From<SpoolError> for JobError {
+    fn from(e: SpoolError) -> Self {
+        match e {
+            // Out of spill files: like out of places, a retry later succeeds.
+            SpoolError::TooManyFiles => JobError::Busy,
+            SpoolError::ReaderGone => gone(SinkGone),
+            other => {
+                tracing::warn!(error = %other, "snapshot spool failed");
+                JobError::Database(other.to_string())
+            }
+        }
+    }
+}
+
+/// Waits for a per-user place and a snapshot connection (bounded), unless the receiver goes away first.
+async fn admit<S: SnapshotSink>(
+    capacity: &SnapshotCapacity,
+    spec: &JobSpec,
+    sink: &S,
+) -> Result<(Admission, Object), JobError> {
+    let waited = async {
+        let admission = capacity.admit(spec.owner).await?;
+        let client = capacity.connection(&admission).await?;
+        Ok::<_, AdmitError>((admission, client))
+    };
+    tokio::select! {
+        admitted = waited => admitted.map_err(|e| match e {
+            AdmitError::Busy => JobError::Busy,
+            AdmitError::Database(e) => JobError::Database(e.to_string()),
+        }),
+        () = sink.closed() => Err(gone(SinkGone)),
+    }
+}
+
+async fn canonical_only<S: SnapshotSink>(
+    capacity: &SnapshotCapacity,
+    spec: &JobSpec,
+    sink: &S,
+) -> Result<Prepared, JobError> {
+    let filter = if spec.filter.is_canonical() {
+        spec.filter.clone()
+    } else {
+        let (_admission, mut client) = admit(capacity, spec, sink).await?;
+        let session = begin_scoped(&mut client, &Scope::user(spec.owner).read_only(), &[])
+            .await
+            .map_err(db_err)?;
+        canonicalise(&session.tx, &spec.filter).await?
+    };
     Ok(Prepared {
         filter,
         purpose: spec.purpose,
@@ -156,7 +215,7 @@ pub async fn canonicalise(
 }
 
 async fn snapshot<S: SnapshotSink>(
-    pool: &Pool,
+    capacity: &SnapshotCapacity,
     hub: &Hub,
     barriers: &Barriers,
     spec: &JobSpec,
@@ -167,27 +226,82 @@ async fn snapshot<S: SnapshotSink>(
     if !hub.wait_started(BARRIER_TIMEOUT).await {
         return Err(JobError::StreamUnavailable);
     }
-    let mut client = pool
-        .get()
+    // The place is held until the rows are delivered (this function returns); the connection only while they are
+    // read (the reader task).
+    let (admission, client) = admit(capacity, spec, sink).await?;
+    let (writer, mut rows) = capacity.spool::<JobError>();
+    let (started_tx, started_rx) = oneshot::channel();
+    tokio::spawn(read(client, spec.clone(), started_tx, writer));
+    let started = started_rx
         .await
-        .map_err(|e| JobError::Database(e.to_string()))?;
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(db_err)?;
-    // First statement: fixes the transaction's snapshot, and reads S and L in the same instant.
-    let user = spec.owner.to_string();
-    let head = tx
-        .query_one(
-            "select pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text,
-                    set_config('role', $1, true), set_config('app.user_id', $2, true)",
-            &[&USER_ROLE, &user],
-        )
-        .await
-        .map_err(db_err)?;
+        .unwrap_or_else(|_| Err(JobError::Database("the snapshot reader ended early".into())))?;
+    // Requested now, after S was taken: its barrier commits after S. No connection is held meanwhile; the rows
+    // keep arriving in the spool.
+    let barrier_lsn = barriers.after_now().await?;
+    let prepared = Prepared {
+        filter: started.filter,
+        purpose: spec.purpose,
+        handoff: Some(Handoff {
+            snapshot: started.snapshot,
+            wal_lsn: started.wal_lsn,
+            barrier_lsn,
+        }),
+        columns: started.columns,
+        generation: hub.position().generation,
+    };
+    sink.prepared(&prepared).await.map_err(gone)?;
+    // At the client's pace. Dropping `rows` early (an error, the client gone) stops the reader.
+    while let Some(row) = rows.next().await? {
+        sink.row(&prepared.columns, &row).await.map_err(gone)?;
+    }
+    drop(admission);
+    Ok(prepared)
+}
+
+/// What the reader established before its first row.
+struct Started {
+    snapshot: PgSnapshot,
+    wal_lsn: u64,
+    filter: Filter,
+    columns: Arc<[SnapshotColumn]>,
+}
+
+/// The reader task: reads the rows into the spool and gives the connection back as soon as they are read.
+async fn read(
+    mut client: Object,
+    spec: JobSpec,
+    started: oneshot::Sender<Result<Started, JobError>>,
+    mut writer: SpoolWriter<JobError>,
+) {
+    let mut started = Some(started);
+    let result = read_rows(&mut client, &spec, &mut started, &mut writer).await;
+    // Committed (or rolled back): the connection goes back to the snapshot pool before the client has the rows.
+    drop(client);
+    match (result, started) {
+        (Err(e), Some(started)) => {
+            let _ = started.send(Err(e));
+        }
+        (result, _) => writer.finish(result).await,
+    }
+}
+
+async fn read_rows(
+    client: &mut Object,
+    spec: &JobSpec,
+    started: &mut Option<oneshot::Sender<Result<Started, JobError>>>,
+    writer: &mut SpoolWriter<JobError>,
+) -> Result<(), JobError> {
+    // First statement: fixes the transaction's snapshot, and reads S and L in the same instant (before the role
+    // switch to the user, in the same statement: db::Scope::first_reading).
+    let scope = Scope::user(spec.owner)
+        .isolation(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only()
+        .first_reading(&[
+            "pg_current_snapshot()::text",
+            "pg_current_wal_insert_lsn()::text",
+        ]);
+    let session = begin_scoped(client, &scope, &[]).await.map_err(db_err)?;
+    let (tx, head) = (session.tx, session.head);
     let snapshot = PgSnapshot::parse(head.get::<_, &str>(0))
         .ok_or_else(|| JobError::Database("unparseable pg_current_snapshot()".into()))?;
     let wal_lsn = head
@@ -200,22 +314,7 @@ async fn snapshot<S: SnapshotSink>(
         Some(columns) => columns.clone(),
         None => current_columns(&tx, &spec.table).await?,
     };
-    // Requested now, after S was taken: its barrier commits after S.
-    let barrier_lsn = barriers.after_now().await?;
-    let prepared = Prepared {
-        filter,
-        purpose: spec.purpose,
-        handoff: Some(Handoff {
-            snapshot,
-            wal_lsn,
-            barrier_lsn,
-        }),
-        columns,
-        generation: hub.position().generation,
-    };
-    sink.prepared(&prepared).await.map_err(gone)?;
-
-    let (sql, filter_params) = select_sql(&spec.table, &prepared.columns, &prepared.filter);
+    let (sql, filter_params) = select_sql(&spec.table, &columns, &filter);
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&spec.owner];
     for p in &filter_params {
         params.push(match p {
@@ -223,18 +322,57 @@ async fn snapshot<S: SnapshotSink>(
             SqlParam::List(l) => l,
         });
     }
-    // Rows are handed to the sink while Postgres still produces them; the sink waits when its client is slow.
     let stream = tx
         .query_raw(&sql, params.iter().copied())
         .await
         .map_err(|e| schema_or_db(e, spec))?;
+    let width = columns.len();
+    // The query is accepted (a dropped column would have failed it): the job can ask for its barrier.
+    let started_ok = Started {
+        snapshot,
+        wal_lsn,
+        filter,
+        columns,
+    };
+    if let Some(tx) = started.take()
+        && tx.send(Ok(started_ok)).is_err()
+    {
+        return Err(gone(SinkGone));
+    }
     futures::pin_mut!(stream);
-    while let Some(row) = stream.next().await {
+    let mut checked = false;
+    loop {
+        // Rows the forwarder cannot see yet are handed over as soon as it waits for them, even while Postgres is
+        // slow to produce the next row (a selective filter on a large table).
+        let next = if writer.has_unpublished() {
+            tokio::select! {
+                biased;
+                row = stream.next() => row,
+                () = writer.reader_hungry() => {
+                    writer.publish().await?;
+                    continue;
+                }
+            }
+        } else {
+            stream.next().await
+        };
+        let Some(row) = next else { break };
         let row = row.map_err(db_err)?;
-        sink.row(&prepared.columns, &row).await.map_err(gone)?;
+        if !checked {
+            // Every column is selected as text (output_text_sql), so `get` below cannot panic.
+            let text = row.columns().len() == width
+                && row.columns().iter().all(|c| *c.type_() == Type::TEXT);
+            if !text {
+                return Err(JobError::Database("snapshot columns are not text".into()));
+            }
+            checked = true;
+        }
+        writer
+            .push((0..width).map(|i| row.get::<_, Option<&str>>(i)))
+            .await?;
     }
     tx.commit().await.map_err(db_err)?;
-    Ok(prepared)
+    Ok(())
 }
 
 /// An explicit column list that no longer exists (dropped or renamed since the shape was defined) is a schema

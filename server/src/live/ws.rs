@@ -49,16 +49,42 @@ pub async fn stream(
         )
         .into_response();
     }
+    // Taken here, before the upgrade, so two sockets opening at once cannot both pass the check.
+    let place = state.sockets_per_user.try_acquire(user.user_id);
     // Small socket buffers: most connections are idle, and memory per idle connection is a target.
     // Client messages are small (subscribe, ping); the buffer grows if one is not.
     ws.read_buffer_size(512)
         .write_buffer_size(0)
         .max_message_size(1024 * 1024)
         .on_upgrade(move |socket| async move {
-            // The upgraded socket keeps its connection slot (app::serve's cap) for as long as it lives.
+            // The upgraded socket keeps its connection slot (app::serve's cap) for as long as it lives, and its
+            // place among its user's sockets.
             let _slot = slot;
-            Connection::new(state, user).run(socket).await
+            match place {
+                Some(_place) => Connection::new(state, user).run(socket).await,
+                None => refuse_over_user_cap(socket).await,
+            }
         })
+}
+
+/// The user is at `--max-connections-per-user`: close with 4029. Upgraded first, because a browser cannot read the
+/// status of a refused upgrade, only a close code.
+async fn refuse_over_user_cap(mut socket: WebSocket) {
+    let close = Message::Close(Some(CloseFrame {
+        code: close::TOO_MANY_CONNECTIONS,
+        reason: Utf8Bytes::from_static("too many connections for this user; close one and retry"),
+    }));
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if socket.send(close).await.is_ok() {
+            // Until the client's close echo (or the socket ends).
+            while let Some(Ok(msg)) = socket.next().await {
+                if let Message::Close(_) = msg {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
 }
 
 struct Connection {
@@ -272,16 +298,20 @@ async fn resolve_table(state: &AppState, name: &str) -> Result<Arc<Table>, (&'st
     if let Some(t) = state.catalog.get().await.table(name) {
         return Ok(t.clone());
     }
-    let client = state
-        .pool
-        .get()
-        .await
-        .map_err(|e| ("database_error", e.to_string()))?;
+    // Database and library text stays in the log; the client gets the code and a generic message.
+    let unavailable = |e: &dyn std::fmt::Display| {
+        tracing::warn!(error = %e, "catalog reload for a subscription failed");
+        (
+            "database_error",
+            "the database could not serve this subscription; retry".to_owned(),
+        )
+    };
+    let client = state.pool.get().await.map_err(|e| unavailable(&e))?;
     let fresh = state
         .catalog
         .refresh_on_miss(&client)
         .await
-        .map_err(|e| ("database_error", e.to_string()))?;
+        .map_err(|e| unavailable(&e))?;
     fresh
         .table(name)
         .cloned()
@@ -321,7 +351,7 @@ async fn start_job(
         columns: None,
     };
     tokio::spawn(snapshot::run(
-        state.pool.clone(),
+        state.snapshots.clone(),
         state.hub.clone(),
         state.barriers.clone(),
         spec,
@@ -360,7 +390,7 @@ impl SnapshotSink for WsSink {
     async fn row(
         &mut self,
         columns: &[SnapshotColumn],
-        row: &tokio_postgres::Row,
+        row: &[Option<&str>],
     ) -> Result<(), SinkGone> {
         let frame = self
             .frame
@@ -369,7 +399,7 @@ impl SnapshotSink for WsSink {
             columns
                 .iter()
                 .enumerate()
-                .map(|(i, c)| (c.name.as_str(), c.type_oid, row.get::<_, Option<&str>>(i))),
+                .map(|(i, c)| (c.name.as_str(), c.type_oid, row.get(i).copied().flatten())),
         );
         if frame.rows() >= SNAPSHOT_FRAME_ROWS
             && let Some(full) = self.frame.take()
@@ -377,6 +407,10 @@ impl SnapshotSink for WsSink {
             self.send_frame(full).await?;
         }
         Ok(())
+    }
+
+    async fn closed(&self) {
+        self.chunks.closed().await;
     }
 
     async fn finish(mut self, report: JobReport) {
