@@ -93,7 +93,7 @@ test('writes show at once, are sent in order in chunks, and leave the outbox whe
   t.db.close();
 });
 
-test('a rejected op is removed, its local effect undone, the app told; the rest is resent', async () => {
+test('a rejected op is removed, its local effect undone, the app told; the rest is resent, its seq filled by a no-op', async () => {
   let first = true;
   const t = setup((ops) => {
     if (first) {
@@ -113,13 +113,22 @@ test('a rejected op is removed, its local effect undone, the app told; the rest 
   assert.equal(t.rejections[0]!.code, 'constraint_violation');
   assert.equal(t.rejections[0]!.status, 422);
   assert.deepEqual((await t.rows('works')).map((r) => r['id']), ['good']);
-  assert.deepEqual(t.requests.map((r) => r.length), [2, 1]);
+  assert.deepEqual(t.requests.map((r) => r.length), [2, 2]);
   assert.equal(t.requests[1]![0]!.op_id, t.requests[0]![0]!.op_id, 'the good op keeps its id');
+  assert.deepEqual(t.requests.map((r) => r.map((o) => o.seq)), [[1, 2], [1, 2]], 'and its seq; the refused seq is filled');
+  const filler = t.requests[1]![1]!;
+  assert.equal(filler.kind, 'delete');
+  assert.equal(filler.table, 'works');
+  assert.notEqual(filler.row['id'], 'bad', 'the filler deletes a fresh id, never the refused row');
+  assert.notEqual(filler.op_id, t.requests[0]![1]!.op_id);
+  assert.equal(await t.outbox.pendingCount(), 0);
   t.db.close();
 });
 
 test('a rejected update rolls back to the synced row', async () => {
-  const t = setup(() => ({ status: 422, body: { error: { code: 'invalid_value', message: 'bad year', op_index: 0 } } }));
+  const t = setup((ops) =>
+    ops[0]?.row['year'] === 'twenty' ? { status: 422, body: { error: { code: 'invalid_value', message: 'bad year', op_index: 0 } } } : applyAll(ops),
+  );
   await t.applier.handle({ type: 'snapshot', id: 'works', rows: [{ id: 'w', title: 'Synced', year: 2000 }] });
   await t.applier.handle({ type: 'up_to_date', id: 'works', offset: '1-01' });
   await t.outbox.enqueue([{ table: 'works', kind: 'update', row: { id: 'w', year: 'twenty' } }]);
