@@ -150,7 +150,12 @@ export class Applier {
     if (!this.allLive()) return Promise.resolve();
     const now = Date.now();
     return this.writer.run(() =>
-      this.dropAcked((op) => (op.ackedAt ?? 0) < now - (op.txid === undefined ? duplicateAgeMs : maxAgeMs)),
+      this.dropAcked(
+        (op) =>
+          // The echo of a transaction still arriving in parts is on its way (the server paces slow readers).
+          (op.txid === undefined || op.txid !== this.partial?.xid) &&
+          (op.ackedAt ?? 0) < now - (op.txid === undefined ? duplicateAgeMs : maxAgeMs),
+      ),
     );
   }
 

@@ -422,7 +422,7 @@ export class Outbox {
       db.transaction('rw', [db.table(OUTBOX), db.table(STATE)], async (): Promise<GapPlan> => {
         const s = await outboxMeta(db);
         const first = await firstPending(db);
-        if (!first) return { kind: 'none' };
+        if (!first || first.seq < s.seqFrom) return { kind: 'none' };
         const held = await db.outbox.where('seq').between(s.seqFrom, first.seq, true, false).toArray();
         const plan = planGap(s, lastSeq, first.seq, held, newUuid);
         if (plan.kind === 'resend') {

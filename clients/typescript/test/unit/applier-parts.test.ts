@@ -32,10 +32,10 @@ async function offsets(db: SyncDatabase) {
   return Object.fromEntries((await db.state.toArray()).filter((s) => s.key.startsWith('sub:')).map((s) => [s.key, 'offset' in s ? s.offset : '?']));
 }
 
-async function ownOp(db: SyncDatabase, seq: number, rowId: string, txid: string): Promise<void> {
+async function ownOp(db: SyncDatabase, seq: number, rowId: string, txid: string, ackedAt = Date.now()): Promise<void> {
   const op: OutboxRecord = {
     seq, opId: `op-${seq}`, table: 'works', rowId, kind: 'insert', row: { id: rowId, title: 'mine' },
-    status: 'acked', txid, ackedAt: Date.now(), createdAt: Date.now(),
+    status: 'acked', txid, ackedAt, createdAt: Date.now(),
   };
   await db.outbox.add(op);
   await db.local.put({ table: 'works', id: rowId, row: op.row });
@@ -111,5 +111,18 @@ test('a new transaction while another\'s parts are incomplete is a lost frame: t
   await assert.rejects(applier.handle(frame({ xid: '971', offset: '1-0700', changes: [work('b', 'B')] })), /970 came in parts/);
   assert.equal(await db.synced('works').get('b'), undefined, 'nothing of the unexpected frame applied');
   assert.deepEqual(await offsets(db), { 'sub:works': '1-0100', 'sub:annotations': '1-0100' });
+  db.close();
+});
+
+test('the sweep of echoes that never came spares the ops of a transaction whose parts are still arriving', async () => {
+  const { db, applier } = await live();
+  await ownOp(db, 1, 'w1', '990', 0); // acknowledged long ago
+  await ownOp(db, 2, 'w2', '991', 0); // another transaction whose echo never came
+  await applier.handle(frame({ xid: '990', part: 0, more: true, changes: [work('w1', 'mine')] }));
+  await applier.sweep(15_000, 2_000);
+  assert.deepEqual((await db.outbox.toArray()).map((o) => o.txid), ['990'], 'only the op of the incomplete transaction stays');
+  assert.equal(applier.seen('990'), false);
+  await applier.handle(frame({ xid: '990', part: 1, offset: '1-0800', changes: [] }));
+  assert.equal(await db.outbox.count(), 0);
   db.close();
 });
