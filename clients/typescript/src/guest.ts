@@ -4,7 +4,8 @@
 //   signIn():
 //     1. token -> user id (the server will assign it as owner_id; nothing local is rewritten)
 //     2. POST /v1/blobs/coordinate with the device's CAS blobs (first: assets reference blobs_meta)
-//     3. POST /v1/batch with the guest's ops, in the order they were made, with the op ids they got then
+//     3. POST /v1/batch with the guest's ops, in the order they were made, with the guest outbox's client_id and
+//        the seqs and op ids they got then
 //     4. open deeprecall_<user>_<device>, let it catch up, make it the app's database
 //     5. delete the guest database
 //

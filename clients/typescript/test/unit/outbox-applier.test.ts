@@ -263,3 +263,29 @@ test('writes are validated before anything is stored', async () => {
   assert.equal(await t.db.outbox.count(), 0, 'all or nothing');
   t.db.close();
 });
+
+test('must_refetch for the newer reasons (stream_discontinuity, transaction_too_large) refetches that table like any other', async () => {
+  for (const reason of ['stream_discontinuity', 'transaction_too_large', 'some_future_reason']) {
+    const t = setup(applyAll);
+    const refetched: string[] = [];
+    const events = new Emitter<ApplierEvents>();
+    events.on('refetch', (e) => refetched.push(`${e.table}:${e.reason}`));
+    const applier = new Applier(t.db, new SerialQueue(), events);
+    for (const id of ['works', 'annotations']) {
+      applier.subscribing(id);
+      await applier.handle({ type: 'snapshot', id, rows: id === 'works' ? [{ id: 'old', title: 'O' }] : [{ id: 'n', body: 'N' }] });
+      await applier.handle({ type: 'up_to_date', id, offset: '1-05' });
+    }
+    await applier.handle({ type: 'must_refetch', id: 'works', reason });
+    assert.deepEqual(refetched, [`works:${reason}`]);
+    assert.equal(applier.allLive(), false, reason);
+    assert.deepEqual(await t.db.state.get('sub:works'), { key: 'sub:works', offset: null });
+    assert.deepEqual(await t.db.state.get('sub:annotations'), { key: 'sub:annotations', offset: '1-05' }, 'the other table untouched');
+    await applier.handle({ type: 'snapshot', id: 'works', rows: [{ id: 'new', title: 'N' }] });
+    await applier.handle({ type: 'up_to_date', id: 'works', offset: '2-01' });
+    assert.deepEqual((await t.db.synced('works').toArray()).map((r) => r.id), ['new'], reason);
+    assert.equal(await t.db.synced('annotations').count(), 1);
+    assert.equal(applier.allLive(), true);
+    t.db.close();
+  }
+});
