@@ -405,6 +405,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       events: outboxEvents,
       seenXid: (x) => applier.seen(x),
       limits: outboxLimits,
+      userId,
     });
     const session: Session = {
       mode,

@@ -47,6 +47,7 @@ export interface UpgradeInput {
  */
 export async function flushGuestWork(input: UpgradeInput): Promise<{ txids: string[]; blobs: number }> {
   const { outbox } = input;
+  outbox.sendAs = input.userId;
   const previous = await outbox.db.state.get('upgrade');
   if (previous && previous.key === 'upgrade' && previous.userId !== input.userId) await outbox.restartSequence();
   await outbox.db.state.put({ key: 'upgrade', userId: input.userId, startedAt: Date.now() });

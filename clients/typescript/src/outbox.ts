@@ -67,6 +67,8 @@ export interface OutboxOptions {
   /** xids the stream has already applied (an answer may arrive after its own echo). */
   seenXid: (xid: string) => boolean;
   limits?: Partial<BatchLimits>;
+  /** The user whose writes these are (null: a guest's, sent only by the upgrade, which sets `sendAs`). */
+  userId?: string | null;
 }
 
 function isOnline(): boolean {
@@ -100,6 +102,8 @@ export class Outbox {
   private enabled = false;
   /** `seq_gap` answers in a row: a repair that does not help must not loop. */
   private gapStreak = 0;
+  /** Requests go out only with a token of this user (a guest's outbox: the user it is being upgraded to). */
+  sendAs: string | null;
 
   constructor(opts: OutboxOptions) {
     this.db = opts.db;
@@ -109,6 +113,7 @@ export class Outbox {
     this.events = opts.events;
     this.seenXid = opts.seenXid;
     this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
+    this.sendAs = opts.userId ?? null;
   }
 
   /**
@@ -324,7 +329,11 @@ export class Outbox {
       return { kind: 'progress' };
     }
     const chunk = plan.chunk;
-    const outcome = await this.transport.batch(this.deviceId, chunk.map(toBatchOp), clientId);
+    if (this.sendAs === null) {
+      // A guest's writes are never sent as anyone (guest.ts sets the user for the upgrade).
+      return { kind: 'blocked', error: { code: 'guest', message: 'a guest outbox is sent only by signIn()' } };
+    }
+    const outcome = await this.transport.batch(this.deviceId, chunk.map(toBatchOp), clientId, this.sendAs);
     if (outcome.kind !== 'seq_gap') this.gapStreak = 0;
     switch (outcome.kind) {
       case 'ok': {

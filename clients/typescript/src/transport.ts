@@ -29,7 +29,7 @@ export type Outcome<T> =
   | { kind: 'too_large'; status: number; error: ServerError }
   | { kind: 'transient'; status: number; error: ServerError; retryAfterMs?: number }
   | { kind: 'seq_gap'; status: number; error: ServerError; lastSeq: number }
-  | { kind: 'auth'; problem: TokenProblem | 'refused'; error: ServerError };
+  | { kind: 'auth'; problem: TokenProblem | 'refused' | 'other_user'; error: ServerError };
 
 /** One op as `/v1/batch` takes it. */
 export interface BatchOp {
@@ -100,10 +100,14 @@ export class Transport {
     this.fetchImpl = fetchImpl ?? globalThis.fetch.bind(globalThis);
   }
 
-  /** POST /v1/batch; with `clientId`, every op carries its `seq` (sequence idempotency). */
-  batch(deviceId: string, ops: BatchOp[], clientId?: string): Promise<Outcome<BatchResponse>> {
+  /**
+   * POST /v1/batch; with `clientId`, every op carries its `seq` (sequence idempotency). With `asUser`, the request
+   * is sent only with a token of that user: a database's queued writes must never be sent as someone else (the
+   * server would make them that user's rows).
+   */
+  batch(deviceId: string, ops: BatchOp[], clientId?: string, asUser?: string): Promise<Outcome<BatchResponse>> {
     const body = clientId === undefined ? { device_id: deviceId, ops } : { client_id: clientId, device_id: deviceId, ops };
-    return this.request<BatchResponse>('POST', '/v1/batch', body);
+    return this.request<BatchResponse>('POST', '/v1/batch', body, asUser);
   }
 
   /** POST /v1/blobs/coordinate. */
@@ -118,12 +122,19 @@ export class Transport {
     return this.request('GET', `/v1/blobs/${encodeURIComponent(sha256)}`);
   }
 
-  private async request<T>(method: 'GET' | 'POST', path: string, body?: unknown): Promise<Outcome<T>> {
+  private async request<T>(method: 'GET' | 'POST', path: string, body?: unknown, asUser?: string): Promise<Outcome<T>> {
     const payload = body === undefined ? undefined : JSON.stringify(body);
     for (let attempt = 0; ; attempt++) {
       const tok = await this.tokens.get();
       if (!tok.ok) {
         return { kind: 'auth', problem: tok.problem, error: { code: tok.problem, message: tok.message } };
+      }
+      if (asUser !== undefined && tok.claims.sub !== asUser) {
+        return {
+          kind: 'auth',
+          problem: 'other_user',
+          error: { code: 'other_user', message: `getToken() returned a token of user ${tok.claims.sub}, but these writes belong to ${asUser}` },
+        };
       }
       let res: Response;
       try {

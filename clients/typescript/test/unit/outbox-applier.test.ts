@@ -44,6 +44,7 @@ function setup(reply: Reply, opts: { name?: string; maxOps?: number } = {}) {
     events,
     seenXid: (x) => applier.seen(x),
     limits: opts.maxOps ? { maxOps: opts.maxOps } : {},
+    userId: 'u',
   });
   const rows = async (table: string) => mergeRows(await db.synced(table).toArray(), await db.local.where('table').equals(table).toArray());
   return { db, outbox, applier, requests, rejections, rows, name };

@@ -21,10 +21,10 @@ function jwt(sub = 'u'): string {
 }
 
 let dbCount = 0;
-function setup(server: FakeBatchServer, opts: { name?: string; maxOps?: number } = {}) {
+function setup(server: FakeBatchServer, opts: { name?: string; maxOps?: number; sub?: () => string } = {}) {
   const name = opts.name ?? `seq-${++dbCount}`;
   const db = new SyncDatabase(name, ['works', 'annotations']);
-  const transport = new Transport('http://sync.test', new TokenSource(async () => jwt()), server.fetch);
+  const transport = new Transport('http://sync.test', new TokenSource(async () => jwt(opts.sub?.() ?? 'u')), server.fetch);
   const writer = new SerialQueue();
   const applier = new Applier(db, writer, new Emitter<ApplierEvents>());
   const events = new Emitter<OutboxEvents>();
@@ -40,6 +40,7 @@ function setup(server: FakeBatchServer, opts: { name?: string; maxOps?: number }
     events,
     seenXid: (x) => applier.seen(x),
     limits: opts.maxOps ? { maxOps: opts.maxOps } : {},
+    userId: 'u',
   });
   const rows = async (table: string) => mergeRows(await db.synced(table).toArray(), await db.local.where('table').equals(table).toArray());
   return { db, outbox, applier, transport, rejections, errors, rows };
@@ -300,20 +301,18 @@ test('an op larger than a request may be is refused by the client, and its seq f
 test('guest upgrade on the seq path: interrupted (answer lost, page gone) and run again creates nothing twice', async () => {
   const server = new FakeBatchServer();
   const name = `guest-${++dbCount}`;
-  const g = setup(server, { name, maxOps: 4 });
+  const g = setup(server, { name, maxOps: 4, sub: () => 'user-1' });
   const ops = Array.from({ length: 10 }, (_, i) => insert(`w${i}`, `Work ${i}`));
   await g.outbox.enqueue(ops);
   // First run: request 1 answered, request 2 commits but its answer is lost; the run fails there.
   server.faults = ['pass', 'lose'];
-  const transport1 = new Transport('http://sync.test', new TokenSource(async () => jwt('user-1')), server.fetch);
-  await assert.rejects(flushGuestWork({ outbox: g.outbox, transport: transport1, deviceId: 'd', userId: 'user-1' }));
+  await assert.rejects(flushGuestWork({ outbox: g.outbox, transport: g.transport, deviceId: 'd', userId: 'user-1' }));
   assert.equal(server.table('works').size, 8, 'two requests committed');
   g.outbox.stop();
   g.db.close();
   // The page is gone; the next start finds the guest database and runs the upgrade again.
-  const again = setup(server, { name, maxOps: 4 });
-  const transport2 = new Transport('http://sync.test', new TokenSource(async () => jwt('user-1')), server.fetch);
-  await flushGuestWork({ outbox: again.outbox, transport: transport2, deviceId: 'd', userId: 'user-1' });
+  const again = setup(server, { name, maxOps: 4, sub: () => 'user-1' });
+  await flushGuestWork({ outbox: again.outbox, transport: again.transport, deviceId: 'd', userId: 'user-1' });
   assert.equal(server.table('works').size, 10);
   assert.ok(onlyOnce(server), 'no op applied twice');
   assert.deepEqual(again.rejections, [], 'no insert ran twice (it would be a conflict)');
@@ -324,17 +323,49 @@ test('guest upgrade on the seq path: interrupted (answer lost, page gone) and ru
 
 test('guest upgrade run again for another user: what the first user got is not resent; the rest starts a new sequence', async () => {
   const server = new FakeBatchServer();
-  const g = setup(server, { maxOps: 2 });
+  let user = 'user-a';
+  const g = setup(server, { maxOps: 2, sub: () => user });
   await g.outbox.enqueue([insert('a', 'A'), insert('b', 'B'), insert('c', 'C')]);
   server.faults = ['pass', 'drop'];
-  const toA = new Transport('http://sync.test', new TokenSource(async () => jwt('user-a')), server.fetch);
-  await assert.rejects(flushGuestWork({ outbox: g.outbox, transport: toA, deviceId: 'd', userId: 'user-a' }));
-  const toB = new Transport('http://sync.test', new TokenSource(async () => jwt('user-b')), server.fetch);
-  await flushGuestWork({ outbox: g.outbox, transport: toB, deviceId: 'd', userId: 'user-b' });
+  await assert.rejects(flushGuestWork({ outbox: g.outbox, transport: g.transport, deviceId: 'd', userId: 'user-a' }));
+  user = 'user-b';
+  g.transport['tokens'].invalidate();
+  await flushGuestWork({ outbox: g.outbox, transport: g.transport, deviceId: 'd', userId: 'user-b' });
   const [first, second] = server.requests;
   assert.deepEqual(first!.ops.map((o) => [o.row['id'], o.seq]), [['a', 1], ['b', 2]]);
   assert.deepEqual(second!.ops.map((o) => [o.row['id'], o.seq]), [['c', 1]], 'seq 1 of a new client id');
   assert.notEqual(second!.client_id, first!.client_id);
   assert.equal(server.requests.length, 2);
   g.db.close();
+});
+
+test('queued writes are never sent with a token of another user; a guest outbox is sent only by the upgrade', async () => {
+  const server = new FakeBatchServer();
+  const t = setup(server);
+  let sub = 'someone-else';
+  const transport = new Transport('http://sync.test', new TokenSource(async () => jwt(sub)), server.fetch);
+  const outbox = new Outbox({
+    db: t.db,
+    transport,
+    deviceId: 'd',
+    writer: new SerialQueue(),
+    events: new Emitter<OutboxEvents>(),
+    seenXid: () => false,
+    userId: 'u',
+  });
+  await outbox.enqueue([insert('a', 'A')]);
+  await assert.rejects(outbox.flush(), (e: Error & { code?: string; transient?: boolean }) => e.code === 'other_user' && e.transient === false);
+  assert.equal(server.requests.length, 0, 'nothing sent');
+  assert.equal(await outbox.pendingCount(), 1, 'nothing lost');
+  sub = 'u';
+  transport['tokens'].invalidate();
+  await outbox.flush();
+  assert.deepEqual(serverTitles(server), ['A']);
+  // A guest outbox (no user) refuses to send on its own.
+  const guest = new Outbox({
+    db: t.db, transport, deviceId: 'd', writer: new SerialQueue(), events: new Emitter<OutboxEvents>(), seenXid: () => false,
+  });
+  await guest.enqueue([insert('b', 'B')]);
+  await assert.rejects(guest.flush(), (e: Error & { code?: string }) => e.code === 'guest');
+  t.db.close();
 });
