@@ -151,8 +151,9 @@ test('a request delivered late, after its retry was refused and the rest resent,
 });
 
 test('a request delivered late that commits before the resend cannot make the server skip a later op', async () => {
-  // Attempt 1 of [A, B, C] is held back by the network. Attempt 2 is refused for B; the resend (A, filler, C) is
-  // lost on the way. Then attempt 1 arrives and commits seqs 1-3, B included. Had the client renumbered C to seq 2
+  // Attempt 1 of [A, B, C] is held back by the network. Attempt 2 is refused for B (the work it references was just
+  // deleted on another device); the resend (A, filler, C) is lost on the way. The work is restored, then attempt 1
+  // arrives and commits seqs 1-3, B included. Had the client renumbered C to seq 2
   // and the next op D to seq 3, the server would answer D `duplicate` and never apply it. With B's seq kept by a
   // filler, D is seq 4 and is applied.
   const { server, t, refuseB } = raceSetup();
