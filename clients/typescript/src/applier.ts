@@ -6,7 +6,13 @@
 //                 offset stored; the subscription is live
 //   txn           all changes of the frame + offsets of its live subscriptions + outbox ops acknowledged with this
 //                 xid removed (their echo is here) + the local view of touched rows recomputed
+//   txn, more     one part of a large transaction (docs/protocol.md, "Large transactions in parts"): its changes
+//                 and the local view, in a transaction of its own; no offset (it has none), no outbox op removed.
+//                 The last part (no `more`) does what a whole `txn` does, for every subscription any part touched
 //   must_refetch  offset forgotten; the snapshot that follows replaces the table
+//
+// A transaction whose parts stop before its last one (the socket closed) leaves its parts applied and the offsets
+// from before it stored: the resume answers `must_refetch`, and the snapshot replaces the partial state.
 //
 // One subscription per table, with the table's name as its id and no filter: the local table mirrors
 // "my rows of that table".
@@ -14,7 +20,7 @@
 import { LOCAL, OUTBOX, STATE, recomputeLocal, type SyncDatabase } from './database.js';
 import type { Emitter, SerialQueue } from './events.js';
 import { applyPatch, planFrame, staleIds, subscriptionsIn } from './frames.js';
-import type { Change, ServerMessage } from './protocol.js';
+import type { ServerMessage, TxnMessage } from './protocol.js';
 import type { SyncedRow } from './types.js';
 
 /** Events the applier reports. */
@@ -40,6 +46,8 @@ export class Applier {
   private readonly subs = new Map<string, Subscription>();
   private readonly seenXids = new Set<string>();
   private readonly waiters = new Map<string, Array<() => void>>();
+  /** A transaction arriving in parts: its xid and the subscriptions its parts so far touched. */
+  private partial: { xid: string; subscriptions: Set<string> } | null = null;
 
   constructor(
     readonly db: SyncDatabase,
@@ -70,6 +78,8 @@ export class Applier {
 
   /** The connection is gone: nothing is live until the subscriptions are up to date again. */
   disconnected(): void {
+    // The rest of a transaction in parts never comes on another connection (the resume refetches instead).
+    this.partial = null;
     for (const s of this.subs.values()) {
       s.live = false;
       s.seen = null;
@@ -123,7 +133,7 @@ export class Applier {
       case 'up_to_date':
         return this.writer.run(() => this.upToDate(msg.id, msg.offset));
       case 'txn':
-        return this.writer.run(() => this.txn(msg.xid, msg.offset, msg.changes));
+        return this.writer.run(() => this.txn(msg));
       case 'must_refetch':
         return this.writer.run(() => this.mustRefetch(msg.id, msg.reason));
       default:
@@ -140,7 +150,12 @@ export class Applier {
     if (!this.allLive()) return Promise.resolve();
     const now = Date.now();
     return this.writer.run(() =>
-      this.dropAcked((op) => (op.ackedAt ?? 0) < now - (op.txid === undefined ? duplicateAgeMs : maxAgeMs)),
+      this.dropAcked(
+        (op) =>
+          // The echo of a transaction still arriving in parts is on its way (the server paces slow readers).
+          (op.txid === undefined || op.txid !== this.partial?.xid) &&
+          (op.ackedAt ?? 0) < now - (op.txid === undefined ? duplicateAgeMs : maxAgeMs),
+      ),
     );
   }
 
@@ -184,12 +199,24 @@ export class Applier {
     if (!wasLive) this.events.emit('subscriptionLive', { table: sub.table });
   }
 
-  private async txn(xid: string, offset: string, changes: readonly Change[]): Promise<void> {
+  private async txn(msg: TxnMessage): Promise<void> {
+    const { xid, changes } = msg;
+    if (this.partial && this.partial.xid !== xid) {
+      // The server always sends a transaction's last part to a connection that got any of its parts: a new xid
+      // here means frames were lost. Drop the connection; the resume from the stored offsets refetches.
+      const open = this.partial.xid;
+      this.partial = null;
+      throw new Error(`transaction ${open} came in parts but its last part never arrived (next frame: ${xid})`);
+    }
     const db = this.db;
     const ids = new Set<string>();
     for (const s of this.subs.keys()) ids.add(s);
     const plan = planFrame(changes, ids);
-    const inFrame = subscriptionsIn(changes);
+    // Subscriptions whose offset this transaction moves: those in this frame and in its earlier parts.
+    const inTxn = this.partial?.subscriptions ?? new Set<string>();
+    for (const id of subscriptionsIn(changes)) inTxn.add(id);
+    // Only a frame that carries an offset completes a transaction (TxnMessage: `more` frames have none).
+    const offset = msg.more === true ? null : msg.offset;
     await db.transaction('rw', this.tables(), async () => {
       const touched: Array<[string, string]> = [];
       for (const [table, effects] of plan) {
@@ -204,13 +231,16 @@ export class Applier {
         await db.synced(table).bulkDelete(deletes);
         touched.push(...(await this.withLocal(table, [...effects.keys()])));
       }
-      const echoed = await db.outbox.where('txid').equals(xid).toArray();
-      await db.outbox.bulkDelete(echoed.map((o) => o.seq));
-      for (const o of echoed) touched.push([o.table, o.rowId]);
-      await recomputeLocal(db, touched);
-      for (const id of inFrame) {
-        if (this.subs.get(id)?.live) await db.state.put({ key: `sub:${id}`, offset });
+      if (offset !== null) {
+        // The whole transaction is here: this device's own ops in it are settled.
+        const echoed = await db.outbox.where('txid').equals(xid).toArray();
+        await db.outbox.bulkDelete(echoed.map((o) => o.seq));
+        for (const o of echoed) touched.push([o.table, o.rowId]);
+        for (const id of inTxn) {
+          if (this.subs.get(id)?.live) await db.state.put({ key: `sub:${id}`, offset });
+        }
       }
+      await recomputeLocal(db, touched);
     });
     // A replacement in progress keeps what its handoff changes inserted and forgets what they deleted.
     for (const [table, effects] of plan) {
@@ -221,6 +251,11 @@ export class Applier {
         else seen.add(rowId);
       }
     }
+    if (offset === null) {
+      this.partial = { xid, subscriptions: inTxn };
+      return;
+    }
+    this.partial = null;
     this.markSeen(xid);
   }
 

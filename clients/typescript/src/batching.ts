@@ -13,7 +13,10 @@ export const DEFAULT_LIMITS: BatchLimits = { maxOps: 1000, maxBytes: 8 * 1024 * 
 
 /** The part of an outbox record a batch needs. */
 export interface QueuedOp {
+  /** Local position in the outbox. */
   seq: number;
+  /** The seq sent with the batch's client_id (sequence.ts); absent for an op that goes by op_id alone. */
+  wireSeq?: number;
   opId: string;
   table: string;
   kind: OpKind;
@@ -21,7 +24,9 @@ export interface QueuedOp {
 }
 
 export function toBatchOp(op: QueuedOp): BatchOp {
-  return { op_id: op.opId, table: op.table, kind: op.kind, row: op.row };
+  const out: BatchOp = { op_id: op.opId, table: op.table, kind: op.kind, row: op.row };
+  if (op.wireSeq !== undefined) out.seq = op.wireSeq;
+  return out;
 }
 
 const encoder = new TextEncoder();
@@ -35,9 +40,11 @@ export function planChunk<T extends QueuedOp>(
   ops: readonly T[],
   deviceId: string,
   limits: BatchLimits,
+  clientId?: string,
 ): { chunk: T[] } | { tooLarge: T } {
-  // {"device_id":"…","ops":[ … ]} plus commas between ops.
-  let size = bytes(JSON.stringify({ device_id: deviceId, ops: [] }));
+  // {"client_id":"…","device_id":"…","ops":[ … ]} plus commas between ops.
+  const envelope = clientId === undefined ? { device_id: deviceId, ops: [] } : { client_id: clientId, device_id: deviceId, ops: [] };
+  let size = bytes(JSON.stringify(envelope));
   const chunk: T[] = [];
   for (const op of ops) {
     if (chunk.length >= limits.maxOps) break;

@@ -227,7 +227,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
   async pendingOps(table?: string): Promise<WrittenOp[]> {
     const all = await this.session.db.outbox.orderBy('seq').toArray();
     return all
-      .filter((o) => table === undefined || o.table === table)
+      .filter((o) => !o.filler && (table === undefined || o.table === table))
       .map((o) => ({ opId: o.opId, table: o.table, kind: o.kind, rowId: o.rowId, seq: o.seq }));
   }
 
@@ -405,6 +405,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       events: outboxEvents,
       seenXid: (x) => applier.seen(x),
       limits: outboxLimits,
+      userId,
     });
     const session: Session = {
       mode,

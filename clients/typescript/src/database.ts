@@ -5,10 +5,11 @@
 //   <synced table> (works, annotations, …)  key `id`; written ONLY by the stream applier (applier.ts)
 //   deeprecall_outbox                       pending writes in order (outbox.ts); a guest's writes wait here unsent
 //   deeprecall_local                        each row with pending writes, as the app should see it (overlay.ts)
-//   deeprecall_state                        subscription offsets and the outbox's identity (client id, next seq)
+//   deeprecall_state                        subscription offsets and the outbox's sequence (client id, seqs; sequence.ts)
 
 import { Dexie, type Table } from 'dexie';
 import { localEntry } from './overlay.js';
+import type { StoredSequence } from './sequence.js';
 import type { OpKind, Row, SyncedRow } from './types.js';
 
 /** The eight synced tables of schema version 1 (sql/0001_schema.sql). */
@@ -30,9 +31,12 @@ const RESERVED = new Set([OUTBOX, LOCAL, STATE]);
 
 /** An op in the outbox. */
 export interface OutboxRecord {
-  /** Position in the outbox: strictly increasing per outbox (never reused), the send order. */
+  /**
+   * Position in the outbox: strictly increasing per outbox (never reused), the send order. The seq sent to the
+   * server is derived from it (sequence.ts, `wireSeq`) and never changes either.
+   */
   seq: number;
-  /** Generated when the op was queued; sent unchanged on every retry (the server answers `duplicate`). */
+  /** Generated when the op was queued; sent unchanged on every retry (the server still requires op ids). */
   opId: string;
   table: string;
   rowId: string;
@@ -43,6 +47,13 @@ export interface OutboxRecord {
   txid?: string;
   /** When the server's answer arrived (ms), for acked ops. */
   ackedAt?: number;
+  /** The `client_id` of the batch whose answer settled the op (absent: settled by op_id alone). */
+  ackedBy?: string;
+  /**
+   * A no-op holding the seq of an op the server refused (sequence.ts, `fillerOp`): sent like any op, never shown
+   * to the app, never laid over a row.
+   */
+  filler?: true;
   createdAt: number;
 }
 
@@ -55,7 +66,7 @@ export interface LocalRecord {
 
 /** deeprecall_state rows. */
 export type StateRecord =
-  | { key: 'outbox'; clientId: string; nextSeq: number }
+  | StoredSequence
   | { key: `sub:${string}`; offset: string | null }
   | { key: 'identity'; deviceId: string; userId: string | null }
   | { key: 'upgrade'; userId: string; startedAt: number };
@@ -112,7 +123,7 @@ export async function recomputeLocal(db: SyncDatabase, keys: Iterable<readonly [
     if (done.has(k)) continue;
     done.add(k);
     const synced = db.syncedTables.includes(table) ? await db.synced(table).get(id) : undefined;
-    const ops = await db.outbox.where('[table+rowId]').equals([table, id]).sortBy('seq');
+    const ops = (await db.outbox.where('[table+rowId]').equals([table, id]).sortBy('seq')).filter((o) => !o.filler);
     const entry = localEntry(synced, ops);
     if (entry) await db.local.put({ table, id, row: entry.row });
     else await db.local.delete([table, id]);

@@ -1,15 +1,18 @@
 // The outbox: every local write, in order, in IndexedDB, until the server has it and the stream has brought it back.
 //
-//   write() ──▶ [pending] ──/v1/batch 200──▶ [acked, txid] ──txn frame with that xid (applier)──▶ removed
+//   write() ──▶ [pending] ──/v1/batch 200──▶ [acked, txid] ──txn with that xid, last part (applier)──▶ removed
 //                  │  ▲                  ├── duplicate ──▶ [acked, no txid] ──live for a moment (sweep)──▶ removed
 //                  │  ▲                  └── not_found ──▶ removed (nothing happened, nothing will come back)
-//                  │  └── network error, 5xx, 409 retry, 429: resend later, same op ids (backoff with jitter)
-//                  └── 4xx naming the op (op_index) ──▶ removed, local effect undone, `rejected` event
+//                  │  └── network error, 5xx, 409 retry, 429: resend later, same op ids and seqs (backoff, jitter)
+//                  │  └── 409 seq_gap: resend from the server's last_seq + 1, or continue under a new client id
+//                  └── 4xx naming the op (op_index) ──▶ replaced by a no-op filler with its seq, local effect
+//                                                        undone, `rejected` event
 //
 // A guest's outbox is the same table, never flushed while a guest: `signIn()` sends it (guest.ts).
-// Op ids are generated when an op is queued and never change, so a resent op is answered `duplicate` and applied
-// once. `seq` (the primary key) increases strictly per outbox and is never reused; with `clientId` (a UUID per
-// outbox, in deeprecall_state) it is ready for per-client sequence idempotency on the server.
+// Idempotency (docs/api.md): every batch carries the outbox's `client_id` and every op its `seq` (sequence.ts
+// maps local positions to seqs), so a resent op is answered `duplicate` and applied once. Op ids are generated when
+// an op is queued and sent too (the server requires them). Ops queued by a client version that sent no seqs go by
+// op_id alone until they are settled.
 
 import {
   DEFAULT_LIMITS,
@@ -21,6 +24,7 @@ import {
 } from './batching.js';
 import { backoffDelay } from './backoff.js';
 import { recomputeLocal, OUTBOX, LOCAL, STATE, type OutboxRecord, type SyncDatabase } from './database.js';
+import { fillerOp, loadSequence, planGap, rotate, sendable, wireSeq, type GapPlan, type Sequence } from './sequence.js';
 import { SerialQueue, sleep, type Emitter } from './events.js';
 import { applyOp, normaliseRow } from './overlay.js';
 import type { ServerError, Transport } from './transport.js';
@@ -63,6 +67,8 @@ export interface OutboxOptions {
   /** xids the stream has already applied (an answer may arrive after its own echo). */
   seenXid: (xid: string) => boolean;
   limits?: Partial<BatchLimits>;
+  /** The user whose writes these are (null: a guest's, sent only by the upgrade, which sets `sendAs`). */
+  userId?: string | null;
 }
 
 function isOnline(): boolean {
@@ -94,6 +100,10 @@ export class Outbox {
   private wake = new AbortController();
   /** Whether the background loop may send (signed in, online). */
   private enabled = false;
+  /** `seq_gap` answers in a row: a repair that does not help must not loop. */
+  private gapStreak = 0;
+  /** Requests go out only with a token of this user (a guest's outbox: the user it is being upgraded to). */
+  sendAs: string | null;
 
   constructor(opts: OutboxOptions) {
     this.db = opts.db;
@@ -103,6 +113,7 @@ export class Outbox {
     this.events = opts.events;
     this.seenXid = opts.seenXid;
     this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
+    this.sendAs = opts.userId ?? null;
   }
 
   /**
@@ -159,9 +170,30 @@ export class Outbox {
     );
   }
 
-  /** Number of ops not yet committed by the server. */
+  /** Number of ops not yet committed by the server (fillers are not the app's ops). */
   pendingCount(): Promise<number> {
-    return this.db.outbox.where('[status+seq]').between(['pending', -Infinity], ['pending', Infinity]).count();
+    return this.db.outbox
+      .where('[status+seq]')
+      .between(['pending', -Infinity], ['pending', Infinity])
+      .filter((o) => !o.filler)
+      .count();
+  }
+
+  /**
+   * Continues the pending ops under a new client id from seq 1; nothing before them is ever sent again. For a
+   * guest's work that goes to another user than an interrupted upgrade's (guest.ts).
+   */
+  restartSequence(): Promise<void> {
+    const db = this.db;
+    return withOutboxLock(db.name, () =>
+      this.writer.run(() =>
+        db.transaction('rw', [db.table(OUTBOX), db.table(STATE)], async () => {
+          const s = await outboxMeta(db);
+          const first = await firstPending(db);
+          await db.state.put(rotate(s, first?.seq ?? s.nextSeq, newUuid));
+        }),
+      ),
+    );
   }
 
   /** Allows (or stops) background sending; enabling starts a flush. */
@@ -280,7 +312,15 @@ export class Outbox {
       .limit(this.limits.maxOps)
       .toArray();
     if (pending.length === 0) return { kind: 'empty' };
-    const plan = planChunk(pending, this.deviceId, this.limits);
+    // Read, not stored: an outbox from an older version gets its sequence stored by the next write() (only ops
+    // queued from then on carry seqs, and they are the only ones that need it).
+    const sequence = await outboxMeta(db);
+    const { ops, clientId } = sendable(pending, sequence);
+    const queued = ops.map((o) => {
+      const w = clientId === undefined ? undefined : wireSeq(sequence, o.seq);
+      return w === undefined ? o : { ...o, wireSeq: w };
+    });
+    const plan = planChunk(queued, this.deviceId, this.limits, clientId);
     if ('tooLarge' in plan) {
       await this.reject(plan.tooLarge, 0, {
         code: 'payload_too_large',
@@ -289,11 +329,18 @@ export class Outbox {
       return { kind: 'progress' };
     }
     const chunk = plan.chunk;
-    const outcome = await this.transport.batch(this.deviceId, chunk.map(toBatchOp));
+    if (this.sendAs === null) {
+      // A guest's writes are never sent as anyone (guest.ts sets the user for the upgrade).
+      return { kind: 'blocked', error: { code: 'guest', message: 'a guest outbox is sent only by signIn()' } };
+    }
+    const outcome = await this.transport.batch(this.deviceId, chunk.map(toBatchOp), clientId, this.sendAs);
+    if (outcome.kind !== 'seq_gap') this.gapStreak = 0;
     switch (outcome.kind) {
       case 'ok': {
         const settlement = settleBatch(chunk, outcome.value);
         const txid = outcome.value.txid;
+        // Which client id's sequence settled the ops (a seq_gap later resends only ops settled under the current one).
+        const by = clientId === undefined ? {} : { ackedBy: clientId };
         await this.writer.run(() =>
           db.transaction('rw', [db.table(OUTBOX), db.table(LOCAL), ...db.syncedTables.map((t) => db.table(t))], async () => {
             const now = Date.now();
@@ -305,15 +352,15 @@ export class Outbox {
                   await db.outbox.delete(op.seq);
                   touched.push([op.table, op.rowId]);
                 } else {
-                  await db.outbox.update(op.seq, { status: 'acked', txid, ackedAt: now });
+                  await db.outbox.update(op.seq, { status: 'acked', txid, ackedAt: now, ...by });
                 }
               } else if (settlement.duplicate.includes(op.seq)) {
                 // Committed earlier, in a transaction whose xid we never learnt: keep the local effect until the
                 // applier's sweep (its echo is normally already on the way), so the row does not flicker.
-                await db.outbox.update(op.seq, { status: 'acked', ackedAt: now });
+                await db.outbox.update(op.seq, { status: 'acked', ackedAt: now, ...by });
               } else if (settlement.notFound.includes(op.seq)) {
                 if (retainSettled) {
-                  await db.outbox.update(op.seq, { status: 'acked', ackedAt: now });
+                  await db.outbox.update(op.seq, { status: 'acked', ackedAt: now, ...by });
                 } else {
                   await db.outbox.delete(op.seq);
                   touched.push([op.table, op.rowId]);
@@ -336,9 +383,22 @@ export class Outbox {
         const index = outcome.error.op_index;
         const op = index !== undefined ? chunk[index] : undefined;
         if (!op) return { kind: 'blocked', error: outcome.error };
+        if (op.filler) {
+          // A delete of a fresh id in a synced table cannot fail unless the server does not know the table:
+          // a configuration problem (the client's `tables`). Keep everything and retry slowly.
+          return {
+            kind: 'blocked',
+            error: {
+              code: outcome.error.code,
+              message: `the server refused the no-op that keeps a refused op's seq (${outcome.error.message}); check the client's tables`,
+            },
+          };
+        }
         await this.reject(op, outcome.status, outcome.error);
         return { kind: 'progress' };
       }
+      case 'seq_gap':
+        return this.repairGap(outcome.lastSeq, outcome.error);
       case 'too_large': {
         const smaller = shrink(this.limits, chunk.length);
         const first = chunk[0];
@@ -359,12 +419,70 @@ export class Outbox {
     }
   }
 
-  /** Removes a refused op, undoes its local effect, tells the app. */
+  /**
+   * 409 `seq_gap`: the server's last seq for this client id is behind the ops this client saw acknowledged (a
+   * restored database, or ops settled by op_id from a tab running an older version). Resend from `lastSeq + 1`,
+   * or continue under a new client id (sequence.ts, `planGap`).
+   */
+  private async repairGap(lastSeq: number, error: ServerError): Promise<Step> {
+    if (++this.gapStreak > 3) return { kind: 'blocked', error };
+    const db = this.db;
+    const plan = await this.writer.run(() =>
+      db.transaction('rw', [db.table(OUTBOX), db.table(STATE)], async (): Promise<GapPlan> => {
+        const s = await outboxMeta(db);
+        const first = await firstPending(db);
+        if (!first || first.seq < s.seqFrom) return { kind: 'none' };
+        const held = await db.outbox.where('seq').between(s.seqFrom, first.seq, true, false).toArray();
+        const plan = planGap(s, lastSeq, first.seq, held, newUuid);
+        if (plan.kind === 'resend') {
+          for (const seq of plan.seqs) {
+            await db.outbox.update(seq, { status: 'pending', txid: undefined, ackedAt: undefined, ackedBy: undefined });
+          }
+        } else if (plan.kind === 'rotate') {
+          await db.state.put(plan.sequence);
+        }
+        return plan;
+      }),
+    );
+    if (plan.kind === 'none') return { kind: 'retry', error };
+    this.events.emit('error', {
+      source: 'batch',
+      code: 'seq_gap',
+      message:
+        plan.kind === 'resend'
+          ? `${error.message} (resending ${plan.seqs.length} acknowledged ops from seq ${lastSeq + 1})`
+          : `${error.message} (the ops it lacks are no longer queued here; the pending ops continue under a new client id)`,
+      retrying: true,
+    });
+    return { kind: 'progress' };
+  }
+
+  /**
+   * Removes a refused op, undoes its local effect, tells the app. An op with a seq leaves a no-op in its place
+   * (sequence.ts, `fillerOp`): the server's sequence must stay contiguous, and renumbering the ops behind it would
+   * be wrong if a lost request carrying them committed after all.
+   */
   private async reject(op: OutboxRecord, status: number, error: ServerError): Promise<void> {
     const db = this.db;
     await this.writer.run(() =>
-      db.transaction('rw', [db.table(OUTBOX), db.table(LOCAL), ...db.syncedTables.map((t) => db.table(t))], async () => {
-        await db.outbox.delete(op.seq);
+      db.transaction('rw', [db.table(OUTBOX), db.table(LOCAL), db.table(STATE), ...db.syncedTables.map((t) => db.table(t))], async () => {
+        const s = await outboxMeta(db);
+        if (wireSeq(s, op.seq) === undefined) {
+          await db.outbox.delete(op.seq);
+        } else {
+          const f = fillerOp(op, error.code, db.syncedTables, newUuid);
+          await db.outbox.put({
+            seq: op.seq,
+            opId: newUuid(),
+            table: f.table,
+            rowId: f.rowId,
+            kind: f.kind,
+            row: f.row,
+            status: 'pending',
+            createdAt: Date.now(),
+            filler: true,
+          });
+        }
         await recomputeLocal(db, [[op.table, op.rowId]]);
       }),
     );
@@ -379,13 +497,17 @@ export class Outbox {
   }
 }
 
-/** The outbox's identity and next seq (created on first use). */
-async function outboxMeta(db: SyncDatabase): Promise<{ key: 'outbox'; clientId: string; nextSeq: number }> {
-  const meta = await db.state.get('outbox');
-  if (meta && meta.key === 'outbox') return { ...meta };
-  // Continue after any op already present (a state row lost to a manual clear must not reuse a seq).
+/** The outbox's sequence: client id, next local position, and how positions map to seqs (created on first use). */
+async function outboxMeta(db: SyncDatabase): Promise<Sequence> {
+  const stored = await db.state.get('outbox');
+  if (stored && stored.key === 'outbox') return loadSequence(stored, undefined, newUuid);
+  // Continue after any op already present (a state row lost to a manual clear must not reuse a position).
   const last = await db.outbox.orderBy('seq').last();
-  return { key: 'outbox', clientId: newUuid(), nextSeq: (last?.seq ?? 0) + 1 };
+  return loadSequence(undefined, last?.seq, newUuid);
+}
+
+function firstPending(db: SyncDatabase): Promise<OutboxRecord | undefined> {
+  return db.outbox.where('[status+seq]').between(['pending', -Infinity], ['pending', Infinity]).first();
 }
 
 /**

@@ -14,10 +14,19 @@ export interface Change {
   unchanged?: string[];
 }
 
+/**
+ * A `txn` frame: a whole transaction, or one part of a large one (docs/protocol.md, "Large transactions in
+ * parts"). Every part but the last says `more: true` and has no offset; the last part (no `more`) carries the
+ * transaction's offset, like a whole transaction's frame.
+ */
+export type TxnMessage =
+  | { type: 'txn'; xid: string; lsn: string; offset: string; changes: Change[]; part?: number; more?: false }
+  | { type: 'txn'; xid: string; lsn: string; changes: Change[]; part?: number; more: true };
+
 export type ServerMessage =
   | { type: 'snapshot'; id: string; rows: SyncedRow[] }
   | { type: 'up_to_date'; id: string; offset: string }
-  | { type: 'txn'; xid: string; lsn: string; offset: string; changes: Change[] }
+  | TxnMessage
   | { type: 'must_refetch'; id: string; reason: string }
   | { type: 'error'; id?: string; code: string; message: string }
   | { type: 'unsubscribed'; id: string }
@@ -67,15 +76,23 @@ export function parseServerMessage(text: string): ServerMessage {
       return { type: 'up_to_date', id, offset };
     }
     case 'txn': {
-      const { xid, lsn, offset, changes } = v;
-      if (!isString(xid) || !isString(offset) || !Array.isArray(changes)) return unknown;
+      const { xid, lsn, offset, changes, part, more } = v;
+      if (!isString(xid) || !Array.isArray(changes)) return unknown;
+      if (more !== undefined && typeof more !== 'boolean') return unknown;
+      if (part !== undefined && !(typeof part === 'number' && Number.isInteger(part) && part >= 0)) return unknown;
+      // A complete transaction (or a large one's last part) always carries its offset; a part followed by `more`
+      // has none, and any it might carry is ignored: a client holding only some parts has no resumable position.
+      if (more !== true && !isString(offset)) return unknown;
       const parsed: Change[] = [];
       for (const c of changes) {
         const change = parseChange(c);
         if (!change) return unknown;
         parsed.push(change);
       }
-      return { type: 'txn', xid, lsn: isString(lsn) ? lsn : '', offset, changes: parsed };
+      const common = { type: 'txn' as const, xid, lsn: isString(lsn) ? lsn : '', changes: parsed };
+      const numbered = typeof part === 'number' ? { part } : {};
+      if (more === true) return { ...common, ...numbered, more: true };
+      return { ...common, ...numbered, offset: offset as string };
     }
     case 'must_refetch': {
       const { id, reason } = v;
@@ -111,6 +128,8 @@ export const CloseCode = {
   tokenExpired: 4001,
   otherUser: 4003,
   tooSlow: 4008,
+  /** The server is on standby (another server streams from the slot): reconnect with backoff, resume. */
+  tryAgainLater: 1013,
 } as const;
 
 /** `ws(s)://host/v1/stream?access_token=…` for a server base URL. */

@@ -1,7 +1,7 @@
 // The live connection (`GET /v1/stream`, docs/protocol.md): one WebSocket, one subscription per table, resumed
 // from stored offsets after every reconnect; the token refreshed on the open socket before it expires.
 //
-//            ┌────────────── backoff (jitter) ◀──── close 1001/1002/4008/1006, failure before open ───┐
+//            ┌──────────── backoff (jitter) ◀──── close 1001/1002/1013/4008/1006, failure before open ──┐
 //            ▼                                                                                        │
 //   idle ─▶ token? ─▶ open socket ─▶ subscribe all (offsets) ─▶ catching up ─▶ live ──────────────────┤
 //            │                                                  (all up_to_date)                      │
@@ -9,7 +9,9 @@
 //            │ throws: offline-ish, retry   4003: token of another user (stop, report)
 //   browser offline: socket closed, wait for `online`
 //
-// Messages are handed to the applier strictly in arrival order, one at a time.
+// 1013 is a server on standby (another server streams from the replication slot, e.g. during a rolling deploy):
+// like 1001, the client backs off and resumes from its offsets, reaching the ready server through the load
+// balancer. Messages are handed to the applier strictly in arrival order, one at a time.
 
 import type { Applier } from './applier.js';
 import { backoffDelay } from './backoff.js';
@@ -164,6 +166,15 @@ export class LiveStream {
             this.opts.tokens.invalidate(tok.token);
             continue; // reconnect at once with a new token
           }
+          if (result.code === CloseCode.tryAgainLater) {
+            this.opts.events.emit('error', {
+              source: 'stream',
+              code: 'server_standby',
+              message: 'the server is on standby (1013): another server streams from the replication slot; reconnecting',
+              retrying: true,
+            });
+          }
+          // 1001, 1013, 4008, 1002, 1006, …: back off, then resume from the stored offsets.
           break;
       }
       if (!isOnline()) continue;

@@ -3,10 +3,12 @@
 //
 //   ok ─ use it          rejected ─ definite 4xx: do not resend unchanged (op_index says which op, if any)
 //   too_large ─ split    transient ─ network, 5xx, 409 `retry`, 429: back off and resend the same request
+//   seq_gap ─ 409: the server's last seq for this client_id is behind the batch's first seq (`lastSeq`)
 //   auth ─ no usable token even after asking the app for a fresh one
 //
 // A 401 `token_expired` (or `invalid_signature` / `unknown_key` after a key rotation) is answered by asking the
-// app for a new token and resending once; resending a batch is always safe (op ids make it idempotent).
+// app for a new token and resending once; resending a batch is always safe (client_id + seq, or op ids, make it
+// idempotent).
 
 import type { TokenSource, TokenProblem } from './token.js';
 import type { JsonValue } from './types.js';
@@ -17,6 +19,8 @@ export interface ServerError {
   message: string;
   op_index?: number;
   blob_index?: number;
+  /** With `seq_gap`: the client's last applied seq on the server. */
+  last_seq?: number;
 }
 
 export type Outcome<T> =
@@ -24,11 +28,14 @@ export type Outcome<T> =
   | { kind: 'rejected'; status: number; error: ServerError }
   | { kind: 'too_large'; status: number; error: ServerError }
   | { kind: 'transient'; status: number; error: ServerError; retryAfterMs?: number }
-  | { kind: 'auth'; problem: TokenProblem | 'refused'; error: ServerError };
+  | { kind: 'seq_gap'; status: number; error: ServerError; lastSeq: number }
+  | { kind: 'auth'; problem: TokenProblem | 'refused' | 'other_user'; error: ServerError };
 
 /** One op as `/v1/batch` takes it. */
 export interface BatchOp {
   op_id: string;
+  /** With the batch's `client_id` (and only then): the op's seq, one more than the op before it. */
+  seq?: number;
   table: string;
   kind: string;
   row: { [column: string]: JsonValue };
@@ -37,7 +44,9 @@ export interface BatchOp {
 /** `/v1/batch` response body. */
 export interface BatchResponse {
   txid: string;
-  results: Array<{ op_id: string; status: 'applied' | 'duplicate' | 'not_found' }>;
+  /** With `client_id`: the client's last applied seq after this batch. */
+  last_seq?: number;
+  results: Array<{ op_id: string; seq?: number; status: 'applied' | 'duplicate' | 'not_found' }>;
 }
 
 const RETRY_TOKEN_CODES = new Set(['token_expired', 'invalid_signature', 'unknown_key']);
@@ -46,13 +55,14 @@ function parseError(body: unknown, status: number): ServerError {
   if (typeof body === 'object' && body !== null && 'error' in body) {
     const e = (body as { error: unknown }).error;
     if (typeof e === 'object' && e !== null) {
-      const { code, message, op_index, blob_index } = e as Record<string, unknown>;
+      const { code, message, op_index, blob_index, last_seq } = e as Record<string, unknown>;
       const err: ServerError = {
         code: typeof code === 'string' ? code : `http_${status}`,
         message: typeof message === 'string' ? message : `HTTP ${status}`,
       };
       if (typeof op_index === 'number') err.op_index = op_index;
       if (typeof blob_index === 'number') err.blob_index = blob_index;
+      if (typeof last_seq === 'number' && Number.isSafeInteger(last_seq) && last_seq >= 0) err.last_seq = last_seq;
       return err;
     }
   }
@@ -71,6 +81,9 @@ export function classify(status: number, error: ServerError): Exclude<Outcome<ne
   if (status === 401) return { kind: 'auth', problem: 'refused', error };
   if (status === 413) return { kind: 'too_large', status, error };
   if (status === 409 && error.code === 'retry') return { kind: 'transient', status, error };
+  if (status === 409 && error.code === 'seq_gap' && error.last_seq !== undefined) {
+    return { kind: 'seq_gap', status, error, lastSeq: error.last_seq };
+  }
   if (status === 408 || status === 425 || status === 429 || status >= 500) return { kind: 'transient', status, error };
   return { kind: 'rejected', status, error };
 }
@@ -87,9 +100,14 @@ export class Transport {
     this.fetchImpl = fetchImpl ?? globalThis.fetch.bind(globalThis);
   }
 
-  /** POST /v1/batch. */
-  batch(deviceId: string, ops: BatchOp[]): Promise<Outcome<BatchResponse>> {
-    return this.request<BatchResponse>('POST', '/v1/batch', { device_id: deviceId, ops });
+  /**
+   * POST /v1/batch; with `clientId`, every op carries its `seq` (sequence idempotency). With `asUser`, the request
+   * is sent only with a token of that user: a database's queued writes must never be sent as someone else (the
+   * server would make them that user's rows).
+   */
+  batch(deviceId: string, ops: BatchOp[], clientId?: string, asUser?: string): Promise<Outcome<BatchResponse>> {
+    const body = clientId === undefined ? { device_id: deviceId, ops } : { client_id: clientId, device_id: deviceId, ops };
+    return this.request<BatchResponse>('POST', '/v1/batch', body, asUser);
   }
 
   /** POST /v1/blobs/coordinate. */
@@ -104,12 +122,19 @@ export class Transport {
     return this.request('GET', `/v1/blobs/${encodeURIComponent(sha256)}`);
   }
 
-  private async request<T>(method: 'GET' | 'POST', path: string, body?: unknown): Promise<Outcome<T>> {
+  private async request<T>(method: 'GET' | 'POST', path: string, body?: unknown, asUser?: string): Promise<Outcome<T>> {
     const payload = body === undefined ? undefined : JSON.stringify(body);
     for (let attempt = 0; ; attempt++) {
       const tok = await this.tokens.get();
       if (!tok.ok) {
         return { kind: 'auth', problem: tok.problem, error: { code: tok.problem, message: tok.message } };
+      }
+      if (asUser !== undefined && tok.claims.sub !== asUser) {
+        return {
+          kind: 'auth',
+          problem: 'other_user',
+          error: { code: 'other_user', message: `getToken() returned a token of user ${tok.claims.sub}, but these writes belong to ${asUser}` },
+        };
       }
       let res: Response;
       try {

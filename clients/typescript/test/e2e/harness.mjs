@@ -38,8 +38,11 @@ export async function waitFor(what, fn, { timeoutMs = 15_000, intervalMs = 100 }
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-/** Starts everything; `stop()` tears it all down (call it in `after`, it tolerates partial starts). */
-export async function startHarness() {
+/**
+ * Starts everything; `stop()` tears it all down (call it in `after`, it tolerates partial starts). `serverArgs`:
+ * extra flags for the server (e.g. `['--transaction-part-bytes', '4096']`).
+ */
+export async function startHarness({ serverArgs = [] } = {}) {
   if (!existsSync(CHROMIUM)) throw new Error(`no Chromium at ${CHROMIUM}: apt-get install -y chromium (run-tests.sh does)`);
   const h = { server: null, page: null, browser: null, db: null };
   h.stop = async () => {
@@ -49,7 +52,7 @@ export async function startHarness() {
     await h.server?.stop().catch(() => {});
   };
   try {
-    h.server = await startServer();
+    h.server = await startServer({ args: serverArgs });
     h.page = await serveExample({ mintToken: (sub, ttl) => h.server.token(sub, { ttl }) });
     h.pageOrigin = `http://127.0.0.1:${h.page.port}`;
     h.browser = await chromium.launch({ executablePath: CHROMIUM, args: ARGS, headless: true });
@@ -75,7 +78,8 @@ export async function startHarness() {
    */
   h.device = async ({ user = randomUUID(), signedIn = true, ttl, batch } = {}) => {
     const context = await h.browser.newContext();
-    const dev = { context, user, url: h.url({ user, ttl, batch }), requests: [] };
+    // txnFrames: a summary of every `txn` frame the device's pages received ({xid, part, more, offset, changes}).
+    const dev = { context, user, url: h.url({ user, ttl, batch }), requests: [], txnFrames: [] };
     if (signedIn) {
       await context.addInitScript((u) => {
         if (!localStorage.getItem('example:signed-in-user')) localStorage.setItem('example:signed-in-user', u);
@@ -86,6 +90,17 @@ export async function startHarness() {
     });
     dev.open = async () => {
       const page = await context.newPage();
+      page.on('websocket', (ws) =>
+        ws.on('framereceived', ({ payload }) => {
+          if (typeof payload !== 'string' || !payload.includes('"txn"')) return;
+          try {
+            const m = JSON.parse(payload);
+            if (m.type === 'txn') dev.txnFrames.push({ xid: m.xid, part: m.part, more: m.more, offset: m.offset, changes: m.changes.length });
+          } catch {
+            // not ours to judge here
+          }
+        }),
+      );
       page.on('pageerror', (e) => console.error(`[page ${user.slice(0, 8)}] ${e.stack ?? e}`));
       page.on('console', (m) => {
         if (m.type() === 'error' || m.type() === 'warning') console.error(`[console ${user.slice(0, 8)}] ${m.text()}`);
@@ -109,5 +124,10 @@ export async function startHarness() {
   h.pgRows = async (table, owner) => (await h.db.query(`select * from ${table} where owner_id = $1 order by id`, [owner])).rows;
   h.ledgerCount = async (owner) =>
     Number((await h.db.query('select count(*) from sync_applied_ops where owner_id = $1', [owner])).rows[0].count);
+  /** Ops the server applied for a user on the sequence path: the sum of its clients' last seqs (`sync_clients`). */
+  h.seqCount = async (owner) =>
+    Number((await h.db.query('select coalesce(sum(last_seq), 0) as n from sync_clients where owner_id = $1', [owner])).rows[0].n);
+  h.clientCount = async (owner) =>
+    Number((await h.db.query('select count(*) from sync_clients where owner_id = $1', [owner])).rows[0].count);
   return h;
 }

@@ -111,7 +111,8 @@ describe('sync client in a real browser', { concurrency: false }, () => {
       await sleep(500);
       const rows = await h.pgRows('works', user);
       assert.deepEqual(rows.map((r) => r.title).sort(), ['Offline one', 'Offline three', 'Offline two']);
-      assert.equal(await h.ledgerCount(user), 3, 'each op applied exactly once');
+      assert.equal(await h.seqCount(user), 3, 'each op applied exactly once (one seq each)');
+      assert.equal(await h.ledgerCount(user), 0, 'sent with client_id + seq, not by op_id');
       assert.deepEqual((await d2.titles()).sort(), ['Offline one', 'Offline three', 'Offline two']);
     } finally {
       await Promise.all([d1.close(), d2.close()]);
@@ -152,7 +153,8 @@ describe('sync client in a real browser', { concurrency: false }, () => {
       const annotations = await h.pgRows('annotations', user);
       assert.equal(annotations.length, 2);
       assert.ok(annotations.every((a) => a.owner_id === user && a.work_id === ids.work));
-      assert.equal(await h.ledgerCount(user), 4);
+      assert.equal(await h.seqCount(user), 4, 'the guest outbox\'s four ops, once each');
+      assert.equal(await h.ledgerCount(user), 0);
       const dbs = await g.eval(async () => (await indexedDB.databases()).map((d) => d.name));
       assert.ok(!dbs.some((n) => n.startsWith('deeprecall_guest_')), `guest database deleted (have ${dbs})`);
       assert.equal(await g.eval(() => window.app.sync.db.name), `deeprecall_${user}_${await g.eval(() => window.app.deviceId)}`);
@@ -168,7 +170,7 @@ describe('sync client in a real browser', { concurrency: false }, () => {
         await g.eval(() => window.app.sync.signIn());
         await sleep(300);
         assert.equal((await h.pgRows('works', user)).length, 1);
-        assert.equal(await h.ledgerCount(user), 4);
+        assert.equal(await h.seqCount(user), 4);
       } finally {
         await d2.close();
       }
@@ -217,7 +219,8 @@ describe('sync client in a real browser', { concurrency: false }, () => {
       await waitFor('all rows on the page', async () => (await g.titles()).length === N, { timeoutMs: 30_000 });
       const rows = await h.pgRows('works', user);
       assert.equal(new Set(rows.map((r) => r.title)).size, N, 'every work exactly once');
-      assert.equal(await h.ledgerCount(user), N, 'every op applied exactly once');
+      assert.equal(await h.seqCount(user), N, 'every op applied exactly once');
+      assert.equal(await h.clientCount(user), 1, 'one sequence: the guest outbox\'s, resumed after the interruption');
       assert.deepEqual(await g.eval(() => window.app.events.rejected), [], 'no op was refused (no insert ran twice)');
       // And once more, for good measure.
       await g.eval(() => window.app.sync.signIn());
@@ -250,7 +253,7 @@ describe('sync client in a real browser', { concurrency: false }, () => {
         assert.equal(stats.connections, 1, `the socket was never closed for an expired token (${JSON.stringify(stats)})`);
       }
       assert.equal((await h.pgRows('works', user)).length, titles.length);
-      assert.equal(await h.ledgerCount(user), titles.length);
+      assert.equal(await h.seqCount(user), titles.length);
     } finally {
       await Promise.all([d1.close(), d2.close()]);
     }
@@ -289,6 +292,12 @@ describe('sync client in a real browser', { concurrency: false }, () => {
         (await h.pgRows('works', user)).length === 1 && (await d1.eval(() => window.app.sync.pendingCount())) === 0);
       assert.deepEqual((await h.pgRows('works', user)).map((r) => r.title), ['Good work']);
       assert.deepEqual(await d1.titles(), ['Good work']);
+      // The refused op's seq went to a no-op, so the device's sequence stays contiguous: the next write is seq 3.
+      assert.equal(await h.seqCount(user), 2);
+      await d1.page.unroute(`${h.server.url}/v1/batch`);
+      await d1.eval(() => window.app.sync.write([{ table: 'works', kind: 'insert', row: { title: 'After the refusal' } }]));
+      await waitFor('the next write committed', async () => (await h.pgRows('works', user)).length === 2);
+      assert.equal(await h.seqCount(user), 3);
     } finally {
       await d1.close();
     }

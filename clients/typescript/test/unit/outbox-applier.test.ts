@@ -44,6 +44,7 @@ function setup(reply: Reply, opts: { name?: string; maxOps?: number } = {}) {
     events,
     seenXid: (x) => applier.seen(x),
     limits: opts.maxOps ? { maxOps: opts.maxOps } : {},
+    userId: 'u',
   });
   const rows = async (table: string) => mergeRows(await db.synced(table).toArray(), await db.local.where('table').equals(table).toArray());
   return { db, outbox, applier, requests, rejections, rows, name };
@@ -93,7 +94,7 @@ test('writes show at once, are sent in order in chunks, and leave the outbox whe
   t.db.close();
 });
 
-test('a rejected op is removed, its local effect undone, the app told; the rest is resent', async () => {
+test('a rejected op is removed, its local effect undone, the app told; the rest is resent, its seq filled by a no-op', async () => {
   let first = true;
   const t = setup((ops) => {
     if (first) {
@@ -113,13 +114,22 @@ test('a rejected op is removed, its local effect undone, the app told; the rest 
   assert.equal(t.rejections[0]!.code, 'constraint_violation');
   assert.equal(t.rejections[0]!.status, 422);
   assert.deepEqual((await t.rows('works')).map((r) => r['id']), ['good']);
-  assert.deepEqual(t.requests.map((r) => r.length), [2, 1]);
+  assert.deepEqual(t.requests.map((r) => r.length), [2, 2]);
   assert.equal(t.requests[1]![0]!.op_id, t.requests[0]![0]!.op_id, 'the good op keeps its id');
+  assert.deepEqual(t.requests.map((r) => r.map((o) => o.seq)), [[1, 2], [1, 2]], 'and its seq; the refused seq is filled');
+  const filler = t.requests[1]![1]!;
+  assert.equal(filler.kind, 'delete');
+  assert.equal(filler.table, 'works');
+  assert.notEqual(filler.row['id'], 'bad', 'the filler deletes a fresh id, never the refused row');
+  assert.notEqual(filler.op_id, t.requests[0]![1]!.op_id);
+  assert.equal(await t.outbox.pendingCount(), 0);
   t.db.close();
 });
 
 test('a rejected update rolls back to the synced row', async () => {
-  const t = setup(() => ({ status: 422, body: { error: { code: 'invalid_value', message: 'bad year', op_index: 0 } } }));
+  const t = setup((ops) =>
+    ops[0]?.row['year'] === 'twenty' ? { status: 422, body: { error: { code: 'invalid_value', message: 'bad year', op_index: 0 } } } : applyAll(ops),
+  );
   await t.applier.handle({ type: 'snapshot', id: 'works', rows: [{ id: 'w', title: 'Synced', year: 2000 }] });
   await t.applier.handle({ type: 'up_to_date', id: 'works', offset: '1-01' });
   await t.outbox.enqueue([{ table: 'works', kind: 'update', row: { id: 'w', year: 'twenty' } }]);
@@ -253,4 +263,30 @@ test('writes are validated before anything is stored', async () => {
   );
   assert.equal(await t.db.outbox.count(), 0, 'all or nothing');
   t.db.close();
+});
+
+test('must_refetch for the newer reasons (stream_discontinuity, transaction_too_large) refetches that table like any other', async () => {
+  for (const reason of ['stream_discontinuity', 'transaction_too_large', 'some_future_reason']) {
+    const t = setup(applyAll);
+    const refetched: string[] = [];
+    const events = new Emitter<ApplierEvents>();
+    events.on('refetch', (e) => refetched.push(`${e.table}:${e.reason}`));
+    const applier = new Applier(t.db, new SerialQueue(), events);
+    for (const id of ['works', 'annotations']) {
+      applier.subscribing(id);
+      await applier.handle({ type: 'snapshot', id, rows: id === 'works' ? [{ id: 'old', title: 'O' }] : [{ id: 'n', body: 'N' }] });
+      await applier.handle({ type: 'up_to_date', id, offset: '1-05' });
+    }
+    await applier.handle({ type: 'must_refetch', id: 'works', reason });
+    assert.deepEqual(refetched, [`works:${reason}`]);
+    assert.equal(applier.allLive(), false, reason);
+    assert.deepEqual(await t.db.state.get('sub:works'), { key: 'sub:works', offset: null });
+    assert.deepEqual(await t.db.state.get('sub:annotations'), { key: 'sub:annotations', offset: '1-05' }, 'the other table untouched');
+    await applier.handle({ type: 'snapshot', id: 'works', rows: [{ id: 'new', title: 'N' }] });
+    await applier.handle({ type: 'up_to_date', id: 'works', offset: '2-01' });
+    assert.deepEqual((await t.db.synced('works').toArray()).map((r) => r.id), ['new'], reason);
+    assert.equal(await t.db.synced('annotations').count(), 1);
+    assert.equal(applier.allLive(), true);
+    t.db.close();
+  }
 });

@@ -32,6 +32,22 @@ test('parses the captured frames of docs/protocol.md', () => {
   assert.deepEqual(parseServerMessage('{"type":"snapshot","id":"w","rows":[]}'), { type: 'snapshot', id: 'w', rows: [] });
 });
 
+test('transactions in parts: `more` parts have no offset (one they might carry is dropped); the last part has it', () => {
+  const part0 = parseServerMessage('{"type":"txn","xid":"812","lsn":"0/3B2C1D0","part":0,"more":true,"changes":[]}');
+  assert.deepEqual(part0, { type: 'txn', xid: '812', lsn: '0/3B2C1D0', changes: [], part: 0, more: true });
+  assert.ok(!('offset' in part0));
+  const stray = parseServerMessage('{"type":"txn","xid":"812","lsn":"0/3B2C1D0","offset":"1-0a","part":1,"more":true,"changes":[]}');
+  assert.ok(stray.type === 'txn' && !('offset' in stray), 'an offset on a part followed by more is never taken');
+  assert.deepEqual(
+    parseServerMessage('{"type":"txn","xid":"812","lsn":"0/3B2C1D0","offset":"1-0000000003b41f28","part":2,"changes":[]}'),
+    { type: 'txn', xid: '812', lsn: '0/3B2C1D0', changes: [], part: 2, offset: '1-0000000003b41f28' },
+  );
+  // A last part (or whole transaction) without its offset is malformed: it could not be resumed from.
+  assert.equal(parseServerMessage('{"type":"txn","xid":"812","lsn":"0/1","part":2,"changes":[]}').type, 'unknown');
+  assert.equal(parseServerMessage('{"type":"txn","xid":"812","lsn":"0/1","more":"yes","changes":[]}').type, 'unknown');
+  assert.equal(parseServerMessage('{"type":"txn","xid":"812","lsn":"0/1","part":-1,"more":true,"changes":[]}').type, 'unknown');
+});
+
 test('never throws: garbage and unknown types become unknown', () => {
   for (const raw of ['', 'nope', '[]', 'null', '{"type":"future_thing"}', '{"type":"txn","xid":5}', '{"type":"snapshot","id":"w","rows":[{"no_id":1}]}',
     '{"type":"txn","xid":"1","offset":"o","changes":[{"id":"s","table":"t","op":"merge","row":{"id":"x"}}]}']) {

@@ -184,3 +184,69 @@ test('a failure before open asks for a new token and retries with backoff', asyn
   await t.stream.stop();
   t.db.close();
 });
+
+test('1013 (server on standby): back off, reconnect and resume from the stored offsets, like 1001', async () => {
+  const t = setup();
+  const errors: string[] = [];
+  t.events.on('error', (e) => errors.push(e.code));
+  t.stream.start();
+  await until('socket', () => FakeSocket.all.length === 1);
+  const ws = FakeSocket.all[0]!;
+  ws.open();
+  await until('two subscribes', () => subscribes(ws).length === 2);
+  for (const id of ['works', 'annotations']) {
+    ws.push({ type: 'snapshot', id, rows: [] });
+    ws.push({ type: 'up_to_date', id, offset: `1-0a${id.length}` });
+  }
+  await until('live', () => t.statuses.at(-1) === 'live');
+  const before = t.calls();
+  const closedAt = Date.now();
+  ws.drop(1013);
+  await until('reconnected', () => FakeSocket.all.length === 2, 3000);
+  assert.ok(Date.now() - closedAt >= 100, 'after a backoff, not at once');
+  assert.equal(t.calls(), before, 'the token was fine: not refreshed');
+  assert.ok(errors.includes('server_standby'));
+  const ws2 = FakeSocket.all[1]!;
+  ws2.open();
+  await until('resubscribed', () => subscribes(ws2).length === 2);
+  assert.deepEqual(subscribes(ws2).map((m) => [m['id'], m['offset']]), [['works', '1-0a5'], ['annotations', '1-0a11']]);
+  await t.stream.stop();
+  t.db.close();
+});
+
+test('a transaction in parts through the socket: applied part by part, live, offset only from the last part', async () => {
+  const t = setup();
+  t.stream.start();
+  await until('socket', () => FakeSocket.all.length === 1);
+  const ws = FakeSocket.all[0]!;
+  ws.open();
+  await until('two subscribes', () => subscribes(ws).length === 2);
+  for (const id of ['works', 'annotations']) {
+    ws.push({ type: 'snapshot', id, rows: [] });
+    ws.push({ type: 'up_to_date', id, offset: '1-01' });
+  }
+  await until('live', () => t.statuses.at(-1) === 'live');
+  const change = (i: number) => ({ id: 'works', table: 'works', op: 'insert', row: { id: `w${i}`, title: `T${i}` } });
+  ws.push({ type: 'txn', xid: '50', lsn: '0/5', part: 0, more: true, changes: [change(1), change(2)] });
+  ws.push({ type: 'txn', xid: '50', lsn: '0/5', part: 1, more: true, changes: [change(3)] });
+  const stored = async (): Promise<string | null | undefined> => {
+    const s = await t.db.state.get('sub:works');
+    return s && 'offset' in s ? s.offset : undefined;
+  };
+  const settle = async (what: string, f: () => Promise<boolean>): Promise<void> => {
+    const end = Date.now() + 2000;
+    while (!(await f())) {
+      if (Date.now() > end) throw new Error(`timed out: ${what}`);
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  };
+  await settle('two parts applied', async () => (await t.db.synced('works').count()) === 3);
+  assert.deepEqual(await t.db.state.get('sub:works'), { key: 'sub:works', offset: '1-01' });
+  ws.push({ type: 'txn', xid: '50', lsn: '0/5', part: 2, offset: '1-09', changes: [change(4)] });
+  await settle('last part applied', async () => (await stored()) === '1-09');
+  assert.deepEqual(await t.db.state.get('sub:works'), { key: 'sub:works', offset: '1-09' });
+  assert.equal(await t.db.synced('works').count(), 4);
+  assert.equal(FakeSocket.all.length, 1, 'no reconnect');
+  await t.stream.stop();
+  t.db.close();
+});

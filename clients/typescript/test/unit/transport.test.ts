@@ -15,6 +15,21 @@ test('classify: what each answer means for a retry', () => {
   assert.equal(classify(429, err('slow_down')).kind, 'transient');
   assert.equal(classify(413, err('too_many_ops')).kind, 'too_large');
   assert.equal(classify(401, err('invalid_subject')).kind, 'auth');
+  const gap = classify(409, { code: 'seq_gap', message: 'resend from seq 5', last_seq: 4 });
+  assert.ok(gap.kind === 'seq_gap' && gap.lastSeq === 4);
+  assert.equal(classify(409, err('seq_gap')).kind, 'rejected', 'a seq_gap without last_seq cannot be repaired');
+});
+
+test('a batch with client_id sends it and each op\'s seq; seq_gap carries the server\'s last_seq', async () => {
+  const src = new TokenSource(async () => jwt('u', Math.floor(Date.now() / 1000) + 600));
+  const bodies: unknown[] = [];
+  const t = new Transport('http://sync.test', src, (async (_u: string, init: RequestInit) => {
+    bodies.push(JSON.parse(String(init.body)));
+    return new Response(JSON.stringify({ error: { code: 'seq_gap', message: 'gap', last_seq: 4 } }), { status: 409 });
+  }) as typeof fetch);
+  const out = await t.batch('dev', [{ op_id: 'o1', seq: 7, table: 'works', kind: 'insert', row: { id: 'w' } }], 'client-1');
+  assert.deepEqual(bodies[0], { client_id: 'client-1', device_id: 'dev', ops: [{ op_id: 'o1', seq: 7, table: 'works', kind: 'insert', row: { id: 'w' } }] });
+  assert.ok(out.kind === 'seq_gap' && out.lastSeq === 4 && out.status === 409);
 });
 
 function jwt(sub: string, exp: number): string {
