@@ -81,6 +81,18 @@ pub mod names {
     /// Gauge.
     pub const QUEUED_BYTES: &str = "deeprecall_stream_queued_bytes";
     /// Gauge.
+    pub const SNAPSHOTS_READING: &str = "deeprecall_snapshots_reading";
+    /// Gauge.
+    pub const SNAPSHOTS_WAITING: &str = "deeprecall_snapshots_waiting";
+    /// Counter.
+    pub const SNAPSHOTS_REJECTED: &str = "deeprecall_snapshots_rejected_total";
+    /// Gauge.
+    pub const SNAPSHOT_BUFFERED_BYTES: &str = "deeprecall_snapshot_buffered_bytes";
+    /// Counter.
+    pub const SNAPSHOT_SPILLED_BYTES: &str = "deeprecall_snapshot_spilled_bytes_total";
+    /// Gauge.
+    pub const SNAPSHOT_SPILL_FILES: &str = "deeprecall_snapshot_spill_files";
+    /// Gauge.
     pub const STREAM_STATE: &str = "deeprecall_replication_stream_state";
     /// Counter (label `status`): `POST /v1/batch` responses.
     pub const BATCH_REQUESTS: &str = "deeprecall_batch_requests_total";
@@ -169,7 +181,7 @@ pub const JWT_REASONS: &[&str] = &[
 pub enum Transport {
     /// `GET /v1/stream` WebSocket.
     WebSocket,
-    /// HTTP long-poll (when it lands).
+    /// `GET /v1/shape?live=true` (Electric long-poll and SSE), while a request waits.
     LongPoll,
 }
 
@@ -332,6 +344,48 @@ pub const CATALOGUE: &[MetricDef] = &[
         unit: Unit::Bytes,
         label: None,
         help: "Bytes of transactions waiting in connection queues (bounded per connection and in total; a connection over its bound is cut off as too slow).",
+    },
+    MetricDef {
+        name: names::SNAPSHOTS_READING,
+        kind: Kind::Gauge,
+        unit: Unit::Count,
+        label: None,
+        help: "Snapshots reading rows from PostgreSQL right now (each holds one connection of the snapshot pool, --snapshot-concurrency).",
+    },
+    MetricDef {
+        name: names::SNAPSHOTS_WAITING,
+        kind: Kind::Gauge,
+        unit: Unit::Count,
+        label: None,
+        help: "Snapshots waiting for a place (per user or server-wide) or a snapshot connection.",
+    },
+    MetricDef {
+        name: names::SNAPSHOTS_REJECTED,
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        label: None,
+        help: "Snapshots refused after waiting past --snapshot-queue-timeout-ms, or for want of a spill file (the client retries: too_many_snapshots).",
+    },
+    MetricDef {
+        name: names::SNAPSHOT_BUFFERED_BYTES,
+        kind: Kind::Gauge,
+        unit: Unit::Bytes,
+        label: None,
+        help: "Bytes of snapshot rows held in memory between PostgreSQL and slower clients (bounded by --snapshot-buffer-total-bytes).",
+    },
+    MetricDef {
+        name: names::SNAPSHOT_SPILLED_BYTES,
+        kind: Kind::Counter,
+        unit: Unit::Bytes,
+        label: None,
+        help: "Bytes of snapshot rows written to spill files (clients slower than PostgreSQL, past the memory budgets).",
+    },
+    MetricDef {
+        name: names::SNAPSHOT_SPILL_FILES,
+        kind: Kind::Gauge,
+        unit: Unit::Count,
+        label: None,
+        help: "Snapshot spill files open now (unlinked temporary files in TMPDIR, at most --snapshot-spill-files).",
     },
     MetricDef {
         name: names::STREAM_STATE,
@@ -740,6 +794,13 @@ pub async fn scrape(State(state): State<AppState>) -> Response {
     let body = {
         let _guard = SCRAPE.lock().unwrap_or_else(|e| e.into_inner());
         set_server_gauges(slot.as_ref().ok(), &pool, &hub);
+        let snapshots = state.snapshots.stats();
+        metrics::gauge!(names::SNAPSHOTS_READING).set(snapshots.reading as f64);
+        metrics::gauge!(names::SNAPSHOTS_WAITING).set(snapshots.waiting as f64);
+        metrics::counter!(names::SNAPSHOTS_REJECTED).absolute(snapshots.rejected);
+        metrics::gauge!(names::SNAPSHOT_BUFFERED_BYTES).set(snapshots.buffered_bytes as f64);
+        metrics::counter!(names::SNAPSHOT_SPILLED_BYTES).absolute(snapshots.spilled_bytes);
+        metrics::gauge!(names::SNAPSHOT_SPILL_FILES).set(snapshots.spill_files_open as f64);
         h.prometheus.run_upkeep();
         h.prometheus.render()
     };

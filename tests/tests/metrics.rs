@@ -265,3 +265,87 @@ async fn metrics_are_not_served_on_the_public_port() {
             .contains("# TYPE deeprecall_database_up gauge")
     );
 }
+
+#[tokio::test]
+async fn the_live_path_counts_frames_refetches_subscriptions_and_batch_rows() {
+    let env = TestEnv::start().await;
+    let m = MetricsEndpoint::start(&env).await;
+    let before = m.scrape().await;
+    let user = Uuid::new_v4();
+    let mut client = StreamClient::connect(&env.base, &env.token(user)).await;
+    client.subscribe("works", "works", json!(null)).await;
+    client.up_to_date("works").await;
+    // A resume with an offset this server never issues: one must_refetch, reason invalid_offset.
+    client
+        .resume("notes", "annotations", json!(null), "not-an-offset")
+        .await;
+    client.up_to_date("notes").await;
+    let (status, body) = env
+        .batch(
+            user,
+            json!([
+                insert("works", json!({"id": Uuid::new_v4(), "title": "a"})),
+                insert("works", json!({"id": Uuid::new_v4(), "title": "b"})),
+                insert("works", json!({"id": Uuid::new_v4(), "title": "c"})),
+            ]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    client
+        .until(Duration::from_secs(30), |v| v["type"] == "txn")
+        .await;
+
+    let live = scrape_until(&m, "the live counters", |s| {
+        s.value(names::FRAMES_SENT) - before.value(names::FRAMES_SENT) >= 4.0
+    })
+    .await;
+    let delta = |series: &str| live.value(series) - before.value(series);
+    assert!(delta(names::SENT_BYTES) > 100.0, "{}", live.text);
+    assert!(
+        delta(&format!(
+            "{}{{reason=\"invalid_offset\"}}",
+            names::MUST_REFETCH
+        )) >= 1.0,
+        "{}",
+        live.text
+    );
+    assert!(
+        live.value(&format!(
+            "{}{{transport=\"websocket\"}}",
+            names::SUBSCRIPTIONS
+        )) >= 2.0,
+        "{}",
+        live.text
+    );
+    assert!(
+        delta(&format!("{}_sum", names::BATCH_ROWS)) >= 3.0,
+        "{}",
+        live.text
+    );
+    assert!(delta(names::TRANSACTIONS) >= 1.0, "{}", live.text);
+    assert!(delta(names::ROUTED_CHANGES) >= 3.0, "{}", live.text);
+    assert_eq!(
+        live.value(&format!("{}{{state=\"streaming\"}}", names::STREAM_STATE)),
+        1.0,
+        "{}",
+        live.text
+    );
+    assert!(
+        live.get(names::SNAPSHOTS_READING).is_some(),
+        "{}",
+        live.text
+    );
+
+    // The connection closes: its subscriptions end.
+    client.close().await;
+    scrape_until(&m, "subscriptions gone", |s| {
+        s.value(&format!(
+            "{}{{transport=\"websocket\"}}",
+            names::SUBSCRIPTIONS
+        )) <= before.value(&format!(
+            "{}{{transport=\"websocket\"}}",
+            names::SUBSCRIPTIONS
+        ))
+    })
+    .await;
+}

@@ -24,6 +24,7 @@ use super::routing::UserTxn;
 use super::subscription::{MustRefetch, Subscription};
 use crate::auth::{AuthError, AuthUser};
 use crate::db::catalog::Table;
+use crate::metrics::Transport;
 
 /// Most subscriptions on one connection.
 pub const MAX_SUBSCRIPTIONS: usize = 100;
@@ -115,6 +116,12 @@ fn send(out: &mut Actions, msg: ServerMessage<'_>) {
     out.push(Action::Send(msg.to_text()));
 }
 
+/// Tells subscription `id` to refetch (counted by reason).
+fn tell_refetch(out: &mut Actions, id: &str, reason: &'static str) {
+    crate::metrics::must_refetch(reason);
+    send(out, ServerMessage::must_refetch(id, reason));
+}
+
 impl Session {
     /// A session of `user` with no subscriptions.
     pub fn new(user: &AuthUser) -> Self {
@@ -203,10 +210,16 @@ impl Session {
         self.next_epoch += 1;
         let epoch = self.next_epoch;
         let table_name: Arc<str> = Arc::from(table.name.as_str());
-        self.subs.insert(
-            id.clone(),
-            Subscription::pending(table_name.clone(), filter.clone(), epoch),
-        );
+        if self
+            .subs
+            .insert(
+                id.clone(),
+                Subscription::pending(table_name.clone(), filter.clone(), epoch),
+            )
+            .is_none()
+        {
+            crate::metrics::subscription_opened(Transport::WebSocket);
+        }
         out.push(Action::Start(StartJob {
             sub_id: id.clone(),
             epoch,
@@ -217,7 +230,7 @@ impl Session {
         }));
         if s.offset == OffsetField::Invalid {
             // Not an offset we issue: say so before the snapshot that replaces the client's data.
-            send(out, ServerMessage::must_refetch(&id, "invalid_offset"));
+            tell_refetch(out, &id, "invalid_offset");
         }
     }
 
@@ -230,7 +243,7 @@ impl Session {
                 ServerMessage::error(None, "invalid_message", "unsubscribe needs an `id`"),
             ),
             ClientMessage::Unsubscribe { id: Some(id) } => {
-                if self.subs.remove(id.as_str()).is_some() {
+                if self.remove(id.as_str()) {
                     send(out, ServerMessage::unsubscribed(&id));
                 } else {
                     send(
@@ -293,7 +306,7 @@ impl Session {
             .map(|(id, _)| id.clone())
             .collect();
         for id in ids {
-            send(out, ServerMessage::must_refetch(&id, refetch.reason));
+            tell_refetch(out, &id, refetch.reason);
             self.restart(&id, out);
         }
     }
@@ -321,7 +334,7 @@ impl Session {
         let prepared = match report.result {
             Ok(p) => p,
             Err(e) => {
-                self.subs.remove(&id);
+                self.remove(&id);
                 return send(
                     out,
                     ServerMessage::error(Some(&id), e.code(), &e.to_string()),
@@ -339,7 +352,7 @@ impl Session {
                         go_live(out, &id, sub, &txns, position, generation);
                     }
                     Err(reason) => {
-                        send(out, ServerMessage::must_refetch(&id, reason.0));
+                        tell_refetch(out, &id, reason.0);
                         self.restart(&id, out);
                     }
                 }
@@ -352,7 +365,7 @@ impl Session {
                     }
                     // It missed one too large to have been buffered: start over with a newer snapshot.
                     Err(MustRefetch(reason)) => {
-                        send(out, ServerMessage::must_refetch(&id, reason));
+                        tell_refetch(out, &id, reason);
                         self.restart(&id, out);
                     }
                 }
@@ -363,7 +376,16 @@ impl Session {
 
     /// The table of a subscription to restart is gone: forget the subscription.
     pub fn forget(&mut self, id: &str) {
-        self.subs.remove(id);
+        self.remove(id);
+    }
+
+    /// Removes a subscription; whether there was one.
+    fn remove(&mut self, id: &str) -> bool {
+        let removed = self.subs.remove(id).is_some();
+        if removed {
+            crate::metrics::subscription_closed(Transport::WebSocket);
+        }
+        removed
     }
 
     /// Server shutdown, after the replicator stopped publishing: delivers what is queued, then tells every live
@@ -419,6 +441,15 @@ impl Session {
             filter: sub.filter.clone(),
             purpose: Purpose::Snapshot,
         }));
+    }
+}
+
+impl Drop for Session {
+    /// The connection is gone: its subscriptions end.
+    fn drop(&mut self) {
+        for _ in self.subs.drain() {
+            crate::metrics::subscription_closed(Transport::WebSocket);
+        }
     }
 }
 

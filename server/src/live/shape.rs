@@ -677,8 +677,9 @@ fn refetch(
     owner: Uuid,
     def: &ShapeDef,
     key: &HandleKey,
-    reason: &str,
+    reason: &'static str,
 ) -> Response {
+    crate::metrics::must_refetch(reason);
     let handle = key.mint(state.hub.position().generation, owner, &def.hash);
     let mut response = (
         StatusCode::CONFLICT,
@@ -750,6 +751,25 @@ struct Feed {
     messages: Vec<Vec<u8>>,
     /// The hub registration, queue and lag signal (only when the request may wait).
     live: Option<(super::hub::Registration, ConnQueue, Arc<LagSignal>)>,
+    /// Counts the request as a live long-poll subscription while it may wait (metrics).
+    _counted: Option<LongPollCount>,
+}
+
+/// A live long-poll request, counted in the subscriptions gauge while it exists.
+#[derive(Debug)]
+struct LongPollCount;
+
+impl LongPollCount {
+    fn new() -> Self {
+        crate::metrics::subscription_opened(crate::metrics::Transport::LongPoll);
+        Self
+    }
+}
+
+impl Drop for LongPollCount {
+    fn drop(&mut self) {
+        crate::metrics::subscription_closed(crate::metrics::Transport::LongPoll);
+    }
 }
 
 /// How a hold ended.
@@ -786,6 +806,7 @@ impl Feed {
             sub,
             encoder: def.encoder(),
             messages: Vec::new(),
+            _counted: live.is_some().then(LongPollCount::new),
             live,
         };
         for txn in &txns {

@@ -109,6 +109,7 @@ enum Exit {
 type Sink = futures::stream::SplitSink<WebSocket, Message>;
 
 async fn send(sink: &mut Sink, text: String) -> Result<(), Exit> {
+    crate::metrics::frame_sent(text.len());
     match tokio::time::timeout(
         WRITE_TIMEOUT,
         sink.send(Message::Text(Utf8Bytes::from(text))),
@@ -200,6 +201,9 @@ impl Connection {
             }
         };
         drop(registration);
+        if let Exit::Close(close::TOO_SLOW, _) = exit {
+            crate::metrics::slow_client_cut_off();
+        }
         if let Exit::ClientClosed = exit {
             let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
         }

@@ -61,9 +61,9 @@ pub async fn post_batch(
         }
         other => other?,
     };
-    execute::run(&state.pool, user.user_id, &plan)
-        .await
-        .map(Json)
+    let response = execute::run(&state.pool, user.user_id, &plan).await?;
+    crate::metrics::batch_rows(plan.ops.len());
+    Ok(Json(response))
 }
 
 async fn parse_and_plan(
