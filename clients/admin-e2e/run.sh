@@ -8,9 +8,12 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 
-# The binary under test is the one built from this tree, never a stale release build.
-(cd "$root" && nice cargo build -p deeprecall-sync)
-export DEEPRECALL_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/deeprecall-sync"
+# The binary under test is the one built from this tree, never a stale release build (unless the caller names
+# one: `cargo test` builds it and passes DEEPRECALL_BIN).
+if [ -z "${DEEPRECALL_BIN:-}" ]; then
+  (cd "$root" && nice cargo build -p deeprecall-sync)
+  export DEEPRECALL_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/deeprecall-sync"
+fi
 
 # Debian's Chromium; playwright-core never downloads a browser of its own.
 export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
