@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod ledger;
 pub mod migrate;
+pub mod pg_type;
 pub mod tls;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};

@@ -15,35 +15,7 @@
 //!
 //! numeric stays a string so no precision is lost in JavaScript.
 
-/// Type OIDs with a non-string JSON shape.
-mod oid {
-    pub(super) const BOOL: u32 = 16;
-    pub(super) const INT8: u32 = 20;
-    pub(super) const INT2: u32 = 21;
-    pub(super) const INT4: u32 = 23;
-    pub(super) const OID: u32 = 26;
-    pub(super) const JSON: u32 = 114;
-    pub(super) const FLOAT4: u32 = 700;
-    pub(super) const FLOAT8: u32 = 701;
-    pub(super) const JSONB: u32 = 3802;
-}
-
-/// Element type of a (one-dimensional) array type, for the array types a schema commonly uses.
-fn array_element(type_oid: u32) -> Option<u32> {
-    Some(match type_oid {
-        1000 => oid::BOOL,
-        1005 => oid::INT2,
-        1007 => oid::INT4,
-        1016 => oid::INT8,
-        1021 => oid::FLOAT4,
-        1022 => oid::FLOAT8,
-        199 => oid::JSON,
-        3807 => oid::JSONB,
-        // text[], varchar[], bpchar[], name[], uuid[], timestamptz[], timestamp[], date[], numeric[]
-        1009 | 1015 | 1014 | 1003 | 2951 | 1185 | 1115 | 1182 | 1231 => 25,
-        _ => return None,
-    })
-}
+use crate::db::pg_type::{self as oid, array_element};
 
 /// Turns a buffer built by the writers here into a `String` without copying it. Only valid UTF-8 goes in (JSON
 /// punctuation, escaped strings, and Postgres text, which the decoder checks); a lossy copy is the fallback.

@@ -63,42 +63,7 @@ pub(crate) enum ColumnType {
     },
 }
 
-/// Built-in type OIDs (`pg_type.oid`, stable across Postgres versions).
-mod oid {
-    pub(super) const BOOL: u32 = 16;
-    pub(super) const INT8: u32 = 20;
-    pub(super) const INT2: u32 = 21;
-    pub(super) const INT4: u32 = 23;
-    pub(super) const TEXT: u32 = 25;
-    pub(super) const JSON: u32 = 114;
-    pub(super) const FLOAT4: u32 = 700;
-    pub(super) const FLOAT8: u32 = 701;
-    pub(super) const BPCHAR: u32 = 1042;
-    pub(super) const VARCHAR: u32 = 1043;
-    pub(super) const TIMESTAMPTZ: u32 = 1184;
-    pub(super) const UUID: u32 = 2950;
-    pub(super) const JSONB: u32 = 3802;
-}
-
-/// Element type OID of the array types decoded here.
-fn array_element(type_oid: u32) -> Option<u32> {
-    Some(match type_oid {
-        1000 => oid::BOOL,
-        1005 => oid::INT2,
-        1007 => oid::INT4,
-        1016 => oid::INT8,
-        1009 => oid::TEXT,
-        1015 => oid::VARCHAR,
-        1014 => oid::BPCHAR,
-        1021 => oid::FLOAT4,
-        1022 => oid::FLOAT8,
-        199 => oid::JSON,
-        3807 => oid::JSONB,
-        1185 => oid::TIMESTAMPTZ,
-        2951 => oid::UUID,
-        _ => return None,
-    })
-}
+use crate::db::pg_type::{self as oid, array_element};
 
 fn scalar(type_oid: u32) -> Option<ColumnType> {
     Some(match type_oid {
