@@ -91,8 +91,9 @@ pub struct StartJob {
 pub enum Action {
     /// Send this text frame.
     Send(String),
-    /// Start a job (its report comes back as [`ConnEvent::Job`]).
-    Start(StartJob),
+    /// Start a job (its report comes back as [`ConnEvent::Job`]). Boxed: rare, and the socket loop holds an action
+    /// across a send, so the enum's size is part of every connection's future.
+    Start(Box<StartJob>),
     /// Close the connection with this code and reason.
     Close(u16, &'static str),
 }
@@ -220,14 +221,14 @@ impl Session {
         {
             crate::metrics::subscription_opened(Transport::WebSocket);
         }
-        out.push(Action::Start(StartJob {
+        out.push(Action::Start(Box::new(StartJob {
             sub_id: id.clone(),
             epoch,
             table_name,
             table: Some(table),
             filter,
             purpose,
-        }));
+        })));
         if s.offset == OffsetField::Invalid {
             // Not an offset we issue: say so before the snapshot that replaces the client's data.
             tell_refetch(out, &id, "invalid_offset");
@@ -433,14 +434,14 @@ impl Session {
         };
         self.next_epoch += 1;
         sub.restart(self.next_epoch);
-        out.push(Action::Start(StartJob {
+        out.push(Action::Start(Box::new(StartJob {
             sub_id: id.clone(),
             epoch: sub.epoch,
             table_name: sub.table.clone(),
             table: None,
             filter: sub.filter.clone(),
             purpose: Purpose::Snapshot,
-        }));
+        })));
     }
 }
 

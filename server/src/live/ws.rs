@@ -138,10 +138,20 @@ impl Connection {
         }
     }
 
-    async fn run(mut self, socket: WebSocket) {
+    /// Not an `async fn`: the socket is split before the future is built, so the future does not keep room for
+    /// the unsplit socket for its whole life (an `async fn`'s arguments stay in it), one per connection.
+    fn run(self, socket: WebSocket) -> impl Future<Output = ()> + Send {
+        let (sink, incoming) = socket.split();
+        self.run_split(sink, incoming)
+    }
+
+    async fn run_split(
+        mut self,
+        mut sink: Sink,
+        mut incoming: futures::stream::SplitStream<WebSocket>,
+    ) {
         let hub = self.state.hub.clone();
         let (registration, mut queue, queue_tx, lag) = hub.register(self.user.user_id);
-        let (mut sink, mut incoming) = socket.split();
         let Some(mut chunks_rx) = self.chunks_rx.take() else {
             return;
         };
@@ -235,7 +245,15 @@ impl Connection {
                 Action::Send(text) => send(sink, text).await,
                 Action::Close(code, reason) => Err(Exit::Close(code, reason)),
                 Action::Start(start) => {
-                    start_job(&self.state, &self.chunks, queue, &mut self.session, start).await;
+                    // Boxed: rare, and inline it would grow every connection's future.
+                    Box::pin(start_job(
+                        &self.state,
+                        &self.chunks,
+                        queue,
+                        &mut self.session,
+                        *start,
+                    ))
+                    .await;
                     Ok(())
                 }
             };
