@@ -3,6 +3,9 @@
 use clap::Parser;
 use deeprecall_sync::cli::{Cli, Exit, LogFormat};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

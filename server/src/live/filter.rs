@@ -538,7 +538,8 @@ pub enum SqlParam {
 /// A subscription's filter; empty = every row of the user's table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
-    expr: Option<Expr>,
+    /// Boxed: a filter is part of every subscription (one per connection, mostly idle, most without a filter).
+    expr: Option<Box<Expr>>,
     canonical: bool,
 }
 
@@ -551,7 +552,7 @@ impl Filter {
     /// A filter from a predicate (values not yet canonical).
     pub fn from_expr(expr: Expr) -> Self {
         Self {
-            expr: Some(expr),
+            expr: Some(Box::new(expr)),
             canonical: false,
         }
     }
@@ -648,7 +649,7 @@ impl Filter {
 
     /// The predicate (`None`: every row).
     pub fn expr(&self) -> Option<&Expr> {
-        self.expr.as_ref()
+        self.expr.as_deref()
     }
 
     /// Whether the values were canonicalised through Postgres already.

@@ -375,6 +375,11 @@ impl Session {
         }
     }
 
+    /// Whether a subscription waits for a job (a snapshot or resume not yet reported).
+    pub fn awaits_job(&self) -> bool {
+        self.subs.values().any(|s| !s.is_live())
+    }
+
     /// The table of a subscription to restart is gone: forget the subscription.
     pub fn forget(&mut self, id: &str) {
         self.remove(id);

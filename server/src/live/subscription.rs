@@ -35,23 +35,25 @@ struct Skipped {
 /// Where a subscription is.
 #[derive(Debug)]
 enum SubState {
-    /// Waiting for a snapshot or resume; transactions are buffered (up to [`PENDING_BUFFER_BYTES`]).
-    Pending {
-        buffer: Vec<Arc<UserTxn>>,
-        bytes: usize,
-        skipped: Vec<Skipped>,
-    },
+    /// Waiting for a snapshot or resume; transactions are buffered (up to [`PENDING_BUFFER_BYTES`]). Boxed: a
+    /// subscription is pending only briefly, and every connection (mostly idle, mostly live) holds its
+    /// subscriptions for as long as it lives.
+    Pending(Box<PendingBuffer>),
     /// Delivering transactions past `watermark`.
     Live { watermark: u64 },
 }
 
+/// What a pending subscription keeps.
+#[derive(Debug, Default)]
+struct PendingBuffer {
+    buffer: Vec<Arc<UserTxn>>,
+    bytes: usize,
+    skipped: Vec<Skipped>,
+}
+
 impl SubState {
     fn pending() -> Self {
-        Self::Pending {
-            buffer: Vec::new(),
-            bytes: 0,
-            skipped: Vec::new(),
-        }
+        Self::Pending(Box::default())
     }
 }
 
@@ -108,11 +110,12 @@ impl Subscription {
     /// pending subscription buffers it, within its budget.
     pub fn offer(&mut self, txn: &Arc<UserTxn>) -> bool {
         match &mut self.state {
-            SubState::Pending {
-                buffer,
-                bytes,
-                skipped,
-            } => {
+            SubState::Pending(pending) => {
+                let PendingBuffer {
+                    buffer,
+                    bytes,
+                    skipped,
+                } = &mut **pending;
                 if txn.is_split() || *bytes + txn.bytes > PENDING_BUFFER_BYTES {
                     let id = Skipped {
                         xid: txn.xid,
@@ -154,7 +157,8 @@ impl Subscription {
         handoff: &Handoff,
         cut_at_barrier: bool,
     ) -> Result<(Vec<Arc<UserTxn>>, u64), MustRefetch> {
-        if let SubState::Pending { skipped, .. } = &self.state {
+        if let SubState::Pending(pending) = &self.state {
+            let skipped = &pending.skipped;
             let needed = skipped.iter().any(|t| {
                 (!cut_at_barrier || t.commit_lsn < handoff.barrier_lsn)
                     && handoff.must_deliver_at(t.xid, t.commit_lsn)
@@ -164,7 +168,7 @@ impl Subscription {
             }
         }
         let mut buffer = match std::mem::replace(&mut self.state, SubState::Live { watermark: 0 }) {
-            SubState::Pending { buffer, .. } => buffer,
+            SubState::Pending(pending) => pending.buffer,
             SubState::Live { .. } => Vec::new(),
         };
         let watermark = if cut_at_barrier {
@@ -188,7 +192,7 @@ impl Subscription {
     pub fn watermark(&self) -> Option<u64> {
         match self.state {
             SubState::Live { watermark } => Some(watermark),
-            SubState::Pending { .. } => None,
+            SubState::Pending(_) => None,
         }
     }
 }

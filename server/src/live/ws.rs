@@ -91,9 +91,9 @@ struct Connection {
     state: AppState,
     user: AuthUser,
     session: Session,
-    /// Snapshot jobs send ready row frames here; a small bound makes them wait for a slow client.
-    chunks: mpsc::Sender<SnapshotChunk>,
-    chunks_rx: Option<mpsc::Receiver<SnapshotChunk>>,
+    /// Snapshot jobs send ready row frames here; a small bound makes them wait for a slow client. Only while a
+    /// subscription waits for a job: a channel costs about 2 KiB, and most connections are idle and live.
+    chunks: Option<(mpsc::Sender<SnapshotChunk>, mpsc::Receiver<SnapshotChunk>)>,
     /// Reused for every event: the hot path allocates nothing here.
     actions: Actions,
 }
@@ -127,14 +127,21 @@ async fn send(sink: &mut Sink, text: String) -> Result<(), Exit> {
 
 impl Connection {
     fn new(state: AppState, user: AuthUser) -> Self {
-        let (chunks, chunks_rx) = mpsc::channel(2);
         Self {
             session: Session::new(&user),
             state,
             user,
-            chunks,
-            chunks_rx: Some(chunks_rx),
+            chunks: None,
             actions: Vec::new(),
+        }
+    }
+
+    /// Every row frame already sent by the jobs, into the session.
+    fn drain_chunks(&mut self) {
+        if let Some((_, rx)) = self.chunks.as_mut() {
+            while let Ok(chunk) = rx.try_recv() {
+                self.session.on_chunk(chunk, &mut self.actions);
+            }
         }
     }
 
@@ -152,9 +159,6 @@ impl Connection {
     ) {
         let hub = self.state.hub.clone();
         let (registration, mut queue, queue_tx, lag) = hub.register(self.user.user_id);
-        let Some(mut chunks_rx) = self.chunks_rx.take() else {
-            return;
-        };
         let mut shutdown = self.state.shutdown.clone();
         let exit = loop {
             let expiry = tokio::time::sleep(expires_in(self.session.expires_at()));
@@ -177,10 +181,12 @@ impl Connection {
                     }
                     Some(ConnEvent::Job(report)) => {
                         // Its job sent every row frame before this report: deliver them first.
-                        while let Ok(chunk) = chunks_rx.try_recv() {
-                            self.session.on_chunk(chunk, &mut self.actions);
-                        }
+                        self.drain_chunks();
                         self.session.on_job(*report, &*hub, &mut self.actions);
+                        if !self.session.awaits_job() {
+                            // No current job is left (a stale one still running sees the channel close and stops).
+                            self.chunks = None;
+                        }
                         Box::pin(self.perform(&mut sink, &queue_tx)).await
                     }
                     Some(ConnEvent::Refetch(refetch)) => {
@@ -189,7 +195,7 @@ impl Connection {
                     }
                     None => Err(Exit::Gone),
                 },
-                chunk = chunks_rx.recv() => match chunk {
+                chunk = next_chunk(&mut self.chunks) => match chunk {
                     Some(chunk) => {
                         self.session.on_chunk(chunk, &mut self.actions);
                         self.perform(&mut sink, &queue_tx).await
@@ -246,9 +252,15 @@ impl Connection {
                 Action::Close(code, reason) => Err(Exit::Close(code, reason)),
                 Action::Start(start) => {
                     // Boxed: rare, and inline it would grow every connection's future.
+                    // The channel is made when none is open.
+                    let chunks = self
+                        .chunks
+                        .get_or_insert_with(|| mpsc::channel(2))
+                        .0
+                        .clone();
                     Box::pin(start_job(
                         &self.state,
-                        &self.chunks,
+                        chunks,
                         queue,
                         &mut self.session,
                         *start,
@@ -315,6 +327,16 @@ impl Connection {
     }
 }
 
+/// The next row frame of the connection's jobs; never ready while no channel is open.
+async fn next_chunk(
+    chunks: &mut Option<(mpsc::Sender<SnapshotChunk>, mpsc::Receiver<SnapshotChunk>)>,
+) -> Option<SnapshotChunk> {
+    match chunks {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The synced table called `name`; a miss reloads the catalog (rate-limited) before answering `unknown_table`.
 async fn resolve_table(state: &AppState, name: &str) -> Result<Arc<Table>, (&'static str, String)> {
     if let Some(t) = state.catalog.get().await.table(name) {
@@ -343,7 +365,7 @@ async fn resolve_table(state: &AppState, name: &str) -> Result<Arc<Table>, (&'st
 /// Spawns the job of a pending subscription; its report comes back through `queue`.
 async fn start_job(
     state: &AppState,
-    chunks: &mpsc::Sender<SnapshotChunk>,
+    chunks: mpsc::Sender<SnapshotChunk>,
     queue: &mpsc::Sender<ConnEvent>,
     session: &mut Session,
     start: StartJob,
@@ -358,7 +380,7 @@ async fn start_job(
     let sink = WsSink {
         sub_id: start.sub_id.clone(),
         epoch: start.epoch,
-        chunks: chunks.clone(),
+        chunks,
         queue: queue.clone(),
         frame: None,
         sent_any: false,
