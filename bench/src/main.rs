@@ -908,7 +908,8 @@ fn before_after(rows: &[Row]) -> String {
         "## Before / after\n\n\
          The previous full run (commit c64c414, 2026-11-28 05:56 UTC, same command) next to this run. Changes in \
          between (issue 9, and item 3 of issue 11): sequence idempotency, typed binary ingest, one round trip per \
-         batch in the common case, request bodies parsed as a stream that counts ops. For rows that run did not \
+         batch in the common case, request bodies parsed as a stream that counts ops; then mimalloc as the \
+         binary's allocator and smaller per-connection state (docs/decisions.md 28). For rows that run did not \
          have, the figure is what the server before this change measured with this benchmark on a busy machine.\n\n\
          | measure | before | this run | change |\n|---|---|---|---|\n",
     );
@@ -1187,8 +1188,8 @@ ephemeral ports do not run out. Every wait is bounded; on any error the server i
   sending `subscribe` to receiving `up_to_date` with every row counted. Postgres: `COPY (select * from annotations
   where owner_id = '<user>') TO STDOUT` through tokio-postgres `copy_out`, drained. Best of 3 each.
 
-Not measured: fan-out with 100k idle users (2 cores); CPU profiles (`perf` is not available here) — where a
-target is missed, the notes above and the table give the observable evidence (timings and `/proc` CPU time).
+Not measured: fan-out with 100k idle users (2 cores). CPU profiles are not part of the run; `perf record -p <server
+pid>` during the write stage is how the allocator choice (docs/decisions.md 28) was found.
 ",
         users = sizes.read_users,
         rows = sizes.read_rows,
