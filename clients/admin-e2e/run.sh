@@ -28,5 +28,5 @@ fi
 
 cd "$here"
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
-npm ci --no-audit --no-fund --loglevel=error
+../npm-ci.sh .
 node --test --test-concurrency=1 --test-timeout=300000 admin.test.mjs

@@ -4,7 +4,7 @@
 # deeprecall-sync (or DEEPRECALL_BIN points at a binary). Exits non-zero when a test fails.
 set -euo pipefail
 cd "$(dirname "$0")"
-npm ci --no-audit --no-fund --loglevel=error
+../npm-ci.sh .
 # --test-force-exit: the client keeps a 60 s timer (its up-to-date tracker throttles saves) that would hold
 # each test process open after its last test.
 exec node --test --test-force-exit --test-concurrency=1 test/*.test.mjs

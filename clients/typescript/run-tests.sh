@@ -19,7 +19,7 @@ fi
 # Never let playwright fetch a browser (playwright-core does not, but be explicit).
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 
-npm ci --no-audit --no-fund
+../npm-ci.sh .
 npm run build
 test -f dist/index.js -a -f dist/index.d.ts -a -f dist/browser.js
 npm run test:unit
