@@ -21,6 +21,21 @@ import { fileURLToPath } from 'node:url';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
+/** Debian's Chromium for the browser suites ($CHROMIUM_PATH, else $CHROMIUM); playwright-core never downloads one. */
+export const CHROMIUM_PATH = process.env.CHROMIUM_PATH ?? process.env.CHROMIUM ?? '/usr/bin/chromium';
+
+/** Launch flags of the browser suites: headless, no sandbox (CI runs as root), nothing that phones home. */
+export const CHROMIUM_ARGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
+
 /** The server binary to run. */
 export function serverBinary() {
   if (process.env.DEEPRECALL_BIN) return process.env.DEEPRECALL_BIN;

@@ -14,20 +14,9 @@ import { fileURLToPath } from 'node:url';
 
 import { chromium } from 'playwright-core';
 
-import { startServer } from '../test-server.mjs';
+import { CHROMIUM_ARGS, CHROMIUM_PATH, startServer } from '../test-server.mjs';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 
 const sha = (name) => createHash('sha256').update(name).digest('hex');
 
@@ -140,7 +129,7 @@ before(async () => {
   await coordinate(ALICE, LAPTOP);
   await coordinate(ALICE, PHONE);
   await coordinate(BOB, DESKTOP);
-  browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+  browser = await chromium.launch({ executablePath: CHROMIUM_PATH, args: CHROMIUM_ARGS });
 });
 
 after(async () => {

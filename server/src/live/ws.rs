@@ -251,13 +251,13 @@ impl Connection {
                 Action::Send(text) => send(sink, text).await,
                 Action::Close(code, reason) => Err(Exit::Close(code, reason)),
                 Action::Start(start) => {
-                    // Boxed: rare, and inline it would grow every connection's future.
                     // The channel is made when none is open.
                     let chunks = self
                         .chunks
                         .get_or_insert_with(|| mpsc::channel(2))
                         .0
                         .clone();
+                    // Boxed: rare, and inline it would grow every connection's future.
                     Box::pin(start_job(
                         &self.state,
                         chunks,

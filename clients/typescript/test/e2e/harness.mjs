@@ -5,20 +5,9 @@ import { randomUUID } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import pg from 'pg';
 import { chromium } from 'playwright-core';
-import { startServer } from '../../../test-server.mjs';
+import { CHROMIUM_ARGS, CHROMIUM_PATH, startServer } from '../../../test-server.mjs';
 import { serveExample } from '../../examples/serve.mjs';
 
-const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
-const ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 
 /** Polls `fn` until it returns a truthy value; throws with `what` after `timeoutMs`. */
 export async function waitFor(what, fn, { timeoutMs = 15_000, intervalMs = 100 } = {}) {
@@ -43,7 +32,7 @@ export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
  * extra flags for the server (e.g. `['--transaction-part-bytes', '4096']`).
  */
 export async function startHarness({ serverArgs = [] } = {}) {
-  if (!existsSync(CHROMIUM)) throw new Error(`no Chromium at ${CHROMIUM}: apt-get install -y chromium (run-tests.sh does)`);
+  if (!existsSync(CHROMIUM_PATH)) throw new Error(`no Chromium at ${CHROMIUM_PATH}: apt-get install -y chromium (run-tests.sh does)`);
   const h = { server: null, page: null, browser: null, db: null };
   h.stop = async () => {
     await h.browser?.close().catch(() => {});
@@ -55,7 +44,7 @@ export async function startHarness({ serverArgs = [] } = {}) {
     h.server = await startServer({ args: serverArgs });
     h.page = await serveExample({ mintToken: (sub, ttl) => h.server.token(sub, { ttl }) });
     h.pageOrigin = `http://127.0.0.1:${h.page.port}`;
-    h.browser = await chromium.launch({ executablePath: CHROMIUM, args: ARGS, headless: true });
+    h.browser = await chromium.launch({ executablePath: CHROMIUM_PATH, args: CHROMIUM_ARGS, headless: true });
     h.db = new pg.Client({ connectionString: h.server.databaseUrl });
     await h.db.connect();
   } catch (e) {
