@@ -8,6 +8,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    disable_transparent_huge_pages();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match deeprecall_sync::cli::run(cli).await {
@@ -19,6 +20,19 @@ async fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// mimalloc asks the kernel for transparent huge pages on its memory (`madvise(MADV_HUGEPAGE)`), and returns freed
+/// ranges to it shortly after; every later touch of such a range then faults in and zeroes a whole 2 MiB page. On
+/// the live path, which allocates and frees many small buffers per row, that zeroing took over half the server's CPU
+/// while it drained a replication backlog (`perf`: `clear_page_erms` under `do_huge_pmd_anonymous_page`), and read
+/// throughput fell to 0.65x of `pg_recvlogical`; without huge pages it is 0.93-1.05x (docs/decisions.md 28). The
+/// flag covers the whole process, whatever the system's THP mode; set before the runtime's threads allocate much.
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        eprintln!("warning: could not disable transparent huge pages for this process: {e}");
     }
 }
 
