@@ -289,6 +289,13 @@ impl Row {
             .map(|(_, v)| v.as_deref())
     }
 
+    /// The `index`-th column present, `(name, value)`; columns are in table order.
+    pub fn at(&self, index: usize) -> Option<(&str, Option<&str>)> {
+        self.columns
+            .get(index)
+            .map(|(n, v)| (&**n, v.as_deref()))
+    }
+
     /// Whether the row holds a value (possibly null) for `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.columns.iter().any(|(n, _)| &**n == name)

@@ -25,7 +25,16 @@ pub fn into_string(buf: Vec<u8>) -> String {
 
 /// Appends `s` as a JSON string.
 pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    // serde_json's escaper writes straight into the buffer: no intermediate String.
+    // Most values (uuids, timestamps, names, ordinary text) need no escape: copied as they are, the same bytes
+    // serde_json would write, without its per-character escape table walk and writer calls. Anything else goes
+    // through serde_json's escaper, straight into the buffer.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
@@ -157,6 +166,24 @@ mod tests {
         let mut out = Vec::new();
         write_value(&mut out, type_oid, text);
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        for s in [
+            "",
+            "plain",
+            "2f1c0b9e-8d7a-4c3b-9e21-0a1b2c3d4e5f",
+            "quote \" inside",
+            "back\\slash",
+            "tab\tand\nnewline",
+            "\u{1}control",
+            "del \u{7f} and ünïcödé ✓",
+        ] {
+            let mut out = Vec::new();
+            write_json_str(&mut out, s);
+            assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]

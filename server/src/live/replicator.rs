@@ -254,10 +254,10 @@ async fn session(
                 let xid = widen_xid(txn.xid, xid_ref);
                 xid_ref = xid_ref.max(xid);
                 let current = catalog.get().await;
-                let mut routed = route(&txn, xid, stream.relations(), |name| {
+                let changed = columns_changed(&txn, stream.relations(), known, &current);
+                let mut routed = route(txn, xid, stream.relations(), |name| {
                     current.table(name).is_some()
                 });
-                let changed = columns_changed(&txn, stream.relations(), known, &current);
                 if routed.unroutable > 0 {
                     tracing::warn!(
                         count = routed.unroutable,
@@ -275,27 +275,28 @@ async fn session(
                 }
                 // Refetches happen when the transaction is complete (with its truncations and barriers).
                 split.schema_changed.extend(changed);
-                if txn.last {
+                let (last, end_lsn) = (routed.last, Lsn(routed.end_lsn));
+                if last {
                     routed.schema_changed = std::mem::take(&mut split.schema_changed);
                     split.open = None;
                 } else {
-                    split.open = Some((txn.commit_lsn.0, txn.part + 1));
+                    split.open = Some((routed.commit_lsn, routed.part + 1));
                 }
                 crate::metrics::changes_routed(
                     routed.per_owner.iter().map(|u| u.changes.len()).sum(),
                 );
-                if txn.is_split() {
+                if routed.is_split() {
                     let deadline = *split
                         .pace_until
                         .get_or_insert_with(|| tokio::time::Instant::now() + SPLIT_PACING_BUDGET);
                     hub.wait_for_room(&routed, deadline).await;
-                    if txn.last {
+                    if last {
                         split.pace_until = None;
                     }
                 }
-                hub.publish(routed, txn.end_lsn.0);
-                if txn.last {
-                    stream.ack(txn.end_lsn);
+                hub.publish(routed, end_lsn.0);
+                if last {
+                    stream.ack(end_lsn);
                 }
             }
         }

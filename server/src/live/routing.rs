@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use deeprecall_replication::{Lsn, Op, RelationCache, Row, RowChange, Transaction};
+use deeprecall_replication::{ColumnDef, Lsn, Op, RelationCache, Row, Transaction};
 use uuid::Uuid;
 
 use super::convert;
@@ -203,9 +203,10 @@ pub fn widen_xid(xid: u32, reference: u64) -> u64 {
     }
 }
 
-/// Splits `txn` by owner. `xid` is the widened transaction id. Only tables in `synced` are routed.
+/// Splits `txn` by owner. `xid` is the widened transaction id. Only tables in `synced` are routed. Takes the
+/// transaction by value: its decoded rows move into the changes (kept for filters) instead of being copied.
 pub fn route(
-    txn: &Transaction,
+    txn: Transaction,
     xid: u64,
     relations: &RelationCache,
     synced: impl Fn(&str) -> bool,
@@ -231,7 +232,7 @@ pub fn route(
     };
     let mut index: HashMap<Uuid, usize> = HashMap::new();
     let mut tables: HashMap<u32, Arc<str>> = HashMap::new();
-    for rc in &txn.changes {
+    for rc in txn.changes {
         if !synced(&rc.table) {
             continue;
         }
@@ -268,43 +269,52 @@ pub fn route(
             }
             None => routed.unroutable += 1,
         };
-        match rc.op {
-            Op::Insert => emit(new_owner, change(rc, &table, Op::Insert, relations)),
-            Op::Delete => emit(old_owner, change(rc, &table, Op::Delete, relations)),
+        let columns = relations
+            .get(rc.relation_oid)
+            .map(|r| r.columns.as_slice())
+            .unwrap_or(&[]);
+        let (op, new, old) = (rc.op, rc.new, rc.old);
+        match op {
+            Op::Insert => emit(new_owner, change(table, Op::Insert, new, old, columns)),
+            Op::Delete => emit(old_owner, change(table, Op::Delete, None, old, columns)),
             Op::Update => match (old_owner, new_owner) {
-                (Some(old), Some(new)) if old != new => {
-                    emit(Some(old), change(rc, &table, Op::Delete, relations));
-                    emit(Some(new), change(rc, &table, Op::Insert, relations));
+                // Only a superuser can move a row to another owner: the one place a row is copied.
+                (Some(from), Some(to)) if from != to => {
+                    emit(
+                        Some(from),
+                        change(table.clone(), Op::Delete, None, old.clone(), columns),
+                    );
+                    emit(Some(to), change(table, Op::Insert, new, old, columns));
                 }
-                (old, new) => emit(old.or(new), change(rc, &table, Op::Update, relations)),
+                (from, to) => emit(from.or(to), change(table, Op::Update, new, old, columns)),
             },
         }
     }
     routed
 }
 
-fn change(rc: &RowChange, table: &Arc<str>, op: Op, relations: &RelationCache) -> Change {
-    let columns = relations
-        .get(rc.relation_oid)
-        .map(|r| r.columns.as_slice())
-        .unwrap_or(&[]);
+/// One change for its owner: the rows, and the row clients receive rendered once as JSON: the new row for
+/// inserts and updates (a column the new row lacks, an unchanged TOAST value, taken from the old full row), the
+/// old row for deletes. `new` is `None` for deletes.
+fn change(
+    table: Arc<str>,
+    op: Op,
+    new: Option<Row>,
+    old: Option<Row>,
+    columns: &[ColumnDef],
+) -> Change {
     let mut unchanged = Vec::new();
     let mut out = Vec::with_capacity(256);
-    let image = |name: &str| -> Option<Option<&str>> {
-        match op {
-            Op::Delete => rc.old.as_ref()?.get(name),
-            // New values first; an unchanged TOAST column falls back to the old full row.
-            _ => rc
-                .new
-                .as_ref()?
-                .get(name)
-                .or_else(|| rc.old.as_ref().and_then(|o| o.get(name))),
-        }
-    };
     out.push(b'{');
+    // Rows hold their columns in table order, as `columns` lists them: walk both in step instead of looking
+    // every column up by name (`Row::get` is a linear search).
+    let mut new_cols = new.as_ref().map(ColumnCursor::new);
+    let mut old_cols = old.as_ref().map(ColumnCursor::new);
     let mut first = true;
     for col in columns {
-        match image(&col.name) {
+        let from_new = new_cols.as_mut().and_then(|c| c.take(&col.name));
+        let from_old = old_cols.as_mut().and_then(|c| c.take(&col.name));
+        match from_new.or(from_old) {
             Some(value) => {
                 if !first {
                     out.push(b',');
@@ -321,23 +331,42 @@ fn change(rc: &RowChange, table: &Arc<str>, op: Op, relations: &RelationCache) -
     out.push(b'}');
     let row_json = convert::into_string(out);
     Change {
-        table: table.clone(),
+        table,
         op,
-        new: if op == Op::Delete {
-            None
-        } else {
-            rc.new.clone()
-        },
-        old: rc.old.clone(),
+        new,
+        old,
         unchanged,
         row_json: row_json.into_boxed_str(),
+    }
+}
+
+/// Reads a row's columns in table order: `take(name)` is the next column when it is `name` (the usual case, one
+/// comparison), else a lookup by name (a column the row lacks, or a relation that changed under the row).
+struct ColumnCursor<'r> {
+    row: &'r Row,
+    next: usize,
+}
+
+impl<'r> ColumnCursor<'r> {
+    fn new(row: &'r Row) -> Self {
+        Self { row, next: 0 }
+    }
+
+    fn take(&mut self, name: &str) -> Option<Option<&'r str>> {
+        match self.row.at(self.next) {
+            Some((n, value)) if n == name => {
+                self.next += 1;
+                Some(value)
+            }
+            _ => self.row.get(name),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use deeprecall_replication::{ColumnDef, RelationBody};
+    use deeprecall_replication::{RelationBody, RowChange};
     use serde_json::json;
 
     const A: &str = "00000000-0000-0000-0000-00000000000a";
@@ -431,7 +460,7 @@ mod tests {
                 &["body"],
             ),
         ]);
-        let routed = route(&t, 7, &relations(), |_| true);
+        let routed = route(t.clone(), 7, &relations(), |_| true);
         assert_eq!(routed.per_owner.len(), 2);
         let b = &routed.per_owner[0];
         assert_eq!(b.owner.to_string(), B);
@@ -460,7 +489,7 @@ mod tests {
             None,
             &["body"],
         )]);
-        let routed = route(&t, 7, &relations(), |_| true);
+        let routed = route(t.clone(), 7, &relations(), |_| true);
         let c = &routed.per_owner[0].changes[0];
         assert_eq!(c.unchanged, vec!["body".to_string()]);
         assert_eq!(json_of(c), json!({"id": "1", "owner_id": A, "page": 4}));
@@ -484,7 +513,7 @@ mod tests {
             ])),
             &[],
         )]);
-        let routed = route(&t, 7, &relations(), |_| true);
+        let routed = route(t.clone(), 7, &relations(), |_| true);
         let ops: Vec<(String, Op)> = routed
             .per_owner
             .iter()
@@ -504,7 +533,7 @@ mod tests {
             None,
             &[],
         )]);
-        let routed = route(&t, 7, &relations(), |_| true);
+        let routed = route(t.clone(), 7, &relations(), |_| true);
         assert!(routed.per_owner.is_empty());
         assert_eq!(routed.unroutable, 1);
         let t = txn(vec![rc(
@@ -513,7 +542,7 @@ mod tests {
             None,
             &[],
         )]);
-        assert!(route(&t, 7, &relations(), |_| false).per_owner.is_empty());
+        assert!(route(t.clone(), 7, &relations(), |_| false).per_owner.is_empty());
     }
 
     #[test]
@@ -537,7 +566,7 @@ mod tests {
         };
         let upd = |from: &str, to: &str| {
             let t = txn(vec![rc(Op::Update, Some(old(to)), Some(old(from)), &[])]);
-            route(&t, 7, &relations(), |_| true)
+            route(t.clone(), 7, &relations(), |_| true)
                 .per_owner
                 .remove(0)
                 .changes
