@@ -291,9 +291,7 @@ impl Row {
 
     /// The `index`-th column present, `(name, value)`; columns are in table order.
     pub fn at(&self, index: usize) -> Option<(&str, Option<&str>)> {
-        self.columns
-            .get(index)
-            .map(|(n, v)| (&**n, v.as_deref()))
+        self.columns.get(index).map(|(n, v)| (&**n, v.as_deref()))
     }
 
     /// Whether the row holds a value (possibly null) for `name`.

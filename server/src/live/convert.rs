@@ -28,7 +28,11 @@ pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
     // Most values (uuids, timestamps, names, ordinary text) need no escape: copied as they are, the same bytes
     // serde_json would write, without its per-character escape table walk and writer calls. Anything else goes
     // through serde_json's escaper, straight into the buffer.
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    // A fold without early exit, so the check compiles to a vector loop over the bytes.
+    let needs_escape = s.bytes().fold(false, |any, b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !needs_escape {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
@@ -182,7 +186,11 @@ mod tests {
         ] {
             let mut out = Vec::new();
             write_json_str(&mut out, s);
-            assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(s).unwrap(), "{s:?}");
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(s).unwrap(),
+                "{s:?}"
+            );
         }
     }
 

@@ -542,7 +542,11 @@ mod tests {
             None,
             &[],
         )]);
-        assert!(route(t.clone(), 7, &relations(), |_| false).per_owner.is_empty());
+        assert!(
+            route(t.clone(), 7, &relations(), |_| false)
+                .per_owner
+                .is_empty()
+        );
     }
 
     #[test]
