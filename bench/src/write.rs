@@ -45,6 +45,23 @@ pub(crate) struct WriteResult {
     pub(crate) server_sql: Option<PgbenchResult>,
     /// The API without `client_id` (per-op ledger), when measured for this batch size.
     pub(crate) api_ledger: Option<ApiResult>,
+    /// Each round's (API rows/s, plain pgbench rows/s), in the order they ran.
+    pub(crate) rounds: Vec<(f64, f64)>,
+}
+
+impl WriteResult {
+    /// The target's ratio: the median of the rounds' API ÷ plain pgbench. A round compares two sides that ran
+    /// back to back, so drift of the shared machine between rounds cancels, and one disturbed round cannot move
+    /// the median.
+    pub(crate) fn ratio(&self) -> f64 {
+        let mut ratios: Vec<f64> = self.rounds.iter().map(|(api, pg)| api / pg).collect();
+        ratios.sort_by(f64::total_cmp);
+        match ratios.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => ratios[n / 2],
+            n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
+        }
+    }
 }
 
 /// The API side's figures.
@@ -60,6 +77,10 @@ pub(crate) struct ApiResult {
     /// rows from the replication stream.
     pub(crate) server_us_per_row: f64,
 }
+
+/// Rounds of a batch size: the API and plain pgbench alternate (API first in even rounds, pgbench first in odd
+/// ones), each writing a third of the rows per round.
+pub(crate) const ROUNDS: usize = 3;
 
 /// One pgbench reference's figures.
 #[derive(Debug, Clone, Copy)]
@@ -145,6 +166,18 @@ pub(crate) async fn api(
     per_client: usize,
     sequence: bool,
 ) -> anyhow::Result<ApiResult> {
+    api_run(env, batch, per_client, sequence)
+        .await
+        .map(|(r, _)| r)
+}
+
+/// [`api`], also returning every request's latency (ms).
+async fn api_run(
+    env: &Env,
+    batch: usize,
+    per_client: usize,
+    sequence: bool,
+) -> anyhow::Result<(ApiResult, Vec<f64>)> {
     settle(env).await?;
     let url = format!("{}/v1/batch", env.base());
     let start = Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
@@ -198,32 +231,29 @@ pub(crate) async fn api(
     settle(env).await?;
     let cpu = env.server_cpu_secs()? - cpu_before;
     let (p50, _, p99) = stats::summary(&mut latencies);
-    Ok(ApiResult {
-        rows_s: rows / secs,
-        p50_ms: p50,
-        p99_ms: p99,
-        server_us_per_row: cpu * 1e6 / rows,
-    })
+    Ok((
+        ApiResult {
+            rows_s: rows / secs,
+            p50_ms: p50,
+            p99_ms: p99,
+            server_us_per_row: cpu * 1e6 / rows,
+        },
+        latencies,
+    ))
 }
 
-/// Runs one batch size on both sides: `total_rows` rows each. With `ledger_path`, the API is also measured
-/// without `client_id`.
+/// Runs one batch size on both sides: `total_rows` rows each, in [`ROUNDS`] interleaved rounds. With
+/// `ledger_path`, the API is also measured without `client_id`. The references (pgbench + ledger, the server's
+/// SQL) run once, after the rounds, with the rows of one round.
 pub(crate) async fn run(
     env: &Env,
     batch: usize,
     total_rows: usize,
     ledger_path: bool,
 ) -> anyhow::Result<WriteResult> {
-    let per_client = (total_rows / (batch * CLIENTS)).max(1);
-    let rows = per_client * batch * CLIENTS;
-    let api_seq = api(env, batch, per_client, true).await?;
-    let api_ledger = if ledger_path {
-        Some(api(env, batch, per_client, false).await?)
-    } else {
-        None
-    };
+    let per_client = (total_rows / (ROUNDS * batch * CLIENTS)).max(1);
+    let round_rows = per_client * batch * CLIENTS;
 
-    // --- pgbench: plain (the target's reference), + per-op ledger, the server's SQL ---
     // Every side writes as 4 users of its own, so each starts from the same state: the annotations primary key is
     // indexed by (owner_id, …), and inserting into an owner's range that an earlier side already filled with 100k
     // random uuids touches far more index pages than inserting into a fresh one.
@@ -246,14 +276,45 @@ pub(crate) async fn run(
     let plain_insert = format!(
         "insert into annotations (id, kind, body, page, geometry) select gen_random_uuid(), 'note', '{BODY}', 1, '{{\"x\":1}}' from generate_series(1, {batch});\n"
     );
-    let plain = pgbench(
-        env,
-        &format!("{}{plain_insert}commit;\n", head(&users())),
-        &format!("insert-{batch}"),
-        batch,
-        per_client,
-    )
-    .await?;
+
+    // --- the target: the API (sequence idempotency) and plain pgbench, alternating ---
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    let mut latencies = Vec::new();
+    let mut api_cpu = 0.0;
+    let mut plain_cpu = 0.0;
+    let mut plain_latency = 0.0;
+    for round in 0..ROUNDS {
+        let script = format!("{}{plain_insert}commit;\n", head(&users()));
+        let name = format!("insert-{batch}-{round}");
+        let plain_side = || pgbench(env, &script, &name, batch, per_client);
+        let (api, plain) = if round % 2 == 0 {
+            let api = api_run(env, batch, per_client, true).await?;
+            (api, plain_side().await?)
+        } else {
+            let plain = plain_side().await?;
+            (api_run(env, batch, per_client, true).await?, plain)
+        };
+        let (api, l) = api;
+        latencies.extend(l);
+        api_cpu += api.server_us_per_row / ROUNDS as f64;
+        plain_cpu += plain.server_us_per_row / ROUNDS as f64;
+        plain_latency += plain.latency_ms / ROUNDS as f64;
+        rounds.push((api.rows_s, plain.rows_s));
+    }
+    // Over all rounds: rows ÷ seconds (every round writes the same rows), latencies pooled.
+    let overall = |rate: fn(&(f64, f64)) -> f64| {
+        ROUNDS as f64 / rounds.iter().map(|r| 1.0 / rate(r)).sum::<f64>()
+    };
+    let (api_rows_s, pg_rows_s) = (overall(|r| r.0), overall(|r| r.1));
+    let (api_p50, _, api_p99) = stats::summary(&mut latencies);
+
+    let api_ledger = if ledger_path {
+        Some(api(env, batch, per_client, false).await?)
+    } else {
+        None
+    };
+
+    // --- references: pgbench + per-op ledger, pgbench running the server's SQL ---
     let ledger = pgbench(
         env,
         &format!(
@@ -313,17 +374,18 @@ pub(crate) async fn run(
         None
     };
     Ok(WriteResult {
-        rows,
-        api_rows_s: api_seq.rows_s,
-        api_p50_ms: api_seq.p50_ms,
-        api_p99_ms: api_seq.p99_ms,
-        api_server_us_per_row: api_seq.server_us_per_row,
-        pg_server_us_per_row: plain.server_us_per_row,
-        pg_rows_s: plain.rows_s,
-        pg_latency_ms: plain.latency_ms,
+        rows: round_rows * ROUNDS,
+        api_rows_s,
+        api_p50_ms: api_p50,
+        api_p99_ms: api_p99,
+        api_server_us_per_row: api_cpu,
+        pg_server_us_per_row: plain_cpu,
+        pg_rows_s,
+        pg_latency_ms: plain_latency,
         ledger,
         server_sql,
         api_ledger,
+        rounds,
     })
 }
 
