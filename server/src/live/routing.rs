@@ -430,6 +430,28 @@ mod tests {
     }
 
     #[test]
+    fn a_row_in_another_column_order_renders_the_same() {
+        // Rows are normally in the relation's column order; one that is not (a relation that changed under it)
+        // is read by name, column by column.
+        let t = txn(vec![rc(
+            Op::Insert,
+            Some(row(&[
+                ("page", Some("2")),
+                ("body", Some("b")),
+                ("owner_id", Some(A)),
+                ("id", Some("9")),
+            ])),
+            None,
+            &[],
+        )]);
+        let routed = route(t, 7, &relations(), |_| true);
+        assert_eq!(
+            json_of(&routed.per_owner[0].changes[0]),
+            json!({"id": "9", "owner_id": A, "body": "b", "page": 2})
+        );
+    }
+
+    #[test]
     fn splits_by_owner_and_fills_unchanged_toast_from_old_row() {
         let full_old = row(&[
             ("id", Some("1")),
