@@ -287,15 +287,14 @@ pub(crate) async fn run(
         let script = format!("{}{plain_insert}commit;\n", head(&users()));
         let name = format!("insert-{batch}-{round}");
         let plain_side = || pgbench(env, &script, &name, batch, per_client);
-        let (api, plain) = if round % 2 == 0 {
+        let ((api, api_latencies), plain) = if round % 2 == 0 {
             let api = api_run(env, batch, per_client, true).await?;
             (api, plain_side().await?)
         } else {
             let plain = plain_side().await?;
             (api_run(env, batch, per_client, true).await?, plain)
         };
-        let (api, l) = api;
-        latencies.extend(l);
+        latencies.extend(api_latencies);
         api_cpu += api.server_us_per_row / ROUNDS as f64;
         plain_cpu += plain.server_us_per_row / ROUNDS as f64;
         plain_latency += plain.latency_ms / ROUNDS as f64;

@@ -250,7 +250,8 @@ impl AuthConfig {
         self.verify_at(token, jsonwebtoken::get_current_timestamp())
     }
 
-    /// [`Self::verify`] at unix second `now`: from the cache of verified tokens, else checked (and kept if valid).
+    /// [`Self::verify`], with `now` (unix seconds) deciding whether a cached answer still counts and how long a new
+    /// one is kept; the full check itself reads the clock, as jsonwebtoken does.
     fn verify_at(&self, token: &str, now: u64) -> Result<AuthUser, AuthError> {
         if let Ok(verified) = self.verified.lock()
             && let Some((user, until)) = verified.tokens.get(token)

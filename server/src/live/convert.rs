@@ -26,9 +26,9 @@ pub fn into_string(buf: Vec<u8>) -> String {
 /// Appends `s` as a JSON string.
 pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
     // Most values (uuids, timestamps, names, ordinary text) need no escape: copied as they are, the same bytes
-    // serde_json would write, without its per-character escape table walk and writer calls. Anything else goes
-    // through serde_json's escaper, straight into the buffer.
-    // A fold without early exit, so the check compiles to a vector loop over the bytes.
+    // serde_json would write, without its per-character escape table walk and writer calls; anything else goes
+    // through serde_json's escaper, straight into the buffer. The check is a fold without early exit, so it
+    // compiles to a vector loop over the bytes.
     let needs_escape = s.bytes().fold(false, |any, b| {
         any | (b < 0x20) | (b == b'"') | (b == b'\\')
     });

@@ -482,7 +482,7 @@ mod tests {
                 &["body"],
             ),
         ]);
-        let routed = route(t.clone(), 7, &relations(), |_| true);
+        let routed = route(t, 7, &relations(), |_| true);
         assert_eq!(routed.per_owner.len(), 2);
         let b = &routed.per_owner[0];
         assert_eq!(b.owner.to_string(), B);
@@ -511,7 +511,7 @@ mod tests {
             None,
             &["body"],
         )]);
-        let routed = route(t.clone(), 7, &relations(), |_| true);
+        let routed = route(t, 7, &relations(), |_| true);
         let c = &routed.per_owner[0].changes[0];
         assert_eq!(c.unchanged, vec!["body".to_string()]);
         assert_eq!(json_of(c), json!({"id": "1", "owner_id": A, "page": 4}));
@@ -535,7 +535,7 @@ mod tests {
             ])),
             &[],
         )]);
-        let routed = route(t.clone(), 7, &relations(), |_| true);
+        let routed = route(t, 7, &relations(), |_| true);
         let ops: Vec<(String, Op)> = routed
             .per_owner
             .iter()
@@ -555,7 +555,7 @@ mod tests {
             None,
             &[],
         )]);
-        let routed = route(t.clone(), 7, &relations(), |_| true);
+        let routed = route(t, 7, &relations(), |_| true);
         assert!(routed.per_owner.is_empty());
         assert_eq!(routed.unroutable, 1);
         let t = txn(vec![rc(
@@ -564,11 +564,7 @@ mod tests {
             None,
             &[],
         )]);
-        assert!(
-            route(t.clone(), 7, &relations(), |_| false)
-                .per_owner
-                .is_empty()
-        );
+        assert!(route(t, 7, &relations(), |_| false).per_owner.is_empty());
     }
 
     #[test]
@@ -592,7 +588,7 @@ mod tests {
         };
         let upd = |from: &str, to: &str| {
             let t = txn(vec![rc(Op::Update, Some(old(to)), Some(old(from)), &[])]);
-            route(t.clone(), 7, &relations(), |_| true)
+            route(t, 7, &relations(), |_| true)
                 .per_owner
                 .remove(0)
                 .changes
