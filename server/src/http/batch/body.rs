@@ -9,7 +9,8 @@
 //!
 //! Why: a `serde_json::Value` of an 8 MB body of a million tiny ops costs ~600 MB and its parse blocks a runtime
 //! thread before any limit is looked at. Here the work before the op-count check is proportional to the ops
-//! actually allowed, and a large body is parsed on a blocking thread ([`parse_off_runtime`]).
+//! actually allowed (besides one UTF-8 check of the bytes, at memory speed), and a large body is parsed on a
+//! blocking thread ([`parse_off_runtime`]).
 
 use std::cell::Cell;
 use std::fmt;

