@@ -17,7 +17,7 @@ use crate::live::admission::{PerUserLimit, SnapshotCapacity, SnapshotLimits};
 use crate::live::hub::{Hub, HubConfig};
 use crate::live::replicator::ReplicatorConfig;
 use crate::pgcluster::{ClusterOptions, LocalCluster, random_token};
-use crate::state::{AppState, Limits};
+use crate::state::{AppState, Limits, Shared};
 use deeprecall_replication::stream::StreamConfig;
 
 /// deeprecall-sync: authoritative writes and live per-user sync next to PostgreSQL.
@@ -591,7 +591,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         catalog.clone(),
         shutdown_rx.clone(),
     ));
-    let state = AppState {
+    let state = AppState::new(Shared {
         pool,
         snapshots: Arc::new(SnapshotCapacity::new(snapshot_pool, &limits.snapshots)),
         sockets_per_user: PerUserLimit::new(limits.max_connections_per_user),
@@ -604,7 +604,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         cors: options.cors,
         shapes: Arc::new(crate::live::shape::Shapes::new(options.shape)),
         shutdown: shutdown_rx,
-    };
+    });
     Ok(Server {
         state,
         shutdown_tx,

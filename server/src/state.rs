@@ -51,9 +51,29 @@ impl Default for Limits {
     }
 }
 
-/// Everything a handler needs.
+/// Everything a handler needs: a handle, cloned for every request (by the router, the `State` extractor and the
+/// auth extractor), so it is one reference count; the state itself is [`Shared`].
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    /// Wraps the state for sharing between handlers.
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The server's state, shared by every handler through [`AppState`].
+#[derive(Debug, Clone)]
+pub struct Shared {
     /// Pooled connections as the server's role (user work switches role per transaction); never used by snapshots.
     pub pool: Pool,
     /// Snapshot jobs' own connections, per-user places and spool budget.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deeprecall_sync::live::shape::{ShapeConfig, Shapes};
+use deeprecall_sync::state::AppState;
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::Value;
@@ -275,8 +276,9 @@ pub async fn truth_text(
 /// A second HTTP listener on the same server state, with other shape timings (e.g. a short live hold). Stops with
 /// the environment's server.
 pub async fn listener_with(env: &TestEnv, config: ShapeConfig) -> String {
-    let mut state = env.state.clone();
-    state.shapes = Arc::new(Shapes::new(config));
+    let mut shared = (*env.state).clone();
+    shared.shapes = Arc::new(Shapes::new(config));
+    let state = AppState::new(shared);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
