@@ -102,8 +102,8 @@ pub(crate) fn plan(tables: &impl Tables, request: &BatchRequest<'_>) -> Result<P
     })
 }
 
-/// The index of the first op (in request order) whose op_id an earlier op already has. A sort instead of a hash
-/// set: no hashing of 100s of random UUIDs per batch, and usually no second pass.
+/// The index of the first op (in request order) whose op_id an earlier op already has. Found before planning, by
+/// one sort, so that the planning loop only compares an index (it used to hash every op_id into a set).
 fn first_repeated_op_id(request: &BatchRequest<'_>) -> Option<usize> {
     let mut ids: Vec<(Uuid, usize)> = request
         .ops
@@ -211,10 +211,13 @@ fn plan_one(
     // Table order: ops that write the same columns get the same list, whatever order their keys came in.
     entries.sort_unstable_by_key(|(i, _)| *i);
     let id_index = table.columns.iter().position(|c| c.name == "id");
-    let id = entries.iter().find_map(|(i, cell)| match cell {
-        Cell::Uuid(id) if Some(*i) == id_index => Some(*id),
-        _ => None,
-    });
+    let id = entries
+        .iter()
+        .find(|(i, _)| Some(*i) == id_index)
+        .and_then(|(_, cell)| match cell {
+            Cell::Uuid(id) => Some(*id),
+            _ => None,
+        });
     let kind_name = match op.kind {
         OpKind::Insert => "insert",
         OpKind::Upsert => "upsert",
