@@ -37,6 +37,11 @@ pub(crate) struct WriteResult {
     pub(crate) pg_rows_s: f64,
     /// pgbench's average transaction latency, ms.
     pub(crate) pg_latency_ms: f64,
+    /// pgbench's transaction latency p50 and p99 over all rounds, ms (from its per-transaction log), the same
+    /// percentiles as the API's request latency.
+    pub(crate) pg_p50_ms: f64,
+    /// See `pg_p50_ms`.
+    pub(crate) pg_p99_ms: f64,
     /// Reference 2: pgbench plus the per-op ledger insert of batches without `client_id`.
     pub(crate) ledger: PgbenchResult,
     /// Reference 3: pgbench asking Postgres for exactly the server's work on the sequence path: claim the client's
@@ -79,8 +84,10 @@ pub(crate) struct ApiResult {
 }
 
 /// Rounds of a batch size: the API and plain pgbench alternate (API first in even rounds, pgbench first in odd
-/// ones), each writing a third of the rows per round.
-pub(crate) const ROUNDS: usize = 3;
+/// ones), each writing a fifth of the rows per round. Five rather than three: one round at batch 100 lasts a
+/// couple of seconds, and on a shared machine single rounds were seen to range from 0.77× to 0.94× within one run;
+/// the median of five is moved by two disturbed rounds, not by one.
+pub(crate) const ROUNDS: usize = 5;
 
 /// One pgbench reference's figures.
 #[derive(Debug, Clone, Copy)]
@@ -280,14 +287,15 @@ pub(crate) async fn run(
     // --- the target: the API (sequence idempotency) and plain pgbench, alternating ---
     let mut rounds = Vec::with_capacity(ROUNDS);
     let mut latencies = Vec::new();
+    let mut pg_latencies = Vec::new();
     let mut api_cpu = 0.0;
     let mut plain_cpu = 0.0;
     let mut plain_latency = 0.0;
     for round in 0..ROUNDS {
         let script = format!("{}{plain_insert}commit;\n", head(&users()));
         let name = format!("insert-{batch}-{round}");
-        let plain_side = || pgbench(env, &script, &name, batch, per_client);
-        let ((api, api_latencies), plain) = if round % 2 == 0 {
+        let plain_side = || pgbench_logged(env, &script, &name, batch, per_client);
+        let ((api, api_latencies), (plain, plain_latencies)) = if round % 2 == 0 {
             let api = api_run(env, batch, per_client, true).await?;
             (api, plain_side().await?)
         } else {
@@ -295,6 +303,7 @@ pub(crate) async fn run(
             (api_run(env, batch, per_client, true).await?, plain)
         };
         latencies.extend(api_latencies);
+        pg_latencies.extend(plain_latencies);
         api_cpu += api.server_us_per_row / ROUNDS as f64;
         plain_cpu += plain.server_us_per_row / ROUNDS as f64;
         plain_latency += plain.latency_ms / ROUNDS as f64;
@@ -306,6 +315,7 @@ pub(crate) async fn run(
     };
     let (api_rows_s, pg_rows_s) = (overall(|r| r.0), overall(|r| r.1));
     let (api_p50, _, api_p99) = stats::summary(&mut latencies);
+    let (pg_p50, _, pg_p99) = stats::summary(&mut pg_latencies);
 
     let api_ledger = if ledger_path {
         Some(api(env, batch, per_client, false).await?)
@@ -381,6 +391,8 @@ pub(crate) async fn run(
         pg_server_us_per_row: plain_cpu,
         pg_rows_s,
         pg_latency_ms: plain_latency,
+        pg_p50_ms: pg_p50,
+        pg_p99_ms: pg_p99,
         ledger,
         server_sql,
         api_ledger,
@@ -424,13 +436,46 @@ async fn pgbench(
     batch: usize,
     per_client: usize,
 ) -> anyhow::Result<PgbenchResult> {
+    pgbench_run(env, script, name, batch, per_client, false)
+        .await
+        .map(|(r, _)| r)
+}
+
+/// [`pgbench`], also returning every transaction's latency (ms) from pgbench's per-transaction log (`-l`).
+async fn pgbench_logged(
+    env: &Env,
+    script: &str,
+    name: &str,
+    batch: usize,
+    per_client: usize,
+) -> anyhow::Result<(PgbenchResult, Vec<f64>)> {
+    pgbench_run(env, script, name, batch, per_client, true).await
+}
+
+async fn pgbench_run(
+    env: &Env,
+    script: &str,
+    name: &str,
+    batch: usize,
+    per_client: usize,
+    log: bool,
+) -> anyhow::Result<(PgbenchResult, Vec<f64>)> {
     settle(env).await?;
     let cpu_before = env.server_cpu_secs()?;
     let script_path = env.scratch.join(format!("{name}.sql"));
     std::fs::write(&script_path, script)?;
+    // pgbench writes one log file per thread: `<prefix>.<pid>` and `<prefix>.<pid>.<thread>`.
+    let log_prefix = format!("pgbench-log-{name}");
+    let mut command = env.pg_tool("pgbench");
+    if log {
+        command.arg("-l").arg(format!(
+            "--log-prefix={}",
+            env.scratch.join(&log_prefix).display()
+        ));
+    }
     let output = tokio::time::timeout(
         Duration::from_secs(300),
-        env.pg_tool("pgbench")
+        command
             .args(["-n", "-c", "4", "-j", "2", "-t"])
             .arg(per_client.to_string())
             .arg("-f")
@@ -454,11 +499,53 @@ async fn pgbench(
     let tps = parse_after(&stdout, "tps = ").context("no `tps = ` in pgbench's output")?;
     settle(env).await?;
     let cpu = env.server_cpu_secs()? - cpu_before;
-    Ok(PgbenchResult {
-        rows_s: tps * batch as f64,
-        latency_ms: parse_after(&stdout, "latency average = ").unwrap_or(0.0),
-        server_us_per_row: cpu * 1e6 / (per_client * 4 * batch) as f64,
-    })
+    let latencies = if log {
+        let latencies = read_pgbench_logs(&env.scratch, &log_prefix)?;
+        if latencies.len() != per_client * 4 {
+            bail!(
+                "pgbench ({name}) logged {} transactions, expected {}",
+                latencies.len(),
+                per_client * 4
+            );
+        }
+        latencies
+    } else {
+        Vec::new()
+    };
+    Ok((
+        PgbenchResult {
+            rows_s: tps * batch as f64,
+            latency_ms: parse_after(&stdout, "latency average = ").unwrap_or(0.0),
+            server_us_per_row: cpu * 1e6 / (per_client * 4 * batch) as f64,
+        },
+        latencies,
+    ))
+}
+
+/// Every transaction's latency (ms) from the log files `dir/<prefix>.*`, which it then removes. A line is
+/// `client_id transaction_no time script_no time_epoch time_us …`, `time` being the latency in µs.
+fn read_pgbench_logs(dir: &std::path::Path, prefix: &str) -> anyhow::Result<Vec<f64>> {
+    let mut latencies = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_log = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&format!("{prefix}.")));
+        if !is_log {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path)?.lines() {
+            let micros: f64 = line
+                .split_whitespace()
+                .nth(2)
+                .and_then(|t| t.parse().ok())
+                .with_context(|| format!("unexpected pgbench log line {line:?}"))?;
+            latencies.push(micros / 1000.0);
+        }
+        std::fs::remove_file(&path)?;
+    }
+    Ok(latencies)
 }
 
 /// The number right after `key` on the first line containing it.

@@ -37,6 +37,33 @@ pub struct Cli {
         global = true
     )]
     pub log_format: LogFormat,
+    /// Threads of the async runtime that serves HTTP, WebSockets and the replication stream. Default: half the
+    /// machine's cores, at least 1 (docs/operations.md: the server is meant to run beside Postgres, which does most
+    /// of the CPU work of every write); on a machine of its own, set it to the number of cores.
+    #[arg(long, env = "DEEPRECALL_WORKER_THREADS", global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
+}
+
+impl Cli {
+    /// The runtime's worker threads: `--worker-threads`, else [`default_worker_threads`].
+    pub fn worker_threads(&self) -> usize {
+        self.worker_threads
+            .map_or_else(default_worker_threads, usize::from)
+    }
+}
+
+/// Half the cores the process may use (rounded up), at least 1.
+///
+/// Why not one per core (tokio's default): beside Postgres on the same machine, each write costs Postgres (its
+/// backend and the walsender that decodes it) about three times the CPU it costs this server, and a second worker
+/// on a 2-core machine mostly wakes up to find nothing to do: with one worker instead of two, the server's CPU per
+/// row written fell by 22-24% at 1 and 100 ops per request and Postgres's own CPU per row fell too (less
+/// cross-thread wake-up traffic: futex and epoll), for more rows/s on the same cores (docs/decisions.md 29).
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .div_ceil(2)
+        .max(1)
 }
 
 /// How log lines are written.
@@ -873,6 +900,47 @@ fn write_private(path: &Path, value: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_threads_default_to_half_the_cores_and_refuse_zero() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        const NIL: &str = "00000000-0000-0000-0000-000000000000";
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
+        let default = parse(&["deeprecall-sync", "token", "--sub", NIL]).unwrap();
+        assert_eq!(default.worker_threads(), cores.div_ceil(2));
+        assert!(default.worker_threads() >= 1);
+        // Global: accepted before or after the subcommand.
+        let set = parse(&[
+            "deeprecall-sync",
+            "--worker-threads",
+            "3",
+            "token",
+            "--sub",
+            NIL,
+        ])
+        .unwrap();
+        assert_eq!(set.worker_threads(), 3);
+        let after = parse(&[
+            "deeprecall-sync",
+            "token",
+            "--sub",
+            NIL,
+            "--worker-threads",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(after.worker_threads(), 2);
+        let zero = parse(&[
+            "deeprecall-sync",
+            "--worker-threads",
+            "0",
+            "token",
+            "--sub",
+            NIL,
+        ])
+        .unwrap_err();
+        assert_eq!(zero.kind(), clap::error::ErrorKind::ValueValidation);
+    }
 
     #[test]
     fn dev_secrets_are_private_from_the_first_byte() {
