@@ -37,33 +37,21 @@ pub struct Cli {
         global = true
     )]
     pub log_format: LogFormat,
-    /// Threads of the async runtime that serves HTTP, WebSockets and the replication stream. Default: half the
-    /// machine's cores, at least 1 (docs/operations.md: the server is meant to run beside Postgres, which does most
-    /// of the CPU work of every write); on a machine of its own, set it to the number of cores.
+    /// Threads of the async runtime that serves HTTP, WebSockets and the replication stream. Default: one per
+    /// core (tokio's default). Beside Postgres on a small machine, fewer leave Postgres more CPU
+    /// (docs/decisions.md 29).
     #[arg(long, env = "DEEPRECALL_WORKER_THREADS", global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
 }
 
 impl Cli {
-    /// The runtime's worker threads: `--worker-threads`, else [`default_worker_threads`].
+    /// The runtime's worker threads: `--worker-threads`, else one per core the process may use.
     pub fn worker_threads(&self) -> usize {
-        self.worker_threads
-            .map_or_else(default_worker_threads, usize::from)
+        self.worker_threads.map_or_else(
+            || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            usize::from,
+        )
     }
-}
-
-/// Half the cores the process may use (rounded up), at least 1.
-///
-/// Why not one per core (tokio's default): beside Postgres on the same machine, each write costs Postgres (its
-/// backend and the walsender that decodes it) about three times the CPU it costs this server, and a second worker
-/// on a 2-core machine mostly wakes up to find nothing to do: with one worker instead of two, the server's CPU per
-/// row written fell by 22-24% at 1 and 100 ops per request and Postgres's own CPU per row fell too (less
-/// cross-thread wake-up traffic: futex and epoll), for more rows/s on the same cores (docs/decisions.md 29).
-pub fn default_worker_threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, std::num::NonZeroUsize::get)
-        .div_ceil(2)
-        .max(1)
 }
 
 /// How log lines are written.
@@ -902,12 +890,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn worker_threads_default_to_half_the_cores_and_refuse_zero() {
+    fn worker_threads_default_to_the_cores_and_refuse_zero() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         const NIL: &str = "00000000-0000-0000-0000-000000000000";
         let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
         let default = parse(&["deeprecall-sync", "token", "--sub", NIL]).unwrap();
-        assert_eq!(default.worker_threads(), cores.div_ceil(2));
+        assert_eq!(default.worker_threads(), cores);
         assert!(default.worker_threads() >= 1);
         // Global: accepted before or after the subcommand.
         let set = parse(&[
