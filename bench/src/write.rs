@@ -294,7 +294,7 @@ pub(crate) async fn run(
     for round in 0..ROUNDS {
         let script = format!("{}{plain_insert}commit;\n", head(&users()));
         let name = format!("insert-{batch}-{round}");
-        let plain_side = || pgbench_logged(env, &script, &name, batch, per_client);
+        let plain_side = || pgbench(env, &script, &name, batch, per_client);
         let ((api, api_latencies), (plain, plain_latencies)) = if round % 2 == 0 {
             let api = api_run(env, batch, per_client, true).await?;
             (api, plain_side().await?)
@@ -335,7 +335,8 @@ pub(crate) async fn run(
         batch,
         per_client,
     )
-    .await?;
+    .await?
+    .0;
     // The server's statements on the sequence path (server/src/http/batch/execute.rs and plan.rs), with the
     // arrays built in SQL instead of bound as binary parameters.
     let sql = env.sql().await?;
@@ -377,7 +378,8 @@ pub(crate) async fn run(
                 batch,
                 per_client,
             )
-            .await?,
+            .await?
+            .0,
         )
     } else {
         None
@@ -428,37 +430,14 @@ pub(crate) async fn record_ops(env: &Env, ops: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `script` with `pgbench -n -c 4 -j 2`, `per_client` transactions per client.
+/// Runs `script` with `pgbench -n -c 4 -j 2`, `per_client` transactions per client; returns its figures and every
+/// transaction's latency (ms) from its per-transaction log (`-l`).
 async fn pgbench(
     env: &Env,
     script: &str,
     name: &str,
     batch: usize,
     per_client: usize,
-) -> anyhow::Result<PgbenchResult> {
-    pgbench_run(env, script, name, batch, per_client, false)
-        .await
-        .map(|(r, _)| r)
-}
-
-/// [`pgbench`], also returning every transaction's latency (ms) from pgbench's per-transaction log (`-l`).
-async fn pgbench_logged(
-    env: &Env,
-    script: &str,
-    name: &str,
-    batch: usize,
-    per_client: usize,
-) -> anyhow::Result<(PgbenchResult, Vec<f64>)> {
-    pgbench_run(env, script, name, batch, per_client, true).await
-}
-
-async fn pgbench_run(
-    env: &Env,
-    script: &str,
-    name: &str,
-    batch: usize,
-    per_client: usize,
-    log: bool,
 ) -> anyhow::Result<(PgbenchResult, Vec<f64>)> {
     settle(env).await?;
     let cpu_before = env.server_cpu_secs()?;
@@ -466,16 +445,14 @@ async fn pgbench_run(
     std::fs::write(&script_path, script)?;
     // pgbench writes one log file per thread: `<prefix>.<pid>` and `<prefix>.<pid>.<thread>`.
     let log_prefix = format!("pgbench-log-{name}");
-    let mut command = env.pg_tool("pgbench");
-    if log {
-        command.arg("-l").arg(format!(
-            "--log-prefix={}",
-            env.scratch.join(&log_prefix).display()
-        ));
-    }
     let output = tokio::time::timeout(
         Duration::from_secs(300),
-        command
+        env.pg_tool("pgbench")
+            .arg("-l")
+            .arg(format!(
+                "--log-prefix={}",
+                env.scratch.join(&log_prefix).display()
+            ))
             .args(["-n", "-c", "4", "-j", "2", "-t"])
             .arg(per_client.to_string())
             .arg("-f")
@@ -499,19 +476,14 @@ async fn pgbench_run(
     let tps = parse_after(&stdout, "tps = ").context("no `tps = ` in pgbench's output")?;
     settle(env).await?;
     let cpu = env.server_cpu_secs()? - cpu_before;
-    let latencies = if log {
-        let latencies = read_pgbench_logs(&env.scratch, &log_prefix)?;
-        if latencies.len() != per_client * 4 {
-            bail!(
-                "pgbench ({name}) logged {} transactions, expected {}",
-                latencies.len(),
-                per_client * 4
-            );
-        }
-        latencies
-    } else {
-        Vec::new()
-    };
+    let latencies = read_pgbench_logs(&env.scratch, &log_prefix)?;
+    if latencies.len() != per_client * 4 {
+        bail!(
+            "pgbench ({name}) logged {} transactions, expected {}",
+            latencies.len(),
+            per_client * 4
+        );
+    }
     Ok((
         PgbenchResult {
             rows_s: tps * batch as f64,
@@ -525,13 +497,14 @@ async fn pgbench_run(
 /// Every transaction's latency (ms) from the log files `dir/<prefix>.*`, which it then removes. A line is
 /// `client_id transaction_no time script_no time_epoch time_us …`, `time` being the latency in µs.
 fn read_pgbench_logs(dir: &std::path::Path, prefix: &str) -> anyhow::Result<Vec<f64>> {
+    let prefix = format!("{prefix}.");
     let mut latencies = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let is_log = path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(&format!("{prefix}.")));
+            .is_some_and(|n| n.starts_with(&prefix));
         if !is_log {
             continue;
         }

@@ -892,41 +892,25 @@ mod tests {
     #[test]
     fn worker_threads_default_to_the_cores_and_refuse_zero() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        const NIL: &str = "00000000-0000-0000-0000-000000000000";
-        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
-        let default = parse(&["deeprecall-sync", "token", "--sub", NIL]).unwrap();
+        // `token` with the given arguments before and after the subcommand.
+        let parse = |before: &[&str], after: &[&str]| {
+            let sub = ["token", "--sub", "00000000-0000-0000-0000-000000000000"];
+            let args = ["deeprecall-sync"]
+                .iter()
+                .chain(before)
+                .chain(&sub)
+                .chain(after);
+            Cli::try_parse_from(args.copied())
+        };
+        let default = parse(&[], &[]).unwrap();
         assert_eq!(default.worker_threads(), cores);
         assert!(default.worker_threads() >= 1);
         // Global: accepted before or after the subcommand.
-        let set = parse(&[
-            "deeprecall-sync",
-            "--worker-threads",
-            "3",
-            "token",
-            "--sub",
-            NIL,
-        ])
-        .unwrap();
+        let set = parse(&["--worker-threads", "3"], &[]).unwrap();
         assert_eq!(set.worker_threads(), 3);
-        let after = parse(&[
-            "deeprecall-sync",
-            "token",
-            "--sub",
-            NIL,
-            "--worker-threads",
-            "2",
-        ])
-        .unwrap();
+        let after = parse(&[], &["--worker-threads", "2"]).unwrap();
         assert_eq!(after.worker_threads(), 2);
-        let zero = parse(&[
-            "deeprecall-sync",
-            "--worker-threads",
-            "0",
-            "token",
-            "--sub",
-            NIL,
-        ])
-        .unwrap_err();
+        let zero = parse(&["--worker-threads", "0"], &[]).unwrap_err();
         assert_eq!(zero.kind(), clap::error::ErrorKind::ValueValidation);
     }
 
