@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::env::{DATABASE, Env};
@@ -48,6 +49,10 @@ pub(crate) struct WriteResult {
     /// next seqs (`deeprecall_claim_seq`: lock, check, advance), one `insert … select … from unnest(arrays)`. `None` against a server whose
     /// schema has no `sync_clients` (a build from before sequence idempotency).
     pub(crate) server_sql: Option<PgbenchResult>,
+    /// Reference 4: the same statements sent the way the server sends them (binary array parameters, `BEGIN` …
+    /// `COMMIT` pipelined in one round trip) by a minimal client in this process: Postgres's work for the API's
+    /// rows without HTTP, JSON or the server process. `None` where reference 3 is.
+    pub(crate) server_statements: Option<PgbenchResult>,
     /// The API without `client_id` (per-op ledger), when measured for this batch size.
     pub(crate) api_ledger: Option<ApiResult>,
     /// Each round's (API rows/s, plain pgbench rows/s), in the order they ran.
@@ -89,7 +94,7 @@ pub(crate) struct ApiResult {
 /// the median of five is moved by two disturbed rounds, not by one.
 pub(crate) const ROUNDS: usize = 5;
 
-/// One pgbench reference's figures.
+/// One reference's figures (pgbench, or reference 4's own client).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PgbenchResult {
     /// Rows/s (tps × batch).
@@ -384,6 +389,11 @@ pub(crate) async fn run(
     } else {
         None
     };
+    let server_statements = if has_clients {
+        Some(server_statements(env, batch, per_client).await?)
+    } else {
+        None
+    };
     Ok(WriteResult {
         rows: round_rows * ROUNDS,
         api_rows_s,
@@ -397,8 +407,117 @@ pub(crate) async fn run(
         pg_p99_ms: pg_p99,
         ledger,
         server_sql,
+        server_statements,
         api_ledger,
         rounds,
+    })
+}
+
+/// The server's statements on the sequence path for `batch` annotation inserts (server/src/db/mod.rs `run_scoped`,
+/// http/batch/execute.rs and plan.rs): the role switch, the claim, the insert over binary arrays (columns in table
+/// order, as the planner orders them).
+const HEAD_SQL: &str = "select pg_current_xact_id()::text, set_config('role', $1, true), set_config('app.user_id', $2, true)";
+const CLAIM_SQL: &str = "select deeprecall_claim_seq($1, $2, $3)";
+const INSERT_SQL: &str = "insert into \"public\".\"annotations\" (\"id\", \"page\", \"kind\", \"geometry\", \"body\") \
+     select u.\"id\", u.\"page\", u.\"kind\", u.\"geometry\", u.\"body\" \
+     from unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::text[]) as u(\"id\", \"page\", \"kind\", \"geometry\", \"body\")";
+
+/// One transaction's parameters for [`INSERT_SQL`].
+struct Arrays {
+    ids: Vec<Uuid>,
+    pages: Vec<i32>,
+    kinds: Vec<&'static str>,
+    geometry: Vec<serde_json::Value>,
+    bodies: Vec<&'static str>,
+}
+
+/// Reference 4: 4 connections as 4 fresh users, each running `per_client` transactions of `batch` rows with the
+/// server's statements, pipelined and with binary parameters as the server sends them; parameters are built before
+/// the clock starts, as the API's bodies are. Rows/s = rows / wall time of the slowest client; latency is the mean
+/// per transaction.
+async fn server_statements(
+    env: &Env,
+    batch: usize,
+    per_client: usize,
+) -> anyhow::Result<PgbenchResult> {
+    settle(env).await?;
+    let start = Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (user, client_id) = (Uuid::new_v4(), Uuid::new_v4());
+        let sql = env.sql().await?;
+        sql.execute(
+            "insert into sync_clients (owner_id, client_id, last_seq) values ($1, $2, 0)",
+            &[&user, &client_id],
+        )
+        .await?;
+        let transactions: Vec<Arrays> = (0..per_client)
+            .map(|_| Arrays {
+                ids: (0..batch).map(|_| Uuid::new_v4()).collect(),
+                pages: vec![1; batch],
+                kinds: vec!["note"; batch],
+                geometry: vec![serde_json::json!({"x": 1}); batch],
+                bodies: vec![BODY; batch],
+            })
+            .collect();
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            let (head, claim, insert) = futures::try_join!(
+                sql.prepare(HEAD_SQL),
+                sql.prepare(CLAIM_SQL),
+                sql.prepare(INSERT_SQL)
+            )?;
+            let user = user.to_string();
+            start.wait().await;
+            let began = Instant::now();
+            let mut last_seq = 0i64;
+            for t in &transactions {
+                let (first, last) = (last_seq + 1, last_seq + batch as i64);
+                last_seq = last;
+                let head_params: [&(dyn ToSql + Sync); 2] = [&"deeprecall_user", &user];
+                let claim_params: [&(dyn ToSql + Sync); 3] = [&client_id, &first, &last];
+                let insert_params: [&(dyn ToSql + Sync); 5] =
+                    [&t.ids, &t.pages, &t.kinds, &t.geometry, &t.bodies];
+                // One round trip: every message is queued on the first poll, as the server's run_scoped does.
+                let (begun, head, claimed, inserted, committed) = futures::join!(
+                    sql.batch_execute("begin"),
+                    sql.query_one(&head, &head_params),
+                    sql.query(&claim, &claim_params),
+                    sql.execute(&insert, &insert_params),
+                    sql.batch_execute("commit")
+                );
+                begun?;
+                head?;
+                claimed?;
+                anyhow::ensure!(
+                    inserted? == batch as u64,
+                    "reference 4 inserted too few rows"
+                );
+                committed?;
+            }
+            anyhow::Ok((began, Instant::now()))
+        }));
+    }
+    start.wait().await;
+    let cpu_before = env.server_cpu_secs()?;
+    let (mut began, mut ended): (Option<Instant>, Option<Instant>) = (None, None);
+    for t in tasks {
+        let (b, e) = tokio::time::timeout(Duration::from_secs(300), t)
+            .await
+            .context("reference 4 took longer than 300 s")???;
+        began = Some(began.map_or(b, |x| x.min(b)));
+        ended = Some(ended.map_or(e, |x| x.max(e)));
+    }
+    let secs = match (began, ended) {
+        (Some(b), Some(e)) => (e - b).as_secs_f64(),
+        _ => bail!("reference 4 ran no client"),
+    };
+    settle(env).await?;
+    let rows = (per_client * batch * CLIENTS) as f64;
+    Ok(PgbenchResult {
+        rows_s: rows / secs,
+        latency_ms: secs * 1000.0 / per_client as f64,
+        server_us_per_row: (env.server_cpu_secs()? - cpu_before) * 1e6 / rows,
     })
 }
 
