@@ -356,11 +356,7 @@ pub(crate) async fn run(
         let owners = users();
         let clients = users();
         for (owner, client) in owners.iter().zip(&clients) {
-            sql.execute(
-                "insert into sync_clients (owner_id, client_id, last_seq) values ($1, $2, 0)",
-                &[owner, client],
-            )
-            .await?;
+            register_client(&sql, owner, client).await?;
         }
         let client = pick(&clients, "::uuid[]");
         // deeprecall_claim_seq locks the client's row, checks and advances its seq (sql/0003); the server calls it
@@ -389,10 +385,9 @@ pub(crate) async fn run(
     } else {
         None
     };
-    let server_statements = if has_clients {
-        Some(server_statements(env, batch, per_client).await?)
-    } else {
-        None
+    let server_statements = match server_sql {
+        Some(_) => Some(server_statements(env, batch, per_client).await?),
+        None => None,
     };
     Ok(WriteResult {
         rows: round_rows * ROUNDS,
@@ -411,6 +406,20 @@ pub(crate) async fn run(
         api_ledger,
         rounds,
     })
+}
+
+/// Creates `client`'s sequence row for `owner` (last seq 0), as the server does on a client's first batch.
+async fn register_client(
+    sql: &tokio_postgres::Client,
+    owner: &Uuid,
+    client: &Uuid,
+) -> anyhow::Result<()> {
+    sql.execute(
+        "insert into sync_clients (owner_id, client_id, last_seq) values ($1, $2, 0)",
+        &[owner, client],
+    )
+    .await?;
+    Ok(())
 }
 
 /// The server's statements on the sequence path for `batch` annotation inserts (server/src/db/mod.rs `run_scoped`,
@@ -446,11 +455,7 @@ async fn server_statements(
     for _ in 0..CLIENTS {
         let (user, client_id) = (Uuid::new_v4(), Uuid::new_v4());
         let sql = env.sql().await?;
-        sql.execute(
-            "insert into sync_clients (owner_id, client_id, last_seq) values ($1, $2, 0)",
-            &[&user, &client_id],
-        )
-        .await?;
+        register_client(&sql, &user, &client_id).await?;
         let transactions: Vec<Arrays> = (0..per_client)
             .map(|_| Arrays {
                 ids: (0..batch).map(|_| Uuid::new_v4()).collect(),
@@ -469,7 +474,6 @@ async fn server_statements(
             )?;
             let user = user.to_string();
             start.wait().await;
-            let began = Instant::now();
             let mut last_seq = 0i64;
             for t in &transactions {
                 let (first, last) = (last_seq + 1, last_seq + batch as i64);
@@ -495,23 +499,20 @@ async fn server_statements(
                 );
                 committed?;
             }
-            anyhow::Ok((began, Instant::now()))
+            anyhow::Ok(Instant::now())
         }));
     }
     start.wait().await;
+    let began = Instant::now();
     let cpu_before = env.server_cpu_secs()?;
-    let (mut began, mut ended): (Option<Instant>, Option<Instant>) = (None, None);
+    let mut ended = began;
     for t in tasks {
-        let (b, e) = tokio::time::timeout(Duration::from_secs(300), t)
+        let end = tokio::time::timeout(Duration::from_secs(300), t)
             .await
             .context("reference 4 took longer than 300 s")???;
-        began = Some(began.map_or(b, |x| x.min(b)));
-        ended = Some(ended.map_or(e, |x| x.max(e)));
+        ended = ended.max(end);
     }
-    let secs = match (began, ended) {
-        (Some(b), Some(e)) => (e - b).as_secs_f64(),
-        _ => bail!("reference 4 ran no client"),
-    };
+    let secs = (ended - began).as_secs_f64();
     settle(env).await?;
     let rows = (per_client * batch * CLIENTS) as f64;
     Ok(PgbenchResult {
