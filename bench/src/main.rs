@@ -1176,7 +1176,8 @@ hard one) before spawning the server, which inherits it. WebSocket clients conne
 ephemeral ports do not run out. Every wait is bounded; on any error the server is killed and the cluster stopped.
 
 - **Write path.** 4 clients, 4 users, each sending `POST /v1/batch` requests back to back (one keep-alive HTTP/1.1
-  connection per client) with N `insert` ops on `annotations` (client ids, 100-character `body`, `page`,
+  connection per client, hyper's bare client connection: a lean load generator, as pgbench is on the other side,
+  since every µs a client spends is taken from the cores the server and Postgres share) with N `insert` ops on `annotations` (client ids, 100-character `body`, `page`,
   `geometry` `{{\"x\":1}}`), with sequence idempotency on: each client sends its own `client_id` and numbers its ops
   `seq` 1, 2, 3, …; bodies are built before the clock starts; 2 warm-up requests per client are not counted.
   rows/s = rows / wall time of the slowest client; p50/p99 are per request. The API and plain pgbench alternate

@@ -141,23 +141,67 @@ fn request_body(batch: usize, sequence: Option<(Uuid, i64)>) -> Vec<u8> {
     s.into_bytes()
 }
 
-async fn post(http: &reqwest::Client, url: &str, token: &str, body: Vec<u8>) -> anyhow::Result<()> {
-    let r = http
-        .post(url)
-        .bearer_auth(token)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .context("POST /v1/batch")?;
-    let status = r.status();
-    if status != 200 {
-        let text = r.text().await.unwrap_or_default();
-        bail!("POST /v1/batch answered {status}: {text}");
+/// One client's keep-alive HTTP/1.1 connection to the server: hyper's client connection, no pool and no middleware.
+///
+/// Why not reqwest (as the other benchmarks use): the clients share the 2 cores with the server and Postgres, so
+/// whatever the load generator spends is taken from the side it measures. pgbench, on the other side, is a lean C
+/// client. reqwest (pool, redirect and decompression layers, one more task hand-off per request) cost ~0.8–1.1 µs of
+/// client CPU per row at batch 100, this connection ~0.4–0.6 µs (docs/decisions.md 30).
+struct Connection {
+    send: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    host: String,
+    authorization: String,
+}
+
+impl Connection {
+    /// Connects to `base` (`http://127.0.0.1:<port>`) as the bearer of `token`.
+    async fn open(base: &str, token: &str) -> anyhow::Result<Self> {
+        let addr = base
+            .strip_prefix("http://")
+            .context("base is not http://")?;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        tcp.set_nodelay(true)?;
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .context("HTTP/1.1 handshake")?;
+        // Drives the connection; ends when `send` is dropped or the server closes it.
+        tokio::spawn(conn);
+        Ok(Self {
+            send,
+            host: addr.to_owned(),
+            authorization: format!("Bearer {token}"),
+        })
     }
-    // Read the response fully, as a client would.
-    let _ = r.bytes().await?;
-    Ok(())
+
+    /// `POST /v1/batch` with `body`; the answer must be 200 and is read fully, as a client would.
+    async fn post(&mut self, body: Vec<u8>) -> anyhow::Result<()> {
+        use http_body_util::BodyExt;
+        let request = hyper::Request::post("/v1/batch")
+            .header("host", &self.host)
+            .header("authorization", &self.authorization)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+        let exchange = async {
+            self.send.ready().await?;
+            let response = self.send.send_request(request).await?;
+            let status = response.status();
+            let bytes = response.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(Duration::from_secs(60), exchange)
+            .await
+            .context("POST /v1/batch took longer than 60 s")?
+            .context("POST /v1/batch")?;
+        if status != 200 {
+            bail!(
+                "POST /v1/batch answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Waits until the server has decoded and routed everything written so far. The server decodes every write to a
@@ -191,12 +235,12 @@ async fn api_run(
     sequence: bool,
 ) -> anyhow::Result<(ApiResult, Vec<f64>)> {
     settle(env).await?;
-    let url = format!("{}/v1/batch", env.base());
+    let base = env.base();
     let start = Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
         let token = env.token(Uuid::new_v4());
-        let url = url.clone();
+        let base = base.clone();
         let start = start.clone();
         // Bodies are built before the clock starts.
         let client_id = Uuid::new_v4();
@@ -209,17 +253,15 @@ async fn api_run(
         let warmup: Vec<Vec<u8>> = (0..2).map(|_| body()).collect();
         let bodies: Vec<Vec<u8>> = (0..per_client).map(|_| body()).collect();
         tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()?;
+            let mut connection = Connection::open(&base, &token).await?;
             for body in warmup {
-                post(&http, &url, &token, body).await?;
+                connection.post(body).await?;
             }
             start.wait().await;
             let mut latencies = Vec::with_capacity(bodies.len());
             for body in bodies {
                 let t = Instant::now();
-                post(&http, &url, &token, body).await?;
+                connection.post(body).await?;
                 latencies.push(t.elapsed().as_secs_f64() * 1000.0);
             }
             anyhow::Ok((latencies, Instant::now()))
