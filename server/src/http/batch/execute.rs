@@ -154,9 +154,16 @@ async fn fast(
         .into_iter()
         .collect::<Result<Vec<_>, _>>()
         .map_err(db)?;
-    let mut op_ids: Vec<Uuid> = plan.ops.iter().map(|p| p.op_id).collect();
-    // Sorted: concurrent batches with the same op_ids take the ledger's index locks in the same order.
-    op_ids.sort_unstable();
+    // Ledger batches only (a sequence batch claims its seqs instead). Sorted: concurrent batches with the same
+    // op_ids take the ledger's index locks in the same order.
+    let op_ids: Vec<Uuid> = match plan.client_id {
+        Some(_) => Vec::new(),
+        None => {
+            let mut ids: Vec<Uuid> = plan.ops.iter().map(|p| p.op_id).collect();
+            ids.sort_unstable();
+            ids
+        }
+    };
     let (first, last) = (first.unwrap_or(0), last.unwrap_or(0));
     let claim_params: Vec<&(dyn ToSql + Sync)> = match plan.client_id {
         Some(ref client_id) => vec![client_id, &first, &last],

@@ -173,8 +173,11 @@ fn plan_one(
             &types[types.len() - 1].1
         }
     };
-    // (column index, value); a key sent twice keeps its last value.
-    let mut entries: Vec<(usize, Cell)> = Vec::with_capacity(op.row.len());
+    // Column indexes in table order (ops that write the same columns get the same list, whatever order their keys
+    // came in) and their values, kept sorted as they are filled: two vectors per op and no third to sort and split.
+    // A key sent twice keeps its last value.
+    let mut columns: Vec<usize> = Vec::with_capacity(op.row.len());
+    let mut cells: Vec<Cell> = Vec::with_capacity(op.row.len());
     for (name, raw) in &op.row {
         if SERVER_COLUMNS.contains(&name.as_ref()) {
             continue; // owner_id, created_at, updated_at: Postgres assigns them; a client's value is ignored.
@@ -203,21 +206,20 @@ fn plan_one(
                 format!("column `{name}` ({}): {}", column.type_name, e.message),
             )
         })?;
-        match entries.iter_mut().find(|(i, _)| *i == index) {
-            Some(entry) => entry.1 = cell,
-            None => entries.push((index, cell)),
+        match columns.binary_search(&index) {
+            Ok(at) => cells[at] = cell,
+            Err(at) => {
+                columns.insert(at, index);
+                cells.insert(at, cell);
+            }
         }
     }
-    // Table order: ops that write the same columns get the same list, whatever order their keys came in.
-    entries.sort_unstable_by_key(|(i, _)| *i);
     let id_index = table.columns.iter().position(|c| c.name == "id");
-    let id = entries
-        .iter()
-        .find(|(i, _)| Some(*i) == id_index)
-        .and_then(|(_, cell)| match cell {
-            Cell::Uuid(id) => Some(*id),
-            _ => None,
-        });
+    let id_at = id_index.and_then(|i| columns.binary_search(&i).ok());
+    let id = id_at.and_then(|at| match cells[at] {
+        Cell::Uuid(id) => Some(id),
+        _ => None,
+    });
     let kind_name = match op.kind {
         OpKind::Insert => "insert",
         OpKind::Upsert => "upsert",
@@ -230,14 +232,12 @@ fn plan_one(
             format!("`{kind_name}` needs `row.id`"),
         ));
     }
-    if op.kind == OpKind::Delete {
-        entries.retain(|(i, _)| Some(*i) == id_index);
-    }
-    let mut columns = Vec::with_capacity(entries.len());
-    let mut cells = Vec::with_capacity(entries.len());
-    for (index, cell) in entries {
-        columns.push(index);
-        cells.push(cell);
+    if op.kind == OpKind::Delete
+        && let Some(at) = id_at
+    {
+        // A delete binds the id alone (one without an id was refused above).
+        columns = vec![columns[at]];
+        cells = vec![cells.swap_remove(at)];
     }
     if op.kind == OpKind::Update && columns.len() < 2 {
         return Err(ApiError::unprocessable(
@@ -375,7 +375,8 @@ fn runs(plan: &[PlannedOp], fresh: impl Fn(usize) -> bool) -> Vec<Vec<usize>> {
         }
         if let Some((run, ids)) = runs.last_mut() {
             run.push(index);
-            if let Some(id) = op.id {
+            // Inserts never look ids up (see above): no hashing for the common case.
+            if let (Some(id), false) = (op.id, op.kind == OpKind::Insert) {
                 ids.insert(id);
             }
         }
@@ -592,6 +593,20 @@ mod tests {
         assert_eq!(op.cells[2], Cell::I32(2019));
         assert_eq!(op.cells[3], Cell::Text("{\"a\"}".into()));
         assert_eq!(op.cells[5], Cell::Text("12.5".into()));
+    }
+
+    #[test]
+    fn a_delete_keeps_only_its_id() {
+        let plan = planned(&[op(
+            "delete",
+            "works",
+            &format!(r#"{{"title":"x","id":"{A}","year":3}}"#),
+        )])
+        .unwrap();
+        let op = &plan.ops[0];
+        assert_eq!(op.columns, [0]);
+        assert_eq!(op.cells, [Cell::Uuid(A.parse().unwrap())]);
+        assert_eq!(op.id, Some(A.parse().unwrap()));
     }
 
     #[test]
