@@ -84,9 +84,9 @@ const ACTIVE: usize = 10;
 impl Sizes {
     fn full() -> Self {
         Self {
-            write: vec![(1, 10_000), (100, 250_000), (1000, 400_000)],
+            write: vec![(1, 18_000), (100, 450_000), (1000, 720_000)],
             recorded_ops: 1_000_000,
-            write_recorded: vec![(1, 10_000), (100, 250_000), (1000, 400_000)],
+            write_recorded: vec![(1, 18_000), (100, 450_000), (1000, 720_000)],
             flood_secs: 5.0,
             read_users: 1000,
             read_rows: 200_000,

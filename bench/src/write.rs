@@ -89,10 +89,12 @@ pub(crate) struct ApiResult {
 }
 
 /// Rounds of a batch size: the API and plain pgbench alternate (API first in even rounds, pgbench first in odd
-/// ones), each writing a fifth of the rows per round. Five rather than three: one round at batch 100 lasts a
-/// couple of seconds, and on a shared machine single rounds were seen to range from 0.77× to 0.94× within one run;
-/// the median of five is moved by two disturbed rounds, not by one.
-pub(crate) const ROUNDS: usize = 5;
+/// ones), each writing a ninth of the rows per round. Nine rather than five (and rows per side raised to match, so
+/// a round is as long as before): one round at batch 100 lasts about a second, and on this shared machine single
+/// rounds of one run ranged from 0.63× to 0.96× (2026-12-03), so the median of five moved by ±0.05 from run to run
+/// at the same code, the size of the gap the target asks about. The median of nine is moved by four disturbed
+/// rounds, not by three, and its spread shrinks by about a quarter.
+pub(crate) const ROUNDS: usize = 9;
 
 /// One reference's figures (pgbench, or reference 4's own client).
 #[derive(Debug, Clone, Copy)]
