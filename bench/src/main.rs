@@ -94,7 +94,10 @@ impl Sizes {
             probe_secs: 5.0,
             mid_idle: 990,
             big_idle: 10_000,
-            fanout_rows: 20_000,
+            // The server's CPU time comes from /proc in clock ticks (10 ms): at 20,000 rows (~20 ticks a side) the
+            // ratio of the two sides moved between 0.79x and 1.33x from run to run at the same code; at 100,000 a
+            // tick is ~1% of a side.
+            fanout_rows: 100_000,
             memory: vec![10_000, 50_000],
             snapshot_rows: 100_000,
         }
