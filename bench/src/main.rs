@@ -396,7 +396,7 @@ async fn write_phase(
         let r = write::run(env, batch, total, batch == 100).await?;
         rows.extend(write_rows(batch, &r, None));
         notes.push(format!(
-            "write batch {batch}: {} rows per side in {} rounds; API ÷ plain pgbench per round {}.",
+            "write batch {batch}: {} rows per side in {} rounds; API ÷ plain pgbench (÷ reference 5) per round {}.",
             r.rows,
             r.rounds.len(),
             round_ratios(&r)
@@ -416,7 +416,7 @@ async fn write_phase(
         let r = write::run(env, batch, total, batch == 100).await?;
         rows.extend(write_rows(batch, &r, Some(sizes.recorded_ops)));
         notes.push(format!(
-            "write batch {batch}, second sweep: API ÷ plain pgbench per round {}.",
+            "write batch {batch}, second sweep: API ÷ plain pgbench (÷ reference 5) per round {}.",
             round_ratios(&r)
         ));
         report.writes_after.push((batch, r));
@@ -424,11 +424,12 @@ async fn write_phase(
     Ok((rows, notes))
 }
 
-/// Each round's API ÷ plain pgbench, in the order the rounds ran.
+/// Each round's API ÷ plain pgbench (and ÷ reference 5, in brackets), in the order the rounds ran.
 fn round_ratios(r: &write::WriteResult) -> String {
     r.rounds
         .iter()
-        .map(|(api, pg)| format!("{:.2}×", api / pg))
+        .zip(&r.values_rounds)
+        .map(|((api, pg), values)| format!("{:.2}× ({:.2}×)", api / pg, api / values))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -478,6 +479,20 @@ fn write_rows(batch: usize, r: &write::WriteResult, recorded: Option<usize>) -> 
             ),
         )
         .ratio(r.api_rows_s / r.ledger.rows_s, "—", true),
+    );
+    let values = r.values_ratio();
+    rows.push(
+        Row::new(
+            format!("↳ reference 5, batch {batch}: pgbench sending the same rows, one multi-row `insert … values` per transaction (median of the rounds)"),
+            ours.clone(),
+            format!(
+                "{} (pgbench, values list, avg {:.1} ms; {:.2}× plain pgbench)",
+                fmt_rate(r.values_rows_s),
+                r.values_latency_ms,
+                r.values_rows_s / r.pg_rows_s
+            ),
+        )
+        .ratio(values, "—", true),
     );
     if let Some(sql) = r.server_sql {
         rows.push(
@@ -1097,10 +1112,10 @@ fn write_detail(report: &Report) -> String {
         s.push('\n');
     }
     s.push_str(
-        "Figures at batch 1 and 100 move by ±30% between runs on a shared machine (see the load averages). The API \
-         and plain pgbench alternate in rounds, so the per-round ratios show how much of that noise a single \
-         comparison carries; the references run once, right after the rounds of the same batch size, so compare \
-         them within a batch size.\n",
+        "Figures at batch 1 and 100 move by ±30% between runs on a shared machine (see the load averages). The API, \
+         plain pgbench and reference 5 take turns in rounds, so the per-round ratios show how much of that noise a \
+         single comparison carries; references 2-4 run once, right after the rounds of the same batch size, so \
+         compare them within a batch size.\n",
     );
     s
 }
@@ -1183,9 +1198,9 @@ ephemeral ports do not run out. Every wait is bounded; on any error the server i
   since every µs a client spends is taken from the cores the server and Postgres share) with N `insert` ops on `annotations` (client ids, 100-character `body`, `page`,
   `geometry` `{{\"x\":1}}`), with sequence idempotency on: each client sends its own `client_id` and numbers its ops
   `seq` 1, 2, 3, …; bodies are built before the clock starts; 2 warm-up requests per client are not counted.
-  rows/s = rows / wall time of the slowest client; p50/p99 are per request. The API and plain pgbench alternate
-  in {rounds} rounds, each side writing an equal share of the rows per round (API first, then pgbench first, and so
-  on); the target's ratio is the **median of the rounds' ratios** (drift of the shared machine
+  rows/s = rows / wall time of the slowest client; p50/p99 are per request. The API, plain pgbench and reference 5
+  (below) run one after another in each of {rounds} rounds, each side writing an equal share of the rows per round
+  and each going first, second and third in turn; the target's ratio is the **median of the rounds' ratios** (drift of the shared machine
   between rounds cancels; one disturbed round cannot decide it), rows/s over all rounds are rows ÷ seconds.
   Postgres side: `pgbench -n -c 4 -j 2`
   with a script of `begin; select set_config('role','deeprecall_user',true), set_config('app.user_id', <user of
@@ -1194,7 +1209,11 @@ ephemeral ports do not run out. Every wait is bounded; on any error the server i
   p50/p99 are per transaction, from pgbench's per-transaction log (`-l`), pooled over the rounds as the API's are. Every side
   (the API and each pgbench reference) writes as 4 fresh users of its own, so each starts from empty per-owner
   ranges of the `(owner_id, …)` indexes. This is the target's reference (≥ 0.8× at 100 and 1000 ops, ≥ 0.7× at 1).
-  Two more pgbench references, same clients, role and RLS: **reference 2** (\"pgbench + per-op ledger\") adds the
+  It does not send its rows: Postgres makes them from one literal. **Reference 5** (\"values list\") is pgbench
+  sending the same rows with the statement, as a client that has rows to write must, one multi-row `insert …
+  values (gen_random_uuid(), 'note', <body>, 1, '{{\"x\":1}}'), (…), …` of N rows per transaction (ids still made
+  by Postgres: a pgbench script is the same text every time), same head, role and RLS; it runs in every round, and
+  its ratio is the median of the rounds' API ÷ reference 5. More pgbench references, same clients, role and RLS: **reference 2** (\"pgbench + per-op ledger\") adds the
   ledger statement that batches *without* `client_id` run, `insert into sync_applied_ops (op_id) select u from
   (select gen_random_uuid() as u from generate_series(1, N)) as ids order by u on conflict do nothing returning
   op_id` (sorted, as the server sorts its op_ids); **reference 3** (\"server's SQL\") runs exactly the statements
@@ -1209,7 +1228,7 @@ ephemeral ports do not run out. Every wait is bounded; on any error the server i
   server's own statements with the server's binary array parameters, the whole transaction in one pipelined round
   trip (parameters built before the clock starts, as the API's bodies are). Reference 4 ÷ plain pgbench is the
   ceiling of the design inside Postgres; the API ÷ reference 4 is what the HTTP server process and its JSON
-  clients cost on the shared cores. The references run once per batch size, after its rounds, with one round's
+  clients cost on the shared cores. References 2-4 run once per batch size, after its rounds, with one round's
   rows. At batch 100 the API is also measured without `client_id` (the per-op ledger path). Then
   {recorded} ops are recorded (ledger rows spread over 1000 owners, applied over the last day, plus a
   `sync_clients` row per owner; one SQL statement, then `vacuum analyze`) and the sweep runs a second time
