@@ -110,11 +110,11 @@ pub(crate) struct ApiResult {
 }
 
 /// Rounds of a batch size: the API, plain pgbench and reference 5 run one after the other in each round, each
-/// going first, second and third in turn, each writing a ninth of the rows per round. Nine rather than five (and rows per side raised to match, so
-/// a round is as long as before): one round at batch 100 lasts about a second, and on this shared machine single
-/// rounds of one run ranged from 0.63× to 0.96× (2026-12-03), so the median of five moved by ±0.05 from run to run
-/// at the same code, the size of the gap the target asks about. The median of nine is moved by four disturbed
-/// rounds, not by three, and its spread shrinks by about a quarter.
+/// going first, second and third in turn, each writing a ninth of the rows per round. Nine rather than five (and
+/// rows per side raised to match, so a round is as long as before): one round at batch 100 lasts about a second,
+/// and on this shared machine single rounds of one run ranged from 0.63× to 0.96× (2026-12-03), so the median of
+/// five moved by ±0.05 from run to run, the size of the gap the target asks about. The median of nine is moved by
+/// four disturbed rounds, not by three, and its spread shrinks by about a quarter (docs/decisions.md 30).
 pub(crate) const ROUNDS: usize = 9;
 
 /// One reference's figures (pgbench, or reference 4's own client).
