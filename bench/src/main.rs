@@ -1214,9 +1214,9 @@ ephemeral ports do not run out. Every wait is bounded; on any error the server i
   values (gen_random_uuid(), 'note', <body>, 1, '{{\"x\":1}}'), (…), …` of N rows per transaction (ids still made
   by Postgres: a pgbench script is the same text every time), same head, role and RLS; it runs in every round, and
   its ratio is the median of the rounds' API ÷ reference 5. More pgbench references, same clients, role and RLS:
-  **reference 2** (\"pgbench + per-op ledger\") adds the ledger statement that batches *without* `client_id` run, `insert into sync_applied_ops (op_id) select u from
-  (select gen_random_uuid() as u from generate_series(1, N)) as ids order by u on conflict do nothing returning
-  op_id` (sorted, as the server sorts its op_ids); **reference 3** (\"server's SQL\") runs exactly the statements
+  **reference 2** (\"pgbench + per-op ledger\") adds the ledger statement that batches *without* `client_id` run,
+  `insert into sync_applied_ops (op_id) select u from (select gen_random_uuid() as u from generate_series(1, N)) as
+  ids order by u on conflict do nothing returning op_id` (sorted, as the server sorts its op_ids); **reference 3** (\"server's SQL\") runs exactly the statements
   the server sends on the sequence path: `select deeprecall_claim_seq(c.client_id, c.last_seq + 1, c.last_seq +
   N) from sync_clients c where c.client_id = …` (the function locks the client's row, checks the seq and advances
   it; the server passes the batch's first and last seq) and the server's set statement `insert into annotations (id,
