@@ -428,8 +428,7 @@ async fn write_phase(
 fn round_ratios(r: &write::WriteResult) -> String {
     r.rounds
         .iter()
-        .zip(&r.values_rounds)
-        .map(|((api, pg), values)| format!("{:.2}× ({:.2}×)", api / pg, api / values))
+        .map(|r| format!("{:.2}× ({:.2}×)", r.api / r.plain, r.api / r.values))
         .collect::<Vec<_>>()
         .join(", ")
 }

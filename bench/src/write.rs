@@ -55,15 +55,24 @@ pub(crate) struct WriteResult {
     pub(crate) server_statements: Option<PgbenchResult>,
     /// The API without `client_id` (per-op ledger), when measured for this batch size.
     pub(crate) api_ledger: Option<ApiResult>,
-    /// Each round's (API rows/s, plain pgbench rows/s), in the order they ran.
-    pub(crate) rounds: Vec<(f64, f64)>,
-    /// Reference 5: pgbench sending the same rows as one multi-row `insert … values (…), (…)` per transaction,
-    /// run in every round next to the other two sides; each round's rows/s.
-    pub(crate) values_rounds: Vec<f64>,
-    /// Reference 5's rows/s over all rounds.
+    /// Each round's rows/s per side, in the order the rounds ran.
+    pub(crate) rounds: Vec<Round>,
+    /// Reference 5 (pgbench sending the same rows as one multi-row `insert … values (…), (…)` per transaction,
+    /// run in every round next to the other two sides): rows/s over all rounds.
     pub(crate) values_rows_s: f64,
     /// Reference 5's average transaction latency over the rounds, ms.
     pub(crate) values_latency_ms: f64,
+}
+
+/// One round's rows/s per side.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Round {
+    /// The API.
+    pub(crate) api: f64,
+    /// Plain pgbench (the target's reference).
+    pub(crate) plain: f64,
+    /// Reference 5 (the same rows as a `values` list).
+    pub(crate) values: f64,
 }
 
 impl WriteResult {
@@ -71,19 +80,19 @@ impl WriteResult {
     /// back to back, so drift of the shared machine between rounds cancels, and one disturbed round cannot move
     /// the median.
     pub(crate) fn ratio(&self) -> f64 {
-        median(self.rounds.iter().map(|(api, pg)| api / pg).collect())
+        median(self.rounds.iter().map(|r| r.api / r.plain).collect())
     }
 
     /// The median of the rounds' API ÷ reference 5, as [`Self::ratio`] is for plain pgbench.
     pub(crate) fn values_ratio(&self) -> f64 {
-        median(
-            self.rounds
-                .iter()
-                .zip(&self.values_rounds)
-                .map(|((api, _), values)| api / values)
-                .collect(),
-        )
+        median(self.rounds.iter().map(|r| r.api / r.values).collect())
     }
+}
+
+/// Rows/s over rounds that each wrote the same rows: rows ÷ total seconds, i.e. the harmonic mean of the rates.
+fn overall(rates: impl ExactSizeIterator<Item = f64>) -> f64 {
+    let n = rates.len() as f64;
+    n / rates.map(|r| 1.0 / r).sum::<f64>()
 }
 
 fn median(mut ratios: Vec<f64>) -> f64 {
@@ -290,23 +299,9 @@ async fn api_run(
             anyhow::Ok((latencies, Instant::now()))
         }));
     }
-    start.wait().await;
-    let began = Instant::now();
-    let cpu_before = env.server_cpu_secs()?;
-    let mut latencies = Vec::new();
-    let mut ended = began;
-    for t in tasks {
-        let (l, end) = tokio::time::timeout(Duration::from_secs(300), t)
-            .await
-            .context("API write clients took longer than 300 s")???;
-        latencies.extend(l);
-        ended = ended.max(end);
-    }
-    let secs = (ended - began).as_secs_f64();
+    let (outputs, secs, cpu) = timed(env, &start, tasks, "API write clients").await?;
+    let mut latencies: Vec<f64> = outputs.into_iter().flatten().collect();
     let rows = (per_client * batch * CLIENTS) as f64;
-    // The server finishes routing its rows after the last answer: count that too.
-    settle(env).await?;
-    let cpu = env.server_cpu_secs()? - cpu_before;
     let (p50, _, p99) = stats::summary(&mut latencies);
     Ok((
         ApiResult {
@@ -317,6 +312,35 @@ async fn api_run(
         },
         latencies,
     ))
+}
+
+/// A benchmark client: waits at the start barrier, then ends with its output and the instant it finished.
+type ClientTask<T> = tokio::task::JoinHandle<anyhow::Result<(T, Instant)>>;
+
+/// Starts the clock once every client waits at `start`, then waits (at most 300 s) for them and for the server to
+/// route their rows. Returns the outputs, the seconds until the slowest client finished, and the server's CPU seconds
+/// over that time plus routing (the server finishes routing its rows after the last answer: that counts too).
+async fn timed<T>(
+    env: &Env,
+    start: &tokio::sync::Barrier,
+    tasks: Vec<ClientTask<T>>,
+    what: &str,
+) -> anyhow::Result<(Vec<T>, f64, f64)> {
+    start.wait().await;
+    let began = Instant::now();
+    let cpu_before = env.server_cpu_secs()?;
+    let mut outputs = Vec::with_capacity(tasks.len());
+    let mut ended = began;
+    for t in tasks {
+        let (output, end) = tokio::time::timeout(Duration::from_secs(300), t)
+            .await
+            .with_context(|| format!("{what} took longer than 300 s"))???;
+        outputs.push(output);
+        ended = ended.max(end);
+    }
+    let secs = (ended - began).as_secs_f64();
+    settle(env).await?;
+    Ok((outputs, secs, env.server_cpu_secs()? - cpu_before))
 }
 
 /// Runs one batch size on both sides: `total_rows` rows each, in [`ROUNDS`] interleaved rounds. With
@@ -363,7 +387,6 @@ pub(crate) async fn run(
 
     // --- the target: the API (sequence idempotency) and plain pgbench, alternating, with reference 5 ---
     let mut rounds = Vec::with_capacity(ROUNDS);
-    let mut values_rounds = Vec::with_capacity(ROUNDS);
     let mut latencies = Vec::new();
     let mut pg_latencies = Vec::new();
     let mut api_cpu = 0.0;
@@ -376,37 +399,41 @@ pub(crate) async fn run(
         let name = format!("insert-{batch}-{round}");
         let values_name = format!("insert-values-{batch}-{round}");
         // Each side goes first, second and third in turn.
-        let (mut api, mut plain, mut values) = (None, None, None);
+        let mut rates = Round {
+            api: 0.0,
+            plain: 0.0,
+            values: 0.0,
+        };
         for side in 0..3 {
             match (round + side) % 3 {
-                0 => api = Some(api_run(env, batch, per_client, true).await?),
-                1 => plain = Some(pgbench(env, &script, &name, batch, per_client).await?),
+                0 => {
+                    let (api, api_latencies) = api_run(env, batch, per_client, true).await?;
+                    latencies.extend(api_latencies);
+                    api_cpu += api.server_us_per_row / ROUNDS as f64;
+                    rates.api = api.rows_s;
+                }
+                1 => {
+                    let (plain, plain_latencies) =
+                        pgbench(env, &script, &name, batch, per_client).await?;
+                    pg_latencies.extend(plain_latencies);
+                    plain_cpu += plain.server_us_per_row / ROUNDS as f64;
+                    plain_latency += plain.latency_ms / ROUNDS as f64;
+                    rates.plain = plain.rows_s;
+                }
                 _ => {
-                    values =
-                        Some(pgbench(env, &values_script, &values_name, batch, per_client).await?)
+                    let (values, _) =
+                        pgbench(env, &values_script, &values_name, batch, per_client).await?;
+                    values_latency += values.latency_ms / ROUNDS as f64;
+                    rates.values = values.rows_s;
                 }
             }
         }
-        let (Some((api, api_latencies)), Some((plain, plain_latencies)), Some((values, _))) =
-            (api, plain, values)
-        else {
-            bail!("a side of write round {round} did not run");
-        };
-        latencies.extend(api_latencies);
-        pg_latencies.extend(plain_latencies);
-        api_cpu += api.server_us_per_row / ROUNDS as f64;
-        plain_cpu += plain.server_us_per_row / ROUNDS as f64;
-        plain_latency += plain.latency_ms / ROUNDS as f64;
-        values_latency += values.latency_ms / ROUNDS as f64;
-        rounds.push((api.rows_s, plain.rows_s));
-        values_rounds.push(values.rows_s);
+        rounds.push(rates);
     }
     // Over all rounds: rows ÷ seconds (every round writes the same rows), latencies pooled.
-    let overall = |rate: fn(&(f64, f64)) -> f64| {
-        ROUNDS as f64 / rounds.iter().map(|r| 1.0 / rate(r)).sum::<f64>()
-    };
-    let (api_rows_s, pg_rows_s) = (overall(|r| r.0), overall(|r| r.1));
-    let values_rows_s = ROUNDS as f64 / values_rounds.iter().map(|r| 1.0 / r).sum::<f64>();
+    let api_rows_s = overall(rounds.iter().map(|r| r.api));
+    let pg_rows_s = overall(rounds.iter().map(|r| r.plain));
+    let values_rows_s = overall(rounds.iter().map(|r| r.values));
     let (api_p50, _, api_p99) = stats::summary(&mut latencies);
     let (pg_p50, _, pg_p99) = stats::summary(&mut pg_latencies);
 
@@ -493,7 +520,6 @@ pub(crate) async fn run(
         server_statements,
         api_ledger,
         rounds,
-        values_rounds,
         values_rows_s,
         values_latency_ms: values_latency,
     })
@@ -590,26 +616,15 @@ async fn server_statements(
                 );
                 committed?;
             }
-            anyhow::Ok(Instant::now())
+            anyhow::Ok(((), Instant::now()))
         }));
     }
-    start.wait().await;
-    let began = Instant::now();
-    let cpu_before = env.server_cpu_secs()?;
-    let mut ended = began;
-    for t in tasks {
-        let end = tokio::time::timeout(Duration::from_secs(300), t)
-            .await
-            .context("reference 4 took longer than 300 s")???;
-        ended = ended.max(end);
-    }
-    let secs = (ended - began).as_secs_f64();
-    settle(env).await?;
+    let (_, secs, cpu) = timed(env, &start, tasks, "reference 4").await?;
     let rows = (per_client * batch * CLIENTS) as f64;
     Ok(PgbenchResult {
         rows_s: rows / secs,
         latency_ms: secs * 1000.0 / per_client as f64,
-        server_us_per_row: (env.server_cpu_secs()? - cpu_before) * 1e6 / rows,
+        server_us_per_row: cpu * 1e6 / rows,
     })
 }
 

@@ -154,15 +154,10 @@ async fn fast(
         .into_iter()
         .collect::<Result<Vec<_>, _>>()
         .map_err(db)?;
-    // Ledger batches only (a sequence batch claims its seqs instead). Sorted: concurrent batches with the same
-    // op_ids take the ledger's index locks in the same order.
+    // Ledger batches only (a sequence batch claims its seqs instead).
     let op_ids: Vec<Uuid> = match plan.client_id {
         Some(_) => Vec::new(),
-        None => {
-            let mut ids: Vec<Uuid> = plan.ops.iter().map(|p| p.op_id).collect();
-            ids.sort_unstable();
-            ids
-        }
+        None => sorted_op_ids(plan),
     };
     let (first, last) = (first.unwrap_or(0), last.unwrap_or(0));
     let claim_params: Vec<&(dyn ToSql + Sync)> = match plan.client_id {
@@ -268,8 +263,7 @@ async fn begin<'c>(
             // same op_ids in different orders (a re-batched retry racing the original) would otherwise deadlock.
             // A concurrent request with the same op_id blocks on the unique index until the first commits, then
             // sees the conflict.
-            let mut op_ids: Vec<Uuid> = plan.ops.iter().map(|p| p.op_id).collect();
-            op_ids.sort_unstable();
+            let op_ids = sorted_op_ids(plan);
             let params: [&(dyn ToSql + Sync); 1] = [&op_ids];
             let session = begin_scoped(client, &scope, &[(&ledger, &params)])
                 .await
@@ -338,6 +332,14 @@ async fn begin<'c>(
             })
         }
     }
+}
+
+/// The batch's op_ids in ascending order, as the ledger statements take them: every request then takes the ledger's
+/// index locks in the same order (see `begin`).
+fn sorted_op_ids(plan: &Plan) -> Vec<Uuid> {
+    let mut ids: Vec<Uuid> = plan.ops.iter().map(|p| p.op_id).collect();
+    ids.sort_unstable();
+    ids
 }
 
 /// The client's new last seq, when this batch moves it forward.

@@ -236,8 +236,10 @@ fn plan_one(
         && let Some(at) = id_at
     {
         // A delete binds the id alone (one without an id was refused above).
-        columns = vec![columns[at]];
-        cells = vec![cells.swap_remove(at)];
+        columns.swap(0, at);
+        columns.truncate(1);
+        cells.swap(0, at);
+        cells.truncate(1);
     }
     if op.kind == OpKind::Update && columns.len() < 2 {
         return Err(ApiError::unprocessable(
