@@ -80,27 +80,12 @@ impl WriteResult {
     /// back to back, so drift of the shared machine between rounds cancels, and one disturbed round cannot move
     /// the median.
     pub(crate) fn ratio(&self) -> f64 {
-        median(self.rounds.iter().map(|r| r.api / r.plain).collect())
+        stats::median(self.rounds.iter().map(|r| r.api / r.plain).collect())
     }
 
     /// The median of the rounds' API ÷ reference 5, as [`Self::ratio`] is for plain pgbench.
     pub(crate) fn values_ratio(&self) -> f64 {
-        median(self.rounds.iter().map(|r| r.api / r.values).collect())
-    }
-}
-
-/// Rows/s over rounds that each wrote the same rows: rows ÷ total seconds, i.e. the harmonic mean of the rates.
-fn overall(rates: impl ExactSizeIterator<Item = f64>) -> f64 {
-    let n = rates.len() as f64;
-    n / rates.map(|r| 1.0 / r).sum::<f64>()
-}
-
-fn median(mut ratios: Vec<f64>) -> f64 {
-    ratios.sort_by(f64::total_cmp);
-    match ratios.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => ratios[n / 2],
-        n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
+        stats::median(self.rounds.iter().map(|r| r.api / r.values).collect())
     }
 }
 
@@ -430,10 +415,11 @@ pub(crate) async fn run(
         }
         rounds.push(rates);
     }
-    // Over all rounds: rows ÷ seconds (every round writes the same rows), latencies pooled.
-    let api_rows_s = overall(rounds.iter().map(|r| r.api));
-    let pg_rows_s = overall(rounds.iter().map(|r| r.plain));
-    let values_rows_s = overall(rounds.iter().map(|r| r.values));
+    // Over all rounds: rows ÷ seconds, the harmonic mean of the rates as every round writes the same rows; latencies
+    // pooled.
+    let api_rows_s = stats::harmonic_mean(rounds.iter().map(|r| r.api));
+    let pg_rows_s = stats::harmonic_mean(rounds.iter().map(|r| r.plain));
+    let values_rows_s = stats::harmonic_mean(rounds.iter().map(|r| r.values));
     let (api_p50, _, api_p99) = stats::summary(&mut latencies);
     let (pg_p50, _, pg_p99) = stats::summary(&mut pg_latencies);
 

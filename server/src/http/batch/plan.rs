@@ -378,7 +378,9 @@ fn runs(plan: &[PlannedOp], fresh: impl Fn(usize) -> bool) -> Vec<Vec<usize>> {
         if let Some((run, ids)) = runs.last_mut() {
             run.push(index);
             // Inserts never look ids up (see above): no hashing for the common case.
-            if let (Some(id), false) = (op.id, op.kind == OpKind::Insert) {
+            if op.kind != OpKind::Insert
+                && let Some(id) = op.id
+            {
                 ids.insert(id);
             }
         }
