@@ -517,7 +517,10 @@ mod tests {
         // Another token of the same user, or the cached one altered, is checked on its own.
         let mut forged = long.clone();
         forged.pop();
-        forged.push(if long.ends_with('A') { 'B' } else { 'A' });
+        // The last of an HS256 signature's 43 base64url characters carries 4 bits and two zero bits: 'A' (000000) and
+        // 'E' (000100) both keep those zero, so the signature still decodes and is merely wrong. ('B' did not: the
+        // test failed as "malformed" whenever the signature happened to end in 'A', one run in sixteen.)
+        forged.push(if long.ends_with('A') { 'E' } else { 'A' });
         assert_eq!(c.verify_at(&forged, now), Err(AuthError::InvalidSignature));
         assert!(until(&forged).is_none());
         // Past the entry's end it is verified again (here: still valid on the real clock) and kept anew.
