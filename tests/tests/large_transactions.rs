@@ -46,6 +46,15 @@ async fn until_complete(client: &mut StreamClient) -> Value {
         .await
 }
 
+/// A live subscriber of `owner`'s works on a connection of its own: once it has received a transaction, the server
+/// has routed it, so a resume from before it is answered from what the server has seen, not raced against it.
+async fn live_watcher(env: &TestEnv, owner: Uuid) -> StreamClient {
+    let mut watcher = StreamClient::connect(&env.base, &env.token(owner)).await;
+    watcher.subscribe("works", "works", json!(null)).await;
+    watcher.up_to_date("works").await;
+    watcher
+}
+
 #[tokio::test]
 async fn a_large_transaction_arrives_in_parts_each_change_once_and_converges() {
     let env = env().await;
@@ -140,8 +149,9 @@ async fn an_offset_from_before_a_large_transaction_refetches_and_converges() {
         .unwrap()
         .to_owned();
     a.close().await;
+    let mut watcher = live_watcher(&env, alice).await;
     big_insert(&env, alice, Uuid::new_v4(), 600).await;
-    // An ordinary one after it, so the stream has certainly passed the large one.
+    // An ordinary one after it, so the stream has certainly passed the large one once the watcher has it.
     env.batch(
         alice,
         json!([insert(
@@ -150,7 +160,11 @@ async fn an_offset_from_before_a_large_transaction_refetches_and_converges() {
         )]),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    watcher
+        .until(T, |v| {
+            v["type"] == "txn" && v["changes"][0]["row"]["title"] == "later"
+        })
+        .await;
 
     let mut again = StreamClient::connect(&env.base, &env.token(alice)).await;
     again.resume("works", "works", json!(null), &offset).await;
@@ -194,8 +208,9 @@ async fn a_shape_touched_by_a_large_transaction_refetches() {
         .unwrap()
         .to_owned();
     let _ = first.text().await;
+    let mut watcher = live_watcher(&env, alice).await;
     big_insert(&env, alice, Uuid::new_v4(), 600).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_complete(&mut watcher).await;
     let resumed = env
         .http
         .get(url(&format!("offset={offset}&handle={handle}")))
