@@ -46,25 +46,22 @@ async fn until_complete(client: &mut StreamClient) -> Value {
         .await
 }
 
-/// A live subscriber of `owner`'s works on a connection of its own: once it has received a transaction, the server
-/// has routed it, so a resume from before it is answered from what the server has seen, not raced against it.
-async fn live_watcher(env: &TestEnv, owner: Uuid) -> StreamClient {
-    let mut watcher = StreamClient::connect(&env.base, &env.token(owner)).await;
-    watcher.subscribe("works", "works", json!(null)).await;
-    watcher.up_to_date("works").await;
-    watcher
+/// A connection of `owner`'s, subscribed to works (subscription id "works") and up to date. Once it has received a
+/// transaction, the server has routed it: a resume from before it is answered from what the server has seen, not
+/// raced against it.
+async fn subscribed(env: &TestEnv, owner: Uuid) -> StreamClient {
+    let mut client = StreamClient::connect(&env.base, &env.token(owner)).await;
+    client.subscribe("works", "works", json!(null)).await;
+    client.up_to_date("works").await;
+    client
 }
 
 #[tokio::test]
 async fn a_large_transaction_arrives_in_parts_each_change_once_and_converges() {
     let env = env().await;
     let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-    let mut a = StreamClient::connect(&env.base, &env.token(alice)).await;
-    let mut b = StreamClient::connect(&env.base, &env.token(bob)).await;
-    for c in [&mut a, &mut b] {
-        c.subscribe("works", "works", json!(null)).await;
-        c.up_to_date("works").await;
-    }
+    let mut a = subscribed(&env, alice).await;
+    let mut b = subscribed(&env, bob).await;
     let before = a.frames.len();
     big_insert(&env, alice, bob, 1500).await;
     let last = until_complete(&mut a).await;
@@ -142,16 +139,11 @@ async fn a_large_transaction_arrives_in_parts_each_change_once_and_converges() {
 async fn an_offset_from_before_a_large_transaction_refetches_and_converges() {
     let env = env().await;
     let alice = Uuid::new_v4();
-    let mut a = StreamClient::connect(&env.base, &env.token(alice)).await;
-    a.subscribe("works", "works", json!(null)).await;
-    let offset = a.up_to_date("works").await["offset"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    a.close().await;
-    let mut watcher = live_watcher(&env, alice).await;
+    // `a` stays live: the resume below, from its offset, is made on a new connection.
+    let mut a = subscribed(&env, alice).await;
+    let offset = a.offsets["works"].clone();
     big_insert(&env, alice, Uuid::new_v4(), 600).await;
-    // An ordinary one after it, so the stream has certainly passed the large one once the watcher has it.
+    // An ordinary one after it, so the stream has certainly passed the large one once `a` has it.
     env.batch(
         alice,
         json!([insert(
@@ -160,11 +152,10 @@ async fn an_offset_from_before_a_large_transaction_refetches_and_converges() {
         )]),
     )
     .await;
-    watcher
-        .until(T, |v| {
-            v["type"] == "txn" && v["changes"][0]["row"]["title"] == "later"
-        })
-        .await;
+    a.until(T, |v| {
+        v["type"] == "txn" && v["changes"][0]["row"]["title"] == "later"
+    })
+    .await;
 
     let mut again = StreamClient::connect(&env.base, &env.token(alice)).await;
     again.resume("works", "works", json!(null), &offset).await;
@@ -208,7 +199,7 @@ async fn a_shape_touched_by_a_large_transaction_refetches() {
         .unwrap()
         .to_owned();
     let _ = first.text().await;
-    let mut watcher = live_watcher(&env, alice).await;
+    let mut watcher = subscribed(&env, alice).await;
     big_insert(&env, alice, Uuid::new_v4(), 600).await;
     until_complete(&mut watcher).await;
     let resumed = env
@@ -237,9 +228,7 @@ async fn a_client_that_does_not_read_is_cut_off_by_queued_bytes_not_by_count() {
     )
     .await;
     let alice = Uuid::new_v4();
-    let mut slow = StreamClient::connect(&env.base, &env.token(alice)).await;
-    slow.subscribe("works", "works", json!(null)).await;
-    slow.up_to_date("works").await;
+    let mut slow = subscribed(&env, alice).await;
     // Not reading now. Transactions of ~300 kB each fill the socket buffers, then overflow a 64 kB queue long
     // before 1024 of them would.
     let title = "x".repeat(300_000);
