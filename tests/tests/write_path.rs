@@ -1156,4 +1156,10 @@ async fn the_session_function_sets_role_and_user_for_one_transaction() {
         .await,
         1
     );
+    // The txid is the committed row's (a fresh cluster: xid and xid8 agree).
+    let row = db
+        .query_one("select xmin::text from works where owner_id = $1", &[&user])
+        .await
+        .unwrap();
+    assert_eq!(trip.txid.as_deref(), Some(row.get::<_, &str>(0)));
 }
