@@ -22,6 +22,18 @@ async fn catch_up(env: &TestEnv, f: &mut Follower, pred: impl Fn(&Follower) -> b
     panic!("did not converge: {:?}", f.log.by_id());
 }
 
+/// Waits (at most ~10 s) until a live request of `owner` is registered with the server's hub: a long-poll that the
+/// server holds. Writing, truncating or stopping the server before then would test something else.
+async fn until_held(env: &TestEnv, owner: Uuid) {
+    for _ in 0..1000 {
+        if env.state.hub.user_connections(owner) > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no live request of {owner} is held");
+}
+
 #[tokio::test]
 async fn catch_up_from_an_offset_is_exact_and_resumable() {
     let env = TestEnv::start().await;
@@ -120,7 +132,7 @@ async fn live_requests_hold_answer_at_once_and_cursors_increase() {
             (r, f)
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_held(&env, alice).await;
     let (s, b) = env
         .batch(
             alice,
@@ -257,7 +269,7 @@ async fn truncate_and_column_changes_answer_409() {
             (f.poll(&http, true).await, t.elapsed())
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_held(&env, alice).await;
     env.superuser()
         .await
         .batch_execute("truncate works cascade")
@@ -418,7 +430,7 @@ async fn handles_survive_a_graceful_restart() {
             (r, f)
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_held(&env, alice).await;
     env.stop_server().await;
     let (r, held_f) = held.await.unwrap();
     assert_eq!(r.status, 200, "{r:?}");
