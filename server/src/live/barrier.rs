@@ -120,8 +120,12 @@ async fn emit(
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        // The commit must reach the WAL (and so the walsender) now, whatever the server's default.
-        fresh.batch_execute("set synchronous_commit = on").await?;
+        // The commit must reach the WAL (and so the walsender) now, whatever the server's default; `local`, not
+        // `on`: waiting for a synchronous standby as well would only delay the barrier (the walsender streams
+        // what is flushed locally).
+        fresh
+            .batch_execute("set synchronous_commit = local")
+            .await?;
         *conn = Some(fresh);
     }
     let Some(client) = conn.as_ref() else {

@@ -7,6 +7,13 @@
 //! T's (64-bit) xid (visible = `x < xmin`, or `x < xmax` and not in xip).
 //!
 //! `pg_current_wal_insert_lsn()` rather than `pg_current_wal_lsn()`: the latter can lag an asynchronous commit.
+//!
+//! **Streamed before it was visible.** "Not seen by S" does not imply "published after the subscription started
+//! buffering": Postgres flushes a commit record (which the walsender may stream at once) before it removes the
+//! transaction from its running list, so a snapshot taken in between does not see a transaction the connection
+//! may already have delivered to its other subscriptions. The job therefore also asks the hub for the user's
+//! published transactions S did not see ([`Hub::published_among`](super::hub::Hub::published_among)); the
+//! subscription delivers those it did not buffer (docs/decisions.md 32).
 
 use super::routing::UserTxn;
 

@@ -13,13 +13,14 @@
 //! past the position it copied up to). The router never waits on a client: a full queue marks the connection
 //! lagging and it is closed with the "resume" code.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 use uuid::Uuid;
 
+use super::handoff::PgSnapshot;
 use super::job::JobReport;
 use super::offset::Offset;
 use super::routing::{Routed, UserTxn};
@@ -233,7 +234,18 @@ struct Inner {
     /// The transaction coming in parts right now (its commit LSN) and the owners its parts reached so far: each
     /// of them gets its last part, even an empty one, to close it.
     split: Option<(u64, std::collections::HashSet<Uuid>)>,
+    /// Recently published transactions that touched some user, as `xid -> end LSN`; at most [`RECENT_XIDS`],
+    /// the oldest (in `recent_order`) dropped first. The snapshot handoff's look-back ([`Hub::published_among`]).
+    recent: BTreeMap<u64, u64>,
+    recent_order: VecDeque<u64>,
 }
+
+/// How many recently published transactions [`Hub::published_among`] can find. A transaction is looked for there
+/// when a snapshot saw it in progress although its commit had already been streamed: its backend was between
+/// writing its commit record and leaving Postgres's list of running transactions. That window is microseconds
+/// long unless the backend is descheduled; to escape this look-back, 65,536 other transactions would have to be
+/// published while it lasts (docs/decisions.md 32). 16 bytes an entry plus the map's overhead: about 3 MB.
+pub const RECENT_XIDS: usize = 65_536;
 
 /// The hub. Cheap to share (`Arc<Hub>`).
 #[derive(Debug)]
@@ -300,6 +312,8 @@ impl Hub {
                 next_id: 0,
                 stream: StreamState::Starting,
                 split: None,
+                recent: BTreeMap::new(),
+                recent_order: VecDeque::new(),
             }),
             config,
             position_tx,
@@ -497,6 +511,9 @@ impl Hub {
                 }
                 inner.split = None;
             }
+        }
+        if last && !routed.per_owner.is_empty() {
+            remember_xid(&mut inner, routed.xid, end_lsn);
         }
         for mut txn in routed.per_owner {
             txn.generation = generation;
@@ -715,6 +732,49 @@ impl Hub {
         Ok((txns, inner.position))
     }
 
+    /// The snapshot handoff's look-back (handoff.rs, "Streamed before it was visible"): `owner`'s transactions
+    /// that `snapshot` did not see (in progress, or at or past its `xmax`) and that were published at or before
+    /// `upto` (the snapshot's barrier), oldest first. Called as soon as the barrier is back, so the range past
+    /// `xmax` holds little more than what committed between the snapshot and its barrier.
+    ///
+    /// A subscription that started buffering after one of them was published holds it neither in its rows nor in
+    /// its buffer; it delivers those it did not buffer (`Subscription::go_live_after_snapshot`).
+    ///
+    /// `Err` when one of them touched a user but is no longer in this user's history (evicted): whether it was
+    /// this user's cannot be told, and the subscription must refetch (a newer snapshot sees it committed).
+    pub fn published_among(
+        &self,
+        owner: Uuid,
+        snapshot: &PgSnapshot,
+        upto: u64,
+    ) -> Result<Vec<Arc<UserTxn>>, CannotResume> {
+        let inner = self.lock();
+        let unseen = snapshot
+            .xip
+            .iter()
+            .filter_map(|xid| inner.recent.get_key_value(xid))
+            .chain(inner.recent.range(snapshot.xmax..));
+        let history = inner.history.get(&owner);
+        // Complete past the horizon; a user without history had no transaction since `start`.
+        let horizon = history.map_or(inner.start, |h| h.horizon);
+        let mut found = Vec::new();
+        for (xid, &end) in unseen {
+            if end > upto {
+                // Queued behind the job's report: delivered live.
+                continue;
+            }
+            match history.and_then(|h| h.txns.iter().rev().find(|(_, t)| t.xid == *xid)) {
+                Some((_, t)) => found.push(t.clone()),
+                None if end <= horizon => {
+                    return Err(CannotResume("transaction_not_in_history"));
+                }
+                None => {} // another user's
+            }
+        }
+        found.sort_by_key(|t| t.end_lsn);
+        Ok(found)
+    }
+
     /// Waits (at most `limit`) until the stream has started and, for an offset of the current generation, has
     /// processed up to it. A process that just started has generation 0 and position 0 until the replicator's
     /// first `stream_started`, and its position may trail an offset issued by the previous process (idle
@@ -811,6 +871,21 @@ fn reset_history(inner: &mut Inner, start: u64) {
     inner.history_bytes = 0;
     inner.truncates.clear();
     inner.truncate_horizon = start;
+    inner.recent.clear();
+    inner.recent_order.clear();
+}
+
+/// Remembers a published transaction's xid for [`Hub::published_among`], within [`RECENT_XIDS`].
+fn remember_xid(inner: &mut Inner, xid: u64, end_lsn: u64) {
+    // A transaction the stream sends again after a reconnect keeps its place.
+    if inner.recent.insert(xid, end_lsn).is_none() {
+        inner.recent_order.push_back(xid);
+        if inner.recent_order.len() > RECENT_XIDS
+            && let Some(old) = inner.recent_order.pop_front()
+        {
+            inner.recent.remove(&old);
+        }
+    }
 }
 
 /// A connection's place in the hub; dropping it unregisters the connection (also when a request is cancelled).
@@ -854,5 +929,69 @@ fn broadcast(inner: &mut Inner, table: Option<Arc<str>>, reason: &'static str) {
                 c.lag.raise();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deeprecall_replication::Lsn;
+
+    fn routed(owner: Uuid, xid: u64, commit: u64) -> Routed {
+        Routed {
+            per_owner: vec![UserTxn {
+                owner,
+                xid,
+                generation: 0,
+                commit_lsn: Lsn(commit),
+                end_lsn: Lsn(commit + 8),
+                changes: vec![],
+                bytes: 10,
+                part: 0,
+                last: true,
+            }],
+            xid,
+            commit_lsn: commit,
+            end_lsn: commit + 8,
+            ..Routed::default()
+        }
+    }
+
+    fn xids(found: Result<Vec<Arc<UserTxn>>, CannotResume>) -> Vec<u64> {
+        found.unwrap().iter().map(|t| t.xid).collect()
+    }
+
+    #[test]
+    fn look_back_finds_the_published_transactions_a_snapshot_did_not_see() {
+        let hub = Hub::new(HubConfig {
+            history_per_user: 2,
+            ..HubConfig::default()
+        });
+        hub.stream_started(1, 100);
+        let (alice, bob) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        for (owner, xid, commit) in [
+            (alice, 10, 200),
+            (bob, 11, 300),
+            (alice, 12, 400),
+            (alice, 15, 500),
+        ] {
+            hub.publish(routed(owner, xid, commit), commit + 8);
+        }
+        // 10 and 11 seen; 12 in progress; 15 at or past xmax.
+        let s = PgSnapshot::parse("12:14:12").unwrap();
+        assert_eq!(xids(hub.published_among(alice, &s, 600)), [12, 15]);
+        // Only up to the barrier.
+        assert_eq!(xids(hub.published_among(alice, &s, 450)), [12]);
+        assert!(xids(hub.published_among(bob, &s, 600)).is_empty());
+        // 10 is no longer in alice's history (two kept): for her it cannot be told; bob's history is complete.
+        let s = PgSnapshot::parse("10:14:10,12").unwrap();
+        assert_eq!(
+            hub.published_among(alice, &s, 600).unwrap_err(),
+            CannotResume("transaction_not_in_history")
+        );
+        assert!(xids(hub.published_among(bob, &s, 600)).is_empty());
+        // A new slot generation forgets them.
+        hub.stream_started(2, 1000);
+        assert!(xids(hub.published_among(alice, &s, 2000)).is_empty());
     }
 }

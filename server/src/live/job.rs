@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::filter::Filter;
 use super::handoff::Handoff;
 use super::offset::Offset;
+use super::routing::UserTxn;
 use crate::db::catalog::Table;
 
 /// What a pending subscription waits for.
@@ -64,6 +65,11 @@ pub struct Prepared {
     pub columns: Arc<[SnapshotColumn]>,
     /// Slot generation the barrier came through (0 for a resume).
     pub generation: i64,
+    /// The user's transactions the snapshot did not see but whose commits were streamed before its barrier
+    /// ([`Hub::published_among`](super::hub::Hub::published_among), empty for a resume): those streamed before
+    /// the subscription began buffering are delivered from here. `Err(reason)`: one may have been evicted from
+    /// the history, and the subscription must refetch.
+    pub earlier: Result<Vec<Arc<UserTxn>>, &'static str>,
 }
 
 /// A job's answer, delivered through the owner's hub queue.

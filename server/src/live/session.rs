@@ -359,8 +359,16 @@ impl Session {
                 }
             }
             (Purpose::Snapshot, Some(handoff)) => {
-                // The rows went out as they were read; now the transactions the snapshot missed.
-                match sub.go_live_after_snapshot(&handoff, false) {
+                // The rows went out as they were read; now the transactions the snapshot missed, including any
+                // streamed before this subscription began buffering (`Prepared::earlier`).
+                let earlier = match prepared.earlier {
+                    Ok(earlier) => earlier,
+                    Err(reason) => {
+                        tell_refetch(out, &id, reason);
+                        return self.restart(&id, out);
+                    }
+                };
+                match sub.go_live_after_snapshot(&handoff, false, earlier) {
                     Ok((missed, watermark)) => {
                         go_live(out, &id, sub, &missed, watermark, generation);
                     }
@@ -646,6 +654,7 @@ mod tests {
                 }),
                 columns: Arc::from(vec![]),
                 generation: 1,
+                earlier: Ok(vec![]),
             }),
         }
     }
@@ -703,6 +712,50 @@ mod tests {
         let f = frames(&mut out);
         assert_eq!(f.len(), 1);
         assert_eq!(f[0]["offset"], "1-00000000000007d8");
+    }
+
+    #[test]
+    fn streamed_before_subscribing_yet_unseen_by_the_snapshot() {
+        let mut s = Session::new(&user());
+        let mut out = Actions::new();
+        // 105's commit was streamed before the subscription existed (a live one would have had it), yet the
+        // snapshot still saw it in progress: only the job's look-back (`earlier`) has it.
+        s.on_txn(&txn(105, 950, &[("b", "unread")]), &mut out);
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "w", "table": "works"}),
+            &mut out,
+        );
+        out.clear();
+        s.on_txn(&txn(107, 1100, &[("c", "unread")]), &mut out);
+        let mut report = snapshot_report("w", 1, Filter::default());
+        if let Ok(p) = &mut report.result {
+            p.earlier = Ok(vec![
+                txn(105, 950, &[("b", "unread")]),
+                txn(107, 1100, &[("c", "unread")]),
+            ]);
+        }
+        s.on_job(report, &history(), &mut out);
+        let f = frames(&mut out);
+        let xids: Vec<Value> = f.iter().map(|f| f["xid"].clone()).collect();
+        assert_eq!(xids, vec![json!("105"), json!("107"), Value::Null], "{f:?}");
+        assert_eq!(f[2]["type"], "up_to_date");
+        // A look-back that cannot tell (evicted history): refetch with a new attempt.
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "x", "table": "works"}),
+            &mut out,
+        );
+        out.clear();
+        let mut report = snapshot_report("x", 2, Filter::default());
+        if let Ok(p) = &mut report.result {
+            p.earlier = Err("transaction_not_in_history");
+        }
+        s.on_job(report, &history(), &mut out);
+        assert_eq!(started(&out), vec![("x".into(), 3, Purpose::Snapshot)]);
+        let f = frames(&mut out);
+        assert_eq!(f[0]["type"], "must_refetch");
+        assert_eq!(f[0]["reason"], "transaction_not_in_history");
     }
 
     #[test]
@@ -866,6 +919,7 @@ mod tests {
                 handoff: None,
                 columns: Arc::from(vec![]),
                 generation: 0,
+                earlier: Ok(vec![]),
             }),
         };
         s.on_job(report, &h, &mut out);
@@ -890,6 +944,7 @@ mod tests {
                 handoff: None,
                 columns: Arc::from(vec![]),
                 generation: 0,
+                earlier: Ok(vec![]),
             }),
         };
         s.on_job(report, &h, &mut out);

@@ -1171,7 +1171,12 @@ async fn snapshot_response(
             "too many writes while the snapshot was taken; retry",
         ));
     }
-    let (missed, watermark) = match sub.go_live_after_snapshot(&handoff, true) {
+    // Streamed before this request registered, yet not seen by the snapshot: not buffered either.
+    let earlier = match prepared.earlier.clone() {
+        Ok(earlier) => earlier,
+        Err(reason) => return Ok(refetch(state, owner, def, key, reason)),
+    };
+    let (missed, watermark) = match sub.go_live_after_snapshot(&handoff, true, earlier) {
         Ok(handed_over) => handed_over,
         // The snapshot lacks a transaction too large to have been buffered: a newer snapshot will have it.
         Err(MustRefetch(reason)) => return Ok(refetch(state, owner, def, key, reason)),

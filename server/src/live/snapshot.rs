@@ -39,7 +39,7 @@ use super::barrier::{BARRIER_TIMEOUT, Barriers};
 use super::convert::output_text_sql;
 use super::filter::{Filter, SqlParam};
 use super::handoff::{Handoff, PgSnapshot};
-use super::hub::Hub;
+use super::hub::{CannotResume, Hub};
 use super::job::{JobError, JobReport, JobSpec, Prepared, Purpose, SnapshotColumn};
 use super::spill::{SpoolError, SpoolWriter};
 use crate::db::catalog::{Table, quote_ident};
@@ -172,6 +172,7 @@ async fn canonical_only<S: SnapshotSink>(
         handoff: None,
         columns: Arc::from(Vec::new()),
         generation: 0,
+        earlier: Ok(Vec::new()),
     })
 }
 
@@ -238,6 +239,10 @@ async fn snapshot<S: SnapshotSink>(
     // Requested now, after S was taken: its barrier commits after S. No connection is held meanwhile; the rows
     // keep arriving in the spool.
     let barrier_lsn = barriers.after_now().await?;
+    // At once, while the stream has barely moved past the barrier (see `Hub::published_among`).
+    let earlier = hub
+        .published_among(spec.owner, &started.snapshot, barrier_lsn)
+        .map_err(|CannotResume(reason)| reason);
     let prepared = Prepared {
         filter: started.filter,
         purpose: spec.purpose,
@@ -248,6 +253,7 @@ async fn snapshot<S: SnapshotSink>(
         }),
         columns: started.columns,
         generation: hub.position().generation,
+        earlier,
     };
     sink.prepared(&prepared).await.map_err(gone)?;
     // At the client's pace. Dropping `rows` early (an error, the client gone) stops the reader.

@@ -150,12 +150,18 @@ impl Subscription {
     /// (for a transport that answers once and leaves later ones to the next request); otherwise every buffered
     /// one is, and the watermark is past the last of them.
     ///
+    /// `earlier` are the user's transactions the snapshot did not see but whose commits had been streamed by its
+    /// barrier ([`Hub::published_among`](super::hub::Hub::published_among)): those published before the
+    /// subscription started buffering are handed over too, in stream order (handoff.rs, "Streamed before it was
+    /// visible").
+    ///
     /// `Err` when the snapshot lacks a transaction that was not buffered (too large, or over the budget): the
     /// subscription stays pending and must refetch.
     pub fn go_live_after_snapshot(
         &mut self,
         handoff: &Handoff,
         cut_at_barrier: bool,
+        earlier: Vec<Arc<UserTxn>>,
     ) -> Result<(Vec<Arc<UserTxn>>, u64), MustRefetch> {
         if let SubState::Pending(pending) = &self.state {
             let skipped = &pending.skipped;
@@ -167,10 +173,30 @@ impl Subscription {
                 return Err(MustRefetch("transaction_too_large"));
             }
         }
-        let mut buffer = match std::mem::replace(&mut self.state, SubState::Live { watermark: 0 }) {
-            SubState::Pending(pending) => pending.buffer,
-            SubState::Live { .. } => Vec::new(),
-        };
+        let (mut buffer, skipped) =
+            match std::mem::replace(&mut self.state, SubState::Live { watermark: 0 }) {
+                SubState::Pending(pending) => (pending.buffer, pending.skipped),
+                SubState::Live { .. } => (Vec::new(), Vec::new()),
+            };
+        if !earlier.is_empty() {
+            // Those published after the subscription started buffering are in the buffer (or were skipped,
+            // handled above) already.
+            let held = |t: &UserTxn| {
+                let id = Skipped {
+                    xid: t.xid,
+                    commit_lsn: t.commit_lsn.0,
+                };
+                skipped.contains(&id)
+                    || buffer
+                        .iter()
+                        .any(|b| b.xid == id.xid && b.commit_lsn.0 == id.commit_lsn)
+            };
+            let mut merged: Vec<Arc<UserTxn>> = earlier.into_iter().filter(|t| !held(t)).collect();
+            merged.append(&mut buffer);
+            // Stable: the parts of one transaction keep their order.
+            merged.sort_by_key(|t| t.end_lsn);
+            buffer = merged;
+        }
         let watermark = if cut_at_barrier {
             buffer.retain(|t| t.end_lsn.0 <= handoff.barrier_lsn && handoff.must_deliver(t));
             handoff.barrier_lsn
@@ -233,7 +259,7 @@ mod tests {
         for t in [txn(101, 900), txn(105, 950), txn(112, 1200), txn(113, 1600)] {
             assert!(!s.offer(&t), "pending subscriptions never deliver directly");
         }
-        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), false).unwrap();
+        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), false, vec![]).unwrap();
         let xids: Vec<u64> = missed.iter().map(|t| t.xid).collect();
         assert_eq!(xids, vec![105, 112, 113]);
         assert_eq!(watermark, 1608);
@@ -246,12 +272,33 @@ mod tests {
     }
 
     #[test]
+    fn hands_over_what_was_streamed_before_buffering_began() {
+        // 105 was still in progress for the snapshot, but its commit had been streamed before the subscription
+        // began buffering: only the hub's look-back has it. 112 is in both and goes out once.
+        let mut s = Subscription::pending("works".into(), Filter::default(), 1);
+        s.offer(&txn(112, 1200));
+        let (missed, watermark) = s
+            .go_live_after_snapshot(&handoff(), false, vec![txn(105, 950), txn(112, 1200)])
+            .unwrap();
+        let xids: Vec<u64> = missed.iter().map(|t| t.xid).collect();
+        assert_eq!(xids, vec![105, 112]);
+        assert_eq!(watermark, 1500);
+        // Cut at the barrier: the same, and nothing past it.
+        let mut s = Subscription::pending("works".into(), Filter::default(), 1);
+        s.offer(&txn(113, 1600));
+        let (missed, _) = s
+            .go_live_after_snapshot(&handoff(), true, vec![txn(105, 950)])
+            .unwrap();
+        assert_eq!(missed.iter().map(|t| t.xid).collect::<Vec<_>>(), vec![105]);
+    }
+
+    #[test]
     fn cut_at_barrier_leaves_later_transactions_for_later() {
         let mut s = Subscription::pending("works".into(), Filter::default(), 1);
         for t in [txn(105, 950), txn(113, 1600)] {
             s.offer(&t);
         }
-        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), true).unwrap();
+        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), true, vec![]).unwrap();
         assert_eq!(missed.len(), 1);
         assert_eq!(missed[0].xid, 105);
         assert_eq!(watermark, 1500);
@@ -297,7 +344,8 @@ mod tests {
         s.offer(&part(120, 1200, 0, false));
         s.offer(&part(120, 1200, 1, true));
         assert_eq!(
-            s.go_live_after_snapshot(&handoff(), false).unwrap_err(),
+            s.go_live_after_snapshot(&handoff(), false, vec![])
+                .unwrap_err(),
             MustRefetch("transaction_too_large")
         );
         assert!(!s.is_live());
@@ -305,7 +353,7 @@ mod tests {
         let mut s = Subscription::pending("works".into(), Filter::default(), 1);
         s.offer(&part(101, 900, 0, false));
         s.offer(&part(101, 900, 1, true));
-        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), false).unwrap();
+        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), false, vec![]).unwrap();
         assert!(missed.is_empty());
         assert_eq!(watermark, 1500);
         // Over the buffer budget: kept as an identity only, same rule.
@@ -313,6 +361,6 @@ mod tests {
         let mut big = (*txn(112, 1200)).clone();
         big.bytes = PENDING_BUFFER_BYTES + 1;
         s.offer(&Arc::new(big));
-        assert!(s.go_live_after_snapshot(&handoff(), false).is_err());
+        assert!(s.go_live_after_snapshot(&handoff(), false, vec![]).is_err());
     }
 }
