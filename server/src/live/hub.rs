@@ -234,17 +234,26 @@ struct Inner {
     /// The transaction coming in parts right now (its commit LSN) and the owners its parts reached so far: each
     /// of them gets its last part, even an empty one, to close it.
     split: Option<(u64, std::collections::HashSet<Uuid>)>,
-    /// Recently published transactions that touched some user, as `xid -> end LSN`; at most [`RECENT_XIDS`],
-    /// the oldest (in `recent_order`) dropped first. The snapshot handoff's look-back ([`Hub::published_among`]).
-    recent: BTreeMap<u64, u64>,
+    /// Recently published transactions that touched some user, by xid; at most [`RECENT_XIDS`], the oldest (in
+    /// `recent_order`) dropped first. The snapshot handoff's look-back ([`Hub::published_among`]).
+    recent: BTreeMap<u64, Published>,
     recent_order: VecDeque<u64>,
 }
 
+/// What the look-back keeps of a published transaction.
+#[derive(Debug, Clone, Copy)]
+struct Published {
+    end_lsn: u64,
+    /// Its only owner; `None` when it touched several (almost every transaction touches one user, and a user's
+    /// look-back can then skip other users' transactions without asking its own history).
+    only: Option<Uuid>,
+}
+
 /// How many recently published transactions [`Hub::published_among`] can find. A transaction is looked for there
-/// when a snapshot saw it in progress although its commit had already been streamed: its backend was between
+/// when a snapshot did not see it although its commit had already been streamed: its backend was between
 /// writing its commit record and leaving Postgres's list of running transactions. That window is microseconds
 /// long unless the backend is descheduled; to escape this look-back, 65,536 other transactions would have to be
-/// published while it lasts (docs/decisions.md 32). 16 bytes an entry plus the map's overhead: about 3 MB.
+/// published while it lasts (docs/decisions.md 32). 40 bytes an entry plus the map's overhead: about 4 MB.
 pub const RECENT_XIDS: usize = 65_536;
 
 /// The hub. Cheap to share (`Arc<Hub>`).
@@ -512,8 +521,13 @@ impl Hub {
                 inner.split = None;
             }
         }
-        if last && !routed.per_owner.is_empty() {
-            remember_xid(&mut inner, routed.xid, end_lsn);
+        if last && let Some(first) = routed.per_owner.first() {
+            let only = routed
+                .per_owner
+                .iter()
+                .all(|t| t.owner == first.owner)
+                .then_some(first.owner);
+            remember_xid(&mut inner, routed.xid, Published { end_lsn, only });
         }
         for mut txn in routed.per_owner {
             txn.generation = generation;
@@ -740,8 +754,9 @@ impl Hub {
     /// A subscription that started buffering after one of them was published holds it neither in its rows nor in
     /// its buffer; it delivers those it did not buffer (`Subscription::go_live_after_snapshot`).
     ///
-    /// `Err` when one of them touched a user but is no longer in this user's history (evicted): whether it was
-    /// this user's cannot be told, and the subscription must refetch (a newer snapshot sees it committed).
+    /// `Err` when one of them was this user's, or touched several users, and is no longer in this user's history
+    /// (evicted): whether the user had a change in it cannot be told, and the subscription must refetch (a newer
+    /// snapshot sees it committed).
     pub fn published_among(
         &self,
         owner: Uuid,
@@ -758,10 +773,14 @@ impl Hub {
         // Complete past the horizon; a user without history had no transaction since `start`.
         let horizon = history.map_or(inner.start, |h| h.horizon);
         let mut found = Vec::new();
-        for (xid, &end) in unseen {
+        for (xid, published) in unseen {
+            let end = published.end_lsn;
             if end > upto {
                 // Queued behind the job's report: delivered live.
                 continue;
+            }
+            if published.only.is_some_and(|only| only != owner) {
+                continue; // another user's
             }
             match history.and_then(|h| h.txns.iter().rev().find(|(_, t)| t.xid == *xid)) {
                 Some((_, t)) => found.push(t.clone()),
@@ -876,9 +895,9 @@ fn reset_history(inner: &mut Inner, start: u64) {
 }
 
 /// Remembers a published transaction's xid for [`Hub::published_among`], within [`RECENT_XIDS`].
-fn remember_xid(inner: &mut Inner, xid: u64, end_lsn: u64) {
+fn remember_xid(inner: &mut Inner, xid: u64, published: Published) {
     // A transaction the stream sends again after a reconnect keeps its place.
-    if inner.recent.insert(xid, end_lsn).is_none() {
+    if inner.recent.insert(xid, published).is_none() {
         inner.recent_order.push_back(xid);
         if inner.recent_order.len() > RECENT_XIDS
             && let Some(old) = inner.recent_order.pop_front()
@@ -983,13 +1002,22 @@ mod tests {
         // Only up to the barrier.
         assert_eq!(xids(hub.published_among(alice, &s, 450)), [12]);
         assert!(xids(hub.published_among(bob, &s, 600)).is_empty());
-        // 10 is no longer in alice's history (two kept): for her it cannot be told; bob's history is complete.
+        // 10 is no longer in alice's history (two kept): for her it cannot be told; bob knows it was not his.
         let s = PgSnapshot::parse("10:14:10,12").unwrap();
         assert_eq!(
             hub.published_among(alice, &s, 600).unwrap_err(),
             CannotResume("transaction_not_in_history")
         );
         assert!(xids(hub.published_among(bob, &s, 600)).is_empty());
+        // A transaction of both: found in each one's history.
+        let mut both = routed(alice, 20, 700);
+        let mut bobs = both.per_owner[0].clone();
+        bobs.owner = bob;
+        both.per_owner.push(bobs);
+        hub.publish(both, 708);
+        let s = PgSnapshot::parse("20:20:").unwrap();
+        assert_eq!(xids(hub.published_among(alice, &s, 800)), [20]);
+        assert_eq!(xids(hub.published_among(bob, &s, 800)), [20]);
         // A new slot generation forgets them.
         hub.stream_started(2, 1000);
         assert!(xids(hub.published_among(alice, &s, 2000)).is_empty());
