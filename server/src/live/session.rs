@@ -361,18 +361,12 @@ impl Session {
             (Purpose::Snapshot, Some(handoff)) => {
                 // The rows went out as they were read; now the transactions the snapshot missed, including any
                 // streamed before this subscription began buffering (`Prepared::earlier`).
-                let earlier = match prepared.earlier {
-                    Ok(earlier) => earlier,
-                    Err(reason) => {
-                        tell_refetch(out, &id, reason);
-                        return self.restart(&id, out);
-                    }
-                };
-                match sub.go_live_after_snapshot(&handoff, false, earlier) {
+                match sub.go_live_after_snapshot(&handoff, false, prepared.earlier) {
                     Ok((missed, watermark)) => {
                         go_live(out, &id, sub, &missed, watermark, generation);
                     }
-                    // It missed one too large to have been buffered: start over with a newer snapshot.
+                    // It missed one too large to have been buffered, or the look-back could not tell: start over
+                    // with a newer snapshot.
                     Err(MustRefetch(reason)) => {
                         tell_refetch(out, &id, reason);
                         self.restart(&id, out);

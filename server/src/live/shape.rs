@@ -1135,7 +1135,7 @@ async fn snapshot_response(
     // the buffer then holds every transaction up to B).
     let mut sub = Subscription::pending(Arc::from(def.table.name.as_str()), def.filter.clone(), 1);
     let mut shutdown = state.shutdown.clone();
-    let prepared: Prepared = loop {
+    let mut prepared: Prepared = loop {
         let event = tokio::select! {
             biased;
             () = crate::shutdown::until_true(&mut shutdown) => return Err(shutting_down()),
@@ -1171,14 +1171,12 @@ async fn snapshot_response(
             "too many writes while the snapshot was taken; retry",
         ));
     }
-    // Streamed before this request registered, yet not seen by the snapshot: not buffered either.
-    let earlier = match prepared.earlier.clone() {
-        Ok(earlier) => earlier,
-        Err(reason) => return Ok(refetch(state, owner, def, key, reason)),
-    };
+    // `earlier`: streamed before this request registered, yet not seen by the snapshot (not buffered either).
+    let earlier = std::mem::replace(&mut prepared.earlier, Ok(Vec::new()));
     let (missed, watermark) = match sub.go_live_after_snapshot(&handoff, true, earlier) {
         Ok(handed_over) => handed_over,
-        // The snapshot lacks a transaction too large to have been buffered: a newer snapshot will have it.
+        // The snapshot lacks a transaction too large to have been buffered, or the look-back could not tell: a
+        // newer snapshot will have it.
         Err(MustRefetch(reason)) => return Ok(refetch(state, owner, def, key, reason)),
     };
     drop(registration);

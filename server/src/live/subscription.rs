@@ -150,19 +150,20 @@ impl Subscription {
     /// (for a transport that answers once and leaves later ones to the next request); otherwise every buffered
     /// one is, and the watermark is past the last of them.
     ///
-    /// `earlier` are the user's transactions the snapshot did not see but whose commits had been streamed by its
-    /// barrier ([`Hub::published_among`](super::hub::Hub::published_among)): those published before the
-    /// subscription started buffering are handed over too, in stream order (handoff.rs, "Streamed before it was
+    /// `earlier` is the job's look-back ([`Prepared::earlier`](super::job::Prepared::earlier)): the user's
+    /// transactions the snapshot did not see but whose commits had been streamed by its barrier. Those published
+    /// before the subscription started buffering are handed over too, first (handoff.rs, "Streamed before it was
     /// visible").
     ///
-    /// `Err` when the snapshot lacks a transaction that was not buffered (too large, or over the budget): the
-    /// subscription stays pending and must refetch.
+    /// `Err` when the snapshot lacks a transaction that was not buffered (too large, or over the budget), or the
+    /// look-back could not tell (its reason): the subscription stays pending and must refetch.
     pub fn go_live_after_snapshot(
         &mut self,
         handoff: &Handoff,
         cut_at_barrier: bool,
-        earlier: Vec<Arc<UserTxn>>,
+        earlier: Result<Vec<Arc<UserTxn>>, &'static str>,
     ) -> Result<(Vec<Arc<UserTxn>>, u64), MustRefetch> {
+        let earlier = earlier.map_err(MustRefetch)?;
         if let SubState::Pending(pending) = &self.state {
             let skipped = &pending.skipped;
             let needed = skipped.iter().any(|t| {
@@ -191,10 +192,9 @@ impl Subscription {
                         .iter()
                         .any(|b| b.xid == id.xid && b.commit_lsn.0 == id.commit_lsn)
             };
+            // The rest were published before anything buffered: in stream order (the hub sorts them), ahead.
             let mut merged: Vec<Arc<UserTxn>> = earlier.into_iter().filter(|t| !held(t)).collect();
             merged.append(&mut buffer);
-            // Stable: the parts of one transaction keep their order.
-            merged.sort_by_key(|t| t.end_lsn);
             buffer = merged;
         }
         let watermark = if cut_at_barrier {
@@ -259,7 +259,9 @@ mod tests {
         for t in [txn(101, 900), txn(105, 950), txn(112, 1200), txn(113, 1600)] {
             assert!(!s.offer(&t), "pending subscriptions never deliver directly");
         }
-        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), false, vec![]).unwrap();
+        let (missed, watermark) = s
+            .go_live_after_snapshot(&handoff(), false, Ok(vec![]))
+            .unwrap();
         let xids: Vec<u64> = missed.iter().map(|t| t.xid).collect();
         assert_eq!(xids, vec![105, 112, 113]);
         assert_eq!(watermark, 1608);
@@ -278,7 +280,7 @@ mod tests {
         let mut s = Subscription::pending("works".into(), Filter::default(), 1);
         s.offer(&txn(112, 1200));
         let (missed, watermark) = s
-            .go_live_after_snapshot(&handoff(), false, vec![txn(105, 950), txn(112, 1200)])
+            .go_live_after_snapshot(&handoff(), false, Ok(vec![txn(105, 950), txn(112, 1200)]))
             .unwrap();
         let xids: Vec<u64> = missed.iter().map(|t| t.xid).collect();
         assert_eq!(xids, vec![105, 112]);
@@ -287,7 +289,7 @@ mod tests {
         let mut s = Subscription::pending("works".into(), Filter::default(), 1);
         s.offer(&txn(113, 1600));
         let (missed, _) = s
-            .go_live_after_snapshot(&handoff(), true, vec![txn(105, 950)])
+            .go_live_after_snapshot(&handoff(), true, Ok(vec![txn(105, 950)]))
             .unwrap();
         assert_eq!(missed.iter().map(|t| t.xid).collect::<Vec<_>>(), vec![105]);
     }
@@ -298,7 +300,9 @@ mod tests {
         for t in [txn(105, 950), txn(113, 1600)] {
             s.offer(&t);
         }
-        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), true, vec![]).unwrap();
+        let (missed, watermark) = s
+            .go_live_after_snapshot(&handoff(), true, Ok(vec![]))
+            .unwrap();
         assert_eq!(missed.len(), 1);
         assert_eq!(missed[0].xid, 105);
         assert_eq!(watermark, 1500);
@@ -344,7 +348,7 @@ mod tests {
         s.offer(&part(120, 1200, 0, false));
         s.offer(&part(120, 1200, 1, true));
         assert_eq!(
-            s.go_live_after_snapshot(&handoff(), false, vec![])
+            s.go_live_after_snapshot(&handoff(), false, Ok(vec![]))
                 .unwrap_err(),
             MustRefetch("transaction_too_large")
         );
@@ -353,7 +357,9 @@ mod tests {
         let mut s = Subscription::pending("works".into(), Filter::default(), 1);
         s.offer(&part(101, 900, 0, false));
         s.offer(&part(101, 900, 1, true));
-        let (missed, watermark) = s.go_live_after_snapshot(&handoff(), false, vec![]).unwrap();
+        let (missed, watermark) = s
+            .go_live_after_snapshot(&handoff(), false, Ok(vec![]))
+            .unwrap();
         assert!(missed.is_empty());
         assert_eq!(watermark, 1500);
         // Over the buffer budget: kept as an identity only, same rule.
@@ -361,6 +367,9 @@ mod tests {
         let mut big = (*txn(112, 1200)).clone();
         big.bytes = PENDING_BUFFER_BYTES + 1;
         s.offer(&Arc::new(big));
-        assert!(s.go_live_after_snapshot(&handoff(), false, vec![]).is_err());
+        assert!(
+            s.go_live_after_snapshot(&handoff(), false, Ok(vec![]))
+                .is_err()
+        );
     }
 }
