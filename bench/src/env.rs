@@ -42,6 +42,8 @@ pub(crate) struct Env {
     pub(crate) scratch: PathBuf,
     /// Clock ticks per second for /proc CPU times.
     pub(crate) clk_tck: f64,
+    /// How long making the WAL segments took ([`prepare_wal`]).
+    pub(crate) wal_warmup: Duration,
 }
 
 impl Drop for Env {
@@ -116,6 +118,9 @@ impl Env {
                 ("max_wal_senders".into(), "20".into()),
                 ("max_replication_slots".into(), "20".into()),
                 ("max_wal_size".into(), "'4GB'".into()),
+                // Keep as many finished WAL segments for reuse as the benchmark writes between checkpoints; with
+                // `prepare_wal` below, no segment is created while anything is measured (see there).
+                ("min_wal_size".into(), "'4GB'".into()),
             ],
         };
         let cluster = tokio::task::spawn_blocking(move || LocalCluster::start_temporary(&options))
@@ -126,6 +131,7 @@ impl Env {
             .batch_execute(&format!("create database {DATABASE}"))
             .await
             .context("creating the database")?;
+        let wal_warmup = prepare_wal(&admin).await?;
         drop(admin);
         let secret = random_token(48);
         let auth = AuthConfig::new(
@@ -157,6 +163,7 @@ impl Env {
             server_bin,
             scratch,
             clk_tck,
+            wal_warmup,
         };
         env.spawn_server().await?;
         Ok(env)
@@ -358,6 +365,40 @@ impl Env {
             self.cluster.port()
         )
     }
+}
+
+/// WAL segments made before anything is measured (`min_wal_size` ÷ 16 MiB).
+pub(crate) const PREPARED_WAL_SEGMENTS: u32 = 256;
+
+/// Makes the cluster's WAL segments once, before the server (and its slot) exists, so that no benchmark pays for
+/// a new one.
+///
+/// A fresh cluster has almost no WAL segments. Until a checkpoint has finished and renamed old segments for
+/// reuse, every 16 MiB of WAL makes the committing backend create the next segment: 16 MiB of zeros
+/// (`wal_init_zero`), an fsync and a rename, while every other commit waits for it. On this machine, at 100 rows
+/// per transaction (a new segment every 0.4 s), that stalled every client at once, on whichever side was running,
+/// for 50-170 ms at about a third of the switches. It was the whole of the write benchmark's p99 tail: in one
+/// traced run (2026-12-03), 40 of the 41 stalls of requests or transactions over 25 ms had a segment switch
+/// inside them. A deployment's long-running cluster reuses its segments, so a benchmark
+/// that creates them while it measures reports a tail that production does not have. Here each round writes one
+/// WAL record and switches segments (`pg_logical_emit_message` writes it at once, outside a transaction; no slot
+/// exists yet to decode it); the checkpoint then keeps the finished segments for reuse (`min_wal_size`).
+async fn prepare_wal(admin: &tokio_postgres::Client) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    for _ in 0..PREPARED_WAL_SEGMENTS {
+        admin
+            .batch_execute(
+                "select pg_logical_emit_message(false, 'deeprecall-bench-wal', '');
+                 select pg_switch_wal();",
+            )
+            .await
+            .context("preparing WAL segments")?;
+    }
+    admin
+        .batch_execute("checkpoint")
+        .await
+        .context("checkpoint after preparing WAL segments")?;
+    Ok(started.elapsed())
 }
 
 /// Connects with tokio-postgres (no TLS) and drives the connection in a task.
