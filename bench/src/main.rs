@@ -1300,7 +1300,7 @@ sides (`prepare_wal` in bench/src/env.rs).
   from its offset; the clock runs from the spawn until every client has counted all its rows (rows are counted by
   scanning frames, not by building objects). `pg_recvlogical --slot bench_recv --start -o proto_version=1 -o
   publication_names=deeprecall_sync --endpos <lsn> -f /dev/null` is timed too, after the server's drain in odd
-  rounds and before the server is spawned in even ones (whoever reads second finds the WAL in the page cache).
+  rounds and before the server is spawned in even ones, so that neither side always runs after the other.
   The target's ratio is the median of the rounds' ratios. Each change of the backlog takes about 1.3 KB of the
   server's resume history (its JSON and its parsed row), so {rows} of them come near or past the history's default
   budget (256 MiB, `--history-bytes`): a client that resumes after its user's first transactions were evicted gets
