@@ -628,7 +628,7 @@ async fn throughput_phase(env: &mut Env, sizes: &Sizes) -> anyhow::Result<(Vec<R
         rounds
             .push(read::throughput(env, sizes.read_users, sizes.read_rows, round % 2 == 1).await?);
     }
-    let ratio = stats::median(rounds.iter().map(|r| r.pg_secs / r.api_secs).collect());
+    let ratio = stats::median(rounds.iter().map(read::ThroughputResult::ratio).collect());
     let rows: usize = rounds.iter().map(|r| r.rows).sum();
     let api_secs: f64 = rounds.iter().map(|r| r.api_secs).sum();
     let pg_secs: f64 = rounds.iter().map(|r| r.pg_secs).sum();
@@ -641,7 +641,7 @@ async fn throughput_phase(env: &mut Env, sizes: &Sizes) -> anyhow::Result<(Vec<R
             } else {
                 "server"
             };
-            format!("{:.2} ({first} first)", r.pg_secs / r.api_secs)
+            format!("{:.2} ({first} first)", r.ratio())
         })
         .collect::<Vec<_>>()
         .join(", ");
@@ -651,10 +651,10 @@ async fn throughput_phase(env: &mut Env, sizes: &Sizes) -> anyhow::Result<(Vec<R
         *reasons.entry(reason).or_default() += 1;
     }
     let refetched: usize = reasons.values().sum();
+    let reasons: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} × {n}")).collect();
     let refetches = if reasons.is_empty() {
         "0 subscriptions".to_owned()
     } else {
-        let reasons: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} × {n}")).collect();
         format!("{refetched} subscriptions ({})", reasons.join(", "))
     };
     Ok((
@@ -1304,9 +1304,9 @@ sides (`prepare_wal` in bench/src/env.rs).
   The target's ratio is the median of the rounds' ratios. Each change of the backlog takes about 1.3 KB of the
   server's resume history (its JSON and its parsed row), so {rows} of them come near or past the history's default
   budget (256 MiB, `--history-bytes`): a client that resumes after its user's first transactions were evicted gets
-  `must_refetch` (`offset_older_than_server_history`), then its rows from a snapshot, and the note counts them. Both drain the same WAL backlog from a cold start
-  (process start, connection, decoding); the server additionally routes by owner, converts to JSON and writes to
-  {users} sockets whose clients run on the same cores.
+  `must_refetch` (`offset_older_than_server_history`), then its rows from a snapshot, and the note counts them.
+  Both drain the same WAL backlog from a cold start (process start, connection, decoding); the server additionally
+  routes by owner, converts to JSON and writes to {users} sockets whose clients run on the same cores.
 - **Commit → client latency.** One writer inserts a 1-row transaction at {rate}/s for {secs} s per stage into
   a random active user (autocommit, superuser, explicit owner); the row's `body` starts with a unique marker
   `probe-NNNNNN-`. Latency = time the marker arrived at a subscriber − time the writer's COMMIT returned (same

@@ -33,6 +33,13 @@ pub(crate) struct ThroughputResult {
     pub(crate) final_offsets: usize,
 }
 
+impl ThroughputResult {
+    /// Server rows/s ÷ pg_recvlogical rows/s: both drained the same rows.
+    pub(crate) fn ratio(&self) -> f64 {
+        self.pg_secs / self.api_secs
+    }
+}
+
 /// Runs one round of the throughput measurement, `pg_recvlogical` first if `pg_first`. Leaves the server running
 /// (restarted).
 pub(crate) async fn throughput(
