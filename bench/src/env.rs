@@ -271,27 +271,36 @@ impl Env {
         }
     }
 
-    /// `GET /v1/admin/replication` (admin token) as text, for diagnostics.
-    pub(crate) async fn replication_stats(&self) -> String {
-        let Some(token) = self.auth.mint(Uuid::new_v4(), true, 600) else {
-            return "no admin token".into();
-        };
-        let http = match reqwest::Client::builder()
+    /// `GET <path>` on the server with an admin token: the body as text, whatever the status.
+    async fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        let token = self
+            .auth
+            .mint(Uuid::new_v4(), true, 600)
+            .context("no admin token")?;
+        let response = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
-            .build()
-        {
-            Ok(h) => h,
-            Err(e) => return e.to_string(),
-        };
-        match http
-            .get(format!("{}/v1/admin/replication", self.base()))
+            .build()?
+            .get(format!("{}{path}", self.base()))
             .bearer_auth(token)
             .send()
+            .await?;
+        Ok(response.text().await?)
+    }
+
+    /// `GET /v1/admin/replication` (admin token) as text, for diagnostics.
+    pub(crate) async fn replication_stats(&self) -> String {
+        self.admin_get("/v1/admin/replication")
             .await
-        {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(e) => e.to_string(),
-        }
+            .unwrap_or_else(|e| format!("{e:#}"))
+    }
+
+    /// Stream connections the server holds open (`/v1/admin/stats`, `stream.connections`).
+    pub(crate) async fn stream_connections(&self) -> anyhow::Result<u64> {
+        let text = self.admin_get("/v1/admin/stats").await?;
+        serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|stats| stats["stream"]["connections"].as_u64())
+            .with_context(|| format!("no stream.connections in /v1/admin/stats: {text}"))
     }
 
     /// Server CPU seconds so far (user + system).

@@ -186,6 +186,30 @@ impl Live {
         Ok(())
     }
 
+    /// Brings the idle users to `target`: opens more, or closes the most recent ones and waits (at most 60 s) until
+    /// the server holds no more stream connections than remain, so that letting them go is not counted in what is
+    /// measured next.
+    pub(crate) async fn set_idle(&mut self, env: &Env, target: usize) -> anyhow::Result<()> {
+        if target >= self.idle.len() {
+            return self.grow_idle(env, target).await;
+        }
+        self.idle.truncate(target);
+        let want = self.connected() as u64;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let open = env.stream_connections().await?;
+            if open <= want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the server still holds {open} stream connections 60 s after all but {want} closed"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Connected users.
     pub(crate) fn connected(&self) -> usize {
         self.active.len() + self.idle.len()

@@ -76,6 +76,8 @@ struct Sizes {
     /// Idle users in the "10k connected" latency stage and the large fan-out stage.
     big_idle: usize,
     fanout_rows: usize,
+    /// Rounds of the fan-out measure; even, so that each side goes first equally often.
+    fanout_rounds: usize,
     memory: Vec<usize>,
     snapshot_rows: usize,
 }
@@ -101,6 +103,7 @@ impl Sizes {
             // ratio of the two sides moved between 0.79x and 1.33x from run to run at the same code; at 100,000 a
             // tick is ~1% of a side.
             fanout_rows: 100_000,
+            fanout_rounds: 4,
             memory: vec![10_000, 50_000],
             snapshot_rows: 100_000,
         }
@@ -120,6 +123,7 @@ impl Sizes {
             mid_idle: 90,
             big_idle: 1000,
             fanout_rows: 2_000,
+            fanout_rounds: 2,
             memory: vec![1_000, 5_000],
             snapshot_rows: 10_000,
         }
@@ -731,7 +735,10 @@ async fn live_phase(env: &Env, sizes: &Sizes) -> anyhow::Result<(Vec<Row>, Vec<S
 
         live.add_active(env, ACTIVE - 1).await?;
         live.grow_idle(env, ACTIVE).await?;
-        let small = live.fanout(env, sizes.fanout_rows).await?;
+        // Fan-out cost in rounds of (small, big), whichever side's idle users are connected going first, so that
+        // neither side is always the one measured later in the run; the first round's two sides enclose the larger
+        // latency stages.
+        let mut small = vec![live.fanout(env, sizes.fanout_rows).await?];
 
         live.grow_idle(env, sizes.mid_idle).await?;
         let r = live.latency(env, sizes.probe_rate, count).await?;
@@ -740,20 +747,66 @@ async fn live_phase(env: &Env, sizes: &Sizes) -> anyhow::Result<(Vec<Row>, Vec<S
         live.grow_idle(env, sizes.big_idle).await?;
         let r = live.latency(env, sizes.probe_rate, count).await?;
         latency_row(&r, &mut rows, true);
-        let big = live.fanout(env, sizes.fanout_rows).await?;
+        let mut big = vec![live.fanout(env, sizes.fanout_rows).await?];
 
-        let ratio = big.us_per_change() / small.us_per_change();
+        for round in 1..sizes.fanout_rounds {
+            let order = if round % 2 == 1 {
+                [sizes.big_idle, ACTIVE]
+            } else {
+                [ACTIVE, sizes.big_idle]
+            };
+            for idle in order {
+                live.set_idle(env, idle).await?;
+                let r = live.fanout(env, sizes.fanout_rows).await?;
+                if idle == ACTIVE {
+                    small.push(r);
+                } else {
+                    big.push(r);
+                }
+            }
+        }
+        let ratios: Vec<f64> = small
+            .iter()
+            .zip(&big)
+            .map(|(s, b)| b.us_per_change() / s.us_per_change())
+            .collect();
+        let ratio = stats::median(ratios.clone());
+        let us = |side: &[live::FanoutResult]| {
+            stats::median(side.iter().map(live::FanoutResult::us_per_change).collect())
+        };
         rows.push(
             Row::new(
                 format!(
-                    "server CPU per routed change, {} rows over {ACTIVE} active users, {} vs {} idle users",
-                    big.rows, big.idle, small.idle
+                    "server CPU per routed change, {} rows over {ACTIVE} active users, {} vs {} idle users (median of {} rounds)",
+                    big[0].rows,
+                    big[0].idle,
+                    small[0].idle,
+                    ratios.len()
                 ),
-                format!("{:.1} µs ({} idle)", big.us_per_change(), big.idle),
-                format!("{:.1} µs ({} idle; baseline, not Postgres)", small.us_per_change(), small.idle),
+                format!("{:.1} µs ({} idle)", us(&big), big[0].idle),
+                format!("{:.1} µs ({} idle; baseline, not Postgres)", us(&small), small[0].idle),
             )
             .ratio(ratio, "≤ 1.2×", ratio <= 1.2),
         );
+        notes.push(format!(
+            "fan-out cost: {} rounds; large ÷ small per round (µs per change, large / small) {}.",
+            ratios.len(),
+            small
+                .iter()
+                .zip(&big)
+                .enumerate()
+                .map(|(round, (s, b))| {
+                    let first = if round % 2 == 1 { "large first" } else { "small first" };
+                    format!(
+                        "{:.2}× ({:.1} / {:.1}, {first})",
+                        b.us_per_change() / s.us_per_change(),
+                        b.us_per_change(),
+                        s.us_per_change()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
         anyhow::Ok(())
     }
     .await;
@@ -1319,8 +1372,11 @@ sides (`prepare_wal` in bench/src/env.rs).
 - **Fan-out cost.** While {fan} rows (10 per transaction, the {active} active users round-robin, 2 SQL writers)
   flow to the active subscribers, the server's CPU time (utime + stime from `/proc/<pid>/stat`, `getconf
   CLK_TCK`) is read before the load and after the last row arrived; divided by the rows routed. Done with 10 idle
-  users and with {big} idle users (same server, same load); the ratio is large ÷ small. 100k idle users was not
-  attempted on 2 cores.
+  users (small) and with {big} idle users (large), same server, same load, in {fan_rounds} rounds of one of each: the
+  first round measures small, then the latency stages, then large; after it, the side whose users are connected
+  goes first (large, then small after closing the extra idle users and waiting until the server holds only the
+  rest; then small, then large after opening them again, and so on). The target's ratio is the median of the
+  rounds' large ÷ small; the µs in the table are each side's median. 100k idle users was not attempted on 2 cores.
 - **Memory per idle connection.** On a freshly started server, 200 warm-up idle connections are opened and the
   server's VmRSS (`/proc/<pid>/status`) is the baseline; then idle connections are opened (200 at a time), each
   authenticated with its own user's token and holding one subscription to `boards` (no rows) that reached
@@ -1344,6 +1400,7 @@ pid>` during the write stage is how the allocator choice (docs/decisions.md 28) 
         mid = sizes.mid_idle,
         big = sizes.big_idle,
         fan = sizes.fanout_rows,
+        fan_rounds = sizes.fanout_rounds,
         mem = sizes.memory,
         snap = sizes.snapshot_rows,
         recorded = sizes.recorded_ops,
