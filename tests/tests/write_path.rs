@@ -973,6 +973,80 @@ async fn values_that_do_not_fit_their_column_are_refused() {
     }
 }
 
+/// JSON that is valid but that a column cannot hold is refused by the server with the op's index, before
+/// Postgres sees it: a `jsonb` value nested deeper than the server's bound (Postgres would give up with "stack
+/// depth limit exceeded", a 500), and a string holding half a UTF-16 surrogate pair (no text form). Sent as raw
+/// bodies: neither survives a round trip through `serde_json::Value`.
+#[tokio::test]
+async fn json_values_a_column_cannot_hold_are_refused_before_postgres() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let user = Uuid::new_v4();
+    let token = env.token(user);
+    let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    let body = |second_row: String| {
+        format!(
+            r#"{{"ops":[{{"op_id":"{}","table":"works","kind":"insert","row":{{"title":"first"}}}},
+                {{"op_id":"{}","table":"works","kind":"insert","row":{second_row}}}]}}"#,
+            Uuid::new_v4(),
+            Uuid::new_v4()
+        )
+        .into_bytes()
+    };
+    let cases = [
+        (
+            format!(r#"{{"title":"t","authors":{}}}"#, nested(1001)),
+            "authors",
+            "1001 deep",
+        ),
+        (
+            format!(r#"{{"title":"t","authors":{}}}"#, nested(100_000)),
+            "authors",
+            "100000 deep",
+        ),
+        (r#"{"title":"a\ud800b"}"#.to_owned(), "title", "surrogate"),
+        (
+            r#"{"title":"t","authors":"\udc00"}"#.to_owned(),
+            "authors",
+            "surrogate",
+        ),
+    ];
+    for (row, column, says) in cases {
+        let (status, body) = env.post_raw("/v1/batch", Some(&token), body(row)).await;
+        assert_eq!(
+            (status.as_u16(), error_code(&body)),
+            (422, "invalid_value"),
+            "{column}: {body}"
+        );
+        assert_eq!(body["error"]["op_index"], 1, "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("column `{column}`")) && message.contains(says),
+            "{message}"
+        );
+    }
+    assert_eq!(count(&db, "select count(*) from works", &[]).await, 0);
+
+    // At the bound the value is Postgres's to take, and it keeps it as sent.
+    let (status, body) = env
+        .post_raw(
+            "/v1/batch",
+            Some(&token),
+            body(format!(r#"{{"title":"t","authors":{}}}"#, nested(1000))),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert_eq!(
+        count(
+            &db,
+            "select count(*) from works where authors::text = $1",
+            &[&nested(1000)]
+        )
+        .await,
+        1
+    );
+}
+
 /// Types the server does not decode itself travel as text and are cast by Postgres, which applies its own input
 /// rules (and reports errors with the op's index); explicit casts never truncate.
 #[tokio::test]

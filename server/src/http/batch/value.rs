@@ -9,12 +9,13 @@
 //! | `boolean` | `true` / `false` | `bool` |
 //! | `smallint`, `integer`, `bigint` | integral number in range, or a string of digits with an optional sign | `int2/4/8` |
 //! | `real`, `double precision` | number, or `"NaN"`, `"Infinity"`, `"-Infinity"` (as the stream sends them) | `float4/8` |
-//! | `json`, `jsonb` | any JSON value (a JSON `null` is SQL NULL); jsonb: no `\u0000` | `json`/`jsonb` |
+//! | `json`, `jsonb` | any JSON value at most [`MAX_JSON_DEPTH`] deep (a JSON `null` is SQL NULL); jsonb: no `\u0000`, no unpaired surrogate escape | `json`/`jsonb` |
 //! | `timestamp with time zone` | RFC 3339 / ISO 8601 with a UTC offset, or `"infinity"`, `"-infinity"` | `timestamptz` |
 //! | one-dimensional array of the above | JSON array of such values (or nulls) | array literal, cast by Postgres |
 //! | anything else (`numeric`, `date`, domains, …) | string, number or boolean, as text | text, cast by Postgres |
 //!
-//! `null` is SQL NULL for every type. No value is ever spliced into SQL: arrays and "anything else" travel as text
+//! A string whose escapes have no text form (half a UTF-16 surrogate pair) is refused for every type. `null` is SQL
+//! NULL for every type. No value is ever spliced into SQL: arrays and "anything else" travel as text
 //! parameters that Postgres casts with the column type's own input function.
 
 use serde_json::value::RawValue;
@@ -218,18 +219,36 @@ fn kind(raw: &str) -> &'static str {
 }
 
 /// The text of a JSON string, borrowed from the body when it has no escapes (the common case: no allocation, no
-/// second parse).
+/// second parse); `None` if `raw` is not a string or is one without a text form (see [`text_of`]).
 fn text(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
-    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
-    if inner.contains('\\') {
-        serde_json::from_str::<String>(raw).ok().map(Into::into)
-    } else {
-        Some(inner.into())
-    }
+    text_of(raw, "a string").ok()
 }
 
 fn string(raw: &str) -> Option<String> {
     text(raw).map(std::borrow::Cow::into_owned)
+}
+
+/// The text of a JSON string; if `raw` is not a string, the error says that `expected` was. A string that is valid
+/// JSON can still have no text form: a lone UTF-16 surrogate escape (`"\ud800"`) has no UTF-8 encoding, and such
+/// a string is refused as it is, never stored as something else.
+fn text_of<'a>(raw: &'a str, expected: &str) -> Result<std::borrow::Cow<'a, str>, ValueError> {
+    let Some(inner) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) else {
+        return Err(wrong(expected, raw));
+    };
+    if !inner.contains('\\') {
+        return Ok(inner.into());
+    }
+    serde_json::from_str::<String>(raw)
+        .map(Into::into)
+        .map_err(|e| {
+            // The body is valid JSON (checked while parsing it), so an escape that does not decode can only be a
+            // surrogate without its pair. serde_json's position is within this value, not the body: left out.
+            let why = e.to_string();
+            let why = why.split(" at line ").next().unwrap_or_default();
+            ValueError::new(format!(
+                "the string has no text form: a UTF-16 surrogate escape (\\uD800-\\uDFFF) without its pair ({why})"
+            ))
+        })
 }
 
 fn wrong(expected: &str, raw: &str) -> ValueError {
@@ -244,13 +263,13 @@ pub(crate) fn decode(ty: &ColumnType, raw: &RawValue) -> Result<Cell, ValueError
     }
     match ty {
         ColumnType::Uuid => {
-            let s = text(raw).ok_or_else(|| wrong("a UUID string", raw))?;
+            let s = text_of(raw, "a UUID string")?;
             Uuid::parse_str(&s)
                 .map(Cell::Uuid)
                 .map_err(|_| ValueError::new(format!("{s:?} is not a UUID")))
         }
         ColumnType::Text => {
-            let s = string(raw).ok_or_else(|| wrong("a string", raw))?;
+            let s = text_of(raw, "a string")?.into_owned();
             no_nul(&s)?;
             Ok(Cell::Text(s))
         }
@@ -274,7 +293,7 @@ pub(crate) fn decode(ty: &ColumnType, raw: &RawValue) -> Result<Cell, ValueError
         ColumnType::Json => json(raw, false),
         ColumnType::Jsonb => json(raw, true),
         ColumnType::Timestamptz => {
-            let s = string(raw).ok_or_else(|| wrong("a timestamp string", raw))?;
+            let s = text_of(raw, "a timestamp string")?;
             Timestamp::parse(&s).map(Cell::Timestamp).map_err(|why| {
                 ValueError::new(format!(
                     "{s:?} is not a timestamp: {why} (expected RFC 3339 with a UTC offset, e.g. \
@@ -285,7 +304,7 @@ pub(crate) fn decode(ty: &ColumnType, raw: &RawValue) -> Result<Cell, ValueError
         ColumnType::Array { element, .. } => array(element, raw).map(Cell::Text),
         ColumnType::Other { cast } => match kind(raw) {
             "string" => {
-                let s = string(raw).unwrap_or_default();
+                let s = text_of(raw, "a string")?.into_owned();
                 no_nul(&s)?;
                 Ok(Cell::Text(s))
             }
@@ -308,7 +327,7 @@ fn no_nul(s: &str) -> Result<(), ValueError> {
 fn integer<T: std::str::FromStr>(raw: &str, name: &str) -> Result<T, ValueError> {
     let text = match kind(raw) {
         "number" => raw.to_owned(),
-        "string" => string(raw).unwrap_or_default(),
+        "string" => text_of(raw, "a string")?.into_owned(),
         _ => return Err(wrong(&format!("an integer ({name})"), raw)),
     };
     // Digits with an optional sign only: `str::parse` refuses "1.0", "1e3", " 1" and "" as Postgres would not all.
@@ -350,31 +369,95 @@ fn float<T: std::str::FromStr + Into<f64> + Copy>(raw: &str, name: &str) -> Resu
     }
 }
 
+/// How deeply a `json`/`jsonb` value may nest arrays and objects. Postgres parses these types recursively and gives up
+/// with "stack depth limit exceeded" somewhere past a few thousand levels (with the default `max_stack_depth`), which
+/// would reach the client as a 500 after a round trip; no document a client keeps comes near this bound.
+pub(crate) const MAX_JSON_DEPTH: usize = 1000;
+
 fn json(raw: &str, binary: bool) -> Result<Cell, ValueError> {
-    if binary && has_nul_escape(raw) {
+    let scan = scan_json(raw);
+    if binary && scan.nul_escape {
         return Err(ValueError::new(
             "jsonb cannot hold \\u0000 in a string (Postgres refuses it)",
         ));
     }
+    if binary && scan.lone_surrogate {
+        return Err(ValueError::new(
+            "jsonb cannot hold a UTF-16 surrogate escape (\\uD800-\\uDFFF) without its pair (Postgres refuses it)",
+        ));
+    }
+    if scan.depth > MAX_JSON_DEPTH {
+        return Err(ValueError::new(format!(
+            "the value nests arrays and objects {} deep; at most {MAX_JSON_DEPTH} levels are accepted",
+            scan.depth
+        )));
+    }
     Ok(Cell::Json(raw.to_owned()))
 }
 
-/// Whether valid JSON text contains the escape `\u0000` (any case). Outside strings a backslash cannot occur, and
-/// inside one every backslash starts an escape, so skipping the escaped character after each is exact.
-fn has_nul_escape(raw: &str) -> bool {
+/// What one pass over valid JSON text finds.
+struct JsonScan {
+    /// It contains the escape `\u0000` (any case).
+    nul_escape: bool,
+    /// It contains a `\\u` escape of half a UTF-16 surrogate pair without the other half.
+    lone_surrogate: bool,
+    /// The deepest nesting of arrays and objects (a scalar: 0).
+    depth: usize,
+}
+
+/// The four hex digits at `at` (valid JSON has them after every `\\u`).
+fn hex4(b: &[u8], at: usize) -> Option<u16> {
+    u16::from_str_radix(std::str::from_utf8(b.get(at..at + 4)?).ok()?, 16).ok()
+}
+
+/// Scans valid JSON text. Outside strings a backslash cannot occur, and inside one every backslash starts an escape,
+/// so skipping the escaped character after each is exact; a quote that is not escaped opens or closes a string,
+/// and brackets count only outside strings.
+fn scan_json(raw: &str) -> JsonScan {
     let b = raw.as_bytes();
+    let mut scan = JsonScan {
+        nul_escape: false,
+        lone_surrogate: false,
+        depth: 0,
+    };
+    let (mut depth, mut in_string) = (0usize, false);
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' {
-            if b.get(i + 1) == Some(&b'u') && b.get(i + 2..i + 6) == Some(b"0000") {
-                return true;
+        match b[i] {
+            b'\\' if b.get(i + 1) == Some(&b'u') => {
+                match hex4(b, i + 2) {
+                    Some(0) => scan.nul_escape = true,
+                    Some(0xD800..=0xDBFF) => {
+                        // A leading surrogate is whole only with a trailing one right after it.
+                        if b.get(i + 6..i + 8) == Some(b"\\u")
+                            && matches!(hex4(b, i + 8), Some(0xDC00..=0xDFFF))
+                        {
+                            i += 12;
+                            continue;
+                        }
+                        scan.lone_surrogate = true;
+                    }
+                    Some(0xDC00..=0xDFFF) => scan.lone_surrogate = true,
+                    _ => {}
+                }
+                i += 6;
+                continue;
             }
-            i += 2;
-        } else {
-            i += 1;
+            b'\\' => {
+                i += 2;
+                continue;
+            }
+            b'"' => in_string = !in_string,
+            b'[' | b'{' if !in_string => {
+                depth += 1;
+                scan.depth = scan.depth.max(depth);
+            }
+            b']' | b'}' if !in_string => depth = depth.saturating_sub(1),
+            _ => {}
         }
+        i += 1;
     }
-    false
+    scan
 }
 
 /// A JSON array of `element` values → a Postgres array literal (`{"a",NULL,"b"}`), every element decoded (so
@@ -783,6 +866,28 @@ mod tests {
                 .message
                 .contains("U+0000")
         );
+        // A lone surrogate escape is valid JSON but has no text form: refused, never stored as something else.
+        for ty in [
+            ColumnType::Text,
+            ColumnType::Uuid,
+            ColumnType::Timestamptz,
+            ColumnType::Int4,
+            ColumnType::Other {
+                cast: "citext".into(),
+            },
+        ] {
+            let e = err(&ty, r#""a\ud800b""#);
+            assert_eq!(e.code, "invalid_value");
+            assert!(
+                e.message.contains("no text form") && e.message.contains("surrogate"),
+                "{ty:?}: {}",
+                e.message
+            );
+        }
+        assert_eq!(
+            ok(&ColumnType::Text, r#""\ud83d\ude00""#),
+            Cell::Text("\u{1f600}".into())
+        );
 
         let hash = "ab".repeat(32);
         assert_eq!(
@@ -863,6 +968,43 @@ mod tests {
         ok(&ColumnType::Jsonb, r#"{"a": "x\\u0000"}"#);
         // json (not jsonb) keeps what jsonb refuses.
         ok(&ColumnType::Json, r#"{"a": "x\u0000"}"#);
+
+        // jsonb cannot hold half a surrogate pair (Postgres refuses it); a whole pair, in any case, is fine; json
+        // keeps its text as sent.
+        for lone in [
+            r#""\ud800""#,
+            r#"["\udc00"]"#,
+            r#"{"a": "x\uD83Dy"}"#,
+            r#""\ud800\u0041""#,
+        ] {
+            assert!(
+                err(&ColumnType::Jsonb, lone).message.contains("surrogate"),
+                "{lone}"
+            );
+            ok(&ColumnType::Json, lone);
+        }
+        ok(
+            &ColumnType::Jsonb,
+            r#"{"a": "\ud83d\ude00", "b": "\uD83D\uDE00 \u00e9"}"#,
+        );
+        ok(&ColumnType::Jsonb, r#""\\ud800""#);
+        // Nesting: at most MAX_JSON_DEPTH levels, for json and jsonb; brackets inside strings do not count.
+        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        for ty in [ColumnType::Json, ColumnType::Jsonb] {
+            ok(&ty, &nested(MAX_JSON_DEPTH));
+            ok(
+                &ty,
+                &format!("{{\"a\": [{{\"b\": {}}}]}}", nested(MAX_JSON_DEPTH - 3)),
+            );
+            let e = err(&ty, &nested(MAX_JSON_DEPTH + 1));
+            assert_eq!(e.code, "invalid_value");
+            assert!(e.message.contains("1001 deep"), "{}", e.message);
+            err(
+                &ty,
+                &format!("{{\"a\": [{{\"b\": {}}}]}}", nested(MAX_JSON_DEPTH - 2)),
+            );
+            ok(&ty, &format!("[\"{}\", \"\\\"{{\"]", "[{".repeat(5000)));
+        }
 
         let other = ColumnType::Other {
             cast: "numeric".into(),
