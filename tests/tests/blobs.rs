@@ -62,6 +62,23 @@ async fn sha256_must_be_64_lowercase_hex() {
             "invalid_value",
         ),
         (json!({"sha256": sha(7), "size": 1}), "duplicate_sha256"),
+        // Postgres refuses these too, but its answer named neither the blob nor the field.
+        (
+            json!({"sha256": sha(2), "size": 1, "page_count": -5}),
+            "invalid_value",
+        ),
+        (
+            json!({"sha256": sha(2), "size": 1, "image_height": -1}),
+            "invalid_value",
+        ),
+        (
+            json!({"sha256": sha(2), "size": 1, "path": "/a\u{0}b"}),
+            "invalid_value",
+        ),
+        (
+            json!({"sha256": sha(2), "size": 1, "mime": "text/\u{0}"}),
+            "invalid_value",
+        ),
     ];
     for (blob, code) in cases {
         let body =
@@ -76,6 +93,18 @@ async fn sha256_must_be_64_lowercase_hex() {
     assert_eq!(
         (status.as_u16(), error_code(&resp)),
         (422, "invalid_request"),
+        "{resp}"
+    );
+    // The nil UUID is a placeholder, not a device's id.
+    let (status, resp) = env
+        .coordinate(
+            user,
+            json!({"device_id": Uuid::nil(), "blobs": [{"sha256": sha(2), "size": 1}]}),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), error_code(&resp)),
+        (422, "invalid_value"),
         "{resp}"
     );
 

@@ -70,6 +70,46 @@ pub struct DeviceBlobReport {
     pub health: Option<String>,
 }
 
+impl DeviceBlobReport {
+    /// Everything Postgres would refuse, refused first with a message that names the field (the caller adds
+    /// `blob_index`).
+    fn check(&self) -> Result<(), ApiError> {
+        let invalid = |message: &str| ApiError::unprocessable("invalid_value", message.to_owned());
+        check_sha256(&self.sha256)?;
+        if self.size < 0 {
+            return Err(invalid("size must be >= 0"));
+        }
+        for (name, count) in [
+            ("page_count", self.page_count),
+            ("image_width", self.image_width),
+            ("image_height", self.image_height),
+        ] {
+            if count.is_some_and(|n| n < 0) {
+                return Err(invalid(&format!("{name} must be >= 0")));
+            }
+        }
+        for (name, text) in [
+            ("mime", &self.mime),
+            ("filename", &self.filename),
+            ("path", &self.path),
+        ] {
+            if text.as_deref().is_some_and(|t| t.contains('\0')) {
+                return Err(invalid(&format!(
+                    "{name} cannot contain the character U+0000 (Postgres refuses it)"
+                )));
+            }
+        }
+        if let Some(h) = &self.health
+            && !["healthy", "missing", "modified", "relocated"].contains(&h.as_str())
+        {
+            return Err(invalid(
+                "health must be healthy, missing, modified or relocated",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Body of `POST /v1/blobs/coordinate`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -196,20 +236,14 @@ pub async fn coordinate(
     let max = state.limits.max_ops_per_batch;
     let req = parse_off_runtime(body, move |bytes| parse_coordinate(bytes, max)).await?;
     let mut seen = std::collections::HashSet::new();
+    if req.device_id.is_nil() {
+        return Err(ApiError::unprocessable(
+            "invalid_value",
+            "device_id must be the device's own persistent id, not the nil UUID",
+        ));
+    }
     for (i, b) in req.blobs.iter().enumerate() {
-        check_sha256(&b.sha256).map_err(|e| e.at_blob(i))?;
-        if b.size < 0 {
-            return Err(ApiError::unprocessable("invalid_value", "size must be >= 0").at_blob(i));
-        }
-        if let Some(h) = &b.health
-            && !["healthy", "missing", "modified", "relocated"].contains(&h.as_str())
-        {
-            return Err(ApiError::unprocessable(
-                "invalid_value",
-                "health must be healthy, missing, modified or relocated",
-            )
-            .at_blob(i));
-        }
+        b.check().map_err(|e| e.at_blob(i))?;
         if !seen.insert(b.sha256.as_str()) {
             return Err(
                 ApiError::unprocessable("duplicate_sha256", "a sha256 appears twice").at_blob(i),
