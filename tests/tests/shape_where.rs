@@ -229,3 +229,50 @@ async fn websocket_where_on_array_and_jsonb_columns() {
         vec![a.to_string()]
     );
 }
+
+/// A literal that Postgres reads relative to the moment of the cast (`'yesterday'`, `'now'`, …) would be cast again
+/// by every request of the shape, and move under it: refused with a clear error, for a `where` literal and a param
+/// alike, over HTTP and the WebSocket. An absolute timestamp next to it is fine.
+#[tokio::test]
+async fn relative_time_literals_are_refused() {
+    let env = TestEnv::start().await;
+    let alice = Uuid::new_v4();
+    let token = env.token(alice);
+    for (where_, param) in [
+        ("created_at > 'yesterday'", None),
+        ("created_at < 'tomorrow 10:00'", None),
+        ("created_at > $1", Some("now")),
+        ("updated_at IN ('2026-01-01 00:00:00+00', 'today')", None),
+    ] {
+        let mut query = format!("table=works&offset=-1&where={}", enc(where_));
+        if let Some(p) = param {
+            query.push_str(&format!("&params%5B1%5D={}", enc(p)));
+        }
+        let r = deeprecall_tests::shape::get(&env.http, &env.base, Some(&token), &query, &[]).await;
+        assert_eq!(r.status, 400, "{where_}: {}", r.text);
+        let body = r.json();
+        assert_eq!(body["error"]["code"], "invalid_where", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("relative")),
+            "{body}"
+        );
+    }
+    let query = format!(
+        "table=works&offset=-1&where={}",
+        enc("created_at > '2000-01-01 00:00:00+00'")
+    );
+    let r = deeprecall_tests::shape::get(&env.http, &env.base, Some(&token), &query, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    let mut client = StreamClient::connect(&env.base, &token).await;
+    client
+        .subscribe("rel", "works", json!({"created_at": "yesterday"}))
+        .await;
+    let err = client
+        .until(T, |v| v["type"] == "error" || v["type"] == "snapshot")
+        .await;
+    assert_eq!(err["code"], "invalid_where", "{err}");
+    assert_eq!(err["id"], "rel");
+}

@@ -31,6 +31,24 @@ use crate::db::catalog::{Column, quote_ident};
 /// Most values one `IN` list may hold.
 pub const MAX_IN_VALUES: usize = 1000;
 
+/// Words that Postgres's date and time input reads relative to the moment of the cast (`'yesterday'` is midnight
+/// of the day before the casting transaction's).
+const RELATIVE_TIME_WORDS: &[&str] = &["now", "today", "tomorrow", "yesterday"];
+
+/// Whether `text`, a literal for a column of type `type_oid`, names a time relative to when it is cast. A filter's
+/// literals are cast when it is compiled, and a shape's or a resumed subscription's definition is compiled again by
+/// every request: such a literal would move under a live filter, so that its live changes and a new snapshot no
+/// longer agree. Refused (docs/protocol.md, docs/electric.md).
+pub fn is_relative_time(type_oid: u32, text: &str) -> bool {
+    // date, time, timestamp, timestamptz, timetz
+    matches!(type_oid, 1082 | 1083 | 1114 | 1184 | 1266)
+        && text.split(|c: char| !c.is_ascii_alphabetic()).any(|word| {
+            RELATIVE_TIME_WORDS
+                .iter()
+                .any(|r| word.eq_ignore_ascii_case(r))
+        })
+}
+
 /// How a column's values compare, from its type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -776,6 +794,30 @@ mod tests {
             col("owner_id", 2950, "uuid"),
             col("tags", 1009, "text[]"),
         ]
+    }
+
+    #[test]
+    fn relative_time_words_are_found_in_time_literals_only() {
+        for (oid, text) in [
+            (1184, "yesterday"),
+            (1184, "NOW"),
+            (1082, "today"),
+            (1114, "tomorrow 10:00"),
+            (1083, "now"),
+            (1184, " Yesterday+01"),
+        ] {
+            assert!(is_relative_time(oid, text), "{oid} {text}");
+        }
+        for (oid, text) in [
+            (1184, "2026-12-01 10:00:00+00"),
+            (1184, "infinity"),
+            (1184, "epoch"),
+            (1184, "2026-12-01 10:00 America/Noronha"),
+            (25, "yesterday"),
+            (23, "now"),
+        ] {
+            assert!(!is_relative_time(oid, text), "{oid} {text}");
+        }
     }
 
     fn parse(v: Value) -> Result<Filter, FilterError> {

@@ -37,7 +37,7 @@ use tokio_postgres::types::{Oid, ToSql, Type};
 use super::admission::{Admission, AdmitError, SnapshotCapacity};
 use super::barrier::{BARRIER_TIMEOUT, Barriers};
 use super::convert::output_text_sql;
-use super::filter::{Filter, SqlParam};
+use super::filter::{Filter, SqlParam, is_relative_time};
 use super::handoff::{Handoff, PgSnapshot};
 use super::hub::{CannotResume, Hub};
 use super::job::{JobError, JobReport, JobSpec, Prepared, Purpose, SnapshotColumn};
@@ -187,6 +187,14 @@ pub async fn canonicalise(
         return Ok(filter.clone());
     }
     let groups = filter.literals_by_type();
+    for (_, type_oid, texts) in &groups {
+        if let Some(text) = texts.iter().find(|t| is_relative_time(*type_oid, t)) {
+            return Err(JobError::BadFilter(format!(
+                "{text:?} is a time relative to when the filter is read, and would move under a live filter: \
+                 use an absolute date or timestamp"
+            )));
+        }
+    }
     if groups.is_empty() {
         return filter
             .with_canonical(&[])
