@@ -399,13 +399,13 @@ fn json(raw: &str, binary: bool) -> Result<Cell, ValueError> {
 struct JsonScan {
     /// It contains the escape `\u0000` (any case).
     nul_escape: bool,
-    /// It contains a `\\u` escape of half a UTF-16 surrogate pair without the other half.
+    /// It contains a `\u` escape of half a UTF-16 surrogate pair without the other half.
     lone_surrogate: bool,
     /// The deepest nesting of arrays and objects (a scalar: 0).
     depth: usize,
 }
 
-/// The four hex digits at `at` (valid JSON has them after every `\\u`).
+/// The four hex digits at `at` (valid JSON has them after every `\u`).
 fn hex4(b: &[u8], at: usize) -> Option<u16> {
     u16::from_str_radix(std::str::from_utf8(b.get(at..at + 4)?).ok()?, 16).ok()
 }
