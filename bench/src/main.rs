@@ -749,8 +749,9 @@ async fn live_phase(env: &Env, sizes: &Sizes) -> anyhow::Result<(Vec<Row>, Vec<S
         latency_row(&r, &mut rows, true);
         let mut big = vec![live.fanout(env, sizes.fanout_rows).await?];
 
+        let large_first = |round: usize| round % 2 == 1;
         for round in 1..sizes.fanout_rounds {
-            let order = if round % 2 == 1 {
+            let order = if large_first(round) {
                 [sizes.big_idle, ACTIVE]
             } else {
                 [ACTIVE, sizes.big_idle]
@@ -791,15 +792,18 @@ async fn live_phase(env: &Env, sizes: &Sizes) -> anyhow::Result<(Vec<Row>, Vec<S
         notes.push(format!(
             "fan-out cost: {} rounds; large ÷ small per round (µs per change, large / small) {}.",
             ratios.len(),
-            small
+            ratios
                 .iter()
-                .zip(&big)
+                .zip(small.iter().zip(&big))
                 .enumerate()
-                .map(|(round, (s, b))| {
-                    let first = if round % 2 == 1 { "large first" } else { "small first" };
+                .map(|(round, (ratio, (s, b)))| {
+                    let first = if large_first(round) {
+                        "large first"
+                    } else {
+                        "small first"
+                    };
                     format!(
-                        "{:.2}× ({:.1} / {:.1}, {first})",
-                        b.us_per_change() / s.us_per_change(),
+                        "{ratio:.2}× ({:.1} / {:.1}, {first})",
                         b.us_per_change(),
                         s.us_per_change()
                     )

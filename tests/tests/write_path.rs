@@ -883,6 +883,28 @@ async fn values_are_typed_by_the_server_and_stored_exactly() {
 
 /// Values that do not fit their column are refused with 422 and the op's index, naming the column, before the
 /// database: the whole batch writes nothing.
+/// Asserts that a batch was refused with 422 `invalid_value` at op 1, naming `column`; returns the message.
+/// `context` says which case failed.
+fn refused_value_of_op_1<'b>(
+    status: reqwest::StatusCode,
+    body: &'b Value,
+    column: &str,
+    context: &str,
+) -> &'b str {
+    assert_eq!(
+        (status.as_u16(), error_code(body)),
+        (422, "invalid_value"),
+        "{context}: {body}"
+    );
+    assert_eq!(body["error"]["op_index"], 1, "{context}: {body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("column `{column}`")),
+        "{context}: {message}"
+    );
+    message
+}
+
 #[tokio::test]
 async fn values_that_do_not_fit_their_column_are_refused() {
     let env = TestEnv::start().await;
@@ -952,17 +974,7 @@ async fn values_that_do_not_fit_their_column_are_refused() {
             insert(table, row.clone())
         ]);
         let (status, body) = env.batch(user, ops).await;
-        assert_eq!(
-            (status.as_u16(), error_code(&body)),
-            (422, "invalid_value"),
-            "{table} {row}: {body}"
-        );
-        assert_eq!(body["error"]["op_index"], 1, "{table} {row}: {body}");
-        let message = body["error"]["message"].as_str().unwrap_or_default();
-        assert!(
-            message.contains(&format!("column `{column}`")),
-            "{table} {row}: {message}"
-        );
+        refused_value_of_op_1(status, &body, column, &format!("{table} {row}"));
     }
     for t in TABLES.iter().chain(&["blobs_meta", "sync_applied_ops"]) {
         assert_eq!(
@@ -1013,17 +1025,8 @@ async fn json_values_a_column_cannot_hold_are_refused_before_postgres() {
     ];
     for (row, column, says) in cases {
         let (status, body) = env.post_raw("/v1/batch", Some(&token), body(row)).await;
-        assert_eq!(
-            (status.as_u16(), error_code(&body)),
-            (422, "invalid_value"),
-            "{column}: {body}"
-        );
-        assert_eq!(body["error"]["op_index"], 1, "{body}");
-        let message = body["error"]["message"].as_str().unwrap_or_default();
-        assert!(
-            message.contains(&format!("column `{column}`")) && message.contains(says),
-            "{message}"
-        );
+        let message = refused_value_of_op_1(status, &body, column, column);
+        assert!(message.contains(says), "{message}");
     }
     assert_eq!(count(&db, "select count(*) from works", &[]).await, 0);
 

@@ -28,10 +28,14 @@ pub const BPCHAR: u32 = 1042;
 pub const VARCHAR: u32 = 1043;
 /// `date`.
 pub const DATE: u32 = 1082;
+/// `time without time zone`.
+pub const TIME: u32 = 1083;
 /// `timestamp without time zone`.
 pub const TIMESTAMP: u32 = 1114;
 /// `timestamp with time zone`.
 pub const TIMESTAMPTZ: u32 = 1184;
+/// `time with time zone`.
+pub const TIMETZ: u32 = 1266;
 /// `numeric`.
 pub const NUMERIC: u32 = 1700;
 /// `uuid`.

@@ -235,13 +235,13 @@ pub async fn coordinate(
     let body = body.map_err(body_error)?;
     let max = state.limits.max_ops_per_batch;
     let req = parse_off_runtime(body, move |bytes| parse_coordinate(bytes, max)).await?;
-    let mut seen = std::collections::HashSet::new();
     if req.device_id.is_nil() {
         return Err(ApiError::unprocessable(
             "invalid_value",
             "device_id must be the device's own persistent id, not the nil UUID",
         ));
     }
+    let mut seen = std::collections::HashSet::new();
     for (i, b) in req.blobs.iter().enumerate() {
         b.check().map_err(|e| e.at_blob(i))?;
         if !seen.insert(b.sha256.as_str()) {

@@ -40,8 +40,8 @@ const RELATIVE_TIME_WORDS: &[&str] = &["now", "today", "tomorrow", "yesterday"];
 /// every request: such a literal would move under a live filter, so that its live changes and a new snapshot no
 /// longer agree. Refused (docs/protocol.md, docs/electric.md).
 pub fn is_relative_time(type_oid: u32, text: &str) -> bool {
-    // date, time, timestamp, timestamptz, timetz
-    matches!(type_oid, 1082 | 1083 | 1114 | 1184 | 1266)
+    use crate::db::pg_type::{DATE, TIME, TIMESTAMP, TIMESTAMPTZ, TIMETZ};
+    matches!(type_oid, DATE | TIME | TIMESTAMP | TIMESTAMPTZ | TIMETZ)
         && text.split(|c: char| !c.is_ascii_alphabetic()).any(|word| {
             RELATIVE_TIME_WORDS
                 .iter()
