@@ -2,12 +2,14 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderName;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -45,7 +47,11 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_failure(log_failure),
+        )
         .with_state(state);
     // Outermost, so preflights are answered before routing and every response (errors included) gets the headers.
     let router = match cors {
@@ -107,6 +113,30 @@ fn request_span(req: &Request) -> tracing::Span {
         method = %req.method(),
         path = %req.uri().path(),
     )
+}
+
+/// tower-http's default logs every 5xx response at ERROR. A 503 is the server saying "not now": `/readyz` of an
+/// instance that is starting or on standby (which a load balancer polls every few seconds, for as long as the
+/// standby waits), or load shed on purpose (`too_many_snapshots`, `too_many_connections`). None of
+/// them is an error an operator must act on, and a 503 that does come from a fault is logged where it is answered,
+/// with its cause (`database unavailable`, the pool wait timeout, `readiness: database unreachable`: WARN). So 503s
+/// are logged here at DEBUG, under tower-http's own target (`RUST_LOG=tower_http=debug` shows them, as it shows every
+/// request); any other 5xx, and a response that failed outright, stays at ERROR.
+fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &tracing::Span) {
+    let latency_ms = latency.as_secs_f64() * 1000.0;
+    match class {
+        ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => tracing::debug!(
+            target: "tower_http::trace::on_failure",
+            latency_ms,
+            "response 503 Service Unavailable"
+        ),
+        class => tracing::error!(
+            target: "tower_http::trace::on_failure",
+            classification = %class,
+            latency_ms,
+            "response failed"
+        ),
+    }
 }
 
 /// Holds one of the server's client-connection slots (see [`serve`]). Every request carries its connection's slot

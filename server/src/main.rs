@@ -46,11 +46,17 @@ fn disable_transparent_huge_pages() {
     }
 }
 
+/// The log filter when RUST_LOG is not set. `pgwire_replication` is off: its one line above DEBUG is an ERROR
+/// ("replication worker terminated with error") for every replication session that ends, which the replicator
+/// already logs itself with what it does about it: one WARN for a standby (whose session ends every 0.5 s while
+/// another process holds the slot, which made an ERROR line every 0.5 s), a WARN per retry, or an ERROR when it stops.
+const DEFAULT_LOG_FILTER: &str = "info,tokio_postgres=warn,pgwire_replication=off";
+
 /// Logs go to stderr (stdout is for what a command prints: tokens, `check` reports, `tail` frames), filtered by
-/// RUST_LOG.
+/// RUST_LOG, by default [`DEFAULT_LOG_FILTER`].
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -80,42 +80,85 @@ async fn every_response_carries_a_request_id() {
     }
 }
 
+/// `deeprecall-sync serve` as a subprocess on `slot`, logging JSON lines under `rust_log` (None: the server's default
+/// filter); its stderr lines arrive on `lines` as they are written.
+struct JsonServer {
+    child: tokio::process::Child,
+    base: String,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl JsonServer {
+    fn spawn(env: &TestEnv, slot: &str, rust_log: Option<&str>) -> Self {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut command = tokio::process::Command::new(server_bin());
+        command
+            .args([
+                "serve",
+                "--log-format",
+                "json",
+                "--listen",
+                &listen,
+                "--slot",
+                slot,
+            ])
+            .env("DATABASE_URL", env.db_url())
+            .env("DEEPRECALL_JWT_SECRET", TEST_SECRET)
+            .env_remove("RUST_LOG")
+            .env_remove("DEEPRECALL_LOG_FORMAT")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(filter) = rust_log {
+            command.env("RUST_LOG", filter);
+        }
+        let mut child = command.spawn().expect("spawning deeprecall-sync serve");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            child,
+            base: format!("http://{listen}"),
+            lines,
+            reader,
+        }
+    }
+
+    /// Stops the server with SIGTERM (it must exit successfully) and returns the lines not yet received.
+    async fn stop(mut self) -> Vec<String> {
+        let pid = self.child.id().expect("pid").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("server stops on SIGTERM")
+            .unwrap();
+        assert!(exit.success(), "{exit}");
+        let _ = self.reader.await;
+        let mut rest = Vec::new();
+        while let Ok(line) = self.lines.try_recv() {
+            rest.push(line);
+        }
+        rest
+    }
+}
+
 #[tokio::test]
 async fn json_logs_parse_and_carry_the_request_id() {
     let env = TestEnv::start().await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut child = tokio::process::Command::new(server_bin())
-        .args([
-            "serve",
-            "--log-format",
-            "json",
-            "--listen",
-            &listen,
-            // The test environment's own server holds the default slot.
-            "--slot",
-            "logs_test",
-        ])
-        .env("DATABASE_URL", env.db_url())
-        .env("DEEPRECALL_JWT_SECRET", TEST_SECRET)
-        .env("RUST_LOG", "info,tower_http=debug")
-        .env_remove("DEEPRECALL_LOG_FORMAT")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawning deeprecall-sync serve");
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let reader = tokio::spawn(async move {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            let _ = tx.send(line);
-        }
-    });
-
+    // A slot of its own: the test environment's server holds its slot.
+    let mut server = JsonServer::spawn(&env, "logs_test", Some("info,tower_http=debug"));
+    let base = server.base.clone();
     let http = reqwest::Client::new();
-    let base = format!("http://{listen}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     // Ready: the database answers and the replication stream runs.
     loop {
@@ -142,7 +185,7 @@ async fn json_logs_parse_and_carry_the_request_id() {
     // Read lines until the request's own log line shows up.
     let mut lines: Vec<String> = Vec::new();
     let found = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = rx.recv().await {
+        while let Some(line) = server.lines.recv().await {
             lines.push(line.clone());
             let Ok(v) = serde_json::from_str::<Value>(&line) else {
                 continue;
@@ -170,21 +213,7 @@ async fn json_logs_parse_and_carry_the_request_id() {
     );
 
     // Graceful stop, then every line the server wrote is one JSON object with the standard fields.
-    let pid = child.id().expect("pid").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("server stops on SIGTERM")
-        .unwrap();
-    assert!(exit.success(), "{exit}");
-    let _ = reader.await;
-    while let Ok(line) = rx.try_recv() {
-        lines.push(line);
-    }
+    lines.extend(server.stop().await);
     assert!(lines.len() >= 3, "{lines:?}");
     for line in &lines {
         let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
@@ -198,5 +227,51 @@ async fn json_logs_parse_and_carry_the_request_id() {
             v["message"] == "deeprecall-sync serving" && v["level"] == "INFO"
         }),
         "{lines:?}"
+    );
+}
+
+/// A 503 is the server saying "not now", here `/readyz` of an instance on standby, which a load balancer polls for as
+/// long as the standby waits: it is logged at DEBUG, not as an ERROR per probe (tower-http's default). The standby
+/// itself is one WARN line.
+#[tokio::test]
+async fn a_standby_polled_for_readiness_logs_no_errors() {
+    let env = TestEnv::start().await;
+    // The test environment's own server holds its slot, so a second server on it waits on standby.
+    let server = JsonServer::spawn(&env, &env.state.slot_name, None);
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut standby_answers = 0;
+    while standby_answers < 5 {
+        if let Ok(r) = http.get(format!("{}/readyz", server.base)).send().await {
+            assert_eq!(r.status(), 503, "a standby is not ready");
+            let body: Value = r.json().await.unwrap();
+            if body["reason"] == "standby" {
+                standby_answers += 1;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no standby readiness answer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lines = server.stop().await;
+    let parsed: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let errors: Vec<&String> = lines
+        .iter()
+        .zip(&parsed)
+        .filter(|(_, v)| v["level"] == "ERROR")
+        .map(|(l, _)| l)
+        .collect();
+    assert!(errors.is_empty(), "ERROR lines: {errors:#?}");
+    assert!(
+        parsed.iter().any(|v| v["level"] == "WARN"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("on standby"))),
+        "no standby warning in {lines:#?}"
     );
 }
