@@ -225,6 +225,9 @@ async fn bad_queries_are_refused_clearly() {
         ("?missing=maybe", "invalid_query"),
         ("?owner_id=alice", "invalid_query"),
         ("?colour=blue", "invalid_query"),
+        // Postgres's text cannot hold U+0000: refused before the query, naming the parameter.
+        ("?q=a%00b", "invalid_query"),
+        ("?mime=%00", "invalid_query"),
     ];
     for (q, code) in cases {
         let (status, body) = env.get(&format!("/v1/admin/blobs{q}"), Some(&admin)).await;

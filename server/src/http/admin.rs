@@ -261,6 +261,16 @@ impl Request {
                 format!("q is limited to {MAX_SEARCH_CHARS} characters"),
             ));
         }
+        // Postgres's text cannot hold U+0000; refused here with the parameter's name instead of Postgres's
+        // "invalid byte sequence".
+        for (name, value) in [("q", &q.q), ("mime", &q.mime)] {
+            if value.as_deref().is_some_and(|v| v.contains('\0')) {
+                return Err(invalid(
+                    "invalid_query",
+                    format!("{name} must not contain U+0000"),
+                ));
+            }
+        }
         let after = match &q.cursor {
             None => None,
             Some(c) => {
