@@ -204,6 +204,16 @@ async fn bad_requests_are_400_and_bad_tokens_401() {
             enc("tags = 'not an array'")
         ),
         "table=works&offset=-1&params%5Bx%5D=1".into(),
+        // A parameter twice with different values, and params numbered with a gap.
+        "table=no_such_table&table=works&offset=-1".into(),
+        format!(
+            "table=works&offset=-1&where={}&params%5B1%5D=1999&params%5B1%5D=2000",
+            enc("year > $1")
+        ),
+        format!(
+            "table=works&offset=-1&where={}&params%5B2%5D=2000",
+            enc("year > $2")
+        ),
         format!("table=works&offset=-1&columns={}", enc("\"id\",\"title\"")),
         format!(
             "table=works&offset=-1&columns={}",

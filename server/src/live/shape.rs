@@ -219,17 +219,43 @@ impl ShapeRequest {
     }
 }
 
+/// The query parameters [`parse_request`] reads (besides `params[n]`); any other is ignored.
+const READ_PARAMETERS: [&str; 11] = [
+    "table",
+    "offset",
+    "handle",
+    "live",
+    "live_sse",
+    "experimental_live_sse",
+    "where",
+    "params",
+    "columns",
+    "replica",
+    "log",
+];
+
 fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::bad_request(code, message)
 }
 
 /// Parses the query string. Unknown parameters are ignored (the client adds `cursor`, `log`, `cache-buster`,
 /// `expired_handle`, … and apps add their own).
+///
+/// A parameter this endpoint reads that is given twice with different values is refused: which one a proxy, a cache
+/// or a log in front of the server took is unknowable, and the shape must be the one the client meant. The same value
+/// twice is harmless and accepted. `params[n]` must be numbered 1, 2, … without gaps (Electric's rule); one that
+/// `where` does not use is accepted, as Electric does.
 fn parse_request(query: &str) -> Result<ShapeRequest, ApiError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
         .map_err(|e| bad_request("invalid_request", format!("malformed query string: {e}")))?;
     let mut last: HashMap<&str, &str> = HashMap::new();
     let mut params = BTreeMap::new();
+    let twice = |k: &str| {
+        bad_request(
+            "invalid_request",
+            format!("`{k}` is given twice with different values"),
+        )
+    };
     for (k, v) in &pairs {
         if let Some(n) = k.strip_prefix("params[").and_then(|r| r.strip_suffix(']')) {
             let n: usize = n.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
@@ -238,10 +264,25 @@ fn parse_request(query: &str) -> Result<ShapeRequest, ApiError> {
                     format!("`{k}`: use params[1], params[2], …"),
                 )
             })?;
-            params.insert(n, v.clone());
-        } else {
-            last.insert(k.as_str(), v.as_str());
+            if params.insert(n, v.clone()).is_some_and(|old| old != *v) {
+                return Err(twice(k));
+            }
+        } else if last
+            .insert(k.as_str(), v.as_str())
+            .is_some_and(|old| old != v)
+            && READ_PARAMETERS.contains(&k.as_str())
+        {
+            return Err(twice(k));
         }
+    }
+    if let Some((gap, _)) = params.keys().enumerate().find(|(i, n)| **n != i + 1) {
+        return Err(bad_request(
+            "invalid_params",
+            format!(
+                "params must be numbered 1, 2, … without gaps; params[{}] is missing",
+                gap + 1
+            ),
+        ));
     }
     if last.contains_key("params") {
         return Err(bad_request(
@@ -1375,6 +1416,13 @@ mod tests {
             .unwrap();
         assert_eq!(r.offset, OffsetParam::At(12));
         assert!(r.live && r.sse);
+        // The same value twice, an ignored parameter twice, and a param `where` does not use are accepted.
+        let r = parse_request(
+            "table=works&table=works&offset=-1&cursor=1&cursor=2&params%5B1%5D=a&params%5B1%5D=a&params%5B2%5D=b",
+        )
+        .unwrap();
+        assert_eq!(r.table, "works");
+        assert_eq!(r.params.len(), 2);
         assert_eq!(
             parse_request("table=works&offset=0/1A&handle=h")
                 .unwrap()
@@ -1392,6 +1440,13 @@ mod tests {
             "table=works&offset=-1&params%5B0%5D=x",
             "table=works&offset=-1&params=x",
             "table=works&offset=now",
+            // Twice with different values (the same value twice is fine, below).
+            "table=works&table=books&offset=-1",
+            "table=works&offset=-1&where=year%3E%241&where=true",
+            "table=works&offset=-1&params%5B1%5D=a&params%5B1%5D=b",
+            // Numbered with a gap.
+            "table=works&offset=-1&params%5B2%5D=x",
+            "table=works&offset=-1&params%5B1%5D=x&params%5B3%5D=y",
         ] {
             let e = parse_request(bad).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
