@@ -144,6 +144,12 @@ fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &traci
 #[derive(Debug, Clone)]
 pub struct ConnectionSlot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
 
+/// hyper's read buffer, which bounds a request's line and header together (431 beyond; a request target over
+/// 65,534 bytes is hyper's 414 regardless). hyper's default (~400 KiB) let every connection that had not finished
+/// its header hold up to a megabyte of it for `--header-timeout-secs`; 128 KiB is a request target at hyper's limit
+/// plus 64 KiB of headers, far above what browsers send (a few KiB, cookies included).
+const MAX_HEADER_BUFFER_BYTES: usize = 128 * 1024;
+
 /// Serves `router(state)` on `listener` until `shutdown` resolves, then drains in-flight requests.
 ///
 /// Our own accept loop rather than `axum::serve`, for the limits a public server needs (docs/operations.md).
@@ -153,7 +159,8 @@ pub struct ConnectionSlot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePer
 ///   new connections wait in the kernel's backlog instead of costing a file descriptor each), kept below the
 ///   process's descriptor limit so Postgres connections never fail for want of one;
 /// - `limits.header_timeout` for a complete request header, which hyper also applies while a keep-alive
-///   connection waits for its next request: slowloris and idle sockets are closed, not kept for ever.
+///   connection waits for its next request: slowloris and idle sockets are closed, not kept for ever;
+/// - [`MAX_HEADER_BUFFER_BYTES`] for a request's line and header.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -169,6 +176,7 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEADER_BUFFER_BYTES)
         .keep_alive(true);
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);

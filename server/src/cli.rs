@@ -195,6 +195,19 @@ pub struct LimitArgs {
     /// Seconds a client has to send a complete request header, and an idle keep-alive connection stays open.
     #[arg(long, env = "DEEPRECALL_HEADER_TIMEOUT_SECS", default_value_t = 20)]
     pub header_timeout_secs: u64,
+    /// Seconds a client has to send a write request's whole body (/v1/batch, /v1/blobs/coordinate) once its
+    /// header is in; 408 body_timeout after it.
+    #[arg(long, env = "DEEPRECALL_BODY_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout_secs: u64,
+    /// Bytes of write request bodies held at once, server-wide (each reserves its Content-Length, or
+    /// --max-body-bytes without one, until it is answered); 503 server_busy beyond. At least --max-body-bytes.
+    #[arg(long, env = "DEEPRECALL_MAX_BODY_BYTES_IN_FLIGHT", default_value_t = 256 * 1024 * 1024)]
+    pub max_body_bytes_in_flight: usize,
+    /// Bytes of one user's write request bodies held at once; 429 too_many_requests beyond. At least
+    /// --max-body-bytes.
+    #[arg(long, env = "DEEPRECALL_MAX_BODY_BYTES_IN_FLIGHT_PER_USER", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes_in_flight_per_user: usize,
 }
 
 impl LimitArgs {
@@ -233,6 +246,9 @@ impl LimitArgs {
             snapshots,
             max_http_connections,
             header_timeout: std::time::Duration::from_secs(self.header_timeout_secs.max(1)),
+            body_timeout: std::time::Duration::from_secs(self.body_timeout_secs),
+            max_body_bytes_in_flight: self.max_body_bytes_in_flight,
+            max_body_bytes_in_flight_per_user: self.max_body_bytes_in_flight_per_user,
         }
     }
 }
@@ -610,6 +626,11 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         pool,
         snapshots: Arc::new(SnapshotCapacity::new(snapshot_pool, &limits.snapshots)),
         sockets_per_user: PerUserLimit::new(limits.max_connections_per_user),
+        bodies: crate::http::batch::BodyBudget::new(
+            limits.max_body_bytes_in_flight,
+            limits.max_body_bytes_in_flight_per_user,
+            limits.max_body_bytes,
+        ),
         auth: Arc::new(options.auth),
         catalog,
         limits: options.limits,

@@ -102,6 +102,10 @@ pub mod names {
     pub const BATCH_ROWS: &str = "deeprecall_batch_rows";
     /// Counter (label `reason`): rejected tokens.
     pub const JWT_REJECTIONS: &str = "deeprecall_jwt_rejections_total";
+    /// Counter (label `reason`): write request bodies refused for the in-flight budget or the body deadline.
+    pub const BODY_REFUSALS: &str = "deeprecall_http_body_refusals_total";
+    /// Gauge: bytes reserved by write request bodies in flight.
+    pub const BODY_BYTES_IN_FLIGHT: &str = "deeprecall_http_body_bytes_in_flight";
     /// Gauge: pool size limit.
     pub const POOL_MAX: &str = "deeprecall_db_pool_max_connections";
     /// Gauge: open pooled connections.
@@ -175,6 +179,9 @@ pub const JWT_REASONS: &[&str] = &[
     "invalid_subject",
     "unknown_key",
 ];
+
+/// Why a write request's body was refused (`deeprecall_http_body_refusals_total`).
+pub const BODY_REFUSAL_REASONS: &[&str] = &["user_share", "server_budget", "timeout"];
 
 /// Transports a stream connection can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -423,6 +430,20 @@ pub const CATALOGUE: &[MetricDef] = &[
         help: "Requests and token refreshes refused with 401, by reason (the error code of docs/api.md).",
     },
     MetricDef {
+        name: names::BODY_REFUSALS,
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        label: Some(("reason", BODY_REFUSAL_REASONS)),
+        help: "Write request bodies refused: user_share (429, --max-body-bytes-in-flight-per-user), server_budget (503, --max-body-bytes-in-flight), timeout (408, --body-timeout-secs).",
+    },
+    MetricDef {
+        name: names::BODY_BYTES_IN_FLIGHT,
+        kind: Kind::Gauge,
+        unit: Unit::Bytes,
+        label: None,
+        help: "Bytes reserved by write request bodies being read, parsed or applied (bounded by --max-body-bytes-in-flight).",
+    },
+    MetricDef {
         name: names::POOL_MAX,
         kind: Kind::Gauge,
         unit: Unit::Count,
@@ -631,6 +652,13 @@ pub fn must_refetch(reason: &'static str) {
     }
 }
 
+/// A write request's body was refused; `reason` is one of [`BODY_REFUSAL_REASONS`].
+pub fn body_refused(reason: &'static str) {
+    if handles().is_some() {
+        metrics::counter!(names::BODY_REFUSALS, "reason" => reason).increment(1);
+    }
+}
+
 /// A connection was closed because its client read too slowly.
 pub fn slow_client_cut_off() {
     if let Some(h) = handles() {
@@ -801,6 +829,7 @@ pub async fn scrape(State(state): State<AppState>) -> Response {
         metrics::gauge!(names::SNAPSHOT_BUFFERED_BYTES).set(snapshots.buffered_bytes as f64);
         metrics::counter!(names::SNAPSHOT_SPILLED_BYTES).absolute(snapshots.spilled_bytes);
         metrics::gauge!(names::SNAPSHOT_SPILL_FILES).set(snapshots.spill_files_open as f64);
+        metrics::gauge!(names::BODY_BYTES_IN_FLIGHT).set(state.bodies.in_flight_bytes() as f64);
         h.prometheus.run_upkeep();
         h.prometheus.render()
     };

@@ -34,6 +34,12 @@ pub struct Limits {
     /// Time a client has to send a request's complete header; also how long an idle keep-alive connection
     /// stays open between requests (slowloris and idle sockets cannot pile up).
     pub header_timeout: std::time::Duration,
+    /// Time a client has to send a write request's whole body once its header is in (408 `body_timeout`).
+    pub body_timeout: std::time::Duration,
+    /// Bytes of write request bodies in flight at once, server-wide (503 `server_busy` beyond).
+    pub max_body_bytes_in_flight: usize,
+    /// Bytes of one user's write request bodies in flight at once (429 `too_many_requests` beyond).
+    pub max_body_bytes_in_flight_per_user: usize,
 }
 
 impl Default for Limits {
@@ -47,6 +53,9 @@ impl Default for Limits {
             snapshots: SnapshotLimits::default(),
             max_http_connections: 10_000,
             header_timeout: std::time::Duration::from_secs(20),
+            body_timeout: std::time::Duration::from_secs(60),
+            max_body_bytes_in_flight: 256 * 1024 * 1024,
+            max_body_bytes_in_flight_per_user: 32 * 1024 * 1024,
         }
     }
 }
@@ -80,6 +89,8 @@ pub struct Shared {
     pub snapshots: Arc<SnapshotCapacity>,
     /// Open WebSockets per user (`Limits::max_connections_per_user`).
     pub sockets_per_user: Arc<PerUserLimit>,
+    /// Write request bodies in flight (`Limits::max_body_bytes_in_flight`, per user and in all).
+    pub bodies: Arc<crate::http::batch::BodyBudget>,
     /// Token verification.
     pub auth: Arc<AuthConfig>,
     /// Synced tables and their columns.

@@ -119,3 +119,148 @@ async fn an_open_websocket_keeps_its_connection_slot() {
         .unwrap();
     assert_eq!(status, 200);
 }
+
+/// Starts a `POST /v1/batch` as `token` that declares `declared` bytes of body, sends `sent` of them and stalls.
+async fn stalled_batch(env: &TestEnv, token: &str, declared: usize, sent: usize) -> TcpStream {
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&vec![b' '; sent]).await.unwrap();
+    tcp
+}
+
+/// The status line and body of the answer to a request whose body never finishes (the server answers and closes).
+async fn early_answer(tcp: &mut TcpStream, within: Duration, what: &str) -> (String, String) {
+    let answer = until_closed(tcp, within, what).await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.lines().next().unwrap_or_default().to_owned();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Whether a stalled request is still waiting for its body (the server has neither answered nor closed).
+async fn still_waiting(tcp: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(Duration::from_millis(300), tcp.read(&mut buf))
+        .await
+        .is_err()
+}
+
+#[tokio::test]
+async fn write_bodies_in_flight_are_bounded_per_user_and_in_all() {
+    const KIB: usize = 1024;
+    let env = env_with(Limits {
+        max_body_bytes: 64 * KIB,
+        max_body_bytes_in_flight_per_user: 128 * KIB,
+        max_body_bytes_in_flight: 256 * KIB,
+        header_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    })
+    .await;
+    let [a, b, c] = [(); 3].map(|()| uuid::Uuid::new_v4());
+    // Two bodies of A that never finish hold A's whole share: a third is refused at once, before its body.
+    let mut held_a = Vec::new();
+    for _ in 0..2 {
+        held_a.push(stalled_batch(&env, &env.token(a), 64 * KIB, KIB).await);
+    }
+    let mut third = stalled_batch(&env, &env.token(a), 64 * KIB, KIB).await;
+    let (status, body) = early_answer(&mut third, Duration::from_secs(10), "A's third").await;
+    assert!(status.starts_with("HTTP/1.1 429"), "{status} {body}");
+    assert!(body.contains("\"too_many_requests\""), "{body}");
+    // Two of B fill the server's total: anyone else is told to come back later, and nothing is written.
+    let mut held_b = Vec::new();
+    for _ in 0..2 {
+        held_b.push(stalled_batch(&env, &env.token(b), 64 * KIB, KIB).await);
+    }
+    for held in held_a.iter_mut().chain(held_b.iter_mut()) {
+        assert!(
+            still_waiting(held).await,
+            "a body within the budget was cut off"
+        );
+    }
+    let row = |title: &str| {
+        serde_json::json!([deeprecall_tests::insert(
+            "works",
+            serde_json::json!({ "title": title })
+        )])
+    };
+    let (status, body) = env.batch(c, row("refused")).await;
+    assert_eq!(
+        (status.as_u16(), deeprecall_tests::error_code(&body)),
+        (503, "server_busy"),
+        "{body}"
+    );
+    // A's bodies go away: their room is given back, and C's batch is applied.
+    drop(held_a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body) = env.batch(c, row("applied")).await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let titles: Vec<String> = env
+        .superuser()
+        .await
+        .query("select title from works where owner_id = $1", &[&c])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(titles, ["applied"]);
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_answered_408_and_gives_its_room_back() {
+    let env = env_with(Limits {
+        body_timeout: Duration::from_secs(1),
+        // One body's room per user: the user's next batch fits only once the stalled one is gone.
+        max_body_bytes_in_flight_per_user: 0,
+        ..Limits::default()
+    })
+    .await;
+    let user = uuid::Uuid::new_v4();
+    let mut stalled = stalled_batch(&env, &env.token(user), 8 * 1024 * 1024, 10).await;
+    let (status, body) = early_answer(&mut stalled, Duration::from_secs(10), "stalled body").await;
+    assert!(status.starts_with("HTTP/1.1 408"), "{status} {body}");
+    assert!(body.contains("\"body_timeout\""), "{body}");
+    let (status, body) = env
+        .batch(
+            user,
+            serde_json::json!([deeprecall_tests::insert(
+                "works",
+                serde_json::json!({ "title": "t" })
+            )]),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+}
+
+#[tokio::test]
+async fn a_request_header_over_128_kib_is_refused() {
+    let env = env_with(Limits::default()).await;
+    let send = |filler: usize| {
+        let addr = env.addr;
+        async move {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Filler: {}\r\nConnection: close\r\n\r\n",
+                "y".repeat(filler)
+            );
+            // The server may answer and close before it has read everything.
+            let _ = tcp.write_all(head.as_bytes()).await;
+            let answer = until_closed(&mut tcp, Duration::from_secs(10), "large header").await;
+            String::from_utf8_lossy(&answer)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    };
+    // 100 KiB of header is served; 200 KiB (hyper's default buffer took up to ~400 KiB) is not.
+    assert!(send(100 * 1024).await.starts_with("HTTP/1.1 200"));
+    assert!(send(200 * 1024).await.starts_with("HTTP/1.1 431"));
+}

@@ -5,8 +5,7 @@
 //! per blob). The API merges them logically into a BlobHandle; the tables stay separate.
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use base64::Engine as _;
@@ -18,7 +17,7 @@ use uuid::Uuid;
 use crate::auth::AuthUser;
 use crate::db::{Scope, begin_scoped};
 use crate::error::{ApiError, from_db};
-use crate::http::batch::{Bounded, body_error, parse_off_runtime};
+use crate::http::batch::{Bounded, parse_off_runtime, read_body};
 use crate::state::AppState;
 
 /// Whether `s` is a sha256 in the canonical form: 64 lowercase hex characters.
@@ -230,9 +229,10 @@ pub struct CoordinateResponse {
 pub async fn coordinate(
     State(state): State<AppState>,
     user: AuthUser,
-    body: Result<Bytes, BytesRejection>,
+    request: axum::extract::Request,
 ) -> Result<Json<CoordinateResponse>, ApiError> {
-    let body = body.map_err(body_error)?;
+    // Held until the coordination is answered.
+    let (body, _permit) = read_body(&state, user.user_id, request).await?;
     let max = state.limits.max_ops_per_batch;
     let req = parse_off_runtime(body, move |bytes| parse_coordinate(bytes, max)).await?;
     if req.device_id.is_nil() {

@@ -24,10 +24,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
 
-pub use body::body_error;
+pub use body::{BodyBudget, BodyPermit, NoRoom, read_body};
 pub(crate) use body::{Bounded, parse_off_runtime};
 pub use execute::{BatchResponse, OpResult, OpStatus};
 pub use request::OpKind;
@@ -41,9 +40,10 @@ use crate::state::AppState;
 pub async fn post_batch(
     State(state): State<AppState>,
     user: AuthUser,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Json<BatchResponse>, ApiError> {
-    let body = body.map_err(body_error)?;
+    // Held until the batch is answered: its plan costs about as much memory as its body.
+    let (body, _permit) = read_body(&state, user.user_id, request).await?;
     let max_ops = state.limits.max_ops_per_batch;
     // Parsed and planned before a database connection is taken: a bad or oversized batch never holds one.
     let plan = match parse_and_plan(body.clone(), state.catalog.get().await, max_ops).await {
