@@ -150,6 +150,18 @@ pub struct ConnectionSlot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePer
 /// plus 64 KiB of headers, far above what browsers send (a few KiB, cookies included).
 const MAX_HEADER_BUFFER_BYTES: usize = 128 * 1024;
 
+/// TCP keepalive on every client connection: probed after 60 s without a packet, every 10 s, reset after 6
+/// unanswered probes (about two minutes). A peer that vanished without a FIN (a phone that lost its network, a
+/// laptop that went to sleep) otherwise leaves an idle WebSocket open for ever, since the server writes to it only
+/// when its user has a change: it holds a connection slot and one of its user's `--max-connections-per-user`
+/// places, so a user whose devices dropped off often enough would be refused new sockets (4029). The kernel does
+/// the probing, so an idle connection costs the server no wake-up; once it gives up, the socket's pending read
+/// fails and the connection ends.
+const TCP_KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(std::time::Duration::from_secs(60))
+    .with_interval(std::time::Duration::from_secs(10))
+    .with_retries(6);
+
 /// Serves `router(state)` on `listener` until `shutdown` resolves, then drains in-flight requests.
 ///
 /// Our own accept loop rather than `axum::serve`, for the limits a public server needs (docs/operations.md).
@@ -160,7 +172,8 @@ const MAX_HEADER_BUFFER_BYTES: usize = 128 * 1024;
 ///   process's descriptor limit so Postgres connections never fail for want of one;
 /// - `limits.header_timeout` for a complete request header, which hyper also applies while a keep-alive
 ///   connection waits for its next request: slowloris and idle sockets are closed, not kept for ever;
-/// - [`MAX_HEADER_BUFFER_BYTES`] for a request's line and header.
+/// - [`MAX_HEADER_BUFFER_BYTES`] for a request's line and header;
+/// - [`TCP_KEEPALIVE`], so connections to vanished peers end.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -205,6 +218,9 @@ pub async fn serve(
         // of latency to exactly the messages this server exists to deliver quickly.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&TCP_KEEPALIVE) {
+            tracing::debug!(error = %e, "could not set TCP keepalive");
         }
         let service = tower::ServiceBuilder::new()
             .map_request({

@@ -264,3 +264,42 @@ async fn a_request_header_over_128_kib_is_refused() {
     assert!(send(100 * 1024).await.starts_with("HTTP/1.1 200"));
     assert!(send(200 * 1024).await.starts_with("HTTP/1.1 431"));
 }
+
+/// The kernel's pending timer on the TCP socket `local` → `remote` (ports on 127.0.0.1), from /proc/net/tcp: its
+/// kind (`tr`: 0 none, 1 retransmit, 2 keepalive, …) and when it fires, in seconds (`tm->when`, in USER_HZ ticks).
+fn socket_timer(local: u16, remote: u16) -> Option<(u8, f64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?
+        + &std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || port(f[1])? != local || port(f[2])? != remote {
+            return None;
+        }
+        let (kind, when) = f[5].split_once(':')?;
+        Some((
+            u8::from_str_radix(kind, 16).ok()?,
+            u64::from_str_radix(when, 16).ok()? as f64 / 100.0,
+        ))
+    })
+}
+
+#[tokio::test]
+async fn client_connections_are_kept_alive_by_tcp_probes() {
+    let env = env_with(Limits::default()).await;
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tcp.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // The connection is now idle (keep-alive). The server's end has the keepalive timer armed, about 60 s out; the
+    // test's own end (tokio's default, no keepalive) has none, so the check can tell the two apart.
+    let (server, client) = (env.addr.port(), tcp.local_addr().unwrap().port());
+    let (kind, when) = socket_timer(server, client).expect("the server's socket in /proc/net/tcp");
+    assert_eq!(kind, 2, "no keepalive timer on the server's socket");
+    assert!((30.0..=61.0).contains(&when), "keepalive fires in {when} s");
+    let (kind, _) = socket_timer(client, server).expect("the client's socket in /proc/net/tcp");
+    assert_ne!(kind, 2, "the client's socket was not expected to probe");
+}
