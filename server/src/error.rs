@@ -141,6 +141,15 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<crate::db::catalog::RefreshError> for ApiError {
+    fn from(err: crate::db::catalog::RefreshError) -> Self {
+        match err {
+            crate::db::catalog::RefreshError::Pool(e) => e.into(),
+            crate::db::catalog::RefreshError::Db(e) => from_db(&e),
+        }
+    }
+}
+
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
         match err {

@@ -303,3 +303,50 @@ async fn client_connections_are_kept_alive_by_tcp_probes() {
     let (kind, _) = socket_timer(client, server).expect("the client's socket in /proc/net/tcp");
     assert_ne!(kind, 2, "the client's socket was not expected to probe");
 }
+
+#[tokio::test]
+async fn requests_naming_unknown_tables_hold_no_database_connection_while_they_wait() {
+    // An unknown table makes the server reload its catalog, at most once a second; requests that miss in between
+    // wait for that reload. They used to wait holding a pooled connection (the test pool has 8).
+    let env = env_with(Limits::default()).await;
+    let attacker = uuid::Uuid::new_v4();
+    let misses: Vec<_> = (0..32)
+        .map(|i| {
+            let (base, token) = (env.base.clone(), env.token(attacker));
+            tokio::spawn(async move {
+                let body = serde_json::json!({"ops": [deeprecall_tests::insert(
+                    &format!("no_such_table_{i}"),
+                    serde_json::json!({ "title": "x" })
+                )]});
+                reqwest::Client::new()
+                    .post(format!("{base}/v1/batch"))
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Another user's batch meanwhile does not queue behind them for a connection.
+    let started = std::time::Instant::now();
+    let (status, body) = env
+        .batch(
+            uuid::Uuid::new_v4(),
+            serde_json::json!([deeprecall_tests::insert(
+                "works",
+                serde_json::json!({ "title": "t" })
+            )]),
+        )
+        .await;
+    let took = started.elapsed();
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert!(
+        took < Duration::from_millis(700),
+        "a batch took {took:?} while other requests waited for a catalog reload"
+    );
+    for miss in misses {
+        assert_eq!(miss.await.unwrap().unwrap(), 422, "unknown_table");
+    }
+}

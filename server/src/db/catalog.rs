@@ -149,6 +149,17 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Why a reload on a miss failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    /// No pooled connection (the database is down, or every connection stayed busy).
+    #[error("no database connection for the catalog reload: {0}")]
+    Pool(deadpool_postgres::PoolError),
+    /// The catalog query failed.
+    #[error("catalog reload failed: {0}")]
+    Db(tokio_postgres::Error),
+}
+
 /// The shared, refreshable catalog.
 #[derive(Debug)]
 pub struct CatalogHandle {
@@ -186,10 +197,14 @@ impl CatalogHandle {
     /// Reloads happen at most once per interval, so bad requests cannot hammer the database; a request that
     /// arrives sooner waits for the next allowed reload rather than being refused with a stale answer (a column
     /// added by plain DDL a moment ago must be writable). Concurrent misses share one reload.
+    ///
+    /// The waiting holds no database connection: only the request that reloads takes one from `pool`, after the
+    /// wait and for the one query. (It used to be taken first: 48 connections of one user naming made-up tables
+    /// kept the pool's connections asleep here and another user's 1-op batch took 3 s instead of 0.7 ms.)
     pub async fn refresh_on_miss(
         &self,
-        client: &Client,
-    ) -> Result<Arc<Catalog>, tokio_postgres::Error> {
+        pool: &deadpool_postgres::Pool,
+    ) -> Result<Arc<Catalog>, RefreshError> {
         let asked = Instant::now();
         let mut last = self.last_refresh.lock().await;
         if *last >= asked {
@@ -200,7 +215,8 @@ impl CatalogHandle {
         if since < MISS_REFRESH_INTERVAL {
             tokio::time::sleep(MISS_REFRESH_INTERVAL - since).await;
         }
-        let fresh = Arc::new(Catalog::load(client).await?);
+        let client = pool.get().await.map_err(RefreshError::Pool)?;
+        let fresh = Arc::new(Catalog::load(&client).await.map_err(RefreshError::Db)?);
         *self.current.write().await = fresh.clone();
         *last = Instant::now();
         Ok(fresh)

@@ -476,12 +476,7 @@ async fn compile(state: &AppState, req: &ShapeRequest) -> Result<ShapeDef, ApiEr
     let table = match state.catalog.get().await.table(name) {
         Some(t) => t.clone(),
         None => {
-            let client = state.pool.get().await?;
-            let fresh = state
-                .catalog
-                .refresh_on_miss(&client)
-                .await
-                .map_err(|e| ApiError::internal(&e))?;
+            let fresh = state.catalog.refresh_on_miss(&state.pool).await?;
             fresh.table(name).cloned().ok_or_else(unknown)?
         }
     };

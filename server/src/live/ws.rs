@@ -350,10 +350,9 @@ async fn resolve_table(state: &AppState, name: &str) -> Result<Arc<Table>, (&'st
             "the database could not serve this subscription; retry".to_owned(),
         )
     };
-    let client = state.pool.get().await.map_err(|e| unavailable(&e))?;
     let fresh = state
         .catalog
-        .refresh_on_miss(&client)
+        .refresh_on_miss(&state.pool)
         .await
         .map_err(|e| unavailable(&e))?;
     fresh

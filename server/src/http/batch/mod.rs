@@ -33,7 +33,7 @@ pub use request::OpKind;
 
 use crate::auth::AuthUser;
 use crate::db::catalog::Catalog;
-use crate::error::{ApiError, from_db};
+use crate::error::ApiError;
 use crate::state::AppState;
 
 /// Handler for `POST /v1/batch`.
@@ -49,14 +49,7 @@ pub async fn post_batch(
     let plan = match parse_and_plan(body.clone(), state.catalog.get().await, max_ops).await {
         Err(e) if e.code == "unknown_table" || e.code == "unknown_column" => {
             // Maybe a migration added it since we loaded the catalog.
-            let catalog = {
-                let client = state.pool.get().await?;
-                state
-                    .catalog
-                    .refresh_on_miss(&client)
-                    .await
-                    .map_err(|e| from_db(&e))?
-            };
+            let catalog = state.catalog.refresh_on_miss(&state.pool).await?;
             parse_and_plan(body, catalog, max_ops).await?
         }
         other => other?,
