@@ -322,9 +322,14 @@ pub struct MemoryArgs {
     /// too slow (4008) and resumes.
     #[arg(long, env = "DEEPRECALL_QUEUE_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub queue_bytes: usize,
-    /// Bytes of transactions queued for all connections together.
+    /// Bytes of transactions queued for all connections together; beyond it, connections that are behind are
+    /// closed as too slow (a connection that keeps up always gets its transaction).
     #[arg(long, env = "DEEPRECALL_QUEUE_BYTES_TOTAL", default_value_t = 512 * 1024 * 1024)]
     pub queue_bytes_total: usize,
+    /// Bytes of transactions queued for one user's connections together; beyond it, that user's connections that
+    /// are behind are closed as too slow, so that one user cannot fill the total.
+    #[arg(long, env = "DEEPRECALL_QUEUE_BYTES_PER_USER", default_value_t = 64 * 1024 * 1024)]
+    pub queue_bytes_per_user: usize,
     /// Decoded bytes after which a large transaction is handed on in parts instead of being held whole.
     #[arg(long, env = "DEEPRECALL_TRANSACTION_PART_BYTES", default_value_t = deeprecall_replication::stream::DEFAULT_PART_LIMIT.bytes)]
     pub transaction_part_bytes: usize,
@@ -335,6 +340,7 @@ impl MemoryArgs {
         options.hub.history_bytes = self.history_bytes;
         options.hub.queue_bytes = self.queue_bytes;
         options.hub.queued_bytes_total = self.queue_bytes_total;
+        options.hub.queued_bytes_per_user = self.queue_bytes_per_user;
         options.part_limit.bytes = self.transaction_part_bytes.max(1);
     }
 }

@@ -62,6 +62,8 @@ pub struct HubConfig {
     /// Most bytes of transactions queued for all connections together (counted per connection, so a
     /// transaction shared by several connections counts several times: an upper bound).
     pub queued_bytes_total: usize,
+    /// Most bytes of transactions queued for one user's connections together (counted the same way).
+    pub queued_bytes_per_user: usize,
 }
 
 impl Default for HubConfig {
@@ -73,6 +75,7 @@ impl Default for HubConfig {
             truncate_memory: 256,
             queue_bytes: 32 * 1024 * 1024,
             queued_bytes_total: 512 * 1024 * 1024,
+            queued_bytes_per_user: 64 * 1024 * 1024,
         }
     }
 }
@@ -533,8 +536,9 @@ impl Hub {
             txn.generation = generation;
             let txn = Arc::new(txn);
             if let Some(conns) = inner.conns.get(&txn.owner) {
+                let mut user_queued = conns.iter().map(|c| c.queued.load(Ordering::Acquire)).sum();
                 for c in conns {
-                    self.enqueue(c, &txn);
+                    self.enqueue(c, &txn, &mut user_queued);
                 }
             }
             if txn.is_split() {
@@ -626,18 +630,29 @@ impl Hub {
     }
 
     /// Queues `txn` for connection `c` within its byte budgets; a connection that cannot take it is cut off.
-    fn enqueue(&self, c: &ConnEntry, txn: &Arc<UserTxn>) {
+    /// `user_queued` is what the connection's user has queued in all (updated here).
+    ///
+    /// Only a connection that is already behind (its queue not empty) is ever cut for a budget: one transaction
+    /// always fits an empty queue, however large, and however full the user's and the server's budgets are. So
+    /// the connections cut are the ones that hold the budget, never a client that keeps up. (Before, whoever's
+    /// transaction came next once the server's total was full was cut: one user's 32 sockets that stopped reading
+    /// could fill the total and get every other user's connections closed with 4008.) The per-user budget keeps a
+    /// single user from filling the server's total.
+    fn enqueue(&self, c: &ConnEntry, txn: &Arc<UserTxn>, user_queued: &mut usize) {
         let bytes = txn.bytes;
         // Counted before sending (the receiver may release it at once); given back if it is not sent.
         let before = c.queued.fetch_add(bytes, Ordering::AcqRel);
         let total = self.queued_total.fetch_add(bytes, Ordering::AcqRel);
-        // One transaction always fits an empty queue, however large.
-        let over = (before > 0 && before + bytes > self.config.queue_bytes)
-            || total + bytes > self.config.queued_bytes_total;
+        let over = before > 0
+            && (before + bytes > self.config.queue_bytes
+                || *user_queued + bytes > self.config.queued_bytes_per_user
+                || total + bytes > self.config.queued_bytes_total);
         if over || c.tx.try_send(ConnEvent::Txn(txn.clone())).is_err() {
             c.queued.fetch_sub(bytes, Ordering::AcqRel);
             self.queued_total.fetch_sub(bytes, Ordering::AcqRel);
             c.lag.raise();
+        } else {
+            *user_queued += bytes;
         }
     }
 
@@ -978,6 +993,49 @@ mod tests {
 
     fn xids(found: Result<Vec<Arc<UserTxn>>, CannotResume>) -> Vec<u64> {
         found.unwrap().iter().map(|t| t.xid).collect()
+    }
+
+    #[test]
+    fn connections_that_stop_reading_are_cut_not_the_ones_that_keep_up() {
+        // Per connection 1000 bytes, per user 200, in all 300; every transaction is 60 bytes.
+        let hub = Arc::new(Hub::new(HubConfig {
+            queue_bytes: 1000,
+            queued_bytes_per_user: 200,
+            queued_bytes_total: 300,
+            ..HubConfig::default()
+        }));
+        hub.stream_started(1, 100);
+        let (mallory, bob, carol) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        // Mallory's four sockets never read.
+        let mallorys: Vec<_> = (0..4).map(|_| hub.register(mallory)).collect();
+        let (_b, mut bob_queue, _, bob_lag) = hub.register(bob);
+        let (_c, _carol_queue, _, carol_lag) = hub.register(carol);
+        let mut commit = 200;
+        let mut publish = |owner: Uuid| {
+            commit += 100;
+            let mut txn = routed(owner, commit, commit);
+            txn.per_owner[0].bytes = 60;
+            hub.publish(txn, commit + 8);
+        };
+        // Carol reads slowly: one transaction waits in her queue.
+        publish(carol);
+        // Mallory's first transaction reaches all four (empty queues: 240 bytes, over her 200); her second is
+        // over her budget for every one of them, which are cut.
+        publish(mallory);
+        publish(mallory);
+        for (_, _, _, lag) in &mallorys {
+            assert!(lag.is_raised(), "a socket over its user's budget was kept");
+        }
+        // The server's total is now full (240 of Mallory's + Carol's 60). Bob keeps up: each of his transactions
+        // reaches him, however full the total is.
+        for _ in 0..3 {
+            publish(bob);
+            assert!(matches!(bob_queue.try_recv(), Ok(ConnEvent::Txn(_))));
+            assert!(!bob_lag.is_raised(), "a client that keeps up was cut");
+        }
+        // Carol is behind while the total is full: she is cut (she resumes from her offset).
+        publish(carol);
+        assert!(carol_lag.is_raised());
     }
 
     #[test]
