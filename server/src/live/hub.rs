@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 use uuid::Uuid;
@@ -241,6 +242,33 @@ struct Inner {
     /// `recent_order`) dropped first. The snapshot handoff's look-back ([`Hub::published_among`]).
     recent: BTreeMap<u64, Published>,
     recent_order: VecDeque<u64>,
+    /// Users whose slow connections held the stream back lately ([`Hub::wait_for_room`]): what is left of their
+    /// allowance, and when it was last counted. A user not listed has all of it.
+    pacing: HashMap<Uuid, (Duration, tokio::time::Instant)>,
+}
+
+/// How long one user's slow connections may hold back the stream (every user's live changes) while the parts of
+/// large transactions wait for room in their queues, in all; regained at [`PACING_ALLOWANCE`] per
+/// [`PACING_REFILL`]. Without it a user who kept a socket open without reading, and wrote one large batch after
+/// another, could delay every other user's changes by up to 30 s per batch.
+pub const PACING_ALLOWANCE: Duration = Duration::from_secs(30);
+/// See [`PACING_ALLOWANCE`].
+pub const PACING_REFILL: Duration = Duration::from_secs(600);
+
+/// What is left of a user's pacing allowance at `now` (`entry`: what was left when last counted, and when).
+fn allowance_left(
+    entry: Option<&(Duration, tokio::time::Instant)>,
+    now: tokio::time::Instant,
+) -> Duration {
+    match entry {
+        None => PACING_ALLOWANCE,
+        Some(&(left, at)) => {
+            let regained = PACING_ALLOWANCE.mul_f64(
+                now.saturating_duration_since(at).as_secs_f64() / PACING_REFILL.as_secs_f64(),
+            );
+            (left + regained).min(PACING_ALLOWANCE)
+        }
+    }
 }
 
 /// What the look-back keeps of a published transaction.
@@ -326,6 +354,7 @@ impl Hub {
                 split: None,
                 recent: BTreeMap::new(),
                 recent_order: VecDeque::new(),
+                pacing: HashMap::new(),
             }),
             config,
             position_tx,
@@ -599,17 +628,25 @@ impl Hub {
     /// that reads, only more slowly than Postgres sends, gets the whole transaction instead of being cut off and
     /// refetching everything, while memory stays within the queues' budgets. Past the deadline, publishing cuts
     /// off whoever still has no room.
+    ///
+    /// Every user is delayed while it waits, so a user's full connections are waited for only within that user's
+    /// allowance ([`PACING_ALLOWANCE`]); once it is used up they no longer hold the stream back, and publishing
+    /// cuts them off (4008: they resume, or refetch).
     pub async fn wait_for_room(&self, routed: &Routed, deadline: tokio::time::Instant) {
         loop {
             let notified = self.room.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let full = {
+            let now = tokio::time::Instant::now();
+            let (total_full, blocking, allowance) = {
                 let inner = self.lock();
                 let total = self.queued_total.load(Ordering::Acquire);
                 let bytes: usize = routed.per_owner.iter().map(|t| t.bytes).sum();
-                total + bytes > self.config.queued_bytes_total
-                    || routed.per_owner.iter().any(|t| {
+                let mut allowance = Duration::MAX;
+                let blocking: Vec<Uuid> = routed
+                    .per_owner
+                    .iter()
+                    .filter(|t| {
                         inner.conns.get(&t.owner).is_some_and(|conns| {
                             conns.iter().any(|c| {
                                 let queued = c.queued.load(Ordering::Acquire);
@@ -619,11 +656,43 @@ impl Hub {
                             })
                         })
                     })
+                    .map(|t| t.owner)
+                    .filter(|owner| {
+                        let left = allowance_left(inner.pacing.get(owner), now);
+                        allowance = allowance.min(left);
+                        !left.is_zero()
+                    })
+                    .collect();
+                (
+                    total + bytes > self.config.queued_bytes_total,
+                    blocking,
+                    allowance,
+                )
             };
-            if !full {
+            if !total_full && blocking.is_empty() {
                 return;
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            // Woken when room is made, at the deadline, or when a waited-for user's allowance runs out.
+            let until = if blocking.is_empty() {
+                deadline
+            } else {
+                deadline.min(now + allowance)
+            };
+            let timed_out = tokio::time::timeout_at(until, notified).await.is_err();
+            let later = tokio::time::Instant::now();
+            if !blocking.is_empty() {
+                let mut inner = self.lock();
+                for owner in blocking {
+                    let left =
+                        allowance_left(inner.pacing.get(&owner), now).saturating_sub(later - now);
+                    inner.pacing.insert(owner, (left, later));
+                }
+                // Users who have all of their allowance again need no entry.
+                inner
+                    .pacing
+                    .retain(|_, entry| allowance_left(Some(entry), later) < PACING_ALLOWANCE);
+            }
+            if timed_out && later >= deadline {
                 return;
             }
         }
@@ -1036,6 +1105,55 @@ mod tests {
         // Carol is behind while the total is full: she is cut (she resumes from her offset).
         publish(carol);
         assert!(carol_lag.is_raised());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_users_full_sockets_hold_the_stream_back_only_within_their_allowance() {
+        use tokio::time::{Instant, advance};
+        let hub = Arc::new(Hub::new(HubConfig {
+            queue_bytes: 100,
+            ..HubConfig::default()
+        }));
+        hub.stream_started(1, 100);
+        let (mallory, bob) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        // A socket of each that does not read, with one 60-byte transaction in its queue: a 60-byte part of a
+        // large transaction has no room in either.
+        let _m = hub.register(mallory);
+        let _b = hub.register(bob);
+        let part = |owner: Uuid, commit: u64| {
+            let mut txn = routed(owner, commit, commit);
+            txn.per_owner[0].bytes = 60;
+            txn
+        };
+        hub.publish(part(mallory, 200), 208);
+        hub.publish(part(bob, 300), 308);
+        let waited = |deadline_secs: u64, owner: Uuid| {
+            let hub = hub.clone();
+            async move {
+                let start = Instant::now();
+                hub.wait_for_room(
+                    &part(owner, 400),
+                    start + Duration::from_secs(deadline_secs),
+                )
+                .await;
+                start.elapsed()
+            }
+        };
+        // A transaction's own budget (here 20 s) still bounds one wait.
+        assert_eq!(waited(20, mallory).await, Duration::from_secs(20));
+        // Then what is left of Mallory's allowance (10 s), then nothing: her sockets stop holding the stream back.
+        assert_eq!(waited(30, mallory).await, Duration::from_secs(10));
+        assert_eq!(waited(30, mallory).await, Duration::ZERO);
+        // Bob has his own allowance.
+        assert_eq!(waited(5, bob).await, Duration::from_secs(5));
+        // Regained over time: in the 5 s of Bob's wait and a fifth of the refill period after it, 125 s of 600.
+        advance(PACING_REFILL / 5).await;
+        let regained = waited(30, mallory).await;
+        let expected = PACING_ALLOWANCE.mul_f64(125.0 / 600.0);
+        assert!(
+            regained.abs_diff(expected) < Duration::from_millis(1),
+            "{regained:?}"
+        );
     }
 
     #[test]
