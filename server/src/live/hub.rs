@@ -658,8 +658,11 @@ impl Hub {
                     })
                     .map(|t| t.owner)
                     .filter(|owner| {
+                        // A user whose allowance is used up is not waited for (nor does it shorten the wait).
                         let left = allowance_left(inner.pacing.get(owner), now);
-                        allowance = allowance.min(left);
+                        if !left.is_zero() {
+                            allowance = allowance.min(left);
+                        }
                         !left.is_zero()
                     })
                     .collect();
@@ -1144,12 +1147,18 @@ mod tests {
         // Then what is left of Mallory's allowance (10 s), then nothing: her sockets stop holding the stream back.
         assert_eq!(waited(30, mallory).await, Duration::from_secs(10));
         assert_eq!(waited(30, mallory).await, Duration::ZERO);
-        // Bob has his own allowance.
+        // Bob has his own allowance, also in a transaction of both: Mallory's used-up one does not cut his wait short.
+        let mut both = part(bob, 500);
+        both.per_owner.push(part(mallory, 500).per_owner.remove(0));
+        let start = Instant::now();
+        hub.wait_for_room(&both, start + Duration::from_secs(3))
+            .await;
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
         assert_eq!(waited(5, bob).await, Duration::from_secs(5));
-        // Regained over time: in the 5 s of Bob's wait and a fifth of the refill period after it, 125 s of 600.
+        // Regained over time: in the 8 s of Bob's waits and a fifth of the refill period after them, 128 s of 600.
         advance(PACING_REFILL / 5).await;
         let regained = waited(30, mallory).await;
-        let expected = PACING_ALLOWANCE.mul_f64(125.0 / 600.0);
+        let expected = PACING_ALLOWANCE.mul_f64(128.0 / 600.0);
         assert!(
             regained.abs_diff(expected) < Duration::from_millis(1),
             "{regained:?}"
