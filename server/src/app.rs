@@ -158,8 +158,8 @@ const MAX_HEADER_BUFFER_BYTES: usize = 128 * 1024;
 /// the probing, so an idle connection costs the server no wake-up; once it gives up, the socket's pending read
 /// fails and the connection ends.
 const TCP_KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
-    .with_time(std::time::Duration::from_secs(60))
-    .with_interval(std::time::Duration::from_secs(10))
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(10))
     .with_retries(6);
 
 /// Serves `router(state)` on `listener` until `shutdown` resolves, then drains in-flight requests.

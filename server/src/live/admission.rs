@@ -67,8 +67,13 @@ impl PerUserLimit {
 
     /// A place for `user` if one is free now.
     pub fn try_acquire(self: &Arc<Self>, user: Uuid) -> Option<UserPermit> {
+        self.try_acquire_many(user, 1)
+    }
+
+    /// `n` places for `user` at once, if they are free now (a limit counted in units, e.g. KiB of bodies).
+    pub fn try_acquire_many(self: &Arc<Self>, user: Uuid, n: u32) -> Option<UserPermit> {
         let semaphore = self.semaphore(user);
-        let permit = semaphore.clone().try_acquire_owned().ok();
+        let permit = semaphore.clone().try_acquire_many_owned(n).ok();
         self.permit(user, semaphore, permit)
     }
 
@@ -80,6 +85,11 @@ impl PerUserLimit {
             .ok()
             .and_then(Result::ok);
         self.permit(user, semaphore, permit)
+    }
+
+    /// Users with a place taken (or waited for) now.
+    pub fn users(&self) -> usize {
+        self.users.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Places of `user` taken now.

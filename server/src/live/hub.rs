@@ -638,12 +638,13 @@ impl Hub {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = tokio::time::Instant::now();
-            let (total_full, blocking, allowance) = {
+            let (total_full, blocking) = {
                 let inner = self.lock();
                 let total = self.queued_total.load(Ordering::Acquire);
                 let bytes: usize = routed.per_owner.iter().map(|t| t.bytes).sum();
-                let mut allowance = Duration::MAX;
-                let blocking: Vec<Uuid> = routed
+                // The users with a full connection that still have allowance (one whose allowance is used up is
+                // not waited for, nor does it shorten the wait), and the least allowance among them.
+                let blocking: Vec<(Uuid, Duration)> = routed
                     .per_owner
                     .iter()
                     .filter(|t| {
@@ -656,39 +657,27 @@ impl Hub {
                             })
                         })
                     })
-                    .map(|t| t.owner)
-                    .filter(|owner| {
-                        // A user whose allowance is used up is not waited for (nor does it shorten the wait).
-                        let left = allowance_left(inner.pacing.get(owner), now);
-                        if !left.is_zero() {
-                            allowance = allowance.min(left);
-                        }
-                        !left.is_zero()
-                    })
+                    .map(|t| (t.owner, allowance_left(inner.pacing.get(&t.owner), now)))
+                    .filter(|(_, left)| !left.is_zero())
                     .collect();
-                (
-                    total + bytes > self.config.queued_bytes_total,
-                    blocking,
-                    allowance,
-                )
+                (total + bytes > self.config.queued_bytes_total, blocking)
             };
             if !total_full && blocking.is_empty() {
                 return;
             }
             // Woken when room is made, at the deadline, or when a waited-for user's allowance runs out.
-            let until = if blocking.is_empty() {
-                deadline
-            } else {
-                deadline.min(now + allowance)
+            let until = match blocking.iter().map(|(_, left)| *left).min() {
+                None => deadline,
+                Some(allowance) => deadline.min(now + allowance),
             };
             let timed_out = tokio::time::timeout_at(until, notified).await.is_err();
             let later = tokio::time::Instant::now();
             if !blocking.is_empty() {
                 let mut inner = self.lock();
-                for owner in blocking {
-                    let left =
-                        allowance_left(inner.pacing.get(&owner), now).saturating_sub(later - now);
-                    inner.pacing.insert(owner, (left, later));
+                for (owner, left) in blocking {
+                    inner
+                        .pacing
+                        .insert(owner, (left.saturating_sub(later - now), later));
                 }
                 // Users who have all of their allowance again need no entry.
                 inner

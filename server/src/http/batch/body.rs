@@ -23,10 +23,9 @@
 //! until the request is answered, because the plan decoded from the body costs about as much as the body.
 
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
@@ -37,6 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::error::ApiError;
+use crate::live::admission::{PerUserLimit, UserPermit};
 use crate::state::AppState;
 
 /// Bodies at least this large are parsed on tokio's blocking pool, so a burst of large bodies cannot stall the
@@ -44,20 +44,18 @@ use crate::state::AppState;
 /// millisecond, less than the hand-off would cost.
 pub(crate) const BLOCKING_PARSE_BYTES: usize = 64 * 1024;
 
-/// Bodies in flight, in KiB: the server's total and each user's share. A user holding none has no entry.
+/// Bodies in flight, in KiB: the server's total and each user's share (places of a [`PerUserLimit`]).
 #[derive(Debug)]
 pub struct BodyBudget {
     total: Arc<Semaphore>,
-    per_user_kib: usize,
-    users: Mutex<HashMap<Uuid, usize>>,
+    total_kib: usize,
+    per_user: Arc<PerUserLimit>,
 }
 
 /// A body's place in the budget; given back on drop.
 #[derive(Debug)]
 pub struct BodyPermit {
-    budget: Arc<BodyBudget>,
-    user: Uuid,
-    kib: usize,
+    _user: UserPermit,
     _total: OwnedSemaphorePermit,
 }
 
@@ -78,59 +76,37 @@ impl BodyBudget {
     /// A budget of `total_bytes` for the server and `per_user_bytes` for each user. Both are raised to at least
     /// `max_body_bytes`, so that a body of the largest allowed size always fits an idle server.
     pub fn new(total_bytes: usize, per_user_bytes: usize, max_body_bytes: usize) -> Arc<Self> {
-        let per_user = kib(per_user_bytes.max(max_body_bytes));
+        let per_user = kib(per_user_bytes.max(max_body_bytes)).min(Semaphore::MAX_PERMITS);
         let total = kib(total_bytes).max(per_user).min(Semaphore::MAX_PERMITS);
         Arc::new(Self {
             total: Arc::new(Semaphore::new(total)),
-            per_user_kib: per_user,
-            users: Mutex::new(HashMap::new()),
+            total_kib: total,
+            per_user: PerUserLimit::new(per_user),
         })
     }
 
     /// Bytes reserved by bodies in flight now (a metric).
     pub fn in_flight_bytes(&self) -> usize {
-        self.users
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .sum::<usize>()
-            * 1024
+        (self.total_kib - self.total.available_permits()) * 1024
     }
 
     /// Reserves `bytes` for `user` if there is room now; never waits (a client told to come back later costs
     /// nothing, one waiting here would hold its connection and leave the budget's owners to finish first anyway).
-    pub fn try_reserve(self: &Arc<Self>, user: Uuid, bytes: usize) -> Result<BodyPermit, NoRoom> {
-        let kib = kib(bytes);
-        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        let held = users.get(&user).copied().unwrap_or(0);
-        if held + kib > self.per_user_kib {
-            return Err(NoRoom::User);
-        }
-        let permits = u32::try_from(kib).map_err(|_| NoRoom::Server)?;
+    pub fn try_reserve(&self, user: Uuid, bytes: usize) -> Result<BodyPermit, NoRoom> {
+        let kib = u32::try_from(kib(bytes)).map_err(|_| NoRoom::User)?;
+        let user = self
+            .per_user
+            .try_acquire_many(user, kib)
+            .ok_or(NoRoom::User)?;
         let total = self
             .total
             .clone()
-            .try_acquire_many_owned(permits)
+            .try_acquire_many_owned(kib)
             .map_err(|_| NoRoom::Server)?;
-        users.insert(user, held + kib);
         Ok(BodyPermit {
-            budget: self.clone(),
-            user,
-            kib,
+            _user: user,
             _total: total,
         })
-    }
-}
-
-impl Drop for BodyPermit {
-    fn drop(&mut self) {
-        let mut users = self.budget.users.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = users.get_mut(&self.user) {
-            *held = held.saturating_sub(self.kib);
-            if *held == 0 {
-                users.remove(&self.user);
-            }
-        }
     }
 }
 
@@ -321,8 +297,9 @@ mod tests {
         let b2 = budget.try_reserve(b, KIB).unwrap();
         drop((a2, b1, b2));
         assert_eq!(budget.in_flight_bytes(), 0);
-        assert!(
-            budget.users.lock().unwrap().is_empty(),
+        assert_eq!(
+            budget.per_user.users(),
+            0,
             "users without bodies keep no entry"
         );
         // Shares below the largest body are raised to it: a body of the largest size always fits an idle server.
