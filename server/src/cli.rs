@@ -162,6 +162,12 @@ pub struct LimitArgs {
     #[arg(long, env = "DEEPRECALL_POOL_WAIT_TIMEOUT_MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub pool_wait_timeout_ms: u64,
+    /// Most pooled connections one user's requests hold at once; the user's next requests wait in a line of their
+    /// own (not the pool's) for --pool-wait-timeout-ms, then 429 too_many_requests. Default: a quarter of
+    /// --pool-size, at least 1.
+    #[arg(long, env = "DEEPRECALL_MAX_DB_CONNECTIONS_PER_USER",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_db_connections_per_user: Option<u32>,
     /// Snapshot and resume jobs reading from Postgres at once, on connections of their own (in addition to
     /// --pool-size).
     #[arg(long, env = "DEEPRECALL_SNAPSHOT_CONCURRENCY", default_value_t = 4,
@@ -243,6 +249,10 @@ impl LimitArgs {
             max_connections: self.max_connections,
             max_connections_per_user: self.max_connections_per_user as usize,
             pool_wait_timeout: std::time::Duration::from_millis(self.pool_wait_timeout_ms),
+            max_db_connections_per_user: match self.max_db_connections_per_user {
+                Some(n) => n as usize,
+                None => (pool_size / 4).max(1),
+            },
             snapshots,
             max_http_connections,
             header_timeout: std::time::Duration::from_secs(self.header_timeout_secs.max(1)),
@@ -629,6 +639,11 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         shutdown_rx.clone(),
     ));
     let state = AppState::new(Shared {
+        user_pool: Arc::new(crate::db::user_pool::UserPool::new(
+            pool.clone(),
+            limits.max_db_connections_per_user,
+            limits.pool_wait_timeout,
+        )),
         pool,
         snapshots: Arc::new(SnapshotCapacity::new(snapshot_pool, &limits.snapshots)),
         sockets_per_user: PerUserLimit::new(limits.max_connections_per_user),

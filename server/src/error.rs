@@ -96,6 +96,7 @@ impl ApiError {
     /// 503 when every pooled connection stayed busy for the pool's wait timeout: nothing was done, retry soon.
     pub fn busy() -> Self {
         tracing::warn!("no pooled database connection came free within the pool wait timeout");
+        crate::metrics::db_connection_refused("pool_busy");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "database_busy",
@@ -146,6 +147,21 @@ impl From<crate::db::catalog::RefreshError> for ApiError {
         match err {
             crate::db::catalog::RefreshError::Pool(e) => e.into(),
             crate::db::catalog::RefreshError::Db(e) => from_db(&e),
+        }
+    }
+}
+
+impl From<crate::db::user_pool::UserPoolError> for ApiError {
+    fn from(err: crate::db::user_pool::UserPoolError) -> Self {
+        match err {
+            // The user's own requests fill the user's share: the user's to slow down, like the body budget's share.
+            share @ crate::db::user_pool::UserPoolError::Share(_) => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                format!("{share}; retry after the Retry-After delay"),
+            )
+            .retry_after(1),
+            crate::db::user_pool::UserPoolError::Pool(e) => e.into(),
         }
     }
 }

@@ -106,6 +106,8 @@ pub mod names {
     pub const BODY_REFUSALS: &str = "deeprecall_http_body_refusals_total";
     /// Gauge: bytes reserved by write request bodies in flight.
     pub const BODY_BYTES_IN_FLIGHT: &str = "deeprecall_http_body_bytes_in_flight";
+    /// Counter (label `reason`): requests refused a pooled connection (a user's share, or the whole pool, busy).
+    pub const DB_CONNECTION_REFUSALS: &str = "deeprecall_db_connection_refusals_total";
     /// Gauge: pool size limit.
     pub const POOL_MAX: &str = "deeprecall_db_pool_max_connections";
     /// Gauge: open pooled connections.
@@ -179,6 +181,9 @@ pub const JWT_REASONS: &[&str] = &[
     "invalid_subject",
     "unknown_key",
 ];
+
+/// Why a request got no pooled connection (`deeprecall_db_connection_refusals_total`).
+pub const DB_CONNECTION_REFUSAL_REASONS: &[&str] = &["user_share", "pool_busy"];
 
 /// Why a write request's body was refused (`deeprecall_http_body_refusals_total`).
 pub const BODY_REFUSAL_REASONS: &[&str] = &["user_share", "server_budget", "timeout"];
@@ -437,6 +442,13 @@ pub const CATALOGUE: &[MetricDef] = &[
         help: "Write request bodies refused: user_share (429, --max-body-bytes-in-flight-per-user), server_budget (503, --max-body-bytes-in-flight), timeout (408, --body-timeout-secs).",
     },
     MetricDef {
+        name: names::DB_CONNECTION_REFUSALS,
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        label: Some(("reason", DB_CONNECTION_REFUSAL_REASONS)),
+        help: "Requests that got no pooled connection within --pool-wait-timeout-ms: user_share (429, the user's requests held --max-db-connections-per-user), pool_busy (503 database_busy, every connection in use).",
+    },
+    MetricDef {
         name: names::BODY_BYTES_IN_FLIGHT,
         kind: Kind::Gauge,
         unit: Unit::Bytes,
@@ -656,6 +668,13 @@ pub fn must_refetch(reason: &'static str) {
 pub fn body_refused(reason: &'static str) {
     if handles().is_some() {
         metrics::counter!(names::BODY_REFUSALS, "reason" => reason).increment(1);
+    }
+}
+
+/// A request got no pooled connection; `reason` is one of [`DB_CONNECTION_REFUSAL_REASONS`].
+pub fn db_connection_refused(reason: &'static str) {
+    if handles().is_some() {
+        metrics::counter!(names::DB_CONNECTION_REFUSALS, "reason" => reason).increment(1);
     }
 }
 

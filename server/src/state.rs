@@ -23,8 +23,11 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most concurrent WebSocket connections of one user (the next one is closed with 4029).
     pub max_connections_per_user: usize,
-    /// How long a request waits for a pooled connection before it is answered 503 `database_busy`.
+    /// How long a request waits for a pooled connection before it is answered 503 `database_busy` (or 429
+    /// `too_many_requests` when its user's share stayed full).
     pub pool_wait_timeout: std::time::Duration,
+    /// Most pooled connections one user's requests hold at once (db::user_pool).
+    pub max_db_connections_per_user: usize,
     /// Snapshot concurrency (a pool of their own), per-user places, spool memory and spill files.
     pub snapshots: SnapshotLimits,
     /// Most open client TCP connections (HTTP and WebSocket alike); kept below the file-descriptor limit so
@@ -50,6 +53,7 @@ impl Default for Limits {
             max_connections: 100_000,
             max_connections_per_user: 32,
             pool_wait_timeout: std::time::Duration::from_secs(5),
+            max_db_connections_per_user: 4,
             snapshots: SnapshotLimits::default(),
             max_http_connections: 10_000,
             header_timeout: std::time::Duration::from_secs(20),
@@ -85,6 +89,8 @@ impl std::ops::Deref for AppState {
 pub struct Shared {
     /// Pooled connections as the server's role (user work switches role per transaction); never used by snapshots.
     pub pool: Pool,
+    /// The same pool as users' requests draw on it: each user holds at most a share (`Limits::max_db_connections_per_user`).
+    pub user_pool: Arc<crate::db::user_pool::UserPool>,
     /// Snapshot jobs' own connections, per-user places and spool budget.
     pub snapshots: Arc<SnapshotCapacity>,
     /// Open WebSockets per user (`Limits::max_connections_per_user`).

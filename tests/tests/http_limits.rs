@@ -357,3 +357,135 @@ async fn requests_naming_unknown_tables_hold_no_database_connection_while_they_w
         assert_eq!(miss.await.unwrap().unwrap(), 422, "unknown_table");
     }
 }
+
+#[tokio::test]
+async fn one_user_holds_at_most_its_share_of_the_pool() {
+    // One user's batches wait for a row lock the test holds, so each keeps its pooled connection. Without a share,
+    // eight of them took the whole test pool (8) and another user's batch waited for the pool's timeout, then 503.
+    let env = env_with(Limits {
+        pool_wait_timeout: Duration::from_secs(1),
+        max_db_connections_per_user: 3,
+        ..Limits::default()
+    })
+    .await;
+    let attacker = uuid::Uuid::new_v4();
+    let work = uuid::Uuid::new_v4();
+    let (status, body) = env
+        .batch(
+            attacker,
+            serde_json::json!([deeprecall_tests::insert(
+                "works",
+                serde_json::json!({ "id": work, "title": "locked" })
+            )]),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let locker = env.superuser().await;
+    locker
+        .batch_execute(&format!(
+            "begin; select 1 from works where id = '{work}' for update"
+        ))
+        .await
+        .unwrap();
+
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let started = std::time::Instant::now();
+    for _ in 0..8 {
+        let (base, token, done_tx) = (env.base.clone(), env.token(attacker), done_tx.clone());
+        tokio::spawn(async move {
+            let body = serde_json::json!({"ops": [deeprecall_tests::op(
+                "update",
+                "works",
+                serde_json::json!({ "id": work, "title": "again" })
+            )]});
+            let resp = reqwest::Client::new()
+                .post(format!("{base}/v1/batch"))
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let retry_after = resp.headers().get("retry-after").cloned();
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            let _ = done_tx.send((status, retry_after, body, started.elapsed()));
+        });
+    }
+    drop(done_tx);
+
+    // Exactly the share waits on the lock, each on a connection of its own.
+    let waiting = || async {
+        env.superuser()
+            .await
+            .query_one(
+                "select count(*) from pg_stat_activity \
+                 where datname = current_database() and wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while waiting().await < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "three batches never reached the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        waiting().await,
+        3,
+        "one user held more than its share of the pool"
+    );
+    assert_eq!(env.state.user_pool.held_by(attacker), 3);
+
+    // Another user still gets a connection at once.
+    let took = std::time::Instant::now();
+    let (status, body) = env
+        .batch(
+            uuid::Uuid::new_v4(),
+            serde_json::json!([deeprecall_tests::insert(
+                "works",
+                serde_json::json!({ "title": "t" })
+            )]),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let took = took.elapsed();
+    assert!(
+        took < Duration::from_millis(700),
+        "another user's batch took {took:?}"
+    );
+
+    // The five beyond the share waited in their own line for the pool's wait timeout, then were told to retry.
+    for _ in 0..5 {
+        let (status, retry_after, body, at) =
+            tokio::time::timeout(Duration::from_secs(5), done.recv())
+                .await
+                .expect("a request beyond the share was never answered")
+                .unwrap();
+        assert_eq!(status, 429, "{body}");
+        assert_eq!(deeprecall_tests::error_code(&body), "too_many_requests");
+        assert_eq!(
+            retry_after.as_ref().and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        assert!(
+            at >= Duration::from_millis(900),
+            "answered after {at:?}, before the wait timeout"
+        );
+    }
+    // The three holding connections finish once the lock is gone.
+    locker.batch_execute("commit").await.unwrap();
+    for _ in 0..3 {
+        let (status, _, body, _) = tokio::time::timeout(Duration::from_secs(5), done.recv())
+            .await
+            .expect("a batch holding a connection was never answered")
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(env.state.user_pool.held_by(attacker), 0);
+}

@@ -6,6 +6,7 @@ pub mod ledger;
 pub mod migrate;
 pub mod pg_type;
 pub mod tls;
+pub mod user_pool;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use deeprecall_replication::stream::TlsSettings;

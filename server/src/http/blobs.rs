@@ -257,7 +257,7 @@ pub async fn coordinate(
     let mut req = req;
     req.blobs.sort_unstable_by(|a, b| a.sha256.cmp(&b.sha256));
 
-    let mut client = state.pool.get().await?;
+    let mut client = state.user_pool.get(user.user_id).await?;
     let session = begin_scoped(&mut client, &Scope::user(user.user_id).with_txid(), &[])
         .await
         .map_err(|e| from_db(&e))?;
@@ -337,7 +337,7 @@ pub async fn get_blob(
     Path(sha256): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     check_sha256(&sha256)?;
-    let mut client = state.pool.get().await?;
+    let mut client = state.user_pool.get(user.user_id).await?;
     let session = begin_scoped(&mut client, &Scope::user(user.user_id).read_only(), &[])
         .await
         .map_err(|e| from_db(&e))?;
@@ -405,12 +405,12 @@ pub async fn my_inventory(
 ) -> Result<Json<Value>, ApiError> {
     let Query(mut q) = q.map_err(query_error)?;
     q.owner_id = None;
-    inventory(&state, Scope::user(user.user_id), q).await
+    inventory(&state, user.user_id, q).await
 }
 
 async fn inventory(
     state: &AppState,
-    scope: Scope<'_>,
+    user: Uuid,
     q: InventoryQuery,
 ) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(100);
@@ -429,8 +429,8 @@ async fn inventory(
             (Some(o), Some(s))
         }
     };
-    let mut client = state.pool.get().await?;
-    let session = begin_scoped(&mut client, &scope.read_only(), &[])
+    let mut client = state.user_pool.get(user).await?;
+    let session = begin_scoped(&mut client, &Scope::user(user).read_only(), &[])
         .await
         .map_err(|e| from_db(&e))?;
     let tx = session.tx;

@@ -418,10 +418,12 @@ fn identifiers(list: &str, separator: char) -> Option<Vec<String>> {
 }
 
 impl Shapes {
-    /// The compiled definition of `req` (cached), or why the request is bad.
+    /// The compiled definition of `req` (cached), or why the request is bad. Compiling takes one of `owner`'s
+    /// pooled connections.
     async fn definition(
         &self,
         state: &AppState,
+        owner: Uuid,
         req: &ShapeRequest,
     ) -> Result<Arc<ShapeDef>, ApiError> {
         let cache_key = req.definition_key();
@@ -439,7 +441,7 @@ impl Shapes {
         {
             return Ok(def);
         }
-        let def = Arc::new(compile(state, req).await?);
+        let def = Arc::new(compile(state, owner, req).await?);
         let mut defs = self.definitions.lock().unwrap_or_else(|e| e.into_inner());
         if defs.len() >= MAX_DEFINITIONS {
             // Rare and cheap to rebuild: drop an arbitrary half.
@@ -453,7 +455,7 @@ impl Shapes {
     }
 }
 
-async fn compile(state: &AppState, req: &ShapeRequest) -> Result<ShapeDef, ApiError> {
+async fn compile(state: &AppState, owner: Uuid, req: &ShapeRequest) -> Result<ShapeDef, ApiError> {
     let parts = identifiers(&req.table, '.')
         .filter(|p| p.len() <= 2)
         .ok_or_else(|| {
@@ -485,8 +487,8 @@ async fn compile(state: &AppState, req: &ShapeRequest) -> Result<ShapeDef, ApiEr
     }
     let filter = parse_where(&req.where_, &req.params, |c| table.column(c))
         .map_err(|e| bad_request("invalid_where", e.0))?;
-    let client = state.pool.get().await?;
-    let filter = canonicalise(&client, &filter).await.map_err(|e| match e {
+    let client = state.user_pool.get(owner).await?;
+    let filter = canonicalise(&*client, &filter).await.map_err(|e| match e {
         JobError::BadFilter(m) => {
             bad_request("invalid_where", format!("invalid `where` value: {m}"))
         }
@@ -648,7 +650,7 @@ async fn serve(state: &AppState, user: &AuthUser, query: &str) -> Result<Respons
     if let Some(refusal) = state.hub.standby_refusal() {
         return Ok(refusal);
     }
-    let def = state.shapes.definition(state, &req).await?;
+    let def = state.shapes.definition(state, user.user_id, &req).await?;
     let key = state.shapes.key(&state.pool).await?;
     let owner = user.user_id;
     let offset = match req.offset {

@@ -215,20 +215,19 @@ async fn fast(
     )))
 }
 
-/// Runs `plan` for `user` on a pooled connection.
+/// Runs `plan` for `user` on `client`.
 pub(crate) async fn run(
-    pool: &deadpool_postgres::Pool,
+    client: &mut deadpool_postgres::Object,
     user: Uuid,
     plan: &Plan,
 ) -> Result<BatchResponse, ApiError> {
-    let mut client = pool.get().await?;
-    let careful = match fast(&mut client, user, plan).await? {
+    let careful = match fast(client, user, plan).await? {
         Fast::Done(response) => return Ok(response),
         Fast::Seen => true,
         Fast::Failed => false,
     };
     if careful {
-        let begun = begin(&mut client, user, plan).await?;
+        let begun = begin(client, user, plan).await?;
         match run_sets(&begun, plan).await {
             Ok(statuses) => {
                 let Begun { tx, txid, seen } = begun;
@@ -241,7 +240,7 @@ pub(crate) async fn run(
             }
         }
     }
-    let begun = begin(&mut client, user, plan).await?;
+    let begun = begin(client, user, plan).await?;
     let statuses = run_each(&begun, plan).await?;
     let Begun { tx, txid, seen } = begun;
     tx.commit().await.map_err(|e| from_db(&e))?;

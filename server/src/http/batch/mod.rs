@@ -54,7 +54,8 @@ pub async fn post_batch(
         }
         other => other?,
     };
-    let response = execute::run(&state.pool, user.user_id, &plan).await?;
+    let mut client = state.user_pool.get(user.user_id).await?;
+    let response = execute::run(&mut client, user.user_id, &plan).await?;
     crate::metrics::batch_rows(plan.ops.len());
     Ok(Json(response))
 }
