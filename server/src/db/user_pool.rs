@@ -79,7 +79,12 @@ impl UserPool {
     /// A connection for `user`: first a place in the user's line, then one from the pool, both by one deadline.
     pub async fn get(&self, user: Uuid) -> Result<UserConnection, UserPoolError> {
         let deadline = Instant::now() + self.wait;
-        let Some(place) = self.per_user.acquire(user, deadline).await else {
+        // A free place is taken without arming a timer (the common case: a user's requests come one at a time).
+        let place = match self.per_user.try_acquire(user) {
+            Some(place) => Some(place),
+            None => self.per_user.acquire(user, deadline).await,
+        };
+        let Some(place) = place else {
             crate::metrics::db_connection_refused("user_share");
             return Err(UserPoolError::Share(self.per_user.limit()));
         };
