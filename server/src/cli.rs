@@ -157,6 +157,11 @@ pub struct LimitArgs {
     #[arg(long, env = "DEEPRECALL_MAX_CONNECTIONS_PER_USER", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_user: u32,
+    /// Most GET /v1/shape requests of one user that wait or stream at once (initial snapshots, live long-polls,
+    /// SSE streams); the next one is answered 429 too_many_requests with Retry-After.
+    #[arg(long, env = "DEEPRECALL_MAX_SHAPE_REQUESTS_PER_USER", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_shape_requests_per_user: u32,
     /// Milliseconds a request waits for a pooled connection when all are busy; then 503 `database_busy` with
     /// `Retry-After`.
     #[arg(long, env = "DEEPRECALL_POOL_WAIT_TIMEOUT_MS", default_value_t = 5_000,
@@ -248,6 +253,7 @@ impl LimitArgs {
             max_ops_per_batch: self.max_ops_per_batch,
             max_connections: self.max_connections,
             max_connections_per_user: self.max_connections_per_user as usize,
+            max_shape_requests_per_user: self.max_shape_requests_per_user as usize,
             pool_wait_timeout: std::time::Duration::from_millis(self.pool_wait_timeout_ms),
             max_db_connections_per_user: match self.max_db_connections_per_user {
                 Some(n) => n as usize,
@@ -647,6 +653,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         pool,
         snapshots: Arc::new(SnapshotCapacity::new(snapshot_pool, &limits.snapshots)),
         sockets_per_user: PerUserLimit::new(limits.max_connections_per_user),
+        shape_requests_per_user: PerUserLimit::new(limits.max_shape_requests_per_user),
         bodies: crate::http::batch::BodyBudget::new(
             limits.max_body_bytes_in_flight,
             limits.max_body_bytes_in_flight_per_user,

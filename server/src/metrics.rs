@@ -108,6 +108,8 @@ pub mod names {
     pub const BODY_BYTES_IN_FLIGHT: &str = "deeprecall_http_body_bytes_in_flight";
     /// Counter (label `reason`): requests refused a pooled connection (a user's share, or the whole pool, busy).
     pub const DB_CONNECTION_REFUSALS: &str = "deeprecall_db_connection_refusals_total";
+    /// Counter: `/v1/shape` requests refused for their user's `--max-shape-requests-per-user`.
+    pub const SHAPE_REQUEST_REFUSALS: &str = "deeprecall_shape_requests_refused_total";
     /// Gauge: pool size limit.
     pub const POOL_MAX: &str = "deeprecall_db_pool_max_connections";
     /// Gauge: open pooled connections.
@@ -442,6 +444,13 @@ pub const CATALOGUE: &[MetricDef] = &[
         help: "Write request bodies refused: user_share (429, --max-body-bytes-in-flight-per-user), server_budget (503, --max-body-bytes-in-flight), timeout (408, --body-timeout-secs).",
     },
     MetricDef {
+        name: names::SHAPE_REQUEST_REFUSALS,
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        label: None,
+        help: "GET /v1/shape requests answered 429 because their user already had --max-shape-requests-per-user requests waiting or streaming.",
+    },
+    MetricDef {
         name: names::DB_CONNECTION_REFUSALS,
         kind: Kind::Counter,
         unit: Unit::Count,
@@ -668,6 +677,13 @@ pub fn must_refetch(reason: &'static str) {
 pub fn body_refused(reason: &'static str) {
     if handles().is_some() {
         metrics::counter!(names::BODY_REFUSALS, "reason" => reason).increment(1);
+    }
+}
+
+/// A `/v1/shape` request was refused for its user's share.
+pub fn shape_request_refused() {
+    if handles().is_some() {
+        metrics::counter!(names::SHAPE_REQUEST_REFUSALS).increment(1);
     }
 }
 

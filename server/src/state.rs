@@ -23,6 +23,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most concurrent WebSocket connections of one user (the next one is closed with 4029).
     pub max_connections_per_user: usize,
+    /// Most `/v1/shape` requests of one user that wait or stream at once (snapshots, live long-polls, SSE); 429
+    /// `too_many_requests` beyond.
+    pub max_shape_requests_per_user: usize,
     /// How long a request waits for a pooled connection before it is answered 503 `database_busy` (or 429
     /// `too_many_requests` when its user's share stayed full).
     pub pool_wait_timeout: std::time::Duration,
@@ -52,6 +55,7 @@ impl Default for Limits {
             max_ops_per_batch: 1000,
             max_connections: 100_000,
             max_connections_per_user: 32,
+            max_shape_requests_per_user: 64,
             pool_wait_timeout: std::time::Duration::from_secs(5),
             max_db_connections_per_user: 4,
             snapshots: SnapshotLimits::default(),
@@ -95,6 +99,8 @@ pub struct Shared {
     pub snapshots: Arc<SnapshotCapacity>,
     /// Open WebSockets per user (`Limits::max_connections_per_user`).
     pub sockets_per_user: Arc<PerUserLimit>,
+    /// `/v1/shape` requests per user that wait or stream (`Limits::max_shape_requests_per_user`).
+    pub shape_requests_per_user: Arc<PerUserLimit>,
     /// Write request bodies in flight (`Limits::max_body_bytes_in_flight`, per user and in all).
     pub bodies: Arc<crate::http::batch::BodyBudget>,
     /// Token verification.

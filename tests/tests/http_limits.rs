@@ -479,3 +479,104 @@ async fn one_user_holds_at_most_its_share_of_the_pool() {
     }
     assert_eq!(env.state.user_pool.held_by(attacker), 0);
 }
+
+#[tokio::test]
+async fn one_user_holds_at_most_its_share_of_waiting_shape_requests() {
+    // Live long-polls and SSE streams hold a TCP connection each. Without a per-user share, one user's could fill
+    // the server's connection cap (--max-connections, --max-http-connections) and keep every other user out.
+    let env = env_with(Limits {
+        max_shape_requests_per_user: 3,
+        ..Limits::default()
+    })
+    .await;
+    let (alice, bob) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let token = env.token(alice);
+    let shape = |query: String, token: String| {
+        let (http, base) = (env.http.clone(), env.base.clone());
+        async move {
+            http.get(format!("{base}/v1/shape?table=works&{query}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let first = shape("offset=-1".into(), token.clone()).await;
+    assert_eq!(first.status(), 200);
+    let at = |r: &reqwest::Response, h: &str| r.headers()[h].to_str().unwrap().to_owned();
+    let (handle, offset) = (at(&first, "electric-handle"), at(&first, "electric-offset"));
+    first.text().await.unwrap();
+    let live = format!("offset={offset}&handle={handle}&live=true");
+    let taken = || env.state.shape_requests_per_user.taken(alice);
+    let until_taken = |n: usize| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while taken() != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} places taken, not {n}",
+                taken()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    until_taken(0).await;
+
+    // Three long-polls wait for a change; the fourth is told to come back.
+    let polls: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(shape(live.clone(), token.clone())))
+        .collect();
+    until_taken(3).await;
+    let refused = shape(live.clone(), token.clone()).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(
+        deeprecall_tests::error_code(&body),
+        "too_many_requests",
+        "{body}"
+    );
+    // A snapshot waits too, so it needs a place as well; a catch-up request answers at once and needs none.
+    assert_eq!(shape("offset=-1".into(), token.clone()).await.status(), 429);
+    let catch_up = shape(format!("offset={offset}&handle={handle}"), token.clone()).await;
+    assert_eq!(catch_up.status(), 200);
+    // Another user is not affected.
+    assert_eq!(
+        shape("offset=-1".into(), env.token(bob)).await.status(),
+        200
+    );
+
+    // A change answers the long-polls, and their places come back.
+    let (status, body) = env
+        .batch(
+            alice,
+            serde_json::json!([deeprecall_tests::insert(
+                "works",
+                serde_json::json!({ "title": "wakes them" })
+            )]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for poll in polls {
+        assert_eq!(poll.await.unwrap().status(), 200);
+    }
+    until_taken(0).await;
+
+    // An SSE stream keeps its place for as long as it is open.
+    let sse = format!("{live}&live_sse=true");
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let stream = shape(sse.clone(), token.clone()).await;
+        assert_eq!(stream.status(), 200);
+        streams.push(stream);
+    }
+    until_taken(3).await;
+    assert_eq!(shape(sse.clone(), token.clone()).await.status(), 429);
+    drop(streams);
+    until_taken(0).await;
+    assert_eq!(
+        shape(format!("offset={offset}&handle={handle}"), token)
+            .await
+            .status(),
+        200
+    );
+}

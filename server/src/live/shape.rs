@@ -653,6 +653,18 @@ async fn serve(state: &AppState, user: &AuthUser, query: &str) -> Result<Respons
     let def = state.shapes.definition(state, user.user_id, &req).await?;
     let key = state.shapes.key(&state.pool).await?;
     let owner = user.user_id;
+    // A request that may wait or stream (a snapshot, a live long-poll, SSE) holds one of its user's places until it
+    // is answered, or for SSE until its stream ends.
+    let holds = matches!(req.offset, OffsetParam::Initial) || req.live;
+    let place = match holds {
+        true => Some(
+            state
+                .shape_requests_per_user
+                .try_acquire(owner)
+                .ok_or_else(|| too_many_of_user(state))?,
+        ),
+        false => None,
+    };
     let offset = match req.offset {
         OffsetParam::Initial => return snapshot_response(state, owner, &def, &key).await,
         OffsetParam::Malformed => return Ok(refetch(state, owner, &def, &key, "invalid_offset")),
@@ -678,6 +690,7 @@ async fn serve(state: &AppState, user: &AuthUser, query: &str) -> Result<Respons
         Err(reason) => return Ok(refetch(state, owner, &def, &key, reason)),
     };
     if req.sse {
+        feed._place = place;
         return Ok(sse_response(state, handle, from, feed));
     }
     let cursor = req.live.then(|| state.shapes.next_cursor());
@@ -699,6 +712,21 @@ async fn serve(state: &AppState, user: &AuthUser, query: &str) -> Result<Respons
         }
         Held::Refetch(reason) => refetch(state, owner, &def, &key, reason),
     })
+}
+
+/// 429: one user's requests that wait or stream are at `--max-shape-requests-per-user`. Retried by Electric's client
+/// after `Retry-After`, with backoff.
+fn too_many_of_user(state: &AppState) -> ApiError {
+    crate::metrics::shape_request_refused();
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_requests",
+        format!(
+            "this user has {} shape requests waiting or streaming, the most one user may hold (--max-shape-requests-per-user); retry after the Retry-After delay",
+            state.shape_requests_per_user.limit()
+        ),
+    )
+    .retry_after(1)
 }
 
 fn too_many() -> ApiError {
@@ -791,6 +819,8 @@ struct Feed {
     live: Option<(super::hub::Registration, ConnQueue, Arc<LagSignal>)>,
     /// Counts the request as a live long-poll subscription while it may wait (metrics).
     _counted: Option<LongPollCount>,
+    /// The user's place (`--max-shape-requests-per-user`), kept by an SSE stream for as long as it runs.
+    _place: Option<crate::live::admission::UserPermit>,
 }
 
 /// A live long-poll request, counted in the subscriptions gauge while it exists.
@@ -846,6 +876,7 @@ impl Feed {
             messages: Vec::new(),
             _counted: live.is_some().then(LongPollCount::new),
             live,
+            _place: None,
         };
         for txn in &txns {
             feed.add(txn);
