@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
+                .on_response(log_server_error)
                 .on_failure(log_failure),
         )
         .with_state(state);
@@ -115,27 +116,58 @@ fn request_span(req: &Request) -> tracing::Span {
     )
 }
 
-/// tower-http's default logs every 5xx response at ERROR. A 503 is the server saying "not now": `/readyz` of an
-/// instance that is starting or on standby (which a load balancer polls every few seconds, for as long as the
-/// standby waits), or load shed on purpose (`too_many_snapshots`, `too_many_connections`). None of
-/// them is an error an operator must act on, and a 503 that does come from a fault is logged where it is answered,
-/// with its cause (`database unavailable`, the pool wait timeout, `readiness: database unreachable`: WARN). So 503s
-/// are logged here at DEBUG, under tower-http's own target (`RUST_LOG=tower_http=debug` shows them, as it shows every
-/// request); any other 5xx, and a response that failed outright, stays at ERROR.
-fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &tracing::Span) {
+/// tower-http's default logs every 5xx response at ERROR. Two kinds are not worth an ERROR line here:
+/// - A 503 is the server saying "not now": `/readyz` of an instance that is starting or on standby (which a load
+///   balancer polls every few seconds, for as long as the standby waits), or load shed on purpose
+///   (`too_many_snapshots`, `too_many_connections`). None of them is an error an operator must act on, and a 503 that
+///   does come from a fault is logged where it is answered, with its cause (`database unavailable`, the pool wait
+///   timeout, `readiness: database unreachable`: WARN).
+/// - A 500 made by [`crate::error::ApiError`] was logged at ERROR where it was made, with its cause; a second line
+///   without the cause made one fault count as two.
+///
+/// Those are logged here at DEBUG, under tower-http's own target (`RUST_LOG=tower_http=debug` shows them, as it
+/// shows every request); any other 5xx stays at ERROR, and so does a response that failed outright
+/// ([`log_failure`]).
+fn log_server_error<B>(
+    response: &axum::http::Response<B>,
+    latency: Duration,
+    _span: &tracing::Span,
+) {
+    let status = response.status();
+    if !status.is_server_error() {
+        return;
+    }
     let latency_ms = latency.as_secs_f64() * 1000.0;
-    match class {
-        ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => tracing::debug!(
+    let logged = response
+        .extensions()
+        .get::<crate::error::LoggedAtSource>()
+        .is_some();
+    if status == StatusCode::SERVICE_UNAVAILABLE || logged {
+        tracing::debug!(
             target: "tower_http::trace::on_failure",
             latency_ms,
-            "response 503 Service Unavailable"
-        ),
-        class => tracing::error!(
+            "response {status}"
+        );
+    } else {
+        tracing::error!(
             target: "tower_http::trace::on_failure",
-            classification = %class,
+            classification = %format!("Status code: {status}"),
             latency_ms,
             "response failed"
-        ),
+        );
+    }
+}
+
+/// A response that failed outright (its body errored): ERROR. Responses with a 5xx status are logged by
+/// [`log_server_error`].
+fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &tracing::Span) {
+    if let ServerErrorsFailureClass::Error(error) = class {
+        tracing::error!(
+            target: "tower_http::trace::on_failure",
+            error = %error,
+            latency_ms = latency.as_secs_f64() * 1000.0,
+            "response failed"
+        );
     }
 }
 

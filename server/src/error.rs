@@ -93,6 +93,16 @@ impl ApiError {
         )
     }
 
+    /// 500 with the generic message for a fault the server found itself (no error value to chain); logs `what`.
+    pub fn internal_fault(what: &str) -> Self {
+        tracing::error!(error = %what, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal server error; see the server log",
+        )
+    }
+
     /// 503 when every pooled connection stayed busy for the pool's wait timeout: nothing was done, retry soon.
     pub fn busy() -> Self {
         tracing::warn!("no pooled database connection came free within the pool wait timeout");
@@ -116,6 +126,10 @@ impl ApiError {
     }
 }
 
+/// Marks a response whose error was already logged, with its cause, where it was made.
+#[derive(Debug, Clone, Copy)]
+pub struct LoggedAtSource;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut error = json!({ "code": self.code, "message": self.message });
@@ -133,6 +147,11 @@ impl IntoResponse for ApiError {
             None => None,
         };
         let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        if self.status == StatusCode::INTERNAL_SERVER_ERROR {
+            // Every 500 of ours was logged with its cause where it was made (`internal`, `internal_fault`); the
+            // access log need not log it again (app.rs).
+            response.extensions_mut().insert(LoggedAtSource);
+        }
         if let Some(secs) = retry_after {
             response
                 .headers_mut()

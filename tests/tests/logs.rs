@@ -130,6 +130,23 @@ impl JsonServer {
         }
     }
 
+    /// Waits until `/readyz` answers 200: the database answers and the replication stream runs.
+    async fn until_ready(&self, http: &reqwest::Client) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = http.get(format!("{}/readyz", self.base)).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Stops the server with SIGTERM (it must exit successfully) and returns the lines not yet received.
     async fn stop(mut self) -> Vec<String> {
         let pid = self.child.id().expect("pid").to_string();
@@ -159,20 +176,7 @@ async fn json_logs_parse_and_carry_the_request_id() {
     let mut server = JsonServer::spawn(&env, "logs_test", Some("info,tower_http=debug"));
     let base = server.base.clone();
     let http = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    // Ready: the database answers and the replication stream runs.
-    loop {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
-            && r.status().is_success()
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "server did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    server.until_ready(&http).await;
     let resp = http
         .get(format!("{base}/readyz"))
         .header("x-request-id", "log-test-42")
@@ -235,10 +239,27 @@ async fn json_logs_parse_and_carry_the_request_id() {
 /// itself is one WARN line.
 #[tokio::test]
 async fn a_standby_polled_for_readiness_logs_no_errors() {
+    // Built first: the build blocks this test's runtime, and with the test server running, a minute-long build
+    // (cargo rebuilds when the features differ from the test build's) let Postgres time out its replication
+    // connection and hand the slot to the second server.
+    let _ = server_bin();
     let env = TestEnv::start().await;
-    // The test environment's own server holds its slot, so a second server on it waits on standby.
-    let server = JsonServer::spawn(&env, &env.state.slot_name, None);
+    // The test environment's own server holds its slot once it is ready, so a second server on it waits on standby.
     let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !http
+        .get(format!("{}/readyz", env.base))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the test server did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let server = JsonServer::spawn(&env, &env.state.slot_name, None);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut standby_answers = 0;
     while standby_answers < 5 {
@@ -268,5 +289,52 @@ async fn a_standby_polled_for_readiness_logs_no_errors() {
                 .as_str()
                 .is_some_and(|m| m.contains("on standby"))),
         "no standby warning in {lines:#?}"
+    );
+}
+
+/// A 500 is one ERROR line, with its cause and the request's id: the error is logged where it is made, and the
+/// access log (tower-http) does not log the same response again without the cause.
+#[tokio::test]
+async fn a_500_is_logged_once_with_its_cause() {
+    let env = TestEnv::start().await;
+    let server = JsonServer::spawn(&env, "logs_500", None);
+    let http = reqwest::Client::new();
+    server.until_ready(&http).await;
+    // The operator's mistake, not the client's: the user role lost a grant, so the insert fails with a privilege
+    // error that is not row-level security's.
+    env.superuser()
+        .await
+        .batch_execute("revoke insert on works from deeprecall_user")
+        .await
+        .unwrap();
+    let resp = http
+        .post(format!("{}/v1/batch", server.base))
+        .bearer_auth(env.token(uuid::Uuid::new_v4()))
+        .header("x-request-id", "log-500")
+        .json(&serde_json::json!({"ops": [deeprecall_tests::insert("works", serde_json::json!({"title": "x"}))]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 500);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "internal server error; see the server log"
+    );
+
+    let lines = server.stop().await;
+    let errors: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .filter(|v| v["level"] == "ERROR")
+        .collect();
+    assert_eq!(errors.len(), 1, "ERROR lines: {errors:#?}");
+    let error = &errors[0];
+    assert_eq!(error["span"]["request_id"], "log-500", "{error}");
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("permission denied")),
+        "{error}"
     );
 }

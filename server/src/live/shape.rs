@@ -139,10 +139,8 @@ impl Shapes {
                     .map_err(|e| ApiError::internal(&e))?
                     .get(0);
                 HandleKey::from_bytes(&key).ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
-                        "the shape handle key is malformed; see the server log",
+                    ApiError::internal_fault(
+                        "the shape handle key in deeprecall_shape_keys is malformed",
                     )
                 })
             })
@@ -583,11 +581,10 @@ async fn compile(state: &AppState, owner: Uuid, req: &ShapeRequest) -> Result<Sh
         }
     };
     if !columns.iter().any(|c| c.pk_index.is_some()) {
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the table has no primary key",
-        ));
+        return Err(ApiError::internal_fault(&format!(
+            "synced table {} has no primary key",
+            table.name
+        )));
     }
     let mut hash = Sha256::new();
     hash.update(b"deeprecall-shape/1\0");
@@ -1226,10 +1223,8 @@ async fn snapshot_response(
         }
     };
     let Some(handoff) = prepared.handoff.clone() else {
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "snapshot without handoff",
+        return Err(ApiError::internal_fault(
+            "a shape snapshot ended without its handoff",
         ));
     };
     if lag.is_raised() {
