@@ -653,15 +653,14 @@ async fn serve(state: &AppState, user: &AuthUser, query: &str) -> Result<Respons
     // A request that may wait or stream (a snapshot, a live long-poll, SSE) holds one of its user's places until it
     // is answered, or for SSE until its stream ends.
     let holds = matches!(req.offset, OffsetParam::Initial) || req.live;
-    let place = match holds {
-        true => Some(
+    let place = holds
+        .then(|| {
             state
                 .shape_requests_per_user
                 .try_acquire(owner)
-                .ok_or_else(|| too_many_of_user(state))?,
-        ),
-        false => None,
-    };
+                .ok_or_else(|| too_many_of_user(state))
+        })
+        .transpose()?;
     let offset = match req.offset {
         OffsetParam::Initial => return snapshot_response(state, owner, &def, &key).await,
         OffsetParam::Malformed => return Ok(refetch(state, owner, &def, &key, "invalid_offset")),
