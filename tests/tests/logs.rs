@@ -80,6 +80,23 @@ async fn every_response_carries_a_request_id() {
     }
 }
 
+/// Waits until `{base}/readyz` answers 200 (the database answers and the replication stream runs); panics after 60 s.
+async fn until_ready(http: &reqwest::Client, base: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server at {base} did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `deeprecall-sync serve` as a subprocess on `slot`, logging JSON lines under `rust_log` (None: the server's default
 /// filter); its stderr lines arrive on `lines` as they are written.
 struct JsonServer {
@@ -130,21 +147,9 @@ impl JsonServer {
         }
     }
 
-    /// Waits until `/readyz` answers 200: the database answers and the replication stream runs.
+    /// Waits until its `/readyz` answers 200.
     async fn until_ready(&self, http: &reqwest::Client) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = http.get(format!("{}/readyz", self.base)).send().await
-                && r.status().is_success()
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "server did not come up"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        until_ready(http, &self.base).await;
     }
 
     /// Stops the server with SIGTERM (it must exit successfully) and returns the lines not yet received.
@@ -246,19 +251,7 @@ async fn a_standby_polled_for_readiness_logs_no_errors() {
     let env = TestEnv::start().await;
     // The test environment's own server holds its slot once it is ready, so a second server on it waits on standby.
     let http = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !http
-        .get(format!("{}/readyz", env.base))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the test server did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_ready(&http, &env.base).await;
     let server = JsonServer::spawn(&env, &env.state.slot_name, None);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut standby_answers = 0;

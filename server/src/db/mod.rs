@@ -131,6 +131,22 @@ pub fn pool(
         .build()?)
 }
 
+/// A connection from `pool`, waiting at most until `deadline` (at least a millisecond) for one to come free: for
+/// waits that share one deadline with another (a user's place, a snapshot's admission).
+pub async fn get_by(
+    pool: &Pool,
+    deadline: tokio::time::Instant,
+) -> Result<deadpool_postgres::Object, deadpool_postgres::PoolError> {
+    let wait = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(std::time::Duration::from_millis(1));
+    let timeouts = deadpool_postgres::Timeouts {
+        wait: Some(wait),
+        ..deadpool_postgres::Timeouts::default()
+    };
+    pool.timeout_get(&timeouts).await
+}
+
 /// How a transaction that acts for someone starts: which role, which user, isolation, read-only, and what else its
 /// first statement reads. Built with [`Scope::user`], [`Scope::admin`] or [`Scope::maintenance`] and the builder
 /// methods; consumed by [`begin_scoped`], the one place the row-level-security session is set up.

@@ -20,7 +20,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Object, Pool, PoolError, Timeouts};
+use deadpool_postgres::{Object, Pool, PoolError};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -66,11 +66,6 @@ impl UserPool {
         }
     }
 
-    /// The most connections one user holds at once.
-    pub fn per_user(&self) -> usize {
-        self.per_user.limit()
-    }
-
     /// Connections `user` holds now.
     pub fn held_by(&self, user: Uuid) -> usize {
         self.per_user.taken(user)
@@ -79,24 +74,11 @@ impl UserPool {
     /// A connection for `user`: first a place in the user's line, then one from the pool, both by one deadline.
     pub async fn get(&self, user: Uuid) -> Result<UserConnection, UserPoolError> {
         let deadline = Instant::now() + self.wait;
-        // A free place is taken without arming a timer (the common case: a user's requests come one at a time).
-        let place = match self.per_user.try_acquire(user) {
-            Some(place) => Some(place),
-            None => self.per_user.acquire(user, deadline).await,
-        };
-        let Some(place) = place else {
+        let Some(place) = self.per_user.acquire(user, deadline).await else {
             crate::metrics::db_connection_refused("user_share");
             return Err(UserPoolError::Share(self.per_user.limit()));
         };
-        let timeouts = Timeouts {
-            wait: Some(
-                deadline
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(1)),
-            ),
-            ..Timeouts::default()
-        };
-        let connection = self.pool.timeout_get(&timeouts).await?;
+        let connection = super::get_by(&self.pool, deadline).await?;
         Ok(UserConnection {
             connection,
             _place: place,

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadpool_postgres::{Object, Pool, PoolError, Timeouts};
+use deadpool_postgres::{Object, Pool, PoolError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -77,13 +77,17 @@ impl PerUserLimit {
         self.permit(user, semaphore, permit)
     }
 
-    /// A place for `user`, waiting in line (first come, first served) until `deadline`.
+    /// A place for `user`, waiting in line (first come, first served) until `deadline`. A free place is taken
+    /// without arming a timer (the common case; a semaphore with waiters has no free place, so nobody jumps the line).
     pub async fn acquire(self: &Arc<Self>, user: Uuid, deadline: Instant) -> Option<UserPermit> {
         let semaphore = self.semaphore(user);
-        let permit = tokio::time::timeout_at(deadline, semaphore.clone().acquire_owned())
-            .await
-            .ok()
-            .and_then(Result::ok);
+        let permit = match semaphore.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => tokio::time::timeout_at(deadline, semaphore.clone().acquire_owned())
+                .await
+                .ok()
+                .and_then(Result::ok),
+        };
         self.permit(user, semaphore, permit)
     }
 
@@ -256,15 +260,7 @@ impl SnapshotCapacity {
     /// A snapshot connection, waiting in line until the admission's deadline.
     pub async fn connection(&self, admission: &Admission) -> Result<Object, AdmitError> {
         let _waiting = Waiting::new(&self.waiting);
-        let wait = admission
-            .deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        let timeouts = Timeouts {
-            wait: Some(wait),
-            ..Timeouts::default()
-        };
-        match self.pool.timeout_get(&timeouts).await {
+        match crate::db::get_by(&self.pool, admission.deadline).await {
             Ok(c) => Ok(c),
             Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => {
                 self.rejected.fetch_add(1, Ordering::Relaxed);
