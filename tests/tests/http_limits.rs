@@ -314,15 +314,16 @@ async fn client_connections_are_kept_alive_by_tcp_probes() {
 /// A fresh user's 1-op batch is answered 200 within 700 ms (under a few ms on an idle test server).
 async fn another_user_writes_at_once(env: &TestEnv, meanwhile: &str) {
     let started = std::time::Instant::now();
-    let (status, body) = env
-        .batch(
-            uuid::Uuid::new_v4(),
-            serde_json::json!([deeprecall_tests::insert(
-                "works",
-                serde_json::json!({ "title": "t" })
-            )]),
-        )
-        .await;
+    let batch = env.batch(
+        uuid::Uuid::new_v4(),
+        serde_json::json!([deeprecall_tests::insert(
+            "works",
+            serde_json::json!({ "title": "t" })
+        )]),
+    );
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), batch)
+        .await
+        .unwrap_or_else(|_| panic!("another user's batch was not answered in 5 s {meanwhile}"));
     let took = started.elapsed();
     assert_eq!(status.as_u16(), 200, "{body}");
     assert!(
@@ -478,6 +479,109 @@ async fn one_user_holds_at_most_its_share_of_the_pool() {
         assert_eq!(status, 200, "{body}");
     }
     assert_eq!(env.state.user_pool.held_by(attacker), 0);
+}
+
+#[tokio::test]
+async fn abandoned_batches_keep_their_share_until_postgres_is_done_with_them() {
+    // A client that gives up on its batch (closes the connection) ends the request, but not the transaction it
+    // queued: Postgres still runs it, here waiting for a row lock the test holds. Its connection used to go back to
+    // the pool at once, with that transaction still in it, and the user's place with it: a user could abandon batch
+    // after batch, fill every pooled connection with waiting transactions, and every other user's batch queued behind
+    // one of them.
+    let env = env_with(Limits {
+        pool_wait_timeout: Duration::from_millis(300),
+        max_db_connections_per_user: 3,
+        ..Limits::default()
+    })
+    .await;
+    let attacker = uuid::Uuid::new_v4();
+    let work = uuid::Uuid::new_v4();
+    let (status, body) = env
+        .batch(
+            attacker,
+            serde_json::json!([deeprecall_tests::insert(
+                "works",
+                serde_json::json!({ "id": work, "title": "locked" })
+            )]),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let locker = env.superuser().await;
+    locker
+        .batch_execute(&format!(
+            "begin; select 1 from works where id = '{work}' for update"
+        ))
+        .await
+        .unwrap();
+    let waiting = || async {
+        env.superuser()
+            .await
+            .query_one(
+                "select count(*) from pg_stat_activity \
+                 where datname = current_database() and wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+
+    // Twelve batches, each abandoned by its client after 150 ms, in waves of three (the share).
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let wave = (0..3).map(|_| {
+            let (base, token) = (env.base.clone(), env.token(attacker));
+            async move {
+                let body = serde_json::json!({"ops": [deeprecall_tests::op(
+                    "update",
+                    "works",
+                    serde_json::json!({ "id": work, "title": "again" })
+                )]});
+                reqwest::Client::new()
+                    .post(format!("{base}/v1/batch"))
+                    .bearer_auth(token)
+                    .timeout(Duration::from_millis(150))
+                    .json(&body)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            }
+        });
+        statuses.extend(futures::future::join_all(wave).await);
+    }
+    // The first wave waited on the lock until its clients gave up; the later ones found the share still taken by
+    // the abandoned transactions and waited for a place instead, each until its client gave up.
+    assert!(statuses.iter().all(Result::is_err), "{statuses:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        waiting().await,
+        3,
+        "abandoned batches left more than the user's share of transactions in Postgres"
+    );
+    another_user_writes_at_once(&env, "after one user abandoned batches waiting on a lock").await;
+    assert_eq!(env.state.user_pool.held_by(attacker), 3);
+
+    // Once the lock is gone, Postgres finishes the abandoned transactions, and the user's places come back.
+    locker.batch_execute("commit").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while env.state.user_pool.held_by(attacker) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned batches never gave their places back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = env
+        .batch(
+            attacker,
+            serde_json::json!([deeprecall_tests::op(
+                "update",
+                "works",
+                serde_json::json!({ "id": work, "title": "last" })
+            )]),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
 }
 
 #[tokio::test]

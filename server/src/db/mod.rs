@@ -147,6 +147,14 @@ pub async fn get_by(
     pool.timeout_get(&timeouts).await
 }
 
+/// Waits until Postgres has answered everything already sent on `client`: an empty query, answered in order after
+/// them. For a connection whose last request was abandoned mid-flight (its future dropped: the HTTP client went
+/// away), before it goes back to a pool. A transaction dropped uncommitted has queued its `ROLLBACK` already.
+/// Errors are ignored: a connection that failed is discarded by the pool anyway.
+pub async fn settle(client: &tokio_postgres::Client) {
+    let _ = client.simple_query("").await;
+}
+
 /// How a transaction that acts for someone starts: which role, which user, isolation, read-only, and what else its
 /// first statement reads. Built with [`Scope::user`], [`Scope::admin`] or [`Scope::maintenance`] and the builder
 /// methods; consumed by [`begin_scoped`], the one place the row-level-security session is set up.

@@ -13,9 +13,16 @@
 //! (0.8 ms alone). With 32 such connections it took 1 s. Now a user's surplus requests wait in a line of their own,
 //! which holds no connection, and the pool's queue has at most a share of anyone's requests in it.
 //!
-//! The place is taken before the connection and given back after it (field order of [`UserConnection`]), so a
-//! user never holds more connections than places. Server-wide work (the catalog reload, the ledger pruner, health,
-//! metrics, admin reports) takes connections from the pool directly.
+//! The place is taken before the connection and given back after it, so a user never holds more connections than
+//! places. Server-wide work (the catalog reload, the ledger pruner, health, metrics, admin reports) takes
+//! connections from the pool directly.
+//!
+//! A request ends when its client goes away (hyper drops the handler), but what it already sent to Postgres does
+//! not: Postgres runs it to its end, here perhaps waiting for a row lock. So a [`UserConnection`] dropped before
+//! [`UserConnection::settled`] goes back to the pool, and gives back the user's place, only once Postgres has
+//! answered everything sent on it ([`super::settle`], on a task of its own). Before, it went back at once with the
+//! transaction still running in it: a user abandoning batch after batch that waited on a lock kept every pooled
+//! connection busy while holding no place, and another user's batch, handed one of them, waited behind that lock.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,11 +42,14 @@ pub struct UserPool {
 }
 
 /// A pooled connection held for one user; derefs to the connection. Dropping it returns the connection to the pool
-/// and then the user's place.
+/// and then the user's place: at once once [`UserConnection::settled`] was called, otherwise when Postgres has
+/// answered everything sent on it.
 #[derive(Debug)]
 pub struct UserConnection {
-    connection: Object,
-    _place: UserPermit,
+    /// `None` only while dropping.
+    connection: Option<Object>,
+    place: Option<UserPermit>,
+    settled: bool,
 }
 
 /// Why no connection was handed out.
@@ -80,9 +90,38 @@ impl UserPool {
         };
         let connection = super::get_by(&self.pool, deadline).await?;
         Ok(UserConnection {
-            connection,
-            _place: place,
+            connection: Some(connection),
+            place: Some(place),
+            settled: false,
         })
+    }
+}
+
+impl UserConnection {
+    /// Says that every statement sent on the connection has been answered (the handler awaited them all), so that
+    /// dropping it needs no round trip to make sure. Call it after the last `await` on the connection; a handler
+    /// that returns early without it only costs that round trip.
+    pub fn settled(&mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for UserConnection {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let (Some(connection), place) = (self.connection.take(), self.place.take()) else {
+            return;
+        };
+        // Outside a runtime (never in the server) there is nothing to wait with: the fields drop as they are.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                super::settle(&connection).await;
+                drop(connection);
+                drop(place);
+            });
+        }
     }
 }
 
@@ -90,12 +129,12 @@ impl std::ops::Deref for UserConnection {
     type Target = Object;
 
     fn deref(&self) -> &Object {
-        &self.connection
+        self.connection.as_ref().expect("taken only while dropping")
     }
 }
 
 impl std::ops::DerefMut for UserConnection {
     fn deref_mut(&mut self) -> &mut Object {
-        &mut self.connection
+        self.connection.as_mut().expect("taken only while dropping")
     }
 }

@@ -15,7 +15,7 @@ use tokio_postgres::types::Json as PgJson;
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
-use crate::db::{Scope, begin_scoped};
+use crate::db::{Scope, Session, begin_scoped};
 use crate::error::{ApiError, from_db};
 use crate::http::batch::{Bounded, parse_off_runtime, read_body};
 use crate::state::AppState;
@@ -258,10 +258,11 @@ pub async fn coordinate(
     req.blobs.sort_unstable_by(|a, b| a.sha256.cmp(&b.sha256));
 
     let mut client = state.user_pool.get(user.user_id).await?;
-    let session = begin_scoped(&mut client, &Scope::user(user.user_id).with_txid(), &[])
-        .await
-        .map_err(|e| from_db(&e))?;
-    let (tx, txid) = (session.tx, session.txid.unwrap_or_default());
+    let Session { tx, txid, .. } =
+        begin_scoped(&mut client, &Scope::user(user.user_id).with_txid(), &[])
+            .await
+            .map_err(|e| from_db(&e))?;
+    let txid = txid.unwrap_or_default();
     let blobs = serde_json::to_value(&req.blobs).map_err(|e| ApiError::internal(&e))?;
     let blobs = PgJson(&blobs);
     const INPUT: &str = "jsonb_to_recordset($1) as x(sha256 text, size bigint, mime text, filename text, \
@@ -321,6 +322,7 @@ pub async fn coordinate(
         0
     };
     tx.commit().await.map_err(|e| from_db(&e))?;
+    client.settled();
     Ok(Json(CoordinateResponse {
         txid,
         meta_created,
@@ -354,6 +356,9 @@ pub async fn get_blob(
         )
         .await
         .map_err(|e| from_db(&e))?;
+    // Read-only: dropped, it queues its ROLLBACK, and nothing else runs on the connection.
+    drop(session);
+    client.settled();
     let meta: Option<Value> = row.get::<_, Option<PgJson<Value>>>(0).map(|j| j.0);
     let devices: Value = row.get::<_, PgJson<Value>>(1).0;
     let assets: Value = row.get::<_, PgJson<Value>>(2).0;
@@ -430,10 +435,9 @@ async fn inventory(
         }
     };
     let mut client = state.user_pool.get(user).await?;
-    let session = begin_scoped(&mut client, &Scope::user(user).read_only(), &[])
+    let Session { tx, .. } = begin_scoped(&mut client, &Scope::user(user).read_only(), &[])
         .await
         .map_err(|e| from_db(&e))?;
-    let tx = session.tx;
     // Keyset paging on (owner_id, sha256), the unique key of blobs_meta: stable under concurrent inserts.
     let rows = tx
         .query(
@@ -446,6 +450,8 @@ async fn inventory(
         )
         .await
         .map_err(|e| from_db(&e))?;
+    drop(tx);
+    client.settled();
     let more = rows.len() as i64 > limit;
     let page = &rows[..rows.len().min(limit as usize)];
     let next_cursor = if more {

@@ -188,8 +188,16 @@ pub struct SnapshotCapacity {
 /// A job's per-user place and the deadline for its connection.
 #[derive(Debug)]
 pub struct Admission {
-    _place: UserPermit,
+    place: Arc<UserPermit>,
     deadline: Instant,
+}
+
+impl Admission {
+    /// The place, for a task that must keep it after the job ends (the reader, until Postgres is done with its
+    /// connection). The place is given back when the admission and every share are dropped.
+    pub fn share(&self) -> Arc<UserPermit> {
+        self.place.clone()
+    }
 }
 
 /// What the snapshot limits are doing now.
@@ -247,7 +255,7 @@ impl SnapshotCapacity {
         let _waiting = Waiting::new(&self.waiting);
         match self.per_user.acquire(owner, deadline).await {
             Some(place) => Ok(Admission {
-                _place: place,
+                place: Arc::new(place),
                 deadline,
             }),
             None => {

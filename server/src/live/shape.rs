@@ -485,7 +485,7 @@ async fn compile(state: &AppState, owner: Uuid, req: &ShapeRequest) -> Result<Sh
     }
     let filter = parse_where(&req.where_, &req.params, |c| table.column(c))
         .map_err(|e| bad_request("invalid_where", e.0))?;
-    let client = state.user_pool.get(owner).await?;
+    let mut client = state.user_pool.get(owner).await?;
     let filter = canonicalise(&*client, &filter).await.map_err(|e| match e {
         JobError::BadFilter(m) => {
             bad_request("invalid_where", format!("invalid `where` value: {m}"))
@@ -515,6 +515,7 @@ async fn compile(state: &AppState, owner: Uuid, req: &ShapeRequest) -> Result<Sh
         )
         .await
         .map_err(|e| ApiError::internal(&e))?;
+    client.settled();
     let mut all: Vec<(ShapeColumn, bool)> = rows
         .iter()
         .map(|r| {

@@ -34,7 +34,7 @@ use futures::StreamExt;
 use tokio::sync::oneshot;
 use tokio_postgres::types::{Oid, ToSql, Type};
 
-use super::admission::{Admission, AdmitError, SnapshotCapacity};
+use super::admission::{Admission, AdmitError, SnapshotCapacity, UserPermit};
 use super::barrier::{BARRIER_TIMEOUT, Barriers};
 use super::convert::output_text_sql;
 use super::filter::{Filter, SqlParam, is_relative_time};
@@ -240,7 +240,13 @@ async fn snapshot<S: SnapshotSink>(
     let (admission, client) = admit(capacity, spec, sink).await?;
     let (writer, mut rows) = capacity.spool::<JobError>();
     let (started_tx, started_rx) = oneshot::channel();
-    tokio::spawn(read(client, spec.clone(), started_tx, writer));
+    tokio::spawn(read(
+        client,
+        admission.share(),
+        spec.clone(),
+        started_tx,
+        writer,
+    ));
     let started = started_rx
         .await
         .unwrap_or_else(|_| Err(JobError::Database("the snapshot reader ended early".into())))?;
@@ -283,14 +289,23 @@ struct Started {
 /// The reader task: reads the rows into the spool and gives the connection back as soon as they are read.
 async fn read(
     mut client: Object,
+    place: Arc<UserPermit>,
     spec: JobSpec,
     started: oneshot::Sender<Result<Started, JobError>>,
     mut writer: SpoolWriter<JobError>,
 ) {
     let mut started = Some(started);
     let result = read_rows(&mut client, &spec, &mut started, &mut writer).await;
+    if result.is_err() {
+        // Perhaps ended mid-query (the client went away): Postgres is still sending the rest of the rows, which the
+        // connection discards. It goes back to the pool, and the user's place with it, only once they are all
+        // through; before, the next job handed this connection waited behind them, and a user could abandon
+        // snapshot after snapshot of a large table with every one of them holding a connection and no place.
+        crate::db::settle(&client).await;
+    }
     // Committed (or rolled back): the connection goes back to the snapshot pool before the client has the rows.
     drop(client);
+    drop(place);
     match (result, started) {
         (Err(e), Some(started)) => {
             let _ = started.send(Err(e));
