@@ -173,6 +173,11 @@ pub struct LimitArgs {
     #[arg(long, env = "DEEPRECALL_MAX_DB_CONNECTIONS_PER_USER",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_db_connections_per_user: Option<u32>,
+    /// Milliseconds a user's transaction (a batch, a blob request) waits for a lock another transaction holds (an
+    /// operator's CREATE INDEX, a forgotten open transaction); then 503 locked with Retry-After, and nothing done.
+    /// 0: wait as long as it takes.
+    #[arg(long, env = "DEEPRECALL_LOCK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub lock_timeout_ms: u64,
     /// Snapshot and resume jobs reading from Postgres at once, on connections of their own (in addition to
     /// --pool-size).
     #[arg(long, env = "DEEPRECALL_SNAPSHOT_CONCURRENCY", default_value_t = 4,
@@ -255,6 +260,8 @@ impl LimitArgs {
             max_connections_per_user: self.max_connections_per_user as usize,
             max_shape_requests_per_user: self.max_shape_requests_per_user as usize,
             pool_wait_timeout: std::time::Duration::from_millis(self.pool_wait_timeout_ms),
+            lock_timeout: (self.lock_timeout_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.lock_timeout_ms)),
             max_db_connections_per_user: match self.max_db_connections_per_user {
                 Some(n) => n as usize,
                 None => (pool_size / 4).max(1),
@@ -649,6 +656,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
             pool.clone(),
             limits.max_db_connections_per_user,
             limits.pool_wait_timeout,
+            limits.lock_timeout,
         )),
         pool,
         snapshots: Arc::new(SnapshotCapacity::new(snapshot_pool, &limits.snapshots)),

@@ -197,6 +197,17 @@ impl From<deadpool_postgres::PoolError> for ApiError {
     }
 }
 
+/// `503 locked`: the request waited `--lock-timeout-ms` for a lock held by another transaction and did nothing.
+pub fn locked() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "locked",
+        "a row or table this request needs stayed locked by another transaction for longer than the server's \
+         lock timeout; nothing was done; retry after the Retry-After delay",
+    )
+    .retry_after(1)
+}
+
 /// Maps a Postgres error raised by a client's data to a client error, deliberately by SQLSTATE; anything else is
 /// internal. The message is Postgres's own primary message (it names the constraint or the bad value, never
 /// another user's data), plus its detail for constraint violations.
@@ -233,6 +244,10 @@ pub fn from_db(err: &tokio_postgres::Error) -> ApiError {
     } else if code.code().starts_with("22") || *code == SqlState::DATATYPE_MISMATCH {
         // Class 22: data exception (bad uuid, number out of range, invalid json, bad timestamp...).
         ApiError::unprocessable("invalid_value", msg)
+    } else if *code == SqlState::LOCK_NOT_AVAILABLE {
+        // 55P03 after --lock-timeout-ms: another transaction held a lock this one needed. Not the client's data;
+        // the same request succeeds once the lock is gone.
+        locked()
     } else if *code == SqlState::T_R_SERIALIZATION_FAILURE
         || *code == SqlState::T_R_DEADLOCK_DETECTED
     {

@@ -29,6 +29,8 @@ pub struct Limits {
     /// How long a request waits for a pooled connection before it is answered 503 `database_busy` (or 429
     /// `too_many_requests` when its user's share stayed full).
     pub pool_wait_timeout: std::time::Duration,
+    /// How long a user's transaction waits for a lock before it fails (503 `locked`); `None`: as long as it takes.
+    pub lock_timeout: Option<std::time::Duration>,
     /// Most pooled connections one user's requests hold at once (db::user_pool).
     pub max_db_connections_per_user: usize,
     /// Snapshot concurrency (a pool of their own), per-user places, spool memory and spill files.
@@ -57,6 +59,7 @@ impl Default for Limits {
             max_connections_per_user: 32,
             max_shape_requests_per_user: 64,
             pool_wait_timeout: std::time::Duration::from_secs(5),
+            lock_timeout: Some(std::time::Duration::from_secs(5)),
             max_db_connections_per_user: 4,
             snapshots: SnapshotLimits::default(),
             max_http_connections: 10_000,

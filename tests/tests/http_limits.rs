@@ -585,6 +585,116 @@ async fn abandoned_batches_keep_their_share_until_postgres_is_done_with_them() {
 }
 
 #[tokio::test]
+async fn a_batch_waits_for_a_lock_at_most_the_lock_timeout_and_then_did_nothing() {
+    // Someone else (here the test; in production an operator's CREATE INDEX or a forgotten open transaction) holds
+    // a row lock. The batch that needs it is answered 503 `locked` after the lock timeout, once, not after a second
+    // wait op by op; its sequence did not advance, so the same batch sent again is applied, not `duplicate`.
+    let env = env_with(Limits {
+        lock_timeout: Some(Duration::from_millis(400)),
+        ..Limits::default()
+    })
+    .await;
+    let user = uuid::Uuid::new_v4();
+    let (work, other) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let (status, body) = env
+        .batch(
+            user,
+            serde_json::json!([
+                deeprecall_tests::insert(
+                    "works",
+                    serde_json::json!({ "id": work, "title": "locked" })
+                ),
+                deeprecall_tests::insert(
+                    "works",
+                    serde_json::json!({ "id": other, "title": "free" })
+                ),
+            ]),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let locker = env.superuser().await;
+    locker
+        .batch_execute(&format!(
+            "begin; select 1 from works where id = '{work}' for update"
+        ))
+        .await
+        .unwrap();
+
+    let client_id = uuid::Uuid::new_v4();
+    let batch = serde_json::json!({
+        "client_id": client_id,
+        "ops": [
+            { "op_id": uuid::Uuid::new_v4(), "seq": 1, "table": "works", "kind": "update",
+              "row": { "id": other, "title": "first" } },
+            { "op_id": uuid::Uuid::new_v4(), "seq": 2, "table": "works", "kind": "update",
+              "row": { "id": work, "title": "second" } },
+        ],
+    });
+    let send = || {
+        env.http
+            .post(format!("{}/v1/batch", env.base))
+            .bearer_auth(env.token(user))
+            .json(&batch)
+            .send()
+    };
+    let started = std::time::Instant::now();
+    let resp = send().await.unwrap();
+    let took = started.elapsed();
+    let (status, retry_after) = (
+        resp.status().as_u16(),
+        resp.headers().get("retry-after").cloned(),
+    );
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        retry_after.as_ref().and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    assert_eq!(deeprecall_tests::error_code(&body), "locked", "{body}");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(750),
+        "answered after {took:?}: the lock timeout is 400 ms, waited once"
+    );
+    assert_eq!(env.state.user_pool.held_by(user), 0);
+
+    // Nothing was done: neither row changed, the sequence did not move.
+    let db = env.superuser().await;
+    let titles: Vec<String> = db
+        .query(
+            "select title from works where id = any($1) order by title",
+            &[&vec![work, other]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(titles, ["free", "locked"]);
+    let clients: i64 = db
+        .query_one(
+            "select count(*) from sync_clients where client_id = $1",
+            &[&client_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(clients, 0);
+
+    // Once the lock is gone, the same batch is applied.
+    locker.batch_execute("commit").await.unwrap();
+    let resp = send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let statuses: Vec<&str> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["applied", "applied"], "{body}");
+}
+
+#[tokio::test]
 async fn one_user_holds_at_most_its_share_of_waiting_shape_requests() {
     // Live long-polls and SSE streams hold a TCP connection each. Without a per-user share, one user's could fill
     // the server's connection cap (--max-connections, --max-http-connections) and keep every other user out.

@@ -166,6 +166,7 @@ pub struct Scope<'a> {
     read_only: bool,
     first_reading: &'a [&'a str],
     txid: bool,
+    lock_timeout_ms: Option<u64>,
 }
 
 impl<'a> Scope<'a> {
@@ -193,7 +194,15 @@ impl<'a> Scope<'a> {
             read_only: false,
             first_reading: &[],
             txid: false,
+            lock_timeout_ms: None,
         }
+    }
+
+    /// The transaction waits at most `timeout` for any lock (`lock_timeout`, transaction-local); then its statement
+    /// fails with 55P03, which [`crate::error::from_db`] answers `503 locked`. `None`: as long as it takes.
+    pub fn lock_timeout(mut self, timeout: Option<std::time::Duration>) -> Self {
+        self.lock_timeout_ms = timeout.map(|t| (t.as_millis() as u64).max(1));
+        self
     }
 
     /// A read-only transaction.
@@ -245,7 +254,10 @@ impl<'a> Scope<'a> {
     }
 
     /// The first statement: `select <first_reading…>, [pg_current_xact_id()::text,] set_config('role', $1, true),
-    /// set_config('app.user_id', $2, true)`, with its parameters ([`Scope::head_params`]).
+    /// set_config('app.user_id', $2, true)[, set_config('lock_timeout', '<ms>', true)]`, with its parameters
+    /// ([`Scope::head_params`]). The lock timeout is the server's setting, written into the text: one prepared
+    /// statement per connection as before, and no statement of its own (an unprepared `SET` would be parsed in every
+    /// transaction).
     fn head_sql(&self) -> String {
         let mut sql = String::from("select ");
         for e in self.first_reading {
@@ -256,6 +268,9 @@ impl<'a> Scope<'a> {
             sql.push_str("pg_current_xact_id()::text, ");
         }
         sql.push_str("set_config('role', $1, true), set_config('app.user_id', $2, true)");
+        if let Some(ms) = self.lock_timeout_ms {
+            sql.push_str(&format!(", set_config('lock_timeout', '{ms}', true)"));
+        }
         sql
     }
 }

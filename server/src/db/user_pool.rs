@@ -31,6 +31,7 @@ use deadpool_postgres::{Object, Pool, PoolError};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::Scope;
 use crate::live::admission::{PerUserLimit, UserPermit};
 
 /// The write pool, with a per-user share.
@@ -39,6 +40,7 @@ pub struct UserPool {
     pool: Pool,
     per_user: Arc<PerUserLimit>,
     wait: Duration,
+    lock_timeout: Option<Duration>,
 }
 
 /// A pooled connection held for one user; derefs to the connection. Dropping it returns the connection to the pool
@@ -50,6 +52,8 @@ pub struct UserConnection {
     connection: Option<Object>,
     place: Option<UserPermit>,
     settled: bool,
+    user: Uuid,
+    lock_timeout: Option<Duration>,
 }
 
 /// Why no connection was handed out.
@@ -67,12 +71,18 @@ pub enum UserPoolError {
 
 impl UserPool {
     /// At most `per_user` of `pool`'s connections per user (at least 1); a request waits at most `wait` for both its
-    /// place and its connection.
-    pub fn new(pool: Pool, per_user: usize, wait: Duration) -> Self {
+    /// place and its connection, and its transactions at most `lock_timeout` for a lock ([`UserConnection::scope`]).
+    pub fn new(
+        pool: Pool,
+        per_user: usize,
+        wait: Duration,
+        lock_timeout: Option<Duration>,
+    ) -> Self {
         Self {
             pool,
             per_user: PerUserLimit::new(per_user),
             wait,
+            lock_timeout,
         }
     }
 
@@ -93,11 +103,22 @@ impl UserPool {
             connection: Some(connection),
             place: Some(place),
             settled: false,
+            user,
+            lock_timeout: self.lock_timeout,
         })
     }
 }
 
 impl UserConnection {
+    /// How this user's transactions on this connection start: as the user ([`Scope::user`]), waiting at most
+    /// `--lock-timeout-ms` for a lock. A share bounds how many connections a user's requests hold; the lock timeout
+    /// bounds for how long, when they wait for a lock that someone else (an operator's `CREATE INDEX`, a forgotten
+    /// open transaction) holds: without it they would hold the user's places, and fill the pool, for as long as the
+    /// lock is held.
+    pub fn scope(&self) -> Scope<'static> {
+        Scope::user(self.user).lock_timeout(self.lock_timeout)
+    }
+
     /// Says that every statement sent on the connection has been answered (the handler awaited them all), so that
     /// dropping it needs no round trip to make sure. Call it after the last `await` on the connection; a handler
     /// that returns early without it only costs that round trip.

@@ -15,7 +15,7 @@ use tokio_postgres::types::Json as PgJson;
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
-use crate::db::{Scope, Session, begin_scoped};
+use crate::db::{Session, begin_scoped};
 use crate::error::{ApiError, from_db};
 use crate::http::batch::{Bounded, parse_off_runtime, read_body};
 use crate::state::AppState;
@@ -258,10 +258,10 @@ pub async fn coordinate(
     req.blobs.sort_unstable_by(|a, b| a.sha256.cmp(&b.sha256));
 
     let mut client = state.user_pool.get(user.user_id).await?;
-    let Session { tx, txid, .. } =
-        begin_scoped(&mut client, &Scope::user(user.user_id).with_txid(), &[])
-            .await
-            .map_err(|e| from_db(&e))?;
+    let scope = client.scope().with_txid();
+    let Session { tx, txid, .. } = begin_scoped(&mut client, &scope, &[])
+        .await
+        .map_err(|e| from_db(&e))?;
     let txid = txid.unwrap_or_default();
     let blobs = serde_json::to_value(&req.blobs).map_err(|e| ApiError::internal(&e))?;
     let blobs = PgJson(&blobs);
@@ -340,7 +340,8 @@ pub async fn get_blob(
 ) -> Result<Json<Value>, ApiError> {
     check_sha256(&sha256)?;
     let mut client = state.user_pool.get(user.user_id).await?;
-    let session = begin_scoped(&mut client, &Scope::user(user.user_id).read_only(), &[])
+    let scope = client.scope().read_only();
+    let session = begin_scoped(&mut client, &scope, &[])
         .await
         .map_err(|e| from_db(&e))?;
     let row = session
@@ -435,7 +436,8 @@ async fn inventory(
         }
     };
     let mut client = state.user_pool.get(user).await?;
-    let Session { tx, .. } = begin_scoped(&mut client, &Scope::user(user).read_only(), &[])
+    let scope = client.scope().read_only();
+    let Session { tx, .. } = begin_scoped(&mut client, &scope, &[])
         .await
         .map_err(|e| from_db(&e))?;
     // Keyset paging on (owner_id, sha256), the unique key of blobs_meta: stable under concurrent inserts.

@@ -131,7 +131,7 @@ enum Fast {
 /// The fast path: the whole batch, assumed new, in one round trip.
 async fn fast(
     client: &mut deadpool_postgres::Object,
-    user: Uuid,
+    scope: Scope<'_>,
     plan: &Plan,
 ) -> Result<Fast, ApiError> {
     let db = |e: tokio_postgres::Error| from_db(&e);
@@ -167,7 +167,7 @@ async fn fast(
     let binds: Vec<Vec<&(dyn ToSql + Sync)>> = statements.iter().map(Statement::bind).collect();
     let mut pipelined: Vec<crate::db::Pipelined<'_>> = vec![(&claim, &claim_params)];
     pipelined.extend(prepared.iter().zip(&binds).map(|(p, b)| (p, b.as_slice())));
-    let trip = run_scoped(client, &Scope::user(user).with_txid(), &pipelined)
+    let trip = run_scoped(client, &scope.with_txid(), &pipelined)
         .await
         .map_err(db)?;
     if let Err(e) = &trip.head {
@@ -196,6 +196,7 @@ async fn fast(
     for (statement, outcome) in statements.iter().zip(results) {
         match outcome {
             Ok(rows) => record(&mut statuses, plan, statement, &rows),
+            Err(e) if waited_out(&e) => return Err(from_db(&e)),
             Err(e) if e.as_db_error().is_some() => return Ok(Fast::Failed),
             Err(e) => return Err(from_db(&e)),
         }
@@ -215,32 +216,38 @@ async fn fast(
     )))
 }
 
-/// Runs `plan` for `user` on `client`.
+/// The statement waited `--lock-timeout-ms` for a lock (55P03). Not the op's fault: the batch is answered `503 locked`
+/// at once, without finding the failing op one by one, which would only wait for the same lock again.
+fn waited_out(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+}
+
+/// Runs `plan` on `client`, in transactions of `scope` (the user's: [`crate::db::user_pool::UserConnection::scope`]).
 pub(crate) async fn run(
     client: &mut deadpool_postgres::Object,
-    user: Uuid,
+    scope: Scope<'_>,
     plan: &Plan,
 ) -> Result<BatchResponse, ApiError> {
-    let careful = match fast(client, user, plan).await? {
+    let careful = match fast(client, scope, plan).await? {
         Fast::Done(response) => return Ok(response),
         Fast::Seen => true,
         Fast::Failed => false,
     };
     if careful {
-        let begun = begin(client, user, plan).await?;
+        let begun = begin(client, scope, plan).await?;
         match run_sets(&begun, plan).await {
             Ok(statuses) => {
                 let Begun { tx, txid, seen } = begun;
                 tx.commit().await.map_err(|e| from_db(&e))?;
                 return Ok(response(txid, plan, &seen, statuses));
             }
-            Err(e) if e.as_db_error().is_none() => return Err(from_db(&e)),
+            Err(e) if e.as_db_error().is_none() || waited_out(&e) => return Err(from_db(&e)),
             Err(_) => {
                 let _ = begun.tx.rollback().await;
             }
         }
     }
-    let begun = begin(client, user, plan).await?;
+    let begun = begin(client, scope, plan).await?;
     let statuses = run_each(&begun, plan).await?;
     let Begun { tx, txid, seen } = begun;
     tx.commit().await.map_err(|e| from_db(&e))?;
@@ -250,10 +257,10 @@ pub(crate) async fn run(
 /// Opens the user's transaction and finds out which ops are new, both in one round trip.
 async fn begin<'c>(
     client: &'c mut deadpool_postgres::Object,
-    user: Uuid,
+    scope: Scope<'_>,
     plan: &Plan,
 ) -> Result<Begun<'c>, ApiError> {
-    let scope = Scope::user(user).with_txid();
+    let scope = scope.with_txid();
     let db = |e: tokio_postgres::Error| from_db(&e);
     match plan.client_id {
         None => {

@@ -55,7 +55,8 @@ pub async fn post_batch(
         other => other?,
     };
     let mut client = state.user_pool.get(user.user_id).await?;
-    let response = execute::run(&mut client, user.user_id, &plan).await;
+    let scope = client.scope();
+    let response = execute::run(&mut client, scope, &plan).await;
     client.settled();
     let response = response?;
     crate::metrics::batch_rows(plan.ops.len());
