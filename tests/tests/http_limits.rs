@@ -312,6 +312,43 @@ async fn client_connections_are_kept_alive_by_tcp_probes() {
 }
 
 /// A fresh user's 1-op batch is answered 200 within 700 ms (under a few ms on an idle test server).
+/// A work of `user`'s, and a superuser session holding its row lock (`for update`) until it commits.
+async fn locked_work(env: &TestEnv, user: uuid::Uuid) -> (uuid::Uuid, tokio_postgres::Client) {
+    let work = uuid::Uuid::new_v4();
+    let (status, body) = env
+        .batch(
+            user,
+            serde_json::json!([deeprecall_tests::insert(
+                "works",
+                serde_json::json!({ "id": work, "title": "locked" })
+            )]),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let locker = env.superuser().await;
+    locker
+        .batch_execute(&format!(
+            "begin; select 1 from works where id = '{work}' for update"
+        ))
+        .await
+        .unwrap();
+    (work, locker)
+}
+
+/// Backends of the test database waiting for a lock now.
+async fn lock_waiters(env: &TestEnv) -> i64 {
+    env.superuser()
+        .await
+        .query_one(
+            "select count(*) from pg_stat_activity \
+             where datname = current_database() and wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn another_user_writes_at_once(env: &TestEnv, meanwhile: &str) {
     let started = std::time::Instant::now();
     let batch = env.batch(
@@ -375,24 +412,7 @@ async fn one_user_holds_at_most_its_share_of_the_pool() {
     })
     .await;
     let attacker = uuid::Uuid::new_v4();
-    let work = uuid::Uuid::new_v4();
-    let (status, body) = env
-        .batch(
-            attacker,
-            serde_json::json!([deeprecall_tests::insert(
-                "works",
-                serde_json::json!({ "id": work, "title": "locked" })
-            )]),
-        )
-        .await;
-    assert_eq!(status.as_u16(), 200, "{body}");
-    let locker = env.superuser().await;
-    locker
-        .batch_execute(&format!(
-            "begin; select 1 from works where id = '{work}' for update"
-        ))
-        .await
-        .unwrap();
+    let (work, locker) = locked_work(&env, attacker).await;
 
     let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
     let started = std::time::Instant::now();
@@ -420,20 +440,8 @@ async fn one_user_holds_at_most_its_share_of_the_pool() {
     drop(done_tx);
 
     // Exactly the share waits on the lock, each on a connection of its own.
-    let waiting = || async {
-        env.superuser()
-            .await
-            .query_one(
-                "select count(*) from pg_stat_activity \
-                 where datname = current_database() and wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while waiting().await < 3 {
+    while lock_waiters(&env).await < 3 {
         assert!(
             std::time::Instant::now() < deadline,
             "three batches never reached the lock"
@@ -442,7 +450,7 @@ async fn one_user_holds_at_most_its_share_of_the_pool() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        waiting().await,
+        lock_waiters(&env).await,
         3,
         "one user held more than its share of the pool"
     );
@@ -495,36 +503,7 @@ async fn abandoned_batches_keep_their_share_until_postgres_is_done_with_them() {
     })
     .await;
     let attacker = uuid::Uuid::new_v4();
-    let work = uuid::Uuid::new_v4();
-    let (status, body) = env
-        .batch(
-            attacker,
-            serde_json::json!([deeprecall_tests::insert(
-                "works",
-                serde_json::json!({ "id": work, "title": "locked" })
-            )]),
-        )
-        .await;
-    assert_eq!(status.as_u16(), 200, "{body}");
-    let locker = env.superuser().await;
-    locker
-        .batch_execute(&format!(
-            "begin; select 1 from works where id = '{work}' for update"
-        ))
-        .await
-        .unwrap();
-    let waiting = || async {
-        env.superuser()
-            .await
-            .query_one(
-                "select count(*) from pg_stat_activity \
-                 where datname = current_database() and wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
+    let (work, locker) = locked_work(&env, attacker).await;
 
     // Twelve batches, each abandoned by its client after 150 ms, in waves of three (the share).
     let mut statuses = Vec::new();
@@ -554,7 +533,7 @@ async fn abandoned_batches_keep_their_share_until_postgres_is_done_with_them() {
     assert!(statuses.iter().all(Result::is_err), "{statuses:?}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        waiting().await,
+        lock_waiters(&env).await,
         3,
         "abandoned batches left more than the user's share of transactions in Postgres"
     );
@@ -595,30 +574,18 @@ async fn a_batch_waits_for_a_lock_at_most_the_lock_timeout_and_then_did_nothing(
     })
     .await;
     let user = uuid::Uuid::new_v4();
-    let (work, other) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let other = uuid::Uuid::new_v4();
     let (status, body) = env
         .batch(
             user,
-            serde_json::json!([
-                deeprecall_tests::insert(
-                    "works",
-                    serde_json::json!({ "id": work, "title": "locked" })
-                ),
-                deeprecall_tests::insert(
-                    "works",
-                    serde_json::json!({ "id": other, "title": "free" })
-                ),
-            ]),
+            serde_json::json!([deeprecall_tests::insert(
+                "works",
+                serde_json::json!({ "id": other, "title": "free" })
+            )]),
         )
         .await;
     assert_eq!(status.as_u16(), 200, "{body}");
-    let locker = env.superuser().await;
-    locker
-        .batch_execute(&format!(
-            "begin; select 1 from works where id = '{work}' for update"
-        ))
-        .await
-        .unwrap();
+    let (work, locker) = locked_work(&env, user).await;
 
     let client_id = uuid::Uuid::new_v4();
     let batch = serde_json::json!({
@@ -685,13 +652,11 @@ async fn a_batch_waits_for_a_lock_at_most_the_lock_timeout_and_then_did_nothing(
     let resp = send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let body: serde_json::Value = resp.json().await.unwrap();
-    let statuses: Vec<&str> = body["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["status"].as_str().unwrap())
-        .collect();
-    assert_eq!(statuses, ["applied", "applied"], "{body}");
+    assert_eq!(
+        deeprecall_tests::statuses(&body),
+        ["applied", "applied"],
+        "{body}"
+    );
 }
 
 #[tokio::test]
