@@ -157,6 +157,12 @@ pub struct LimitArgs {
     #[arg(long, env = "DEEPRECALL_MAX_CONNECTIONS_PER_USER", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_user: u32,
+    /// Bytes of `where` filters one user's WebSocket subscriptions hold together, over all their connections
+    /// (about the filters' text: a 1000-value `in` list of UUIDs is ~60 KiB); a subscribe beyond it is refused with
+    /// too_many_filter_bytes.
+    #[arg(long, env = "DEEPRECALL_MAX_FILTER_BYTES_PER_USER", default_value_t = 16 * 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_filter_bytes_per_user: u32,
     /// Most GET /v1/shape requests of one user that wait or stream at once (initial snapshots, live long-polls,
     /// SSE streams); the next one is answered 429 too_many_requests with Retry-After.
     #[arg(long, env = "DEEPRECALL_MAX_SHAPE_REQUESTS_PER_USER", default_value_t = 64,
@@ -258,6 +264,7 @@ impl LimitArgs {
             max_ops_per_batch: self.max_ops_per_batch,
             max_connections: self.max_connections,
             max_connections_per_user: self.max_connections_per_user as usize,
+            max_filter_bytes_per_user: self.max_filter_bytes_per_user as usize,
             max_shape_requests_per_user: self.max_shape_requests_per_user as usize,
             pool_wait_timeout: std::time::Duration::from_millis(self.pool_wait_timeout_ms),
             lock_timeout: (self.lock_timeout_ms > 0)
@@ -661,6 +668,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         pool,
         snapshots: Arc::new(SnapshotCapacity::new(snapshot_pool, &limits.snapshots)),
         sockets_per_user: PerUserLimit::new(limits.max_connections_per_user),
+        filter_bytes_per_user: PerUserLimit::new(limits.max_filter_bytes_per_user),
         shape_requests_per_user: PerUserLimit::new(limits.max_shape_requests_per_user),
         bodies: crate::http::batch::BodyBudget::new(
             limits.max_body_bytes_in_flight,

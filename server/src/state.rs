@@ -23,6 +23,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most concurrent WebSocket connections of one user (the next one is closed with 4029).
     pub max_connections_per_user: usize,
+    /// Bytes of `where` filters one user's WebSocket subscriptions hold together (`Filter::retained_bytes`); a
+    /// subscription beyond is refused with `too_many_filter_bytes`.
+    pub max_filter_bytes_per_user: usize,
     /// Most `/v1/shape` requests of one user that wait or stream at once (snapshots, live long-polls, SSE); 429
     /// `too_many_requests` beyond.
     pub max_shape_requests_per_user: usize,
@@ -57,6 +60,7 @@ impl Default for Limits {
             max_ops_per_batch: 1000,
             max_connections: 100_000,
             max_connections_per_user: 32,
+            max_filter_bytes_per_user: 16 * 1024 * 1024,
             max_shape_requests_per_user: 64,
             pool_wait_timeout: std::time::Duration::from_secs(5),
             lock_timeout: Some(std::time::Duration::from_secs(5)),
@@ -102,6 +106,8 @@ pub struct Shared {
     pub snapshots: Arc<SnapshotCapacity>,
     /// Open WebSockets per user (`Limits::max_connections_per_user`).
     pub sockets_per_user: Arc<PerUserLimit>,
+    /// Bytes of subscription filters per user, across their WebSockets (`Limits::max_filter_bytes_per_user`).
+    pub filter_bytes_per_user: Arc<PerUserLimit>,
     /// `/v1/shape` requests per user that wait or stream (`Limits::max_shape_requests_per_user`).
     pub shape_requests_per_user: Arc<PerUserLimit>,
     /// Write request bodies in flight (`Limits::max_body_bytes_in_flight`, per user and in all).

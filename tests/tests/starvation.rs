@@ -5,6 +5,7 @@
 //! - shape requests whose bodies are read very slowly;
 //! - a write path whose pool is exhausted answers 503 with `Retry-After` instead of waiting for ever;
 //! - one user's sockets are capped (close 4029), another user still connects;
+//! - one user's subscription filters are capped in bytes, over all their connections;
 //! - a snapshot larger than the in-memory budget (spilled to a file) arrives complete and in order.
 //!
 //! The sizes (50k rows of ~0.8 kB for the attacker) are what the 2-core CI machine carries in a few seconds; before
@@ -285,6 +286,80 @@ async fn one_user_cannot_open_unlimited_sockets() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn one_users_subscription_filters_are_bounded_in_bytes() {
+    // Without a budget, a filter of nearly a mebibyte (the largest message) stayed in the server's memory for as long
+    // as its subscription, 100 of them per connection and 32 connections per user: about 3 GiB for one user.
+    let env = TestEnv::start_with(EnvOptions {
+        limits: Some(Limits {
+            max_filter_bytes_per_user: 200_000,
+            ..Limits::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let (user, other) = (Uuid::new_v4(), Uuid::new_v4());
+    // 1000 titles of 100 characters: about 130 kB held.
+    let big = json!({"title": {"in": (0..1000).map(|i| format!("{i:04}{}", "t".repeat(96))).collect::<Vec<_>>()}});
+
+    let mut first = StreamClient::connect(&env.base, &env.token(user)).await;
+    first.subscribe("big", "works", big.clone()).await;
+    assert_eq!(outcome(&mut first, "big").await, None);
+    // The budget is the user's, over all their connections.
+    let mut second = StreamClient::connect(&env.base, &env.token(user)).await;
+    second.subscribe("big", "works", big.clone()).await;
+    assert_eq!(
+        outcome(&mut second, "big").await.as_deref(),
+        Some("too_many_filter_bytes")
+    );
+    // Small filters and unfiltered subscriptions still fit; another user has a budget of their own.
+    second
+        .subscribe("small", "works", json!({"title": "x"}))
+        .await;
+    assert_eq!(outcome(&mut second, "small").await, None);
+    second.subscribe("all", "works", json!({})).await;
+    assert_eq!(outcome(&mut second, "all").await, None);
+    let mut others = StreamClient::connect(&env.base, &env.token(other)).await;
+    others.subscribe("big", "works", big.clone()).await;
+    assert_eq!(outcome(&mut others, "big").await, None);
+
+    // Unsubscribing gives the bytes back, and so does closing the connection.
+    first
+        .send(json!({"type": "unsubscribe", "id": "big"}))
+        .await;
+    first
+        .until(Duration::from_secs(10), |f| f["type"] == "unsubscribed")
+        .await;
+    second.subscribe("big", "works", big.clone()).await;
+    assert_eq!(outcome(&mut second, "big").await, None);
+    second.close().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        first.subscribe("again", "works", big.clone()).await;
+        match outcome(&mut first, "again").await {
+            None => break,
+            Some(code) => {
+                assert_eq!(code, "too_many_filter_bytes");
+                assert!(
+                    Instant::now() < deadline,
+                    "the closed connection's filters were not given back"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// How subscription `id` ended up: `None` once it is up to date, else the code of its `error`.
+async fn outcome(client: &mut StreamClient, id: &str) -> Option<String> {
+    let frame = client
+        .until(Duration::from_secs(10), |f| {
+            f["id"] == id && (f["type"] == "up_to_date" || f["type"] == "error")
+        })
+        .await;
+    (frame["type"] == "error").then(|| frame["code"].as_str().unwrap_or("").to_owned())
 }
 
 /// Titles `work 1`, `work 2`, … in the order received.

@@ -295,6 +295,27 @@ pub enum Expr {
     },
 }
 
+impl Expr {
+    fn retained_bytes(&self) -> usize {
+        const STRING: usize = std::mem::size_of::<Option<String>>();
+        let node = std::mem::size_of::<Expr>();
+        let col = |c: &Col| c.name.len() + c.type_name.len() + 2 * STRING;
+        node + match self {
+            Self::And(list) | Self::Or(list) => list.iter().map(Self::retained_bytes).sum(),
+            Self::Not(inner) => inner.retained_bytes(),
+            Self::Cmp { column, value, .. } => col(column) + value.as_ref().map_or(0, String::len),
+            Self::In { column, values } => {
+                col(column)
+                    + values
+                        .iter()
+                        .map(|v| STRING + v.as_ref().map_or(0, String::len))
+                        .sum::<usize>()
+            }
+            Self::IsNull { column, .. } => col(column),
+        }
+    }
+}
+
 /// SQL's truth values, plus "the row does not carry this column" (an old row without full replica identity).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Truth {
@@ -573,6 +594,12 @@ impl Filter {
             expr: Some(Box::new(expr)),
             canonical: false,
         }
+    }
+
+    /// About how many bytes of memory the filter holds (its literals, column descriptions and nodes): what a
+    /// subscription is charged against its user's `--max-filter-bytes-per-user`. 0 for no filter.
+    pub fn retained_bytes(&self) -> usize {
+        self.expr.as_deref().map_or(0, Expr::retained_bytes)
     }
 
     /// Parses the WebSocket's JSON form (values not yet canonical). `column` finds a column of the table.

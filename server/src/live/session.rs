@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use super::admission::PerUserLimit;
 use super::filter::Filter;
 use super::hub::{CannotResume, ConnEvent, Hub, Refetch};
 use super::job::{JobReport, Purpose};
@@ -111,6 +112,8 @@ pub struct Session {
     /// The transaction that came in parts and of which this connection was sent a part but not yet the last
     /// one: its last part goes out even without changes, to close it.
     open_split: Option<u64>,
+    /// Where the subscriptions' filters are charged (bytes per user, over all their connections); `None`: no limit.
+    filter_budget: Option<Arc<PerUserLimit>>,
 }
 
 fn send(out: &mut Actions, msg: ServerMessage<'_>) {
@@ -132,7 +135,14 @@ impl Session {
             subs: HashMap::new(),
             next_epoch: 0,
             open_split: None,
+            filter_budget: None,
         }
+    }
+
+    /// Charges every subscription's filter to `budget` (`--max-filter-bytes-per-user`).
+    pub fn with_filter_budget(mut self, budget: Arc<PerUserLimit>) -> Self {
+        self.filter_budget = Some(budget);
+        self
     }
 
     /// The user.
@@ -203,6 +213,32 @@ impl Session {
             Ok(f) => f,
             Err(e) => return send(out, ServerMessage::error(Some(&id), "invalid_where", &e.0)),
         };
+        // Without a budget, one user's 32 connections of 100 subscriptions, each with a filter of nearly a
+        // mebibyte (the largest message), held about 3 GiB of the server's memory.
+        let bytes = filter.retained_bytes();
+        let charge = match &self.filter_budget {
+            Some(budget) if bytes > 0 => {
+                match u32::try_from(bytes)
+                    .ok()
+                    .and_then(|n| budget.try_acquire_many(self.owner, n))
+                {
+                    Some(charge) => Some(charge),
+                    None => {
+                        let message = format!(
+                            "this filter holds {bytes} bytes, and with your other subscriptions' filters that is \
+                             more than one user may hold ({} bytes, --max-filter-bytes-per-user); unsubscribe \
+                             some, or use smaller filters",
+                            budget.limit()
+                        );
+                        return send(
+                            out,
+                            ServerMessage::error(Some(&id), "too_many_filter_bytes", &message),
+                        );
+                    }
+                }
+            }
+            _ => None,
+        };
         let purpose = match s.offset {
             OffsetField::None | OffsetField::Invalid => Purpose::Snapshot,
             OffsetField::Valid(offset) => Purpose::Resume(offset),
@@ -215,7 +251,7 @@ impl Session {
             .subs
             .insert(
                 id.clone(),
-                Subscription::pending(table_name.clone(), filter.clone(), epoch),
+                Subscription::pending(table_name.clone(), filter.clone(), epoch).charged(charge),
             )
             .is_none()
         {

@@ -16,6 +16,7 @@
 
 use std::sync::Arc;
 
+use super::admission::UserPermit;
 use super::filter::Filter;
 use super::handoff::Handoff;
 use super::routing::UserTxn;
@@ -71,6 +72,9 @@ pub struct Subscription {
     /// Attempt number: reports and row chunks of older attempts are ignored.
     pub epoch: u64,
     state: SubState,
+    /// The filter's bytes in its user's filter budget, given back when the subscription goes (boxed: most
+    /// subscriptions have no filter, and there is one per connection at least).
+    _charge: Option<Box<UserPermit>>,
 }
 
 impl Subscription {
@@ -81,7 +85,14 @@ impl Subscription {
             filter,
             epoch,
             state: SubState::pending(),
+            _charge: None,
         }
+    }
+
+    /// Holds `charge` (the filter's place in its user's budget) for as long as the subscription lives.
+    pub fn charged(mut self, charge: Option<UserPermit>) -> Self {
+        self._charge = charge.map(Box::new);
+        self
     }
 
     /// Whether it is live (not waiting for a snapshot or resume).

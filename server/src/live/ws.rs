@@ -128,7 +128,7 @@ async fn send(sink: &mut Sink, text: String) -> Result<(), Exit> {
 impl Connection {
     fn new(state: AppState, user: AuthUser) -> Self {
         Self {
-            session: Session::new(&user),
+            session: Session::new(&user).with_filter_budget(state.filter_bytes_per_user.clone()),
             state,
             user,
             chunks: None,
