@@ -256,7 +256,25 @@ pub fn from_db(err: &tokio_postgres::Error) -> ApiError {
             "retry",
             "the transaction conflicted with another; retry the request",
         )
+    } else if is_unavailability(code) {
+        ApiError::unavailable(err)
     } else {
         ApiError::internal(err)
     }
+}
+
+/// Postgres cannot serve the request now, through no fault of the request or of this server: it is shutting down or
+/// restarting (57P01 when an operator or a failover stops it fast, 57P02, 57P03 while it starts), an operator ended the
+/// session or cancelled the statement (57P01 from `pg_terminate_backend`, 57014), the connection failed (class 08), it
+/// is out of resources (class 53: disk full, out of memory, too many connections; 58030 an I/O error), or it is a
+/// read-only standby (25006, e.g. a failover left the server pointed at the old primary). Such an error used to be a
+/// 500 logged as a server bug; it is `503 database_unavailable` with `Retry-After`, logged as a warning, and the same
+/// request succeeds once Postgres is back (nothing of it was committed: a failed statement aborts its transaction).
+fn is_unavailability(code: &tokio_postgres::error::SqlState) -> bool {
+    let code = code.code();
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57")
+        || code == "58030"
+        || code == "25006"
 }

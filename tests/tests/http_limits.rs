@@ -659,6 +659,128 @@ async fn a_batch_waits_for_a_lock_at_most_the_lock_timeout_and_then_did_nothing(
     );
 }
 
+/// Posts `body` to `path` as `user` and, once it waits for a lock, ends its Postgres session (57P01, "terminating
+/// connection due to administrator command": what a fast restart or a failover does to every session); returns the
+/// answer's status, `Retry-After` and body.
+async fn end_its_session_while_it_waits(
+    env: &TestEnv,
+    user: uuid::Uuid,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, Option<reqwest::header::HeaderValue>, serde_json::Value) {
+    let pending = tokio::spawn({
+        let (url, token) = (format!("{}{path}", env.base), env.token(user));
+        async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let retry_after = resp.headers().get("retry-after").cloned();
+            let status = resp.status().as_u16();
+            (status, retry_after, resp.json().await.unwrap_or_default())
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while lock_waiters(env).await < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never reached the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ended: i64 = env
+        .superuser()
+        .await
+        .query_one(
+            "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity \
+              where datname = current_database() and wait_event_type = 'Lock') t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ended, 1);
+    tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("the request was not answered")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_request_whose_session_postgres_ends_is_told_to_retry_and_did_nothing() {
+    // A Postgres restart or failover ends every session, statements in flight included. That is neither a bug of the
+    // server nor the client's fault: 503 database_unavailable with Retry-After, not 500 (which a blob request got:
+    // the error came as Postgres's FATAL message, not as a closed connection); the same request then succeeds.
+    let env = env_with(Limits::default()).await;
+    let user = uuid::Uuid::new_v4();
+    let unavailable = |(status, retry_after, body): (
+        u16,
+        Option<reqwest::header::HeaderValue>,
+        serde_json::Value,
+    )| {
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(deeprecall_tests::error_code(&body), "database_unavailable");
+        assert!(retry_after.is_some());
+    };
+
+    // A batch.
+    let (work, locker) = locked_work(&env, user).await;
+    let ops = serde_json::json!([deeprecall_tests::op(
+        "update",
+        "works",
+        serde_json::json!({ "id": work, "title": "after" })
+    )]);
+    let body = serde_json::json!({ "ops": ops.clone() });
+    unavailable(end_its_session_while_it_waits(&env, user, "/v1/batch", body).await);
+    locker.batch_execute("commit").await.unwrap();
+    let db = env.superuser().await;
+    let title = |id| {
+        let db = &db;
+        async move {
+            db.query_one("select title from works where id = $1", &[&id])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    assert_eq!(
+        title(work).await,
+        "locked",
+        "the ended batch wrote something"
+    );
+    let (status, body) = env.batch(user, ops).await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert_eq!(title(work).await, "after");
+
+    // A blob report.
+    let device = uuid::Uuid::new_v4();
+    let blob = deeprecall_tests::sha(9);
+    let report = |mime: Option<&str>| serde_json::json!({"device_id": device, "blobs": [{"sha256": blob, "size": 10, "mime": mime}]});
+    let (status, body) = env.coordinate(user, report(None)).await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    db.batch_execute(&format!(
+        "begin; select 1 from blobs_meta where sha256 = '{blob}' for update"
+    ))
+    .await
+    .unwrap();
+    unavailable(
+        end_its_session_while_it_waits(
+            &env,
+            user,
+            "/v1/blobs/coordinate",
+            report(Some("application/pdf")),
+        )
+        .await,
+    );
+    db.batch_execute("commit").await.unwrap();
+    let (status, body) = env.coordinate(user, report(Some("application/pdf"))).await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert_eq!(body["meta_updated"], 1, "{body}");
+}
+
 #[tokio::test]
 async fn one_user_holds_at_most_its_share_of_waiting_shape_requests() {
     // Live long-polls and SSE streams hold a TCP connection each. Without a per-user share, one user's could fill
