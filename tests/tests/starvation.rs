@@ -6,6 +6,7 @@
 //! - a write path whose pool is exhausted answers 503 with `Retry-After` instead of waiting for ever;
 //! - one user's sockets are capped (close 4029), another user still connects;
 //! - one user's subscription filters are capped in bytes, over all their connections;
+//! - the job of a subscription that is gone stops, also while it waits in line;
 //! - a snapshot larger than the in-memory budget (spilled to a file) arrives complete and in order.
 //!
 //! The sizes (50k rows of ~0.8 kB for the attacker) are what the 2-core CI machine carries in a few seconds; before
@@ -350,6 +351,72 @@ async fn one_users_subscription_filters_are_bounded_in_bytes() {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn an_unsubscribed_subscriptions_job_stops_waiting_for_a_snapshot_place() {
+    // A job used to stop only when its whole connection went: subscribing and unsubscribing in a loop left a job per
+    // round waiting in the user's line (up to the queue timeout), each holding its subscription's filter, and each
+    // then read the user's rows for nobody.
+    let env = TestEnv::start_with(EnvOptions {
+        limits: Some(Limits {
+            snapshots: SnapshotLimits {
+                per_user: 1,
+                ..SnapshotLimits::default()
+            },
+            ..Limits::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    // The user's one snapshot place is held by a snapshot that waits for a table lock the test holds.
+    let locker = env.superuser().await;
+    locker
+        .batch_execute("begin; lock table works in access exclusive mode")
+        .await
+        .unwrap();
+    let mut holder = StreamClient::connect(&env.base, &env.token(user)).await;
+    holder.subscribe("held", "works", json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.state.snapshots.stats().reading < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the first snapshot never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut churn = StreamClient::connect(&env.base, &env.token(user)).await;
+    for i in 0..50 {
+        let id = format!("c{i}");
+        churn.subscribe(&id, "works", json!({})).await;
+        churn.send(json!({"type": "unsubscribe", "id": id})).await;
+        churn
+            .until(Duration::from_secs(10), |f| {
+                f["type"] == "unsubscribed" && f["id"] == id.as_str()
+            })
+            .await;
+    }
+    // Every one of those jobs has stopped: none waits in line any more.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let waiting = env.state.snapshots.stats().waiting;
+        if waiting == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{waiting} jobs of unsubscribed subscriptions still wait for a snapshot place"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The lock goes: the first subscription completes, and a new one of the churning connection too.
+    locker.batch_execute("commit").await.unwrap();
+    holder.up_to_date("held").await;
+    churn.subscribe("last", "works", json!({})).await;
+    churn.up_to_date("last").await;
 }
 
 /// How subscription `id` ended up: `None` once it is up to date, else the code of its `error`.

@@ -5,6 +5,9 @@
 //! transactions queued before it). Keeping them here means none of those modules imports another for them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::Notify;
 
 use uuid::Uuid;
 
@@ -115,5 +118,57 @@ impl JobError {
             Self::Busy => "too_many_snapshots",
             Self::Database(_) => "database_error",
         }
+    }
+}
+
+/// Whether the subscription attempt a job works for is still wanted. The attempt holds a [`WantedGuard`]; when it
+/// goes (unsubscribed, started over as a new attempt, its connection closed), the job stops at its next step, also
+/// while it waits in line for a snapshot place.
+///
+/// Why: the job used to stop only when its whole connection went. A client that subscribed and unsubscribed in a
+/// loop left one job per round waiting in its user's line for up to `--snapshot-queue-timeout-ms`, each holding a
+/// copy of the subscription's filter (up to a mebibyte), and each then read the user's rows for nobody.
+#[derive(Debug, Default)]
+pub struct Wanted {
+    gone: AtomicBool,
+    notify: Notify,
+}
+
+impl Wanted {
+    /// Whether the attempt is gone.
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the attempt is gone (at once if it is already).
+    pub async fn gone(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read, so a drop in between still wakes this waiter.
+            notified.as_mut().enable();
+            if self.is_gone() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Held by a subscription attempt while its job runs; dropping it tells the job ([`Wanted`]).
+#[derive(Debug, Default)]
+pub struct WantedGuard(Arc<Wanted>);
+
+impl WantedGuard {
+    /// What the job watches.
+    pub fn watch(&self) -> Arc<Wanted> {
+        self.0.clone()
+    }
+}
+
+impl Drop for WantedGuard {
+    fn drop(&mut self) {
+        self.0.gone.store(true, Ordering::Release);
+        self.0.notify.notify_waiters();
     }
 }

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::admission::PerUserLimit;
 use super::filter::Filter;
 use super::hub::{CannotResume, ConnEvent, Hub, Refetch};
-use super::job::{JobReport, Purpose};
+use super::job::{JobReport, Purpose, Wanted};
 use super::offset::Offset;
 use super::protocol::{
     ClientMessage, OffsetField, ProtocolError, ServerMessage, Subscribe, TxnFrame, close,
@@ -85,6 +85,8 @@ pub struct StartJob {
     pub filter: Filter,
     /// Snapshot or resume.
     pub purpose: Purpose,
+    /// Whether the attempt is still wanted (the job stops when it is not).
+    pub wanted: Option<Arc<Wanted>>,
 }
 
 /// What the socket loop must do.
@@ -247,14 +249,9 @@ impl Session {
         self.next_epoch += 1;
         let epoch = self.next_epoch;
         let table_name: Arc<str> = Arc::from(table.name.as_str());
-        if self
-            .subs
-            .insert(
-                id.clone(),
-                Subscription::pending(table_name.clone(), filter.clone(), epoch).charged(charge),
-            )
-            .is_none()
-        {
+        let sub = Subscription::pending(table_name.clone(), filter.clone(), epoch).charged(charge);
+        let wanted = sub.job_watch();
+        if self.subs.insert(id.clone(), sub).is_none() {
             crate::metrics::subscription_opened(Transport::WebSocket);
         }
         out.push(Action::Start(Box::new(StartJob {
@@ -264,6 +261,7 @@ impl Session {
             table: Some(table),
             filter,
             purpose,
+            wanted,
         })));
         if s.offset == OffsetField::Invalid {
             // Not an offset we issue: say so before the snapshot that replaces the client's data.
@@ -484,6 +482,7 @@ impl Session {
             table: None,
             filter: sub.filter.clone(),
             purpose: Purpose::Snapshot,
+            wanted: sub.job_watch(),
         })));
     }
 }

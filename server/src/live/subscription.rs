@@ -19,6 +19,7 @@ use std::sync::Arc;
 use super::admission::UserPermit;
 use super::filter::Filter;
 use super::handoff::Handoff;
+use super::job::{Wanted, WantedGuard};
 use super::routing::UserTxn;
 
 /// Most bytes of transactions one pending subscription buffers while its snapshot is taken. Beyond it (and for
@@ -50,6 +51,8 @@ struct PendingBuffer {
     buffer: Vec<Arc<UserTxn>>,
     bytes: usize,
     skipped: Vec<Skipped>,
+    /// The attempt's job stops when this goes (the subscription removed or started over).
+    wanted: WantedGuard,
 }
 
 impl SubState {
@@ -100,6 +103,14 @@ impl Subscription {
         matches!(self.state, SubState::Live { .. })
     }
 
+    /// What the job of the current attempt watches to know it is still wanted (`None` once live: no job runs).
+    pub fn job_watch(&self) -> Option<Arc<Wanted>> {
+        match &self.state {
+            SubState::Pending(pending) => Some(pending.wanted.watch()),
+            SubState::Live { .. } => None,
+        }
+    }
+
     /// Whether it waits for attempt `epoch`.
     pub fn awaits(&self, epoch: u64) -> bool {
         self.epoch == epoch && !self.is_live()
@@ -126,6 +137,7 @@ impl Subscription {
                     buffer,
                     bytes,
                     skipped,
+                    ..
                 } = &mut **pending;
                 if txn.is_split() || *bytes + txn.bytes > PENDING_BUFFER_BYTES {
                     let id = Skipped {

@@ -14,7 +14,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use super::hub::{ConnEvent, ConnQueue, LagSignal};
-use super::job::{JobReport, JobSpec, Prepared, Purpose, SnapshotColumn};
+use super::job::{JobReport, JobSpec, Prepared, Purpose, SnapshotColumn, Wanted};
 use super::protocol::{ClientMessage, SNAPSHOT_FRAME_ROWS, SnapshotFrame, close};
 use super::session::{Action, Actions, Session, SnapshotChunk, StartJob};
 use super::snapshot::{self, SinkGone, SnapshotSink};
@@ -383,6 +383,7 @@ async fn start_job(
         queue: queue.clone(),
         frame: None,
         sent_any: false,
+        wanted: start.wanted,
     };
     let spec = JobSpec {
         owner: session.owner(),
@@ -411,10 +412,15 @@ struct WsSink {
     queue: mpsc::Sender<ConnEvent>,
     frame: Option<SnapshotFrame>,
     sent_any: bool,
+    /// The subscription attempt's: once it is gone, the job stops (its rows would be ignored).
+    wanted: Option<Arc<Wanted>>,
 }
 
 impl WsSink {
     async fn send_frame(&mut self, frame: SnapshotFrame) -> Result<(), SinkGone> {
+        if self.wanted.as_ref().is_some_and(|w| w.is_gone()) {
+            return Err(SinkGone);
+        }
         self.sent_any = true;
         let chunk = SnapshotChunk {
             sub_id: self.sub_id.clone(),
@@ -453,7 +459,13 @@ impl SnapshotSink for WsSink {
     }
 
     async fn closed(&self) {
-        self.chunks.closed().await;
+        match &self.wanted {
+            Some(wanted) => tokio::select! {
+                () = self.chunks.closed() => {}
+                () = wanted.gone() => {}
+            },
+            None => self.chunks.closed().await,
+        }
     }
 
     async fn finish(mut self, report: JobReport) {
