@@ -238,3 +238,39 @@ async fn truncate_refetches_only_that_tables_subscriptions() {
     assert_eq!(r["reason"], "table_truncated", "{r}");
     later.up_to_date("ann").await;
 }
+
+#[tokio::test]
+async fn snapshot_frames_are_bounded_in_bytes_as_well_as_rows() {
+    // 20 rows of 300 kB (a repeated character: a few KiB on disk). Frames were counted in rows only, so these came
+    // as one 6 MB frame, and 500 rows of 4 MB as one 2 GB frame built in the server's memory.
+    let env = TestEnv::start().await;
+    let user = Uuid::new_v4();
+    env.superuser()
+        .await
+        .execute(
+            "insert into works (owner_id, id, title)
+             select $1, gen_random_uuid(), g || repeat('a', 300000) from generate_series(1, 20) g",
+            &[&user],
+        )
+        .await
+        .unwrap();
+    let mut client = StreamClient::connect(&env.base, &env.token(user)).await;
+    client.subscribe("big", "works", json!({})).await;
+    client.up_to_date("big").await;
+    let sizes: Vec<usize> = client
+        .frames
+        .iter()
+        .filter(|f| f["type"] == "snapshot")
+        .map(|f| f.to_string().len())
+        .collect();
+    // A frame ends at the first row that takes it to 1 MiB: at most 1 MiB plus one row.
+    assert!(
+        sizes.iter().all(|&n| n <= 1024 * 1024 + 310_000),
+        "frame sizes {sizes:?}"
+    );
+    assert!(sizes.len() >= 5, "frame sizes {sizes:?}");
+    let truth = env.truth("works", user, None).await;
+    assert_eq!(truth.len(), 20);
+    let diff = diff_rows(&client.state["big"], &truth, false);
+    assert!(diff.is_empty(), "{} rows differ", diff.len());
+}

@@ -343,8 +343,14 @@ impl TxnFrame {
     }
 }
 
-/// Rows per `snapshot` frame.
+/// Rows per `snapshot` frame, at most.
 pub const SNAPSHOT_FRAME_ROWS: usize = 500;
+
+/// A `snapshot` frame also ends once it holds this many bytes (a frame holds at least one row, whatever its size).
+/// Rows were counted, not bytes: 500 rows of 4 MB (a text value compresses to a few KiB on disk, so a user can store
+/// such rows cheaply) made one frame of 2 GB, built in the server's memory and then sent as one WebSocket message
+/// that no browser accepts.
+pub const SNAPSHOT_FRAME_BYTES: usize = 1024 * 1024;
 
 /// Builds `{"type":"snapshot","id":…,"rows":[…]}` by appending rows.
 pub struct SnapshotFrame {
@@ -374,6 +380,11 @@ impl SnapshotFrame {
     /// Rows in the frame so far.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Whether the frame is full: [`SNAPSHOT_FRAME_ROWS`] rows or [`SNAPSHOT_FRAME_BYTES`].
+    pub fn is_full(&self) -> bool {
+        self.rows >= SNAPSHOT_FRAME_ROWS || self.out.len() >= SNAPSHOT_FRAME_BYTES
     }
 
     /// The frame's text.

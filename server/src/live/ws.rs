@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::hub::{ConnEvent, ConnQueue, LagSignal};
 use super::job::{JobReport, JobSpec, Prepared, Purpose, SnapshotColumn, Wanted};
-use super::protocol::{ClientMessage, SNAPSHOT_FRAME_ROWS, SnapshotFrame, close};
+use super::protocol::{ClientMessage, SnapshotFrame, close};
 use super::session::{Action, Actions, Session, SnapshotChunk, StartJob};
 use super::snapshot::{self, SinkGone, SnapshotSink};
 use crate::auth::AuthUser;
@@ -403,7 +403,8 @@ async fn start_job(
     ));
 }
 
-/// Renders a job's rows as `snapshot` frames of [`SNAPSHOT_FRAME_ROWS`] rows and passes its report to the
+/// Renders a job's rows as `snapshot` frames of up to [`super::protocol::SNAPSHOT_FRAME_ROWS`] rows and about
+/// [`super::protocol::SNAPSHOT_FRAME_BYTES`] ([`SnapshotFrame::is_full`]) and passes its report to the
 /// connection's queue (after the frames, so the loop can deliver them first).
 struct WsSink {
     sub_id: Arc<str>,
@@ -450,7 +451,7 @@ impl SnapshotSink for WsSink {
                 .enumerate()
                 .map(|(i, c)| (c.name.as_str(), c.type_oid, row.get(i).copied().flatten())),
         );
-        if frame.rows() >= SNAPSHOT_FRAME_ROWS
+        if frame.is_full()
             && let Some(full) = self.frame.take()
         {
             self.send_frame(full).await?;
