@@ -274,3 +274,69 @@ async fn snapshot_frames_are_bounded_in_bytes_as_well_as_rows() {
     let diff = diff_rows(&client.state["big"], &truth, false);
     assert!(diff.is_empty(), "{} rows differ", diff.len());
 }
+
+#[tokio::test]
+async fn a_transaction_for_many_subscriptions_comes_in_parts_of_bounded_size() {
+    // A change goes into a connection's frame once per subscription that receives it: 20 subscriptions on `works`
+    // and a 1 MB transaction made one 20 MB frame (100 and 4 MB: 400 MB, which no client accepted). Now the
+    // connection gets it in parts of about 4 MiB, numbered 0, 1, … and closed by the one with the offset.
+    let env = TestEnv::start().await;
+    let user = Uuid::new_v4();
+    let mut client = StreamClient::connect(&env.base, &env.token(user)).await;
+    let ids: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        client.subscribe(id, "works", json!({})).await;
+    }
+    all_up_to_date(
+        &mut client,
+        &ids.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let before = client.frames.len();
+    let ops: Vec<Value> = (0..200)
+        .map(|i| {
+            insert(
+                "works",
+                json!({"title": format!("{i:03}{}", "b".repeat(5000))}),
+            )
+        })
+        .collect();
+    let (status, body) = env.batch(user, json!(ops)).await;
+    assert_eq!(status, 200, "{body}");
+    let last = client
+        .until(Duration::from_secs(30), |f| {
+            f["type"] == "txn" && f.get("more").is_none()
+        })
+        .await;
+    let frames: Vec<&Value> = client.frames[before..]
+        .iter()
+        .filter(|f| f["type"] == "txn")
+        .collect();
+    assert!(frames.len() >= 4, "{} frames", frames.len());
+    for (i, f) in frames.iter().enumerate() {
+        let is_last = i + 1 == frames.len();
+        assert_eq!(f["xid"], last["xid"], "one transaction");
+        assert_eq!(f["part"].as_u64(), Some(i as u64), "parts in order");
+        assert_eq!(
+            f.get("more").is_none(),
+            is_last,
+            "only the last part ends it"
+        );
+        assert_eq!(
+            f.get("offset").is_some(),
+            is_last,
+            "only the last part has an offset"
+        );
+        let size = f.to_string().len();
+        assert!(
+            size <= 4 * 1024 * 1024 + 1_100_000,
+            "a part of {size} bytes"
+        );
+    }
+    let truth = env.truth("works", user, None).await;
+    assert_eq!(truth.len(), 200);
+    for id in &ids {
+        let diff = diff_rows(&client.state[id.as_str()], &truth, false);
+        assert!(diff.is_empty(), "{id}: {} rows differ", diff.len());
+    }
+}

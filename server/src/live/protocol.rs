@@ -262,7 +262,36 @@ impl<'a> ServerMessage<'a> {
 /// subscriptions that receives it.
 pub struct TxnFrame {
     out: Vec<u8>,
+    /// Bytes of `out` before the changes (rewritten by [`TxnFrame::finish_as_part`]).
+    header: usize,
     changes: usize,
+}
+
+/// Writes a `txn` frame's fields before its changes: the offset on the transaction's last part only; with `part`,
+/// the part number, and `"more": true` unless `last`.
+fn write_txn_header(out: &mut Vec<u8>, txn: &UserTxn, part: Option<u32>, last: bool) {
+    let _ = write!(
+        out,
+        "{{\"type\":\"txn\",\"xid\":\"{}\",\"lsn\":\"{}\",",
+        txn.xid, txn.commit_lsn,
+    );
+    if last {
+        let _ = write!(
+            out,
+            "\"offset\":\"{}\",",
+            Offset {
+                generation: txn.generation,
+                lsn: txn.end_lsn.0,
+            }
+        );
+    }
+    if let Some(part) = part {
+        let _ = write!(out, "\"part\":{part},");
+        if !last {
+            out.extend_from_slice(b"\"more\":true,");
+        }
+    }
+    out.extend_from_slice(b"\"changes\":[");
 }
 
 impl TxnFrame {
@@ -270,31 +299,38 @@ impl TxnFrame {
     /// number, those before the last say `"more": true` and carry no offset (the transaction's end is not known
     /// yet, and a client holding only some parts has no resumable position).
     pub fn new(txn: &UserTxn) -> Self {
+        Self::numbered(txn, txn.is_split().then_some(txn.part))
+    }
+
+    /// Starts the frame of `txn` as the connection's part `part` of it (`None`: the transaction comes whole).
+    pub fn numbered(txn: &UserTxn, part: Option<u32>) -> Self {
         let mut out = Vec::with_capacity(256);
         // Written straight into the buffer: no temporary strings per frame.
-        let _ = write!(
+        write_txn_header(&mut out, txn, part, txn.last);
+        Self {
+            header: out.len(),
             out,
-            "{{\"type\":\"txn\",\"xid\":\"{}\",\"lsn\":\"{}\",",
-            txn.xid, txn.commit_lsn,
-        );
-        if txn.last {
-            let _ = write!(
-                out,
-                "\"offset\":\"{}\",",
-                Offset {
-                    generation: txn.generation,
-                    lsn: txn.end_lsn.0,
-                }
-            );
+            changes: 0,
         }
-        if txn.is_split() {
-            let _ = write!(out, "\"part\":{},", txn.part);
-            if !txn.last {
-                out.extend_from_slice(b"\"more\":true,");
-            }
-        }
-        out.extend_from_slice(b"\"changes\":[");
-        Self { out, changes: 0 }
+    }
+
+    /// Bytes so far.
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Whether no subscription received anything yet.
+    pub fn is_empty(&self) -> bool {
+        self.changes == 0
+    }
+
+    /// The frame's text as part `part` of `txn`, with more of it to follow on this connection (`"more": true`, no
+    /// offset), whatever the frame was started as.
+    pub fn finish_as_part(mut self, txn: &UserTxn, part: u32) -> String {
+        let mut header = Vec::with_capacity(self.header + 16);
+        write_txn_header(&mut header, txn, Some(part), false);
+        self.out.splice(..self.header, header);
+        self.finish_even_if_empty()
     }
 
     /// Adds subscription `id`'s share of `txn` (its changes on `table` that `filter` lets through, as inserts,

@@ -99,6 +99,28 @@ pub enum Action {
     Start(Box<StartJob>),
     /// Close the connection with this code and reason.
     Close(u16, &'static str),
+    /// Send the rest of a transaction too large for one frame, a frame at a time, each rendered only when the one
+    /// before it has gone ([`Session::next_part`]). Boxed: rare.
+    SendParts(Box<TxnParts>),
+}
+
+/// A `txn` frame's size after which the rest of the transaction goes to the connection in further parts.
+///
+/// Why: a change goes into the frame once for every subscription of the connection that receives it, so a frame
+/// was as large as the transaction (or its part, about 4 MiB) times the subscriptions on its table. One user's
+/// connection with 100 subscriptions on `works` and a 4 MB batch made one frame of about 400 MB (the server grew
+/// 735 MiB, and the client could not receive it); 32 connections made that 23 GB. Now the connection gets the
+/// transaction in parts of about this size (and one subscription's share), rendered one at a time.
+pub const TXN_FRAME_BYTES: usize = 4 * 1024 * 1024;
+
+/// What is left of a transaction that goes to a connection in more parts than the server's (see
+/// [`TXN_FRAME_BYTES`]): the subscriptions whose changes are not rendered yet, in order.
+#[derive(Debug)]
+pub struct TxnParts {
+    txn: Arc<UserTxn>,
+    ids: std::collections::VecDeque<Arc<str>>,
+    /// The connection's number for the next part.
+    next: u32,
 }
 
 /// Reusable list of actions; the socket loop drains it after every event.
@@ -113,7 +135,10 @@ pub struct Session {
     next_epoch: u64,
     /// The transaction that came in parts and of which this connection was sent a part but not yet the last
     /// one: its last part goes out even without changes, to close it.
-    open_split: Option<u64>,
+    /// The transaction (xid) that came to this connection in parts and of which it was sent a part but not yet the
+    /// last one, and the connection's number for its next part: its last part goes out even without changes, to
+    /// close it.
+    open_split: Option<(u64, u32)>,
     /// Where the subscriptions' filters are charged (bytes per user, over all their connections); `None`: no limit.
     filter_budget: Option<Arc<PerUserLimit>>,
 }
@@ -313,21 +338,87 @@ impl Session {
     /// A committed transaction of this user: one frame with every live subscription's share of it. The hot
     /// path: no allocation besides the frame itself.
     pub fn on_txn(&mut self, txn: &Arc<UserTxn>, out: &mut Actions) {
-        let mut frame = TxnFrame::new(txn);
+        // The connection numbers the parts it is sent of a transaction 0, 1, 2, … (the server's parts, and the
+        // further parts of one too large for a frame).
+        let open = match self.open_split {
+            Some((xid, next)) if xid == txn.xid => Some(next),
+            _ => None,
+        };
+        let part = open.or(txn.is_split().then_some(0));
+        let mut frame = TxnFrame::numbered(txn, part);
+        let mut rest: Option<Box<TxnParts>> = None;
         for (id, sub) in self.subs.iter_mut() {
             if sub.offer(txn) {
-                frame.add_changes(id, &sub.table, &sub.filter, txn);
+                match &mut rest {
+                    Some(rest) => rest.ids.push_back(id.clone()),
+                    None => {
+                        frame.add_changes(id, &sub.table, &sub.filter, txn);
+                        if frame.len() >= TXN_FRAME_BYTES {
+                            rest = Some(Box::new(TxnParts {
+                                txn: txn.clone(),
+                                ids: std::collections::VecDeque::new(),
+                                next: part.unwrap_or(0) + 1,
+                            }));
+                        }
+                    }
+                }
             }
         }
-        let text = if txn.last && self.open_split.take() == Some(txn.xid) {
-            Some(frame.finish_even_if_empty())
-        } else {
-            frame.finish()
-        };
-        if let Some(text) = text {
-            if !txn.last {
-                self.open_split = Some(txn.xid);
+        if let Some(rest) = rest.filter(|r| !r.ids.is_empty()) {
+            // Too large for one frame: this one is a part, the rest follow one by one as they are sent.
+            let part = part.unwrap_or(0);
+            out.push(Action::Send(frame.finish_as_part(txn, part)));
+            self.open_split = Some((txn.xid, part + 1));
+            out.push(Action::SendParts(rest));
+            return;
+        }
+        self.finish_txn(txn, frame, part, open.is_some(), out);
+    }
+
+    /// The next frame of a transaction going out in more parts than the server's, or `None` when it is complete.
+    pub fn next_part(&mut self, parts: &mut TxnParts) -> Option<String> {
+        let txn = parts.txn.clone();
+        if parts.ids.is_empty() {
+            return None;
+        }
+        let part = parts.next;
+        let mut frame = TxnFrame::numbered(&txn, Some(part));
+        while let Some(id) = parts.ids.pop_front() {
+            if let Some(sub) = self.subs.get(&id) {
+                frame.add_changes(&id, &sub.table, &sub.filter, &txn);
             }
+            if frame.len() >= TXN_FRAME_BYTES && !parts.ids.is_empty() {
+                parts.next += 1;
+                self.open_split = Some((txn.xid, parts.next));
+                return Some(frame.finish_as_part(&txn, part));
+            }
+        }
+        // The last frame of what the connection has of this (server) part: `ids` is empty now.
+        let mut out = Vec::new();
+        self.finish_txn(&txn, frame, Some(part), true, &mut out);
+        out.into_iter().find_map(|a| match a {
+            Action::Send(text) => Some(text),
+            _ => None,
+        })
+    }
+
+    /// Sends the frame that ends what the connection gets of `txn` (a whole transaction, or the server's part):
+    /// with changes, or empty when it closes a transaction of which the connection was sent parts (`open`).
+    fn finish_txn(
+        &mut self,
+        txn: &UserTxn,
+        frame: TxnFrame,
+        part: Option<u32>,
+        open: bool,
+        out: &mut Actions,
+    ) {
+        if txn.last {
+            self.open_split = None;
+            if open || !frame.is_empty() {
+                out.push(Action::Send(frame.finish_even_if_empty()));
+            }
+        } else if let Some(text) = frame.finish() {
+            self.open_split = Some((txn.xid, part.unwrap_or(0) + 1));
             out.push(Action::Send(text));
         }
     }

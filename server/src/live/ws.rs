@@ -249,6 +249,17 @@ impl Connection {
             }
             result = match action {
                 Action::Send(text) => send(sink, text).await,
+                Action::SendParts(mut parts) => {
+                    // One frame at a time: the next is rendered once the one before it has gone.
+                    let mut sent = Ok(());
+                    while let Some(text) = self.session.next_part(&mut parts) {
+                        sent = send(sink, text).await;
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
+                    sent
+                }
                 Action::Close(code, reason) => Err(Exit::Close(code, reason)),
                 Action::Start(start) => {
                     // The channel is made when none is open.
