@@ -370,6 +370,29 @@ pub fn error_code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("")
 }
 
+/// Checks that `frames` are one transaction's `txn` frames in parts, as a connection must get them: the same xid,
+/// `part` 0, 1, 2, … without gaps, `"more": true` on every part but the last, and an offset on the last only.
+pub fn assert_txn_parts(frames: &[&Value]) {
+    let Some(first) = frames.first() else {
+        panic!("no txn frames")
+    };
+    for (i, f) in frames.iter().enumerate() {
+        let is_last = i + 1 == frames.len();
+        assert_eq!(f["xid"], first["xid"], "one transaction: {f}");
+        assert_eq!(f["part"].as_u64(), Some(i as u64), "parts in order: {f}");
+        assert_eq!(
+            f.get("more").is_none(),
+            is_last,
+            "only the last part ends it"
+        );
+        assert_eq!(
+            f.get("offset").is_some(),
+            is_last,
+            "only the last part has an offset"
+        );
+    }
+}
+
 /// The `status` of every op in a batch response, in order.
 pub fn statuses(body: &Value) -> Vec<String> {
     body["results"]

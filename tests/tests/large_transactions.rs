@@ -77,21 +77,9 @@ async fn a_large_transaction_arrives_in_parts_each_change_once_and_converges() {
         "expected parts, got {} frames",
         frames.len()
     );
-    let xid = &last["xid"];
-    for (i, f) in frames.iter().enumerate() {
-        assert_eq!(&f["xid"], xid, "one transaction");
-        assert_eq!(f["part"].as_u64(), Some(i as u64), "parts in order: {f}");
-        let is_last = i + 1 == frames.len();
-        assert_eq!(
-            f.get("more").is_none(),
-            is_last,
-            "only the last part ends it"
-        );
-        assert_eq!(
-            f.get("offset").is_some(),
-            is_last,
-            "only the last part has an offset"
-        );
+    deeprecall_tests::assert_txn_parts(&frames);
+    assert_eq!(frames[0]["xid"], last["xid"]);
+    for f in &frames {
         assert!(f["changes"].as_array().unwrap().len() <= 100);
     }
     let mut check = StreamCheck::default();

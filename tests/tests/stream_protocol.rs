@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use deeprecall_tests::stream::StreamClient;
-use deeprecall_tests::{StreamCheck, TestEnv, all_up_to_date, diff_rows, insert, short};
+use deeprecall_tests::{
+    StreamCheck, TestEnv, all_up_to_date, assert_txn_parts, diff_rows, insert, short,
+};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -313,20 +315,9 @@ async fn a_transaction_for_many_subscriptions_comes_in_parts_of_bounded_size() {
         .filter(|f| f["type"] == "txn")
         .collect();
     assert!(frames.len() >= 4, "{} frames", frames.len());
-    for (i, f) in frames.iter().enumerate() {
-        let is_last = i + 1 == frames.len();
-        assert_eq!(f["xid"], last["xid"], "one transaction");
-        assert_eq!(f["part"].as_u64(), Some(i as u64), "parts in order");
-        assert_eq!(
-            f.get("more").is_none(),
-            is_last,
-            "only the last part ends it"
-        );
-        assert_eq!(
-            f.get("offset").is_some(),
-            is_last,
-            "only the last part has an offset"
-        );
+    assert_txn_parts(&frames);
+    assert_eq!(frames[0]["xid"], last["xid"]);
+    for f in &frames {
         let size = f.to_string().len();
         assert!(
             size <= 4 * 1024 * 1024 + 1_100_000,
