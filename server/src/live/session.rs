@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::admission::PerUserLimit;
+use super::admission::{PerUserLimit, UserPermit};
 use super::filter::Filter;
 use super::hub::{CannotResume, ConnEvent, Hub, Refetch};
 use super::job::{JobReport, Purpose, Wanted};
@@ -133,8 +133,6 @@ pub struct Session {
     expires_at: u64,
     subs: HashMap<Arc<str>, Subscription>,
     next_epoch: u64,
-    /// The transaction that came in parts and of which this connection was sent a part but not yet the last
-    /// one: its last part goes out even without changes, to close it.
     /// The transaction (xid) that came to this connection in parts and of which it was sent a part but not yet the
     /// last one, and the connection's number for its next part: its last part goes out even without changes, to
     /// close it.
@@ -170,6 +168,28 @@ impl Session {
     pub fn with_filter_budget(mut self, budget: Arc<PerUserLimit>) -> Self {
         self.filter_budget = Some(budget);
         self
+    }
+
+    /// `filter`'s place in the user's filter budget (`None`: no filter, or no budget), or why there is none.
+    /// Without a budget, one user's 32 connections of 100 subscriptions, each with a filter of nearly a mebibyte
+    /// (the largest message), held about 3 GiB of the server's memory.
+    fn charge_filter(&self, filter: &Filter) -> Result<Option<UserPermit>, String> {
+        let bytes = filter.retained_bytes();
+        let Some(budget) = self.filter_budget.as_ref().filter(|_| bytes > 0) else {
+            return Ok(None);
+        };
+        u32::try_from(bytes)
+            .ok()
+            .and_then(|n| budget.try_acquire_many(self.owner, n))
+            .map(Some)
+            .ok_or_else(|| {
+                format!(
+                    "this filter holds {bytes} bytes, and with your other subscriptions' filters that is more \
+                     than one user may hold ({} bytes, --max-filter-bytes-per-user); unsubscribe some, or use \
+                     smaller filters",
+                    budget.limit()
+                )
+            })
     }
 
     /// The user.
@@ -240,31 +260,14 @@ impl Session {
             Ok(f) => f,
             Err(e) => return send(out, ServerMessage::error(Some(&id), "invalid_where", &e.0)),
         };
-        // Without a budget, one user's 32 connections of 100 subscriptions, each with a filter of nearly a
-        // mebibyte (the largest message), held about 3 GiB of the server's memory.
-        let bytes = filter.retained_bytes();
-        let charge = match &self.filter_budget {
-            Some(budget) if bytes > 0 => {
-                match u32::try_from(bytes)
-                    .ok()
-                    .and_then(|n| budget.try_acquire_many(self.owner, n))
-                {
-                    Some(charge) => Some(charge),
-                    None => {
-                        let message = format!(
-                            "this filter holds {bytes} bytes, and with your other subscriptions' filters that is \
-                             more than one user may hold ({} bytes, --max-filter-bytes-per-user); unsubscribe \
-                             some, or use smaller filters",
-                            budget.limit()
-                        );
-                        return send(
-                            out,
-                            ServerMessage::error(Some(&id), "too_many_filter_bytes", &message),
-                        );
-                    }
-                }
+        let charge = match self.charge_filter(&filter) {
+            Ok(charge) => charge,
+            Err(message) => {
+                return send(
+                    out,
+                    ServerMessage::error(Some(&id), "too_many_filter_bytes", &message),
+                );
             }
-            _ => None,
         };
         let purpose = match s.offset {
             OffsetField::None | OffsetField::Invalid => Purpose::Snapshot,
@@ -372,7 +375,9 @@ impl Session {
             out.push(Action::SendParts(rest));
             return;
         }
-        self.finish_txn(txn, frame, part, open.is_some(), out);
+        if let Some(text) = self.finish_txn(txn, frame, part, open.is_some()) {
+            out.push(Action::Send(text));
+        }
     }
 
     /// The next frame of a transaction going out in more parts than the server's, or `None` when it is complete.
@@ -394,32 +399,26 @@ impl Session {
             }
         }
         // The last frame of what the connection has of this (server) part: `ids` is empty now.
-        let mut out = Vec::new();
-        self.finish_txn(&txn, frame, Some(part), true, &mut out);
-        out.into_iter().find_map(|a| match a {
-            Action::Send(text) => Some(text),
-            _ => None,
-        })
+        self.finish_txn(&txn, frame, Some(part), true)
     }
 
-    /// Sends the frame that ends what the connection gets of `txn` (a whole transaction, or the server's part):
-    /// with changes, or empty when it closes a transaction of which the connection was sent parts (`open`).
+    /// The frame that ends what the connection gets of `txn` (a whole transaction, or the server's part): with
+    /// changes, or empty when it closes a transaction of which the connection was sent parts (`open`); `None` when
+    /// there is nothing to send.
     fn finish_txn(
         &mut self,
         txn: &UserTxn,
         frame: TxnFrame,
         part: Option<u32>,
         open: bool,
-        out: &mut Actions,
-    ) {
+    ) -> Option<String> {
         if txn.last {
             self.open_split = None;
-            if open || !frame.is_empty() {
-                out.push(Action::Send(frame.finish_even_if_empty()));
-            }
-        } else if let Some(text) = frame.finish() {
+            (open || !frame.is_empty()).then(|| frame.finish_even_if_empty())
+        } else {
+            let text = frame.finish()?;
             self.open_split = Some((txn.xid, part.unwrap_or(0) + 1));
-            out.push(Action::Send(text));
+            Some(text)
         }
     }
 
