@@ -276,8 +276,13 @@ pub async fn truth_text(
 /// A second HTTP listener on the same server state, with other shape timings (e.g. a short live hold). Stops with
 /// the environment's server.
 pub async fn listener_with(env: &TestEnv, config: ShapeConfig) -> String {
+    listener_with_shapes(env, Arc::new(Shapes::new(config))).await
+}
+
+/// [`listener_with`] for shape state the test keeps a handle on (e.g. to read its cache).
+pub async fn listener_with_shapes(env: &TestEnv, shapes: Arc<Shapes>) -> String {
     let mut shared = (*env.state).clone();
-    shared.shapes = Arc::new(Shapes::new(config));
+    shared.shapes = shapes;
     let state = AppState::new(shared);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

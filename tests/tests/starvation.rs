@@ -6,6 +6,8 @@
 //! - a write path whose pool is exhausted answers 503 with `Retry-After` instead of waiting for ever;
 //! - one user's sockets are capped (close 4029), another user still connects;
 //! - one user's subscription filters are capped in bytes, over all their connections;
+//! - the shape endpoint's cache of compiled definitions is bounded in bytes, and an evicted definition still serves
+//!   its handle;
 //! - the job of a subscription that is gone stops, also while it waits in line;
 //! - a snapshot larger than the in-memory budget (spilled to a file) arrives complete and in order.
 //!
@@ -16,8 +18,9 @@
 use std::time::{Duration, Instant};
 
 use deeprecall_sync::live::admission::SnapshotLimits;
+use deeprecall_sync::live::shape::{ShapeConfig, Shapes};
 use deeprecall_sync::state::Limits;
-use deeprecall_tests::shape::truth_text;
+use deeprecall_tests::shape::{Follower, enc, get, listener_with_shapes, truth_text};
 use deeprecall_tests::stream::{Closed, StreamClient};
 use deeprecall_tests::{EnvOptions, TestEnv, diff_rows, insert};
 use serde_json::json;
@@ -351,6 +354,73 @@ async fn one_users_subscription_filters_are_bounded_in_bytes() {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn the_shape_definition_cache_is_bounded_in_bytes_and_evicted_shapes_still_serve_their_handles()
+ {
+    // Each definition's `where` params come in the request line (up to 64 KiB). With only a count bound (4,096), one
+    // user's 4,096 requests of 60 KB params took the server from 20 to 573 MiB in 40 s, and kept it there.
+    const BUDGET: usize = 1024 * 1024;
+    let env = TestEnv::start().await;
+    let shapes = std::sync::Arc::new(Shapes::new(ShapeConfig {
+        max_definition_bytes: BUDGET,
+        ..ShapeConfig::default()
+    }));
+    let base = listener_with_shapes(&env, shapes.clone()).await;
+    let (alice, mallory) = (Uuid::new_v4(), Uuid::new_v4());
+    env.batch(
+        alice,
+        json!([insert("works", json!({"title": "kept", "year": 2001}))]),
+    )
+    .await;
+    let token = env.token(alice);
+    let shape = format!("table=works&where={}&params%5B1%5D=2000", enc("year > $1"));
+    let mut follower = Follower::start(&env.http, &base, &token, &shape).await;
+    assert_eq!(shapes.cached_definitions().0, 1);
+
+    // 100 definitions of about 60 kB each (key and filter): some 6 MB against a 1 MiB budget.
+    let (mallory_token, mut largest) = (env.token(mallory), 0);
+    for i in 0..100 {
+        let value = format!("{i:04}{}", "x".repeat(30_000));
+        let query = format!(
+            "table=works&offset=-1&where={}&params%5B1%5D={value}",
+            enc("title = $1")
+        );
+        let r = get(&env.http, &base, Some(&mallory_token), &query, &[]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let (count, bytes) = shapes.cached_definitions();
+        assert!(count > 0);
+        largest = largest.max(bytes);
+    }
+    assert!(
+        largest <= BUDGET,
+        "the cache held {largest} bytes, over its budget of {BUDGET}"
+    );
+    assert!(
+        largest > BUDGET / 2,
+        "the flood never came near the budget ({largest} bytes): the test measures nothing"
+    );
+
+    // Alice's definition was evicted long ago; her handle and offset still serve her next change, exactly once.
+    env.batch(
+        alice,
+        json!([insert("works", json!({"title": "after", "year": 2002}))]),
+    )
+    .await;
+    let truth = truth_text(&env, "works", alice, "year > 2000").await;
+    for _ in 0..100 {
+        let r = follower.poll(&env.http, false).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        if follower.log.by_id() == truth {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the follower did not converge: {:?} against {truth:?}",
+        follower.log.by_id()
+    );
 }
 
 #[tokio::test]

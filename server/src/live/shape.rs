@@ -57,6 +57,8 @@ pub struct ShapeConfig {
     pub sse_duration: Duration,
     /// How often an idle server-sent-events response sends a keep-alive.
     pub sse_keepalive: Duration,
+    /// Most bytes of compiled definitions kept, server-wide (estimated; 64 MiB by default).
+    pub max_definition_bytes: usize,
 }
 
 impl Default for ShapeConfig {
@@ -65,12 +67,17 @@ impl Default for ShapeConfig {
             live_hold: Duration::from_secs(20),
             sse_duration: Duration::from_secs(60),
             sse_keepalive: Duration::from_secs(21),
+            max_definition_bytes: MAX_DEFINITION_BYTES,
         }
     }
 }
 
 /// Most compiled definitions kept.
 const MAX_DEFINITIONS: usize = 4096;
+/// Most bytes of compiled definitions kept by default (their estimated [`ShapeDef::retained_bytes`] plus their keys).
+/// A definition's `where` and `params` come in the request line (up to 64 KiB), so 4,096 of them could hold about
+/// 550 MiB; one user could fill that in 40 s (decisions 41).
+const MAX_DEFINITION_BYTES: usize = 64 * 1024 * 1024;
 /// How long a request with an offset waits for a (re)starting stream to reach it.
 const RESUME_WAIT: Duration = Duration::from_secs(10);
 /// Bytes of rows collected before a chunk of a snapshot body is handed to the socket.
@@ -81,8 +88,79 @@ const BODY_CHUNK: usize = 64 * 1024;
 pub struct Shapes {
     config: ShapeConfig,
     key: tokio::sync::OnceCell<HandleKey>,
-    definitions: Mutex<HashMap<String, Arc<ShapeDef>>>,
+    definitions: Mutex<Definitions<Arc<ShapeDef>>>,
     cursor: AtomicU64,
+}
+
+/// The compiled definitions, by [`ShapeRequest::definition_key`], bounded in count and in bytes; when full, the
+/// least recently used quarter of the bytes goes.
+#[derive(Debug)]
+struct Definitions<T> {
+    entries: HashMap<String, Cached<T>>,
+    bytes: usize,
+    /// Bumped at every use: the recency of an entry.
+    clock: u64,
+}
+
+#[derive(Debug)]
+struct Cached<T> {
+    def: T,
+    bytes: usize,
+    used: u64,
+}
+
+impl<T> Default for Definitions<T> {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+            bytes: 0,
+            clock: 0,
+        }
+    }
+}
+
+impl<T: Clone> Definitions<T> {
+    fn get(&mut self, key: &str) -> Option<T> {
+        self.clock += 1;
+        let entry = self.entries.get_mut(key)?;
+        entry.used = self.clock;
+        Some(entry.def.clone())
+    }
+
+    /// Keeps `def` (about `bytes` large besides its key) under `key`, making room first.
+    fn insert(&mut self, key: String, def: T, bytes: usize, max_entries: usize, max_bytes: usize) {
+        let bytes = key.len() + bytes;
+        if let Some(old) = self.entries.remove(&key) {
+            self.bytes -= old.bytes;
+        }
+        if self.entries.len() >= max_entries || self.bytes + bytes > max_bytes {
+            // Oldest first, down to three quarters of each bound: eviction is rare and amortised.
+            let mut by_age: Vec<(u64, &String, usize)> = self
+                .entries
+                .iter()
+                .map(|(k, e)| (e.used, k, e.bytes))
+                .collect();
+            by_age.sort_unstable_by_key(|&(used, ..)| used);
+            let (mut count, mut total) = (self.entries.len(), self.bytes);
+            let mut gone = Vec::new();
+            for (_, k, b) in by_age {
+                if count < max_entries * 3 / 4 && total + bytes <= max_bytes * 3 / 4 {
+                    break;
+                }
+                gone.push(k.clone());
+                count -= 1;
+                total -= b;
+            }
+            for k in gone {
+                self.entries.remove(&k);
+            }
+            self.bytes = total;
+        }
+        self.clock += 1;
+        self.bytes += bytes;
+        let used = self.clock;
+        self.entries.insert(key, Cached { def, bytes, used });
+    }
 }
 
 impl Shapes {
@@ -91,7 +169,7 @@ impl Shapes {
         Self {
             config,
             key: tokio::sync::OnceCell::new(),
-            definitions: Mutex::new(HashMap::new()),
+            definitions: Mutex::new(Definitions::default()),
             cursor: AtomicU64::new(0),
         }
     }
@@ -99,6 +177,12 @@ impl Shapes {
     /// The timing.
     pub fn config(&self) -> ShapeConfig {
         self.config
+    }
+
+    /// How many compiled definitions are kept, and about how many bytes they hold.
+    pub fn cached_definitions(&self) -> (usize, usize) {
+        let defs = self.definitions.lock().unwrap_or_else(|e| e.into_inner());
+        (defs.entries.len(), defs.bytes)
     }
 
     /// A cursor never handed out before, also across restarts (the client suppresses an up-to-date whose cursor
@@ -163,6 +247,26 @@ pub struct ShapeDef {
 }
 
 impl ShapeDef {
+    /// About how many bytes the definition holds (its filter, column descriptions and schema header).
+    fn retained_bytes(&self) -> usize {
+        let column = |name: &str, typname: &str| {
+            name.len() + typname.len() + std::mem::size_of::<ShapeColumn>()
+        };
+        std::mem::size_of::<Self>()
+            + self.filter.retained_bytes()
+            + self.schema.len()
+            + self
+                .columns
+                .iter()
+                .map(|c| column(&c.name, &c.typname))
+                .sum::<usize>()
+            + self
+                .snapshot_columns
+                .iter()
+                .map(|c| column(&c.name, ""))
+                .sum::<usize>()
+    }
+
     fn encoder(&self) -> ShapeEncoder {
         ShapeEncoder::new(
             &self.table.schema,
@@ -430,8 +534,7 @@ impl Shapes {
             .definitions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&cache_key)
-            .cloned();
+            .get(&cache_key);
         if let Some(def) = cached
             && catalog
                 .table(&def.table.name)
@@ -440,15 +543,16 @@ impl Shapes {
             return Ok(def);
         }
         let def = Arc::new(compile(state, owner, req).await?);
-        let mut defs = self.definitions.lock().unwrap_or_else(|e| e.into_inner());
-        if defs.len() >= MAX_DEFINITIONS {
-            // Rare and cheap to rebuild: drop an arbitrary half.
-            let drop: Vec<String> = defs.keys().take(MAX_DEFINITIONS / 2).cloned().collect();
-            for k in drop {
-                defs.remove(&k);
-            }
-        }
-        defs.insert(cache_key, def.clone());
+        self.definitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                cache_key,
+                def.clone(),
+                def.retained_bytes(),
+                MAX_DEFINITIONS,
+                self.config.max_definition_bytes,
+            );
         Ok(def)
     }
 }
@@ -1503,5 +1607,39 @@ mod tests {
         let a = s.next_cursor();
         let b = s.next_cursor();
         assert!(b > a);
+    }
+
+    #[test]
+    fn definitions_are_bounded_in_bytes_and_count_and_the_least_recently_used_go() {
+        let mut defs: Definitions<u32> = Definitions::default();
+        // 1000-byte entries (key "kNNN" of 4 bytes + 996) against a 10,000-byte budget.
+        let key = |i: u32| format!("k{i:03}");
+        for i in 0..9 {
+            defs.insert(key(i), i, 996, 100, 10_000);
+        }
+        assert_eq!((defs.entries.len(), defs.bytes), (9, 9000));
+        // Entry 0 is used: it is the most recent now, entry 1 the oldest.
+        assert_eq!(defs.get(&key(0)), Some(0));
+        defs.insert(key(9), 9, 996, 100, 10_000); // exactly full: nothing goes
+        assert_eq!(defs.entries.len(), 10);
+        defs.insert(key(10), 10, 996, 100, 10_000);
+        // Down to three quarters (7,500) with the new entry: 1, 2, 3, 4 went, 0 stayed.
+        let mut kept: Vec<u32> = defs.entries.values().map(|c| c.def).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, [0, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(defs.bytes, 7000);
+        // Replacing an entry does not count it twice.
+        defs.insert(key(10), 11, 996, 100, 10_000);
+        assert_eq!((defs.entries.len(), defs.bytes), (7, 7000));
+        // The count bound: 4 entries at most; a full cache keeps fewer than 3 (three quarters), then the new one.
+        let mut few: Definitions<u32> = Definitions::default();
+        for i in 0..5 {
+            few.insert(key(i), i, 0, 4, 10_000);
+        }
+        let mut kept: Vec<u32> = few.entries.values().map(|c| c.def).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, [2, 3, 4]);
+        assert_eq!(few.bytes, 12);
+        assert_eq!(few.get(&key(0)), None);
     }
 }
