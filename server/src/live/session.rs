@@ -137,6 +137,10 @@ pub struct Session {
     /// last one, and the connection's number for its next part: its last part goes out even without changes, to
     /// close it.
     open_split: Option<(u64, u32)>,
+    /// Job reports that came while a transaction was open on the connection (`open_split`): their subscriptions
+    /// go live (handoff frames and `up_to_date`) once it is closed, so that no frame of another transaction comes
+    /// between a transaction's parts (docs/protocol.md, "Large transactions in parts").
+    deferred_jobs: Vec<JobReport>,
     /// Where the subscriptions' filters are charged (bytes per user, over all their connections); `None`: no limit.
     filter_budget: Option<Arc<PerUserLimit>>,
 }
@@ -160,6 +164,7 @@ impl Session {
             subs: HashMap::new(),
             next_epoch: 0,
             open_split: None,
+            deferred_jobs: Vec::new(),
             filter_budget: None,
         }
     }
@@ -447,8 +452,14 @@ impl Session {
         }
     }
 
-    /// A job's report. Row frames of a snapshot were all passed to [`Session::on_chunk`] before.
+    /// A job's report. Row frames of a snapshot were all passed to [`Session::on_chunk`] before. While a
+    /// transaction is open on the connection, the report waits for its last part ([`Session::run_deferred_jobs`]);
+    /// the subscription stays pending meanwhile, so the parts it misses are accounted for as for any pending one.
     pub fn on_job(&mut self, report: JobReport, history: &impl History, out: &mut Actions) {
+        if self.open_split.is_some() {
+            self.deferred_jobs.push(report);
+            return;
+        }
         let id = report.sub_id;
         let Some(sub) = self.subs.get_mut(&id) else {
             return;
@@ -501,6 +512,21 @@ impl Session {
         }
     }
 
+    /// Whether job reports wait for a transaction open on the connection to close.
+    pub fn has_deferred_jobs(&self) -> bool {
+        !self.deferred_jobs.is_empty()
+    }
+
+    /// The job reports that waited for a transaction's last part, once it went out (in the order they came).
+    pub fn run_deferred_jobs(&mut self, history: &impl History, out: &mut Actions) {
+        if self.open_split.is_some() {
+            return;
+        }
+        for report in std::mem::take(&mut self.deferred_jobs) {
+            self.on_job(report, history, out);
+        }
+    }
+
     /// Whether a subscription waits for a job (a snapshot or resume not yet reported).
     pub fn awaits_job(&self) -> bool {
         self.subs.values().any(|s| !s.is_live())
@@ -523,7 +549,10 @@ impl Session {
     /// Server shutdown, after the replicator stopped publishing: delivers what is queued, then tells every live
     /// subscription the final position (the slot was acknowledged up to it, so a resume after restart is exact).
     /// Subscriptions with a refetch still queued get no final offset: their last offset stays older than the
-    /// restarted server's history, so their resume turns into a refetch instead of silently missing it.
+    /// restarted server's history, so their resume turns into a refetch instead of silently missing it. Nor does
+    /// any subscription while a transaction is still open on the connection (the replicator stopped between its
+    /// parts): no `up_to_date` comes between a transaction's parts, so they keep the offsets they have (a rare
+    /// refetch, for those older than the restarted server's history).
     pub fn shutdown(
         &mut self,
         queued: impl Iterator<Item = ConnEvent>,
@@ -543,10 +572,13 @@ impl Session {
                 ConnEvent::Job(_) => {}
             }
         }
+        // A transaction still open (its last part not queued yet) gets no up_to_date in the middle: every
+        // subscription keeps the offset it has, and those that had parts of it refetch on resume.
+        let open = self.open_split.is_some();
         let mut ids: Vec<&Arc<str>> = self
             .subs
             .iter()
-            .filter(|(id, s)| s.is_live() && !stale.contains(id))
+            .filter(|(id, s)| !open && s.is_live() && !stale.contains(id))
             .map(|(id, _)| id)
             .collect();
         ids.sort();
@@ -831,6 +863,99 @@ mod tests {
         let f = frames(&mut out);
         assert_eq!(f.len(), 1);
         assert_eq!(f[0]["offset"], "1-00000000000007d8");
+    }
+
+    /// Part `part` of transaction `xid` (the last one when `last`).
+    fn part_of(
+        xid: u64,
+        commit: u64,
+        part: u32,
+        last: bool,
+        rows: &[(&str, &str)],
+    ) -> Arc<UserTxn> {
+        let mut t = Arc::unwrap_or_clone(txn(xid, commit, rows));
+        t.part = part;
+        t.last = last;
+        if !last {
+            t.end_lsn = Lsn(commit);
+        }
+        Arc::new(t)
+    }
+
+    #[test]
+    fn a_subscription_goes_live_only_between_transactions_never_between_parts() {
+        let mut s = Session::new(&user());
+        let mut out = Actions::new();
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "a", "table": "works"}),
+            &mut out,
+        );
+        s.on_job(
+            snapshot_report("a", 1, Filter::default()),
+            &history(),
+            &mut out,
+        );
+        out.clear();
+        // "b" is pending; a transaction it missed is buffered.
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "b", "table": "works"}),
+            &mut out,
+        );
+        out.clear();
+        s.on_txn(&txn(130, 1600, &[("w", "unread")]), &mut out);
+        assert_eq!(frames(&mut out).len(), 1, "live \"a\" gets it");
+        // A large transaction begins: "a" gets its first part.
+        s.on_txn(&part_of(140, 2000, 0, false, &[("x", "unread")]), &mut out);
+        let f = frames(&mut out);
+        assert_eq!((f.len(), &f[0]["more"]), (1, &json!(true)));
+        // "b"'s snapshot is done now: its handoff (130) and up_to_date wait for the transaction's last part.
+        let mut report = snapshot_report("b", 2, Filter::default());
+        if let Ok(p) = &mut report.result {
+            p.handoff = Some(Handoff {
+                // Sees the large transaction (140, committed before it), not 130 (in progress then).
+                snapshot: PgSnapshot::parse("130:145:130").unwrap(),
+                wal_lsn: 2500,
+                barrier_lsn: 2600,
+            });
+        }
+        s.on_job(report, &history(), &mut out);
+        assert!(out.is_empty(), "{:?}", frames(&mut out));
+        assert!(s.has_deferred_jobs() && s.awaits_job());
+        s.run_deferred_jobs(&history(), &mut out);
+        assert!(out.is_empty(), "still open: nothing yet");
+        s.on_txn(&part_of(140, 2000, 1, true, &[("y", "unread")]), &mut out);
+        let f = frames(&mut out);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0]["xid"], "140");
+        assert!(f[0].get("offset").is_some(), "the last part: {:?}", f[0]);
+        s.run_deferred_jobs(&history(), &mut out);
+        let f = frames(&mut out);
+        assert!(!s.has_deferred_jobs() && !s.awaits_job());
+        // "b": the transaction its snapshot missed, then up_to_date. Its snapshot saw the large one (140), which
+        // was streamed late, so its parts, skipped while "b" was pending, are not needed.
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert_eq!(
+            (&f[0]["xid"], &f[0]["changes"][0]["id"]),
+            (&json!("130"), &json!("b"))
+        );
+        assert_eq!(
+            f[1],
+            json!({"type": "up_to_date", "id": "b", "offset": "1-0000000000000a28"})
+        );
+        // A shutdown while a transaction is open sends no final offsets in its middle.
+        s.on_txn(&part_of(150, 3000, 0, false, &[("z", "unread")]), &mut out);
+        out.clear();
+        s.shutdown(
+            std::iter::empty(),
+            Offset {
+                generation: 1,
+                lsn: 2500,
+            },
+            &mut out,
+        );
+        assert!(frames(&mut out).is_empty());
     }
 
     #[test]

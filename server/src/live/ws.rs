@@ -177,17 +177,16 @@ impl Connection {
                 event = queue.recv() => match event {
                     Some(ConnEvent::Txn(txn)) => {
                         self.session.on_txn(&txn, &mut self.actions);
-                        self.perform(&mut sink, &queue_tx).await
+                        match self.perform(&mut sink, &queue_tx).await {
+                            // Reports that waited for the transaction's last part (rare).
+                            Ok(()) if self.session.has_deferred_jobs() => {
+                                Box::pin(self.on_jobs(&mut sink, &queue_tx, None)).await
+                            }
+                            sent => sent,
+                        }
                     }
                     Some(ConnEvent::Job(report)) => {
-                        // Its job sent every row frame before this report: deliver them first.
-                        self.drain_chunks();
-                        self.session.on_job(*report, &*hub, &mut self.actions);
-                        if !self.session.awaits_job() {
-                            // No current job is left (a stale one still running sees the channel close and stops).
-                            self.chunks = None;
-                        }
-                        Box::pin(self.perform(&mut sink, &queue_tx)).await
+                        Box::pin(self.on_jobs(&mut sink, &queue_tx, Some(*report))).await
                     }
                     Some(ConnEvent::Refetch(refetch)) => {
                         self.session.on_refetch(&refetch, &mut self.actions);
@@ -233,6 +232,28 @@ impl Connection {
             )
             .await;
         }
+    }
+
+    /// A job's report (or none), and any that waited for a transaction's last part: the subscriptions they concern
+    /// go live or refetch.
+    async fn on_jobs(
+        &mut self,
+        sink: &mut Sink,
+        queue: &mpsc::Sender<ConnEvent>,
+        report: Option<JobReport>,
+    ) -> Result<(), Exit> {
+        // Its job sent every row frame before this report: deliver them first.
+        self.drain_chunks();
+        let hub = self.state.hub.clone();
+        self.session.run_deferred_jobs(&*hub, &mut self.actions);
+        if let Some(report) = report {
+            self.session.on_job(report, &*hub, &mut self.actions);
+        }
+        if !self.session.awaits_job() {
+            // No current job is left (a stale one still running sees the channel close and stops).
+            self.chunks = None;
+        }
+        self.perform(sink, queue).await
     }
 
     /// Carries out the session's actions, in order.
