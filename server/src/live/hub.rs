@@ -699,7 +699,14 @@ impl Hub {
     /// transaction came next once the server's total was full was cut: one user's 32 sockets that stopped reading
     /// could fill the total and get every other user's connections closed with 4008.) The per-user budget keeps a
     /// single user from filling the server's total.
+    ///
+    /// Once a connection lost a transaction, nothing more is queued for it: its queue is a gap-free prefix of the
+    /// stream, so a reader that drains it before noticing the signal (a shape response collecting what is queued)
+    /// never goes past the lost transaction.
     fn enqueue(&self, c: &ConnEntry, txn: &Arc<UserTxn>, user_queued: &mut usize) {
+        if c.lag.is_raised() {
+            return;
+        }
         let bytes = txn.bytes;
         // Counted before sending (the receiver may release it at once); given back if it is not sent.
         let before = c.queued.fetch_add(bytes, Ordering::AcqRel);
@@ -1097,6 +1104,41 @@ mod tests {
         // Carol is behind while the total is full: she is cut (she resumes from her offset).
         publish(carol);
         assert!(carol_lag.is_raised());
+    }
+
+    #[test]
+    fn after_a_lost_transaction_nothing_more_is_queued_so_the_queue_has_no_gap() {
+        // Per connection 100 bytes; every transaction is 60.
+        let hub = Arc::new(Hub::new(HubConfig {
+            queue_bytes: 100,
+            ..HubConfig::default()
+        }));
+        hub.stream_started(1, 100);
+        let carol = Uuid::from_u128(3);
+        let (_c, mut queue, _, lag) = hub.register(carol);
+        let mut commit = 200;
+        let mut publish = || {
+            commit += 100;
+            let mut txn = routed(carol, commit, commit);
+            txn.per_owner[0].bytes = 60;
+            hub.publish(txn, commit + 8);
+            commit
+        };
+        let first = publish();
+        publish(); // over the connection's budget behind the first: lost
+        assert!(lag.is_raised());
+        // The reader takes the first, leaving the queue empty, before it looks at the signal (as a shape
+        // response collecting what is queued does); a later transaction would fit an empty queue, but would
+        // come after the gap.
+        match queue.try_recv() {
+            Ok(ConnEvent::Txn(t)) => assert_eq!(t.commit_lsn.0, first),
+            other => panic!("expected the first transaction, got {other:?}"),
+        }
+        publish();
+        assert!(
+            queue.try_recv().is_err(),
+            "a transaction after the lost one was queued"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1043,7 +1043,19 @@ impl Feed {
     fn settle(&mut self) -> Result<u64, &'static str> {
         let position = self.hub.position().lsn;
         self.drain()?;
+        if self.lagged() {
+            // A transaction of the user was lost to a full queue, and the position covers it: answer with what is
+            // complete; the next request gets the rest from history.
+            return Ok(self.offset());
+        }
         Ok(position.max(self.offset()))
+    }
+
+    /// Whether the hub dropped a transaction for this feed (it queues nothing after that).
+    fn lagged(&self) -> bool {
+        self.live
+            .as_ref()
+            .is_some_and(|(_, _, lag)| lag.is_raised())
     }
 
     /// Waits up to `hold` for a change of the shape.
@@ -1641,5 +1653,60 @@ mod tests {
         assert_eq!(kept, [2, 3, 4]);
         assert_eq!(few.bytes, 12);
         assert_eq!(few.get(&key(0)), None);
+    }
+
+    #[test]
+    fn a_feed_that_lost_a_transaction_never_answers_past_it() {
+        use crate::live::hub::{Hub, HubConfig};
+        use crate::live::routing::{Routed, UserTxn};
+        use deeprecall_replication::Lsn;
+
+        let owner = Uuid::from_u128(9);
+        // Per connection 100 bytes; every transaction is 60.
+        let hub = Arc::new(Hub::new(HubConfig {
+            queue_bytes: 100,
+            ..HubConfig::default()
+        }));
+        hub.stream_started(1, 100);
+        let publish = |commit: u64| {
+            let txn = UserTxn {
+                owner,
+                xid: commit,
+                generation: 1,
+                commit_lsn: Lsn(commit),
+                end_lsn: Lsn(commit + 8),
+                changes: vec![],
+                bytes: 60,
+                part: 0,
+                last: true,
+            };
+            let routed = Routed {
+                per_owner: vec![txn],
+                xid: commit,
+                commit_lsn: commit,
+                end_lsn: commit + 8,
+                ..Routed::default()
+            };
+            hub.publish(routed, commit + 8);
+        };
+        let (registration, queue, _tx, lag) = hub.register(owner);
+        let mut sub = Subscription::pending(Arc::from("works"), Filter::default(), 0);
+        sub.go_live_at(100);
+        let mut feed = Feed {
+            hub: hub.clone(),
+            sub,
+            encoder: ShapeEncoder::new("public", "works", vec![], false),
+            messages: Vec::new(),
+            live: Some((registration, queue, lag.clone())),
+            _counted: None,
+            _place: None,
+        };
+        publish(200);
+        publish(300); // lost: the connection's queue holds the first
+        assert!(lag.is_raised());
+        publish(400);
+        // The hub's position is past all three; the answer stops where the feed is complete, after the first.
+        assert_eq!(hub.position().lsn, 408);
+        assert_eq!(feed.settle(), Ok(208));
     }
 }
