@@ -44,7 +44,7 @@ use super::subscription::{MustRefetch, Subscription};
 use super::where_sql::parse_where;
 use crate::auth::{AuthError, AuthUser};
 use crate::db::catalog::Table;
-use crate::error::ApiError;
+use crate::error::{ApiError, from_db};
 use crate::state::AppState;
 
 /// Timing of the shape endpoint.
@@ -216,11 +216,11 @@ impl Shapes {
                         &[&fresh.as_slice()],
                     )
                     .await
-                    .map_err(|e| ApiError::internal(&e))?;
+                    .map_err(|e| from_db(&e))?;
                 let key: Vec<u8> = client
                     .query_one("select key from deeprecall_shape_keys", &[])
                     .await
-                    .map_err(|e| ApiError::internal(&e))?
+                    .map_err(|e| from_db(&e))?
                     .get(0);
                 HandleKey::from_bytes(&key).ok_or_else(|| {
                     ApiError::internal_fault(
@@ -618,7 +618,7 @@ async fn compile(state: &AppState, owner: Uuid, req: &ShapeRequest) -> Result<Sh
             &[&(table.oid as Oid)],
         )
         .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|e| from_db(&e))?;
     client.settled();
     let mut all: Vec<(ShapeColumn, bool)> = rows
         .iter()
@@ -1333,6 +1333,14 @@ async fn snapshot_response(
             Some(ConnEvent::Refetch(_)) => {}
             Some(ConnEvent::Job(report)) => match report.result {
                 Ok(p) => break p,
+                Err(JobError::SchemaChanged) => {
+                    // The columns changed by plain DDL, which the catalog (and the definition compiled from it)
+                    // learns only at the table's next streamed change: reload it before answering, or the
+                    // client's new request would reuse the stale definition and get this 409 again, and again.
+                    // A reload gives every table new entries, so every cached definition is compiled afresh.
+                    state.catalog.refresh_on_miss(&state.pool).await?;
+                    return Ok(refetch(state, owner, def, key, "schema_changed"));
+                }
                 Err(e) => return job_error(state, owner, def, key, e),
             },
             None => return Err(shutting_down()),
