@@ -10,7 +10,7 @@
 //!   anyway, so it is always there).
 //! - update: the old row's owner if Postgres sent an old row, else the new row's. When the owner changed (only a
 //!   superuser can do that: the policy's WITH CHECK forbids it to users), the old owner gets a delete and the new
-//!   owner an insert.
+//!   owner an insert; so does the owner when the row's `id` changed (plain SQL only).
 //!
 //! With REPLICA IDENTITY FULL the old row carries every column, so an update that did not touch an out-of-line
 //! (TOASTed) value, which pgoutput marks "unchanged" in the new row, is filled from the old row: clients always
@@ -277,17 +277,35 @@ pub fn route(
         match op {
             Op::Insert => emit(new_owner, change(table, Op::Insert, new, old, columns)),
             Op::Delete => emit(old_owner, change(table, Op::Delete, None, old, columns)),
-            Op::Update => match (old_owner, new_owner) {
-                // Only a superuser can move a row to another owner: the one place a row is copied.
-                (Some(from), Some(to)) if from != to => {
+            Op::Update => {
+                // A row whose key changed is another row: only a superuser can move a row to another owner
+                // (the policy's WITH CHECK), and only SQL that bypasses /v1/batch can change its `id`. Clients
+                // key rows by `id`, so an `update` would leave the old row behind: the old key gets a delete,
+                // the new one an insert (Electric does the same).
+                fn id_of(row: &Option<Row>) -> Option<&str> {
+                    row.as_ref().and_then(|r| r.get("id")).flatten()
+                }
+                let moved = matches!((old_owner, new_owner), (Some(from), Some(to)) if from != to);
+                let rekeyed = matches!(
+                    (id_of(&old), id_of(&new)),
+                    (Some(before), Some(after)) if before != after
+                );
+                if moved || rekeyed {
                     emit(
-                        Some(from),
+                        old_owner.or(new_owner),
                         change(table.clone(), Op::Delete, None, old.clone(), columns),
                     );
-                    emit(Some(to), change(table, Op::Insert, new, old, columns));
+                    emit(
+                        new_owner.or(old_owner),
+                        change(table, Op::Insert, new, old, columns),
+                    );
+                } else {
+                    emit(
+                        old_owner.or(new_owner),
+                        change(table, Op::Update, new, old, columns),
+                    );
                 }
-                (from, to) => emit(from.or(to), change(table, Op::Update, new, old, columns)),
-            },
+            }
         }
     }
     routed
@@ -545,6 +563,54 @@ mod tests {
             ops,
             vec![(A.to_string(), Op::Delete), (B.to_string(), Op::Insert)]
         );
+    }
+
+    #[test]
+    fn a_changed_id_is_a_delete_of_the_old_row_and_an_insert_of_the_new() {
+        let t = txn(vec![rc(
+            Op::Update,
+            Some(row(&[
+                ("id", Some("2")),
+                ("owner_id", Some(A)),
+                ("body", Some("x")),
+            ])),
+            Some(row(&[
+                ("id", Some("1")),
+                ("owner_id", Some(A)),
+                ("body", Some("x")),
+            ])),
+            &[],
+        )]);
+        let routed = route(t, 7, &relations(), |_| true);
+        assert_eq!(routed.per_owner.len(), 1);
+        let changes: Vec<(Op, String)> = routed.per_owner[0]
+            .changes
+            .iter()
+            .map(|c| (c.op, c.row_json.to_string()))
+            .collect();
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert_eq!(changes[0].0, Op::Delete);
+        assert!(changes[0].1.contains(r#""id":"1""#), "{changes:?}");
+        assert_eq!(changes[1].0, Op::Insert);
+        assert!(changes[1].1.contains(r#""id":"2""#), "{changes:?}");
+        // An update that keeps the id stays one update.
+        let t = txn(vec![rc(
+            Op::Update,
+            Some(row(&[
+                ("id", Some("1")),
+                ("owner_id", Some(A)),
+                ("body", Some("y")),
+            ])),
+            Some(row(&[
+                ("id", Some("1")),
+                ("owner_id", Some(A)),
+                ("body", Some("x")),
+            ])),
+            &[],
+        )]);
+        let routed = route(t, 7, &relations(), |_| true);
+        let ops: Vec<Op> = routed.per_owner[0].changes.iter().map(|c| c.op).collect();
+        assert_eq!(ops, [Op::Update]);
     }
 
     #[test]
