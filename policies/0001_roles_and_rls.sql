@@ -33,6 +33,18 @@ end
 $$;
 
 grant usage on schema public to deeprecall_user, deeprecall_admin;
+
+-- Whether the session reads every owner's rows as the reporting role. A policy "to deeprecall_admin" applies to
+-- every role that inherits it, and the server's login role is a member of deeprecall_admin (and inherits, the
+-- default): with "using (true)" a session of the server's role that had not switched roles, or an operator's psql as
+-- that role, read every user's rows. So the policy holds only for a session switched to deeprecall_admin (the
+-- server's admin requests), or for a role that can report and cannot act as a user (a BI tool's login role: a member
+-- of deeprecall_admin, not of deeprecall_user, docs/operations.md). Used as "(select deeprecall_reads_all())" so
+-- that it runs once per statement, not once per row.
+create or replace function deeprecall_reads_all() returns boolean
+  language sql stable
+  as $fn$ select current_user = 'deeprecall_admin' or not pg_has_role(current_user, 'deeprecall_user', 'MEMBER') $fn$;
+grant execute on function deeprecall_reads_all() to deeprecall_admin;
 grant execute on function deeprecall_current_user_id() to deeprecall_user, deeprecall_admin;
 grant select, insert on sync_applied_ops to deeprecall_user;
 grant select on v_blob_inventory to deeprecall_user, deeprecall_admin;
@@ -71,7 +83,8 @@ begin
 
     execute format('drop policy if exists admin_read on %I.%I', t.schemaname, t.tablename);
     execute format(
-      'create policy admin_read on %I.%I as permissive for select to deeprecall_admin using (true)',
+      'create policy admin_read on %I.%I as permissive for select to deeprecall_admin '
+      'using ((select deeprecall_reads_all()))',
       t.schemaname, t.tablename);
   end loop;
 end

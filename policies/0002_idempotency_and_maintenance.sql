@@ -31,15 +31,19 @@ create policy owner_isolation on sync_clients as permissive for all to deeprecal
   using (owner_id = deeprecall_current_user_id())
   with check (owner_id = deeprecall_current_user_id());
 drop policy if exists admin_read on sync_clients;
-create policy admin_read on sync_clients as permissive for select to deeprecall_admin using (true);
+create policy admin_read on sync_clients as permissive for select to deeprecall_admin
+  using ((select deeprecall_reads_all()));
 
 -- The pruner finds expired ledger rows of every owner (select) and deletes them (delete). It cannot insert or
--- update, and it has no grant on any synced table.
+-- update, and it has no grant on any synced table. Only a session switched to the role: the server's login role
+-- inherits it, and unswitched must neither read nor delete the ledger (as for deeprecall_reads_all, 0001).
 grant select, delete on sync_applied_ops to deeprecall_maintenance;
 drop policy if exists retention_read on sync_applied_ops;
-create policy retention_read on sync_applied_ops as permissive for select to deeprecall_maintenance using (true);
+create policy retention_read on sync_applied_ops as permissive for select to deeprecall_maintenance
+  using ((select current_user = 'deeprecall_maintenance'));
 drop policy if exists retention_prune on sync_applied_ops;
-create policy retention_prune on sync_applied_ops as permissive for delete to deeprecall_maintenance using (true);
+create policy retention_prune on sync_applied_ops as permissive for delete to deeprecall_maintenance
+  using ((select current_user = 'deeprecall_maintenance'));
 
 -- The fast path of a sequence batch (sql/0003); runs as the caller, under the policies above.
 grant execute on function deeprecall_claim_seq(uuid, bigint, bigint) to deeprecall_user;

@@ -540,3 +540,91 @@ async fn a_bi_login_role_in_deeprecall_admin_reads_the_view_and_writes_nothing()
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn the_servers_login_role_reads_and_deletes_nothing_until_it_switches_role() {
+    // A production login role (docs/operations.md): not a superuser, a member of the three group roles, inheriting
+    // them (the default). Unswitched, a policy "using (true)" for deeprecall_admin or deeprecall_maintenance applied
+    // to it: it read every user's rows and could delete every user's ledger rows.
+    let env = TestEnv::start_with(deeprecall_tests::EnvOptions {
+        own_cluster: true,
+        ..Default::default()
+    })
+    .await;
+    seed_inventory(&env).await;
+    let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    for user in [alice, bob] {
+        // Without client_id: one ledger row per op.
+        let (status, _) = env
+            .batch(
+                user,
+                json!([deeprecall_tests::insert(
+                    "works",
+                    json!({"title": "secret"})
+                )]),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    let db = env.superuser().await;
+    db.batch_execute(
+        "create role service login password 'service-secret';
+         grant connect on database deeprecall to service;
+         grant deeprecall_user, deeprecall_admin, deeprecall_maintenance to service;
+         create role bi_reader login password 'bi-secret';
+         grant connect on database deeprecall to bi_reader;
+         grant deeprecall_admin to bi_reader;",
+    )
+    .await
+    .unwrap();
+    let url = |user: &str, password: &str| {
+        format!(
+            "postgres://{user}:{password}@127.0.0.1:{}/deeprecall",
+            env.db.cluster().port()
+        )
+    };
+    let service = deeprecall_tests::connect(&url("service", "service-secret")).await;
+    let n = |sql: &str| format!("select count(*) from {sql}");
+    for table in [
+        "works",
+        "blobs_meta",
+        "sync_applied_ops",
+        "sync_clients",
+        "v_blob_inventory",
+    ] {
+        let row = service.query_one(&n(table), &[]).await.unwrap();
+        assert_eq!(
+            row.get::<_, i64>(0),
+            0,
+            "unswitched, the login role read {table}"
+        );
+    }
+    let deleted = service
+        .execute("delete from sync_applied_ops", &[])
+        .await
+        .unwrap();
+    assert_eq!(deleted, 0, "unswitched, the login role deleted ledger rows");
+    // Switched, each role does what it is for.
+    service
+        .batch_execute("set role deeprecall_admin")
+        .await
+        .unwrap();
+    let row = service.query_one(&n("works"), &[]).await.unwrap();
+    assert_eq!(row.get::<_, i64>(0), 2);
+    service
+        .batch_execute("set role deeprecall_maintenance")
+        .await
+        .unwrap();
+    let row = service
+        .query_one(&n("sync_applied_ops"), &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 2);
+    service.batch_execute("reset role").await.unwrap();
+    // A reporting role that cannot act as a user still reads every owner without switching.
+    let bi = deeprecall_tests::connect(&url("bi_reader", "bi-secret")).await;
+    let row = bi.query_one(&n("works"), &[]).await.unwrap();
+    assert_eq!(row.get::<_, i64>(0), 2);
+    let row = bi.query_one(&n("v_blob_inventory"), &[]).await.unwrap();
+    assert_eq!(row.get::<_, i64>(0), 6);
+}

@@ -256,10 +256,14 @@ const EXPECTED_POLICIES: &[ExpectedPolicy] = &[
         name: "admin_read",
         command: "SELECT",
         role: ADMIN_ROLE,
-        using: "true",
+        // Not `true`: the server's login role inherits the admin role and must read nothing unswitched.
+        using: "( SELECT deeprecall_reads_all() AS deeprecall_reads_all)",
         with_check: None,
     },
 ];
+
+/// What the pruner's policies hold to: only a session switched to the maintenance role (policies/0002).
+const MAINTENANCE_USING: &str = "( SELECT (CURRENT_USER = 'deeprecall_maintenance'::name))";
 
 /// The op-ledger pruner's policies (policies/0002): on the ledger only, for the maintenance role.
 const LEDGER_POLICIES: &[ExpectedPolicy] = &[
@@ -267,14 +271,14 @@ const LEDGER_POLICIES: &[ExpectedPolicy] = &[
         name: "retention_read",
         command: "SELECT",
         role: MAINTENANCE_ROLE,
-        using: "true",
+        using: MAINTENANCE_USING,
         with_check: None,
     },
     ExpectedPolicy {
         name: "retention_prune",
         command: "DELETE",
         role: MAINTENANCE_ROLE,
-        using: "true",
+        using: MAINTENANCE_USING,
         with_check: None,
     },
 ];
