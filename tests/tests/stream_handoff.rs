@@ -607,15 +607,26 @@ async fn added_column_flows_without_restart() {
         )
         .await
         .unwrap();
-    let txn = live.until(T, |v| v["type"] == "txn").await;
-    assert_eq!(txn["changes"][0]["row"]["mood"], "sql", "{txn}");
     // A changed column list makes subscriptions of the table refetch (existing rows may have taken a default
-    // inside Postgres, stream_schema.rs): the hub queues it right behind this transaction. Waiting for its
-    // snapshot to finish keeps what follows exact; otherwise the next write may land in the refetch's snapshot
-    // instead of arriving as a transaction (it failed that way in CI).
-    let refetch = live.until(T, |v| v["type"] == "must_refetch").await;
+    // inside Postgres, stream_schema.rs). The hub queues the refetch *before* the transaction that carries it
+    // (a client holding that transaction's end must not be able to resume past the refetch), so the row
+    // arrives with the new column in the refetch's snapshot, not as a transaction. Waiting for the snapshot to
+    // finish keeps what follows exact; otherwise the next write may land in it instead of arriving as a
+    // transaction (it failed that way in CI).
+    let refetch = live
+        .until(T, |v| v["type"] == "must_refetch" || v["type"] == "txn")
+        .await;
+    assert_eq!(refetch["type"], "must_refetch", "{refetch}");
     assert_eq!(refetch["reason"], "schema_changed", "{refetch}");
+    let from = live.frames.len();
     live.up_to_date("all").await;
+    let row = live.frames[from..]
+        .iter()
+        .filter(|f| f["type"] == "snapshot")
+        .flat_map(|f| f["rows"].as_array().cloned().unwrap_or_default())
+        .find(|r| r["id"] == json!(a3))
+        .expect("the row written after the DDL is in the refetch's snapshot");
+    assert_eq!(row["mood"], "sql", "{row}");
 
     // The running server picks the column up (no restart), and the batch path writes it.
     assert!(

@@ -382,6 +382,9 @@ impl Hub {
             let first = inner.generation == 0;
             inner.generation = generation;
             reset_history(&mut inner, start);
+            // Offsets of the old generation are void, and the new slot may start behind the old position (a
+            // failover to a replica that was behind): the position is the new stream's.
+            inner.position = start;
             if !first {
                 broadcast(&mut inner, None, "slot_recreated");
             }
@@ -561,6 +564,29 @@ impl Hub {
                 .then_some(first.owner);
             remember_xid(&mut inner, routed.xid, Published { end_lsn, only });
         }
+        if last {
+            // A truncate or a column change goes out before the transaction's rows: a connection that got the
+            // transaction (and may store its offset) got the refetch before it, so no client holds the
+            // transaction's end for a subscription the refetch concerns. (After the rows, a client that lost the
+            // connection in between resumed from that end past the truncate, and kept the truncated rows.)
+            let marks = std::mem::take(&mut routed.truncated)
+                .into_iter()
+                .map(|t| (t, "truncated"))
+                .chain(
+                    std::mem::take(&mut routed.schema_changed)
+                        .into_iter()
+                        .map(|t| (t, "schema_changed")),
+                );
+            for (table, reason) in marks {
+                inner.truncates.push_back((end_lsn, table.clone()));
+                if inner.truncates.len() > self.config.truncate_memory
+                    && let Some((lsn, _)) = inner.truncates.pop_front()
+                {
+                    inner.truncate_horizon = lsn;
+                }
+                broadcast(&mut inner, Some(table), reason);
+            }
+        }
         for mut txn in routed.per_owner {
             txn.generation = generation;
             let txn = Arc::new(txn);
@@ -592,25 +618,6 @@ impl Hub {
         if !last {
             // A part before the transaction's last: nothing else to do until it completes.
             return;
-        }
-        let marks = routed
-            .truncated
-            .into_iter()
-            .map(|t| (t, "truncated"))
-            .chain(
-                routed
-                    .schema_changed
-                    .into_iter()
-                    .map(|t| (t, "schema_changed")),
-            );
-        for (table, reason) in marks {
-            inner.truncates.push_back((end_lsn, table.clone()));
-            if inner.truncates.len() > self.config.truncate_memory
-                && let Some((lsn, _)) = inner.truncates.pop_front()
-            {
-                inner.truncate_horizon = lsn;
-            }
-            broadcast(&mut inner, Some(table), reason);
         }
         inner.position = inner.position.max(end_lsn);
         for id in routed.barriers {
@@ -804,11 +811,13 @@ impl Hub {
         if from.lsn < inner.start {
             return Err(CannotResume("offset_older_than_server_history"));
         }
+        // At `from` too: the truncating transaction ends there, and a client that holds its end may have its
+        // rows but not the refetch (see `publish`).
         if from.lsn < inner.truncate_horizon
             || inner
                 .truncates
                 .iter()
-                .any(|(lsn, t)| *lsn > from.lsn && &**t == table)
+                .any(|(lsn, t)| *lsn >= from.lsn && &**t == table)
         {
             // A truncate or a schema change of this table happened after the offset: history cannot express it.
             return Err(CannotResume("table_truncated"));
@@ -1139,6 +1148,52 @@ mod tests {
             queue.try_recv().is_err(),
             "a transaction after the lost one was queued"
         );
+    }
+
+    #[test]
+    fn a_recreated_slot_behind_the_old_position_is_streamed_from_its_start() {
+        let hub = Arc::new(Hub::new(HubConfig::default()));
+        hub.stream_started(1, 1000);
+        let alice = Uuid::from_u128(1);
+        hub.publish(routed(alice, 1900, 1900), 1908);
+        assert_eq!(hub.position().lsn, 1908);
+        // A failover to a replica that was behind: the new slot starts at 1500.
+        hub.stream_started(2, 1500);
+        assert_eq!(
+            hub.position(),
+            Offset {
+                generation: 2,
+                lsn: 1500
+            }
+        );
+        // On the same timeline (a slot recreated ahead), the start is ahead anyway.
+        hub.stream_started(3, 4000);
+        assert_eq!(hub.position().lsn, 4000);
+    }
+
+    #[test]
+    fn a_truncate_goes_out_before_its_transactions_rows_and_its_end_does_not_resume() {
+        let hub = Arc::new(Hub::new(HubConfig::default()));
+        hub.stream_started(1, 100);
+        let alice = Uuid::from_u128(1);
+        let (_a, mut queue, _, _) = hub.register(alice);
+        // TRUNCATE works; INSERT INTO works …: one transaction.
+        let mut txn = routed(alice, 300, 300);
+        txn.truncated = vec![Arc::from("works")];
+        hub.publish(txn, 308);
+        assert!(
+            matches!(queue.try_recv(), Ok(ConnEvent::Refetch(r)) if r.reason == "truncated"),
+            "the refetch comes first"
+        );
+        assert!(matches!(queue.try_recv(), Ok(ConnEvent::Txn(_))));
+        // An offset at the transaction's end, of a client that got its rows but not the refetch, refetches.
+        let at = |lsn| Offset { generation: 1, lsn };
+        assert_eq!(
+            hub.resume(alice, "works", at(308)).err().map(|c| c.0),
+            Some("table_truncated")
+        );
+        // Other tables resume from it.
+        assert!(hub.resume(alice, "boards", at(308)).is_ok());
     }
 
     #[tokio::test(start_paused = true)]

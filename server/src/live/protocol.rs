@@ -38,6 +38,10 @@ pub mod close {
     pub const STANDBY: u16 = 1013;
     /// The user already has `--max-connections-per-user` sockets open.
     pub const TOO_MANY_CONNECTIONS: u16 = 4029;
+    /// The replication stream restarted (slot recreated, or moved by another process) while a transaction was
+    /// coming to this connection in parts, whose last part will not come: every subscription was told
+    /// `must_refetch` first. The WebSocket standard's "service restart".
+    pub const STREAM_RESTARTED: u16 = 1012;
 }
 
 /// A message from the client.

@@ -185,7 +185,17 @@ async fn session(
         .get::<_, i64>(0) as u64;
     drop(client);
 
-    let mut stream = match ReplicationStream::start(&config.stream, Lsn(hub.position().lsn)).await {
+    // Where this process left off, in the slot's own generation. A recreated slot (a new generation) starts where
+    // Postgres says: after a failover to a replica that was behind, its WAL (and the new slot) can be *behind* the
+    // old position, and asking for the old position would skip every commit in between (Postgres skips what
+    // commits before the requested start).
+    let here = hub.position();
+    let from = if here.generation == generation {
+        Lsn(here.lsn)
+    } else {
+        Lsn(0)
+    };
+    let mut stream = match ReplicationStream::start(&config.stream, from).await {
         Ok(s) => s,
         Err(StreamError::SlotLost(reason)) => {
             tracing::error!(%reason, "replication slot lost; recreating it, every subscription will refetch");

@@ -435,6 +435,22 @@ impl Session {
             .filter(|(_, s)| s.on_table(refetch.table.as_deref()))
             .map(|(id, _)| id.clone())
             .collect();
+        if refetch.table.is_none() && self.open_split.is_some() {
+            // The stream restarted between a transaction's parts (slot recreated, or moved by another process):
+            // its last part will not come, and nothing else may come before it (docs/protocol.md, "Large
+            // transactions in parts"). Every subscription is told, and the connection closes: the client
+            // subscribes again on a new one.
+            for id in &ids {
+                tell_refetch(out, id, refetch.reason);
+            }
+            self.open_split = None;
+            self.deferred_jobs.clear();
+            out.push(Action::Close(
+                close::STREAM_RESTARTED,
+                "the replication stream restarted; reconnect and subscribe again",
+            ));
+            return;
+        }
         for id in ids {
             tell_refetch(out, &id, refetch.reason);
             self.restart(&id, out);
@@ -548,8 +564,8 @@ impl Session {
 
     /// Server shutdown, after the replicator stopped publishing: delivers what is queued, then tells every live
     /// subscription the final position (the slot was acknowledged up to it, so a resume after restart is exact).
-    /// Subscriptions with a refetch still queued get no final offset: their last offset stays older than the
-    /// restarted server's history, so their resume turns into a refetch instead of silently missing it. Nor does
+    /// Subscriptions with a refetch still queued are told it (`must_refetch`) and get no final offset, nor any
+    /// transaction queued after it. Nor does
     /// any subscription while a transaction is still open on the connection (the replicator stopped between its
     /// parts): no `up_to_date` comes between a transaction's parts, so they keep the offsets they have (a rare
     /// refetch, for those older than the restarted server's history).
@@ -559,16 +575,27 @@ impl Session {
         position: Offset,
         out: &mut Actions,
     ) {
-        let mut stale: Vec<Arc<str>> = Vec::new();
         for event in queued {
             match event {
                 ConnEvent::Txn(txn) => self.on_txn(&txn, out),
-                ConnEvent::Refetch(refetch) => stale.extend(
-                    self.subs
+                ConnEvent::Refetch(refetch) => {
+                    // Told now, and pending from here on (no job: the server is stopping): the transactions queued
+                    // after the refetch are not delivered to them. A client that got the truncating transaction's
+                    // end for them would resume past the truncate from a server that no longer remembers it.
+                    let ids: Vec<Arc<str>> = self
+                        .subs
                         .iter()
                         .filter(|(_, s)| s.on_table(refetch.table.as_deref()))
-                        .map(|(id, _)| id.clone()),
-                ),
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for id in ids {
+                        tell_refetch(out, &id, refetch.reason);
+                        self.next_epoch += 1;
+                        if let Some(sub) = self.subs.get_mut(&id) {
+                            sub.restart(self.next_epoch);
+                        }
+                    }
+                }
                 ConnEvent::Job(_) => {}
             }
         }
@@ -578,7 +605,7 @@ impl Session {
         let mut ids: Vec<&Arc<str>> = self
             .subs
             .iter()
-            .filter(|(id, s)| !open && s.is_live() && !stale.contains(id))
+            .filter(|(_, s)| !open && s.is_live())
             .map(|(id, _)| id)
             .collect();
         ids.sort();
@@ -947,15 +974,33 @@ mod tests {
         // A shutdown while a transaction is open sends no final offsets in its middle.
         s.on_txn(&part_of(150, 3000, 0, false, &[("z", "unread")]), &mut out);
         out.clear();
+        let mut stopping = Actions::new();
         s.shutdown(
             std::iter::empty(),
             Offset {
                 generation: 1,
                 lsn: 2500,
             },
+            &mut stopping,
+        );
+        assert!(frames(&mut stopping).is_empty());
+        // The stream restarting while a transaction is open: its last part will not come. Every subscription is
+        // told, and the connection closes instead of waiting for it (and holding back any job report for ever).
+        s.on_refetch(
+            &Refetch {
+                table: None,
+                reason: "slot_recreated",
+            },
             &mut out,
         );
-        assert!(frames(&mut out).is_empty());
+        assert!(matches!(
+            out.last(),
+            Some(Action::Close(close::STREAM_RESTARTED, _))
+        ));
+        assert!(started(&out).is_empty());
+        let f = frames(&mut out);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(f.iter().all(|f| f["type"] == "must_refetch"));
     }
 
     #[test]
@@ -1245,10 +1290,12 @@ mod tests {
             },
             &mut out,
         );
-        assert!(
-            frames(&mut out).is_empty(),
-            "a refetch was pending: no final offsets"
-        );
+        // A refetch was pending: told, and no final offsets.
+        let f = frames(&mut out);
+        assert!(f.iter().all(|f| f["type"] == "must_refetch"), "{f:?}");
+        let mut told: Vec<&str> = f.iter().filter_map(|f| f["id"].as_str()).collect();
+        told.sort_unstable();
+        assert_eq!(told, ["a", "b"]);
         let mut s2 = Session::new(&user());
         subscribe(
             &mut s2,
@@ -1285,6 +1332,45 @@ mod tests {
         assert!(
             frames(&mut out).is_empty(),
             "pending subscriptions get no final offset"
+        );
+    }
+
+    #[test]
+    fn a_truncate_queued_at_shutdown_is_told_and_its_transaction_not_delivered() {
+        let mut s = Session::new(&user());
+        let mut out = Actions::new();
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": "w", "table": "works"}),
+            &mut out,
+        );
+        s.on_job(
+            snapshot_report("w", 1, Filter::default()),
+            &history(),
+            &mut out,
+        );
+        out.clear();
+        // TRUNCATE works; INSERT …: the hub queues the refetch before the transaction.
+        s.shutdown(
+            [
+                ConnEvent::Refetch(Box::new(Refetch {
+                    table: Some("works".into()),
+                    reason: "truncated",
+                })),
+                ConnEvent::Txn(txn(300, 3000, &[("n", "unread")])),
+            ]
+            .into_iter(),
+            Offset {
+                generation: 1,
+                lsn: 3008,
+            },
+            &mut out,
+        );
+        let f = frames(&mut out);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(
+            (&f[0]["type"], &f[0]["id"]),
+            (&json!("must_refetch"), &json!("w"))
         );
     }
 

@@ -154,14 +154,18 @@ impl Subscription {
                 false
             }
             SubState::Live { watermark } => {
-                if txn.end_lsn.0 > *watermark {
-                    if txn.last {
-                        *watermark = txn.end_lsn.0;
-                    }
-                    true
+                // A part before a transaction's last has no end yet (its `end_lsn` is the commit LSN), and a
+                // commit record may start exactly where the watermark is (the end of the user's previous commit
+                // right before it, or a keepalive position): such a part is past the watermark all the same.
+                let fresh = if txn.last {
+                    txn.end_lsn.0 > *watermark
                 } else {
-                    false
+                    txn.commit_lsn.0 >= *watermark
+                };
+                if fresh && txn.last {
+                    *watermark = txn.end_lsn.0;
                 }
+                fresh
             }
         }
     }
@@ -273,6 +277,29 @@ mod tests {
             wal_lsn: 1000,
             barrier_lsn: 1500,
         }
+    }
+
+    #[test]
+    fn every_part_of_a_transaction_committed_right_at_the_watermark_is_delivered() {
+        let mut s = Subscription::pending("works".into(), Filter::default(), 1);
+        // Live at 1008: the end of the user's previous commit, where the next commit record starts.
+        s.go_live_at(1008);
+        let part = |part: u32, last: bool| {
+            let mut t = Arc::unwrap_or_clone(txn(200, 1008));
+            t.part = part;
+            t.last = last;
+            if !last {
+                t.end_lsn = Lsn(1008);
+            }
+            Arc::new(t)
+        };
+        assert!(s.offer(&part(0, false)), "the first part was dropped");
+        assert!(s.offer(&part(1, false)), "a middle part was dropped");
+        assert!(s.offer(&part(2, true)));
+        assert_eq!(s.watermark(), Some(1016));
+        // What the watermark covers is still not delivered again.
+        assert!(!s.offer(&txn(150, 900)));
+        assert!(!s.offer(&part(2, true)));
     }
 
     #[test]
