@@ -14,6 +14,10 @@
 // A transaction whose parts stop before its last one (the socket closed) leaves its parts applied and the offsets
 // from before it stored: the resume answers `must_refetch`, and the snapshot replaces the partial state.
 //
+// A message that fails to apply (the local database failed, or frames were lost) stops the connection's messages:
+// the ones behind it are refused until `disconnected()`, since they may depend on it (an `up_to_date` would delete
+// the rows of a failed snapshot frame as stale; a later `txn` would store an offset past a failed one).
+//
 // One subscription per table, with the table's name as its id and no filter: the local table mirrors
 // "my rows of that table".
 
@@ -48,6 +52,8 @@ export class Applier {
   private readonly waiters = new Map<string, Array<() => void>>();
   /** A transaction arriving in parts: its xid and the subscriptions its parts so far touched. */
   private partial: { xid: string; subscriptions: Set<string> } | null = null;
+  /** A message of the current connection failed to apply: nothing more from it is (until `disconnected()`). */
+  private failed: string | null = null;
 
   constructor(
     readonly db: SyncDatabase,
@@ -80,6 +86,7 @@ export class Applier {
   disconnected(): void {
     // The rest of a transaction in parts never comes on another connection (the resume refetches instead).
     this.partial = null;
+    this.failed = null;
     for (const s of this.subs.values()) {
       s.live = false;
       s.seen = null;
@@ -129,16 +136,28 @@ export class Applier {
   handle(msg: ServerMessage): Promise<void> {
     switch (msg.type) {
       case 'snapshot':
-        return this.writer.run(() => this.snapshot(msg.id, msg.rows));
+        return this.apply(() => this.snapshot(msg.id, msg.rows));
       case 'up_to_date':
-        return this.writer.run(() => this.upToDate(msg.id, msg.offset));
+        return this.apply(() => this.upToDate(msg.id, msg.offset));
       case 'txn':
-        return this.writer.run(() => this.txn(msg));
+        return this.apply(() => this.txn(msg));
       case 'must_refetch':
-        return this.writer.run(() => this.mustRefetch(msg.id, msg.reason));
+        return this.apply(() => this.mustRefetch(msg.id, msg.reason));
       default:
         return Promise.resolve();
     }
+  }
+
+  private apply(f: () => Promise<void>): Promise<void> {
+    return this.writer.run(async () => {
+      if (this.failed !== null) throw new Error(`not applied: an earlier message of this connection failed (${this.failed})`);
+      try {
+        await f();
+      } catch (e) {
+        this.failed = String(e);
+        throw e;
+      }
+    });
   }
 
   /**

@@ -6,8 +6,8 @@ import { Applier, type ApplierEvents } from './applier.js';
 import { coordinate, fetchBlobHandle, mergeBlobHandle } from './blobs.js';
 import { DEFAULT_TABLES, SyncDatabase, guestDbName, userDbName } from './database.js';
 import { Emitter, SerialQueue } from './events.js';
-import { flushGuestWork, guestDatabaseExists } from './guest.js';
-import { Outbox, type OutboxEvents } from './outbox.js';
+import { deleteSealedGuest, flushGuestWork, guestDatabaseExists, sealGuestWork, type UpgradeInput } from './guest.js';
+import { GuestSealedError, Outbox, type OutboxEvents } from './outbox.js';
 import { mergeRows } from './overlay.js';
 import { TabLeadership } from './leader.js';
 import { LiveStream, type StreamEvents, type StreamStatus } from './stream.js';
@@ -80,7 +80,10 @@ function storage(): Storage | null {
   }
 }
 
-/** Thrown by signIn() when no token can be had or the guest's work could not be sent (run it again later). */
+/**
+ * Thrown by signIn() when no token can be had or the guest's work could not be sent (run it again later), or with
+ * code `cancelled` when signOut() was called before it finished.
+ */
 export class SignInError extends Error {
   constructor(
     readonly code: string,
@@ -103,9 +106,17 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
   private readonly events = new Emitter<SyncEvents>();
   private session!: Session;
   private currentState: SyncState = 'guest';
+  /**
+   * Database switches run one at a time: two at once (signOut() racing a signIn()) would both close the same old
+   * session, and one of the new ones would keep running unseen.
+   */
+  private readonly switches = new SerialQueue();
   /** Writes wait while the database is being switched (their target would be deleted under them). */
   private switching: Promise<unknown> | null = null;
   private signingIn: Promise<void> | null = null;
+  /** Aborted by signOut(): the sign-in in flight stops before it switches to its user. */
+  private signInAbort: AbortController | null = null;
+  private signingOut: Promise<void> | null = null;
   private closed = false;
   private readonly onOnline = (): void => {
     this.session?.outbox.resetBackoff();
@@ -115,6 +126,8 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
   private readonly onOffline = (): void => this.updateState();
   private guestLeftover = false;
   private leftoverRunning: Promise<void> | null = null;
+  /** Aborted by signOut(): the resumed upgrade stops before it sends anything more or seals the guest database. */
+  private leftoverAbort: AbortController | null = null;
 
   /** Use `createSyncClient()`. */
   constructor(options: SyncClientOptions) {
@@ -154,6 +167,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       this.setSession(this.openUser(userId));
       if (this.guestLeftover) void this.finishLeftoverUpgrade();
     } else {
+      await deleteSealedGuest(this.deviceId);
       this.setSession(this.openGuest());
     }
   }
@@ -194,11 +208,25 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
   async write(ops: ReadonlyArray<WriteOp<Extract<keyof Schema, string>>> | WriteOp<Extract<keyof Schema, string>>): Promise<WrittenOp[]> {
     this.assertOpen();
     const list: readonly WriteOp[] = Array.isArray(ops) ? ops : [ops as WriteOp];
-    while (this.switching) await this.switching.catch(() => undefined);
-    const session = this.session;
-    const written = await session.outbox.enqueue(list);
-    if (session.mode === 'user') session.outbox.kick();
-    return written;
+    for (;;) {
+      while (this.switching) await this.switching.catch(() => undefined);
+      const session = this.session;
+      try {
+        const written = await session.outbox.enqueue(list);
+        if (session.mode === 'user') session.outbox.kick();
+        return written;
+      } catch (e) {
+        if (!(e instanceof GuestSealedError)) throw e;
+        // Another tab's signIn() sent this guest database's work to a user and is deleting it (guest.ts): continue
+        // as that user, whose database now holds that work, and write there (the app hears `database`).
+        await this.switchTo(async (current) => {
+          if (current !== session) return null;
+          storage()?.setItem(lastUserKey(this.deviceId), e.userId);
+          this.guestLeftover = await guestDatabaseExists(this.deviceId);
+          return this.openUser(e.userId);
+        });
+      }
+    }
   }
 
   /** The current rows of a table: synced rows with pending local writes laid over them. */
@@ -265,8 +293,11 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
   signIn(): Promise<void> {
     this.assertOpen();
     if (!this.signingIn) {
-      this.signingIn = this.doSignIn().finally(() => {
+      const abort = new AbortController();
+      this.signInAbort = abort;
+      this.signingIn = this.doSignIn(abort.signal).finally(() => {
         this.signingIn = null;
+        if (this.signInAbort === abort) this.signInAbort = null;
       });
     }
     return this.signingIn;
@@ -274,14 +305,23 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
 
   /**
    * Back to guest mode: stops syncing and opens a fresh guest database. The user's database stays on the device
-   * (with any writes not yet sent; they go out at the next sign-in).
+   * (with any writes not yet sent; they go out at the next sign-in). A signIn() still running stops before it
+   * switches to its user (it rejects with SignInError `cancelled`); when this resolves, the client is a guest and
+   * no user session runs.
    */
   async signOut(): Promise<void> {
     this.assertOpen();
     storage()?.removeItem(lastUserKey(this.deviceId));
     this.tokens.invalidate();
-    if (this.session.mode === 'guest') return;
-    await this.switchTo(async () => this.openGuest());
+    this.signInAbort?.abort();
+    this.leftoverAbort?.abort();
+    const run = this.doSignOut();
+    this.signingOut = run;
+    try {
+      await run;
+    } finally {
+      if (this.signingOut === run) this.signingOut = null;
+    }
   }
 
   /** Blob helpers. */
@@ -310,6 +350,11 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
     this.closed = true;
     globalThis.removeEventListener?.('online', this.onOnline);
     globalThis.removeEventListener?.('offline', this.onOffline);
+    // A sign-in or resumed upgrade still running would open (or send from) a database after this: stop them first.
+    this.signInAbort?.abort();
+    this.leftoverAbort?.abort();
+    await this.signingIn?.catch(() => undefined);
+    await this.leftoverRunning;
     await this.closeSession(this.session);
     this.events.clear();
   }
@@ -463,15 +508,19 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
     s.db.close();
   }
 
-  /** Runs `open` with writes held back, then makes its session current and closes the old one. */
-  private async switchTo(open: () => Promise<Session>): Promise<Session> {
-    const run = (async () => {
+  /**
+   * Runs `open` with writes held back (it gets the current session and returns the next one, or null to stay), then
+   * makes its session current and closes the old one. One switch at a time, in call order.
+   */
+  private async switchTo(open: (current: Session) => Promise<Session | null>): Promise<Session | null> {
+    const run = this.switches.run(async () => {
       const old = this.session;
-      const next = await open();
+      const next = await open(old);
+      if (!next) return null;
       this.setSession(next);
       await this.closeSession(old);
       return next;
-    })();
+    });
     this.switching = run;
     try {
       return await run;
@@ -480,56 +529,81 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
     }
   }
 
-  private async doSignIn(): Promise<void> {
+  private async doSignOut(): Promise<void> {
+    // Both were told to stop (signOut()); wait until they have, so that neither switches or sends after this.
+    await this.signingIn?.catch(() => undefined);
+    await this.leftoverRunning;
+    await this.switchTo(async (current) => {
+      if (current.mode === 'guest') return null;
+      // A resumed upgrade may have sealed the guest database and stopped before deleting it.
+      await deleteSealedGuest(this.deviceId);
+      return this.openGuest();
+    });
+    // A sign-in that finished before it saw the sign-out remembered its user.
+    storage()?.removeItem(lastUserKey(this.deviceId));
+  }
+
+  private async doSignIn(signal: AbortSignal): Promise<void> {
+    // A signOut() still running came first: let it finish, then sign in.
+    await this.signingOut?.catch(() => undefined);
+    const cancelled = (): SignInError => new SignInError('cancelled', 'signIn: signOut() was called before the sign-in finished');
     const tok = await this.tokens.fetchNew();
+    if (signal.aborted) throw cancelled();
     if (!tok.ok) throw new SignInError(tok.problem, tok.message);
     const userId = tok.claims.sub;
     storage()?.setItem(lastUserKey(this.deviceId), userId);
-    const current = this.session;
-    if (current.mode === 'user') {
-      if (current.userId === userId) {
-        if (current.streamStatus === 'signed_out') {
-          // The stream had stopped because the app had signed out; start it again.
-          await this.switchTo(async () => this.openUser(userId));
-        }
-        return;
+    let upgraded = null as { guest: Session; txids: string[] } | null;
+    await this.switchTo(async (current) => {
+      if (signal.aborted) throw cancelled();
+      if (current.mode === 'user') {
+        // Same user: nothing to do, unless the stream had stopped because the app had signed out (start it again).
+        if (current.userId === userId && current.streamStatus !== 'signed_out') return null;
+        return this.openUser(userId);
       }
-      await this.switchTo(async () => this.openUser(userId));
-      return;
-    }
-    // Guest -> user. Writes wait until the switch is done: one made now would land in a database about to go.
-    let release!: () => void;
-    const hold = new Promise<void>((r) => {
-      release = r;
-    });
-    this.switching = hold;
-    try {
-      const guest = current;
-      let flushed: { txids: string[] };
-      try {
-        flushed = await flushGuestWork({
-          outbox: guest.outbox,
-          transport: this.transport,
-          deviceId: this.deviceId,
-          userId,
-          ...(this.options.localBlobs ? { localBlobs: this.options.localBlobs } : {}),
-          maxBlobsPerRequest: this.options.maxOpsPerBatch ?? 1000,
-        });
-      } catch (e) {
+      // Guest -> user, as one switch: writes wait until it is done (one made now would land in a database about to
+      // go; another tab's writes are dealt with by the seal, guest.ts).
+      const input: UpgradeInput = {
+        outbox: current.outbox,
+        transport: this.transport,
+        deviceId: this.deviceId,
+        userId,
+        ...(this.options.localBlobs ? { localBlobs: this.options.localBlobs } : {}),
+        maxBlobsPerRequest: this.options.maxOpsPerBatch ?? 1000,
+        signal,
+      };
+      const failed = (e: unknown): SignInError => {
+        if (signal.aborted) return cancelled();
         const err = e as { code?: string; message?: string };
         this.events.emit('error', { source: 'upgrade', code: err.code ?? 'upgrade_failed', message: String(err.message ?? e), retrying: false });
-        throw new SignInError(err.code ?? 'upgrade_failed', `signIn: the guest's work could not be sent yet (${err.message ?? String(e)}); call signIn() again`);
+        return new SignInError(err.code ?? 'upgrade_failed', `signIn: the guest's work could not be sent yet (${err.message ?? String(e)}); call signIn() again`);
+      };
+      let txids: string[];
+      try {
+        txids = (await flushGuestWork(input)).txids;
+      } catch (e) {
+        throw failed(e);
       }
       const user = this.openUser(userId);
-      await this.waitLive(user, this.options.signInCatchUpMs ?? 30_000);
-      this.setSession(user);
-      await this.closeSession(guest);
-      await Dexie.delete(guest.db.name);
+      try {
+        await this.waitLive(user, this.options.signInCatchUpMs ?? 30_000, signal);
+        if (signal.aborted) throw cancelled();
+        try {
+          // Writes of other guest tabs since the flush began are sent too; then the guest database takes no more.
+          txids.push(...(await sealGuestWork(input)));
+        } catch (e) {
+          throw failed(e);
+        }
+      } catch (e) {
+        await this.closeSession(user);
+        throw e;
+      }
+      upgraded = { guest: current, txids };
+      return user;
+    });
+    if (upgraded) {
+      await Dexie.delete(upgraded.guest.db.name);
       this.guestLeftover = false;
-      this.events.emit('upgraded', { userId, txids: flushed.txids });
-    } finally {
-      this.switching = null;
-      release();
+      this.events.emit('upgraded', { userId, txids: upgraded.txids });
     }
   }
 
@@ -537,8 +611,9 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
    * Resolves when the session's subscriptions are all live, or after `ms`, or at once when waiting cannot help
    * (offline, no token): the rows then arrive when the stream connects.
    */
-  private waitLive(s: Session, ms: number): Promise<void> {
+  private waitLive(s: Session, ms: number, signal?: AbortSignal): Promise<void> {
     const settled = (): boolean =>
+      signal?.aborted === true ||
       s.streamStatus === 'live' ||
       s.streamStatus === 'signed_out' ||
       s.streamStatus === 'offline' ||
@@ -563,6 +638,10 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
    */
   private finishLeftoverUpgrade(): Promise<void> {
     if (this.leftoverRunning) return this.leftoverRunning;
+    // Signing out: the guest database is about to become the new guest's; nothing of it may go to this user now.
+    if (this.signingOut) return Promise.resolve();
+    const abort = new AbortController();
+    this.leftoverAbort = abort;
     this.leftoverRunning = (async () => {
       const session = this.session;
       if (session.mode !== 'user' || !session.userId || !this.guestLeftover) return;
@@ -583,21 +662,27 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
           ...(this.options.maxBatchBytes !== undefined ? { maxBytes: this.options.maxBatchBytes } : {}),
         },
       });
+      const input: UpgradeInput = {
+        outbox,
+        transport: this.transport,
+        deviceId: this.deviceId,
+        userId: session.userId,
+        ...(this.options.localBlobs ? { localBlobs: this.options.localBlobs } : {}),
+        maxBlobsPerRequest: this.options.maxOpsPerBatch ?? 1000,
+        signal: abort.signal,
+      };
       try {
-        const flushed = await flushGuestWork({
-          outbox,
-          transport: this.transport,
-          deviceId: this.deviceId,
-          userId: session.userId,
-          ...(this.options.localBlobs ? { localBlobs: this.options.localBlobs } : {}),
-          maxBlobsPerRequest: this.options.maxOpsPerBatch ?? 1000,
-        });
+        const flushed = await flushGuestWork(input);
+        // Sealed first (guest.ts): a guest tab may be writing to this database, and its writes must not be lost.
+        const more = await sealGuestWork(input);
         guestDb.close();
         await Dexie.delete(guestDb.name);
         this.guestLeftover = false;
-        this.events.emit('upgraded', { userId: session.userId, txids: flushed.txids });
+        this.events.emit('upgraded', { userId: session.userId, txids: [...flushed.txids, ...more] });
       } catch (e) {
         guestDb.close();
+        // signOut(): the guest database stays (the new guest session's now); its unsent ops wait for a sign-in.
+        if (abort.signal.aborted) return;
         const err = e as { code?: string; message?: string };
         this.events.emit('error', {
           source: 'upgrade',
@@ -611,6 +696,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       }
     })().finally(() => {
       this.leftoverRunning = null;
+      if (this.leftoverAbort === abort) this.leftoverAbort = null;
     });
     return this.leftoverRunning;
   }

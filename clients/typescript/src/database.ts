@@ -69,7 +69,9 @@ export type StateRecord =
   | StoredSequence
   | { key: `sub:${string}`; offset: string | null }
   | { key: 'identity'; deviceId: string; userId: string | null }
-  | { key: 'upgrade'; userId: string; startedAt: number };
+  | { key: 'upgrade'; userId: string; startedAt: number }
+  /** A guest database whose work an upgrade has sent to `userId`, about to be deleted: takes no more writes. */
+  | { key: 'sealed'; userId: string; sealedAt: number };
 
 export function guestDbName(deviceId: string): string {
   return `deeprecall_guest_${deviceId}`;

@@ -8,7 +8,8 @@
 //                  └── 4xx naming the op (op_index) ──▶ replaced by a no-op filler with its seq, local effect
 //                                                        undone, `rejected` event
 //
-// A guest's outbox is the same table, never flushed while a guest: `signIn()` sends it (guest.ts).
+// A guest's outbox is the same table, never flushed while a guest: `signIn()` sends it (guest.ts), then seals the
+// database (no write is taken any more: GuestSealedError) and deletes it.
 // Idempotency (docs/api.md): every batch carries the outbox's `client_id` and every op its `seq` (sequence.ts
 // maps local positions to seqs), so a resent op is answered `duplicate` and applied once. Op ids are generated when
 // an op is queued and sent too (the server requires them). Ops queued by a client version that sent no seqs go by
@@ -48,6 +49,17 @@ export class FlushError extends Error {
   ) {
     super(message);
     this.name = 'FlushError';
+  }
+}
+
+/**
+ * write() to a guest database that an upgrade has sealed: its work has been sent to `userId` and the database is
+ * about to be deleted (guest.ts, `sealGuestWork`). Nothing was written; write to that user's database instead.
+ */
+export class GuestSealedError extends Error {
+  constructor(readonly userId: string) {
+    super(`this guest database was handed over to user ${userId} by a sign-in and is being deleted`);
+    this.name = 'GuestSealedError';
   }
 }
 
@@ -141,6 +153,10 @@ export class Outbox {
     const tables = [...new Set(prepared.map((p) => p.table))];
     return this.writer.run(() =>
       db.transaction('rw', [db.table(OUTBOX), db.table(LOCAL), db.table(STATE), ...tables.map((t) => db.table(t))], async () => {
+        // Checked in the same transaction as the write: the seal is set in one transaction with the check that
+        // nothing is left unsent, so a write either is in the outbox before it (and sent) or refused after it.
+        const sealed = await db.state.get('sealed');
+        if (sealed && sealed.key === 'sealed') throw new GuestSealedError(sealed.userId);
         const meta = await outboxMeta(db);
         const written: WrittenOp[] = [];
         const now = Date.now();
@@ -221,9 +237,10 @@ export class Outbox {
   /**
    * Sends every pending op now. Resolves with the txids of the requests that committed at least one op (each
    * will come back over the stream: `awaitTxId`). Rejections are reported through the `rejected` event and do not
-   * stop the flush. Throws FlushError when a request could not be delivered (then retried in the background).
+   * stop the flush. Throws FlushError when a request could not be delivered (then retried in the background), or
+   * (code `cancelled`) when `signal` aborts: no request is started after that.
    */
-  async flush(opts: { retainSettled?: boolean } = {}): Promise<string[]> {
+  async flush(opts: { retainSettled?: boolean; signal?: AbortSignal } = {}): Promise<string[]> {
     // The ops pending now: flush() is done when none of them is pending any more, whoever sent them (the
     // background loop may be sending one of their requests right now).
     const pendingNow = (await this.pendingSeqs()).map((o) => o.seq);
@@ -231,7 +248,8 @@ export class Outbox {
     for (;;) {
       const left = await this.db.outbox.where('[status+seq]').between(['pending', -Infinity], ['pending', last], true, true).count();
       if (left === 0) break;
-      const step = await this.sender.run(() => this.step(opts.retainSettled ?? false));
+      if (opts.signal?.aborted) throw new FlushError('cancelled', 'the flush was cancelled', false);
+      const step = await this.sender.run(() => this.step(opts.retainSettled ?? false, opts.signal));
       if (step.kind === 'empty' || step.kind === 'progress') continue;
       if (this.enabled) this.kick();
       throw new FlushError(step.error.code, step.error.message, step.kind === 'retry');
@@ -300,11 +318,14 @@ export class Outbox {
   }
 
   /** One request: the next chunk of pending ops, and what its answer does to the outbox. */
-  private step(retainSettled: boolean): Promise<Step> {
-    return withOutboxLock(this.db.name, () => this.stepLocked(retainSettled));
+  private step(retainSettled: boolean, signal?: AbortSignal): Promise<Step> {
+    return withOutboxLock(this.db.name, () => this.stepLocked(retainSettled, signal));
   }
 
-  private async stepLocked(retainSettled: boolean): Promise<Step> {
+  private async stepLocked(retainSettled: boolean, signal?: AbortSignal): Promise<Step> {
+    // Cancelled while waiting for the lock: read and send nothing more (a cancelled upgrade must not send what a
+    // new guest session writes next into the same database).
+    if (signal?.aborted) return { kind: 'empty' };
     const db = this.db;
     const pending = await db.outbox
       .where('[status+seq]')

@@ -11,7 +11,8 @@
 //
 // 1013 is a server on standby (another server streams from the replication slot, e.g. during a rolling deploy):
 // like 1001, the client backs off and resumes from its offsets, reaching the ready server through the load
-// balancer. Messages are handed to the applier strictly in arrival order, one at a time.
+// balancer. Messages are handed to the applier strictly in arrival order, one at a time. Once one fails to apply,
+// nothing more from that socket is applied: it is closed, and the next one resumes from the stored offsets.
 
 import type { Applier } from './applier.js';
 import { backoffDelay } from './backoff.js';
@@ -61,6 +62,11 @@ export class LiveStream {
   private running: Promise<void> | null = null;
   private attempt = 0;
   private status: StreamStatus = 'stopped';
+  /**
+   * Retryable subscription errors in a row per table (`database_error`, `stream_unavailable`, …), so that the
+   * resubscribes back off while an outage lasts; forgotten when the table is up to date.
+   */
+  private readonly subscribeRetries = new Map<string, number>();
   /** Wakes the loop early (back online). */
   private wake: AbortController = new AbortController();
 
@@ -198,6 +204,11 @@ export class LiveStream {
       this.socket = ws;
       let opened = false;
       let chain: Promise<void> = Promise.resolve();
+      // Set when something received on this socket could not be applied. The frames queued behind it depend on it: a
+      // later `txn` of the same table would store an offset past the failed one, an `up_to_date` would delete the
+      // rows of a failed `snapshot` frame as stale and store its offset. So nothing more from this socket is applied
+      // (nor acted on); it is closed, and the next socket resumes from the stored offsets.
+      let broken = false;
       let refreshTimer: ReturnType<typeof setTimeout> | undefined;
       let pingTimer: ReturnType<typeof setInterval> | undefined;
       let pongDeadline: ReturnType<typeof setTimeout> | undefined;
@@ -216,6 +227,7 @@ export class LiveStream {
 
       // The local database failed (closed by close(), quota): drop this connection; the loop decides what next.
       const failed = (e: unknown): void => {
+        broken = true;
         if (this.stopper.signal.aborted) return;
         events.emit('error', { source: 'stream', code: 'local_database', message: String(e), retrying: true });
         ws.close(4000, 'local database error');
@@ -227,16 +239,33 @@ export class LiveStream {
         send(offset ? { type: 'subscribe', id: table, table, offset } : { type: 'subscribe', id: table, table });
       };
 
+      // The refresh time of the token that the refresh_token in flight replaces, and how many refreshes in a row
+      // brought a token due no later than that one.
+      let refreshedFrom: number | null = null;
+      let staleRefreshes = 0;
       const scheduleRefresh = (): void => {
         clearTimeout(refreshTimer);
         const at = this.opts.tokens.refreshAt();
         if (at === null) return;
+        const from = refreshedFrom;
+        refreshedFrom = null;
+        if (from !== null && at <= from) {
+          // getToken() handed back a token due no later than the one it replaces (e.g. an app that caches its token
+          // with a smaller margin than ours): its refresh time has passed, so asking again at once would loop. Ask
+          // again after a growing pause (1 s, doubling, up to 30 s); should the token expire meanwhile, the server
+          // closes with 4001 and the loop reconnects with a new one.
+          refreshTimer = setTimeout(() => void refresh(0), Math.min(30_000, 1_000 * 2 ** Math.min(staleRefreshes++, 5)));
+          return;
+        }
+        staleRefreshes = 0;
         refreshTimer = setTimeout(() => void refresh(0), Math.max(0, at - Date.now()));
       };
       const refresh = async (tries: number): Promise<void> => {
+        const from = this.opts.tokens.refreshAt();
         const next = await this.opts.tokens.fetchNew();
         if (ws.readyState !== ws.OPEN) return;
         if (next.ok) {
+          refreshedFrom = from;
           send({ type: 'refresh_token', access_token: next.token });
           return; // token_refreshed schedules the next one
         }
@@ -247,6 +276,7 @@ export class LiveStream {
       };
 
       const onMessage = (msg: ServerMessage): void => {
+        if (broken) return;
         switch (msg.type) {
           case 'token_refreshed':
             events.emit('tokenRefreshed', { expiresAt: msg.expires_at });
@@ -261,10 +291,14 @@ export class LiveStream {
               const retry = RETRYABLE_SUBSCRIPTION_ERRORS.has(msg.code);
               events.emit('error', { source: 'stream', code: msg.code, message: `${table}: ${msg.message}`, retrying: retry });
               if (retry) {
+                // 1-2 s at first, then growing (up to 30 s) while the errors go on: an outage of the database or of
+                // the replication stream is not made worse by every client resubscribing every second or two.
+                const n = this.subscribeRetries.get(table) ?? 0;
+                this.subscribeRetries.set(table, n + 1);
                 const t = setTimeout(() => {
                   retryTimers.delete(t);
                   subscribe(table).catch(failed);
-                }, backoffDelay(2));
+                }, backoffDelay(n + 2));
                 retryTimers.add(t);
               }
             } else {
@@ -278,12 +312,16 @@ export class LiveStream {
             return;
           default:
             chain = chain
-              .then(() => applier.handle(msg))
-              .then(() => {
+              .then(async () => {
+                if (broken) return; // an earlier frame failed: this one may depend on it
+                await applier.handle(msg);
+                if (msg.type === 'up_to_date') this.subscribeRetries.delete(msg.id);
                 if (applier.allLive()) this.setStatus('live');
               })
               .catch((e: unknown) => {
-                // The local database failed (quota, closed): reconnect and resume from what was stored.
+                // The local database failed (quota, closed) or the frames broke the protocol (a transaction's last
+                // part missing): apply nothing more from this socket; reconnect and resume from what was stored.
+                broken = true;
                 events.emit('error', { source: 'stream', code: 'apply_failed', message: String(e), retrying: true });
                 ws.close(4000, 'apply failed');
               });

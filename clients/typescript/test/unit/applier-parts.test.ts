@@ -126,3 +126,22 @@ test('the sweep of echoes that never came spares the ops of a transaction whose 
   assert.equal(await db.outbox.count(), 0);
   db.close();
 });
+
+test('after a refused frame the applier applies nothing more of that connection, until it is replaced', async () => {
+  const { db, applier } = await live();
+  applier.subscribing('annotations');
+  await applier.handle({ type: 'must_refetch', id: 'annotations', reason: 'truncated' });
+  await applier.handle({ type: 'snapshot', id: 'annotations', rows: [] });
+  await applier.handle(frame({ xid: '975', part: 0, more: true, changes: [work('a', 'A')] }));
+  await assert.rejects(applier.handle(frame({ xid: '976', offset: '1-0700', changes: [note('n')] })), /975 came in parts/);
+  // What the connection sent behind the refused frame depends on it: its up_to_date must not store an offset.
+  await assert.rejects(applier.handle({ type: 'up_to_date', id: 'annotations', offset: '1-0800' }), /earlier message/);
+  await assert.rejects(applier.handle(frame({ xid: '977', offset: '1-0900', changes: [work('c', 'C')] })), /earlier message/);
+  assert.equal(await db.synced('works').get('c'), undefined);
+  assert.deepEqual(await offsets(db), { 'sub:works': '1-0100', 'sub:annotations': null });
+  // A new connection starts clean.
+  applier.disconnected();
+  await applier.handle(frame({ xid: '978', offset: '1-1000', changes: [work('d', 'D')] }));
+  assert.ok(await db.synced('works').get('d'));
+  db.close();
+});
