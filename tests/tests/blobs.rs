@@ -179,6 +179,13 @@ async fn an_oversized_sha256_is_a_client_error_on_every_path() {
         (422, "invalid_sha256"),
         "{resp}"
     );
+    // Not UTF-8 once percent-decoded: the same JSON error (it was axum's plain-text 400).
+    let (status, resp) = env.get("/v1/blobs/%FF", Some(&token)).await;
+    assert_eq!(
+        (status.as_u16(), error_code(&resp)),
+        (422, "invalid_sha256"),
+        "{resp}"
+    );
     for t in [
         "works",
         "blobs_meta",

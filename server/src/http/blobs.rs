@@ -336,8 +336,11 @@ pub async fn coordinate(
 pub async fn get_blob(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(sha256): Path<String>,
+    sha256: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    // A path segment that is not UTF-8 once decoded (`%FF`) is not a sha256 either: the same JSON error, not
+    // axum's plain-text rejection.
+    let sha256 = sha256.map(|Path(s)| s).unwrap_or_default();
     check_sha256(&sha256)?;
     let mut client = state.user_pool.get(user.user_id).await?;
     let scope = client.scope().read_only();
