@@ -874,13 +874,7 @@ fn print_dev_banner(
     user: Uuid,
     token: &str,
 ) {
-    let redacted = match database_url.split_once('@') {
-        Some((creds, rest)) => match creds.rsplit_once(':') {
-            Some((user, _)) if user.contains("//") => format!("{user}:***@{rest}"),
-            _ => database_url.to_owned(),
-        },
-        None => database_url.to_owned(),
-    };
+    let redacted = crate::db::redact_url(database_url);
     let op = Uuid::new_v4();
     let id = Uuid::new_v4();
     let metrics = metrics.map_or("off".to_owned(), |m| format!("http://{m}/metrics"));

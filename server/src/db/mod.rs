@@ -103,6 +103,65 @@ pub struct ConnectError {
     pub error: tokio_postgres::Error,
 }
 
+/// `url` (a `postgres://` URL or a libpq key=value string) with its password masked, for what is printed or
+/// logged: the password of the user info (`user:***@host`) and any `password` parameter (`?password=***`,
+/// `password=***`).
+pub fn redact_url(url: &str) -> String {
+    let mut out = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            // The user info ends at the last '@' before the path or the query.
+            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => {
+                    let creds = &rest[..at];
+                    let user = creds.split_once(':').map_or(creds, |(u, _)| u);
+                    let masked = if creds.contains(':') { ":***" } else { "" };
+                    format!("{scheme}://{user}{masked}{}", &rest[at..])
+                }
+                None => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
+    };
+    // `password=` as a query parameter or a key=value pair: mask its value (quoted or not).
+    let mut from = 0;
+    while let Some(found) = out[from..].find("password") {
+        let start = from + found;
+        let before_ok =
+            start == 0 || matches!(out.as_bytes()[start - 1], b'?' | b'&' | b' ' | b'\t');
+        let mut i = start + "password".len();
+        let bytes = out.as_bytes();
+        while i < bytes.len() && bytes[i] == b' ' {
+            i += 1;
+        }
+        if !before_ok || i >= bytes.len() || bytes[i] != b'=' {
+            from = start + 1;
+            continue;
+        }
+        i += 1;
+        while i < bytes.len() && bytes[i] == b' ' {
+            i += 1;
+        }
+        let end = if bytes.get(i) == Some(&b'\'') {
+            // A quoted value: up to the closing quote (a backslash escapes the next character).
+            let mut j = i + 1;
+            while j < bytes.len() && bytes[j] != b'\'' {
+                j += if bytes[j] == b'\\' { 2 } else { 1 };
+            }
+            (j + 1).min(bytes.len())
+        } else {
+            let mut j = i;
+            while j < bytes.len() && !matches!(bytes[j], b'&' | b' ' | b'\t') {
+                j += 1;
+            }
+            j
+        };
+        out.replace_range(i..end, "***");
+        from = i + 3;
+    }
+    out
+}
+
 /// Parses a `postgres://` URL and pins the session settings (the TLS parameters are taken out and checked; connect
 /// through [`PgTarget`] to apply them).
 pub fn parse_config(url: &str) -> Result<tokio_postgres::Config, DbUrlError> {
@@ -436,6 +495,47 @@ pub async fn run_scoped(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printed_urls_never_carry_a_password() {
+        for (url, want) in [
+            (
+                "postgres://sync:s3cret@db:5432/deeprecall",
+                "postgres://sync:***@db:5432/deeprecall",
+            ),
+            (
+                "postgres://sync:p@ss@db/deeprecall?sslmode=require",
+                "postgres://sync:***@db/deeprecall?sslmode=require",
+            ),
+            (
+                "postgres://sync@db/deeprecall?sslmode=require&password=s3cret",
+                "postgres://sync@db/deeprecall?sslmode=require&password=***",
+            ),
+            (
+                "postgresql://db/deeprecall?password=s3cret&user=sync",
+                "postgresql://db/deeprecall?password=***&user=sync",
+            ),
+            (
+                "host=db user=sync password=s3cret dbname=deeprecall",
+                "host=db user=sync password=*** dbname=deeprecall",
+            ),
+            (
+                "host=db password = 's3 cret\\'x' dbname=deeprecall",
+                "host=db password = *** dbname=deeprecall",
+            ),
+            (
+                "host=/run/postgresql dbname=deeprecall",
+                "host=/run/postgresql dbname=deeprecall",
+            ),
+            (
+                "postgres://db/deeprecall?sslpassword=k",
+                "postgres://db/deeprecall?sslpassword=k",
+            ),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+            assert!(!redact_url(url).contains("s3cret"), "{url}");
+        }
+    }
 
     #[test]
     fn the_first_statement_reads_before_it_switches_role() {
