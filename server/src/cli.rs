@@ -392,7 +392,8 @@ impl HttpArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Postgres connection URL (postgres://user:password@host:port/db). The role needs to be a member of
-    /// deeprecall_user and deeprecall_admin (the migration grants this to the role that runs it).
+    /// deeprecall_user, deeprecall_admin and deeprecall_maintenance (the migration grants this to the role that
+    /// runs it).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// Address to listen on.

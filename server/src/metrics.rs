@@ -166,6 +166,7 @@ pub const REFETCH_REASONS: &[&str] = &[
     "offset_ahead_of_server",
     "offset_older_than_server_history",
     "table_truncated",
+    "transaction_not_in_history",
 ];
 
 /// Token rejection reasons: the 401 codes of docs/api.md.
@@ -182,6 +183,7 @@ pub const JWT_REASONS: &[&str] = &[
     "invalid_audience",
     "invalid_subject",
     "unknown_key",
+    "unsupported_critical_header",
 ];
 
 /// Why a request got no pooled connection (`deeprecall_db_connection_refusals_total`).
