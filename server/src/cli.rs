@@ -605,6 +605,11 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         .config
         .application_name("deeprecall-sync snapshot");
     let snapshot_pool = db::pool(&snapshot_target, limits.snapshots.concurrency.max(1), None)?;
+    let mut probe_target = target.clone();
+    probe_target
+        .config
+        .application_name("deeprecall-sync probe");
+    let probe_pool = db::pool(&probe_target, 1, None)?;
     let mut client = pool
         .get()
         .await
@@ -667,6 +672,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
             limits.lock_timeout,
         )),
         pool,
+        probe_pool,
         snapshots: Arc::new(SnapshotCapacity::new(snapshot_pool, &limits.snapshots)),
         sockets_per_user: PerUserLimit::new(limits.max_connections_per_user),
         filter_bytes_per_user: PerUserLimit::new(limits.max_filter_bytes_per_user),

@@ -812,7 +812,8 @@ pub const SAMPLE_LIMIT: Duration = Duration::from_secs(2);
 /// such slot.
 pub async fn sample_slot(state: &AppState) -> Result<Option<SlotSample>, SampleError> {
     let query = async {
-        let client = state.pool.get().await?;
+        // The probe connection: a request pool that is all busy is not a database that is down.
+        let client = state.probe_pool.get().await?;
         let row = client
             .query_one(
                 "select s.active, s.wal_status::text, s.safe_wal_size,

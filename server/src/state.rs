@@ -100,6 +100,9 @@ impl std::ops::Deref for AppState {
 pub struct Shared {
     /// Pooled connections as the server's role (user work switches role per transaction); never used by snapshots.
     pub pool: Pool,
+    /// One connection of its own for `/readyz` and the metrics' database sample: a pool busy with requests is not
+    /// a database that is down (with the request pool, every instance under load went unready at once).
+    pub probe_pool: Pool,
     /// The same pool as users' requests draw on it: each user holds at most a share (`Limits::max_db_connections_per_user`).
     pub user_pool: Arc<crate::db::user_pool::UserPool>,
     /// Snapshot jobs' own connections, per-user places and spool budget.

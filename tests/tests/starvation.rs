@@ -217,6 +217,10 @@ async fn a_request_that_cannot_get_a_connection_gets_503_with_retry_after() {
     );
     let body: serde_json::Value = resp.json().await.expect("JSON error body");
     assert_eq!(body["error"]["code"], "database_busy", "{body}");
+    // A pool busy with requests is not a database that is down: the server stays ready (it answered 503
+    // database_unreachable, so a load balancer drained every instance under load at once).
+    let (status, ready) = env.get("/readyz", None).await;
+    assert_eq!(status, 200, "{ready}");
     // Nothing was written; once connections are free again the same request succeeds.
     drop(held);
     let (status, body) = env

@@ -24,7 +24,14 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
             Json(json!({ "status": "not_ready", "reason": reason, "detail": detail })),
         )
     };
-    let client = match state.pool.get().await {
+    // Its own connection: a request pool whose connections are all busy says nothing about the database. Bounded:
+    // a load balancer's probe must be answered even when Postgres hangs.
+    let probe = tokio::time::timeout(std::time::Duration::from_secs(5), state.probe_pool.get());
+    let client = match probe
+        .await
+        .unwrap_or(Err(deadpool_postgres::PoolError::Timeout(
+            deadpool_postgres::TimeoutType::Wait,
+        ))) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "readiness: database unreachable");
