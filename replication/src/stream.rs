@@ -272,6 +272,12 @@ impl StreamError {
     }
 }
 
+/// Whether a TLS failure of `prefer` should be retried in plain text: the server refused TLS altogether (libpq's
+/// `prefer` falls back then; a certificate that does not verify is not retried).
+fn prefers_plain_fallback(mode: SslMode, message: &str) -> bool {
+    mode == SslMode::Prefer && message.contains("SSLRequest rejected")
+}
+
 fn classify(err: PgWireError) -> StreamError {
     match &err {
         PgWireError::Server(msg) if msg.contains("55000") && msg.contains("invalidated") => {
@@ -321,23 +327,42 @@ impl ReplicationStream {
     /// Connects and starts streaming from `start` (Postgres starts at the slot's confirmed position if that is
     /// later). Returns once the server accepted START_REPLICATION, i.e. the slot is ours.
     pub async fn start(config: &StreamConfig, start: Lsn) -> Result<Self, StreamError> {
-        let cfg = ReplicationConfig::new(
-            config.host.clone(),
-            config.user.clone(),
-            config.password.clone(),
-            config.database.clone(),
-            config.slot.clone(),
-            config.publication.as_str(),
-        )
-        .with_port(config.port)
-        .with_tls(config.pgwire_tls())
-        .with_start_lsn(pgwire_replication::Lsn::from_u64(start.0))
-        .with_status_interval(config.status_interval)
-        .with_wakeup_interval(Duration::from_secs(1))
-        .with_options(config.options.clone())
-        .with_application_name("deeprecall-sync-replication");
-        let mut client = ReplicationClient::connect(cfg).await.map_err(classify)?;
-        client.wait_started().await.map_err(classify)?;
+        let cfg = |tls: TlsConfig| {
+            ReplicationConfig::new(
+                config.host.clone(),
+                config.user.clone(),
+                config.password.clone(),
+                config.database.clone(),
+                config.slot.clone(),
+                config.publication.as_str(),
+            )
+            .with_port(config.port)
+            .with_tls(tls)
+            .with_start_lsn(pgwire_replication::Lsn::from_u64(start.0))
+            .with_status_interval(config.status_interval)
+            .with_wakeup_interval(Duration::from_secs(1))
+            .with_options(config.options.clone())
+            .with_application_name("deeprecall-sync-replication")
+        };
+        async fn open(cfg: ReplicationConfig) -> Result<ReplicationClient, PgWireError> {
+            let mut client = ReplicationClient::connect(cfg).await?;
+            client.wait_started().await?;
+            Ok(client)
+        }
+        let tls = config.pgwire_tls();
+        let client = match open(cfg(tls.clone())).await {
+            // `prefer` with a root certificate is asked of pgwire-replication as `verify-ca` (`pgwire_tls`), which
+            // does not fall back to plain text as libpq's `prefer` does (and the pool does): a server without TLS
+            // refused every stream while every request worked. Fall back here, as libpq would.
+            Err(PgWireError::Tls(message)) if prefers_plain_fallback(config.tls.mode, &message) => {
+                let plain = TlsConfig {
+                    mode: pgwire_replication::SslMode::Disable,
+                    ..tls
+                };
+                open(cfg(plain)).await.map_err(classify)?
+            }
+            other => other.map_err(classify)?,
+        };
         Ok(Self {
             client,
             assembler: TxnAssembler::with_part_limit(config.part_limit),

@@ -222,3 +222,39 @@ async fn the_server_streams_over_tls() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_with_a_root_certificate_streams_in_plain_text_from_a_server_without_tls() {
+    // libpq's default `prefer` with a root certificate (`sslrootcert=…`, or ~/.postgresql/root.crt) verifies the
+    // certificate when the server offers TLS, and falls back to plain text when it does not; the pool did. The
+    // replication stream (asked as verify-ca) refused a server without TLS: every request worked, and the live
+    // stream never started.
+    let mut env = deeprecall_tests::TestEnv::start().await;
+    env.stop_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("root.crt");
+    std::fs::write(
+        &ca,
+        deeprecall_tests::ops::TestPki::new(&["localhost"]).ca_pem,
+    )
+    .unwrap();
+    let url = format!("{}?sslrootcert={}", env.db_url(), ca.display());
+    let server = UrlServer::start_on_slot(&url, &env.db.slot_name()).await;
+    let user = Uuid::new_v4();
+    let token = server.token(user);
+    let mut client = StreamClient::connect(&server.base, &token).await;
+    client.subscribe("w", "works", json!(null)).await;
+    client.up_to_date("w").await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/batch", server.base))
+        .bearer_auth(&token)
+        .json(&json!({"ops": [insert("works", json!({"id": Uuid::new_v4(), "title": "plain"}))]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let txn = client
+        .until(Duration::from_secs(30), |v| v["type"] == "txn")
+        .await;
+    assert_eq!(txn["changes"][0]["row"]["title"], "plain", "{txn}");
+}
