@@ -37,6 +37,12 @@ pub enum ClusterError {
         /// Its stderr / exit status.
         detail: String,
     },
+    /// Another process (a second `dev`) has this cluster open.
+    #[error(
+        "another deeprecall-sync process uses the cluster in {0} (a second `dev` on the same --data-dir); stop it, \
+         or give this one another --data-dir"
+    )]
+    InUse(String),
     /// File system error.
     #[error("{context}: {source}")]
     Io {
@@ -75,6 +81,10 @@ pub struct LocalCluster {
     password: String,
     running: bool,
     ephemeral: bool,
+    // An exclusive lock on `<base>/deeprecall.lock` for as long as this value lives (the kernel drops it when the
+    // process ends, however it ends): a second process that opened the same directory would stop this one's
+    // Postgres and start it again on another port under it.
+    _lock: std::fs::File,
     // Held so a temporary base directory is removed after Postgres has stopped (fields drop after `drop`).
     _temp: Option<tempfile_dir::TempDir>,
 }
@@ -136,6 +146,22 @@ impl LocalCluster {
             std::os::unix::fs::chown(&base, Some(*uid), Some(*gid))
                 .map_err(io_err(format!("chown {}", base.display())))?;
         }
+        let lock_path = base.join("deeprecall.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(format!("opening {}", lock_path.display())))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(ClusterError::InUse(base.display().to_string()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io_err(format!("locking {}", lock_path.display()))(e));
+            }
+        }
         let password_file = base.join("superuser-password");
         let fresh = !base.join("data").join("PG_VERSION").exists();
         let password = if fresh {
@@ -169,6 +195,7 @@ impl LocalCluster {
             password,
             running: false,
             ephemeral: options.ephemeral,
+            _lock: lock,
             _temp: None,
         };
         if fresh {
