@@ -917,7 +917,10 @@ fn set_server_gauges(
         metrics::gauge!(names::SLOT_WAL_STATUS, "status" => *s).set(v);
     }
     metrics::gauge!(names::SLOT_GENERATION).set(hub.generation as f64);
-    metrics::gauge!(names::CONNECTIONS, "transport" => "websocket").set(hub.connections as f64);
+    let long_polls = hub.long_polls.min(hub.connections);
+    metrics::gauge!(names::CONNECTIONS, "transport" => "websocket")
+        .set((hub.connections - long_polls) as f64);
+    metrics::gauge!(names::CONNECTIONS, "transport" => "long_poll").set(long_polls as f64);
     metrics::gauge!(names::USERS).set(hub.users as f64);
     metrics::gauge!(names::HISTORY_BYTES).set(hub.history_bytes as f64);
     metrics::gauge!(names::QUEUED_BYTES).set(hub.queued_bytes as f64);

@@ -241,6 +241,21 @@ async fn per_server_gauges_come_from_the_scraped_server() {
     assert_eq!(sa.get(names::USERS), Some(1.0));
     assert_eq!(sb.get(&connections), Some(0.0), "{}", sb.text);
     assert_eq!(sb.get(names::USERS), Some(0.0));
+    // A held long-poll of the shape endpoint is counted as long_poll, not as a WebSocket (it was never counted).
+    let token = a.token(user);
+    let shape =
+        deeprecall_tests::shape::Follower::start(&a.http, &a.base, &token, "table=works").await;
+    let held = tokio::spawn({
+        let (mut shape, http) = (shape.clone(), a.http.clone());
+        async move { shape.poll(&http, true).await }
+    });
+    let long_poll = format!("{}{{transport=\"long_poll\"}}", names::CONNECTIONS);
+    let s = scrape_until(&ma, "the held long-poll", |s| {
+        s.get(&long_poll) == Some(1.0)
+    })
+    .await;
+    assert_eq!(s.get(&connections), Some(1.0), "{}", s.text);
+    held.abort();
     client.close().await;
 }
 

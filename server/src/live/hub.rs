@@ -292,6 +292,9 @@ pub const RECENT_XIDS: usize = 65_536;
 pub struct Hub {
     inner: Mutex<Inner>,
     connections: std::sync::atomic::AtomicUsize,
+    /// Of those, the HTTP shape endpoint's (a held long-poll, a server-sent-events stream, a snapshot being
+    /// handed off): the rest are WebSockets (`deeprecall_stream_connections{transport}`).
+    long_polls: std::sync::atomic::AtomicUsize,
     /// Bytes of transactions queued for all connections.
     queued_total: Arc<AtomicUsize>,
     /// Notified whenever a connection takes a transaction off its queue.
@@ -316,6 +319,8 @@ pub struct HubStats {
     pub users: usize,
     /// Open connections.
     pub connections: usize,
+    /// Of those, the HTTP shape endpoint's.
+    pub long_polls: usize,
     /// Users with history.
     pub history_users: usize,
     /// Bytes of history.
@@ -333,6 +338,7 @@ impl Hub {
         let (closed, _) = tokio::sync::watch::channel(false);
         Self {
             connections: std::sync::atomic::AtomicUsize::new(0),
+            long_polls: std::sync::atomic::AtomicUsize::new(0),
             queued_total: Arc::new(AtomicUsize::new(0)),
             room: Arc::new(Notify::new()),
             closed,
@@ -499,6 +505,7 @@ impl Hub {
             hub: self.clone(),
             owner,
             id,
+            long_poll: false,
         };
         let queue = ConnQueue {
             rx,
@@ -506,6 +513,22 @@ impl Hub {
             total: self.queued_total.clone(),
             room: self.room.clone(),
         };
+        (registration, queue, tx, lag)
+    }
+
+    /// [`Hub::register`] for a request of the HTTP shape endpoint (counted as `long_poll` in the metrics).
+    pub fn register_long_poll(
+        self: &Arc<Self>,
+        owner: Uuid,
+    ) -> (
+        Registration,
+        ConnQueue,
+        mpsc::Sender<ConnEvent>,
+        Arc<LagSignal>,
+    ) {
+        let (mut registration, queue, tx, lag) = self.register(owner);
+        registration.long_poll = true;
+        self.long_polls.fetch_add(1, Ordering::Relaxed);
         (registration, queue, tx, lag)
     }
 
@@ -964,6 +987,7 @@ impl Hub {
             position: deeprecall_replication::Lsn(inner.position).to_string(),
             users: inner.conns.len(),
             connections: inner.conns.values().map(Vec::len).sum(),
+            long_polls: self.long_polls.load(Ordering::Relaxed),
             history_users: inner.history.len(),
             history_bytes: inner.history_bytes,
             queued_bytes: self.queued_total.load(Ordering::Relaxed),
@@ -1005,10 +1029,14 @@ pub struct Registration {
     hub: Arc<Hub>,
     owner: Uuid,
     id: u64,
+    long_poll: bool,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        if self.long_poll {
+            self.hub.long_polls.fetch_sub(1, Ordering::Relaxed);
+        }
         self.hub.unregister(self.owner, self.id);
     }
 }

@@ -961,7 +961,7 @@ impl Feed {
     ) -> Result<Self, &'static str> {
         let hub = state.hub.clone();
         let live = live.then(|| {
-            let (registration, queue, _tx, lag) = hub.register(owner);
+            let (registration, queue, _tx, lag) = hub.register_long_poll(owner);
             (registration, queue, lag)
         });
         let (txns, position) = hub
@@ -1285,7 +1285,7 @@ async fn snapshot_response(
     if state.hub.stats_connections() >= state.limits.max_connections {
         return Err(too_many());
     }
-    let (registration, mut queue, queue_tx, lag) = state.hub.register(owner);
+    let (registration, mut queue, queue_tx, lag) = state.hub.register_long_poll(owner);
     let (body_tx, body_rx) = mpsc::channel::<BodyPart>(4);
     let sub_id: Arc<str> = Arc::from("shape");
     let sink = ShapeSink {
