@@ -845,23 +845,32 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         options.cors = args.http.cors(CorsOrigins::Any)?;
         options.shape = args.http.shape();
         args.memory.apply(&mut options);
-        let metrics = crate::metrics::bind(
-            args.metrics_listen,
-            crate::metrics::DEV_METRICS_LISTEN
-                .parse()
-                .map_err(anyhow::Error::msg)?,
-            args.listen,
-        )
-        .await?;
-        let server = start_server(options).await?;
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "listening on {} (is another server running? use --listen)",
-                    args.listen
-                )
-            })?;
+        let starting = async {
+            let metrics = crate::metrics::bind(
+                args.metrics_listen,
+                crate::metrics::DEV_METRICS_LISTEN
+                    .parse()
+                    .map_err(anyhow::Error::msg)?,
+                args.listen,
+            )
+            .await?;
+            let server = start_server(options).await?;
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "listening on {} (is another server running? use --listen)",
+                        args.listen
+                    )
+                })?;
+            anyhow::Ok((metrics, server, listener))
+        };
+        // Ctrl-C while starting (migrating, connecting) ends the start here, so that the local Postgres is
+        // stopped below; the default action would end the process and leave it running.
+        let (metrics, server, listener) = tokio::select! {
+            started = starting => started?,
+            () = crate::shutdown::signal() => anyhow::bail!("interrupted while starting"),
+        };
         let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
         print_dev_banner(args.listen, metrics_addr, &database_url, dev_user, &token);
         serve_until_signal(listener, metrics, server).await

@@ -983,6 +983,12 @@ pub async fn bind(
         && addr.port() == public.port()
         && (addr.ip() == public.ip() || addr.ip().is_unspecified() || public.ip().is_unspecified())
     {
+        if !explicit {
+            // The default address is the one `--listen` asked for: the public port wins, as when the default is
+            // taken by another process.
+            tracing::warn!(%addr, "metrics listener not started: --listen uses its default address (pass --metrics-listen ADDR or off)");
+            return Ok(None);
+        }
         anyhow::bail!(
             "--metrics-listen {addr} overlaps --listen {public}: /metrics has no authentication and is served \
              only on its own address"
@@ -1023,6 +1029,19 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_default_metrics_address_that_is_the_public_one_gives_way() {
+        let public: SocketAddr = "127.0.0.1:9090".parse().unwrap();
+        // `dev --listen 127.0.0.1:9090`: the default metrics address is taken by the public port; no metrics.
+        let listener = bind(None, MetricsListen::At(public), public).await.unwrap();
+        assert!(listener.is_none());
+        // Asked for explicitly, the same overlap is an error (/metrics must not be served publicly).
+        let err = bind(Some(MetricsListen::At(public)), MetricsListen::Off, public)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("overlaps"), "{err}");
+    }
 
     #[test]
     fn names_follow_prometheus_conventions() {
