@@ -373,3 +373,34 @@ async fn with_migrate_what_migrate_repairs_is_a_warning_not_a_failure() {
     assert_eq!(c.status, Status::Warn, "{text}");
     assert!(c.detail.contains("serve --migrate"), "{text}");
 }
+
+#[tokio::test]
+async fn with_migrate_what_migrate_does_not_repair_still_fails() {
+    // Roles are cluster-wide: a cluster of its own.
+    let env = TestEnv::start_with(deeprecall_tests::EnvOptions {
+        own_cluster: true,
+        ..Default::default()
+    })
+    .await;
+    let mut with_migrate = args(&env);
+    with_migrate.migrate = true;
+    // A group role that bypasses row-level security: the policies never alter an existing role.
+    env.superuser()
+        .await
+        .batch_execute("alter role deeprecall_admin bypassrls")
+        .await
+        .unwrap();
+    let report = check(&with_migrate).await;
+    assert_only_failure(&report, "roles", "bypasses row-level security");
+    // A publication broken at the current version: no pending migration changes it.
+    env.superuser()
+        .await
+        .batch_execute(
+            "alter role deeprecall_admin nobypassrls;
+             alter publication deeprecall_sync set (publish = 'insert, update')",
+        )
+        .await
+        .unwrap();
+    let report = check(&with_migrate).await;
+    assert_only_failure(&report, "publication", "does not publish delete, truncate");
+}
