@@ -105,60 +105,77 @@ pub struct ConnectError {
 
 /// `url` (a `postgres://` URL or a libpq key=value string) with its password masked, for what is printed or
 /// logged: the password of the user info (`user:***@host`) and any `password` parameter (`?password=***`,
-/// `password=***`).
+/// `password=***`). Errs on the side of masking: in a URL the user info is taken to end at the *last* `@` (a
+/// password may hold `@`, `/` or `?`; at worst a host is masked too).
 pub fn redact_url(url: &str) -> String {
-    let mut out = match url.split_once("://") {
+    match url.split_once("://") {
         Some((scheme, rest)) => {
-            // The user info ends at the last '@' before the path or the query.
-            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-            match rest[..authority_end].rfind('@') {
+            let masked = match rest.rfind('@') {
                 Some(at) => {
                     let creds = &rest[..at];
-                    let user = creds.split_once(':').map_or(creds, |(u, _)| u);
-                    let masked = if creds.contains(':') { ":***" } else { "" };
-                    format!("{scheme}://{user}{masked}{}", &rest[at..])
+                    match creds.split_once(':') {
+                        Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+                        None => url.to_owned(),
+                    }
                 }
                 None => url.to_owned(),
-            }
+            };
+            mask_password_values(&masked, true)
         }
-        None => url.to_owned(),
-    };
-    // `password=` as a query parameter or a key=value pair: mask its value (quoted or not).
+        None => mask_password_values(url, false),
+    }
+}
+
+/// Masks the value of every `password` parameter: in a URL's query (`in_url`: values end at `&`) or in a libpq
+/// key=value string (values end at unescaped white space, or are single-quoted with backslash escapes).
+fn mask_password_values(text: &str, in_url: bool) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
     let mut from = 0;
-    while let Some(found) = out[from..].find("password") {
+    while let Some(found) = text[from..].find("password") {
         let start = from + found;
-        let before_ok =
-            start == 0 || matches!(out.as_bytes()[start - 1], b'?' | b'&' | b' ' | b'\t');
+        from = start + 1;
+        let starts_key = start == 0
+            || if in_url {
+                matches!(bytes[start - 1], b'?' | b'&')
+            } else {
+                bytes[start - 1].is_ascii_whitespace()
+            };
         let mut i = start + "password".len();
-        let bytes = out.as_bytes();
-        while i < bytes.len() && bytes[i] == b' ' {
+        while !in_url && i < bytes.len() && bytes[i].is_ascii_whitespace() {
             i += 1;
         }
-        if !before_ok || i >= bytes.len() || bytes[i] != b'=' {
-            from = start + 1;
+        if !starts_key || bytes.get(i) != Some(&b'=') {
             continue;
         }
         i += 1;
-        while i < bytes.len() && bytes[i] == b' ' {
+        while !in_url && i < bytes.len() && bytes[i].is_ascii_whitespace() {
             i += 1;
         }
-        let end = if bytes.get(i) == Some(&b'\'') {
-            // A quoted value: up to the closing quote (a backslash escapes the next character).
-            let mut j = i + 1;
-            while j < bytes.len() && bytes[j] != b'\'' {
-                j += if bytes[j] == b'\\' { 2 } else { 1 };
+        let mut end = i;
+        if in_url {
+            while end < bytes.len() && bytes[end] != b'&' {
+                end += 1;
             }
-            (j + 1).min(bytes.len())
+        } else if bytes.get(i) == Some(&b'\'') {
+            end += 1;
+            while end < bytes.len() && bytes[end] != b'\'' {
+                end += if bytes[end] == b'\\' { 2 } else { 1 };
+            }
+            end = (end + 1).min(bytes.len());
         } else {
-            let mut j = i;
-            while j < bytes.len() && !matches!(bytes[j], b'&' | b' ' | b'\t') {
-                j += 1;
+            while end < bytes.len() && !bytes[end].is_ascii_whitespace() {
+                end += if bytes[end] == b'\\' { 2 } else { 1 };
             }
-            j
-        };
-        out.replace_range(i..end, "***");
-        from = i + 3;
+            end = end.min(bytes.len());
+        }
+        out.push_str(&text[copied..i]);
+        out.push_str("***");
+        copied = end;
+        from = end.max(from);
     }
+    out.push_str(&text[copied..]);
     out
 }
 
@@ -504,8 +521,16 @@ mod tests {
                 "postgres://sync:***@db:5432/deeprecall",
             ),
             (
-                "postgres://sync:p@ss@db/deeprecall?sslmode=require",
+                "postgres://sync:p@s3cret@db/deeprecall?sslmode=require",
                 "postgres://sync:***@db/deeprecall?sslmode=require",
+            ),
+            (
+                "postgres://sync:p?s3cret@db/deeprecall",
+                "postgres://sync:***@db/deeprecall",
+            ),
+            (
+                "postgres://sync:p/s3cret@db/deeprecall",
+                "postgres://sync:***@db/deeprecall",
             ),
             (
                 "postgres://sync@db/deeprecall?sslmode=require&password=s3cret",
@@ -520,6 +545,18 @@ mod tests {
                 "host=db user=sync password=*** dbname=deeprecall",
             ),
             (
+                "host=db\npassword=s3cret\ndbname=deeprecall",
+                "host=db\npassword=***\ndbname=deeprecall",
+            ),
+            (
+                "host=db password=ab\\ s3cret dbname=deeprecall",
+                "host=db password=*** dbname=deeprecall",
+            ),
+            (
+                "host=db password=a&s3cret dbname=deeprecall",
+                "host=db password=*** dbname=deeprecall",
+            ),
+            (
                 "host=db password = 's3 cret\\'x' dbname=deeprecall",
                 "host=db password = *** dbname=deeprecall",
             ),
@@ -531,9 +568,12 @@ mod tests {
                 "postgres://db/deeprecall?sslpassword=k",
                 "postgres://db/deeprecall?sslpassword=k",
             ),
+            ("password=s3cret", "password=***"),
+            ("host=db password=", "host=db password=***"),
+            ("host=é password=s3crét", "host=é password=***"),
         ] {
             assert_eq!(redact_url(url), want, "{url}");
-            assert!(!redact_url(url).contains("s3cret"), "{url}");
+            assert!(!redact_url(url).contains("s3cr"), "{url}");
         }
     }
 
