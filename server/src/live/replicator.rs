@@ -193,6 +193,9 @@ async fn session(
     let from = if here.generation == generation {
         Lsn(here.lsn)
     } else {
+        // Nor does the count of a transaction's parts already published carry over: on the new slot's timeline
+        // the same commit LSN may be another transaction.
+        *split = SplitProgress::default();
         Lsn(0)
     };
     let mut stream = match ReplicationStream::start(&config.stream, from).await {
