@@ -292,13 +292,19 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
    */
   signIn(): Promise<void> {
     this.assertOpen();
-    if (!this.signingIn) {
+    // A sign-in that signOut() cancelled is not this one: signOut(); signIn() (an "other account" button) starts a
+    // new sign-in, after the cancelled one has settled (and, in doSignIn, after the sign-out).
+    if (!this.signingIn || this.signInAbort?.signal.aborted) {
+      // What must finish first is taken now, not later: a signOut() that comes after this one waits for this
+      // sign-in, so this sign-in must not wait for that sign-out.
+      const before = [this.signingIn, this.signingOut];
       const abort = new AbortController();
       this.signInAbort = abort;
-      this.signingIn = this.doSignIn(abort.signal).finally(() => {
-        this.signingIn = null;
+      const run: Promise<void> = this.doSignIn(abort.signal, before).finally(() => {
+        if (this.signingIn === run) this.signingIn = null;
         if (this.signInAbort === abort) this.signInAbort = null;
       });
+      this.signingIn = run;
     }
     return this.signingIn;
   }
@@ -543,12 +549,17 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
     storage()?.removeItem(lastUserKey(this.deviceId));
   }
 
-  private async doSignIn(signal: AbortSignal): Promise<void> {
-    // A signOut() still running came first: let it finish, then sign in.
-    await this.signingOut?.catch(() => undefined);
+  private async doSignIn(signal: AbortSignal, before: Array<Promise<void> | null>): Promise<void> {
+    // A signOut() still running came first, or a sign-in it cancelled: let them finish, then sign in.
+    for (const p of before) await p?.catch(() => undefined);
     const cancelled = (): SignInError => new SignInError('cancelled', 'signIn: signOut() was called before the sign-in finished');
-    const tok = await this.tokens.fetchNew();
-    if (signal.aborted) throw cancelled();
+    // The app's getToken() may never settle (an interactive login left open): a sign-out does not wait for it.
+    const aborted = new Promise<'aborted'>((resolve) => {
+      if (signal.aborted) resolve('aborted');
+      else signal.addEventListener('abort', () => resolve('aborted'), { once: true });
+    });
+    const tok = await Promise.race([this.tokens.fetchNew(), aborted]);
+    if (tok === 'aborted' || signal.aborted) throw cancelled();
     if (!tok.ok) throw new SignInError(tok.problem, tok.message);
     const userId = tok.claims.sub;
     storage()?.setItem(lastUserKey(this.deviceId), userId);

@@ -174,3 +174,40 @@ test('signOut() racing a signIn() as another user: the switches run one after th
   assert.deepEqual(open, [], 'every user session\'s stream is stopped');
   await c.close();
 });
+
+test('signIn() right after signOut() (an "other account" button) starts a new sign-in instead of returning the cancelled one', async () => {
+  const server = new FakeBatchServer();
+  let token: string | null = jwt('user-A');
+  const opts = device(server, () => token, { signInCatchUpMs: 200 });
+  const c = await createSyncClient(opts);
+  assert.equal(c.userId, 'user-A');
+  token = jwt('user-B');
+  const first = c.signIn().then(() => 'resolved', (e: unknown) => e);
+  const out = c.signOut();
+  const second = c.signIn();
+  await out;
+  await second;
+  assert.equal(c.userId, 'user-B', 'the second signIn() signed in');
+  const settled = await first;
+  assert.ok(settled === 'resolved' || (settled instanceof SignInError && settled.code === 'cancelled'), String(settled));
+  await c.close();
+});
+
+test('signOut() does not wait for a getToken() that never settles', async () => {
+  const server = new FakeBatchServer();
+  let hang = false;
+  const opts = device(server, () => null, {});
+  const c = await createSyncClient({
+    ...opts,
+    getToken: async () => (hang ? new Promise<string | null>(() => {}) : null),
+  });
+  hang = true;
+  const outcome = c.signIn().then(() => 'resolved', (e: unknown) => e);
+  await sleep(20);
+  const done = await Promise.race([c.signOut().then(() => 'signed out'), sleep(2000).then(() => 'still waiting')]);
+  assert.equal(done, 'signed out');
+  const err = await outcome;
+  assert.ok(err instanceof SignInError && err.code === 'cancelled', String(err));
+  assert.equal(c.userId, null);
+  await c.close();
+});
