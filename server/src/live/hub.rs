@@ -476,15 +476,7 @@ impl Hub {
 
     /// Registers a connection of `owner`: from now on every committed transaction of the user is queued for it.
     /// Returns the registration (dropping it unregisters), the queue and its sender, and the lag signal.
-    pub fn register(
-        self: &Arc<Self>,
-        owner: Uuid,
-    ) -> (
-        Registration,
-        ConnQueue,
-        mpsc::Sender<ConnEvent>,
-        Arc<LagSignal>,
-    ) {
+    pub fn register(self: &Arc<Self>, owner: Uuid) -> Registered {
         let (tx, rx) = mpsc::channel(self.config.queue_capacity);
         let lag = Arc::new(LagSignal::default());
         let queued = Arc::new(AtomicUsize::new(0));
@@ -517,15 +509,7 @@ impl Hub {
     }
 
     /// [`Hub::register`] for a request of the HTTP shape endpoint (counted as `long_poll` in the metrics).
-    pub fn register_long_poll(
-        self: &Arc<Self>,
-        owner: Uuid,
-    ) -> (
-        Registration,
-        ConnQueue,
-        mpsc::Sender<ConnEvent>,
-        Arc<LagSignal>,
-    ) {
+    pub fn register_long_poll(self: &Arc<Self>, owner: Uuid) -> Registered {
         let (mut registration, queue, tx, lag) = self.register(owner);
         registration.long_poll = true;
         self.long_polls.fetch_add(1, Ordering::Relaxed);
@@ -1022,6 +1006,14 @@ fn remember_xid(inner: &mut Inner, xid: u64, published: Published) {
         }
     }
 }
+
+/// What [`Hub::register`] hands a connection: its place, its queue and the queue's sender, and its lag signal.
+pub type Registered = (
+    Registration,
+    ConnQueue,
+    mpsc::Sender<ConnEvent>,
+    Arc<LagSignal>,
+);
 
 /// A connection's place in the hub; dropping it unregisters the connection (also when a request is cancelled).
 #[derive(Debug)]
