@@ -429,12 +429,7 @@ impl Session {
 
     /// Subscriptions on a table (or all) must refetch: each is told and restarted with a fresh snapshot.
     pub fn on_refetch(&mut self, refetch: &Refetch, out: &mut Actions) {
-        let ids: Vec<Arc<str>> = self
-            .subs
-            .iter()
-            .filter(|(_, s)| s.on_table(refetch.table.as_deref()))
-            .map(|(id, _)| id.clone())
-            .collect();
+        let ids = self.subs_on(refetch.table.as_deref());
         if refetch.table.is_none() && self.open_split.is_some() {
             // The stream restarted between a transaction's parts (slot recreated, or moved by another process):
             // its last part will not come, and nothing else may come before it (docs/protocol.md, "Large
@@ -582,18 +577,9 @@ impl Session {
                     // Told now, and pending from here on (no job: the server is stopping): the transactions queued
                     // after the refetch are not delivered to them. A client that got the truncating transaction's
                     // end for them would resume past the truncate from a server that no longer remembers it.
-                    let ids: Vec<Arc<str>> = self
-                        .subs
-                        .iter()
-                        .filter(|(_, s)| s.on_table(refetch.table.as_deref()))
-                        .map(|(id, _)| id.clone())
-                        .collect();
-                    for id in ids {
+                    for id in self.subs_on(refetch.table.as_deref()) {
                         tell_refetch(out, &id, refetch.reason);
-                        self.next_epoch += 1;
-                        if let Some(sub) = self.subs.get_mut(&id) {
-                            sub.restart(self.next_epoch);
-                        }
+                        self.make_pending(&id);
                     }
                 }
                 ConnEvent::Job(_) => {}
@@ -618,12 +604,28 @@ impl Session {
         ));
     }
 
-    fn restart(&mut self, id: &Arc<str>, out: &mut Actions) {
-        let Some(sub) = self.subs.get_mut(id) else {
-            return;
-        };
+    /// The subscriptions on `table` (or all).
+    fn subs_on(&self, table: Option<&str>) -> Vec<Arc<str>> {
+        self.subs
+            .iter()
+            .filter(|(_, s)| s.on_table(table))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Makes subscription `id` a new pending attempt (it buffers, and delivers nothing until its job reports).
+    fn make_pending(&mut self, id: &str) -> Option<&Subscription> {
+        let sub = self.subs.get_mut(id)?;
         self.next_epoch += 1;
         sub.restart(self.next_epoch);
+        Some(sub)
+    }
+
+    /// A new pending attempt of subscription `id`, with the snapshot job that serves it.
+    fn restart(&mut self, id: &Arc<str>, out: &mut Actions) {
+        let Some(sub) = self.make_pending(id) else {
+            return;
+        };
         out.push(Action::Start(Box::new(StartJob {
             sub_id: id.clone(),
             epoch: sub.epoch,
