@@ -97,6 +97,8 @@ pub struct Shapes {
 #[derive(Debug)]
 struct Definitions<T> {
     entries: HashMap<String, Cached<T>>,
+    max_entries: usize,
+    max_bytes: usize,
     bytes: usize,
     /// Bumped at every use: the recency of an entry.
     clock: u64,
@@ -109,17 +111,17 @@ struct Cached<T> {
     used: u64,
 }
 
-impl<T> Default for Definitions<T> {
-    fn default() -> Self {
+impl<T: Clone> Definitions<T> {
+    fn new(max_entries: usize, max_bytes: usize) -> Self {
         Self {
             entries: HashMap::new(),
+            max_entries,
+            max_bytes,
             bytes: 0,
             clock: 0,
         }
     }
-}
 
-impl<T: Clone> Definitions<T> {
     fn get(&mut self, key: &str) -> Option<T> {
         self.clock += 1;
         let entry = self.entries.get_mut(key)?;
@@ -128,7 +130,8 @@ impl<T: Clone> Definitions<T> {
     }
 
     /// Keeps `def` (about `bytes` large besides its key) under `key`, making room first.
-    fn insert(&mut self, key: String, def: T, bytes: usize, max_entries: usize, max_bytes: usize) {
+    fn insert(&mut self, key: String, def: T, bytes: usize) {
+        let (max_entries, max_bytes) = (self.max_entries, self.max_bytes);
         let bytes = key.len() + bytes;
         if let Some(old) = self.entries.remove(&key) {
             self.bytes -= old.bytes;
@@ -169,7 +172,10 @@ impl Shapes {
         Self {
             config,
             key: tokio::sync::OnceCell::new(),
-            definitions: Mutex::new(Definitions::default()),
+            definitions: Mutex::new(Definitions::new(
+                MAX_DEFINITIONS,
+                config.max_definition_bytes,
+            )),
             cursor: AtomicU64::new(0),
         }
     }
@@ -546,13 +552,7 @@ impl Shapes {
         self.definitions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                cache_key,
-                def.clone(),
-                def.retained_bytes(),
-                MAX_DEFINITIONS,
-                self.config.max_definition_bytes,
-            );
+            .insert(cache_key, def.clone(), def.retained_bytes());
         Ok(def)
     }
 }
@@ -1333,15 +1333,7 @@ async fn snapshot_response(
             Some(ConnEvent::Refetch(_)) => {}
             Some(ConnEvent::Job(report)) => match report.result {
                 Ok(p) => break p,
-                Err(JobError::SchemaChanged) => {
-                    // The columns changed by plain DDL, which the catalog (and the definition compiled from it)
-                    // learns only at the table's next streamed change: reload it before answering, or the
-                    // client's new request would reuse the stale definition and get this 409 again, and again.
-                    // A reload gives every table new entries, so every cached definition is compiled afresh.
-                    state.catalog.refresh_on_miss(&state.pool).await?;
-                    return Ok(refetch(state, owner, def, key, "schema_changed"));
-                }
-                Err(e) => return job_error(state, owner, def, key, e),
+                Err(e) => return job_error(state, owner, def, key, e).await,
             },
             None => return Err(shutting_down()),
         }
@@ -1423,7 +1415,7 @@ fn shutting_down() -> ApiError {
     )
 }
 
-fn job_error(
+async fn job_error(
     state: &AppState,
     owner: Uuid,
     def: &ShapeDef,
@@ -1435,7 +1427,14 @@ fn job_error(
             "invalid_where",
             format!("invalid `where` value: {m}"),
         )),
-        JobError::SchemaChanged => Ok(refetch(state, owner, def, key, "schema_changed")),
+        JobError::SchemaChanged => {
+            // The columns changed by plain DDL, which the catalog (and the definition compiled from it) learns only
+            // at the table's next streamed change: reload it before answering, or the client's new request would
+            // reuse the stale definition and get this 409 again, and again. A reload gives every table new entries,
+            // so every cached definition is compiled afresh.
+            state.catalog.refresh_on_miss(&state.pool).await?;
+            Ok(refetch(state, owner, def, key, "schema_changed"))
+        }
         JobError::StreamUnavailable => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "stream_unavailable",
@@ -1631,30 +1630,30 @@ mod tests {
 
     #[test]
     fn definitions_are_bounded_in_bytes_and_count_and_the_least_recently_used_go() {
-        let mut defs: Definitions<u32> = Definitions::default();
+        let mut defs: Definitions<u32> = Definitions::new(100, 10_000);
         // 1000-byte entries (key "kNNN" of 4 bytes + 996) against a 10,000-byte budget.
         let key = |i: u32| format!("k{i:03}");
         for i in 0..9 {
-            defs.insert(key(i), i, 996, 100, 10_000);
+            defs.insert(key(i), i, 996);
         }
         assert_eq!((defs.entries.len(), defs.bytes), (9, 9000));
         // Entry 0 is used: it is the most recent now, entry 1 the oldest.
         assert_eq!(defs.get(&key(0)), Some(0));
-        defs.insert(key(9), 9, 996, 100, 10_000); // exactly full: nothing goes
+        defs.insert(key(9), 9, 996); // exactly full: nothing goes
         assert_eq!(defs.entries.len(), 10);
-        defs.insert(key(10), 10, 996, 100, 10_000);
+        defs.insert(key(10), 10, 996);
         // Down to three quarters (7,500) with the new entry: 1, 2, 3, 4 went, 0 stayed.
         let mut kept: Vec<u32> = defs.entries.values().map(|c| c.def).collect();
         kept.sort_unstable();
         assert_eq!(kept, [0, 5, 6, 7, 8, 9, 10]);
         assert_eq!(defs.bytes, 7000);
         // Replacing an entry does not count it twice.
-        defs.insert(key(10), 11, 996, 100, 10_000);
+        defs.insert(key(10), 11, 996);
         assert_eq!((defs.entries.len(), defs.bytes), (7, 7000));
         // The count bound: 4 entries at most; a full cache keeps fewer than 3 (three quarters), then the new one.
-        let mut few: Definitions<u32> = Definitions::default();
+        let mut few: Definitions<u32> = Definitions::new(4, 10_000);
         for i in 0..5 {
-            few.insert(key(i), i, 0, 4, 10_000);
+            few.insert(key(i), i, 0);
         }
         let mut kept: Vec<u32> = few.entries.values().map(|c| c.def).collect();
         kept.sort_unstable();
