@@ -160,29 +160,25 @@ pub async fn check(args: &CheckArgs) -> Report {
         // migration still pending. Nothing repairs a group role that bypasses row-level security, or a
         // publication broken at the current version: those stay failures.
         let pending = args.migrate && schema_status == Status::Warn;
-        let repaired = |c: Check| {
-            if args.migrate {
-                c.repaired_by_migrate()
-            } else {
-                c
-            }
-        };
-        report.checks.push({
-            let c = guard("publication", publication(&ctx)).await;
-            if pending { c.repaired_by_migrate() } else { c }
-        });
-        report.checks.push(repaired(
+        report.checks.push(
+            guard("publication", publication(&ctx))
+                .await
+                .repaired_by_migrate(pending),
+        );
+        for line in [
             guard("replica_identity", replica_identity(&ctx)).await,
-        ));
-        report.checks.push(repaired(
             guard("row_level_security", row_level_security(&ctx)).await,
-        ));
+        ] {
+            report.checks.push(line.repaired_by_migrate(args.migrate));
+        }
         report
             .checks
             .push(guard("roles", roles(&ctx, args.migrate)).await);
-        report
-            .checks
-            .push(repaired(guard("grants", grants(&ctx)).await));
+        report.checks.push(
+            guard("grants", grants(&ctx))
+                .await
+                .repaired_by_migrate(args.migrate),
+        );
     } else {
         for name in [
             "publication",

@@ -73,9 +73,10 @@ impl Check {
     }
 
     /// A failure that `serve --migrate` repairs at start (it applies the migrations and re-applies policies/) is
-    /// a warning when serve will run with it: a database behind a new binary, or policies of an older release.
-    pub fn repaired_by_migrate(mut self) -> Self {
-        if self.status == Status::Fail {
+    /// a warning when serve will run with it (`repaired`): a database behind a new binary, or policies of an older
+    /// release.
+    pub fn repaired_by_migrate(mut self, repaired: bool) -> Self {
+        if repaired && self.status == Status::Fail {
             self.status = Status::Warn;
             self.detail
                 .push_str(" (serve --migrate re-applies the schema and policies at start)");
