@@ -600,16 +600,12 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
     let pool = db::pool(&target, options.pool_size, Some(limits.pool_wait_timeout))?;
     // Snapshots get connections of their own, so they can never take the write path's (docs/decisions.md,
     // "Snapshots never wait for a client while holding a connection"); named so operators can tell them apart.
-    let mut snapshot_target = target.clone();
-    snapshot_target
-        .config
-        .application_name("deeprecall-sync snapshot");
-    let snapshot_pool = db::pool(&snapshot_target, limits.snapshots.concurrency.max(1), None)?;
-    let mut probe_target = target.clone();
-    probe_target
-        .config
-        .application_name("deeprecall-sync probe");
-    let probe_pool = db::pool(&probe_target, 1, None)?;
+    let snapshot_pool = db::pool(
+        &target.named("deeprecall-sync snapshot"),
+        limits.snapshots.concurrency.max(1),
+        None,
+    )?;
+    let probe_pool = db::pool(&target.named("deeprecall-sync probe"), 1, None)?;
     let mut client = pool
         .get()
         .await

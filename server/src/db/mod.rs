@@ -64,6 +64,13 @@ impl PgTarget {
         })
     }
 
+    /// The same target, its sessions named `name` in `pg_stat_activity` (so operators can tell them apart).
+    pub fn named(&self, name: &str) -> Self {
+        let mut target = self.clone();
+        target.config.application_name(name);
+        target
+    }
+
     /// The TLS connector for these settings.
     pub fn connector(&self) -> PgConnector {
         self.connector.clone()
