@@ -535,7 +535,7 @@ type Figures = (Uuid, String, i64, i32, Vec<Uuid>, Vec<Uuid>, i32, i64);
 async fn read(client: &tokio_postgres::Client) -> Vec<Figures> {
     client
         .query(
-            "select owner_id, sha256, size, device_count, devices, missing_on, asset_count, stored_bytes
+            "select owner_id, sha256, size, device_count, devices, missing_on, asset_count, stored_bytes::bigint
                from v_blob_inventory order by owner_id, sha256",
             &[],
         )
@@ -764,4 +764,196 @@ async fn two_devices_reporting_the_same_library_at_once_both_succeed() {
         count(&db, "select count(*) from device_blobs", &[]).await,
         4000
     );
+}
+
+/// A user decides how many device and asset rows one sha256 has; the BlobHandle holds at most 1000 of each and about
+/// 4 MiB of either list, and says when it cut one. Before, every row went into one answer built in memory: 200,000
+/// assets of one blob made an 83 MB response and took the server from 407 to 1,000 MB for one request.
+#[tokio::test]
+async fn a_blob_handle_is_capped_in_rows_and_bytes_and_says_so() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let user = Uuid::new_v4();
+    let token = env.token(user);
+    let (many, big, small) = (sha(0x51), sha(0x52), sha(0x53));
+    hold(
+        &env,
+        user,
+        Uuid::new_v4(),
+        &[(0x51, 1), (0x52, 2), (0x53, 3)],
+        &[],
+    )
+    .await;
+    // 1,499 more devices (1,500 in all, half of them present) and 1,500 assets of `many`; 6 assets of `big`, each with
+    // a title of 1 MiB; one asset of `small`.
+    db.batch_execute(&format!(
+        "insert into device_blobs (owner_id, device_id, sha256, present)
+           select '{user}', gen_random_uuid(), '{many}', i % 2 = 0 from generate_series(1, 1499) i;
+         insert into assets (owner_id, sha256, title) select '{user}', '{many}', 'a' from generate_series(1, 1500);
+         insert into assets (owner_id, sha256, title) select '{user}', '{big}', repeat('x', 1048576)
+           from generate_series(1, 6);
+         insert into assets (owner_id, sha256) values ('{user}', '{small}');"
+    ))
+    .await
+    .unwrap();
+
+    let (status, handle) = env.get(&format!("/v1/blobs/{many}"), Some(&token)).await;
+    assert_eq!(status, 200, "{handle}");
+    assert_eq!(handle["devices"].as_array().unwrap().len(), 1000);
+    assert_eq!(handle["devices_truncated"], true);
+    assert_eq!(handle["assets"].as_array().unwrap().len(), 1000);
+    assert_eq!(handle["assets_truncated"], true);
+    // Every present device, though the device list was cut: the 749 even ones of the added rows and the first report's.
+    assert_eq!(handle["available_on"].as_array().unwrap().len(), 750);
+    // The first 1000 in the documented order.
+    let ids: Vec<String> = handle["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted);
+
+    let (status, handle) = env.get(&format!("/v1/blobs/{big}"), Some(&token)).await;
+    assert_eq!(status, 200);
+    let assets = handle["assets"].as_array().unwrap();
+    // 4 MiB of JSON, the row that reaches it included: four rows of a little over 1 MiB.
+    assert_eq!(assets.len(), 4, "{} assets", assets.len());
+    assert_eq!(handle["assets_truncated"], true);
+    assert_eq!(handle["devices_truncated"], false);
+
+    let (status, handle) = env.get(&format!("/v1/blobs/{small}"), Some(&token)).await;
+    assert_eq!(status, 200, "{handle}");
+    assert_eq!(handle["assets"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        (&handle["assets_truncated"], &handle["devices_truncated"]),
+        (&json!(false), &json!(false))
+    );
+    assert_eq!(handle["meta"]["size"], 3);
+}
+
+/// One user's blob of size 2^63 - 1 on two devices made `stored_bytes` (size × devices, bigint) overflow, and with it
+/// every inventory query touching the row: the admin dashboard (its totals too) answered 422 "bigint out of range"
+/// for everyone. Sizes are now at most 2^53 - 1, and nothing the view or the admin API adds up is a bigint.
+#[tokio::test]
+async fn no_blob_size_breaks_the_inventory() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    const MAX: i64 = (1 << 53) - 1;
+
+    // Past the bound: refused, naming the blob, and nothing written.
+    let (status, body) = env
+        .coordinate(
+            a,
+            json!({"device_id": Uuid::new_v4(), "blobs": [
+                {"sha256": sha(1), "size": 1}, {"sha256": sha(2), "size": MAX + 1}]}),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), error_code(&body)),
+        (422, "invalid_value"),
+        "{body}"
+    );
+    assert_eq!(body["error"]["blob_index"], 1, "{body}");
+    assert_eq!(count(&db, "select count(*) from blobs_meta", &[]).await, 0);
+    // The table refuses it too (a write through /v1/batch, or SQL).
+    let err = db
+        .execute(
+            "insert into blobs_meta (owner_id, sha256, size) values ($1, $2, $3)",
+            &[&a, &sha(2), &(MAX + 1)],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("blobs_meta_size_max"),
+        "{err:?}"
+    );
+
+    // At the bound, on two devices; and 1,100 more such blobs of another user, one device each: their sizes add up
+    // to about 2^63.1, past what a bigint holds.
+    let (d1, d2) = (Uuid::new_v4(), Uuid::new_v4());
+    hold(&env, a, d1, &[(3, MAX)], &[]).await;
+    hold(&env, a, d2, &[(3, MAX)], &[]).await;
+    db.batch_execute(&format!(
+        "insert into blobs_meta (owner_id, sha256, size, mime)
+           select '{b}', lpad(to_hex(i), 64, '0'), {MAX}, 'video/mp4' from generate_series(1, 1100) i;
+         insert into device_blobs (owner_id, device_id, sha256)
+           select owner_id, '{d1}', sha256 from blobs_meta where owner_id = '{b}';"
+    ))
+    .await
+    .unwrap();
+
+    let admin = env.admin_token(Uuid::new_v4());
+    for q in [
+        "",
+        "?sort=stored_bytes&order=desc&limit=2",
+        "?sort=size&order=desc",
+        "?group_by=owner_id",
+        "?group_by=mime",
+        "?group_by=device_id",
+        "?count=true",
+    ] {
+        let (status, body) = env.get(&format!("/v1/admin/blobs{q}"), Some(&admin)).await;
+        assert_eq!(status, 200, "{q}: {body}");
+    }
+    let (_, body) = env
+        .get(
+            "/v1/admin/blobs?sort=stored_bytes&order=desc&limit=1",
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(body["items"][0]["owner_id"], json!(a));
+    assert_eq!(body["items"][0]["stored_bytes"], json!(2 * MAX));
+    // The next page, through a cursor whose key is a numeric past what a bigint holds in the sums' types.
+    let cursor = body["next_cursor"].as_str().unwrap();
+    let (status, page) = env
+        .get(
+            &format!("/v1/admin/blobs?sort=stored_bytes&order=desc&limit=1&cursor={cursor}"),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["items"][0]["owner_id"], json!(b));
+    let (_, groups) = env
+        .get("/v1/admin/blobs?group_by=owner_id", Some(&admin))
+        .await;
+    let total = groups["totals"]["bytes"].as_f64().unwrap();
+    let expected = 1101.0 * MAX as f64;
+    assert!((total - expected).abs() / expected < 1e-9, "{groups}");
+    let (status, body) = env.get("/v1/blobs", Some(&env.token(a))).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// A cursor is base64 of JSON, not signed: one whose key does not fit its sort's type is the documented
+/// `invalid_cursor`, not Postgres's message about a type.
+#[tokio::test]
+async fn a_forged_admin_cursor_is_invalid_cursor() {
+    use base64::Engine as _;
+    let env = TestEnv::start().await;
+    let admin = env.admin_token(Uuid::new_v4());
+    for (sort, key) in [
+        ("size", "foo"),
+        ("stored_bytes", "1e"),
+        ("last_seen_at", "yesterday-ish"),
+        ("owner_id", "not-a-uuid"),
+        ("device_count", "99999999999999999999999"),
+    ] {
+        let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+            json!({"s": sort, "d": true, "k": key, "o": Uuid::new_v4(), "h": sha(1)}).to_string(),
+        );
+        let (status, body) = env
+            .get(
+                &format!("/v1/admin/blobs?sort={sort}&order=desc&cursor={cursor}"),
+                Some(&admin),
+            )
+            .await;
+        assert_eq!(
+            (status.as_u16(), error_code(&body)),
+            (422, "invalid_cursor"),
+            "{sort} {key}: {body}"
+        );
+    }
 }

@@ -115,7 +115,7 @@ impl Sort {
             Sort::OwnerId => ("v.owner_id", "uuid"),
             Sort::Sha256 => ("v.sha256", "text"),
             Sort::Size => ("v.size", "bigint"),
-            Sort::StoredBytes => ("v.stored_bytes", "bigint"),
+            Sort::StoredBytes => ("v.stored_bytes", "numeric"),
             Sort::DeviceCount => ("v.device_count", "bigint"),
             Sort::AssetCount => ("v.asset_count", "bigint"),
             Sort::Filename => ("coalesce(v.filename, '')", "text"),
@@ -463,6 +463,13 @@ async fn rows(tx: &deadpool_postgres::Transaction<'_>, req: &Request) -> Result<
     } else {
         (">", "asc")
     };
+    if let Some(c) = &req.after {
+        // A cursor's key is text cast back to the sort's type in the query. One that does not cast was not issued
+        // here (base64 is not a signature): the documented `invalid_cursor`, not Postgres's words about a type.
+        tx.query_one(&format!("select $1::text::{ty}"), &[&c.key])
+            .await
+            .map_err(|_| invalid("invalid_cursor", "cursor is not one this server issued"))?;
+    }
     let after = match &req.after {
         None => "true".to_owned(),
         Some(c) => format!(
@@ -532,14 +539,15 @@ async fn groups(
                            v.missing_on
                       from v_blob_inventory v where {filter})"
     );
-    // Each group is one JSON object built by Postgres, in the documented shape.
+    // Each group is one JSON object built by Postgres, in the documented shape. Sums stay numeric (a sum of bigints
+    // is one): sizes are bounded one by one (sql/0005), not their totals.
     let (select, name) = match group {
         Group::Owner => (
             format!(
                 "{base},
                  devices as (select f.owner_id, count(distinct d) as n from f, unnest(f.devices) d group by 1)
                  select jsonb_build_object('owner_id', f.owner_id, 'blobs', count(*),
-                          'bytes', sum(f.size)::bigint, 'stored_bytes', sum(f.stored_bytes)::bigint,
+                          'bytes', sum(f.size), 'stored_bytes', sum(f.stored_bytes),
                           'devices', coalesce(max(devices.n), 0),
                           'missing_everywhere', count(*) filter (where f.device_count = 0))
                    from f left join devices using (owner_id)
@@ -554,7 +562,7 @@ async fn groups(
                 "{base}
                  select jsonb_build_object('owner_id', f.owner_id, 'device_id', d.device_id,
                           'blobs', count(*) filter (where d.present),
-                          'bytes', coalesce(sum(f.size) filter (where d.present), 0)::bigint,
+                          'bytes', coalesce(sum(f.size) filter (where d.present), 0),
                           'missing', count(*) filter (where not d.present))
                    from f cross join lateral (
                           select x, true from unnest(f.devices) x
@@ -571,7 +579,7 @@ async fn groups(
             format!(
                 "{base}
                  select jsonb_build_object('mime', f.mime, 'blobs', count(*),
-                          'bytes', sum(f.size)::bigint, 'stored_bytes', sum(f.stored_bytes)::bigint,
+                          'bytes', sum(f.size), 'stored_bytes', sum(f.stored_bytes),
                           'missing_everywhere', count(*) filter (where f.device_count = 0))
                    from f
                   group by f.mime
@@ -594,8 +602,8 @@ async fn groups(
     let totals_sql = format!(
         "{base}
          select jsonb_build_object('blobs', count(*),
-                  'bytes', coalesce(sum(f.size), 0)::bigint,
-                  'stored_bytes', coalesce(sum(f.stored_bytes), 0)::bigint,
+                  'bytes', coalesce(sum(f.size), 0),
+                  'stored_bytes', coalesce(sum(f.stored_bytes), 0),
                   'owners', count(distinct f.owner_id),
                   'devices', (select count(*) from (select distinct f.owner_id, d from f, unnest(f.devices) d) x),
                   'missing_everywhere', count(*) filter (where f.device_count = 0))

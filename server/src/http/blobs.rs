@@ -38,6 +38,10 @@ fn check_sha256(s: &str) -> Result<(), ApiError> {
     }
 }
 
+/// The largest `size` a blob can have (`blobs_meta_size_max`, sql/0005): 2^53 - 1, the largest integer a JavaScript
+/// client holds exactly, and small enough that the inventory's sums never overflow (docs/decisions.md 46).
+pub const MAX_BLOB_SIZE: i64 = (1 << 53) - 1;
+
 /// One blob a device reports.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +81,11 @@ impl DeviceBlobReport {
         check_sha256(&self.sha256)?;
         if self.size < 0 {
             return Err(invalid("size must be >= 0"));
+        }
+        if self.size > MAX_BLOB_SIZE {
+            return Err(invalid(
+                "size must be at most 9007199254740991 (2^53 - 1, 8 PiB)",
+            ));
         }
         for (name, count) in [
             ("page_count", self.page_count),
@@ -332,12 +341,62 @@ pub async fn coordinate(
     }))
 }
 
+/// At most this many `devices` and `assets` rows in one BlobHandle.
+pub const HANDLE_MAX_ROWS: usize = 1000;
+/// At most this many bytes of JSON in either list of one BlobHandle (the row that reaches it included).
+///
+/// A user decides how many rows one sha256 has (assets are written through `/v1/batch`, a thousand per request) and
+/// how long their text is; the server decides how much of that one request holds. Without the caps, 200,000 assets
+/// of one blob made an 83 MB answer and took the server from 407 to 1,000 MB per request (docs/decisions.md 46).
+pub const HANDLE_MAX_LIST_BYTES: usize = 4 << 20;
+
+/// The caller's BlobHandle: `devices` and `assets` capped by [`HANDLE_MAX_ROWS`] and [`HANDLE_MAX_LIST_BYTES`]
+/// (`*_truncated` says a list was cut), every row passed on as the JSON text Postgres made of it.
+#[derive(Debug, Serialize)]
+pub struct BlobHandle {
+    sha256: String,
+    meta: Option<Box<serde_json::value::RawValue>>,
+    devices: Vec<Box<serde_json::value::RawValue>>,
+    devices_truncated: bool,
+    assets: Vec<Box<serde_json::value::RawValue>>,
+    assets_truncated: bool,
+    available_on: Vec<Uuid>,
+}
+
+/// The rows of `sql` (one `text` column of JSON, `$1` the sha256), read as a stream and kept while the list stays
+/// within the caps; true when a row was left out. The query asks for one row more than the cap, so Postgres stops
+/// there, and a list cut for its bytes drops the stream: tokio-postgres discards the rest of the answer.
+async fn capped_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    sha256: &str,
+) -> Result<(Vec<Box<serde_json::value::RawValue>>, bool), ApiError> {
+    use futures::TryStreamExt as _;
+    let stream = tx
+        .query_raw(sql, [&sha256 as &(dyn tokio_postgres::types::ToSql + Sync)])
+        .await
+        .map_err(|e| from_db(&e))?;
+    futures::pin_mut!(stream);
+    let (mut rows, mut bytes) = (Vec::new(), 0usize);
+    while let Some(row) = stream.try_next().await.map_err(|e| from_db(&e))? {
+        if rows.len() >= HANDLE_MAX_ROWS || bytes >= HANDLE_MAX_LIST_BYTES {
+            return Ok((rows, true));
+        }
+        let text: String = row.get(0);
+        bytes += text.len();
+        rows.push(
+            serde_json::value::RawValue::from_string(text).map_err(|e| ApiError::internal(&e))?,
+        );
+    }
+    Ok((rows, false))
+}
+
 /// Handler for `GET /v1/blobs/{sha256}`: the caller's BlobHandle.
 pub async fn get_blob(
     State(state): State<AppState>,
     user: AuthUser,
     sha256: Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BlobHandle>, ApiError> {
     // A path segment that is not UTF-8 once decoded (`%FF`) is not a sha256 either: the same JSON error, not
     // axum's plain-text rejection.
     let sha256 = sha256.map(|Path(s)| s).unwrap_or_default();
@@ -347,27 +406,52 @@ pub async fn get_blob(
     let session = begin_scoped(&mut client, &scope, &[])
         .await
         .map_err(|e| from_db(&e))?;
-    let row = session
-        .tx
-        .query_one(
-            "select
-               (select to_jsonb(m) - 'owner_id' - 'sha256' from blobs_meta m where m.sha256 = $1),
-               coalesce((select jsonb_agg(to_jsonb(d) - 'owner_id' - 'sha256' - 'id' order by d.device_id)
-                           from device_blobs d where d.sha256 = $1), '[]'::jsonb),
-               coalesce((select jsonb_agg(to_jsonb(a) - 'owner_id' - 'sha256' order by a.created_at, a.id)
-                           from assets a where a.sha256 = $1), '[]'::jsonb)",
+    let tx = &session.tx;
+    let meta: Option<String> = tx
+        .query_opt(
+            "select ((to_jsonb(m) - 'owner_id' - 'sha256'))::text from blobs_meta m where m.sha256 = $1",
             &[&sha256],
         )
         .await
-        .map_err(|e| from_db(&e))?;
+        .map_err(|e| from_db(&e))?
+        .map(|row| row.get(0));
+    let limit = HANDLE_MAX_ROWS + 1;
+    let (devices, devices_truncated) = capped_rows(
+        tx,
+        &format!(
+            "select (to_jsonb(d) - 'owner_id' - 'sha256' - 'id')::text from device_blobs d
+              where d.sha256 = $1 order by d.device_id limit {limit}"
+        ),
+        &sha256,
+    )
+    .await?;
+    let (assets, assets_truncated) = capped_rows(
+        tx,
+        &format!(
+            "select (to_jsonb(a) - 'owner_id' - 'sha256')::text from assets a
+              where a.sha256 = $1 order by a.created_at, a.id limit {limit}"
+        ),
+        &sha256,
+    )
+    .await?;
+    // Its own query: `devices` may be cut, the devices that hold the bytes must not be.
+    let available_on: Vec<Uuid> = tx
+        .query(
+            &format!(
+                "select device_id from device_blobs where sha256 = $1 and present
+                  order by device_id limit {HANDLE_MAX_ROWS}"
+            ),
+            &[&sha256],
+        )
+        .await
+        .map_err(|e| from_db(&e))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
     // Read-only: dropped, it queues its ROLLBACK, and nothing else runs on the connection.
     drop(session);
     client.settled();
-    let meta: Option<Value> = row.get::<_, Option<PgJson<Value>>>(0).map(|j| j.0);
-    let devices: Value = row.get::<_, PgJson<Value>>(1).0;
-    let assets: Value = row.get::<_, PgJson<Value>>(2).0;
-    let empty = |v: &Value| v.as_array().is_none_or(Vec::is_empty);
-    if meta.is_none() && empty(&devices) && empty(&assets) {
+    if meta.is_none() && devices.is_empty() && assets.is_empty() {
         // Same answer whether the blob does not exist or belongs to someone else.
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -375,20 +459,19 @@ pub async fn get_blob(
             "no blob with this sha256",
         ));
     }
-    let available_on: Vec<&Value> = devices
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|d| d.get("present") == Some(&Value::Bool(true)))
-        .filter_map(|d| d.get("device_id"))
-        .collect();
-    Ok(Json(json!({
-        "sha256": sha256,
-        "meta": meta,
-        "devices": devices,
-        "assets": assets,
-        "available_on": available_on,
-    })))
+    let meta = meta
+        .map(serde_json::value::RawValue::from_string)
+        .transpose()
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(Json(BlobHandle {
+        sha256,
+        meta,
+        devices,
+        devices_truncated,
+        assets,
+        assets_truncated,
+        available_on,
+    }))
 }
 
 /// Paging parameters of the inventory endpoints.
