@@ -597,7 +597,11 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
     let target =
         db::PgTarget::parse(&options.database_url).context("DATABASE_URL cannot be used")?;
     let limits = options.limits;
-    let pool = db::pool(&target, options.pool_size, Some(limits.pool_wait_timeout))?;
+    let pool = db::pool(
+        &target.with_lock_timeout(limits.lock_timeout),
+        options.pool_size,
+        Some(limits.pool_wait_timeout),
+    )?;
     // Snapshots get connections of their own, so they can never take the write path's (docs/decisions.md,
     // "Snapshots never wait for a client while holding a connection"); named so operators can tell them apart.
     let snapshot_pool = db::pool(
@@ -665,7 +669,6 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
             pool.clone(),
             limits.max_db_connections_per_user,
             limits.pool_wait_timeout,
-            limits.lock_timeout,
         )),
         pool,
         probe_pool,

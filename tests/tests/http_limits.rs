@@ -659,6 +659,62 @@ async fn a_batch_waits_for_a_lock_at_most_the_lock_timeout_and_then_did_nothing(
     );
 }
 
+/// An operator's `CREATE INDEX` (here `lock table … in share mode`, the lock it takes) holds a table lock. A batch
+/// whose statements its pooled connection has not prepared yet prepares them before its transaction begins, and
+/// preparing an `UPDATE` takes the table's lock: the transaction-local `lock_timeout` the server used to set in the
+/// transaction's first statement came too late, and such a batch waited for the whole index build (an audit measured
+/// 9 s behind a 9-s lock, with a 5-s timeout). The pool's sessions now carry the timeout from their start.
+#[tokio::test]
+async fn a_statement_new_to_its_connection_waits_for_a_table_lock_at_most_the_lock_timeout() {
+    let env = env_with(Limits {
+        lock_timeout: Some(Duration::from_millis(400)),
+        ..Limits::default()
+    })
+    .await;
+    let user = uuid::Uuid::new_v4();
+    let work = uuid::Uuid::new_v4();
+    let (status, body) = env
+        .batch(
+            user,
+            serde_json::json!([deeprecall_tests::insert(
+                "works",
+                serde_json::json!({ "id": work, "title": "before" })
+            )]),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let locker = env.superuser().await;
+    locker
+        .batch_execute("begin; lock table works in share mode")
+        .await
+        .unwrap();
+    // Without the fix this request waits for the lock; let it go after 5 s so the test fails rather than hangs.
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        locker.batch_execute("commit").await.unwrap();
+    });
+    // `venue`: a column no statement on any pooled connection has updated yet.
+    let update = serde_json::json!([{ "op_id": uuid::Uuid::new_v4(), "table": "works", "kind": "update",
+        "row": { "id": work, "venue": "NeurIPS" } }]);
+    let started = std::time::Instant::now();
+    let (status, body) = env.batch(user, update.clone()).await;
+    let took = started.elapsed();
+    assert_eq!(
+        (status.as_u16(), deeprecall_tests::error_code(&body)),
+        (503, "locked"),
+        "after {took:?}: {body}"
+    );
+    assert!(
+        took < Duration::from_millis(2000),
+        "answered after {took:?}: the lock timeout is 400 ms"
+    );
+    assert_eq!(env.state.user_pool.held_by(user), 0);
+    release.await.unwrap();
+    let (status, body) = env.batch(user, update).await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert_eq!(deeprecall_tests::statuses(&body), ["applied"], "{body}");
+}
+
 /// Posts `body` to `path` as `user` and, once it waits for a lock, ends its Postgres session (57P01, "terminating
 /// connection due to administrator command": what a fast restart or a failover does to every session); returns the
 /// answer's status, `Retry-After` and body.

@@ -150,7 +150,12 @@ const CREATE_LEDGER: &str = "create table if not exists deeprecall_schema_migrat
 )";
 
 /// Applies pending migrations and the policies, under the advisory lock. Safe to run twice or concurrently.
+///
+/// It waits for locks as long as it takes (another server's migration, a table in use), whatever the session's
+/// `lock_timeout` (`serve --migrate` migrates on a connection of the users' pool, which has one), and restores the
+/// session's setting after.
 pub async fn migrate(client: &mut Client) -> Result<MigrateReport, MigrateError> {
+    client.batch_execute("set lock_timeout = 0").await?;
     client
         .execute("select pg_advisory_lock($1)", &[&LOCK_KEY])
         .await?;
@@ -159,8 +164,11 @@ pub async fn migrate(client: &mut Client) -> Result<MigrateReport, MigrateError>
     let unlock = client
         .execute("select pg_advisory_unlock($1)", &[&LOCK_KEY])
         .await;
+    // Back to the value the session started with (its startup options).
+    let reset = client.batch_execute("reset lock_timeout").await;
     let report = result?;
     unlock?;
+    reset?;
     Ok(report)
 }
 

@@ -71,6 +71,28 @@ impl PgTarget {
         target
     }
 
+    /// The same target, its sessions waiting at most `timeout` for any lock (`lock_timeout`, a startup option of
+    /// every session; `None`: no limit). For the pool users' requests draw on (`--lock-timeout-ms`).
+    ///
+    /// Why the session, not each transaction: a connection prepares a statement the first time it runs it, and it
+    /// does so before the transaction begins (the fast path sends `BEGIN` … `COMMIT` in one round trip, and binding
+    /// needs the prepared statement's types). Preparing an `INSERT` or `UPDATE` takes its table's lock, so a
+    /// transaction-local `lock_timeout` set by the transaction's first statement came too late for it: behind an
+    /// operator's `CREATE INDEX`, a batch of a shape its connection had not run yet waited for the whole index build
+    /// (audit of 2026-12-05). Server-wide work on the same pool (the catalog, the ledger pruner, the replicator's
+    /// bookkeeping, admin reports) waits as long too, and retries; migrations lift it ([`migrate::migrate`]).
+    pub fn with_lock_timeout(&self, timeout: Option<std::time::Duration>) -> Self {
+        let mut target = self.clone();
+        if let Some(timeout) = timeout {
+            let ms = (timeout.as_millis() as u64).max(1);
+            let options = target.config.get_options().unwrap_or_default().to_owned();
+            target
+                .config
+                .options(format!("{options} -c lock_timeout={ms}").trim_start());
+        }
+        target
+    }
+
     /// The TLS connector for these settings.
     pub fn connector(&self) -> PgConnector {
         self.connector.clone()
@@ -249,7 +271,6 @@ pub struct Scope<'a> {
     read_only: bool,
     first_reading: &'a [&'a str],
     txid: bool,
-    lock_timeout_ms: Option<u64>,
 }
 
 impl<'a> Scope<'a> {
@@ -277,15 +298,7 @@ impl<'a> Scope<'a> {
             read_only: false,
             first_reading: &[],
             txid: false,
-            lock_timeout_ms: None,
         }
-    }
-
-    /// The transaction waits at most `timeout` for any lock (`lock_timeout`, transaction-local); then its statement
-    /// fails with 55P03, which [`crate::error::from_db`] answers `503 locked`. `None`: as long as it takes.
-    pub fn lock_timeout(mut self, timeout: Option<std::time::Duration>) -> Self {
-        self.lock_timeout_ms = timeout.map(|t| (t.as_millis() as u64).max(1));
-        self
     }
 
     /// A read-only transaction.
@@ -337,10 +350,7 @@ impl<'a> Scope<'a> {
     }
 
     /// The first statement: `select <first_reading…>, [pg_current_xact_id()::text,] set_config('role', $1, true),
-    /// set_config('app.user_id', $2, true)[, set_config('lock_timeout', '<ms>', true)]`, with its parameters
-    /// ([`Scope::head_params`]). The lock timeout is the server's setting, written into the text: one prepared
-    /// statement per connection as before, and no statement of its own (an unprepared `SET` would be parsed in every
-    /// transaction).
+    /// set_config('app.user_id', $2, true)`, with its parameters ([`Scope::head_params`]).
     fn head_sql(&self) -> String {
         let mut sql = String::from("select ");
         for e in self.first_reading {
@@ -351,9 +361,6 @@ impl<'a> Scope<'a> {
             sql.push_str("pg_current_xact_id()::text, ");
         }
         sql.push_str("set_config('role', $1, true), set_config('app.user_id', $2, true)");
-        if let Some(ms) = self.lock_timeout_ms {
-            sql.push_str(&format!(", set_config('lock_timeout', '{ms}', true)"));
-        }
         sql
     }
 }

@@ -40,7 +40,6 @@ pub struct UserPool {
     pool: Pool,
     per_user: Arc<PerUserLimit>,
     wait: Duration,
-    lock_timeout: Option<Duration>,
 }
 
 /// A pooled connection held for one user; derefs to the connection. Dropping it returns the connection to the pool
@@ -53,7 +52,6 @@ pub struct UserConnection {
     place: Option<UserPermit>,
     settled: bool,
     user: Uuid,
-    lock_timeout: Option<Duration>,
 }
 
 /// Why no connection was handed out.
@@ -71,18 +69,13 @@ pub enum UserPoolError {
 
 impl UserPool {
     /// At most `per_user` of `pool`'s connections per user (at least 1); a request waits at most `wait` for both its
-    /// place and its connection, and its transactions at most `lock_timeout` for a lock ([`UserConnection::scope`]).
-    pub fn new(
-        pool: Pool,
-        per_user: usize,
-        wait: Duration,
-        lock_timeout: Option<Duration>,
-    ) -> Self {
+    /// place and its connection. How long its statements wait for a lock is the pool's sessions' `lock_timeout`
+    /// ([`super::PgTarget::with_lock_timeout`]).
+    pub fn new(pool: Pool, per_user: usize, wait: Duration) -> Self {
         Self {
             pool,
             per_user: PerUserLimit::new(per_user),
             wait,
-            lock_timeout,
         }
     }
 
@@ -104,19 +97,18 @@ impl UserPool {
             place: Some(place),
             settled: false,
             user,
-            lock_timeout: self.lock_timeout,
         })
     }
 }
 
 impl UserConnection {
-    /// How this user's transactions on this connection start: as the user ([`Scope::user`]), waiting at most
-    /// `--lock-timeout-ms` for a lock. A share bounds how many connections a user's requests hold; the lock timeout
-    /// bounds for how long, when they wait for a lock that someone else (an operator's `CREATE INDEX`, a forgotten
-    /// open transaction) holds: without it they would hold the user's places, and fill the pool, for as long as the
-    /// lock is held.
+    /// How this user's transactions on this connection start: as the user ([`Scope::user`]). They wait at most
+    /// `--lock-timeout-ms` for a lock, the pool's session setting ([`super::PgTarget::with_lock_timeout`]). A share
+    /// bounds how many connections a user's requests hold; the lock timeout bounds for how long, when they wait for
+    /// a lock that someone else (an operator's `CREATE INDEX`, a forgotten open transaction) holds: without it they
+    /// would hold the user's places, and fill the pool, for as long as the lock is held.
     pub fn scope(&self) -> Scope<'static> {
-        Scope::user(self.user).lock_timeout(self.lock_timeout)
+        Scope::user(self.user)
     }
 
     /// Says that every statement sent on the connection has been answered (the handler awaited them all), so that
