@@ -149,7 +149,8 @@ pub struct LimitArgs {
     /// Most ops in one /v1/batch request, and blobs in one coordination (413 above it).
     #[arg(long, env = "DEEPRECALL_MAX_OPS_PER_BATCH", default_value_t = 1000)]
     pub max_ops_per_batch: usize,
-    /// Most concurrent WebSocket connections (503 above it).
+    /// Most concurrent WebSocket connections and waiting GET /v1/shape requests (initial snapshots, live
+    /// long-polls, SSE streams), counted together; a new one beyond it is answered 503 too_many_connections.
     #[arg(long, env = "DEEPRECALL_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
     /// Most concurrent WebSocket connections of one user; the next one is closed right after the upgrade with
