@@ -176,7 +176,8 @@ fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &traci
 #[derive(Debug, Clone)]
 pub struct ConnectionSlot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
 
-/// hyper's read buffer, which bounds a request's line and header together (431 beyond; a request target over
+/// hyper's read buffer, which bounds a request's line and header together (431 once a read leaves it fuller: hyper
+/// checks between reads, so in practice somewhere between 128 and about 192 KiB; a request target over
 /// 65,534 bytes is hyper's 414 regardless). hyper's default (~400 KiB) let every connection that had not finished
 /// its header hold up to a megabyte of it for `--header-timeout-secs`; 128 KiB is a request target at hyper's limit
 /// plus 64 KiB of headers, far above what browsers send (a few KiB, cookies included).

@@ -19,7 +19,7 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Most ops in one batch (and blobs in one coordination).
     pub max_ops_per_batch: usize,
-    /// Most concurrent WebSocket connections (503 above it).
+    /// Most concurrent WebSocket connections and waiting `GET /v1/shape` requests together (503 above it).
     pub max_connections: usize,
     /// Most concurrent WebSocket connections of one user (the next one is closed with 4029).
     pub max_connections_per_user: usize,
