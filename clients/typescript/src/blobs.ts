@@ -32,13 +32,14 @@ export function chunkBlobs(blobs: readonly BlobReport[], max: number): BlobRepor
 /**
  * Reports blobs for a device. `complete: true` (the list is everything the device holds; the server marks the
  * device's other blobs missing) is only possible in one request: with more blobs than fit, it is refused here
- * rather than silently marking the first requests' blobs missing.
+ * rather than silently marking the first requests' blobs missing. With `asUser`, every request goes out only with a
+ * token of that user (else BlobError `other_user`, nothing sent).
  */
 export async function coordinate(
   transport: Transport,
   deviceId: string,
   blobs: readonly BlobReport[],
-  opts: { complete?: boolean; maxPerRequest?: number } = {},
+  opts: { complete?: boolean; maxPerRequest?: number; asUser?: string } = {},
 ): Promise<CoordinateResult> {
   const max = opts.maxPerRequest ?? 1000;
   const complete = opts.complete ?? false;
@@ -52,7 +53,7 @@ export async function coordinate(
   const total: CoordinateResult = { txids: [], meta_created: 0, meta_updated: 0, devices_upserted: 0, marked_missing: 0 };
   const chunks = blobs.length === 0 ? (complete ? [[]] : []) : chunkBlobs(blobs, max);
   for (const chunk of chunks) {
-    const outcome = await transport.coordinate({ device_id: deviceId, complete, blobs: chunk });
+    const outcome = await transport.coordinate({ device_id: deviceId, complete, blobs: chunk }, opts.asUser);
     if (outcome.kind !== 'ok') fail(outcome);
     const r = outcome.value;
     total.txids.push(r.txid);

@@ -69,9 +69,12 @@ export async function flushGuestWork(input: UpgradeInput): Promise<{ txids: stri
   await outbox.db.state.put({ key: 'upgrade', userId: input.userId, startedAt: Date.now() });
   const blobs = input.localBlobs ? await input.localBlobs() : [];
   if (blobs.length > 0) {
+    // As the user the upgrade is for, like the ops (outbox.sendAs): if the app's token has switched to another
+    // account meanwhile, the guest's blob shells must not become that account's.
     await coordinate(input.transport, input.deviceId, blobs, {
       complete: false,
       maxPerRequest: input.maxBlobsPerRequest ?? 1000,
+      asUser: input.userId,
     });
   }
   // Keep acknowledged ops (marked `acked`) in the guest database until it is deleted: the guest view stays intact
