@@ -7,6 +7,7 @@ export { BlobError } from './blobs.js';
 export { DEFAULT_TABLES, guestDbName, userDbName } from './database.js';
 export type {
   BlobHandle,
+  BlobRejection,
   BlobReport,
   CoordinateResult,
   JsonValue,

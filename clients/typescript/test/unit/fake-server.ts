@@ -213,14 +213,31 @@ export class FakeCoordinateServer {
   readonly devices = new Map<string, Map<string, Row>>();
   /** Every request that reached the server: its body, the token's user, and the answer's status and error. */
   readonly requests: Array<{ user: string; body: CoordinateBody; status: number; error?: { code: string; blob_index?: number } }> = [];
+  /**
+   * What happens to the next requests, one entry each (then `pass`): `drop` never reaches the server (a network
+   * failure), `unavailable` is answered 503 `database_unavailable` (nothing written).
+   */
+  faults: Array<'pass' | 'drop' | 'unavailable'> = [];
   private txid = 5000;
 
-  constructor(public maxBlobs = 1000) {}
+  constructor(
+    public maxBlobs = 1000,
+    /** A check of a newer server that the client does not know: refuses one blob (with `blob_index`). */
+    private readonly refuse: (blob: Record<string, unknown>) => Refusal | undefined = () => undefined,
+  ) {}
 
   readonly fetch = (async (_url: string | URL | Request, init?: RequestInit) => {
     const user = tokenUser(init);
     const body = JSON.parse(String(init?.body)) as CoordinateBody;
-    const answer = this.handle(user, body);
+    const fault = this.faults.shift() ?? 'pass';
+    if (fault === 'drop') throw new TypeError('Failed to fetch');
+    const answer: Answer =
+      fault === 'unavailable'
+        ? { status: 503, body: { error: { code: 'database_unavailable', message: 'the database is unavailable; retry later' } } }
+        : hasLoneSurrogate(body)
+          ? // serde_json refuses a \u escape of half a surrogate pair in a string: the body is not JSON to it.
+            { status: 400, body: { error: { code: 'invalid_json', message: 'request body is not valid JSON: lone leading surrogate in hex escape' } } }
+          : this.handle(user, body);
     const error = (answer.body as { error?: { code: string; blob_index?: number } }).error;
     this.requests.push({ user, body, status: answer.status, ...(error ? { error } : {}) });
     return new Response(JSON.stringify(answer.body), { status: answer.status, headers: { 'content-type': 'application/json' } });
@@ -277,6 +294,8 @@ export class FakeCoordinateServer {
         return err(422, 'invalid_value', 'health must be healthy, missing, modified or relocated', at);
       }
       if (seen.has(sha)) return err(422, 'duplicate_sha256', 'a sha256 appears twice', at);
+      const refusal = this.refuse(b);
+      if (refusal) return err(refusal.status, refusal.code, refusal.message, at);
       seen.add(sha);
     }
     const meta = this.meta.get(user) ?? new Map<string, Row>();
@@ -306,6 +325,13 @@ export class FakeCoordinateServer {
       body: { txid: String(++this.txid), meta_created: created, meta_updated: updated, devices_upserted: blobs.length, marked_missing: 0 },
     };
   }
+}
+
+function hasLoneSurrogate(v: unknown): boolean {
+  if (typeof v === 'string') return /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/.test(v);
+  if (Array.isArray(v)) return v.some(hasLoneSurrogate);
+  if (typeof v === 'object' && v !== null) return Object.values(v).some(hasLoneSurrogate);
+  return false;
 }
 
 /** One fetch for several fake endpoints, chosen by the request path. */

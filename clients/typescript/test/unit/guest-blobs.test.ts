@@ -1,10 +1,12 @@
 // The guest -> user upgrade with the guest's blobs, through the whole client against simulated /v1/blobs/coordinate
-// and /v1/batch endpoints (fake-server.ts): the blob reports go out only as the user the upgrade is for.
+// and /v1/batch endpoints (fake-server.ts): one bad blob report does not block the sign-in (it is repaired or left
+// out, and the app told), a server that takes fewer blobs per request is met by halving, a transient failure still
+// fails the sign-in with nothing left out, and the blob reports go out only as the user the upgrade is for.
 import 'fake-indexeddb/auto';
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { SignInError, createSyncClient } from '../../src/client.js';
-import type { BlobReport, SyncClientOptions } from '../../src/types.js';
+import type { BlobRejection, BlobReport, SyncClientOptions } from '../../src/types.js';
 import { FakeBatchServer, FakeCoordinateServer, routes } from './fake-server.js';
 
 /** A socket that never opens (the user's database stays `connecting`); closed only by the client. */
@@ -34,9 +36,20 @@ function jwt(sub: string, expSecs = 3600): string {
 const sha = (n: number) => n.toString(16).padStart(64, '0');
 
 let devices = 0;
+/** Postgres's answer to an asset whose blob has no `blobs_meta` row (docs/api.md). */
+const ASSET_FK = {
+  status: 422,
+  code: 'foreign_key_violation',
+  message: 'insert or update on table "assets" violates foreign key constraint "assets_owner_id_sha256_fkey" (Key is not present in table "blobs_meta".)',
+};
+
 function setup(opts: { getToken: () => string | null; localBlobs?: () => Promise<BlobReport[]>; maxBlobs?: number; extra?: Partial<SyncClientOptions> }) {
-  const batch = new FakeBatchServer();
   const blobs = new FakeCoordinateServer(opts.maxBlobs);
+  // assets (owner_id, sha256) references blobs_meta: an asset needs its blob's shell (tests sign in one user).
+  const hasShell = (sha256: unknown) => [...blobs.meta.values()].some((m) => m.has(String(sha256)));
+  const batch = new FakeBatchServer((op) =>
+    op.table === 'assets' && (op.kind === 'insert' || op.kind === 'upsert') && !hasShell(op.row['sha256']) ? ASSET_FK : undefined,
+  );
   const options: SyncClientOptions = {
     url: 'http://sync.test',
     deviceId: `22222222-3333-4444-8555-${String(++devices).padStart(12, '0')}`,
@@ -50,13 +63,14 @@ function setup(opts: { getToken: () => string | null; localBlobs?: () => Promise
   return { batch, blobs, options };
 }
 
-test('the upgrade reports the guest\'s blobs only with a token of the user it is for, like its ops', async () => {
+test('the upgrade reports the guest\'s blobs only with a token of the user it is for, like its ops', async (ctx) => {
   // getToken() answers for user-1 when signIn() asks, and for user-2 from then on (the app switched accounts during
   // the upgrade); user-1's token is due for replacement at once, so the coordinate request asks again.
   let tokens: Array<string | null> = [null];
   const next = () => (tokens.length > 1 ? tokens.shift()! : tokens[0]!);
   const t = setup({ getToken: next, localBlobs: async () => [{ sha256: sha(1), size: 10 }] });
   const c = await createSyncClient(t.options);
+  ctx.after(() => c.close()); // also when an assertion fails (its timers would keep the run alive)
   await c.write({ table: 'works', kind: 'insert', row: { title: 'guest work' } });
   tokens = [jwt('user-1', 0), jwt('user-2')];
   const err = await c.signIn().then(() => null, (e: unknown) => e);
@@ -72,5 +86,65 @@ test('the upgrade reports the guest\'s blobs only with a token of the user it is
   assert.equal(c.userId, 'user-1');
   assert.deepEqual(t.blobs.requests.map((r) => r.user), ['user-1']);
   assert.deepEqual(t.blobs.shas('user-1'), [sha(1)]);
+  await c.close();
+});
+
+test('bad blob reports and a server that takes fewer blobs per request do not block the sign-in; the app is told', async (ctx) => {
+  let token: string | null = null;
+  const asset = sha(1);
+  const many: BlobReport[] = Array.from({ length: 600 }, (_, i) => ({ sha256: sha(i + 1), size: i + 1, mime: 'application/pdf' }));
+  const bad: BlobReport[] = [
+    { sha256: sha(1000), size: 5, page_count: -1 }, // 422 invalid_value: page_count must be >= 0
+    { sha256: sha(1), size: 1 }, // 422 duplicate_sha256 (says less than the first report of sha(1))
+    { sha256: 'ABCDEF'.repeat(10) + 'ABCD', size: 7 }, // 422 invalid_sha256: upper case
+    { sha256: sha(1001), size: 8, path: '/cas/\u0000' }, // 422 invalid_value: NUL in path
+    { sha256: 'not a hash', size: 9 },
+  ];
+  // The server takes 500 blobs per request; the client is configured for 1000 (the default).
+  const t = setup({ getToken: () => token, localBlobs: async () => [...many, ...bad], maxBlobs: 500 });
+  const c = await createSyncClient(t.options);
+  ctx.after(() => c.close()); // also when an assertion fails (its timers would keep the run alive)
+  const told: BlobRejection[] = [];
+  c.on('blobRejected', (r) => told.push(r));
+  const [a] = await c.write({ table: 'assets', kind: 'insert', row: { sha256: asset, title: 'paper' } });
+  token = jwt('user-1');
+  await c.signIn();
+  assert.equal(c.userId, 'user-1', 'signed in');
+  assert.equal(t.blobs.shas('user-1').length, 603, '600 + page_count repaired + sha256 lowered + path left out');
+  assert.ok(t.blobs.shas('user-1').includes('abcdef'.repeat(10) + 'abcd'));
+  assert.equal(t.blobs.meta.get('user-1')!.get(sha(1000))!['page_count'], null);
+  assert.deepEqual(t.blobs.requests.map((r) => [(r.body.blobs as unknown[]).length, r.status]), [[603, 413], [301, 200], [301, 200], [1, 200]], 'halved after the 413');
+  assert.ok(t.batch.table('assets').has(a!.rowId), 'the guest\'s asset arrived (its shell was reported)');
+  // Told: the duplicate (merged), page_count and the path (left out of their reports), the report that is no sha256
+  // (not sent). The sha256 in upper case is simply sent in lower case.
+  assert.deepEqual(told.map((r) => [r.code, r.blob.sha256, r.sent === null]), [
+    ['invalid_sha256', 'not a hash', true],
+    ['invalid_value', sha(1000), false],
+    ['invalid_value', sha(1001), false],
+    ['duplicate_sha256', sha(1), false],
+  ]);
+  await c.close();
+});
+
+test('a blob report refused for a reason not tied to one blob (503, network) still fails the sign-in, and nothing is left out', async (ctx) => {
+  let token: string | null = null;
+  const t = setup({ getToken: () => token, localBlobs: async () => [{ sha256: sha(1), size: 1 }] });
+  const c = await createSyncClient(t.options);
+  ctx.after(() => c.close()); // also when an assertion fails (its timers would keep the run alive)
+  const told: BlobRejection[] = [];
+  c.on('blobRejected', (r) => told.push(r));
+  await c.write({ table: 'assets', kind: 'insert', row: { sha256: sha(1) } });
+  token = jwt('user-1');
+  t.blobs.faults = ['unavailable'];
+  await assert.rejects(c.signIn(), (e: unknown) => e instanceof SignInError && e.code === 'database_unavailable');
+  t.blobs.faults = ['drop'];
+  await assert.rejects(c.signIn(), (e: unknown) => e instanceof SignInError && e.code === 'network');
+  assert.equal(c.userId, null);
+  assert.equal(t.batch.requests.length, 0, 'no op is sent before the blobs are reported');
+  await c.signIn();
+  assert.equal(c.userId, 'user-1');
+  assert.deepEqual(t.blobs.shas('user-1'), [sha(1)]);
+  assert.equal(t.batch.table('assets').size, 1);
+  assert.deepEqual(told, []);
   await c.close();
 });
