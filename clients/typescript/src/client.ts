@@ -19,6 +19,7 @@ import type {
   BlobReport,
   CoordinateResult,
   Rejection,
+  Repair,
   Row,
   SyncClientOptions,
   SyncErrorEvent,
@@ -39,6 +40,11 @@ export interface SyncEvents {
    * another report of its sha256, or left out (`sent: null`). The other reports went on.
    */
   blobRejected: BlobRejection;
+  /**
+   * A write the server refused was changed and sent again instead of dropped: an annotation naming an asset the
+   * server does not have goes with `asset_id: null` (its other columns, `sha256` included, unchanged).
+   */
+  repaired: Repair;
   /** Something went wrong that is not one op's fault (the client retries where it can). */
   error: SyncErrorEvent;
   /** A transaction from the stream was applied to the local database. */
@@ -489,6 +495,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
         this.events.emit('applied', e);
       }),
       outboxEvents.on('rejected', (r) => this.events.emit('rejected', r)),
+      outboxEvents.on('repaired', (r) => this.events.emit('repaired', r)),
       outboxEvents.on('error', (e) => this.events.emit('error', e)),
       outboxEvents.on('acked', () => {
         this.stats.batchesSent++;
@@ -674,7 +681,10 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       const writer = new SerialQueue();
       const applier = new Applier(guestDb, writer, new Emitter<ApplierEvents>());
       const outboxEvents = new Emitter<OutboxEvents>();
-      const off = outboxEvents.on('rejected', (r) => this.events.emit('rejected', r));
+      const offs = [
+        outboxEvents.on('rejected', (r) => this.events.emit('rejected', r)),
+        outboxEvents.on('repaired', (r) => this.events.emit('repaired', r)),
+      ];
       const outbox = new Outbox({
         db: guestDb,
         transport: this.transport,
@@ -717,7 +727,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
           retrying: true,
         });
       } finally {
-        off();
+        for (const off of offs) off();
         outbox.stop();
       }
     })().finally(() => {

@@ -13,6 +13,7 @@ export type {
   JsonValue,
   OpKind,
   Rejection,
+  Repair,
   Row,
   SyncClientOptions,
   SyncErrorEvent,

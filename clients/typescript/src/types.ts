@@ -52,6 +52,27 @@ export interface Rejection {
   status: number;
 }
 
+/**
+ * A write the server refused that the client changed and sent again instead of dropping it (event `repaired`).
+ * Today one case: an annotation whose `asset_id` names an asset the server does not have (its insert was refused, e.g.
+ * for want of its blob's shell, or it was deleted on another device) is sent with `asset_id: null`, keeping
+ * everything else (`sha256`, `work_id`, `page`, `geometry`, …), as Postgres itself does when an asset is deleted.
+ */
+export interface Repair {
+  /** The op as it was queued. */
+  op: { opId: string; table: string; kind: OpKind; row: Row };
+  table: string;
+  rowId: string;
+  /** The row as it is sent now (same op id, same seq). */
+  row: Row;
+  /** The server's code for the refusal that led to the repair, e.g. `foreign_key_violation`. */
+  code: string;
+  /** What was changed and why, with the server's message. */
+  message: string;
+  /** HTTP status of the refusal. */
+  status: number;
+}
+
 /** A problem the client cannot attribute to one op; it keeps retrying where that makes sense. */
 export interface SyncErrorEvent {
   /** Where it happened. */

@@ -41,8 +41,11 @@ export class FakeBatchServer {
   private txid = 1000;
 
   constructor(
-    /** Refuses an op when Postgres would run it (only ops not applied before), e.g. a constraint. */
-    private readonly refuse: (op: BatchOp) => Refusal | undefined = () => undefined,
+    /**
+     * Refuses an op when Postgres would run it (only ops not applied before), e.g. a constraint; `table` reads the
+     * rows as the batch has left them so far (a foreign key to a row inserted earlier in the same batch holds).
+     */
+    private readonly refuse: (op: BatchOp, table: (name: string) => Map<string, Row>) => Refusal | undefined = () => undefined,
     /** Refuses an op before anything runs (every op of the batch, duplicates included), e.g. a bad value. */
     private readonly invalid: (op: BatchOp) => Refusal | undefined = () => undefined,
   ) {}
@@ -138,7 +141,7 @@ export class FakeBatchServer {
         results.push({ op_id: op.op_id, ...withSeq, status: 'duplicate' });
         continue;
       }
-      const refusal = this.refuse(op);
+      const refusal = this.refuse(op, tableOf);
       if (refusal) return err(refusal.status, refusal.code, refusal.message, { op_index: i });
       const t = tableOf(op.table);
       const id = String(op.row['id']);

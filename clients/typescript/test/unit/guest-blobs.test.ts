@@ -1,12 +1,13 @@
 // The guest -> user upgrade with the guest's blobs, through the whole client against simulated /v1/blobs/coordinate
 // and /v1/batch endpoints (fake-server.ts): one bad blob report does not block the sign-in (it is repaired or left
 // out, and the app told), a server that takes fewer blobs per request is met by halving, a transient failure still
-// fails the sign-in with nothing left out, and the blob reports go out only as the user the upgrade is for.
+// fails the sign-in with nothing left out, and the blob reports go out only as the user the upgrade is for. A guest's
+// asset whose blob has no shell is refused, but the annotations on it are not lost: they go with asset_id null.
 import 'fake-indexeddb/auto';
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { SignInError, createSyncClient } from '../../src/client.js';
-import type { BlobRejection, BlobReport, SyncClientOptions } from '../../src/types.js';
+import type { BlobRejection, BlobReport, Rejection, Repair, SyncClientOptions } from '../../src/types.js';
 import { FakeBatchServer, FakeCoordinateServer, routes } from './fake-server.js';
 
 /** A socket that never opens (the user's database stays `connecting`); closed only by the client. */
@@ -43,13 +44,26 @@ const ASSET_FK = {
   message: 'insert or update on table "assets" violates foreign key constraint "assets_owner_id_sha256_fkey" (Key is not present in table "blobs_meta".)',
 };
 
+/** Postgres's answer to an annotation whose asset_id names no asset (with row-level security: no key values). */
+const ANNOTATION_FK = {
+  status: 422,
+  code: 'foreign_key_violation',
+  message: 'insert or update on table "annotations" violates foreign key constraint "annotations_owner_id_asset_id_fkey" (Key is not present in table "assets".)',
+};
+
 function setup(opts: { getToken: () => string | null; localBlobs?: () => Promise<BlobReport[]>; maxBlobs?: number; extra?: Partial<SyncClientOptions> }) {
   const blobs = new FakeCoordinateServer(opts.maxBlobs);
-  // assets (owner_id, sha256) references blobs_meta: an asset needs its blob's shell (tests sign in one user).
+  // assets (owner_id, sha256) references blobs_meta: an asset needs its blob's shell (tests sign in one user);
+  // annotations (owner_id, asset_id) references assets.
   const hasShell = (sha256: unknown) => [...blobs.meta.values()].some((m) => m.has(String(sha256)));
-  const batch = new FakeBatchServer((op) =>
-    op.table === 'assets' && (op.kind === 'insert' || op.kind === 'upsert') && !hasShell(op.row['sha256']) ? ASSET_FK : undefined,
-  );
+  const batch = new FakeBatchServer((op, table) => {
+    const writes = op.kind === 'insert' || op.kind === 'upsert' || op.kind === 'update';
+    if (op.table === 'assets' && writes && op.row['sha256'] !== undefined && !hasShell(op.row['sha256'])) return ASSET_FK;
+    const asset = op.row['asset_id'];
+    const known = (id: string) => [...table('assets').keys()].some((k) => k.toLowerCase() === id.toLowerCase()); // uuid
+    if (op.table === 'annotations' && writes && typeof asset === 'string' && !known(asset)) return ANNOTATION_FK;
+    return undefined;
+  });
   const options: SyncClientOptions = {
     url: 'http://sync.test',
     deviceId: `22222222-3333-4444-8555-${String(++devices).padStart(12, '0')}`,
@@ -147,4 +161,63 @@ test('a blob report refused for a reason not tied to one blob (503, network) sti
   assert.equal(t.batch.table('assets').size, 1);
   assert.deepEqual(told, []);
   await c.close();
+});
+
+test('a guest\'s asset without its blob\'s shell is refused, but its highlights survive: they go with asset_id null', async (ctx) => {
+  let token: string | null = null;
+  // No localBlobs: the app did not configure it (or the file left the CAS before the sign-in).
+  const t = setup({ getToken: () => token });
+  const c = await createSyncClient(t.options);
+  ctx.after(() => c.close());
+  const rejected: Rejection[] = [];
+  const repaired: Repair[] = [];
+  c.onRejected((r) => rejected.push(r));
+  c.on('repaired', (r) => repaired.push(r));
+  const [w] = await c.write({ table: 'works', kind: 'insert', row: { title: 'Deep learning' } });
+  const [a] = await c.write({ table: 'assets', kind: 'insert', row: { sha256: sha(9), work_id: w!.rowId } });
+  const geometry = { rects: [{ x: 1, y: 2, w: 3, h: 4 }] };
+  const [h1, h2, note] = await c.write([
+    { table: 'annotations', kind: 'insert', row: { work_id: w!.rowId, asset_id: a!.rowId, sha256: sha(9), page: 2, geometry, quote: 'deep' } },
+    { table: 'annotations', kind: 'insert', row: { work_id: w!.rowId, asset_id: a!.rowId, sha256: sha(9), page: 3, quote: 'learning' } },
+    { table: 'annotations', kind: 'insert', row: { work_id: w!.rowId, page: 4, kind: 'note', body: 'no asset' } },
+  ]);
+  await c.write({ table: 'annotations', kind: 'update', row: { id: h2!.rowId, color: 'yellow' } });
+  token = jwt('user-1');
+  await c.signIn();
+  assert.equal(c.userId, 'user-1');
+  assert.deepEqual(rejected.map((r) => [r.table, r.rowId, r.code]), [['assets', a!.rowId, 'foreign_key_violation']], 'the asset\'s refusal is told as before');
+  const anns = t.batch.table('annotations');
+  assert.deepEqual([...anns.keys()].sort(), [h1!.rowId, h2!.rowId, note!.rowId].sort(), 'no highlight lost');
+  assert.deepEqual(anns.get(h1!.rowId), {
+    id: h1!.rowId, work_id: w!.rowId, asset_id: null, sha256: sha(9), page: 2, geometry, quote: 'deep',
+  });
+  assert.equal(anns.get(h2!.rowId)!['asset_id'], null);
+  assert.equal(anns.get(h2!.rowId)!['sha256'], sha(9));
+  assert.equal(anns.get(h2!.rowId)!['color'], 'yellow', 'the later update of the highlight went through too');
+  assert.deepEqual(repaired.map((r) => [r.rowId, r.op.row['asset_id'], r.row['asset_id'], r.code]), [
+    [h1!.rowId, a!.rowId, null, 'foreign_key_violation'],
+    [h2!.rowId, a!.rowId, null, 'foreign_key_violation'],
+  ]);
+  // The seqs stayed contiguous: every op once, one request refused per repair or rejection.
+  assert.equal(new Set(t.batch.applied).size, t.batch.applied.length);
+  assert.deepEqual(t.batch.requests.map((r) => r.status), [422, 422, 200]);
+});
+
+test('only the annotations before the asset is created lose their asset_id; those after it keep it', async (ctx) => {
+  let token: string | null = null;
+  const t = setup({ getToken: () => token, localBlobs: async () => [{ sha256: sha(9), size: 1 }] });
+  const c = await createSyncClient(t.options);
+  ctx.after(() => c.close());
+  const asset = 'aaaaaaaa-4444-4555-8666-bbbbbbbbbbbb';
+  // Written in the wrong order by the app: a highlight naming the asset (in upper case: a uuid all the same) before
+  // the asset itself.
+  const [early] = await c.write({ table: 'annotations', kind: 'insert', row: { asset_id: asset.toUpperCase(), sha256: sha(9), page: 1 } });
+  await c.write({ table: 'assets', kind: 'insert', row: { id: asset, sha256: sha(9) } });
+  const [late] = await c.write({ table: 'annotations', kind: 'insert', row: { asset_id: asset.toUpperCase(), sha256: sha(9), page: 2 } });
+  token = jwt('user-1');
+  await c.signIn();
+  const anns = t.batch.table('annotations');
+  assert.equal(anns.get(early!.rowId)!['asset_id'], null);
+  assert.ok(t.batch.table('assets').has(asset));
+  assert.equal(anns.get(late!.rowId)!['asset_id'], asset.toUpperCase(), 'after the asset\'s insert: unchanged');
 });
