@@ -420,10 +420,9 @@ export class Outbox {
           };
         }
         const asset = missingAsset(op, outcome.error);
-        if (asset !== null) {
-          await this.detachAsset(op, asset, outcome.status, outcome.error);
-          return { kind: 'progress' };
-        }
+        // Changes at least the refused op (still pending: this tab holds the outbox lock); if it did not, the
+        // resend would meet the same refusal, so the op is rejected instead.
+        if (asset !== null && (await this.detachAsset(op, asset, outcome.status, outcome.error)) > 0) return { kind: 'progress' };
         await this.reject(op, outcome.status, outcome.error);
         return { kind: 'progress' };
       }
@@ -494,9 +493,9 @@ export class Outbox {
    * The annotations keep their `sha256`, `work_id`, geometry and the rest, as Postgres does when an asset is deleted
    * (`on delete set null (asset_id)`). The ops keep their op ids and seqs: the server recorded nothing of the refused
    * request, and a copy of it arriving late is answered `duplicate` like any resend. Each changed op is told through
-   * `repaired`.
+   * `repaired`. Resolves with the number of ops changed.
    */
-  private async detachAsset(refused: OutboxRecord, assetId: string, status: number, error: ServerError): Promise<void> {
+  private async detachAsset(refused: OutboxRecord, assetId: string, status: number, error: ServerError): Promise<number> {
     const db = this.db;
     const changed = await this.writer.run(() =>
       db.transaction('rw', [db.table(OUTBOX), db.table(LOCAL), ...db.syncedTables.map((t) => db.table(t))], async () => {
@@ -525,6 +524,7 @@ export class Outbox {
         status,
       });
     }
+    return changed.length;
   }
 
   /**
