@@ -31,7 +31,7 @@ async function getToken() {
 }
 
 const $ = (id) => document.getElementById(id);
-const events = { rejected: [], errors: [], states: [] };
+const events = { rejected: [], repaired: [], blobRejected: [], errors: [], states: [] };
 
 if ('serviceWorker' in navigator) {
   // Lets the page (and this script) load while offline: reloads keep working, the outbox waits in IndexedDB.
@@ -42,6 +42,8 @@ const sync = await createSyncClient({
   url: api,
   deviceId,
   getToken,
+  // This page keeps no files, so its CAS is empty; the end-to-end tests set window.app.localBlobs to report some.
+  localBlobs: async () => (window.app?.localBlobs ? window.app.localBlobs() : []),
   ...(batch ? { maxOpsPerBatch: Number(batch) } : {}),
 });
 
@@ -125,6 +127,8 @@ sync.onRejected((r) => {
   li.dataset.code = r.code;
   $('rejections').append(li);
 });
+sync.on('repaired', (r) => events.repaired.push(r));
+sync.on('blobRejected', (r) => events.blobRejected.push(r));
 sync.on('error', (e) => events.errors.push(e));
 
 $('add').onsubmit = async (ev) => {

@@ -3,7 +3,7 @@
 // offline and while the stream is down), or fetched from the server.
 
 import type { Outcome, Transport } from './transport.js';
-import type { BlobHandle, BlobReport, CoordinateResult, JsonValue, Row } from './types.js';
+import type { BlobHandle, BlobRejection, BlobReport, CoordinateResult, JsonValue, Row } from './types.js';
 
 /** A failed blob request. */
 export class BlobError extends Error {
@@ -29,39 +29,195 @@ export function chunkBlobs(blobs: readonly BlobReport[], max: number): BlobRepor
   return out;
 }
 
+const SHA256 = /^[0-9a-fA-F]{64}$/;
+const I32_MAX = 2_147_483_647;
+const HEALTH = new Set(['healthy', 'missing', 'modified', 'relocated']);
+const COUNTS = ['page_count', 'image_width', 'image_height'] as const;
+const TEXTS = ['mime', 'filename', 'path'] as const;
+/** A UTF-16 surrogate without its other half: JSON escapes it, and the server's JSON parser refuses the whole body. */
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+
+/** A report as it will be sent, with the app's original and what was changed in it. */
+export interface PreparedBlob {
+  report: BlobReport;
+  original: BlobReport;
+  /** Fields removed because the server would refuse them (their message), empty when sent as given. */
+  cleaned: string[];
+}
+
 /**
- * Reports blobs for a device. `complete: true` (the list is everything the device holds; the server marks the
- * device's other blobs missing) is only possible in one request: with more blobs than fit, it is refused here
- * rather than silently marking the first requests' blobs missing.
+ * Pure: one report as `/v1/blobs/coordinate` accepts it (docs/api.md; the server's `DeviceBlobReport::check`), or
+ * why it cannot be sent. Only what is certain is repaired: a sha256 in upper case is lowered; an optional field the
+ * server would refuse (`page_count: -1`, a `path` holding U+0000, a number where a string belongs) is left out, as
+ * if unknown; fields a report does not have are not sent (the server refuses unknown fields). A report whose
+ * sha256 or size is wrong, or whose `health` is none of the four, is not sent at all (what it should say is not
+ * known).
+ */
+export function prepareBlobReport(input: BlobReport): PreparedBlob | { refused: { code: string; message: string } } {
+  const b = input as unknown as { [k: string]: unknown };
+  if (typeof b !== 'object' || b === null || Array.isArray(b)) {
+    return { refused: { code: 'invalid_request', message: 'a blob report must be an object' } };
+  }
+  const sha = b['sha256'];
+  if (typeof sha !== 'string' || !SHA256.test(sha)) {
+    return { refused: { code: 'invalid_sha256', message: 'sha256 must be 64 hexadecimal characters' } };
+  }
+  const size = b['size'];
+  if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0) {
+    return { refused: { code: 'invalid_value', message: 'size must be an integer >= 0' } };
+  }
+  const health = b['health'];
+  if (health !== undefined && health !== null && !(typeof health === 'string' && HEALTH.has(health))) {
+    return { refused: { code: 'invalid_value', message: 'health must be healthy, missing, modified or relocated' } };
+  }
+  const report: BlobReport = { sha256: sha.toLowerCase(), size };
+  const cleaned: string[] = [];
+  for (const k of TEXTS) {
+    const v = b[k];
+    if (v === undefined) continue;
+    if (v === null || (typeof v === 'string' && !v.includes('\0') && !LONE_SURROGATE.test(v))) report[k] = v;
+    else cleaned.push(`${k} must be text without the character U+0000 or a lone surrogate (left out)`);
+  }
+  for (const k of COUNTS) {
+    const v = b[k];
+    if (v === undefined) continue;
+    if (v === null || (typeof v === 'number' && Number.isInteger(v) && v >= 0 && v <= I32_MAX)) report[k] = v;
+    else cleaned.push(`${k} must be an integer from 0 to ${I32_MAX} (left out)`);
+  }
+  if (health !== undefined) report.health = health as BlobReport['health'];
+  return { report, original: input, cleaned };
+}
+
+/** How much a report says: its optional fields that are set. */
+function known(r: BlobReport): number {
+  return [...TEXTS, ...COUNTS, 'health' as const].filter((k) => r[k] !== undefined && r[k] !== null).length;
+}
+
+/**
+ * Pure: the reports to send, at most one per sha256 (the server refuses a request that names one twice), and a
+ * BlobRejection for each report not sent as given. Of two reports of one sha256 the one that says more is kept (the
+ * first on a tie) and the other is told as `duplicate_sha256`, with `sent` the report kept.
+ */
+export function prepareBlobReports(blobs: readonly BlobReport[]): { prepared: PreparedBlob[]; refused: BlobRejection[] } {
+  const prepared: PreparedBlob[] = [];
+  const refused: BlobRejection[] = [];
+  const bySha = new Map<string, number>();
+  const duplicates: PreparedBlob[] = [];
+  for (const blob of blobs) {
+    const p = prepareBlobReport(blob);
+    if ('refused' in p) {
+      refused.push({ blob, sent: null, ...p.refused, status: 0 });
+      continue;
+    }
+    const at = bySha.get(p.report.sha256);
+    if (at === undefined) {
+      bySha.set(p.report.sha256, prepared.length);
+      prepared.push(p);
+    } else if (known(p.report) > known(prepared[at]!.report)) {
+      duplicates.push(prepared[at]!);
+      prepared[at] = p;
+    } else {
+      duplicates.push(p);
+    }
+  }
+  for (const p of prepared) {
+    if (p.cleaned.length > 0) refused.push({ blob: p.original, sent: p.report, code: 'invalid_value', message: p.cleaned.join('; '), status: 0 });
+  }
+  for (const d of duplicates) {
+    const kept = prepared[bySha.get(d.report.sha256)!]!.report;
+    refused.push({ blob: d.original, sent: kept, code: 'duplicate_sha256', message: 'a sha256 appears twice; the report that says more was sent', status: 0 });
+  }
+  return { prepared, refused };
+}
+
+export interface CoordinateOptions {
+  /** The list is everything the device holds (one request; the server marks the device's other blobs missing). */
+  complete?: boolean;
+  /** Blobs per request (the server's `--max-ops-per-batch`); a 413 halves it for the rest of the call. */
+  maxPerRequest?: number;
+  /** Sent only with a token of this user (else BlobError `other_user`, nothing sent). */
+  asUser?: string;
+  /** Told of every report not sent as given (`blobRejected`). */
+  onRefused?: (rejection: BlobRejection) => void;
+}
+
+/**
+ * Reports blobs for a device, in requests of at most `maxPerRequest` blobs. Each report is checked first
+ * (`prepareBlobReports`): one the server would refuse is repaired where that is certain, else left out, and either
+ * way `onRefused` is told. A request the server refuses because of one blob (422 with `blob_index`) is sent again
+ * without it (told likewise), and a 413 halves the requests; so one bad report cannot block the others, or the guest
+ * upgrade, for ever. Any other refusal, a network failure or a 5xx throws BlobError: nothing is left out for it, and
+ * the call can simply be made again.
+ *
+ * `complete: true` (the list is everything the device holds) is only possible in one request, and with nothing left
+ * out: a blob missing from the list would be marked missing on the device. Then a report that cannot be sent throws
+ * BlobError (nothing sent), as do more blobs than fit in a request and a 413.
  */
 export async function coordinate(
   transport: Transport,
   deviceId: string,
   blobs: readonly BlobReport[],
-  opts: { complete?: boolean; maxPerRequest?: number } = {},
+  opts: CoordinateOptions = {},
 ): Promise<CoordinateResult> {
-  const max = opts.maxPerRequest ?? 1000;
+  let max = Math.max(1, opts.maxPerRequest ?? 1000);
   const complete = opts.complete ?? false;
-  if (complete && blobs.length > max) {
-    throw new BlobError(
-      'too_many_blobs',
-      `complete: true needs all blobs in one request (at most ${max}); report them with complete: false`,
-      0,
-    );
+  if (!Array.isArray(blobs)) throw new TypeError('coordinate: blobs must be an array of BlobReport');
+  const { prepared, refused } = prepareBlobReports(blobs);
+  if (complete) {
+    const dropped = refused.find((r) => r.sent === null);
+    if (dropped) {
+      throw new BlobError(dropped.code, `complete: true needs every blob of the device, and one cannot be sent: ${dropped.message} (sha256 ${String(dropped.blob?.sha256)})`, 0);
+    }
+    if (prepared.length > max) {
+      throw new BlobError(
+        'too_many_blobs',
+        `complete: true needs all blobs in one request (at most ${max}); report them with complete: false`,
+        0,
+      );
+    }
   }
+  for (const r of refused) opts.onRefused?.(r);
   const total: CoordinateResult = { txids: [], meta_created: 0, meta_updated: 0, devices_upserted: 0, marked_missing: 0 };
-  const chunks = blobs.length === 0 ? (complete ? [[]] : []) : chunkBlobs(blobs, max);
-  for (const chunk of chunks) {
-    const outcome = await transport.coordinate({ device_id: deviceId, complete, blobs: chunk });
-    if (outcome.kind !== 'ok') fail(outcome);
-    const r = outcome.value;
-    total.txids.push(r.txid);
-    total.meta_created += r.meta_created;
-    total.meta_updated += r.meta_updated;
-    total.devices_upserted += r.devices_upserted;
-    total.marked_missing += r.marked_missing;
+  const queue = [...prepared];
+  // With complete: true one request, even an empty one; otherwise none for no blobs.
+  for (let i = 0; i < queue.length || (complete && total.txids.length === 0); ) {
+    const chunk = queue.slice(i, i + max);
+    const outcome = await transport.coordinate({ device_id: deviceId, complete, blobs: chunk.map((p) => p.report) }, opts.asUser);
+    if (outcome.kind === 'ok') {
+      const r = outcome.value;
+      total.txids.push(r.txid);
+      total.meta_created += r.meta_created;
+      total.meta_updated += r.meta_updated;
+      total.devices_upserted += r.devices_upserted;
+      total.marked_missing += r.marked_missing;
+      i += chunk.length;
+      continue;
+    }
+    if (complete) fail(outcome);
+    if (outcome.kind === 'too_large') {
+      if (chunk.length > 1) {
+        // The server takes fewer blobs per request (or bytes per body) than configured: halve, as /v1/batch does.
+        max = Math.max(1, Math.floor(chunk.length / 2));
+        continue;
+      }
+      // One report alone is too large for a request (a path of megabytes): it cannot be sent, ever.
+      leaveOut(queue, i, outcome.status, outcome.error, opts);
+      continue;
+    }
+    const index = outcome.kind === 'rejected' ? outcome.error.blob_index : undefined;
+    if (outcome.kind === 'rejected' && index !== undefined && Number.isInteger(index) && index >= 0 && index < chunk.length) {
+      // The server recorded nothing of the request: send it again without that blob.
+      leaveOut(queue, i + index, outcome.status, outcome.error, opts);
+      continue;
+    }
+    fail(outcome);
   }
   return total;
+}
+
+function leaveOut(queue: PreparedBlob[], at: number, status: number, error: { code: string; message: string }, opts: CoordinateOptions): void {
+  const [p] = queue.splice(at, 1);
+  if (p) opts.onRefused?.({ blob: p.original, sent: null, code: error.code, message: error.message, status });
 }
 
 const str = (v: JsonValue | undefined): string => (typeof v === 'string' ? v : '');

@@ -15,9 +15,11 @@ import { TokenSource } from './token.js';
 import { Transport } from './transport.js';
 import type {
   BlobHandle,
+  BlobRejection,
   BlobReport,
   CoordinateResult,
   Rejection,
+  Repair,
   Row,
   SyncClientOptions,
   SyncErrorEvent,
@@ -33,6 +35,16 @@ export interface SyncEvents {
   state: SyncState;
   /** A write was refused by the server; it is gone from the outbox and its local effect undone. */
   rejected: Rejection;
+  /**
+   * A blob report (`localBlobs()` at sign-in, or `blobs.coordinate()`) was not sent as given: repaired, merged with
+   * another report of its sha256, or left out (`sent: null`). The other reports went on.
+   */
+  blobRejected: BlobRejection;
+  /**
+   * A write the server refused was changed and sent again instead of dropped: an annotation naming an asset the
+   * server does not have goes with `asset_id: null` (its other columns, `sha256` included, unchanged).
+   */
+  repaired: Repair;
   /** Something went wrong that is not one op's fault (the client retries where it can). */
   error: SyncErrorEvent;
   /** A transaction from the stream was applied to the local database. */
@@ -332,9 +344,16 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
 
   /** Blob helpers. */
   readonly blobs = {
-    /** Reports blobs of a device's CAS through /v1/blobs/coordinate (chunked). Needs a signed-in user. */
+    /**
+     * Reports blobs of a device's CAS through /v1/blobs/coordinate (chunked). Needs a signed-in user. Reports that
+     * cannot be sent as given are repaired or left out and told through `blobRejected` (blobs.ts, `coordinate`).
+     */
     coordinate: (deviceId: string, blobs: BlobReport[], opts: { complete?: boolean } = {}): Promise<CoordinateResult> =>
-      coordinate(this.transport, deviceId, blobs, { ...opts, maxPerRequest: this.options.maxOpsPerBatch ?? 1000 }),
+      coordinate(this.transport, deviceId, blobs, {
+        ...(opts.complete !== undefined ? { complete: opts.complete } : {}),
+        maxPerRequest: this.options.maxOpsPerBatch ?? 1000,
+        onRefused: (r) => this.events.emit('blobRejected', r),
+      }),
     /** The merged BlobHandle from the local tables (works offline and for guests). */
     handle: async (sha256: string): Promise<BlobHandle> => {
       const rows = async (t: string): Promise<Row[]> => (this.tables.includes(t) ? this.rows(t as Extract<keyof Schema, string>) : []);
@@ -476,6 +495,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
         this.events.emit('applied', e);
       }),
       outboxEvents.on('rejected', (r) => this.events.emit('rejected', r)),
+      outboxEvents.on('repaired', (r) => this.events.emit('repaired', r)),
       outboxEvents.on('error', (e) => this.events.emit('error', e)),
       outboxEvents.on('acked', () => {
         this.stats.batchesSent++;
@@ -580,6 +600,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
         userId,
         ...(this.options.localBlobs ? { localBlobs: this.options.localBlobs } : {}),
         maxBlobsPerRequest: this.options.maxOpsPerBatch ?? 1000,
+        onBlobRefused: (r) => this.events.emit('blobRejected', r),
         signal,
       };
       const failed = (e: unknown): SignInError => {
@@ -660,7 +681,10 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       const writer = new SerialQueue();
       const applier = new Applier(guestDb, writer, new Emitter<ApplierEvents>());
       const outboxEvents = new Emitter<OutboxEvents>();
-      const off = outboxEvents.on('rejected', (r) => this.events.emit('rejected', r));
+      const offs = [
+        outboxEvents.on('rejected', (r) => this.events.emit('rejected', r)),
+        outboxEvents.on('repaired', (r) => this.events.emit('repaired', r)),
+      ];
       const outbox = new Outbox({
         db: guestDb,
         transport: this.transport,
@@ -680,6 +704,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
         userId: session.userId,
         ...(this.options.localBlobs ? { localBlobs: this.options.localBlobs } : {}),
         maxBlobsPerRequest: this.options.maxOpsPerBatch ?? 1000,
+        onBlobRefused: (r) => this.events.emit('blobRejected', r),
         signal: abort.signal,
       };
       try {
@@ -702,7 +727,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
           retrying: true,
         });
       } finally {
-        off();
+        for (const off of offs) off();
         outbox.stop();
       }
     })().finally(() => {

@@ -34,7 +34,7 @@ import { coordinate } from './blobs.js';
 import { OUTBOX, STATE, guestDbName, type SyncDatabase } from './database.js';
 import { FlushError, type Outbox } from './outbox.js';
 import type { Transport } from './transport.js';
-import type { BlobReport } from './types.js';
+import type { BlobRejection, BlobReport } from './types.js';
 
 /** Whether an unfinished (or never started) guest session left a database on this device. */
 export function guestDatabaseExists(deviceId: string): Promise<boolean> {
@@ -49,6 +49,8 @@ export interface UpgradeInput {
   userId: string;
   localBlobs?: () => Promise<BlobReport[]>;
   maxBlobsPerRequest?: number;
+  /** Told of each blob report not sent as `localBlobs()` gave it (repaired, merged or left out; blobs.ts). */
+  onBlobRefused?: (rejection: BlobRejection) => void;
   /** Aborts the upgrade (signOut()): no request is started after that, and the guest database is not sealed. */
   signal?: AbortSignal;
 }
@@ -59,7 +61,8 @@ const SEAL_ROUNDS = 10;
 /**
  * Steps 2 and 3: report the local blobs and send the guest's ops as the signed-in user. Throws (and can simply be
  * run again) when the server could not be reached; ops the server refuses are reported as rejections and dropped,
- * so one bad op cannot block the upgrade for ever.
+ * and so are blob reports the server refuses one by one (`onBlobRefused`; others are repaired first where that is
+ * certain), so neither one bad op nor one bad blob report can block the upgrade for ever.
  */
 export async function flushGuestWork(input: UpgradeInput): Promise<{ txids: string[]; blobs: number }> {
   const { outbox } = input;
@@ -69,9 +72,13 @@ export async function flushGuestWork(input: UpgradeInput): Promise<{ txids: stri
   await outbox.db.state.put({ key: 'upgrade', userId: input.userId, startedAt: Date.now() });
   const blobs = input.localBlobs ? await input.localBlobs() : [];
   if (blobs.length > 0) {
+    // As the user the upgrade is for, like the ops (outbox.sendAs): if the app's token has switched to another
+    // account meanwhile, the guest's blob shells must not become that account's.
     await coordinate(input.transport, input.deviceId, blobs, {
       complete: false,
       maxPerRequest: input.maxBlobsPerRequest ?? 1000,
+      asUser: input.userId,
+      ...(input.onBlobRefused ? { onRefused: input.onBlobRefused } : {}),
     });
   }
   // Keep acknowledged ops (marked `acked`) in the guest database until it is deleted: the guest view stays intact

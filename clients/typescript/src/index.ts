@@ -7,11 +7,13 @@ export { BlobError } from './blobs.js';
 export { DEFAULT_TABLES, guestDbName, userDbName } from './database.js';
 export type {
   BlobHandle,
+  BlobRejection,
   BlobReport,
   CoordinateResult,
   JsonValue,
   OpKind,
   Rejection,
+  Repair,
   Row,
   SyncClientOptions,
   SyncErrorEvent,

@@ -5,8 +5,11 @@
 //                  │  ▲                  └── not_found ──▶ removed (nothing happened, nothing will come back)
 //                  │  └── network error, 5xx, 409 retry, 429: resend later, same op ids and seqs (backoff, jitter)
 //                  │  └── 409 seq_gap: resend from the server's last_seq + 1, or continue under a new client id
-//                  └── 4xx naming the op (op_index) ──▶ replaced by a no-op filler with its seq, local effect
-//                                                        undone, `rejected` event
+//                  ├── 4xx naming the op (op_index) ──▶ replaced by a no-op filler with its seq, local effect
+//                  │                                     undone, `rejected` event
+//                  └── an annotation naming an asset the server lacks (foreign_key_violation) ──▶ sent again with
+//                                                        asset_id null, as are the annotations after it naming that
+//                                                        asset; `repaired` event (`detachAsset`)
 //
 // A guest's outbox is the same table, never flushed while a guest: `signIn()` sends it (guest.ts), then seals the
 // database (no write is taken any more: GuestSealedError) and deletes it.
@@ -29,13 +32,14 @@ import { fillerOp, loadSequence, planGap, rotate, sendable, wireSeq, type GapPla
 import { SerialQueue, sleep, type Emitter } from './events.js';
 import { applyOp, normaliseRow } from './overlay.js';
 import type { ServerError, Transport } from './transport.js';
-import type { Rejection, SyncErrorEvent, WriteOp, WrittenOp } from './types.js';
+import type { Rejection, Repair, Row, SyncErrorEvent, WriteOp, WrittenOp } from './types.js';
 
 const KINDS = new Set(['insert', 'upsert', 'update', 'delete']);
 
 /** Events the outbox reports. */
 export interface OutboxEvents {
   rejected: Rejection;
+  repaired: Repair;
   error: SyncErrorEvent;
   acked: { txid: string };
 }
@@ -415,6 +419,10 @@ export class Outbox {
             },
           };
         }
+        const asset = missingAsset(op, outcome.error);
+        // Changes at least the refused op (still pending: this tab holds the outbox lock); if it did not, the
+        // resend would meet the same refusal, so the op is rejected instead.
+        if (asset !== null && (await this.detachAsset(op, asset, outcome.status, outcome.error)) > 0) return { kind: 'progress' };
         await this.reject(op, outcome.status, outcome.error);
         return { kind: 'progress' };
       }
@@ -479,6 +487,47 @@ export class Outbox {
   }
 
   /**
+   * The server says asset `assetId` does not exist where `refused` (an annotation naming it) would run: that op, and
+   * every pending annotation op after it that names the same asset, is sent with `asset_id: null` instead of being
+   * dropped, up to an op that creates that asset (an `assets` insert or upsert of that id: from there on it exists).
+   * The annotations keep their `sha256`, `work_id`, geometry and the rest, as Postgres does when an asset is deleted
+   * (`on delete set null (asset_id)`). The ops keep their op ids and seqs: the server recorded nothing of the refused
+   * request, and a copy of it arriving late is answered `duplicate` like any resend. Each changed op is told through
+   * `repaired`. Resolves with the number of ops changed.
+   */
+  private async detachAsset(refused: OutboxRecord, assetId: string, status: number, error: ServerError): Promise<number> {
+    const db = this.db;
+    const changed = await this.writer.run(() =>
+      db.transaction('rw', [db.table(OUTBOX), db.table(LOCAL), ...db.syncedTables.map((t) => db.table(t))], async () => {
+        const after = await db.outbox.where('[status+seq]').between(['pending', refused.seq], ['pending', Infinity]).toArray();
+        const out: Array<{ op: OutboxRecord; row: Row }> = [];
+        for (const op of after) {
+          if (op.filler) continue;
+          if (op.table === 'assets' && (op.kind === 'insert' || op.kind === 'upsert') && op.rowId.toLowerCase() === assetId) break;
+          if (!namesAsset(op, assetId)) continue;
+          const row: Row = { ...op.row, asset_id: null };
+          await db.outbox.update(op.seq, { row });
+          out.push({ op, row });
+        }
+        await recomputeLocal(db, out.map(({ op }) => [op.table, op.rowId] as const));
+        return out;
+      }),
+    );
+    for (const { op, row } of changed) {
+      this.events.emit('repaired', {
+        op: { opId: op.opId, table: op.table, kind: op.kind, row: op.row },
+        table: op.table,
+        rowId: op.rowId,
+        row,
+        code: error.code,
+        message: `asset ${assetId} does not exist on the server (${error.message}); the annotation is sent with asset_id null`,
+        status,
+      });
+    }
+    return changed.length;
+  }
+
+  /**
    * Removes a refused op, undoes its local effect, tells the app. An op with a seq leaves a no-op in its place
    * (sequence.ts, `fillerOp`): the server's sequence must stay contiguous, and renumbering the ops behind it would
    * be wrong if a lost request carrying them committed after all.
@@ -516,6 +565,25 @@ export class Outbox {
       status,
     });
   }
+}
+
+/** Whether an annotation op sets `asset_id` to this asset (lower-case id). */
+function namesAsset(op: { table: string; kind: string; row: Row }, assetId: string): boolean {
+  const v = op.row['asset_id'];
+  return op.table === 'annotations' && op.kind !== 'delete' && typeof v === 'string' && v.toLowerCase() === assetId;
+}
+
+/** Postgres's words for a reference to a missing asset (docs/api.md: the constraint's name; the detail). */
+const ASSET_FK = /"annotations_owner_id_asset_id_fkey"|is not present in table "assets"/;
+
+/**
+ * The asset (lower-case id) whose absence the server refused `op` for: an annotation insert, upsert or update naming
+ * an `asset_id`, refused with `foreign_key_violation` on the annotations -> assets key. Null for anything else.
+ */
+export function missingAsset(op: { table: string; kind: string; row: Row; filler?: true }, error: ServerError): string | null {
+  if (op.filler || error.code !== 'foreign_key_violation' || !ASSET_FK.test(error.message)) return null;
+  const v = op.row['asset_id'];
+  return namesAsset(op, typeof v === 'string' ? v.toLowerCase() : '') ? (v as string).toLowerCase() : null;
 }
 
 /** The outbox's sequence: client id, next local position, and how positions map to seqs (created on first use). */

@@ -110,11 +110,15 @@ export class Transport {
     return this.request<BatchResponse>('POST', '/v1/batch', body, asUser);
   }
 
-  /** POST /v1/blobs/coordinate. */
-  coordinate(body: { device_id: string; complete: boolean; blobs: unknown[] }): Promise<
-    Outcome<{ txid: string; meta_created: number; meta_updated: number; devices_upserted: number; marked_missing: number }>
-  > {
-    return this.request('POST', '/v1/blobs/coordinate', body);
+  /**
+   * POST /v1/blobs/coordinate. With `asUser`, sent only with a token of that user, as `batch` (the guest upgrade:
+   * the guest's blob shells belong to the user it upgrades to, whatever account the app's token has switched to).
+   */
+  coordinate(
+    body: { device_id: string; complete: boolean; blobs: unknown[] },
+    asUser?: string,
+  ): Promise<Outcome<{ txid: string; meta_created: number; meta_updated: number; devices_upserted: number; marked_missing: number }>> {
+    return this.request('POST', '/v1/blobs/coordinate', body, asUser);
   }
 
   /** GET /v1/blobs/{sha256}. */

@@ -52,6 +52,27 @@ export interface Rejection {
   status: number;
 }
 
+/**
+ * A write the server refused that the client changed and sent again instead of dropping it (event `repaired`).
+ * Today one case: an annotation whose `asset_id` names an asset the server does not have (its insert was refused, e.g.
+ * for want of its blob's shell, or it was deleted on another device) is sent with `asset_id: null`, keeping
+ * everything else (`sha256`, `work_id`, `page`, `geometry`, …), as Postgres itself does when an asset is deleted.
+ */
+export interface Repair {
+  /** The op as it was queued. */
+  op: { opId: string; table: string; kind: OpKind; row: Row };
+  table: string;
+  rowId: string;
+  /** The row as it is sent now (same op id, same seq). */
+  row: Row;
+  /** The server's code for the refusal that led to the repair, e.g. `foreign_key_violation`. */
+  code: string;
+  /** What was changed and why, with the server's message. */
+  message: string;
+  /** HTTP status of the refusal. */
+  status: number;
+}
+
 /** A problem the client cannot attribute to one op; it keeps retrying where that makes sense. */
 export interface SyncErrorEvent {
   /** Where it happened. */
@@ -73,6 +94,26 @@ export interface BlobReport {
   image_width?: number | null;
   image_height?: number | null;
   health?: 'healthy' | 'missing' | 'modified' | 'relocated';
+}
+
+/**
+ * A blob report that was not sent as the app gave it (event `blobRejected`): repaired, merged into another report of
+ * the same sha256, or left out. The other reports are sent regardless (a guest's sign-in goes on).
+ */
+export interface BlobRejection {
+  /** The report as the app gave it (`localBlobs()` or `blobs.coordinate()`). */
+  blob: BlobReport;
+  /**
+   * What was sent in its place: the report without the fields the server would refuse (`invalid_value`), or the
+   * other report of the same sha256 (`duplicate_sha256`); null when nothing of it was sent.
+   */
+  sent: BlobReport | null;
+  /** `invalid_sha256`, `invalid_value`, `duplicate_sha256`, or the server's code (e.g. `payload_too_large`). */
+  code: string;
+  /** What was wrong, for humans. */
+  message: string;
+  /** HTTP status of the server's refusal; 0 when the client found the problem before sending. */
+  status: number;
 }
 
 /** The answer of `/v1/blobs/coordinate`, summed over the requests it took. */
@@ -109,7 +150,10 @@ export interface SyncClientOptions {
   getToken: () => Promise<string | null>;
   /** Synced tables to subscribe and write (default: the eight tables of schema version 1). */
   tables?: string[];
-  /** Lists the blobs in this device's CAS; `signIn()` reports them through `/v1/blobs/coordinate` first. */
+  /**
+   * Lists the blobs in this device's CAS; `signIn()` reports them through `/v1/blobs/coordinate` first (a guest's
+   * `assets` rows need their blob's shell). Configure it if guests can create assets.
+   */
   localBlobs?: () => Promise<BlobReport[]>;
   /** Whether this device's CAS holds the bytes of a blob (for `BlobHandle.availableLocally`). */
   hasLocalBlob?: (sha256: string) => Promise<boolean>;

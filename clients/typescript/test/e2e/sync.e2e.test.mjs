@@ -1,7 +1,7 @@
 // Issue 8's end-to-end scenarios, in headless Chromium against a real server and Postgres. The page (examples/)
 // is served from another origin than the sync server; every browser context is a separate device.
 import assert from 'node:assert/strict';
-import { randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { sleep, startHarness, waitFor } from './harness.mjs';
 
@@ -225,6 +225,72 @@ describe('sync client in a real browser', { concurrency: false }, () => {
       // And once more, for good measure.
       await g.eval(() => window.app.sync.signIn());
       assert.equal((await h.pgRows('works', user)).length, N);
+    } finally {
+      await g.close();
+    }
+  });
+
+  test('3c: a guest\'s bad blob reports and a 413 do not block the sign-in; an asset without its blob shell keeps its highlights', async () => {
+    const user = randomUUID();
+    const hex = () => randomBytes(32).toString('hex');
+    const good = Array.from({ length: 1001 }, () => hex()); // one more than the server takes per request
+    const [pageCount, upper, nul, missing] = [hex(), hex().toUpperCase(), hex(), hex()];
+    // The client is configured for 2000 per request (the page's maxOpsPerBatch): the server answers 413 too_many_blobs.
+    const g = await h.device({ user, signedIn: false, batch: 2000 });
+    try {
+      const ids = await g.eval(async ({ good, pageCount, upper, nul, missing }) => {
+        window.app.localBlobs = async () => [
+          ...good.map((sha256, i) => ({ sha256, size: 1000 + i, mime: 'application/pdf', filename: `paper-${i}.pdf` })),
+          { sha256: pageCount, size: 1, page_count: -1 }, // server: 422 invalid_value, page_count must be >= 0
+          { sha256: good[0], size: 1000 }, // server: 422 duplicate_sha256
+          { sha256: upper, size: 2 }, // server: 422 invalid_sha256
+          { sha256: nul, size: 3, path: '/cas/a\u0000b' }, // server: 422 invalid_value (U+0000)
+          { sha256: 'not-a-sha256', size: 4 },
+        ];
+        const { sync } = window.app;
+        const [work] = await sync.write([{ table: 'works', kind: 'insert', row: { title: 'Guest with files' } }]);
+        const [shelled, shell_less] = await sync.write([
+          { table: 'assets', kind: 'insert', row: { sha256: good[0], work_id: work.rowId, filename: 'paper-0.pdf' } },
+          { table: 'assets', kind: 'insert', row: { sha256: missing, work_id: work.rowId, filename: 'gone.pdf' } },
+        ]);
+        const [a1, a2, a3] = await sync.write([
+          { table: 'annotations', kind: 'insert', row: { work_id: work.rowId, asset_id: shelled.rowId, sha256: good[0], page: 1, quote: 'kept' } },
+          { table: 'annotations', kind: 'insert', row: { work_id: work.rowId, asset_id: shell_less.rowId, sha256: missing, page: 2, geometry: { x: 10, y: 20 }, quote: 'survives' } },
+          { table: 'annotations', kind: 'insert', row: { work_id: work.rowId, asset_id: shell_less.rowId, sha256: missing, page: 3 } },
+        ]);
+        return { work: work.rowId, shelled: shelled.rowId, shellLess: shell_less.rowId, a1: a1.rowId, a2: a2.rowId, a3: a3.rowId };
+      }, { good, pageCount, upper, nul, missing });
+
+      await g.page.click('#sign-in');
+      await waitFor('signed in', async () => (await g.eval(() => window.app.sync.userId)) === user, { timeoutMs: 60_000 });
+      assert.deepEqual(await g.eval(() => window.app.events.errors.filter((e) => e.source === 'page' || e.source === 'upgrade')), []);
+
+      // The blobs: 1001 + the repaired page_count + the lowered sha256 + the one without its path; 413 then halves.
+      const meta = (await h.db.query('select sha256, page_count from blobs_meta where owner_id = $1', [user])).rows;
+      assert.equal(meta.length, 1004);
+      assert.equal(meta.find((m) => m.sha256 === pageCount).page_count, null);
+      assert.ok(meta.some((m) => m.sha256 === upper.toLowerCase()));
+      assert.ok(meta.some((m) => m.sha256 === nul));
+      assert.deepEqual(g.requests.filter((r) => r === 'POST /v1/blobs/coordinate').length, 3, 'refused with 413, then two halves');
+      const told = await g.eval(() => window.app.events.blobRejected.map((r) => [r.code, r.sent === null]));
+      assert.deepEqual(told.sort(), [['duplicate_sha256', false], ['invalid_sha256', true], ['invalid_value', false], ['invalid_value', false]]);
+
+      // The asset without a shell is refused; its highlights are not lost with it.
+      assert.deepEqual((await h.pgRows('assets', user)).map((a) => a.id), [ids.shelled]);
+      const rejected = await g.eval(() => window.app.events.rejected.map((r) => [r.table, r.rowId, r.code]));
+      assert.deepEqual(rejected, [['assets', ids.shellLess, 'foreign_key_violation']]);
+      const anns = new Map((await h.pgRows('annotations', user)).map((a) => [a.id, a]));
+      assert.equal(anns.size, 3, 'every highlight reached Postgres');
+      assert.equal(anns.get(ids.a1).asset_id, ids.shelled);
+      for (const id of [ids.a2, ids.a3]) {
+        assert.equal(anns.get(id).asset_id, null);
+        assert.equal(anns.get(id).sha256, missing, 'the highlight keeps its blob\'s sha256');
+        assert.equal(anns.get(id).work_id, ids.work);
+      }
+      assert.deepEqual(anns.get(ids.a2).geometry, { x: 10, y: 20 });
+      const repaired = await g.eval(() => window.app.events.repaired.map((r) => [r.rowId, r.row.asset_id, r.code]));
+      assert.deepEqual(repaired, [[ids.a2, null, 'foreign_key_violation'], [ids.a3, null, 'foreign_key_violation']]);
+      assert.equal(await h.seqCount(user), 6, 'the guest outbox\'s six ops, once each (the refused asset\'s seq by its no-op)');
     } finally {
       await g.close();
     }

@@ -10,7 +10,7 @@ import { Outbox, type OutboxEvents } from '../../src/outbox.js';
 import { mergeRows } from '../../src/overlay.js';
 import { TokenSource } from '../../src/token.js';
 import { Transport, type BatchOp } from '../../src/transport.js';
-import type { Rejection } from '../../src/types.js';
+import type { Rejection, Repair } from '../../src/types.js';
 
 function jwt(): string {
   const b64 = (o: unknown) => Buffer.from(JSON.stringify(o)).toString('base64url');
@@ -123,6 +123,43 @@ test('a rejected op is removed, its local effect undone, the app told; the rest 
   assert.notEqual(filler.row['id'], 'bad', 'the filler deletes a fresh id, never the refused row');
   assert.notEqual(filler.op_id, t.requests[0]![1]!.op_id);
   assert.equal(await t.outbox.pendingCount(), 0);
+  t.db.close();
+});
+
+test('an annotation naming an asset the server lacks is sent again with asset_id null, not dropped; the view follows', async () => {
+  // Signed in: the asset was deleted on another device before this device's highlight on it was sent.
+  const asset = 'aaaaaaaa-1111-4222-8333-444444444444';
+  let first = true;
+  const t = setup((ops) => {
+    const i = ops.findIndex((o) => o.table === 'annotations' && typeof o.row['asset_id'] === 'string');
+    if (i >= 0) {
+      first = false;
+      return {
+        status: 422,
+        body: { error: { code: 'foreign_key_violation', message: 'insert or update on table "annotations" violates foreign key constraint "annotations_owner_id_asset_id_fkey" (Key is not present in table "assets".)', op_index: i } },
+      };
+    }
+    return applyAll(ops);
+  });
+  const repaired: Repair[] = [];
+  t.outbox['events'].on('repaired', (r) => repaired.push(r));
+  await t.outbox.enqueue([
+    { table: 'annotations', kind: 'insert', row: { id: 'h1', asset_id: asset, sha256: 'a'.repeat(64), page: 3, geometry: { x: 1 } } },
+    { table: 'works', kind: 'insert', row: { id: 'w', title: 'W' } },
+    { table: 'annotations', kind: 'update', row: { id: 'h1', asset_id: asset, color: 'red' } },
+  ]);
+  await t.outbox.flush();
+  assert.equal(first, false);
+  assert.deepEqual(t.rejections, [], 'nothing dropped');
+  assert.deepEqual(repaired.map((r) => [r.rowId, r.op.kind, r.row['asset_id']]), [['h1', 'insert', null], ['h1', 'update', null]]);
+  assert.deepEqual(t.requests.map((r) => r.map((o) => [o.seq, 'asset_id' in o.row ? o.row['asset_id'] : '-'])), [
+    [[1, asset], [2, '-'], [3, asset]],
+    [[1, null], [2, '-'], [3, null]],
+  ], 'the same seqs (and op ids), asset_id null');
+  assert.equal(t.requests[1]![0]!.op_id, t.requests[0]![0]!.op_id);
+  assert.deepEqual((await t.rows('annotations')).map((r) => [r['id'], r['asset_id'], r['sha256'], r['page'], r['color']]), [
+    ['h1', null, 'a'.repeat(64), 3, 'red'],
+  ], 'the local view shows what was sent');
   t.db.close();
 });
 
