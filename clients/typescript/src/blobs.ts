@@ -64,7 +64,7 @@ export function prepareBlobReport(input: BlobReport): PreparedBlob | { refused: 
   }
   const size = b['size'];
   if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0) {
-    return { refused: { code: 'invalid_value', message: 'size must be an integer >= 0' } };
+    return { refused: { code: 'invalid_value', message: 'size must be an integer from 0 to 2^53 - 1' } };
   }
   const health = b['health'];
   if (health !== undefined && health !== null && !(typeof health === 'string' && HEALTH.has(health))) {
@@ -240,6 +240,8 @@ export function mergeBlobHandle(
     meta: meta.find(mine) ?? null,
     devices: devs,
     assets: assetRows,
+    devicesTruncated: false,
+    assetsTruncated: false,
     availableOn: devs.filter((d) => d['present'] === true).map((d) => str(d['device_id'])),
     availableLocally,
   };
@@ -262,6 +264,8 @@ export async function fetchBlobHandle(transport: Transport, sha256: string, avai
     meta: typeof meta === 'object' && meta !== null && !Array.isArray(meta) ? meta : null,
     devices: rows(v['devices']),
     assets: rows(v['assets']),
+    devicesTruncated: v['devices_truncated'] === true,
+    assetsTruncated: v['assets_truncated'] === true,
     availableOn: Array.isArray(available) ? available.filter((d): d is string => typeof d === 'string') : [],
     availableLocally,
   };

@@ -131,6 +131,12 @@ export interface BlobHandle {
   meta: Row | null;
   devices: Row[];
   assets: Row[];
+  /**
+   * True when the server cut `devices` / `assets` (at most 1,000 rows and about 4 MiB of each per answer; see
+   * docs/api.md). Always false for a handle merged from the local tables, which holds every row.
+   */
+  devicesTruncated: boolean;
+  assetsTruncated: boolean;
   /** device ids whose `device_blobs` row says `present`. */
   availableOn: string[];
   /** Whether this device's CAS has the bytes (from the `hasLocalBlob` option; else whether this device's row says present). */

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { BlobError, chunkBlobs, coordinate, mergeBlobHandle, prepareBlobReports } from '../../src/blobs.js';
+import { BlobError, chunkBlobs, coordinate, fetchBlobHandle, mergeBlobHandle, prepareBlobReports } from '../../src/blobs.js';
 import { TokenSource } from '../../src/token.js';
 import { Transport } from '../../src/transport.js';
 import type { BlobRejection, BlobReport } from '../../src/types.js';
@@ -35,6 +35,26 @@ test('a guest: assets without meta give a handle with meta null', () => {
   const h = mergeBlobHandle(sha, [], [], [{ id: 'a', sha256: sha }], false);
   assert.equal(h.meta, null);
   assert.deepEqual(h.availableOn, []);
+});
+
+test("the server's BlobHandle says when it cut devices or assets; a local one never does", async () => {
+  const answer = {
+    sha256: sha,
+    meta: { size: 1 },
+    devices: [{ device_id: 'aa', present: true }],
+    devices_truncated: false,
+    assets: [{ id: 'a1' }],
+    assets_truncated: true,
+    available_on: ['aa'],
+  };
+  const fetchImpl = (async () => new Response(JSON.stringify(answer), { status: 200 })) as typeof fetch;
+  const transport = new Transport('http://sync.test', new TokenSource(async () => jwt('u')), fetchImpl);
+  const h = await fetchBlobHandle(transport, sha, false);
+  assert.equal(h?.assetsTruncated, true);
+  assert.equal(h?.devicesTruncated, false);
+  assert.deepEqual(h?.availableOn, ['aa']);
+  const local = mergeBlobHandle(sha, [], [], [{ id: 'a', sha256: sha }], false);
+  assert.deepEqual([local.devicesTruncated, local.assetsTruncated], [false, false]);
 });
 
 test('blob reports are split at the server limit', () => {
