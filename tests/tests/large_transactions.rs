@@ -249,3 +249,47 @@ async fn a_client_that_does_not_read_is_cut_off_by_queued_bytes_not_by_count() {
         slow.closed
     );
 }
+
+/// A large transaction's parts wait for room in a connection that does not read (up to the pacing budget, 30 s).
+/// A shutdown in that wait stops the stream at once, and the connection, blocked writing to its client, gets a few
+/// seconds to take its last frames. Before: the replicator finished waiting first (the server gave up on it after
+/// 10 s, without acknowledging its final position), and the connection noticed the shutdown only once its write
+/// timed out (30 s; the server gave up after 10 more): 20 s to stop here.
+#[tokio::test]
+async fn a_shutdown_does_not_wait_for_a_slow_connection_to_make_room() {
+    let mut env = TestEnv::start_with_hub(
+        EnvOptions {
+            part_limit: Some(PartLimit {
+                changes: 100,
+                bytes: usize::MAX,
+            }),
+            ..Default::default()
+        },
+        deeprecall_sync::live::hub::HubConfig {
+            queue_bytes: 64 * 1024,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    // Subscribed, then not read: its queue fills with the first parts.
+    let _slow = subscribed(&env, alice).await;
+    big_insert(&env, alice, bob, 30_000).await;
+    // Until the replicator waits for room (its parts are published one at a time; the queue holds a few).
+    let deadline = tokio::time::Instant::now() + T;
+    while env.state.hub.stats().queued_bytes < 64 * 1024 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    env.stop_server().await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(9),
+        "shutdown took {took:?} (the pacing budget is 30 s, the write timeout 30 s; the shutdown waits 10 s for each)"
+    );
+}

@@ -223,6 +223,54 @@ async fn slot_gauges_follow_postgres_and_lag_grows_while_the_stream_is_down() {
     assert!(slot(&down, names::SLOT_LAG_BYTES).is_nan(), "{}", down.text);
 }
 
+/// Someone drops the slot under the running server (or it is invalidated while no server streams): the server makes
+/// a new one at once, so an alert on `wal_status = 'lost'` rarely sees it. The counter (and an ERROR line) must: the
+/// changes made meanwhile are never streamed. Before, only a loss found while streaming was counted.
+#[tokio::test]
+async fn a_slot_dropped_under_the_server_is_counted_as_recreated() {
+    let env = TestEnv::start_with(deeprecall_tests::EnvOptions {
+        own_cluster: true,
+        ..Default::default()
+    })
+    .await;
+    let m = MetricsEndpoint::start(&env).await;
+    let value = |s: &Scrape, name: &str| s.get(name).unwrap_or(0.0);
+    let before = scrape_until(&m, "an active slot", |s| {
+        value(s, names::SLOT_ACTIVE) == 1.0
+    })
+    .await;
+    assert_eq!(value(&before, names::SLOT_GENERATION), 1.0);
+    let db = env.superuser().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // The server's walsender holds the slot; end it, and drop the slot before the server takes it again.
+        let dropped = db
+            .batch_execute(
+                "select pg_terminate_backend(active_pid) from pg_replication_slots
+                  where slot_name = 'deeprecall_sync' and active_pid is not null;
+                 select pg_drop_replication_slot('deeprecall_sync');",
+            )
+            .await;
+        if dropped.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "could not drop the slot: {dropped:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = scrape_until(&m, "the slot made anew", |s| {
+        value(s, names::SLOT_GENERATION) == 2.0 && value(s, names::SLOT_ACTIVE) == 1.0
+    })
+    .await;
+    assert!(
+        value(&after, names::SLOT_RECREATIONS) >= value(&before, names::SLOT_RECREATIONS) + 1.0,
+        "{}",
+        after.text
+    );
+}
+
 #[tokio::test]
 async fn per_server_gauges_come_from_the_scraped_server() {
     let a = TestEnv::start().await;

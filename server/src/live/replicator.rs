@@ -174,7 +174,15 @@ async fn session(
     tokio::spawn(admin_conn);
     let outcome = slot::ensure_slot(&admin, &config.slot).await?;
     let client = pool.get().await?;
-    let generation = generation(&client, &config.slot, outcome).await?;
+    let (generation, bumped) = generation(&client, &config.slot, outcome).await?;
+    if bumped {
+        // The slot this server streamed from is gone (dropped, or invalidated while no one streamed from it) and
+        // was made anew: the changes made meanwhile will never be streamed. Said as loudly as the loss found while
+        // streaming (below): an alert on `wal_status = 'lost'` rarely sees it, since the slot is recreated at once.
+        tracing::error!(slot = %config.slot, found = ?outcome, generation,
+            "replication slot lost; recreating it, every subscription will refetch");
+        crate::metrics::slot_recreated();
+    }
     // Reference for widening 32-bit xids: the current snapshot's xmax (no xid is consumed to read it).
     let mut xid_ref: u64 = client
         .query_one(
@@ -225,15 +233,18 @@ async fn session(
     hub.stream_started(generation, start.0);
     tracing::info!(slot = %config.slot, generation, %start, ?outcome, "streaming from the replication slot");
 
+    // At shutdown: acknowledge what was published and close the stream.
+    async fn stop(stream: ReplicationStream, hub: &Hub) -> Result<(), SessionError> {
+        let position = Lsn(hub.position().lsn);
+        stream.close(position).await;
+        tracing::info!(%position, "replication stopped; final position acknowledged");
+        Ok(())
+    }
+
     loop {
         let event = tokio::select! {
             biased;
-            () = crate::shutdown::until_true(shutdown) => {
-                let position = Lsn(hub.position().lsn);
-                stream.close(position).await;
-                tracing::info!(%position, "replication stopped; final position acknowledged");
-                return Ok(());
-            }
+            () = crate::shutdown::until_true(shutdown) => return stop(stream, hub).await,
             event = stream.next() => event?,
         };
         match event {
@@ -302,7 +313,13 @@ async fn session(
                     let deadline = *split
                         .pace_until
                         .get_or_insert_with(|| tokio::time::Instant::now() + SPLIT_PACING_BUDGET);
-                    hub.wait_for_room(&routed, deadline).await;
+                    // A shutdown does not wait for slow connections: the part is not published (a stop between
+                    // parts, which clients resume from as from any other), and the stream closes at once.
+                    tokio::select! {
+                        biased;
+                        () = crate::shutdown::until_true(shutdown) => return stop(stream, hub).await,
+                        () = hub.wait_for_room(&routed, deadline) => {}
+                    }
                     if last {
                         split.pace_until = None;
                     }
@@ -359,11 +376,13 @@ fn columns_changed(
 }
 
 /// The slot generation, bumped when the slot had to be (re)created after having existed.
+/// The slot's generation, and whether this call bumped it: the slot was made anew (created or recreated) where one
+/// had been streamed from before.
 async fn generation(
     client: &tokio_postgres::Client,
     slot: &str,
     outcome: SlotOutcome,
-) -> Result<i64, tokio_postgres::Error> {
+) -> Result<(i64, bool), tokio_postgres::Error> {
     let existing: Option<i64> = client
         .query_opt(
             "select generation from deeprecall_replication_state where slot_name = $1",
@@ -372,17 +391,20 @@ async fn generation(
         .await?
         .map(|r| r.get(0));
     match (existing, outcome) {
-        (None, _) => Ok(client
-            .query_one(
-                "insert into deeprecall_replication_state (slot_name) values ($1)
-                 on conflict (slot_name) do update set updated_at = now() returning generation",
-                &[&slot],
-            )
-            .await?
-            .get(0)),
-        (Some(g), SlotOutcome::Existing) => Ok(g),
+        (None, _) => Ok((
+            client
+                .query_one(
+                    "insert into deeprecall_replication_state (slot_name) values ($1)
+                     on conflict (slot_name) do update set updated_at = now() returning generation",
+                    &[&slot],
+                )
+                .await?
+                .get(0),
+            false,
+        )),
+        (Some(g), SlotOutcome::Existing) => Ok((g, false)),
         (Some(_), SlotOutcome::Created | SlotOutcome::Recreated) => {
-            bump_generation(client, slot).await
+            Ok((bump_generation(client, slot).await?, true))
         }
     }
 }

@@ -108,20 +108,27 @@ enum Exit {
 
 type Sink = futures::stream::SplitSink<WebSocket, Message>;
 
-async fn send(sink: &mut Sink, text: String) -> Result<(), Exit> {
+/// Writes one frame: a client that takes none of it within [`WRITE_TIMEOUT`] is too slow. Once the server shuts down,
+/// a write waits at most [`SHUTDOWN_DELIVERY`] more: a connection blocked on a client that does not read would
+/// otherwise hold the server's exit for up to the write timeout (it noticed the shutdown only between frames).
+async fn send(
+    sink: &mut Sink,
+    text: String,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+) -> Result<(), Exit> {
     crate::metrics::frame_sent(text.len());
-    match tokio::time::timeout(
-        WRITE_TIMEOUT,
-        sink.send(Message::Text(Utf8Bytes::from(text))),
-    )
-    .await
-    {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(Exit::Gone),
-        Err(_) => Err(Exit::Close(
+    let mut shutdown = shutdown.clone();
+    tokio::select! {
+        biased;
+        sent = sink.send(Message::Text(Utf8Bytes::from(text))) => sent.map_err(|_| Exit::Gone),
+        () = tokio::time::sleep(WRITE_TIMEOUT) => Err(Exit::Close(
             close::TOO_SLOW,
             "too slow; reconnect and resume from your offset",
         )),
+        () = async {
+            crate::shutdown::until_true(&mut shutdown).await;
+            tokio::time::sleep(SHUTDOWN_DELIVERY).await;
+        } => Err(Exit::Gone),
     }
 }
 
@@ -263,18 +270,19 @@ impl Connection {
         queue: &mpsc::Sender<ConnEvent>,
     ) -> Result<(), Exit> {
         let mut result = Ok(());
+        let shutdown = &self.state.shutdown;
         // Drained in full even after a failed send, so the list is empty for the next event.
         for action in self.actions.drain(..) {
             if result.is_err() {
                 continue;
             }
             result = match action {
-                Action::Send(text) => send(sink, text).await,
+                Action::Send(text) => send(sink, text, shutdown).await,
                 Action::SendParts(mut parts) => {
                     // One frame at a time: the next is rendered once the one before it has gone.
                     let mut sent = Ok(());
                     while let Some(text) = self.session.next_part(&mut parts) {
-                        sent = send(sink, text).await;
+                        sent = send(sink, text, shutdown).await;
                         if sent.is_err() {
                             break;
                         }
@@ -332,7 +340,7 @@ impl Connection {
     }
 
     /// Server shutdown: wait for the replicator to stop publishing, then let the session deliver what is queued
-    /// and send the final offsets.
+    /// and send the final offsets, within [`SHUTDOWN_DELIVERY`].
     async fn finish_for_shutdown(
         &mut self,
         sink: &mut Sink,
@@ -352,12 +360,18 @@ impl Connection {
         self.session
             .shutdown(queued, hub.position(), &mut self.actions);
         let (dummy_tx, _) = mpsc::channel(1);
-        match self.perform(sink, &dummy_tx).await {
-            Err(exit) => exit,
-            Ok(()) => Exit::Gone,
+        // A client that does not read would keep this write, and the server's exit, waiting for as long as the
+        // shutdown lets connections finish (10 s): it gets a few seconds, then its socket is dropped. It resumes
+        // from the last offset it stored, as after any drop.
+        match tokio::time::timeout(SHUTDOWN_DELIVERY, self.perform(sink, &dummy_tx)).await {
+            Ok(Err(exit)) => exit,
+            Ok(Ok(())) | Err(_) => Exit::Gone,
         }
     }
 }
+
+/// How long a connection has, at shutdown, to take what is queued for it and its final offsets.
+const SHUTDOWN_DELIVERY: Duration = Duration::from_secs(3);
 
 /// The next row frame of the connection's jobs; never ready while no channel is open.
 async fn next_chunk(
