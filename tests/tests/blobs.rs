@@ -819,8 +819,8 @@ async fn a_blob_handle_is_capped_in_rows_and_bytes_and_says_so() {
     let (status, handle) = env.get(&format!("/v1/blobs/{big}"), Some(&token)).await;
     assert_eq!(status, 200);
     let assets = handle["assets"].as_array().unwrap();
-    // 4 MiB of JSON, the row that reaches it included: four rows of a little over 1 MiB.
-    assert_eq!(assets.len(), 4, "{} assets", assets.len());
+    // At most 4 MiB of JSON: three rows of a little over 1 MiB (a fourth would pass it).
+    assert_eq!(assets.len(), 3, "{} assets", assets.len());
     assert_eq!(handle["assets_truncated"], true);
     assert_eq!(handle["devices_truncated"], false);
 
@@ -925,6 +925,38 @@ async fn no_blob_size_breaks_the_inventory() {
     assert!((total - expected).abs() / expected < 1e-9, "{groups}");
     let (status, body) = env.get("/v1/blobs", Some(&env.token(a))).await;
     assert_eq!(status, 200, "{body}");
+
+    // A size written before the bound existed (the constraint is `not valid`: such rows stay) fails any update of
+    // its row. A report naming it replaces the size, instead of failing the whole report (and every guest sign-in
+    // that lists the blob) with a constraint violation.
+    db.batch_execute(&format!(
+        "alter table blobs_meta drop constraint blobs_meta_size_max;
+         insert into blobs_meta (owner_id, sha256, size) values ('{a}', '{}', {});
+         alter table blobs_meta add constraint blobs_meta_size_max check (size <= {MAX}) not valid;",
+        sha(5),
+        i64::MAX
+    ))
+    .await
+    .unwrap();
+    let (status, body) = env
+        .coordinate(
+            a,
+            json!({"device_id": d1, "blobs": [
+                {"sha256": sha(5), "size": 5, "mime": "application/pdf"}, {"sha256": sha(6), "size": 6}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let sizes: Vec<i64> = db
+        .query(
+            "select size from blobs_meta where owner_id = $1 and sha256 = any($2) order by sha256",
+            &[&a, &vec![sha(5), sha(6)]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(sizes, [5, 6]);
 }
 
 /// A cursor is base64 of JSON, not signed: one whose key does not fit its sort's type is the documented

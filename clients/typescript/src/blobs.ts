@@ -160,6 +160,9 @@ export async function coordinate(
   opts: CoordinateOptions = {},
 ): Promise<CoordinateResult> {
   let max = Math.max(1, opts.maxPerRequest ?? 1000);
+  // The request size before the 413s that led to one report too large alone: restored once it is left out, so
+  // the rest of the call does not go one blob per request.
+  let beforeHalving: number | undefined;
   const complete = opts.complete ?? false;
   if (!Array.isArray(blobs)) throw new TypeError('coordinate: blobs must be an array of BlobReport');
   const { prepared, refused } = prepareBlobReports(blobs);
@@ -191,17 +194,22 @@ export async function coordinate(
       total.devices_upserted += r.devices_upserted;
       total.marked_missing += r.marked_missing;
       i += chunk.length;
+      beforeHalving = undefined;
       continue;
     }
     if (complete) fail(outcome);
     if (outcome.kind === 'too_large') {
       if (chunk.length > 1) {
         // The server takes fewer blobs per request (or bytes per body) than configured: halve, as /v1/batch does.
+        beforeHalving ??= max;
         max = Math.max(1, Math.floor(chunk.length / 2));
         continue;
       }
-      // One report alone is too large for a request (a path of megabytes): it cannot be sent, ever.
+      // One report alone is too large for a request (a path of megabytes): it cannot be sent, ever. The halving
+      // was for it, not for a lower limit of the server: back to the size before it.
       leaveOut(queue, i, outcome.status, outcome.error, opts);
+      if (beforeHalving !== undefined) max = beforeHalving;
+      beforeHalving = undefined;
       continue;
     }
     const index = outcome.kind === 'rejected' ? outcome.error.blob_index : undefined;

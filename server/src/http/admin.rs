@@ -468,7 +468,13 @@ async fn rows(tx: &deadpool_postgres::Transaction<'_>, req: &Request) -> Result<
         // here (base64 is not a signature): the documented `invalid_cursor`, not Postgres's words about a type.
         tx.query_one(&format!("select $1::text::{ty}"), &[&c.key])
             .await
-            .map_err(|_| invalid("invalid_cursor", "cursor is not one this server issued"))?;
+            .map_err(|e| match e.code().map(|c| c.code()) {
+                // Class 22, data exception: the key is no value of the type.
+                Some(code) if code.starts_with("22") => {
+                    invalid("invalid_cursor", "cursor is not one this server issued")
+                }
+                _ => from_db(&e),
+            })?;
     }
     let after = match &req.after {
         None => "true".to_owned(),

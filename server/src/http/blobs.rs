@@ -277,17 +277,21 @@ pub async fn coordinate(
     const INPUT: &str = "jsonb_to_recordset($1) as x(sha256 text, size bigint, mime text, filename text, \
          path text, page_count integer, image_width integer, image_height integer, health text)";
     // Create what is missing; fill fields an earlier report left empty; never overwrite known metadata (the
-    // same content has the same facts, and a no-op must not produce a change on the stream).
+    // same content has the same facts, and a no-op must not produce a change on the stream). The one exception is
+    // a size past 2^53 - 1 written before sql/0005 bounded it: any update of such a row fails the (not valid)
+    // bound, so the reported size replaces it, rather than one old row failing every report that names it.
     let meta_sql = format!(
         "insert into blobs_meta (sha256, size, mime, filename, page_count, image_width, image_height)
          select sha256, size, mime, filename, page_count, image_width, image_height from {INPUT}
          on conflict (owner_id, sha256) do update set
+           size = case when blobs_meta.size > {MAX_BLOB_SIZE} then excluded.size else blobs_meta.size end,
            mime = coalesce(blobs_meta.mime, excluded.mime),
            filename = coalesce(blobs_meta.filename, excluded.filename),
            page_count = coalesce(blobs_meta.page_count, excluded.page_count),
            image_width = coalesce(blobs_meta.image_width, excluded.image_width),
            image_height = coalesce(blobs_meta.image_height, excluded.image_height)
-         where (blobs_meta.mime is null and excluded.mime is not null)
+         where blobs_meta.size > {MAX_BLOB_SIZE}
+            or (blobs_meta.mime is null and excluded.mime is not null)
             or (blobs_meta.filename is null and excluded.filename is not null)
             or (blobs_meta.page_count is null and excluded.page_count is not null)
             or (blobs_meta.image_width is null and excluded.image_width is not null)
@@ -343,7 +347,7 @@ pub async fn coordinate(
 
 /// At most this many `devices` and `assets` rows in one BlobHandle.
 pub const HANDLE_MAX_ROWS: usize = 1000;
-/// At most this many bytes of JSON in either list of one BlobHandle (the row that reaches it included).
+/// At most this many bytes of JSON in either list of one BlobHandle (or its one first row, if that is larger).
 ///
 /// A user decides how many rows one sha256 has (assets are written through `/v1/batch`, a thousand per request) and
 /// how long their text is; the server decides how much of that one request holds. Without the caps, 200,000 assets
@@ -379,10 +383,14 @@ async fn capped_rows(
     futures::pin_mut!(stream);
     let (mut rows, mut bytes) = (Vec::new(), 0usize);
     while let Some(row) = stream.try_next().await.map_err(|e| from_db(&e))? {
-        if rows.len() >= HANDLE_MAX_ROWS || bytes >= HANDLE_MAX_LIST_BYTES {
+        let text: String = row.get(0);
+        // A row that would take the list past its bytes is left out, unless it is the first (a list is never empty
+        // for its bytes alone).
+        if rows.len() >= HANDLE_MAX_ROWS
+            || (!rows.is_empty() && bytes + text.len() > HANDLE_MAX_LIST_BYTES)
+        {
             return Ok((rows, true));
         }
-        let text: String = row.get(0);
         bytes += text.len();
         rows.push(
             serde_json::value::RawValue::from_string(text).map_err(|e| ApiError::internal(&e))?,

@@ -172,8 +172,10 @@ async fn session(
         )
         .await?;
     tokio::spawn(admin_conn);
-    let outcome = slot::ensure_slot(&admin, &config.slot).await?;
+    // The pooled connection first: a slot made anew and not counted (its generation not bumped, because no
+    // connection came in time) would look like an existing one to the next attempt, and its loss would go unsaid.
     let client = pool.get().await?;
+    let outcome = slot::ensure_slot(&admin, &config.slot).await?;
     let (generation, bumped) = generation(&client, &config.slot, outcome).await?;
     if bumped {
         // The slot this server streamed from is gone (dropped, or invalidated while no one streamed from it) and

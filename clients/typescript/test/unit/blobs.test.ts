@@ -120,6 +120,22 @@ test('reports the server would refuse are repaired where that is certain, else l
   assert.deepEqual(sent.find((b) => b['sha256'] === hex(7)), { sha256: hex(7), size: 1 }, 'sent without the unknown field');
 });
 
+test('a report too large alone is left out, and the requests after it are as large as before the 413s', async () => {
+  const server = new FakeCoordinateServer();
+  server.maxBodyBytes = 100_000;
+  const { run, refused } = against(server);
+  const blobs: BlobReport[] = Array.from({ length: 64 }, (_, i) => ({ sha256: hex(100 + i), size: i + 1 }));
+  blobs[0] = { ...blobs[0]!, path: '/x'.repeat(60_000) }; // 120 kB: no request can hold it
+  await run(blobs, { maxPerRequest: 64 });
+  assert.equal(server.shas('u').length, 63);
+  assert.deepEqual(refused.map((r) => [r.code, r.blob.sha256]), [['payload_too_large', hex(100)]]);
+  // 64, 32, 16, 8, 4, 2, 1 refused (413), then the other 63 in one request, not one by one.
+  assert.deepEqual(
+    server.requests.map((r) => [(r.body.blobs as unknown[]).length, r.status]),
+    [[64, 413], [32, 413], [16, 413], [8, 413], [4, 413], [2, 413], [1, 413], [63, 200]],
+  );
+});
+
 test('a 413 halves the requests (the server takes fewer blobs than configured) instead of failing', async () => {
   const server = new FakeCoordinateServer(500);
   const { run, refused } = against(server);

@@ -221,6 +221,8 @@ export class FakeCoordinateServer {
    * failure), `unavailable` is answered 503 `database_unavailable` (nothing written).
    */
   faults: Array<'pass' | 'drop' | 'unavailable'> = [];
+  /** `--max-body-bytes`: a larger body is 413 `payload_too_large`, nothing read. */
+  maxBodyBytes = Infinity;
   private txid = 5000;
 
   constructor(
@@ -237,7 +239,9 @@ export class FakeCoordinateServer {
     const answer: Answer =
       fault === 'unavailable'
         ? { status: 503, body: { error: { code: 'database_unavailable', message: 'the database is unavailable; retry later' } } }
-        : hasLoneSurrogate(body)
+        : String(init?.body).length > this.maxBodyBytes
+          ? { status: 413, body: { error: { code: 'payload_too_large', message: `request body over ${this.maxBodyBytes} bytes` } } }
+          : hasLoneSurrogate(body)
           ? // serde_json refuses a \u escape of half a surrogate pair in a string: the body is not JSON to it.
             { status: 400, body: { error: { code: 'invalid_json', message: 'request body is not valid JSON: lone leading surrogate in hex escape' } } }
           : this.handle(user, body);
