@@ -160,8 +160,9 @@ export async function coordinate(
   opts: CoordinateOptions = {},
 ): Promise<CoordinateResult> {
   let max = Math.max(1, opts.maxPerRequest ?? 1000);
-  // The request size before the 413s that led to one report too large alone: restored once it is left out, so
-  // the rest of the call does not go one blob per request.
+  // The request size before the halving that led to one report left out alone (too large, or refused by a
+  // constraint): restored once it is left out, so the rest of the call does not go one blob per request. (If the
+  // halving was for a lower limit of the server, that costs a few 413s again.)
   let beforeHalving: number | undefined;
   const complete = opts.complete ?? false;
   if (!Array.isArray(blobs)) throw new TypeError('coordinate: blobs must be an array of BlobReport');
@@ -194,7 +195,6 @@ export async function coordinate(
       total.devices_upserted += r.devices_upserted;
       total.marked_missing += r.marked_missing;
       i += chunk.length;
-      beforeHalving = undefined;
       continue;
     }
     if (complete) fail(outcome);
@@ -216,6 +216,21 @@ export async function coordinate(
     if (outcome.kind === 'rejected' && index !== undefined && Number.isInteger(index) && index >= 0 && index < chunk.length) {
       // The server recorded nothing of the request: send it again without that blob.
       leaveOut(queue, i + index, outcome.status, outcome.error, opts);
+      continue;
+    }
+    if (outcome.kind === 'rejected' && outcome.status === 422 && outcome.error.code === 'constraint_violation') {
+      // A check constraint the server does not know of (added to the blob tables by SQL) refused a value: Postgres
+      // writes every blob of a request in one statement, so the answer cannot say which. Halve until the request
+      // is that one blob, and leave it out, as for a report too large alone. Any other refusal without an index is
+      // not a blob's and still fails the call.
+      if (chunk.length > 1) {
+        beforeHalving ??= max;
+        max = Math.max(1, Math.floor(chunk.length / 2));
+        continue;
+      }
+      leaveOut(queue, i, outcome.status, outcome.error, opts);
+      if (beforeHalving !== undefined) max = beforeHalving;
+      beforeHalving = undefined;
       continue;
     }
     fail(outcome);

@@ -136,6 +136,35 @@ test('a report too large alone is left out, and the requests after it are as lar
   );
 });
 
+test("a blob refused by an operator's check constraint (no blob_index) is found by halving and left out; the rest is sent", async () => {
+  const server = new FakeCoordinateServer();
+  server.constraint = (b) => b['mime'] === 'application/x-forbidden';
+  const { run, refused } = against(server);
+  const blobs: BlobReport[] = Array.from({ length: 8 }, (_, i) => ({ sha256: hex(200 + i), size: i + 1 }));
+  blobs[5] = { ...blobs[5]!, mime: 'application/x-forbidden' };
+  await run(blobs, { maxPerRequest: 8 });
+  assert.deepEqual(server.shas('u'), blobs.filter((_, i) => i !== 5).map((b) => b.sha256).sort());
+  assert.deepEqual(refused.map((r) => [r.code, r.blob.sha256]), [['constraint_violation', hex(205)]]);
+  // 8 refused; 0-3 sent; 4-7 refused, 4-5 refused, 4 sent, 5 refused alone and left out; then 6-7 at the size before
+  // the halving.
+  assert.deepEqual(
+    server.requests.map((r) => [(r.body.blobs as unknown[]).length, r.status]),
+    [[8, 422], [4, 200], [4, 422], [2, 422], [1, 200], [1, 422], [2, 200]],
+  );
+});
+
+test('a refusal without blob_index that is not a constraint still fails the call, with nothing left out', async () => {
+  const server = new FakeCoordinateServer();
+  const { refused } = against(server);
+  const transport = new Transport('http://sync.test', new TokenSource(async () => jwt('u')), server.fetch);
+  await assert.rejects(
+    coordinate(transport, '00000000-0000-0000-0000-000000000000', [{ sha256: hex(1), size: 1 }, { sha256: hex(2), size: 2 }], {}),
+    (e: unknown) => e instanceof BlobError && e.code === 'invalid_value',
+  );
+  assert.equal(server.requests.length, 1);
+  assert.deepEqual(refused, []);
+});
+
 test('a 413 halves the requests (the server takes fewer blobs than configured) instead of failing', async () => {
   const server = new FakeCoordinateServer(500);
   const { run, refused } = against(server);

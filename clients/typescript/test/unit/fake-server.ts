@@ -223,6 +223,8 @@ export class FakeCoordinateServer {
   faults: Array<'pass' | 'drop' | 'unavailable'> = [];
   /** `--max-body-bytes`: a larger body is 413 `payload_too_large`, nothing read. */
   maxBodyBytes = Infinity;
+  /** Blobs an operator's own check constraint refuses (422 `constraint_violation`, no `blob_index`). */
+  constraint: (blob: Record<string, unknown>) => boolean = () => false;
   private txid = 5000;
 
   constructor(
@@ -304,6 +306,11 @@ export class FakeCoordinateServer {
       const refusal = this.refuse(b);
       if (refusal) return err(refusal.status, refusal.code, refusal.message, at);
       seen.add(sha);
+    }
+    // A check constraint an operator added to blobs_meta by SQL: Postgres refuses the one statement that writes
+    // every blob, so the answer names no blob (docs/api.md).
+    if (blobs.some((b) => this.constraint(b))) {
+      return err(422, 'constraint_violation', 'new row for relation "blobs_meta" violates check constraint "operator_check"');
     }
     const meta = this.meta.get(user) ?? new Map<string, Row>();
     this.meta.set(user, meta);
