@@ -198,36 +198,27 @@ export async function coordinate(
       continue;
     }
     if (complete) fail(outcome);
-    if (outcome.kind === 'too_large') {
-      if (chunk.length > 1) {
-        // The server takes fewer blobs per request (or bytes per body) than configured: halve, as /v1/batch does.
-        beforeHalving ??= max;
-        max = Math.max(1, Math.floor(chunk.length / 2));
-        continue;
-      }
-      // One report alone is too large for a request (a path of megabytes): it cannot be sent, ever. The halving
-      // was for it, not for a lower limit of the server: back to the size before it.
-      leaveOut(queue, i, outcome.status, outcome.error, opts);
-      if (beforeHalving !== undefined) max = beforeHalving;
-      beforeHalving = undefined;
-      continue;
-    }
     const index = outcome.kind === 'rejected' ? outcome.error.blob_index : undefined;
     if (outcome.kind === 'rejected' && index !== undefined && Number.isInteger(index) && index >= 0 && index < chunk.length) {
       // The server recorded nothing of the request: send it again without that blob.
       leaveOut(queue, i + index, outcome.status, outcome.error, opts);
       continue;
     }
-    if (outcome.kind === 'rejected' && outcome.status === 422 && outcome.error.code === 'constraint_violation') {
-      // A check constraint the server does not know of (added to the blob tables by SQL) refused a value: Postgres
-      // writes every blob of a request in one statement, so the answer cannot say which. Halve until the request
-      // is that one blob, and leave it out, as for a report too large alone. Any other refusal without an index is
-      // not a blob's and still fails the call.
-      if (chunk.length > 1) {
-        beforeHalving ??= max;
-        max = Math.max(1, Math.floor(chunk.length / 2));
-        continue;
-      }
+    // Refusals that one blob may cause without the answer saying which: a 413 (the server takes fewer blobs or
+    // bytes per request than configured, or one report is too large alone: a path of megabytes), and a 422
+    // `constraint_violation` (a check constraint added to the blob tables by SQL: Postgres writes a request's blobs
+    // in one statement). Halve, as /v1/batch does, until the request is one blob; that one cannot be sent, ever,
+    // and is left out. The halving was for it, not for a lower limit of the server: back to the size before it.
+    // Any other refusal without an index is not a blob's and fails the call.
+    const isolate =
+      outcome.kind === 'too_large' ||
+      (outcome.kind === 'rejected' && outcome.status === 422 && outcome.error.code === 'constraint_violation');
+    if (isolate && chunk.length > 1) {
+      beforeHalving ??= max;
+      max = Math.max(1, Math.floor(chunk.length / 2));
+      continue;
+    }
+    if (isolate) {
       leaveOut(queue, i, outcome.status, outcome.error, opts);
       if (beforeHalving !== undefined) max = beforeHalving;
       beforeHalving = undefined;
