@@ -96,6 +96,9 @@ struct Connection {
     chunks: Option<(mpsc::Sender<SnapshotChunk>, mpsc::Receiver<SnapshotChunk>)>,
     /// Reused for every event: the hot path allocates nothing here.
     actions: Actions,
+    /// The server's shutdown flag, as every frame's write watches it ([`send`]): one receiver per connection, not
+    /// one per frame.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Why the loop ended.
@@ -114,10 +117,9 @@ type Sink = futures::stream::SplitSink<WebSocket, Message>;
 async fn send(
     sink: &mut Sink,
     text: String,
-    shutdown: &tokio::sync::watch::Receiver<bool>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Exit> {
     crate::metrics::frame_sent(text.len());
-    let mut shutdown = shutdown.clone();
     tokio::select! {
         biased;
         sent = sink.send(Message::Text(Utf8Bytes::from(text))) => sent.map_err(|_| Exit::Gone),
@@ -126,7 +128,7 @@ async fn send(
             "too slow; reconnect and resume from your offset",
         )),
         () = async {
-            crate::shutdown::until_true(&mut shutdown).await;
+            crate::shutdown::until_true(shutdown).await;
             tokio::time::sleep(SHUTDOWN_DELIVERY).await;
         } => Err(Exit::Gone),
     }
@@ -136,6 +138,7 @@ impl Connection {
     fn new(state: AppState, user: AuthUser) -> Self {
         Self {
             session: Session::new(&user).with_filter_budget(state.filter_bytes_per_user.clone()),
+            shutdown: state.shutdown.clone(),
             state,
             user,
             chunks: None,
@@ -270,19 +273,18 @@ impl Connection {
         queue: &mpsc::Sender<ConnEvent>,
     ) -> Result<(), Exit> {
         let mut result = Ok(());
-        let shutdown = &self.state.shutdown;
         // Drained in full even after a failed send, so the list is empty for the next event.
         for action in self.actions.drain(..) {
             if result.is_err() {
                 continue;
             }
             result = match action {
-                Action::Send(text) => send(sink, text, shutdown).await,
+                Action::Send(text) => send(sink, text, &mut self.shutdown).await,
                 Action::SendParts(mut parts) => {
                     // One frame at a time: the next is rendered once the one before it has gone.
                     let mut sent = Ok(());
                     while let Some(text) = self.session.next_part(&mut parts) {
-                        sent = send(sink, text, shutdown).await;
+                        sent = send(sink, text, &mut self.shutdown).await;
                         if sent.is_err() {
                             break;
                         }
