@@ -313,18 +313,33 @@ async fn client_connections_are_kept_alive_by_tcp_probes() {
 
 /// A fresh user's 1-op batch is answered 200 within 700 ms (under a few ms on an idle test server).
 /// A work of `user`'s, and a superuser session holding its row lock (`for update`) until it commits.
-async fn locked_work(env: &TestEnv, user: uuid::Uuid) -> (uuid::Uuid, tokio_postgres::Client) {
+/// A new work of `user`'s titled `title`, written through `/v1/batch`.
+async fn written_work(env: &TestEnv, user: uuid::Uuid, title: &str) -> uuid::Uuid {
     let work = uuid::Uuid::new_v4();
     let (status, body) = env
         .batch(
             user,
             serde_json::json!([deeprecall_tests::insert(
                 "works",
-                serde_json::json!({ "id": work, "title": "locked" })
+                serde_json::json!({ "id": work, "title": title })
             )]),
         )
         .await;
     assert_eq!(status.as_u16(), 200, "{body}");
+    work
+}
+
+/// A server whose users' transactions wait at most 400 ms for a lock.
+async fn env_with_short_lock_timeout() -> TestEnv {
+    env_with(Limits {
+        lock_timeout: Some(Duration::from_millis(400)),
+        ..Limits::default()
+    })
+    .await
+}
+
+async fn locked_work(env: &TestEnv, user: uuid::Uuid) -> (uuid::Uuid, tokio_postgres::Client) {
+    let work = written_work(env, user, "locked").await;
     let locker = env.superuser().await;
     locker
         .batch_execute(&format!(
@@ -568,23 +583,9 @@ async fn a_batch_waits_for_a_lock_at_most_the_lock_timeout_and_then_did_nothing(
     // Someone else (here the test; in production an operator's CREATE INDEX or a forgotten open transaction) holds
     // a row lock. The batch that needs it is answered 503 `locked` after the lock timeout, once, not after a second
     // wait op by op; its sequence did not advance, so the same batch sent again is applied, not `duplicate`.
-    let env = env_with(Limits {
-        lock_timeout: Some(Duration::from_millis(400)),
-        ..Limits::default()
-    })
-    .await;
+    let env = env_with_short_lock_timeout().await;
     let user = uuid::Uuid::new_v4();
-    let other = uuid::Uuid::new_v4();
-    let (status, body) = env
-        .batch(
-            user,
-            serde_json::json!([deeprecall_tests::insert(
-                "works",
-                serde_json::json!({ "id": other, "title": "free" })
-            )]),
-        )
-        .await;
-    assert_eq!(status.as_u16(), 200, "{body}");
+    let other = written_work(&env, user, "free").await;
     let (work, locker) = locked_work(&env, user).await;
 
     let client_id = uuid::Uuid::new_v4();
@@ -666,23 +667,9 @@ async fn a_batch_waits_for_a_lock_at_most_the_lock_timeout_and_then_did_nothing(
 /// 9 s behind a 9-s lock, with a 5-s timeout). The pool's sessions now carry the timeout from their start.
 #[tokio::test]
 async fn a_statement_new_to_its_connection_waits_for_a_table_lock_at_most_the_lock_timeout() {
-    let env = env_with(Limits {
-        lock_timeout: Some(Duration::from_millis(400)),
-        ..Limits::default()
-    })
-    .await;
+    let env = env_with_short_lock_timeout().await;
     let user = uuid::Uuid::new_v4();
-    let work = uuid::Uuid::new_v4();
-    let (status, body) = env
-        .batch(
-            user,
-            serde_json::json!([deeprecall_tests::insert(
-                "works",
-                serde_json::json!({ "id": work, "title": "before" })
-            )]),
-        )
-        .await;
-    assert_eq!(status.as_u16(), 200, "{body}");
+    let work = written_work(&env, user, "before").await;
     let locker = env.superuser().await;
     locker
         .batch_execute("begin; lock table works in share mode")

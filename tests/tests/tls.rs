@@ -149,25 +149,7 @@ async fn the_server_streams_over_tls() {
     // The cluster refuses plain TCP, so everything below (migration, pool, schema watcher, slot administration,
     // replication) went over TLS or would have failed.
     let server = UrlServer::start(&url).await;
-    let user = Uuid::new_v4();
-    let token = server.token(user);
-    let mut client = StreamClient::connect(&server.base, &token).await;
-    client.subscribe("w", "works", json!(null)).await;
-    client.up_to_date("w").await;
-
-    let id = Uuid::new_v4();
-    let resp = reqwest::Client::new()
-        .post(format!("{}/v1/batch", server.base))
-        .bearer_auth(&token)
-        .json(&json!({"ops": [insert("works", json!({"id": id, "title": "Over TLS"}))]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let txn = client
-        .until(Duration::from_secs(30), |v| v["type"] == "txn")
-        .await;
-    assert_eq!(txn["changes"][0]["row"]["title"], "Over TLS", "{txn}");
+    writes_and_streams(&server, "Over TLS").await;
 
     // The replication connection's walsender and the server's other sessions report TLS.
     let db = PgTarget::parse(&url).unwrap().connect().await.unwrap();
@@ -240,15 +222,20 @@ async fn prefer_with_a_root_certificate_streams_in_plain_text_from_a_server_with
     .unwrap();
     let url = format!("{}?sslrootcert={}", env.db_url(), ca.display());
     let server = UrlServer::start_on_slot(&url, &env.db.slot_name()).await;
-    let user = Uuid::new_v4();
-    let token = server.token(user);
+    writes_and_streams(&server, "plain").await;
+}
+
+/// A new user subscribed to works, one work titled `title` written through `/v1/batch`, and its transaction on the
+/// live stream: the write path and the replication stream both work.
+async fn writes_and_streams(server: &UrlServer, title: &str) {
+    let token = server.token(Uuid::new_v4());
     let mut client = StreamClient::connect(&server.base, &token).await;
     client.subscribe("w", "works", json!(null)).await;
     client.up_to_date("w").await;
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/batch", server.base))
         .bearer_auth(&token)
-        .json(&json!({"ops": [insert("works", json!({"id": Uuid::new_v4(), "title": "plain"}))]}))
+        .json(&json!({"ops": [insert("works", json!({"id": Uuid::new_v4(), "title": title}))]}))
         .send()
         .await
         .unwrap();
@@ -256,5 +243,5 @@ async fn prefer_with_a_root_certificate_streams_in_plain_text_from_a_server_with
     let txn = client
         .until(Duration::from_secs(30), |v| v["type"] == "txn")
         .await;
-    assert_eq!(txn["changes"][0]["row"]["title"], "plain", "{txn}");
+    assert_eq!(txn["changes"][0]["row"]["title"], title, "{txn}");
 }

@@ -820,6 +820,24 @@ mod tests {
             .collect()
     }
 
+    /// A session with one subscription to works, `id`, live after its snapshot (epoch 1), and no actions left.
+    fn live_on_works(id: &str) -> (Session, Actions) {
+        let mut s = Session::new(&user());
+        let mut out = Actions::new();
+        subscribe(
+            &mut s,
+            json!({"type": "subscribe", "id": id, "table": "works"}),
+            &mut out,
+        );
+        s.on_job(
+            snapshot_report(id, 1, Filter::default()),
+            &history(),
+            &mut out,
+        );
+        out.clear();
+        (s, out)
+    }
+
     fn snapshot_report(id: &str, epoch: u64, filter: Filter) -> JobReport {
         JobReport {
             sub_id: id.into(),
@@ -913,19 +931,7 @@ mod tests {
 
     #[test]
     fn a_subscription_goes_live_only_between_transactions_never_between_parts() {
-        let mut s = Session::new(&user());
-        let mut out = Actions::new();
-        subscribe(
-            &mut s,
-            json!({"type": "subscribe", "id": "a", "table": "works"}),
-            &mut out,
-        );
-        s.on_job(
-            snapshot_report("a", 1, Filter::default()),
-            &history(),
-            &mut out,
-        );
-        out.clear();
+        let (mut s, mut out) = live_on_works("a");
         // "b" is pending; a transaction it missed is buffered.
         subscribe(
             &mut s,
@@ -1298,18 +1304,7 @@ mod tests {
         let mut told: Vec<&str> = f.iter().filter_map(|f| f["id"].as_str()).collect();
         told.sort_unstable();
         assert_eq!(told, ["a", "b"]);
-        let mut s2 = Session::new(&user());
-        subscribe(
-            &mut s2,
-            json!({"type": "subscribe", "id": "a", "table": "works"}),
-            &mut out,
-        );
-        s2.on_job(
-            snapshot_report("a", 1, Filter::default()),
-            &history(),
-            &mut out,
-        );
-        out.clear();
+        let (mut s2, mut out) = live_on_works("a");
         s2.on_refetch(
             &Refetch {
                 table: Some("works".into()),
@@ -1339,19 +1334,7 @@ mod tests {
 
     #[test]
     fn a_truncate_queued_at_shutdown_is_told_and_its_transaction_not_delivered() {
-        let mut s = Session::new(&user());
-        let mut out = Actions::new();
-        subscribe(
-            &mut s,
-            json!({"type": "subscribe", "id": "w", "table": "works"}),
-            &mut out,
-        );
-        s.on_job(
-            snapshot_report("w", 1, Filter::default()),
-            &history(),
-            &mut out,
-        );
-        out.clear();
+        let (mut s, mut out) = live_on_works("w");
         // TRUNCATE works; INSERT …: the hub queues the refetch before the transaction.
         s.shutdown(
             [

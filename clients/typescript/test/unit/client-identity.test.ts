@@ -9,27 +9,7 @@ import { Dexie } from 'dexie';
 import { SignInError, createSyncClient } from '../../src/client.js';
 import { DEFAULT_TABLES, SyncDatabase, guestDbName, userDbName } from '../../src/database.js';
 import type { SyncClientOptions } from '../../src/types.js';
-import { FakeBatchServer } from './fake-server.js';
-
-/** A socket that never opens (the user's database stays `connecting`); closed only by the client. */
-class DeadSocket {
-  static all: DeadSocket[] = [];
-  readonly OPEN = 1;
-  readyState = 0;
-  onopen: (() => void) | null = null;
-  onmessage: ((ev: { data: string }) => void) | null = null;
-  onclose: ((ev: { code: number }) => void) | null = null;
-  onerror: (() => void) | null = null;
-  constructor(readonly url: string) {
-    DeadSocket.all.push(this);
-  }
-  send(): void {}
-  close(): void {
-    if (this.readyState === 3) return;
-    this.readyState = 3;
-    queueMicrotask(() => this.onclose?.({ code: 1006 }));
-  }
-}
+import { DeadSocket, FakeBatchServer } from './fake-server.js';
 
 function jwt(sub: string): string {
   const now = Math.floor(Date.now() / 1000);

@@ -357,3 +357,26 @@ export function routes(table: { [path: string]: typeof fetch }): typeof fetch {
     return f(url, init);
   }) as typeof fetch;
 }
+
+/**
+ * A socket that never opens (the user's database stays `connecting`); closed only by the client. Every one made is
+ * in `all` (reset it per test).
+ */
+export class DeadSocket {
+  static all: DeadSocket[] = [];
+  readonly OPEN = 1;
+  readyState = 0;
+  onopen: (() => void) | null = null;
+  onmessage: ((ev: { data: string }) => void) | null = null;
+  onclose: ((ev: { code: number }) => void) | null = null;
+  onerror: (() => void) | null = null;
+  constructor(readonly url: string) {
+    DeadSocket.all.push(this);
+  }
+  send(): void {}
+  close(): void {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    queueMicrotask(() => this.onclose?.({ code: 1006 }));
+  }
+}

@@ -8,24 +8,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { SignInError, createSyncClient } from '../../src/client.js';
 import type { BlobRejection, BlobReport, Rejection, Repair, SyncClientOptions } from '../../src/types.js';
-import { FakeBatchServer, FakeCoordinateServer, routes } from './fake-server.js';
-
-/** A socket that never opens (the user's database stays `connecting`); closed only by the client. */
-class DeadSocket {
-  readonly OPEN = 1;
-  readyState = 0;
-  onopen: (() => void) | null = null;
-  onmessage: ((ev: { data: string }) => void) | null = null;
-  onclose: ((ev: { code: number }) => void) | null = null;
-  onerror: (() => void) | null = null;
-  constructor(readonly url: string) {}
-  send(): void {}
-  close(): void {
-    if (this.readyState === 3) return;
-    this.readyState = 3;
-    queueMicrotask(() => this.onclose?.({ code: 1006 }));
-  }
-}
+import { DeadSocket, FakeBatchServer, FakeCoordinateServer, routes } from './fake-server.js';
 
 /** A token of `sub`; `expSecs` from now (0: due for replacement at once, so the next request asks getToken() again). */
 function jwt(sub: string, expSecs = 3600): string {
