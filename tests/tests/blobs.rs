@@ -834,6 +834,103 @@ async fn a_blob_handle_is_capped_in_rows_and_bytes_and_says_so() {
     assert_eq!(handle["meta"]["size"], 3);
 }
 
+/// Every page of `GET /v1/blobs` up to its last, as (items, pages); each page's JSON is checked against the byte cap.
+async fn all_pages(env: &TestEnv, path: &str, token: &str) -> (Vec<Value>, usize) {
+    let (mut items, mut pages, mut cursor) = (Vec::new(), 0, None::<String>);
+    loop {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = match &cursor {
+            None => path.to_owned(),
+            Some(c) => format!("{path}{sep}cursor={c}"),
+        };
+        let (status, body) = env.get(&url, Some(token)).await;
+        assert_eq!(status, 200, "{url}: {body}");
+        let page = body["items"].as_array().unwrap().clone();
+        // 4 MiB of rows, plus at most the row that crosses it.
+        let largest = page.iter().map(|r| r.to_string().len()).max().unwrap_or(0);
+        assert!(
+            body["items"].to_string().len() <= (4 << 20) + largest,
+            "{url}: a page of {} bytes",
+            body["items"].to_string().len()
+        );
+        items.extend(page);
+        pages += 1;
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return (items, pages),
+        }
+    }
+}
+
+/// A user decides how long a blob's filename is and how many devices report it; one inventory page (`GET /v1/blobs`,
+/// `GET /v1/admin/blobs`) of 1,000 rows held all of it: 1,000 blobs with a 1-MB filename made a 1-GB answer in the
+/// server's memory. A page now ends at 4 MiB of rows, and a row's `devices` / `missing_on` at 100 ids, saying so.
+#[tokio::test]
+async fn inventory_pages_are_capped_in_bytes_and_device_lists_and_say_so() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let user = Uuid::new_v4();
+    let token = env.token(user);
+    let crowded = sha(0x61);
+    let last_device = Uuid::max();
+    // `crowded` on 250 devices and missing on 130 (the last present device sorts last); 30 blobs with a filename of
+    // 300,000 characters (9 MB in all).
+    db.batch_execute(&format!(
+        "insert into blobs_meta (owner_id, sha256, size) values ('{user}', '{crowded}', 10);
+         insert into device_blobs (owner_id, device_id, sha256, present)
+           select '{user}', gen_random_uuid(), '{crowded}', i <= 249 from generate_series(1, 379) i;
+         insert into device_blobs (owner_id, device_id, sha256) values ('{user}', '{last_device}', '{crowded}');
+         insert into blobs_meta (owner_id, sha256, size, filename)
+           select '{user}', lpad(to_hex(i), 64, 'a'), i, repeat('f', 300000) from generate_series(1, 30) i;"
+    ))
+    .await
+    .unwrap();
+
+    let admin = env.admin_token(Uuid::new_v4());
+    for (path, token) in [
+        ("/v1/blobs?limit=1000".to_owned(), &token),
+        (
+            format!("/v1/admin/blobs?owner_id={user}&limit=1000&sort=size"),
+            &admin,
+        ),
+    ] {
+        let (items, pages) = all_pages(&env, &path, token).await;
+        // Every blob once, over several pages.
+        let mut shas: Vec<&str> = items
+            .iter()
+            .map(|r| r["sha256"].as_str().unwrap())
+            .collect();
+        shas.sort();
+        shas.dedup();
+        assert_eq!((shas.len(), items.len()), (31, 31), "{path}");
+        assert!(pages >= 3, "{path}: {pages} pages");
+        for row in &items {
+            let crowded_row = row["sha256"] == crowded.as_str();
+            assert_eq!(row["devices_truncated"], crowded_row, "{path}: {row:.200}");
+            assert_eq!(row["missing_on_truncated"], crowded_row, "{path}");
+            if crowded_row {
+                assert_eq!(row["devices"].as_array().unwrap().len(), 100, "{path}");
+                assert_eq!(row["missing_on"].as_array().unwrap().len(), 100, "{path}");
+                // Counted in full.
+                assert_eq!(row["device_count"], 250, "{path}");
+                assert_eq!(row["stored_bytes"], 2500, "{path}");
+            } else {
+                assert_eq!(row["devices"], json!([]), "{path}");
+            }
+        }
+    }
+    // The admin's device filter still searches every device of a row, not the ones shown.
+    let (status, body) = env
+        .get(
+            &format!("/v1/admin/blobs?device_id={last_device}&count=true"),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["total"], 1, "{body}");
+    assert_eq!(body["items"][0]["sha256"], crowded.as_str(), "{body:.300}");
+}
+
 /// One user's blob of size 2^63 - 1 on two devices made `stored_bytes` (size × devices, bigint) overflow, and with it
 /// every inventory query touching the row: the admin dashboard (its totals too) answered 422 "bigint out of range"
 /// for everyone. Sizes are now at most 2^53 - 1, and nothing the view or the admin API adds up is a bigint.

@@ -20,7 +20,9 @@ use uuid::Uuid;
 use crate::auth::{AuthError, AuthUser};
 use crate::db::{Scope, begin_scoped};
 use crate::error::{ApiError, from_db};
-use crate::http::blobs::is_sha256;
+use crate::http::blobs::{
+    INVENTORY_PAGE_BYTES, InventoryPage, capped_rows, inventory_row_json, is_sha256,
+};
 use crate::state::AppState;
 
 /// Longest search string accepted.
@@ -440,21 +442,23 @@ pub async fn blobs(
     State(state): State<AppState>,
     user: AuthUser,
     q: Result<Query<AdminBlobsQuery>, QueryRejection>,
-) -> Result<Json<Value>, AdminError> {
+) -> Result<Response, AdminError> {
     // The admin check comes first: a user token is refused whatever its query says.
     require_admin(&user)?;
     let Query(q) = q.map_err(|e| invalid("invalid_query", e.body_text()))?;
     let req = Request::parse(q)?;
     let mut client = state.pool.get().await?;
     let tx = admin_tx(&mut client, &user).await?;
-    let body = match req.group {
-        None => rows(&tx, &req).await?,
-        Some(group) => groups(&tx, &req, group).await?,
-    };
-    Ok(Json(body))
+    Ok(match req.group {
+        None => Json(rows(&tx, &req).await?).into_response(),
+        Some(group) => Json(groups(&tx, &req, group).await?).into_response(),
+    })
 }
 
-async fn rows(tx: &deadpool_postgres::Transaction<'_>, req: &Request) -> Result<Value, ApiError> {
+async fn rows(
+    tx: &deadpool_postgres::Transaction<'_>,
+    req: &Request,
+) -> Result<InventoryPage, ApiError> {
     let mut st = Statement::default();
     let filter = req.filters.sql(&mut st);
     let (expr, ty) = req.sort.expr();
@@ -489,16 +493,22 @@ async fn rows(tx: &deadpool_postgres::Transaction<'_>, req: &Request) -> Result<
     // Keyset paging on (sort key, owner_id, sha256): the last two are the unique key of blobs_meta, so the order
     // is total and stable while rows are inserted between pages.
     let sql = format!(
-        "select to_jsonb(v), ({expr})::text, v.owner_id, v.sha256 from v_blob_inventory v
+        "select {}, ({expr})::text, v.owner_id, v.sha256 from v_blob_inventory v
           where {filter} and {after}
           order by {expr} {dir}, v.owner_id {dir}, v.sha256 {dir}
-          limit {limit}"
+          limit {limit}",
+        inventory_row_json()
     );
-    let rows = tx.query(&sql, &st.refs()).await.map_err(|e| from_db(&e))?;
-    let more = rows.len() as i64 > req.limit;
-    let page = &rows[..rows.len().min(req.limit as usize)];
-    let next_cursor = if more {
-        page.last().map(|r| {
+    let (items, last, more) = capped_rows(
+        tx,
+        &sql,
+        &st.refs(),
+        req.limit as usize,
+        INVENTORY_PAGE_BYTES,
+    )
+    .await?;
+    let next_cursor = match (more, last) {
+        (true, Some(r)) => Some(
             Cursor {
                 sort: req.sort.name().into(),
                 desc: req.desc,
@@ -506,16 +516,15 @@ async fn rows(tx: &deadpool_postgres::Transaction<'_>, req: &Request) -> Result<
                 owner: r.get(2),
                 sha256: r.get(3),
             }
-            .encode()
-        })
-    } else {
-        None
+            .encode(),
+        ),
+        _ => None,
     };
-    let items: Vec<Value> = page
-        .iter()
-        .map(|r| r.get::<_, PgJson<Value>>(0).0)
-        .collect();
-    let mut body = json!({ "items": items, "next_cursor": next_cursor });
+    let mut page = InventoryPage {
+        items,
+        next_cursor,
+        total: None,
+    };
     if req.count {
         let mut st = Statement::default();
         let filter = req.filters.sql(&mut st);
@@ -527,9 +536,9 @@ async fn rows(tx: &deadpool_postgres::Transaction<'_>, req: &Request) -> Result<
             .await
             .map_err(|e| from_db(&e))?
             .get(0);
-        body["total"] = json!(total);
+        page.total = Some(total);
     }
-    Ok(body)
+    Ok(page)
 }
 
 async fn groups(

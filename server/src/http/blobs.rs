@@ -10,7 +10,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use tokio_postgres::types::Json as PgJson;
 use uuid::Uuid;
 
@@ -360,43 +359,48 @@ pub const HANDLE_MAX_LIST_BYTES: usize = 4 << 20;
 pub struct BlobHandle {
     sha256: String,
     meta: Option<Box<serde_json::value::RawValue>>,
-    devices: Vec<Box<serde_json::value::RawValue>>,
+    devices: JsonRows,
     devices_truncated: bool,
-    assets: Vec<Box<serde_json::value::RawValue>>,
+    assets: JsonRows,
     assets_truncated: bool,
     available_on: Vec<Uuid>,
 }
 
-/// The rows of `sql` (one `text` column of JSON, `$1` the sha256), read as a stream and kept while the list stays
-/// within the caps; true when a row was left out. The query asks for one row more than the cap, so Postgres stops
-/// there, and a list cut for its bytes drops the stream: tokio-postgres discards the rest of the answer.
-async fn capped_rows(
+/// Rows of JSON text passed on as they are (no JSON tree), read as a stream.
+pub(crate) type JsonRows = Vec<Box<serde_json::value::RawValue>>;
+
+/// The rows of `sql` (its first column JSON `text`), read as a stream and kept while the list stays within
+/// `max_rows` and `max_bytes`; with the last row kept (for a cursor) and whether a row was left out. The query should
+/// ask for one row more than `max_rows`, so Postgres stops there; a list cut for its bytes drops the stream, and
+/// tokio-postgres discards the rest of the answer.
+pub(crate) async fn capped_rows(
     tx: &tokio_postgres::Transaction<'_>,
     sql: &str,
-    sha256: &str,
-) -> Result<(Vec<Box<serde_json::value::RawValue>>, bool), ApiError> {
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<(JsonRows, Option<tokio_postgres::Row>, bool), ApiError> {
     use futures::TryStreamExt as _;
     let stream = tx
-        .query_raw(sql, [&sha256 as &(dyn tokio_postgres::types::ToSql + Sync)])
+        .query_raw(sql, params.iter().copied())
         .await
         .map_err(|e| from_db(&e))?;
     futures::pin_mut!(stream);
-    let (mut rows, mut bytes) = (Vec::new(), 0usize);
+    let (mut rows, mut last, mut bytes) = (Vec::new(), None, 0usize);
     while let Some(row) = stream.try_next().await.map_err(|e| from_db(&e))? {
         let text: String = row.get(0);
         // A row that would take the list past its bytes is left out, unless it is the first (a list is never empty
         // for its bytes alone).
-        if rows.len() >= HANDLE_MAX_ROWS
-            || (!rows.is_empty() && bytes + text.len() > HANDLE_MAX_LIST_BYTES)
-        {
-            return Ok((rows, true));
+        if rows.len() >= max_rows || (!rows.is_empty() && bytes + text.len() > max_bytes) {
+            return Ok((rows, last, true));
         }
         bytes += text.len();
         rows.push(
             serde_json::value::RawValue::from_string(text).map_err(|e| ApiError::internal(&e))?,
         );
+        last = Some(row);
     }
-    Ok((rows, false))
+    Ok((rows, last, false))
 }
 
 /// Handler for `GET /v1/blobs/{sha256}`: the caller's BlobHandle.
@@ -424,22 +428,26 @@ pub async fn get_blob(
         .map_err(|e| from_db(&e))?
         .map(|row| row.get(0));
     let limit = HANDLE_MAX_ROWS + 1;
-    let (devices, devices_truncated) = capped_rows(
+    let (devices, _, devices_truncated) = capped_rows(
         tx,
         &format!(
             "select (to_jsonb(d) - 'owner_id' - 'sha256' - 'id')::text from device_blobs d
               where d.sha256 = $1 order by d.device_id limit {limit}"
         ),
-        &sha256,
+        &[&sha256],
+        HANDLE_MAX_ROWS,
+        HANDLE_MAX_LIST_BYTES,
     )
     .await?;
-    let (assets, assets_truncated) = capped_rows(
+    let (assets, _, assets_truncated) = capped_rows(
         tx,
         &format!(
             "select (to_jsonb(a) - 'owner_id' - 'sha256')::text from assets a
               where a.sha256 = $1 order by a.created_at, a.id limit {limit}"
         ),
-        &sha256,
+        &[&sha256],
+        HANDLE_MAX_ROWS,
+        HANDLE_MAX_LIST_BYTES,
     )
     .await?;
     // Its own query: `devices` may be cut, the devices that hold the bytes must not be.
@@ -502,7 +510,7 @@ pub async fn my_inventory(
     State(state): State<AppState>,
     user: AuthUser,
     q: Result<Query<InventoryQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<InventoryPage>, ApiError> {
     let Query(mut q) = q.map_err(query_error)?;
     q.owner_id = None;
     inventory(&state, user.user_id, q).await
@@ -512,7 +520,7 @@ async fn inventory(
     state: &AppState,
     user: Uuid,
     q: InventoryQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<InventoryPage>, ApiError> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::unprocessable(
@@ -535,32 +543,65 @@ async fn inventory(
         .await
         .map_err(|e| from_db(&e))?;
     // Keyset paging on (owner_id, sha256), the unique key of blobs_meta: stable under concurrent inserts.
-    let rows = tx
-        .query(
-            "select to_jsonb(v), v.owner_id, v.sha256 from v_blob_inventory v
+    let (items, last, more) = capped_rows(
+        &tx,
+        &format!(
+            "select {}, v.owner_id, v.sha256 from v_blob_inventory v
               where ($1::uuid is null or v.owner_id = $1)
                 and ($2::uuid is null or (v.owner_id, v.sha256) > ($2, $3::text))
               order by v.owner_id, v.sha256
               limit $4",
-            &[&q.owner_id, &after_owner, &after_sha, &(limit + 1)],
-        )
-        .await
-        .map_err(|e| from_db(&e))?;
+            inventory_row_json()
+        ),
+        &[&q.owner_id, &after_owner, &after_sha, &(limit + 1)],
+        limit as usize,
+        INVENTORY_PAGE_BYTES,
+    )
+    .await?;
     drop(tx);
     client.settled();
-    let more = rows.len() as i64 > limit;
-    let page = &rows[..rows.len().min(limit as usize)];
-    let next_cursor = if more {
-        page.last()
-            .map(|r| encode_cursor(r.get(1), r.get::<_, String>(2).as_str()))
-    } else {
-        None
+    let next_cursor = match (more, last) {
+        (true, Some(r)) => Some(encode_cursor(r.get(1), r.get::<_, String>(2).as_str())),
+        _ => None,
     };
-    let items: Vec<Value> = page
-        .iter()
-        .map(|r| r.get::<_, PgJson<Value>>(0).0)
-        .collect();
-    Ok(Json(json!({ "items": items, "next_cursor": next_cursor })))
+    Ok(Json(InventoryPage {
+        items,
+        next_cursor,
+        total: None,
+    }))
+}
+
+/// At most this many bytes of rows in one page of the inventory (`GET /v1/blobs`, `GET /v1/admin/blobs`): a page
+/// ends at `limit` rows or here, whichever comes first (a first row larger than this comes alone), and its
+/// `next_cursor` goes on after its last row. A user decides how long a blob's `filename` and `mime` are (nothing
+/// but the request body bounds them); the server decides how much of that one request holds (docs/decisions.md 46).
+pub const INVENTORY_PAGE_BYTES: usize = 4 << 20;
+
+/// At most this many ids in an inventory row's `devices`, and as many in its `missing_on`; `devices_truncated` /
+/// `missing_on_truncated` say a list was cut. A user decides how many devices report one blob; `device_count` and
+/// the admin's `device_id` filter still count and search them all.
+pub const INVENTORY_MAX_DEVICES: usize = 100;
+
+/// The JSON text of an inventory row `v` as the API answers it: the view's columns with `devices` and `missing_on`
+/// cut at [`INVENTORY_MAX_DEVICES`], and the two `*_truncated` flags.
+pub(crate) fn inventory_row_json() -> String {
+    let n = INVENTORY_MAX_DEVICES;
+    format!(
+        "(to_jsonb(v) || jsonb_build_object(
+            'devices', to_jsonb(v.devices[1:{n}]), 'devices_truncated', cardinality(v.devices) > {n},
+            'missing_on', to_jsonb(v.missing_on[1:{n}]), 'missing_on_truncated', cardinality(v.missing_on) > {n}
+         ))::text"
+    )
+}
+
+/// A page of inventory rows, each passed on as the JSON text Postgres made of it.
+#[derive(Debug, Serialize)]
+pub struct InventoryPage {
+    pub items: JsonRows,
+    pub next_cursor: Option<String>,
+    /// Rows matching the filters (`GET /v1/admin/blobs?count=true` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<i64>,
 }
 
 fn encode_cursor(owner: Uuid, sha256: &str) -> String {

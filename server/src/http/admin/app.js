@@ -97,6 +97,8 @@ const state = {
   order: 'asc',
   limit: 50,
   cursors: [null], // cursor of each page visited; the last one is the current page
+  starts: [0], // the row number each visited page starts at: a page ends at `limit` rows or 4 MiB, so pages vary
+  shown: 0, // rows on the current page
   nextCursor: null,
   lastSample: null,
   lagHistory: [],
@@ -279,6 +281,7 @@ async function loadPage(gen = state.generation) {
   });
   if (gen !== state.generation) return;
   state.nextCursor = page.next_cursor;
+  state.shown = page.items.length;
   renderInventory(page);
 }
 
@@ -409,7 +412,7 @@ function renderMissing(res) {
             el('td', {}, b.filename ?? '–'),
             el('td', {}, mimeLabel(b.mime)),
             num(fmtBytes(b.size), `${fmtInt(b.size)} bytes`),
-            el('td', { title: b.missing_on.join('\n') }, b.missing_on.length ? b.missing_on.map(short).join(', ') : 'never reported'),
+            el('td', { title: b.missing_on.join('\n') + (b.missing_on_truncated ? '\n…' : '') }, b.missing_on.length ? b.missing_on.map(short).join(', ') : 'never reported'),
             el('td', {}, fmtTime(b.last_seen_at)),
           ),
         )),
@@ -417,7 +420,7 @@ function renderMissing(res) {
 }
 
 function renderInventory(page) {
-  const first = (state.cursors.length - 1) * state.limit;
+  const first = state.starts[state.starts.length - 1];
   $('inv-range').textContent =
     page.items.length === 0 ? 'no blobs match' : `${fmtInt(first + 1)}–${fmtInt(first + page.items.length)} of ${fmtInt(page.total)}`;
   $('inv-prev').disabled = state.cursors.length <= 1;
@@ -436,7 +439,7 @@ function renderInventory(page) {
         el('td', { title: b.filename ?? '' }, b.filename ?? '–'),
         el('td', {}, mimeLabel(b.mime)),
         num(fmtBytes(b.size), `${fmtInt(b.size)} bytes`),
-        num(fmtInt(b.device_count), b.devices.join('\n')),
+        num(fmtInt(b.device_count), b.devices.join('\n') + (b.devices_truncated ? '\n…' : '')),
         num(fmtBytes(b.stored_bytes), `${fmtInt(b.stored_bytes)} bytes`),
         num(fmtInt(b.asset_count)),
         el('td', {}, fmtTime(b.last_seen_at)),
@@ -462,9 +465,14 @@ function renderChips() {
   $('f-missing').checked = state.filters.missing;
 }
 
+function resetPaging() {
+  state.cursors = [null];
+  state.starts = [0];
+}
+
 function setFilter(change) {
   Object.assign(state.filters, change);
-  state.cursors = [null];
+  resetPaging();
   renderChips();
   reload();
 }
@@ -476,7 +484,7 @@ function setSort(column) {
     // Sizes and counts are most interesting largest first.
     state.order = ['size', 'stored_bytes', 'device_count', 'asset_count', 'last_seen_at'].includes(column) ? 'desc' : 'asc';
   }
-  state.cursors = [null];
+  resetPaging();
   loadPage().catch((err) => handleError(err, 'Loading the inventory failed'));
 }
 
@@ -500,17 +508,19 @@ function wire() {
   $('f-missing').addEventListener('change', (e) => setFilter({ missing: e.target.checked }));
   $('inv-limit').addEventListener('change', (e) => {
     state.limit = Number(e.target.value);
-    state.cursors = [null];
+    resetPaging();
     loadPage().catch((err) => handleError(err, 'Loading the inventory failed'));
   });
   $('inv-next').addEventListener('click', () => {
     if (!state.nextCursor) return;
+    state.starts.push(state.starts[state.starts.length - 1] + state.shown);
     state.cursors.push(state.nextCursor);
     loadPage().catch((err) => handleError(err, 'Loading the inventory failed'));
   });
   $('inv-prev').addEventListener('click', () => {
     if (state.cursors.length <= 1) return;
     state.cursors.pop();
+    state.starts.pop();
     loadPage().catch((err) => handleError(err, 'Loading the inventory failed'));
   });
   for (const th of document.querySelectorAll('#inv-table th[data-sort]')) {
