@@ -834,6 +834,11 @@ async fn a_blob_handle_is_capped_in_rows_and_bytes_and_says_so() {
     assert_eq!(handle["meta"]["size"], 3);
 }
 
+/// The first 300 characters of a JSON value, for an assertion's message (these bodies run to megabytes).
+fn head(v: &Value) -> String {
+    v.to_string().chars().take(300).collect()
+}
+
 /// Every page of `GET /v1/blobs` up to its last, as (items, pages); each page's JSON is checked against the byte cap.
 async fn all_pages(env: &TestEnv, path: &str, token: &str) -> (Vec<Value>, usize) {
     let (mut items, mut pages, mut cursor) = (Vec::new(), 0, None::<String>);
@@ -844,7 +849,7 @@ async fn all_pages(env: &TestEnv, path: &str, token: &str) -> (Vec<Value>, usize
             Some(c) => format!("{path}{sep}cursor={c}"),
         };
         let (status, body) = env.get(&url, Some(token)).await;
-        assert_eq!(status, 200, "{url}: {body}");
+        assert_eq!(status, 200, "{url}: {}", head(&body));
         let page = body["items"].as_array().unwrap().clone();
         // 4 MiB of rows, plus at most the row that crosses it.
         let largest = page.iter().map(|r| r.to_string().len()).max().unwrap_or(0);
@@ -864,7 +869,8 @@ async fn all_pages(env: &TestEnv, path: &str, token: &str) -> (Vec<Value>, usize
 
 /// A user decides how long a blob's filename is and how many devices report it; one inventory page (`GET /v1/blobs`,
 /// `GET /v1/admin/blobs`) of 1,000 rows held all of it: 1,000 blobs with a 1-MB filename made a 1-GB answer in the
-/// server's memory. A page now ends at 4 MiB of rows, and a row's `devices` / `missing_on` at 100 ids, saying so.
+/// server's memory. A page now ends at 4 MiB of rows, and a row's `devices` / `missing_on` at 100 ids, saying so; a
+/// list of admin groups at 4 MiB too.
 #[tokio::test]
 async fn inventory_pages_are_capped_in_bytes_and_device_lists_and_say_so() {
     let env = TestEnv::start().await;
@@ -906,7 +912,12 @@ async fn inventory_pages_are_capped_in_bytes_and_device_lists_and_say_so() {
         assert!(pages >= 3, "{path}: {pages} pages");
         for row in &items {
             let crowded_row = row["sha256"] == crowded.as_str();
-            assert_eq!(row["devices_truncated"], crowded_row, "{path}: {row:.200}");
+            assert_eq!(
+                row["devices_truncated"],
+                crowded_row,
+                "{path}: {}",
+                head(row)
+            );
             assert_eq!(row["missing_on_truncated"], crowded_row, "{path}");
             if crowded_row {
                 assert_eq!(row["devices"].as_array().unwrap().len(), 100, "{path}");
@@ -926,9 +937,38 @@ async fn inventory_pages_are_capped_in_bytes_and_device_lists_and_say_so() {
             Some(&admin),
         )
         .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["total"], 1, "{body}");
-    assert_eq!(body["items"][0]["sha256"], crowded.as_str(), "{body:.300}");
+    assert_eq!(status, 200, "{}", head(&body));
+    assert_eq!(body["total"], 1, "{}", head(&body));
+    assert_eq!(
+        body["items"][0]["sha256"],
+        crowded.as_str(),
+        "{}",
+        head(&body)
+    );
+
+    // A group's key is as long as its owner made it: 12 MIME types of 500,000 characters end the list at 4 MiB.
+    let other = Uuid::new_v4();
+    db.batch_execute(&format!(
+        "insert into blobs_meta (owner_id, sha256, size, mime)
+           select '{other}', lpad(to_hex(i), 64, 'b'), i, repeat(chr(96 + i), 500000) from generate_series(1, 12) i;"
+    ))
+    .await
+    .unwrap();
+    let (status, body) = env
+        .get(
+            &format!("/v1/admin/blobs?owner_id={other}&group_by=mime&limit=1000"),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(status, 200, "{}", head(&body));
+    let groups = body["groups"].as_array().unwrap();
+    assert_eq!(
+        (groups.len(), &body["more"]),
+        (8, &json!(true)),
+        "{}",
+        head(&body)
+    );
+    assert_eq!(body["totals"]["blobs"], 12, "{}", body["totals"]);
 }
 
 /// One user's blob of size 2^63 - 1 on two devices made `stored_bytes` (size × devices, bigint) overflow, and with it

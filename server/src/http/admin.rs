@@ -21,7 +21,7 @@ use crate::auth::{AuthError, AuthUser};
 use crate::db::{Scope, begin_scoped};
 use crate::error::{ApiError, from_db};
 use crate::http::blobs::{
-    INVENTORY_PAGE_BYTES, InventoryPage, capped_rows, inventory_row_json, is_sha256,
+    INVENTORY_PAGE_BYTES, InventoryPage, JsonRows, capped_rows, inventory_row_json, is_sha256,
 };
 use crate::state::AppState;
 
@@ -545,7 +545,7 @@ async fn groups(
     tx: &deadpool_postgres::Transaction<'_>,
     req: &Request,
     group: Group,
-) -> Result<Value, ApiError> {
+) -> Result<GroupsPage, ApiError> {
     let mut st = Statement::default();
     let filter = req.filters.sql(&mut st);
     let limit = st.param(req.limit + 1);
@@ -564,7 +564,7 @@ async fn groups(
                  select jsonb_build_object('owner_id', f.owner_id, 'blobs', count(*),
                           'bytes', sum(f.size), 'stored_bytes', sum(f.stored_bytes),
                           'devices', coalesce(max(devices.n), 0),
-                          'missing_everywhere', count(*) filter (where f.device_count = 0))
+                          'missing_everywhere', count(*) filter (where f.device_count = 0))::text
                    from f left join devices using (owner_id)
                   group by f.owner_id
                   order by sum(f.stored_bytes) desc, sum(f.size) desc, f.owner_id
@@ -578,7 +578,7 @@ async fn groups(
                  select jsonb_build_object('owner_id', f.owner_id, 'device_id', d.device_id,
                           'blobs', count(*) filter (where d.present),
                           'bytes', coalesce(sum(f.size) filter (where d.present), 0),
-                          'missing', count(*) filter (where not d.present))
+                          'missing', count(*) filter (where not d.present))::text
                    from f cross join lateral (
                           select x, true from unnest(f.devices) x
                           union all
@@ -595,7 +595,7 @@ async fn groups(
                 "{base}
                  select jsonb_build_object('mime', f.mime, 'blobs', count(*),
                           'bytes', sum(f.size), 'stored_bytes', sum(f.stored_bytes),
-                          'missing_everywhere', count(*) filter (where f.device_count = 0))
+                          'missing_everywhere', count(*) filter (where f.device_count = 0))::text
                    from f
                   group by f.mime
                   order by sum(f.stored_bytes) desc, sum(f.size) desc, f.mime nulls last
@@ -604,16 +604,15 @@ async fn groups(
             "mime",
         ),
     };
-    let rows = tx
-        .query(&select, &st.refs())
-        .await
-        .map_err(|e| from_db(&e))?;
-    let more = rows.len() as i64 > req.limit;
-    let groups: Vec<Value> = rows
-        .iter()
-        .take(req.limit as usize)
-        .map(|r| r.get::<_, PgJson<Value>>(0).0)
-        .collect();
+    // A group's key is as long as its owner made it (`mime`): the list ends at `limit` groups or 4 MiB of them.
+    let (groups, _, more) = capped_rows(
+        tx,
+        &select,
+        &st.refs(),
+        req.limit as usize,
+        INVENTORY_PAGE_BYTES,
+    )
+    .await?;
     let totals_sql = format!(
         "{base}
          select jsonb_build_object('blobs', count(*),
@@ -633,7 +632,22 @@ async fn groups(
         .map_err(|e| from_db(&e))?
         .get::<_, PgJson<Value>>(0)
         .0;
-    Ok(json!({ "group_by": name, "groups": groups, "more": more, "totals": totals }))
+    Ok(GroupsPage {
+        group_by: name,
+        groups,
+        more,
+        totals,
+    })
+}
+
+/// The answer of `GET /v1/admin/blobs?group_by=…`, each group passed on as the JSON text Postgres made of it.
+#[derive(Debug, serde::Serialize)]
+struct GroupsPage {
+    group_by: &'static str,
+    groups: JsonRows,
+    /// `limit`, or the 4 MiB cap, left groups out.
+    more: bool,
+    totals: Value,
 }
 
 /// Handler for `GET /v1/admin/stats` (admin token): replication slot, stream, pool and totals, for the admin page's

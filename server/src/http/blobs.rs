@@ -367,7 +367,7 @@ pub struct BlobHandle {
 }
 
 /// Rows of JSON text passed on as they are (no JSON tree), read as a stream.
-pub(crate) type JsonRows = Vec<Box<serde_json::value::RawValue>>;
+pub type JsonRows = Vec<Box<serde_json::value::RawValue>>;
 
 /// The rows of `sql` (its first column JSON `text`), read as a stream and kept while the list stays within
 /// `max_rows` and `max_bytes`; with the last row kept (for a cursor) and whether a row was left out. The query should
