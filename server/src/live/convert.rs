@@ -108,12 +108,14 @@ pub fn write_row<'a>(
 /// any type; NULL stays NULL (format would print an empty string).
 pub fn output_text_sql(expr: &str, type_oid: u32) -> String {
     match type_oid {
-        // text, varchar, name: already their own output.
-        25 | 1043 | 19 => expr.to_owned(),
-        // uuid, integers, floats, numeric, json(b), timestamps, dates, arrays of these...: `::text` is the output
-        // function (no type-specific cast to text exists for them) and cheaper than format().
-        2950 | 20 | 21 | 23 | 26 | 700 | 701 | 1700 | 114 | 3802 | 1082 | 1083 | 1114 | 1184
-        | 1186 | 1009 | 1015 | 2951 | 1007 | 1016 | 1000 => format!("({expr})::text"),
+        // text: already its own output, and typed `text` (the snapshot reads every column as `text`).
+        25 => expr.to_owned(),
+        // varchar, name: the same characters as their output, but typed `varchar` / `name` until cast (left uncast,
+        // one such column made every snapshot of its table fail). uuid, integers, floats, numeric, json(b),
+        // timestamps, dates, arrays of these...: `::text` is the output function (no type-specific cast to text
+        // exists for them) and cheaper than format().
+        1043 | 19 | 2950 | 20 | 21 | 23 | 26 | 700 | 701 | 1700 | 114 | 3802 | 1082 | 1083
+        | 1114 | 1184 | 1186 | 1009 | 1015 | 2951 | 1007 | 1016 | 1000 => format!("({expr})::text"),
         _ => format!("case when ({expr}) is null then null else format('%s', {expr}) end"),
     }
 }
