@@ -208,6 +208,22 @@ pub fn locked() -> ApiError {
     .retry_after(1)
 }
 
+/// Code of [`schema_changed`].
+pub const SCHEMA_CHANGED: &str = "schema_changed";
+
+/// Postgres does not know a table or column the server's catalog has: DDL ran without `migrate`'s notification
+/// (`alter table … drop column`, a table renamed) and no change of that table was streamed since, so the catalog is
+/// stale. The batch handler reloads it and runs the batch once more; a request that still meets this answers it
+/// (the same request succeeds, or gets its 4xx, once the server has reloaded). Nothing was written.
+pub fn schema_changed(msg: String) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        SCHEMA_CHANGED,
+        format!("the database's schema changed under this server ({msg}); nothing was done; retry"),
+    )
+    .retry_after(1)
+}
+
 /// Maps a Postgres error raised by a client's data to a client error, deliberately by SQLSTATE; anything else is
 /// internal. The message is Postgres's own primary message (it names the constraint or the bad value, never
 /// another user's data), plus its detail for constraint violations.
@@ -227,8 +243,15 @@ pub fn from_db(err: &tokio_postgres::Error) -> ApiError {
         Some(d) => format!("{msg} ({d})"),
         None => msg.clone(),
     };
-    if *code == SqlState::UNIQUE_VIOLATION {
+    if *code == SqlState::UNIQUE_VIOLATION || *code == SqlState::EXCLUSION_VIOLATION {
+        // 23P01: an exclusion constraint an operator added (no two bookings overlapping): a conflict like a key's.
         ApiError::new(StatusCode::CONFLICT, "conflict", with_detail())
+    } else if *code == SqlState::GENERATED_ALWAYS {
+        // 428C9: a value for a `generated always` column. The catalog marks those read-only, so this is a catalog
+        // older than the column (plain DDL); the client's to fix either way.
+        ApiError::unprocessable("read_only_column", msg)
+    } else if *code == SqlState::UNDEFINED_COLUMN || *code == SqlState::UNDEFINED_TABLE {
+        schema_changed(msg)
     } else if *code == SqlState::FOREIGN_KEY_VIOLATION {
         ApiError::unprocessable("foreign_key_violation", with_detail())
     } else if *code == SqlState::CHECK_VIOLATION || *code == SqlState::NOT_NULL_VIOLATION {
@@ -237,9 +260,10 @@ pub fn from_db(err: &tokio_postgres::Error) -> ApiError {
         // "new row violates row-level security policy": the client tried to write what is not theirs. Other
         // privilege errors (e.g. "permission denied to set role") are the operator's setup, not the client's.
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", msg)
-    } else if *code == SqlState::PROGRAM_LIMIT_EXCEEDED {
-        // 54000, e.g. "index row size 9016 exceeds btree version 4 maximum 2704 for index …": a value too large
-        // for where the client put it. The client's to fix, not the server's.
+    } else if code.code().starts_with("54") {
+        // Class 54, program limit exceeded. 54000, e.g. "index row size 9016 exceeds btree version 4 maximum 2704
+        // for index …": a value too large for where the client put it; 54001 "stack depth limit exceeded": a value
+        // nested too deep for a type's input function. The client's to fix, not the server's.
         ApiError::unprocessable("value_too_large", msg)
     } else if code.code().starts_with("22") || *code == SqlState::DATATYPE_MISMATCH {
         // Class 22: data exception (bad uuid, number out of range, invalid json, bad timestamp...).

@@ -31,6 +31,16 @@ pub struct Column {
     pub not_null: bool,
     /// Generated column (never writable, not in the WAL stream either).
     pub generated: bool,
+    /// `generated always as identity`: Postgres assigns it and refuses a written value (428C9), so it is not
+    /// writable either; unlike a generated column it is in the WAL stream. (`by default` identity is writable.)
+    pub identity_always: bool,
+}
+
+impl Column {
+    /// Whether Postgres refuses a value written to this column.
+    pub fn read_only(&self) -> bool {
+        self.generated || self.identity_always
+    }
 }
 
 /// A synced table.
@@ -56,7 +66,7 @@ impl Table {
 
     /// Whether a client may write this column.
     pub fn is_writable(&self, name: &str) -> bool {
-        self.column(name).is_some_and(|c| !c.generated) && !SERVER_COLUMNS.contains(&name)
+        self.column(name).is_some_and(|c| !c.read_only()) && !SERVER_COLUMNS.contains(&name)
     }
 
     /// `"schema"."name"`, quoted.
@@ -100,7 +110,7 @@ impl Catalog {
             .query(
                 "select c.oid, n.nspname::text, c.relname::text, a.attname::text,
                         format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attgenerated <> '',
-                        coalesce(pk.conname::text, ''), a.atttypid
+                        coalesce(pk.conname::text, ''), a.atttypid, a.attidentity = 'a'
                    from pg_publication_tables pt
                    join pg_namespace n on n.nspname = pt.schemaname
                    join pg_class c on c.relnamespace = n.oid and c.relname = pt.tablename
@@ -128,6 +138,7 @@ impl Catalog {
                 not_null: row.get(5),
                 generated: row.get(6),
                 type_oid: row.get(8),
+                identity_always: row.get(9),
             });
         }
         // A table is synced only if it follows the convention the router and RLS rely on.
@@ -192,6 +203,17 @@ impl CatalogHandle {
         Ok(fresh)
     }
 
+    /// Reloads, and replaces the catalog only if it differs from the current one; true when it did.
+    pub async fn refresh_if_changed(&self, client: &Client) -> Result<bool, tokio_postgres::Error> {
+        let fresh = Catalog::load(client).await?;
+        if *self.get().await == fresh {
+            return Ok(false);
+        }
+        *self.current.write().await = Arc::new(fresh);
+        *self.last_refresh.lock().await = Instant::now();
+        Ok(true)
+    }
+
     /// Reloads after a request named a table or column we do not know, and returns the catalog to use.
     ///
     /// Reloads happen at most once per interval, so bad requests cannot hammer the database; a request that
@@ -223,8 +245,17 @@ impl CatalogHandle {
     }
 }
 
+/// How often the catalog watcher reads the catalog again, whether or not it was notified.
+///
+/// DDL run by hand, without `migrate` and its notification, otherwise stays unseen until a change of the table is
+/// streamed (the replicator reloads on a new column list) or a request names something unknown: meanwhile a column
+/// retyped from `smallint` to `text` kept refusing `"abc"`, and a dropped column failed every snapshot that selected
+/// it. One catalog query every 30 s costs nothing next to that.
+const CATALOG_POLL: Duration = Duration::from_secs(30);
+
 /// Keeps the catalog fresh: LISTENs for `deeprecall_schema_changed` (sent by every `migrate`) on a dedicated
-/// connection and reloads. Reconnects after errors; runs until the process ends.
+/// connection and reloads, and reads it again every [`CATALOG_POLL`] in case DDL ran without the notification.
+/// Reconnects after errors; runs until the process ends.
 pub async fn watch(
     target: crate::db::PgTarget,
     catalog: Arc<CatalogHandle>,
@@ -249,11 +280,34 @@ pub async fn watch(
                     .await
                     .is_ok()
                 {
-                    while rx.recv().await.is_some() {
-                        if let Ok(conn) = pool.get().await {
-                            match catalog.refresh(&conn).await {
-                                Ok(_) => tracing::info!("schema changed; catalog reloaded"),
-                                Err(e) => tracing::warn!(error = %e, "catalog reload failed"),
+                    let mut poll = tokio::time::interval_at(
+                        tokio::time::Instant::now() + CATALOG_POLL,
+                        CATALOG_POLL,
+                    );
+                    loop {
+                        tokio::select! {
+                            notified = rx.recv() => {
+                                if notified.is_none() {
+                                    break;
+                                }
+                                if let Ok(conn) = pool.get().await {
+                                    match catalog.refresh(&conn).await {
+                                        Ok(_) => tracing::info!("schema changed; catalog reloaded"),
+                                        Err(e) => tracing::warn!(error = %e, "catalog reload failed"),
+                                    }
+                                }
+                            }
+                            _ = poll.tick() => {
+                                if let Ok(conn) = pool.get().await {
+                                    match catalog.refresh_if_changed(&conn).await {
+                                        Ok(true) => tracing::info!(
+                                            "the schema changed without a notification (DDL outside `migrate`); \
+                                             catalog reloaded"
+                                        ),
+                                        Ok(false) => {}
+                                        Err(e) => tracing::debug!(error = %e, "catalog check failed"),
+                                    }
+                                }
                             }
                         }
                     }

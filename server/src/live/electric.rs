@@ -450,6 +450,7 @@ mod tests {
             type_oid: 23,
             not_null: false,
             generated: false,
+            identity_always: false,
         }];
         let mut e = ShapeEncoder::new("public", "works", columns(), true);
         let mut out = vec![b'['];

@@ -810,6 +810,7 @@ mod tests {
             type_oid,
             not_null: false,
             generated: false,
+            identity_always: false,
         }
     }
 

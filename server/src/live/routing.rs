@@ -641,6 +641,7 @@ mod tests {
             type_oid: 23,
             not_null: false,
             generated: false,
+            identity_always: false,
         };
         let f = Filter::parse(Some(&json!({"page": 1})), |_| Some(&page)).unwrap();
         let old = |p: &str| {

@@ -741,6 +741,7 @@ mod tests {
             type_oid: oid,
             not_null: false,
             generated: false,
+            identity_always: false,
         };
         Arc::new(Table {
             oid: 1,

@@ -279,6 +279,7 @@ mod tests {
             type_oid,
             not_null: false,
             generated: false,
+            identity_always: false,
         };
         vec![
             col("title", 25, "text"),

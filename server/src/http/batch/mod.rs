@@ -33,7 +33,7 @@ pub use request::OpKind;
 
 use crate::auth::AuthUser;
 use crate::db::catalog::Catalog;
-use crate::error::ApiError;
+use crate::error::{ApiError, SCHEMA_CHANGED};
 use crate::state::AppState;
 
 /// Handler for `POST /v1/batch`.
@@ -50,17 +50,35 @@ pub async fn post_batch(
         Err(e) if e.code == "unknown_table" || e.code == "unknown_column" => {
             // Maybe a migration added it since we loaded the catalog.
             let catalog = state.catalog.refresh_on_miss(&state.pool).await?;
-            parse_and_plan(body, catalog, max_ops).await?
+            parse_and_plan(body.clone(), catalog, max_ops).await?
         }
         other => other?,
     };
-    let mut client = state.user_pool.get(user.user_id).await?;
-    let scope = client.scope();
-    let response = execute::run(&mut client, scope, &plan).await;
-    client.settled();
-    let response = response?;
+    let response = match run(&state, user.user_id, &plan).await {
+        Err(e) if e.code == SCHEMA_CHANGED => {
+            // A table or column of the catalog is gone (plain DDL, no notification): nothing was written. Reload,
+            // plan again (the client may now get its `unknown_column`), run once more. No pooled connection is
+            // held while the reload waits for its turn.
+            let catalog = state.catalog.refresh_on_miss(&state.pool).await?;
+            let plan = parse_and_plan(body, catalog, max_ops).await?;
+            run(&state, user.user_id, &plan).await?
+        }
+        other => other?,
+    };
     crate::metrics::batch_rows(plan.ops.len());
     Ok(Json(response))
+}
+
+async fn run(
+    state: &AppState,
+    user: uuid::Uuid,
+    plan: &plan::Plan,
+) -> Result<BatchResponse, ApiError> {
+    let mut client = state.user_pool.get(user).await?;
+    let scope = client.scope();
+    let response = execute::run(&mut client, scope, plan).await;
+    client.settled();
+    response
 }
 
 async fn parse_and_plan(

@@ -193,8 +193,9 @@ fn plan_one(
                 format!("table `{table_name}` has no column `{name}`"),
             ));
         };
-        // Server columns were skipped above, so what is left to refuse is a generated column.
-        if column.generated {
+        // Server columns were skipped above, so what is left to refuse is a generated or `generated always as
+        // identity` column.
+        if column.read_only() {
             return Err(ApiError::unprocessable(
                 "read_only_column",
                 format!("column `{name}` cannot be written"),
@@ -526,6 +527,7 @@ mod tests {
             type_oid,
             not_null: false,
             generated: name == "generated",
+            identity_always: false,
         }
     }
 

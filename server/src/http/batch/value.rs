@@ -786,6 +786,7 @@ mod tests {
             type_oid,
             not_null: false,
             generated: false,
+            identity_always: false,
         }
     }
 

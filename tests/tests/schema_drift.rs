@@ -1,0 +1,168 @@
+//! What an operator's DDL does to the write path: columns Postgres assigns, constraints beyond keys, and a schema
+//! changed by hand (without `migrate` and its notification) under a running server.
+
+use std::time::Duration;
+
+use deeprecall_tests::{TestEnv, count, error_code, insert, statuses};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const T: Duration = Duration::from_secs(20);
+
+/// Runs `ddl` as superuser, then `notify deeprecall_schema_changed` when `notify`.
+async fn ddl(env: &TestEnv, ddl: &str, notify: bool) {
+    let db = env.superuser().await;
+    db.batch_execute(ddl).await.unwrap();
+    if notify {
+        db.batch_execute("notify deeprecall_schema_changed")
+            .await
+            .unwrap();
+    }
+}
+
+/// Sends `ops` as `user` until the answer is not `unknown_column` (the server reloads its catalog on the
+/// notification, asynchronously), and returns it.
+async fn batch_once_known(env: &TestEnv, user: Uuid, ops: Value) -> (u16, Value) {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let (status, body) = env.batch(user, ops.clone()).await;
+        if error_code(&body) != "unknown_column" {
+            return (status.as_u16(), body);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A `generated always as identity` column is Postgres's to fill: a value for it was a 500 (`428C9` raised while
+/// the statement was prepared, so without `op_index`). Now it is `422 read_only_column` at its op, and a row
+/// without it gets Postgres's number.
+#[tokio::test]
+async fn an_identity_column_is_read_only() {
+    let env = TestEnv::start().await;
+    let user = Uuid::new_v4();
+    ddl(
+        &env,
+        "alter table works add column serial bigint generated always as identity",
+        true,
+    )
+    .await;
+    let w = Uuid::new_v4();
+    let (status, body) = batch_once_known(
+        &env,
+        user,
+        json!([
+            insert("works", json!({"id": Uuid::new_v4(), "title": "fine"})),
+            insert(
+                "works",
+                json!({"id": w, "title": "numbered by hand", "serial": 7})
+            ),
+        ]),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (422, "read_only_column"),
+        "{body}"
+    );
+    assert_eq!(body["error"]["op_index"], 1, "{body}");
+    let db = env.superuser().await;
+    assert_eq!(count(&db, "select count(*) from works", &[]).await, 0);
+
+    let (status, body) = env
+        .batch(
+            user,
+            json!([insert("works", json!({"id": w, "title": "numbered"}))]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let serial: i64 = db
+        .query_one("select serial from works where id = $1", &[&w])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(serial >= 1);
+}
+
+/// An exclusion constraint (no two overlapping spans) refuses a row as a unique key does: `409 conflict` at the
+/// op, not a 500.
+#[tokio::test]
+async fn an_exclusion_violation_is_a_conflict() {
+    let env = TestEnv::start().await;
+    let user = Uuid::new_v4();
+    ddl(
+        &env,
+        "alter table works add column span int4range;
+         alter table works add constraint works_span_free exclude using gist (span with &&)",
+        true,
+    )
+    .await;
+    let (status, body) = batch_once_known(
+        &env,
+        user,
+        json!([
+            insert(
+                "works",
+                json!({"id": Uuid::new_v4(), "title": "a", "span": "[1,10)"})
+            ),
+            insert(
+                "works",
+                json!({"id": Uuid::new_v4(), "title": "b", "span": "[5,20)"})
+            ),
+        ]),
+    )
+    .await;
+    assert_eq!((status, error_code(&body)), (409, "conflict"), "{body}");
+    assert_eq!(body["error"]["op_index"], 1, "{body}");
+    let db = env.superuser().await;
+    assert_eq!(count(&db, "select count(*) from works", &[]).await, 0);
+}
+
+/// A column dropped by hand (no `migrate`, no notification) stayed in the server's catalog: a batch naming it got a
+/// 500 (`42703`) until some other request happened to name an unknown table. Now the server reloads and answers
+/// what it answers for any unknown column; batches that do not name it were never affected.
+#[tokio::test]
+async fn a_column_dropped_without_a_notification_is_an_unknown_column() {
+    let env = TestEnv::start().await;
+    let user = Uuid::new_v4();
+    ddl(&env, "alter table works add column shelf text", true).await;
+    let (status, body) = batch_once_known(
+        &env,
+        user,
+        json!([insert(
+            "works",
+            json!({"id": Uuid::new_v4(), "title": "a", "shelf": "x"})
+        )]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    ddl(&env, "alter table works drop column shelf", false).await;
+    let (status, body) = env
+        .batch(
+            user,
+            json!([
+                insert("works", json!({"id": Uuid::new_v4(), "title": "b"})),
+                insert(
+                    "works",
+                    json!({"id": Uuid::new_v4(), "title": "c", "shelf": "y"})
+                ),
+            ]),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), error_code(&body)),
+        (422, "unknown_column"),
+        "{body}"
+    );
+    assert_eq!(body["error"]["op_index"], 1, "{body}");
+    let (status, body) = env
+        .batch(
+            user,
+            json!([insert("works", json!({"id": Uuid::new_v4(), "title": "d"}))]),
+        )
+        .await;
+    assert_eq!(statuses(&body), ["applied"], "{status} {body}");
+    let db = env.superuser().await;
+    assert_eq!(count(&db, "select count(*) from works", &[]).await, 2);
+}
