@@ -171,7 +171,22 @@ impl<'de> Visitor<'de> for EnvelopeSeed<'_> {
         self.findings.shape.set(None);
         let mut ops = None;
         let mut client_id = None;
+        let mut seen = [false; 3];
         while let Some(key) = map.next_key::<Key<'de>>()? {
+            // A top-level key given twice is refused, not resolved: with the last `ops` kept, the ops of the first
+            // array were silently not applied, and a `client_id` followed by a `null` one dropped sequence
+            // idempotency for the batch.
+            if let Some(i) = ["ops", "client_id", "device_id"]
+                .iter()
+                .position(|k| *k == key.0.as_ref())
+            {
+                if std::mem::replace(&mut seen[i], true) {
+                    self.findings.shape.set(Some(
+                        "`ops`, `client_id` and `device_id` may each appear only once in a batch",
+                    ));
+                    return Err(serde::de::Error::custom("duplicate key"));
+                }
+            }
             match key.0.as_ref() {
                 "ops" => {
                     let seed = Bounded::<OpSlot<'de>>::new(
@@ -483,6 +498,14 @@ mod tests {
         assert_eq!(code("{}", 10), (400, "invalid_request", None));
         assert_eq!(code("{\"ops\": 5}", 10), (400, "invalid_request", None));
         assert_eq!(code("{\"ops\": []} x", 10), (400, "invalid_json", None));
+        // A top-level key twice: refused whole, whichever value is valid.
+        for body in [
+            r#"{"ops": [], "ops": []}"#,
+            r#"{"client_id": "00000000-0000-4000-8000-000000000001", "client_id": null, "ops": []}"#,
+            r#"{"device_id": null, "ops": [], "device_id": null}"#,
+        ] {
+            assert_eq!(code(body, 10), (400, "invalid_request", None), "{body}");
+        }
         assert_eq!(
             code(r#"{"device_id": "laptop", "ops": []}"#, 10),
             (422, "invalid_device_id", None)
