@@ -188,3 +188,49 @@ async fn cors_answers_preflights_and_errors_for_allowed_origins_only() {
         .unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
 }
+
+/// A compressed body was parsed as its compressed bytes (400 "not UTF-8"), and a plain body labelled compressed was
+/// accepted as it was. Bodies are not decompressed: any `Content-Encoding` but `identity` is 415, on both write
+/// endpoints, and nothing is written.
+#[tokio::test]
+async fn a_content_encoding_is_refused_not_guessed() {
+    let env = TestEnv::start().await;
+    let user = Uuid::new_v4();
+    let token = env.token(user);
+    let batch = json!({"ops": [deeprecall_tests::insert("works", json!({"id": Uuid::new_v4(), "title": "t"}))]});
+    let coordinate = json!({"device_id": Uuid::new_v4(), "blobs": []});
+    for (path, body) in [("/v1/batch", &batch), ("/v1/blobs/coordinate", &coordinate)] {
+        for encoding in ["gzip", "br", "deflate"] {
+            let resp = env
+                .http
+                .post(format!("{}{path}", env.base))
+                .bearer_auth(&token)
+                .header("content-type", "application/json")
+                .header("content-encoding", encoding)
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 415, "{path} {encoding}");
+            let body: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unsupported_encoding", "{body}");
+        }
+    }
+    let db = env.superuser().await;
+    assert_eq!(
+        deeprecall_tests::count(&db, "select count(*) from works", &[]).await,
+        0
+    );
+    // `identity` is no encoding at all.
+    let resp = env
+        .http
+        .post(format!("{}/v1/batch", env.base))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .header("content-encoding", "identity")
+        .body(batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

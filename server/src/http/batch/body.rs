@@ -126,6 +126,17 @@ pub async fn read_body(
     request: Request,
 ) -> Result<(Bytes, BodyPermit), ApiError> {
     let max = state.limits.max_body_bytes;
+    // Bodies are read as they are sent: a compressed one was parsed as its compressed bytes ("not UTF-8", or, for
+    // a body labelled compressed that was not, accepted). Refused as HTTP says, before anything is reserved.
+    if let Some(encoding) = request.headers().get(header::CONTENT_ENCODING)
+        && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            "request bodies are not decompressed: send the body without Content-Encoding",
+        ));
+    }
     let declared = match request.headers().get(header::CONTENT_LENGTH) {
         None => None,
         Some(v) => Some(
