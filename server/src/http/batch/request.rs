@@ -179,13 +179,12 @@ impl<'de> Visitor<'de> for EnvelopeSeed<'_> {
             if let Some(i) = ["ops", "client_id", "device_id"]
                 .iter()
                 .position(|k| *k == key.0.as_ref())
+                && std::mem::replace(&mut seen[i], true)
             {
-                if std::mem::replace(&mut seen[i], true) {
-                    self.findings.shape.set(Some(
-                        "`ops`, `client_id` and `device_id` may each appear only once in a batch",
-                    ));
-                    return Err(serde::de::Error::custom("duplicate key"));
-                }
+                self.findings.shape.set(Some(
+                    "`ops`, `client_id` and `device_id` may each appear only once in a batch",
+                ));
+                return Err(serde::de::Error::custom("duplicate key"));
             }
             match key.0.as_ref() {
                 "ops" => {
