@@ -8,7 +8,7 @@
 //! | a text column named `sha256` | 64 lowercase hex characters | `text` |
 //! | `boolean` | `true` / `false` | `bool` |
 //! | `smallint`, `integer`, `bigint` | integral number in range, or a string of digits with an optional sign | `int2/4/8` |
-//! | `real`, `double precision` | number, or `"NaN"`, `"Infinity"`, `"-Infinity"` (as the stream sends them) | `float4/8` |
+//! | `real`, `double precision` | number in range (not one that rounds to 0 unless it is 0, as Postgres), or `"NaN"`, `"Infinity"`, `"-Infinity"` (as the stream sends them) | `float4/8` |
 //! | `json`, `jsonb` | any JSON value at most [`MAX_JSON_DEPTH`] deep (a JSON `null` is SQL NULL); jsonb: no `\u0000`, no unpaired surrogate escape | `json`/`jsonb` |
 //! | `timestamp with time zone` | RFC 3339 / ISO 8601 with a UTC offset, or `"infinity"`, `"-infinity"` | `timestamptz` |
 //! | one-dimensional array of the above | JSON array of such values (or nulls) | array literal, cast by Postgres |
@@ -348,7 +348,11 @@ fn float<T: std::str::FromStr + Into<f64> + Copy>(raw: &str, name: &str) -> Resu
             let v = raw
                 .parse::<T>()
                 .map_err(|_| ValueError::new(format!("{raw} is not a number")))?;
-            if v.into().is_finite() {
+            let f: f64 = v.into();
+            // As Postgres's float4in/float8in (strtof/strtod with ERANGE): a value too large for the type, or
+            // one whose text is not zero but that rounds to 0 (`1e-400`, `1e-46` for `real`), is out of range;
+            // a subnormal that is not 0 is kept.
+            if f.is_finite() && (f != 0.0 || !nonzero_mantissa(raw)) {
                 Ok(v)
             } else {
                 Err(ValueError::new(format!(
@@ -367,6 +371,14 @@ fn float<T: std::str::FromStr + Into<f64> + Copy>(raw: &str, name: &str) -> Resu
         },
         _ => Err(wrong(&format!("a number ({name})"), raw)),
     }
+}
+
+/// Whether a JSON number's digits before its exponent are not all zeros (`1e-400`: yes; `-0.000e5`: no).
+fn nonzero_mantissa(number: &str) -> bool {
+    number
+        .bytes()
+        .take_while(|&b| b != b'e' && b != b'E')
+        .any(|b| matches!(b, b'1'..=b'9'))
 }
 
 /// How deeply a `json`/`jsonb` value may nest arrays and objects. Postgres parses these types recursively and gives up
@@ -1015,6 +1027,51 @@ mod tests {
         );
         assert_eq!(ok(&other, "\"12.5\""), Cell::Text("12.5".into()));
         err(&other, "{}");
+    }
+
+    #[test]
+    fn floats_that_underflow_are_out_of_range() {
+        // As in Postgres: a value whose text is not zero but that rounds to 0 is out of range. Zeros in any
+        // spelling, and subnormals that are not 0, are kept.
+        for (ty, bad) in [
+            (ColumnType::Float8, "1e-400"),
+            (ColumnType::Float8, "-2.4e-324"),
+            (ColumnType::Float8, "0.0000001e-320"),
+            (ColumnType::Float4, "1e-46"),
+            (ColumnType::Float4, "-7e-46"),
+            (ColumnType::Float4, "1e-400"),
+            (ColumnType::Float4, "3.5e38"),
+        ] {
+            let e = err(&ty, bad);
+            assert!(e.message.contains("out of range"), "{bad}: {}", e.message);
+        }
+        assert_eq!(ok(&ColumnType::Float8, "5e-324"), Cell::F64(5e-324));
+        assert_eq!(ok(&ColumnType::Float8, "3e-324"), Cell::F64(5e-324));
+        assert_eq!(
+            ok(&ColumnType::Float8, "2.2250738585072014e-308"),
+            Cell::F64(f64::MIN_POSITIVE)
+        );
+        assert_eq!(ok(&ColumnType::Float4, "1e-45"), Cell::F32(1e-45));
+        assert_eq!(ok(&ColumnType::Float4, "8e-46"), Cell::F32(1e-45));
+        for zero in ["0", "-0", "0.0", "0e-400", "-0.000e999", "0E5"] {
+            assert!(
+                matches!(ok(&ColumnType::Float8, zero), Cell::F64(v) if v == 0.0),
+                "{zero}"
+            );
+            assert!(
+                matches!(ok(&ColumnType::Float4, zero), Cell::F32(v) if v == 0.0),
+                "{zero}"
+            );
+        }
+        let floats = ColumnType::Array {
+            element: Box::new(ColumnType::Float8),
+            cast: "double precision[]".into(),
+        };
+        assert!(
+            err(&floats, "[1, 1e-400]")
+                .message
+                .starts_with("element 1:")
+        );
     }
 
     #[test]
