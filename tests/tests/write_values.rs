@@ -2,7 +2,8 @@
 //! by the server first (422 `invalid_value` with the op's index, nothing written), and what Postgres prints (the
 //! live stream and snapshots send its output) is accepted back.
 
-use deeprecall_tests::{TestEnv, count, error_code};
+use deeprecall_tests::{TestEnv, count, error_code, insert, op, statuses};
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 /// Runs `ddl` as superuser and tells the server to reload its catalog.
@@ -43,6 +44,14 @@ async fn refused(env: &TestEnv, user: Uuid, table: &str, row: &str, column: &str
         .to_owned();
     assert!(message.contains(&format!("column `{column}`")), "{message}");
     message
+}
+
+/// Sends a batch of `ops` and asserts every op was applied.
+async fn applied(env: &TestEnv, user: Uuid, ops: Value) {
+    let n = ops.as_array().map_or(0, Vec::len);
+    let (status, body) = env.batch(user, ops).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(statuses(&body), vec!["applied"; n], "{body}");
 }
 
 /// Fault: a double precision value that underflows (`1e-400`) was stored as 0 (and a real's `1e-46` too), where
@@ -95,4 +104,136 @@ async fn floats_that_underflow_are_refused_as_postgres_refuses_them() {
         .unwrap();
     assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1) && row.get::<_, bool>(2));
     assert_eq!(row.get::<_, String>(3), "{5e-324,-0}");
+}
+
+/// Fault: timestamps the batch accepts came back from Postgres (`0001-12-31 23:00:00+00 BC`,
+/// `10000-01-01 14:59:59.999999+00`) in forms the batch refused, also in a delete carrying the row as received,
+/// and a `timestamptz[]` element was sent to Postgres as `0000-12-31 …`, which it refuses.
+#[tokio::test]
+async fn timestamps_as_postgres_prints_them_are_accepted_back() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    db.batch_execute("set timezone to 'UTC'").await.unwrap();
+    let user = Uuid::new_v4();
+    let activity = Uuid::new_v4();
+    applied(
+        &env,
+        user,
+        json!([insert(
+            "activities",
+            json!({"id": activity, "title": "t", "starts_at": "0001-01-01T00:00:00+01:00",
+                   "ends_at": "9999-12-31T23:59:59.999999-15:00"})
+        )]),
+    )
+    .await;
+    let row = db
+        .query_one(
+            "select starts_at::text, ends_at::text from activities where id = $1",
+            &[&activity],
+        )
+        .await
+        .unwrap();
+    let (starts, ends): (String, String) = (row.get(0), row.get(1));
+    assert_eq!(
+        (starts.as_str(), ends.as_str()),
+        (
+            "0001-12-31 23:00:00+00 BC",
+            "10000-01-01 14:59:59.999999+00"
+        )
+    );
+
+    // Written back as received: the same instants.
+    applied(
+        &env,
+        user,
+        json!([
+            op(
+                "update",
+                "activities",
+                json!({"id": activity, "starts_at": starts})
+            ),
+            op(
+                "update",
+                "activities",
+                json!({"id": activity, "ends_at": ends})
+            ),
+        ]),
+    )
+    .await;
+    let row = db
+        .query_one(
+            "select starts_at::text, ends_at::text from activities where id = $1",
+            &[&activity],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        (starts.clone(), ends.clone())
+    );
+
+    // The ends of Postgres's range, and years after 9999, in a timestamptz[]: stored and printed as sent.
+    alter(&env, "alter table works add column seen timestamptz[]").await;
+    let work = Uuid::new_v4();
+    applied(
+        &env,
+        user,
+        json!([insert(
+            "works",
+            json!({"id": work, "title": "t", "seen": ["0001-01-01T00:00:00+01:00", "4714-11-24 00:00:00+00 BC",
+                   "294276-12-31 23:59:59.999999+00", "12026-12-01T10:00:00Z", null]})
+        )]),
+    )
+    .await;
+    let seen: String = db
+        .query_one("select seen::text from works where id = $1", &[&work])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        seen,
+        r#"{"0001-12-31 23:00:00+00 BC","4714-11-24 00:00:00+00 BC","294276-12-31 23:59:59.999999+00","2026-12-01 10:00:00+00",NULL}"#
+            .replace("\"2026-12-01", "\"12026-12-01")
+    );
+
+    // A delete carrying the row as received.
+    applied(
+        &env,
+        user,
+        json!([op(
+            "delete",
+            "activities",
+            json!({"id": activity, "starts_at": starts, "ends_at": ends})
+        )]),
+    )
+    .await;
+    assert_eq!(count(&db, "select count(*) from activities", &[]).await, 0);
+
+    // Outside Postgres's range: refused before Postgres, nothing written.
+    for (table, row, column) in [
+        (
+            "activities",
+            r#"{"title": "t", "starts_at": "4714-11-23 23:59:59.999999+00 BC"}"#,
+            "starts_at",
+        ),
+        (
+            "activities",
+            r#"{"title": "t", "ends_at": "294277-01-01 00:00:00+00"}"#,
+            "ends_at",
+        ),
+        (
+            "activities",
+            r#"{"title": "t", "ends_at": "0000-01-01 00:00:00+00"}"#,
+            "ends_at",
+        ),
+        (
+            "works",
+            r#"{"title": "t", "seen": ["294276-12-31 23:59:59.999999-01"]}"#,
+            "seen",
+        ),
+    ] {
+        refused(&env, user, table, row, column).await;
+    }
+    assert_eq!(count(&db, "select count(*) from activities", &[]).await, 0);
+    assert_eq!(count(&db, "select count(*) from works", &[]).await, 1);
 }

@@ -10,7 +10,7 @@
 //! | `smallint`, `integer`, `bigint` | integral number in range, or a string of digits with an optional sign | `int2/4/8` |
 //! | `real`, `double precision` | number in range (not one that rounds to 0 unless it is 0, as Postgres), or `"NaN"`, `"Infinity"`, `"-Infinity"` (as the stream sends them) | `float4/8` |
 //! | `json`, `jsonb` | any JSON value at most [`MAX_JSON_DEPTH`] deep (a JSON `null` is SQL NULL); jsonb: no `\u0000`, no unpaired surrogate escape | `json`/`jsonb` |
-//! | `timestamp with time zone` | RFC 3339 / ISO 8601 with a UTC offset, or `"infinity"`, `"-infinity"` | `timestamptz` |
+//! | `timestamp with time zone` | RFC 3339 / ISO 8601 with a UTC offset, Postgres's output (years beyond 9999, ` BC`), within Postgres's range (4714-11-24 BC to 294276-12-31 UTC); or `"infinity"`, `"-infinity"` | `timestamptz` |
 //! | one-dimensional array of the above | JSON array of such values (or nulls) | array literal, cast by Postgres |
 //! | anything else (`numeric`, `date`, domains, …) | string, number or boolean, as text | text, cast by Postgres |
 //!
@@ -532,7 +532,8 @@ fn array(element: &ColumnType, raw: &str) -> Result<String, ValueError> {
 /// `i64::MAX` / `i64::MIN` for `infinity` / `-infinity`.
 ///
 /// Parsed by hand: the accepted forms are RFC 3339 plus Postgres's own ISO output (`2026-11-28 03:50:37.409858+00`,
-/// what the live stream sends, so a client can write back a value it received). `time` and `chrono` parse RFC 3339
+/// `10000-01-01 00:00:00+00`, `0001-12-31 23:00:00+00 BC`: what the live stream sends, so a client can write back
+/// a value it received), for the range Postgres supports ([`MIN_TIMESTAMP`] ..= [`MAX_TIMESTAMP`]). `time` and `chrono` parse RFC 3339
 /// but not offsets without minutes, and both would then need a second conversion into Postgres's epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Timestamp(pub i64);
@@ -540,6 +541,14 @@ pub(crate) struct Timestamp(pub i64);
 /// 2000-01-01 (Postgres's epoch) as counted by [`days_from_civil`].
 const EPOCH_2000: i64 = days_from_civil(2000, 1, 1);
 const USECS_PER_DAY: i64 = 86_400_000_000;
+
+/// The earliest `timestamptz` Postgres supports: 4714-11-24 00:00:00 BC UTC (proleptic Gregorian; Julian day 0,
+/// the "4713 BC" of its documentation), its `MIN_TIMESTAMP`.
+pub(crate) const MIN_TIMESTAMP: i64 = -211_813_488_000_000_000;
+/// The latest: 294276-12-31 23:59:59.999999 UTC (one microsecond before Postgres's `END_TIMESTAMP`).
+pub(crate) const MAX_TIMESTAMP: i64 = 9_223_371_331_200_000_000 - 1;
+const OUT_OF_RANGE: &str =
+    "out of range (Postgres keeps 4714-11-24 00:00:00 BC to 294276-12-31 23:59:59.999999 UTC)";
 
 /// Days since 0000-03-01 (H. Hinnant's `days_from_civil`, shifted so the epoch is positive).
 const fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
@@ -604,19 +613,30 @@ impl Scan<'_> {
 }
 
 impl Timestamp {
-    /// Parses `YYYY-MM-DD(T|t| )HH:MM[:SS[.fraction]]` followed by `Z`, `±HH`, `±HHMM`, `±HH:MM` or `±HH:MM:SS`;
-    /// or `infinity` / `-infinity`. Years 0001–9999; fractions beyond microseconds are rounded (half up).
+    /// Parses `YYYY-MM-DD(T|t| )HH:MM[:SS[.fraction]]` followed by `Z`, `±HH`, `±HHMM`, `±HH:MM` or `±HH:MM:SS`
+    /// and, as Postgres prints years before 1 AD, an optional ` BC` (`0001` BC is the year before `0001`); or
+    /// `infinity` / `-infinity`. The year has four or more digits and is at least 1; fractions beyond microseconds
+    /// are rounded (half up). The instant must be within Postgres's range ([`MIN_TIMESTAMP`]..=[`MAX_TIMESTAMP`]).
     pub(crate) fn parse(s: &str) -> Result<Self, &'static str> {
         match s {
             "infinity" | "+infinity" => return Ok(Self(i64::MAX)),
             "-infinity" => return Ok(Self(i64::MIN)),
             _ => {}
         }
+        // " BC" ends the value, after the offset, as Postgres prints it.
+        let (s, bc) = match s.strip_suffix(" BC") {
+            Some(before) => (before, true),
+            None => (s, false),
+        };
         let mut p = Scan {
             b: s.as_bytes(),
             i: 0,
         };
-        let y = p.digits(4, "the year needs four digits")?;
+        let year_digits = p.b.iter().take_while(|b| b.is_ascii_digit()).count();
+        if year_digits > 9 {
+            return Err("the year is out of range");
+        }
+        let y = p.digits(year_digits.max(4), "the year needs four digits")?;
         if !p.eat(b'-') {
             return Err("expected '-' after the year");
         }
@@ -655,7 +675,15 @@ impl Timestamp {
                 }
             }
         }
-        if y < 1 || !(1..=12).contains(&m) || d < 1 || d > days_in_month(y, m) {
+        // The date is checked in astronomical years (1 BC = 0, 2 BC = -1), where the leap years fall.
+        if y < 1 {
+            return Err("no such date (there is no year 0; 1 BC is the year before 0001)");
+        }
+        let y = if bc { 1 - y } else { y };
+        if !(-4713..=294_277).contains(&y) {
+            return Err(OUT_OF_RANGE);
+        }
+        if !(1..=12).contains(&m) || d < 1 || d > days_in_month(y, m) {
             return Err("no such date");
         }
         if hh > 23 || mi > 59 || ss > 59 {
@@ -694,12 +722,17 @@ impl Timestamp {
         }
         let days = days_from_civil(y, m, d) - EPOCH_2000;
         let secs = hh * 3600 + mi * 60 + ss - offset_secs;
-        Ok(Self(days * USECS_PER_DAY + secs * 1_000_000 + usec))
+        let t = days * USECS_PER_DAY + secs * 1_000_000 + usec;
+        if !(MIN_TIMESTAMP..=MAX_TIMESTAMP).contains(&t) {
+            return Err(OUT_OF_RANGE);
+        }
+        Ok(Self(t))
     }
 }
 
 impl std::fmt::Display for Timestamp {
-    /// Postgres's ISO output in UTC: `2026-11-28 03:50:37.409858+00`, `2026-11-28 03:50:37.25+00`.
+    /// Postgres's ISO output in UTC: `2026-11-28 03:50:37.409858+00`, `2026-11-28 03:50:37.25+00`,
+    /// `0001-12-31 23:00:00+00 BC` (astronomical year 0), `10000-01-01 00:00:00+00`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             i64::MAX => return f.write_str("infinity"),
@@ -709,11 +742,13 @@ impl std::fmt::Display for Timestamp {
         let days = self.0.div_euclid(USECS_PER_DAY);
         let in_day = self.0.rem_euclid(USECS_PER_DAY);
         let (y, m, d) = civil_from_days(days + EPOCH_2000);
+        // Postgres has no year 0 and no negative years: 1 BC, 2 BC… for 0, -1…
+        let (year, era) = if y <= 0 { (1 - y, " BC") } else { (y, "") };
         let secs = in_day / 1_000_000;
         let usec = in_day % 1_000_000;
         write!(
             f,
-            "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+            "{year:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
             secs / 3600,
             secs / 60 % 60,
             secs % 60
@@ -723,7 +758,7 @@ impl std::fmt::Display for Timestamp {
             let fraction = format!("{usec:06}");
             write!(f, ".{}", fraction.trim_end_matches('0'))?;
         }
-        f.write_str("+00")
+        write!(f, "+00{era}")
     }
 }
 
@@ -1120,6 +1155,83 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_cover_postgres_range_in_its_output_forms() {
+        let t = |s: &str| Timestamp::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        // Postgres's output of the earliest and latest timestamptz it keeps, and of years before 1 AD or after
+        // 9999, is read back and printed the same way (select '…'::timestamptz, with TimeZone UTC).
+        for s in [
+            "4714-11-24 00:00:00+00 BC",
+            "0001-12-31 23:00:00+00 BC",
+            "0001-01-01 00:00:00+00 BC",
+            "0044-03-15 12:00:00.5+00 BC",
+            "0005-02-29 00:00:00+00 BC",
+            "10000-01-01 14:59:59.999999+00",
+            "294276-12-31 23:59:59.999999+00",
+        ] {
+            assert_eq!(t(s).to_string(), s);
+        }
+        // The year before 0001 is 1 BC (astronomical year 0, a leap year): one day apart.
+        assert_eq!(
+            t("0001-01-01 00:00:00+00").0 - t("0001-12-31 00:00:00+00 BC").0,
+            86_400_000_000
+        );
+        // select extract(epoch from '4714-11-24 00:00:00+00 BC'::timestamptz - '2000-01-01 00:00:00+00') * 1e6
+        assert_eq!(
+            t("4714-11-24 00:00:00+00 BC"),
+            Timestamp(-211_813_488_000_000_000)
+        );
+        assert_eq!(
+            t("294276-12-31 23:59:59.999999+00"),
+            Timestamp(9_223_371_331_199_999_999)
+        );
+        // An accepted value with an offset is printed as Postgres prints it in UTC, BC included.
+        assert_eq!(
+            t("0001-01-01T00:00:00+01:00").to_string(),
+            "0001-12-31 23:00:00+00 BC"
+        );
+        assert_eq!(
+            t("9999-12-31T23:59:59.999999-15:00").to_string(),
+            "10000-01-01 14:59:59.999999+00"
+        );
+        assert_eq!(
+            t("4714-11-23 23:00:00-01 BC").to_string(),
+            "4714-11-24 00:00:00+00 BC"
+        );
+        let stamps = ColumnType::Array {
+            element: Box::new(ColumnType::Timestamptz),
+            cast: "timestamp with time zone[]".into(),
+        };
+        assert_eq!(
+            ok(
+                &stamps,
+                "[\"0001-01-01T00:00:00+01:00\", \"0010-01-01 00:00:00+00 BC\"]"
+            ),
+            Cell::Text("{\"0001-12-31 23:00:00+00 BC\",\"0010-01-01 00:00:00+00 BC\"}".into())
+        );
+        // Outside Postgres's range, or not a date: refused.
+        for bad in [
+            "4714-11-23 23:59:59.999999+00 BC",
+            "4714-11-24 00:00:00+01 BC",
+            "4715-01-01 00:00:00+00 BC",
+            "294277-01-01 00:00:00+00",
+            "294276-12-31 23:59:59.999999-01",
+            "999999999-01-01 00:00:00+00",
+            "9999999999999-01-01 00:00:00+00",
+            "0000-01-01 00:00:00+00 BC",
+            "0001-02-29 00:00:00+00",
+            "0002-02-29 00:00:00+00 BC",
+            "123-01-01 00:00:00+00",
+            "2026-12-01 10:00:00+00 bc",
+            "2026-12-01 10:00:00+00BC",
+            "2026-12-01 10:00:00 BC",
+            "2026-12-01 10:00:00+00 BC ",
+            "infinity BC",
+        ] {
+            assert!(Timestamp::parse(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
     fn timestamps_accept_rfc3339_and_postgres_output_only() {
         let t = |s: &str| Timestamp::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
         assert_eq!(t("2000-01-01T00:00:00Z"), Timestamp(0));
@@ -1174,7 +1286,6 @@ mod tests {
             "2026-12-01T10:00:00+16:00",
             "2026-12-01T10:00:00Z ",
             "0000-12-01T10:00:00Z",
-            "12026-12-01T10:00:00Z",
             "2026-12-01T10:00:00 UTC",
             "Mon, 01 Dec 2026 10:00:00 GMT",
             "",
