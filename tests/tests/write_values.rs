@@ -237,3 +237,69 @@ async fn timestamps_as_postgres_prints_them_are_accepted_back() {
     assert_eq!(count(&db, "select count(*) from activities", &[]).await, 0);
     assert_eq!(count(&db, "select count(*) from works", &[]).await, 1);
 }
+
+/// Fault: a `jsonb[]` whose elements are arrays (`[{"a":1},[1,2]]`, one dimension of two JSON values) was refused
+/// as "nested arrays".
+#[tokio::test]
+async fn jsonb_array_elements_may_be_json_arrays() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let user = Uuid::new_v4();
+    alter(&env, "alter table works add column notes jsonb[]").await;
+    let work = Uuid::new_v4();
+    applied(
+        &env,
+        user,
+        json!([insert(
+            "works",
+            json!({"id": work, "title": "t", "notes": [{"a": 1}, [1, 2], [], null, "s", [[["x"]]]]})
+        )]),
+    )
+    .await;
+    let notes: String = db
+        .query_one("select notes::text from works where id = $1", &[&work])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        notes,
+        r#"{"{\"a\": 1}","[1, 2]",[],NULL,"\"s\"","[[[\"x\"]]]"}"#
+    );
+    // Each element is still a jsonb value with jsonb's checks.
+    let message = refused(
+        &env,
+        user,
+        "works",
+        r#"{"title": "t", "notes": [[1], ["\u0000"]]}"#,
+        "notes",
+    )
+    .await;
+    assert!(
+        message.contains("element 1") && message.contains("u0000"),
+        "{message}"
+    );
+    // jsonb is Postgres's normalised form of the value, not its text: the last of a repeated key, numbers as
+    // numeric.
+    let (status, body) = env
+        .post_raw(
+            "/v1/batch",
+            Some(&env.token(user)),
+            format!(
+                r#"{{"ops":[{{"op_id":"{}","table":"works","kind":"update","row":{{"id":"{work}",
+                   "authors": {{"a": 1, "a": 2, "n": 1e2}}, "notes": [{{"b": 1, "b": [1e2]}}]}}}}]}}"#,
+                Uuid::new_v4()
+            )
+            .into_bytes(),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let row = db
+        .query_one(
+            "select authors::text, notes::text from works where id = $1",
+            &[&work],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), r#"{"a": 2, "n": 100}"#);
+    assert_eq!(row.get::<_, String>(1), r#"{"{\"b\": [100]}"}"#);
+}

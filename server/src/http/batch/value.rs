@@ -11,7 +11,7 @@
 //! | `real`, `double precision` | number in range (not one that rounds to 0 unless it is 0, as Postgres), or `"NaN"`, `"Infinity"`, `"-Infinity"` (as the stream sends them) | `float4/8` |
 //! | `json`, `jsonb` | any JSON value at most [`MAX_JSON_DEPTH`] deep (a JSON `null` is SQL NULL); jsonb: no `\u0000`, no unpaired surrogate escape | `json`/`jsonb` |
 //! | `timestamp with time zone` | RFC 3339 / ISO 8601 with a UTC offset, Postgres's output (years beyond 9999, ` BC`), within Postgres's range (4714-11-24 BC to 294276-12-31 UTC); or `"infinity"`, `"-infinity"` | `timestamptz` |
-//! | one-dimensional array of the above | JSON array of such values (or nulls) | array literal, cast by Postgres |
+//! | one-dimensional array of the above | JSON array of such values (or nulls); for `json[]`/`jsonb[]` any JSON value, arrays too, is one element | array literal, cast by Postgres |
 //! | anything else (`numeric`, `date`, domains, …) | string, number or boolean, as text | text, cast by Postgres |
 //!
 //! A string whose escapes have no text form (half a UTF-16 surrogate pair) is refused for every type. `null` is SQL
@@ -473,7 +473,8 @@ fn scan_json(raw: &str) -> JsonScan {
 }
 
 /// A JSON array of `element` values → a Postgres array literal (`{"a",NULL,"b"}`), every element decoded (so
-/// checked) first and then written in a canonical text form, quoted.
+/// checked) first and then written in a canonical text form, quoted. One dimension only: an element that is an
+/// array is refused, unless the elements are `json`/`jsonb`, where any JSON value is one element.
 fn array(element: &ColumnType, raw: &str) -> Result<String, ValueError> {
     let items: Vec<&RawValue> = if kind(raw) == "array" {
         serde_json::from_str(raw).map_err(|e| ValueError::new(format!("not an array: {e}")))?
@@ -486,7 +487,9 @@ fn array(element: &ColumnType, raw: &str) -> Result<String, ValueError> {
         if i > 0 {
             out.push(',');
         }
-        if kind(item.get()) == "array" {
+        // An array inside is a second dimension, except for json/jsonb elements: each of those is one JSON value,
+        // arrays included (`[{"a":1},[1,2]]` is a one-dimensional jsonb[] of two elements).
+        if kind(item.get()) == "array" && !matches!(element, ColumnType::Json | ColumnType::Jsonb) {
             return Err(ValueError::new(
                 "nested arrays are not accepted (one-dimensional arrays only)",
             ));
@@ -1107,6 +1110,34 @@ mod tests {
                 .message
                 .starts_with("element 1:")
         );
+    }
+
+    #[test]
+    fn json_array_elements_may_be_arrays() {
+        for (ty, cast) in [(ColumnType::Jsonb, "jsonb[]"), (ColumnType::Json, "json[]")] {
+            let docs = ColumnType::Array {
+                element: Box::new(ty),
+                cast: cast.into(),
+            };
+            assert_eq!(
+                ok(&docs, r#"[{"a":1},[1,2],[],"s",3,null,[[["x"]]]]"#),
+                Cell::Text(r#"{"{\"a\":1}","[1,2]","[]","\"s\"","3",NULL,"[[[\"x\"]]]"}"#.into())
+            );
+            // Each element is still checked as a json/jsonb value.
+            let nested = format!("[[1], {}1{}]", "[".repeat(1001), "]".repeat(1001));
+            assert!(err(&docs, &nested).message.starts_with("element 1:"));
+        }
+        let docs = ColumnType::Array {
+            element: Box::new(ColumnType::Jsonb),
+            cast: "jsonb[]".into(),
+        };
+        assert!(err(&docs, r#"[["\u0000"]]"#).message.contains("u0000"));
+        // Other element types stay one-dimensional.
+        let ints = ColumnType::Array {
+            element: Box::new(ColumnType::Int4),
+            cast: "integer[]".into(),
+        };
+        assert!(err(&ints, "[[1, 2]]").message.contains("nested"));
     }
 
     #[test]
