@@ -303,3 +303,67 @@ async fn jsonb_array_elements_may_be_json_arrays() {
     assert_eq!(row.get::<_, String>(0), r#"{"a": 2, "n": 100}"#);
     assert_eq!(row.get::<_, String>(1), r#"{"{\"b\": [100]}"}"#);
 }
+
+/// Fault: JSON text nested 20,000 deep, sent to a domain over jsonb, reached Postgres and came back as a 500
+/// ("stack depth limit exceeded"): the depth bound applied to json/jsonb columns only.
+#[tokio::test]
+async fn domains_over_jsonb_get_the_jsonb_checks() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let user = Uuid::new_v4();
+    alter(
+        &env,
+        "create domain doc as jsonb check (jsonb_typeof(value) <> 'null');
+         create domain doc_again as doc;
+         alter table works add column doc doc, add column doc_again doc_again",
+    )
+    .await;
+    let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    for column in ["doc", "doc_again"] {
+        for n in [1001, 20_000] {
+            let row = json!({"title": "t", column: nested(n)}).to_string();
+            let message = refused(&env, user, "works", &row, column).await;
+            assert!(message.contains(&format!("{n} deep")), "{message}");
+        }
+        let row = json!({"title": "t", column: "[\"\\u0000\"]"}).to_string();
+        let message = refused(&env, user, "works", &row, column).await;
+        assert!(message.contains("u0000"), "{message}");
+    }
+    assert_eq!(count(&db, "select count(*) from works", &[]).await, 0);
+
+    // At the bound the text is Postgres's to take; the domain's own check still applies (Postgres's error).
+    let work = Uuid::new_v4();
+    applied(
+        &env,
+        user,
+        json!([insert(
+            "works",
+            json!({"id": work, "title": "t", "doc": nested(1000), "doc_again": "{\"a\": [1]}"})
+        )]),
+    )
+    .await;
+    let row = db
+        .query_one(
+            "select doc::text = $2, doc_again::text from works where id = $1",
+            &[&work, &nested(1000)],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, String>(1), r#"{"a": [1]}"#);
+    let (status, body) = env
+        .batch(
+            user,
+            json!([op(
+                "update",
+                "works",
+                json!({"id": work, "doc_again": "null"})
+            )]),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["op_index"].clone()),
+        (422, json!(0)),
+        "{body}"
+    );
+}

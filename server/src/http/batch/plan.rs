@@ -321,6 +321,7 @@ fn param<'p>(ty: &ColumnType, cells: impl Iterator<Item = &'p Cell>) -> Param<'p
         ColumnType::Text
         | ColumnType::Sha256
         | ColumnType::Array { .. }
+        | ColumnType::JsonDomain { .. }
         | ColumnType::Other { .. } => {
             collect!(Text, Cell::Text(s) => s.as_str())
         }

@@ -12,7 +12,8 @@
 //! | `json`, `jsonb` | any JSON value at most [`MAX_JSON_DEPTH`] deep (a JSON `null` is SQL NULL); jsonb: no `\u0000`, no unpaired surrogate escape | `json`/`jsonb` |
 //! | `timestamp with time zone` | RFC 3339 / ISO 8601 with a UTC offset, Postgres's output (years beyond 9999, ` BC`), within Postgres's range (4714-11-24 BC to 294276-12-31 UTC); or `"infinity"`, `"-infinity"` | `timestamptz` |
 //! | one-dimensional array of the above | JSON array of such values (or nulls); for `json[]`/`jsonb[]` any JSON value, arrays too, is one element | array literal, cast by Postgres |
-//! | anything else (`numeric`, `date`, domains, …) | string, number or boolean, as text | text, cast by Postgres |
+//! | a domain over `json`/`jsonb` | string (its JSON text, checked as `json`/`jsonb` is), number or boolean, as text | text, cast by Postgres |
+//! | anything else (`numeric`, `date`, other domains, …) | string, number or boolean, as text | text, cast by Postgres |
 //!
 //! A string whose escapes have no text form (half a UTF-16 surrogate pair) is refused for every type. `null` is SQL
 //! NULL for every type. No value is ever spliced into SQL: arrays and "anything else" travel as text
@@ -56,6 +57,14 @@ pub(crate) enum ColumnType {
         element: Box<ColumnType>,
         /// The array type without type modifiers, e.g. `text[]`, `character varying[]`.
         cast: String,
+    },
+    /// A domain over `json` or `jsonb`: like [`ColumnType::Other`] (a string is the value's JSON text, as the
+    /// live stream sends it, cast to `cast` by Postgres), with the checks of the base type applied to that text.
+    JsonDomain {
+        /// The domain, e.g. `doc`.
+        cast: String,
+        /// The base type is `jsonb` (not `json`).
+        binary: bool,
     },
     /// Any other type: sent as text and cast to `cast` (the type without type modifiers) by Postgres.
     Other {
@@ -118,6 +127,14 @@ impl ColumnType {
             };
         }
         let cast = without_typmod(&column.type_name);
+        if column.base_type_oid != column.type_oid
+            && matches!(column.base_type_oid, oid::JSON | oid::JSONB)
+        {
+            return Self::JsonDomain {
+                cast,
+                binary: column.base_type_oid == oid::JSONB,
+            };
+        }
         if let Some(element) = array_element(column.type_oid).and_then(scalar) {
             return Self::Array {
                 element: Box::new(element),
@@ -139,7 +156,11 @@ impl ColumnType {
     pub(crate) fn param_array_type(&self) -> &'static str {
         match self {
             Self::Uuid => "uuid[]",
-            Self::Text | Self::Sha256 | Self::Array { .. } | Self::Other { .. } => "text[]",
+            Self::Text
+            | Self::Sha256
+            | Self::Array { .. }
+            | Self::JsonDomain { .. }
+            | Self::Other { .. } => "text[]",
             Self::Bool => "bool[]",
             Self::Int2 => "int2[]",
             Self::Int4 => "int4[]",
@@ -155,7 +176,9 @@ impl ColumnType {
     /// The cast Postgres applies after `unnest` (text sent for arrays and other types), if any.
     pub(crate) fn cast(&self) -> Option<&str> {
         match self {
-            Self::Array { cast, .. } | Self::Other { cast } => Some(cast),
+            Self::Array { cast, .. } | Self::JsonDomain { cast, .. } | Self::Other { cast } => {
+                Some(cast)
+            }
             _ => None,
         }
     }
@@ -302,6 +325,20 @@ pub(crate) fn decode(ty: &ColumnType, raw: &RawValue) -> Result<Cell, ValueError
             })
         }
         ColumnType::Array { element, .. } => array(element, raw).map(Cell::Text),
+        // A string is the JSON text Postgres parses (recursively: the depth bound matters as much as for jsonb).
+        ColumnType::JsonDomain { cast, binary } => match kind(raw) {
+            "string" => {
+                let s = text_of(raw, "a string")?.into_owned();
+                no_nul(&s)?;
+                json_checks(&s, *binary)?;
+                Ok(Cell::Text(s))
+            }
+            "number" | "boolean" => Ok(Cell::Text(raw.to_owned())),
+            _ => Err(wrong(
+                &format!("a value of type {cast} (its JSON text as a string)"),
+                raw,
+            )),
+        },
         ColumnType::Other { cast } => match kind(raw) {
             "string" => {
                 let s = text_of(raw, "a string")?.into_owned();
@@ -387,6 +424,13 @@ fn nonzero_mantissa(number: &str) -> bool {
 pub(crate) const MAX_JSON_DEPTH: usize = 1000;
 
 fn json(raw: &str, binary: bool) -> Result<Cell, ValueError> {
+    json_checks(raw, binary)?;
+    Ok(Cell::Json(raw.to_owned()))
+}
+
+/// What a `json` (`binary`: `jsonb`) value cannot be, checked on its JSON text: nested too deep, and for jsonb
+/// `\u0000` or half a surrogate pair. Text that is not JSON is not refused here (Postgres's input refuses it).
+fn json_checks(raw: &str, binary: bool) -> Result<(), ValueError> {
     let scan = scan_json(raw);
     if binary && scan.nul_escape {
         return Err(ValueError::new(
@@ -404,7 +448,7 @@ fn json(raw: &str, binary: bool) -> Result<Cell, ValueError> {
             scan.depth
         )));
     }
-    Ok(Cell::Json(raw.to_owned()))
+    Ok(())
 }
 
 /// What one pass over valid JSON text finds.
@@ -422,7 +466,8 @@ fn hex4(b: &[u8], at: usize) -> Option<u16> {
     u16::from_str_radix(std::str::from_utf8(b.get(at..at + 4)?).ok()?, 16).ok()
 }
 
-/// Scans valid JSON text. Outside strings a backslash cannot occur, and inside one every backslash starts an escape,
+/// Scans valid JSON text (any text without a panic; for text that is not JSON, what it finds means little).
+/// Outside strings a backslash cannot occur, and inside one every backslash starts an escape,
 /// so skipping the escaped character after each is exact; a quote that is not escaped opens or closes a string,
 /// and brackets count only outside strings.
 fn scan_json(raw: &str) -> JsonScan {
@@ -1139,6 +1184,43 @@ mod tests {
             cast: "integer[]".into(),
         };
         assert!(err(&ints, "[[1, 2]]").message.contains("nested"));
+    }
+
+    #[test]
+    fn domains_over_json_get_the_json_checks() {
+        let domain = |base: u32| {
+            let mut c = column("doc", "doc", 16_385);
+            c.base_type_oid = base;
+            ColumnType::of(&c)
+        };
+        let (jsonb, json) = (domain(3802), domain(114));
+        // A string is the value's JSON text (as the live stream sends a domain's value), cast by Postgres.
+        for ty in [&jsonb, &json] {
+            assert_eq!(ty.cast(), Some("doc"));
+            assert_eq!(ty.param_array_type(), "text[]");
+            assert_eq!(
+                ok(ty, r#""{\"a\": [1]}""#),
+                Cell::Text(r#"{"a": [1]}"#.into())
+            );
+            assert_eq!(ok(ty, "7"), Cell::Text("7".into()));
+            let deep = |n: usize| format!("\"{}1{}\"", "[".repeat(n), "]".repeat(n));
+            ok(ty, &deep(MAX_JSON_DEPTH));
+            for n in [MAX_JSON_DEPTH + 1, 20_000] {
+                let e = err(ty, &deep(n));
+                assert_eq!(e.code, "invalid_value");
+                assert!(e.message.contains(&format!("{n} deep")), "{}", e.message);
+            }
+        }
+        // jsonb's own refusals, on the text.
+        assert!(err(&jsonb, r#""[\"\\u0000\"]""#).message.contains("u0000"));
+        assert!(
+            err(&jsonb, r#""\"\\ud800\"""#)
+                .message
+                .contains("surrogate")
+        );
+        ok(&json, r#""[\"\\u0000\"]""#);
+        // A domain over another type is cast as before.
+        assert_eq!(domain(25), ColumnType::Other { cast: "doc".into() });
     }
 
     #[test]
