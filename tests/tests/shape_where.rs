@@ -69,6 +69,12 @@ async fn where_shapes_converge_to_postgres() {
     db.batch_execute(r#"alter table works add column "Title" integer"#)
         .await
         .unwrap();
+    // The first change streamed after the DDL carries the new column list, and subscriptions of `works` refetch
+    // then (`schema_changed`). A shape whose snapshot ran while the server caught up on the writes below got that
+    // 409 instead of its rows; this watcher sees when the refetch has happened.
+    let mut watcher = StreamClient::connect(&env.base, &env.token(alice)).await;
+    watcher.subscribe("w", "works", json!(null)).await;
+    watcher.up_to_date("w").await;
     let titles = ["alpha", "Beta", "x", "Zulu", "mike", "Ünïcode", "M", "m"];
     let years: [Option<i32>; 8] = [
         None,
@@ -96,6 +102,9 @@ async fn where_shapes_converge_to_postgres() {
         env.batch(bob, json!([insert("works", json!({"id": Uuid::new_v4(), "title": titles[i % titles.len()], "year": years[i % years.len()]}))]))
             .await;
     }
+    let refetch = watcher.until(T, |v| v["type"] == "must_refetch").await;
+    assert_eq!(refetch["reason"], "schema_changed", "{refetch}");
+    watcher.close().await;
     let token = env.token(alice);
     let mut followers = Vec::new();
     for (sql, params, _) in shapes() {

@@ -27,6 +27,9 @@ pub struct Column {
     pub type_name: String,
     /// Type OID (`atttypid`), as in pgoutput Relation messages.
     pub type_oid: u32,
+    /// The type under a domain (through domains over domains), e.g. `jsonb` for a domain over `jsonb`; the same
+    /// as `type_oid` for a column whose type is not a domain.
+    pub base_type_oid: u32,
     /// `not null` constraint.
     pub not_null: bool,
     /// Generated column (never writable, not in the WAL stream either).
@@ -110,7 +113,13 @@ impl Catalog {
             .query(
                 "select c.oid, n.nspname::text, c.relname::text, a.attname::text,
                         format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attgenerated <> '',
-                        coalesce(pk.conname::text, ''), a.atttypid, a.attidentity = 'a'
+                        coalesce(pk.conname::text, ''), a.atttypid,
+                        (with recursive d(t) as (
+                           select a.atttypid
+                            union all
+                           select y.typbasetype from d join pg_type y on y.oid = d.t and y.typtype = 'd')
+                         select d.t from d join pg_type y on y.oid = d.t where y.typtype <> 'd'),
+                        a.attidentity = 'a'
                    from pg_publication_tables pt
                    join pg_namespace n on n.nspname = pt.schemaname
                    join pg_class c on c.relnamespace = n.oid and c.relname = pt.tablename
@@ -138,7 +147,8 @@ impl Catalog {
                 not_null: row.get(5),
                 generated: row.get(6),
                 type_oid: row.get(8),
-                identity_always: row.get(9),
+                base_type_oid: row.get(9),
+                identity_always: row.get(10),
             });
         }
         // A table is synced only if it follows the convention the router and RLS rely on.

@@ -448,6 +448,7 @@ mod tests {
             name: "year".into(),
             type_name: "integer".into(),
             type_oid: 23,
+            base_type_oid: 23,
             not_null: false,
             generated: false,
             identity_always: false,

@@ -808,6 +808,7 @@ mod tests {
             name: name.into(),
             type_name: type_name.into(),
             type_oid,
+            base_type_oid: type_oid,
             not_null: false,
             generated: false,
             identity_always: false,

@@ -739,6 +739,7 @@ mod tests {
             name: name.into(),
             type_name: "text".into(),
             type_oid: oid,
+            base_type_oid: oid,
             not_null: false,
             generated: false,
             identity_always: false,

@@ -322,6 +322,7 @@ fn param<'p>(ty: &ColumnType, cells: impl Iterator<Item = &'p Cell>) -> Param<'p
         ColumnType::Text
         | ColumnType::Sha256
         | ColumnType::Array { .. }
+        | ColumnType::JsonDomain { .. }
         | ColumnType::Other { .. } => {
             collect!(Text, Cell::Text(s) => s.as_str())
         }
@@ -525,6 +526,7 @@ mod tests {
             name: name.into(),
             type_name: type_name.into(),
             type_oid,
+            base_type_oid: type_oid,
             not_null: false,
             generated: name == "generated",
             identity_always: false,
