@@ -195,6 +195,14 @@ const TCP_KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
     .with_interval(Duration::from_secs(10))
     .with_retries(6);
 
+/// Longest a write to a client connection may wait without progress before the connection is closed.
+///
+/// Without it, a client that requests and then stops reading kept its response in the server for as long as its
+/// socket stayed open (TCP keepalive does not help: the peer is alive, it just does not read): 60 unread catch-ups of
+/// one user held 3.1 GB. Longer than the WebSocket's own write timeout (30 s, which closes with 4008 and a reason)
+/// and the SSE stream's, so those policies act first; this is the floor under every response.
+pub const WRITE_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
+
 /// Serves `router(state)` on `listener` until `shutdown` resolves, then drains in-flight requests.
 ///
 /// Our own accept loop rather than `axum::serve`, for the limits a public server needs (docs/operations.md).
@@ -206,7 +214,8 @@ const TCP_KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
 /// - `limits.header_timeout` for a complete request header, which hyper also applies while a keep-alive
 ///   connection waits for its next request: slowloris and idle sockets are closed, not kept for ever;
 /// - [`MAX_HEADER_BUFFER_BYTES`] for a request's line and header;
-/// - [`TCP_KEEPALIVE`], so connections to vanished peers end.
+/// - [`TCP_KEEPALIVE`], so connections to vanished peers end;
+/// - [`WRITE_STALL_TIMEOUT`], so responses to clients that stop reading are not held for ever.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -255,6 +264,11 @@ pub async fn serve(
         if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&TCP_KEEPALIVE) {
             tracing::debug!(error = %e, "could not set TCP keepalive");
         }
+        // A write that makes no progress for WRITE_STALL_TIMEOUT ends the connection (and frees the response it
+        // was writing); a connection that is merely idle is not affected.
+        let mut tcp = tokio_io_timeout::TimeoutStream::new(tcp);
+        tcp.set_write_timeout(Some(limits.write_stall_timeout));
+        let tcp = Box::pin(tcp);
         let service = tower::ServiceBuilder::new()
             .map_request({
                 let slot = slot.clone();

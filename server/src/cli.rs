@@ -280,6 +280,7 @@ impl LimitArgs {
             body_timeout: std::time::Duration::from_secs(self.body_timeout_secs),
             max_body_bytes_in_flight: self.max_body_bytes_in_flight,
             max_body_bytes_in_flight_per_user: self.max_body_bytes_in_flight_per_user,
+            write_stall_timeout: crate::app::WRITE_STALL_TIMEOUT,
         }
     }
 }

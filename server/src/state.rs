@@ -51,6 +51,9 @@ pub struct Limits {
     pub max_body_bytes_in_flight: usize,
     /// Bytes of one user's write request bodies in flight at once (429 `too_many_requests` beyond).
     pub max_body_bytes_in_flight_per_user: usize,
+    /// Longest a write to a client connection may wait without progress before the connection is closed
+    /// (`app::WRITE_STALL_TIMEOUT` by default; not a flag: tests shorten it).
+    pub write_stall_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -71,6 +74,7 @@ impl Default for Limits {
             body_timeout: std::time::Duration::from_secs(60),
             max_body_bytes_in_flight: 256 * 1024 * 1024,
             max_body_bytes_in_flight_per_user: 32 * 1024 * 1024,
+            write_stall_timeout: crate::app::WRITE_STALL_TIMEOUT,
         }
     }
 }

@@ -755,17 +755,15 @@ async fn serve(state: &AppState, user: &AuthUser, query: &str) -> Result<Respons
     let def = state.shapes.definition(state, user.user_id, &req).await?;
     let key = state.shapes.key(&state.pool).await?;
     let owner = user.user_id;
-    // A request that may wait or stream (a snapshot, a live long-poll, SSE) holds one of its user's places until it
-    // is answered, or for SSE until its stream ends.
-    let holds = matches!(req.offset, OffsetParam::Initial) || req.live;
-    let place = holds
-        .then(|| {
-            state
-                .shape_requests_per_user
-                .try_acquire(owner)
-                .ok_or_else(|| too_many_of_user(state))
-        })
-        .transpose()?;
+    // Every request holds one of its user's places: a snapshot until answered, a live long-poll while held, SSE until
+    // its stream ends, and a body of changes until the socket has taken it (catch-ups were not counted, and one
+    // user's unread catch-ups held gigabytes).
+    let place = Some(
+        state
+            .shape_requests_per_user
+            .try_acquire(owner)
+            .ok_or_else(|| too_many_of_user(state))?,
+    );
     let offset = match req.offset {
         OffsetParam::Initial => return snapshot_response(state, owner, &def, &key).await,
         OffsetParam::Malformed => return Ok(refetch(state, owner, &def, &key, "invalid_offset")),
@@ -797,20 +795,26 @@ async fn serve(state: &AppState, user: &AuthUser, query: &str) -> Result<Respons
     let cursor = req.live.then(|| state.shapes.next_cursor());
     if feed.has_changes() || !req.live {
         let offset = feed.offset();
+        let up_to_date = feed.cut.is_none();
         return Ok(ok_response(
             &def,
             handle,
-            offset,
+            (offset, up_to_date),
             req.live,
             cursor,
-            feed.finish_body(offset),
+            body_holding(feed.finish_body(offset), place),
         ));
     }
     let outcome = feed.hold(state, state.shapes.config.live_hold).await;
     Ok(match outcome {
-        Held::Answer(offset) => {
-            ok_response(&def, handle, offset, true, cursor, feed.finish_body(offset))
-        }
+        Held::Answer(offset) => ok_response(
+            &def,
+            handle,
+            (offset, true),
+            true,
+            cursor,
+            body_holding(feed.finish_body(offset), place),
+        ),
         Held::Refetch(reason) => refetch(state, owner, &def, &key, reason),
     })
 }
@@ -869,13 +873,30 @@ fn set(response: &mut Response, name: &'static str, value: &str) {
     }
 }
 
+/// `at`: the response's offset, and whether it is up to date there (it is not when a catch-up was cut at
+/// [`RESPONSE_HISTORY_BYTES`]: the client asks again from that offset at once).
+/// A response body that keeps the user's place until hyper asks for more after it: about when the socket has
+/// taken the body, so one user's bodies waiting for readers count against `--max-shape-requests-per-user`.
+fn body_holding(body: Vec<u8>, place: Option<crate::live::admission::UserPermit>) -> Body {
+    let Some(place) = place else {
+        return Body::from(body);
+    };
+    Body::from_stream(futures::stream::unfold(
+        (Some(Bytes::from(body)), Some(place)),
+        |(chunk, place)| async move {
+            let chunk = chunk?;
+            Some((Ok::<_, std::io::Error>(chunk), (None, place)))
+        },
+    ))
+}
+
 fn ok_response(
     def: &ShapeDef,
     handle: &str,
-    offset: u64,
+    at: (u64, bool),
     live: bool,
     cursor: Option<u64>,
-    body: Vec<u8>,
+    body: Body,
 ) -> Response {
     let mut response = (
         StatusCode::OK,
@@ -886,7 +907,7 @@ fn ok_response(
         body,
     )
         .into_response();
-    shape_headers(&mut response, def, handle, offset, live, cursor);
+    shape_headers(&mut response, def, handle, at, live, cursor);
     response
 }
 
@@ -894,13 +915,15 @@ fn shape_headers(
     response: &mut Response,
     def: &ShapeDef,
     handle: &str,
-    offset: u64,
+    (offset, up_to_date): (u64, bool),
     live: bool,
     cursor: Option<u64>,
 ) {
     set(response, "electric-handle", handle);
     set(response, "electric-offset", &format_offset(offset));
-    set(response, "electric-up-to-date", "true");
+    if up_to_date {
+        set(response, "electric-up-to-date", "true");
+    }
     if !live {
         set(response, "electric-schema", &def.schema);
     }
@@ -922,7 +945,18 @@ struct Feed {
     _counted: Option<LongPollCount>,
     /// The user's place (`--max-shape-requests-per-user`), kept by an SSE stream for as long as it runs.
     _place: Option<crate::live::admission::UserPermit>,
+    /// Bytes of `messages` collected from the history.
+    history_bytes: usize,
+    /// Where the history's share was cut at [`RESPONSE_HISTORY_BYTES`]: the end of the last transaction taken.
+    cut: Option<u64>,
 }
+
+/// At most about this many bytes of changes from the history in one response: the history's share of a catch-up
+/// (or of a live request that finds changes waiting) ends after the transaction that passes it, at that
+/// transaction's end, without up-to-date, and the client asks again from there at once (Electric's client does so
+/// for any response that is not up to date). The history holds up to 256 MiB of one user's transactions: rendered
+/// whole into every request's body, 60 catch-ups that one client left unread held 3.1 GB of the server.
+const RESPONSE_HISTORY_BYTES: usize = 4 << 20;
 
 /// A live long-poll request, counted in the subscriptions gauge while it exists.
 #[derive(Debug)]
@@ -978,9 +1012,17 @@ impl Feed {
             _counted: live.is_some().then(LongPollCount::new),
             live,
             _place: None,
+            history_bytes: 0,
+            cut: None,
         };
-        for txn in &txns {
+        for (i, txn) in txns.iter().enumerate() {
+            let before = feed.messages.len();
             feed.add(txn);
+            feed.history_bytes += feed.messages[before..].iter().map(Vec::len).sum::<usize>();
+            if feed.history_bytes >= RESPONSE_HISTORY_BYTES && i + 1 < txns.len() {
+                feed.cut = Some(txn.end_lsn.0);
+                break;
+            }
         }
         Ok(feed)
     }
@@ -996,7 +1038,8 @@ impl Feed {
 
     /// Everything up to here has been looked at.
     fn offset(&self) -> u64 {
-        self.sub.watermark().unwrap_or(0)
+        self.cut
+            .unwrap_or_else(|| self.sub.watermark().unwrap_or(0))
     }
 
     /// Offers queued transactions (without waiting); `Err` when a refetch of this shape is queued.
@@ -1103,7 +1146,7 @@ impl Feed {
         }
     }
 
-    /// The JSON body: the messages collected so far, then up-to-date at `offset`.
+    /// The JSON body: the messages collected so far, then up-to-date at `offset` (unless the history was cut).
     fn finish_body(&mut self, offset: u64) -> Vec<u8> {
         let mut body =
             Vec::with_capacity(self.messages.iter().map(|m| m.len() + 1).sum::<usize>() + 96);
@@ -1112,7 +1155,11 @@ impl Feed {
             body.extend_from_slice(&m);
             body.push(b',');
         }
-        write_up_to_date(&mut body, offset);
+        if self.cut.is_none() {
+            write_up_to_date(&mut body, offset);
+        } else if body.len() > 1 {
+            body.pop();
+        }
         body.push(b']');
         body
     }
@@ -1135,7 +1182,8 @@ impl Feed {
 /// Server-sent events: the history's changes, then live ones, each transaction followed by an up-to-date
 /// carrying the offset it reaches (the client's offset moves only through those), for up to a minute.
 fn sse_response(state: &AppState, handle: &str, from: Offset, feed: Feed) -> Response {
-    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    // Two chunks ahead of the socket at most: a chunk is a transaction's events (a part of a large one: ~4 MiB).
+    let (tx, rx) = mpsc::channel::<Bytes>(2);
     let config = state.shapes.config;
     let shutdown = state.shutdown.clone();
     tokio::spawn(run_sse(feed, tx, config, shutdown, from.lsn));
@@ -1179,10 +1227,11 @@ async fn run_sse(
         Keepalive,
         Event(Option<ConnEvent>),
     }
-    // The history's share first.
+    // The history's share first. Cut at RESPONSE_HISTORY_BYTES, it ends the stream with an up-to-date at the cut:
+    // the client reconnects from there and gets the next share.
     if feed.has_changes() {
         let offset = feed.offset();
-        if send_events(&tx, &mut feed, offset).await.is_err() {
+        if send_events(&tx, &mut feed, offset).await.is_err() || feed.cut.is_some() {
             return;
         }
         sent = offset;
@@ -1224,8 +1273,7 @@ async fn run_sse(
             Step::Keepalive => match settle_and_send(&tx, &mut feed, sent).await {
                 Ok(Some(offset)) => sent = offset,
                 Ok(None) => {
-                    if tx
-                        .send(Bytes::from_static(b": keep-alive\n\n"))
+                    if send_bounded(&tx, Bytes::from_static(b": keep-alive\n\n"))
                         .await
                         .is_err()
                     {
@@ -1255,9 +1303,20 @@ async fn run_sse(
 
 /// Sends the collected changes as events, then up-to-date at `offset`.
 async fn send_events(tx: &mpsc::Sender<Bytes>, feed: &mut Feed, offset: u64) -> Result<(), ()> {
-    tx.send(Bytes::from(feed.finish_events(offset)))
-        .await
-        .map_err(|_| ())
+    send_bounded(tx, Bytes::from(feed.finish_events(offset))).await
+}
+
+/// Longest an SSE stream waits for its client to take a chunk: a client that reads nothing for this long is gone
+/// or too slow, and its stream ends (it reconnects from its offset). Without it, a stream whose client stopped
+/// reading waited for room for ever, past its one-minute end and the shutdown, holding its chunks: 10 such streams
+/// of one user held 520 MB. The same bound as a WebSocket write's.
+const SSE_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn send_bounded(tx: &mpsc::Sender<Bytes>, chunk: Bytes) -> Result<(), ()> {
+    match tokio::time::timeout(SSE_SEND_TIMEOUT, tx.send(chunk)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(()),
+    }
 }
 
 /// Settles the position and, if it moved past `sent` (or there are changes), sends them and an up-to-date;
@@ -1403,7 +1462,7 @@ async fn snapshot_response(
         body,
     )
         .into_response();
-    shape_headers(&mut response, def, &handle, watermark, false, None);
+    shape_headers(&mut response, def, &handle, (watermark, true), false, None);
     Ok(response)
 }
 
@@ -1707,6 +1766,8 @@ mod tests {
             live: Some((registration, queue, lag.clone())),
             _counted: None,
             _place: None,
+            history_bytes: 0,
+            cut: None,
         };
         publish(200);
         publish(300); // lost: the connection's queue holds the first
