@@ -213,8 +213,8 @@ pub const SCHEMA_CHANGED: &str = "schema_changed";
 
 /// Postgres does not know a table or column the server's catalog has: DDL ran without `migrate`'s notification
 /// (`alter table … drop column`, a table renamed) and no change of that table was streamed since, so the catalog is
-/// stale. The batch handler reloads it and runs the batch once more; a request that still meets this answers it
-/// (the same request succeeds, or gets its 4xx, once the server has reloaded). Nothing was written.
+/// stale. Only the batch path answers this ([`from_batch_db`]), and its handler reloads the catalog and runs the
+/// batch once more before answering; nothing was written.
 pub fn schema_changed(msg: String) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -222,6 +222,22 @@ pub fn schema_changed(msg: String) -> ApiError {
         format!("the database's schema changed under this server ({msg}); nothing was done; retry"),
     )
     .retry_after(1)
+}
+
+/// [`from_db`] for the statements of a batch, which name the tables and columns of the server's catalog: 42703 and
+/// 42P01 there mean the catalog is older than the schema ([`schema_changed`]). Elsewhere (a trigger or policy naming
+/// a missing column, the server's own tables) they stay internal errors, logged.
+pub fn from_batch_db(err: &tokio_postgres::Error) -> ApiError {
+    use tokio_postgres::error::SqlState;
+    match err.as_db_error() {
+        Some(db)
+            if *db.code() == SqlState::UNDEFINED_COLUMN
+                || *db.code() == SqlState::UNDEFINED_TABLE =>
+        {
+            schema_changed(db.message().to_owned())
+        }
+        _ => from_db(err),
+    }
 }
 
 /// Maps a Postgres error raised by a client's data to a client error, deliberately by SQLSTATE; anything else is
@@ -250,8 +266,6 @@ pub fn from_db(err: &tokio_postgres::Error) -> ApiError {
         // 428C9: a value for a `generated always` column. The catalog marks those read-only, so this is a catalog
         // older than the column (plain DDL); the client's to fix either way.
         ApiError::unprocessable("read_only_column", msg)
-    } else if *code == SqlState::UNDEFINED_COLUMN || *code == SqlState::UNDEFINED_TABLE {
-        schema_changed(msg)
     } else if *code == SqlState::FOREIGN_KEY_VIOLATION {
         ApiError::unprocessable("foreign_key_violation", with_detail())
     } else if *code == SqlState::CHECK_VIOLATION || *code == SqlState::NOT_NULL_VIOLATION {

@@ -166,3 +166,81 @@ async fn a_column_dropped_without_a_notification_is_an_unknown_column() {
     let db = env.superuser().await;
     assert_eq!(count(&db, "select count(*) from works", &[]).await, 2);
 }
+
+/// A column made `generated always as identity` by hand, before the server has seen it: Postgres refuses the value
+/// (428C9), and the answer names the op. (A statement Postgres refuses while preparing it is now attributed to its
+/// op too; here the refusal comes when the cached statement runs.)
+#[tokio::test]
+async fn a_column_made_identity_by_hand_is_refused_at_its_op() {
+    let env = TestEnv::start().await;
+    let user = Uuid::new_v4();
+    ddl(
+        &env,
+        "alter table works add column num bigint not null default 0",
+        true,
+    )
+    .await;
+    let (status, body) = batch_once_known(
+        &env,
+        user,
+        json!([insert(
+            "works",
+            json!({"id": Uuid::new_v4(), "title": "a", "num": 1})
+        )]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    ddl(
+        &env,
+        "alter table works alter column num drop default, alter column num add generated always as identity",
+        false,
+    )
+    .await;
+    let (status, body) = env
+        .batch(
+            user,
+            json!([
+                insert("works", json!({"id": Uuid::new_v4(), "title": "b"})),
+                insert(
+                    "works",
+                    json!({"id": Uuid::new_v4(), "title": "c", "num": 2})
+                ),
+            ]),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), error_code(&body)),
+        (422, "read_only_column"),
+        "{body}"
+    );
+    assert_eq!(body["error"]["op_index"], 1, "{body}");
+}
+
+/// A trigger that names a column the table does not have fails every insert with 42703, whatever the catalog: that
+/// is the operator's fault, answered as a logged 500, not as a `503 schema_changed` the client would retry for ever.
+#[tokio::test]
+async fn a_trigger_naming_a_missing_column_is_a_server_error_not_a_retry() {
+    let env = TestEnv::start().await;
+    let user = Uuid::new_v4();
+    ddl(
+        &env,
+        "create function bad_trg() returns trigger language plpgsql as
+           $$ begin if NEW.no_such_col is null then null; end if; return NEW; end $$;
+         create trigger bad before insert on works for each row execute function bad_trg();",
+        false,
+    )
+    .await;
+    for _ in 0..2 {
+        let (status, body) = env
+            .batch(
+                user,
+                json!([insert("works", json!({"id": Uuid::new_v4(), "title": "a"}))]),
+            )
+            .await;
+        assert_eq!(
+            (status.as_u16(), error_code(&body)),
+            (500, "internal"),
+            "{body}"
+        );
+    }
+}

@@ -135,3 +135,62 @@ async fn a_connection_whose_client_stops_reading_is_closed() {
         "{got} bytes arrived: the server did not stop writing"
     );
 }
+
+/// An SSE stream from an offset with more than 4 MiB of history sends it in shares, each ending with an up-to-date
+/// at its end, all in the one stream (ending the stream after a share made Electric's client count short
+/// connections and give up on SSE); every change arrives once.
+#[tokio::test]
+async fn an_sse_stream_sends_a_large_history_in_shares_on_one_connection() {
+    let env = TestEnv::start().await;
+    let user = Uuid::new_v4();
+    let http = reqwest::Client::new();
+    let follower = Follower::start(&http, &env.base, &env.token(user), "table=works").await;
+    twelve_large_transactions(&env, user).await;
+    let mut resp = http
+        .get(format!(
+            "{}/v1/shape?table=works&offset={}&handle={}&live=true&cursor=&live_sse=true&experimental_live_sse=true",
+            env.base,
+            follower.offset,
+            enc(&follower.handle)
+        ))
+        .bearer_auth(env.token(user))
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (mut text, mut rows, mut up_to_dates) =
+        (String::new(), std::collections::HashSet::new(), 0);
+    let deadline = tokio::time::Instant::now() + T;
+    while rows.len() < 12 {
+        let chunk = tokio::time::timeout_at(deadline, resp.chunk())
+            .await
+            .expect("the history never arrived")
+            .unwrap()
+            .expect("the stream ended before the history was sent");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let event: String = text.drain(..end + 2).collect();
+            let Some(data) = event.strip_prefix("data: ") else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(data.trim_end()).unwrap();
+            if v["headers"]["control"] == "up-to-date" {
+                up_to_dates += 1;
+            } else {
+                let id = v["value"]["id"].as_str().unwrap().to_owned();
+                assert!(rows.insert(id), "a change twice");
+            }
+        }
+    }
+    // At least two shares, each closed by its up-to-date (the last one's may still be on its way).
+    assert!(up_to_dates >= 1, "{up_to_dates} up-to-dates");
+    let more = tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await;
+    // The stream goes on after the history: its last up-to-date, then keep-alives; not its end.
+    if let Ok(next) = more {
+        assert!(
+            next.unwrap().is_some(),
+            "the stream ended after the history"
+        );
+    }
+}

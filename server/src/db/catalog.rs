@@ -205,23 +205,33 @@ impl CatalogHandle {
         self.current.read().await.clone()
     }
 
-    /// Replaces the catalog with a fresh read.
+    /// Replaces the catalog with a fresh read (kept as it is if nothing changed: shape definitions compiled from its
+    /// tables stay valid).
     pub async fn refresh(&self, client: &Client) -> Result<Arc<Catalog>, tokio_postgres::Error> {
-        let fresh = Arc::new(Catalog::load(client).await?);
-        *self.current.write().await = fresh.clone();
-        *self.last_refresh.lock().await = Instant::now();
-        Ok(fresh)
+        let mut last = self.last_refresh.lock().await;
+        let current = self.swap_if_changed(Catalog::load(client).await?).await.0;
+        *last = Instant::now();
+        Ok(current)
     }
 
     /// Reloads, and replaces the catalog only if it differs from the current one; true when it did.
     pub async fn refresh_if_changed(&self, client: &Client) -> Result<bool, tokio_postgres::Error> {
-        let fresh = Catalog::load(client).await?;
-        if *self.get().await == fresh {
-            return Ok(false);
+        // Loads and swaps under `last_refresh`, as every reload does: a load that finished earlier never replaces
+        // a newer catalog.
+        let mut last = self.last_refresh.lock().await;
+        let changed = self.swap_if_changed(Catalog::load(client).await?).await.1;
+        *last = Instant::now();
+        Ok(changed)
+    }
+
+    /// Installs `fresh` unless it equals the current catalog; the catalog now in use, and whether it changed.
+    async fn swap_if_changed(&self, fresh: Catalog) -> (Arc<Catalog>, bool) {
+        let mut current = self.current.write().await;
+        if **current == fresh {
+            return (current.clone(), false);
         }
-        *self.current.write().await = Arc::new(fresh);
-        *self.last_refresh.lock().await = Instant::now();
-        Ok(true)
+        *current = Arc::new(fresh);
+        (current.clone(), true)
     }
 
     /// Reloads after a request named a table or column we do not know, and returns the catalog to use.
@@ -248,10 +258,10 @@ impl CatalogHandle {
             tokio::time::sleep(MISS_REFRESH_INTERVAL - since).await;
         }
         let client = pool.get().await.map_err(RefreshError::Pool)?;
-        let fresh = Arc::new(Catalog::load(&client).await.map_err(RefreshError::Db)?);
-        *self.current.write().await = fresh.clone();
+        let fresh = Catalog::load(&client).await.map_err(RefreshError::Db)?;
+        let current = self.swap_if_changed(fresh).await.0;
         *last = Instant::now();
-        Ok(fresh)
+        Ok(current)
     }
 }
 

@@ -945,8 +945,8 @@ struct Feed {
     _counted: Option<LongPollCount>,
     /// The user's place (`--max-shape-requests-per-user`), kept by an SSE stream for as long as it runs.
     _place: Option<crate::live::admission::UserPermit>,
-    /// Bytes of `messages` collected from the history.
-    history_bytes: usize,
+    /// The history's transactions not rendered yet (after a cut).
+    rest: std::collections::VecDeque<Arc<UserTxn>>,
     /// Where the history's share was cut at [`RESPONSE_HISTORY_BYTES`]: the end of the last transaction taken.
     cut: Option<u64>,
 }
@@ -1012,19 +1012,27 @@ impl Feed {
             _counted: live.is_some().then(LongPollCount::new),
             live,
             _place: None,
-            history_bytes: 0,
+            rest: txns.into(),
             cut: None,
         };
-        for (i, txn) in txns.iter().enumerate() {
-            let before = feed.messages.len();
-            feed.add(txn);
-            feed.history_bytes += feed.messages[before..].iter().map(Vec::len).sum::<usize>();
-            if feed.history_bytes >= RESPONSE_HISTORY_BYTES && i + 1 < txns.len() {
-                feed.cut = Some(txn.end_lsn.0);
-                break;
+        feed.take_share();
+        Ok(feed)
+    }
+
+    /// Renders the history's next share: its transactions until their changes pass [`RESPONSE_HISTORY_BYTES`];
+    /// `cut` is then the end of the last one taken, if any remain.
+    fn take_share(&mut self) {
+        self.cut = None;
+        let mut bytes = 0;
+        while let Some(txn) = self.rest.pop_front() {
+            let before = self.messages.len();
+            self.add(&txn);
+            bytes += self.messages[before..].iter().map(Vec::len).sum::<usize>();
+            if bytes >= RESPONSE_HISTORY_BYTES && !self.rest.is_empty() {
+                self.cut = Some(txn.end_lsn.0);
+                return;
             }
         }
-        Ok(feed)
     }
 
     fn add(&mut self, txn: &UserTxn) {
@@ -1182,7 +1190,8 @@ impl Feed {
 /// Server-sent events: the history's changes, then live ones, each transaction followed by an up-to-date
 /// carrying the offset it reaches (the client's offset moves only through those), for up to a minute.
 fn sse_response(state: &AppState, handle: &str, from: Offset, feed: Feed) -> Response {
-    // Two chunks ahead of the socket at most: a chunk is a transaction's events (a part of a large one: ~4 MiB).
+    // Two chunks ahead of the socket at most: a chunk is a transaction's events (a part of a large one: ~4 MiB), a
+    // share of the history (~4 MiB), or what a keep-alive gathers from the queue (at most --queue-bytes).
     let (tx, rx) = mpsc::channel::<Bytes>(2);
     let config = state.shapes.config;
     let shutdown = state.shutdown.clone();
@@ -1227,14 +1236,21 @@ async fn run_sse(
         Keepalive,
         Event(Option<ConnEvent>),
     }
-    // The history's share first. Cut at RESPONSE_HISTORY_BYTES, it ends the stream with an up-to-date at the cut:
-    // the client reconnects from there and gets the next share.
+    // The history first, in shares of RESPONSE_HISTORY_BYTES, each with an up-to-date at its end (the client's
+    // offset moves only through those). One stream carries them all: ending it after a share would make Electric's
+    // client count a short connection, and after three give up on SSE.
     if feed.has_changes() {
-        let offset = feed.offset();
-        if send_events(&tx, &mut feed, offset).await.is_err() || feed.cut.is_some() {
-            return;
+        loop {
+            let offset = feed.offset();
+            if send_events(&tx, &mut feed, offset).await.is_err() {
+                return;
+            }
+            sent = offset;
+            if feed.cut.is_none() {
+                break;
+            }
+            feed.take_share();
         }
-        sent = offset;
     }
     let hub = feed.hub.clone();
     let end = tokio::time::Instant::now() + config.sse_duration;
@@ -1766,7 +1782,7 @@ mod tests {
             live: Some((registration, queue, lag.clone())),
             _counted: None,
             _place: None,
-            history_bytes: 0,
+            rest: Default::default(),
             cut: None,
         };
         publish(200);

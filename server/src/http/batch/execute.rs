@@ -40,7 +40,7 @@ use uuid::Uuid;
 use super::plan::{self, Plan, PlannedOp, Statement};
 use super::request::OpKind;
 use crate::db::{Scope, begin_scoped, run_scoped};
-use crate::error::{ApiError, from_db};
+use crate::error::{ApiError, from_batch_db as from_db};
 
 /// Status of one op in the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -150,10 +150,13 @@ async fn fast(
         join_all(statements.iter().map(|s| client.prepare_cached(&s.sql)))
     );
     let claim = claim.map_err(db)?;
-    let prepared = prepared
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(db)?;
+    let prepared = match prepared.into_iter().collect::<Result<Vec<_>, _>>() {
+        Ok(prepared) => prepared,
+        // Postgres refused to prepare a data statement (a value for an identity column it assigns, a column it does
+        // not have): the op-by-op path names the op.
+        Err(e) if e.as_db_error().is_some() && !waited_out(&e) => return Ok(Fast::Failed),
+        Err(e) => return Err(db(e)),
+    };
     // Ledger batches only (a sequence batch claims its seqs instead).
     let op_ids: Vec<Uuid> = match plan.client_id {
         Some(_) => Vec::new(),
@@ -445,6 +448,12 @@ async fn run_each(begun: &Begun<'_>, plan: &Plan) -> Result<Vec<OpStatus>, ApiEr
         .filter(|&i| begun.seen.is_new(&plan.ops[i]))
         .map(|i| plan::single(&plan.ops, i))
         .collect();
+    // A statement Postgres refuses to prepare is its op's error (428C9, 42703 are raised while preparing).
+    for statement in &statements {
+        if let Err(e) = begun.tx.prepare_cached(&statement.sql).await {
+            return Err(from_db(&e).at_op(statement.ops[0]));
+        }
+    }
     let outcomes = send_all(begun, plan, &statements)
         .await
         .map_err(|e| from_db(&e))?;

@@ -46,27 +46,43 @@ pub async fn post_batch(
     let (body, _permit) = read_body(&state, user.user_id, request).await?;
     let max_ops = state.limits.max_ops_per_batch;
     // Parsed and planned before a database connection is taken: a bad or oversized batch never holds one.
-    let plan = match parse_and_plan(body.clone(), state.catalog.get().await, max_ops).await {
+    let mut catalog = state.catalog.get().await;
+    let plan = match parse_and_plan(body.clone(), catalog.clone(), max_ops).await {
         Err(e) if e.code == "unknown_table" || e.code == "unknown_column" => {
             // Maybe a migration added it since we loaded the catalog.
-            let catalog = state.catalog.refresh_on_miss(&state.pool).await?;
-            parse_and_plan(body.clone(), catalog, max_ops).await?
+            catalog = state.catalog.refresh_on_miss(&state.pool).await?;
+            parse_and_plan(body.clone(), catalog.clone(), max_ops).await?
         }
         other => other?,
     };
     let response = match run(&state, user.user_id, &plan).await {
         Err(e) if e.code == SCHEMA_CHANGED => {
-            // A table or column of the catalog is gone (plain DDL, no notification): nothing was written. Reload,
-            // plan again (the client may now get its `unknown_column`), run once more. No pooled connection is
-            // held while the reload waits for its turn.
-            let catalog = state.catalog.refresh_on_miss(&state.pool).await?;
-            let plan = parse_and_plan(body, catalog, max_ops).await?;
-            run(&state, user.user_id, &plan).await?
+            // Postgres does not know a table or column of the plan: nothing was written. If the catalog is stale
+            // (plain DDL, no notification), reload, plan again (the client may now get its `unknown_column`) and
+            // run once more. No pooled connection is held while the reload waits for its turn. If the catalog is
+            // what Postgres has, or the schema moved again, the cause is not the client's: a logged 500.
+            let fresh = state.catalog.refresh_on_miss(&state.pool).await?;
+            if *fresh == *catalog {
+                return Err(unexplained(&e));
+            }
+            let plan = parse_and_plan(body, fresh, max_ops).await?;
+            match run(&state, user.user_id, &plan).await {
+                Err(e) if e.code == SCHEMA_CHANGED => return Err(unexplained(&e)),
+                other => other?,
+            }
         }
         other => other?,
     };
     crate::metrics::batch_rows(plan.ops.len());
     Ok(Json(response))
+}
+
+/// A `schema_changed` that a fresh catalog does not explain.
+fn unexplained(e: &ApiError) -> ApiError {
+    ApiError::internal(&std::io::Error::other(format!(
+        "a batch statement names a table or column Postgres does not have, with a fresh catalog: {}",
+        e.message
+    )))
 }
 
 async fn run(
