@@ -422,10 +422,22 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
     const leadership = new TabLeadership(db.name, {
       lead: () => stream.start(),
       status: (s) => {
-        session.streamStatus = s as StreamStatus;
+        // The leader's stream stopped for good (`signed_out`, `other_user`): this tab is as stopped as the leader,
+        // and hears `signedOut` as the leader does.
+        const stoppedNow = (s === 'signed_out' || s === 'other_user') && session.streamStatus !== 'signed_out';
+        session.streamStatus = s === 'signed_out' || s === 'other_user' ? 'signed_out' : (s as StreamStatus);
         this.updateState();
+        if (stoppedNow && s === 'signed_out') this.events.emit('signedOut', { userId });
       },
       applied: (xid) => session.applier.noteApplied(xid),
+      restart: () => {
+        // A follower's signIn() after the stream stopped: getToken() has a token again (or will say why not).
+        if (session.streamStatus !== 'signed_out' || this.session !== session) return;
+        session.streamStatus = 'connecting';
+        leadership.publishStatus('connecting');
+        this.updateState();
+        stream.start();
+      },
     });
     session.leadership = leadership;
     session.unsubscribe.push(
@@ -447,6 +459,8 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       streamEvents.on('error', (e) => this.events.emit('error', e)),
       streamEvents.on('stopped', ({ reason }) => {
         session.streamStatus = 'signed_out';
+        // The other tabs follow this one's stream: they stop with it (and hear `signedOut` too).
+        leadership.publishStatus(reason === 'other_user' ? 'other_user' : 'signed_out');
         this.updateState();
         if (reason === 'signed_out') this.events.emit('signedOut', { userId });
       }),
@@ -589,6 +603,12 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       if (current.mode === 'user') {
         // Same user: nothing to do, unless the stream had stopped because the app had signed out (start it again).
         if (current.userId === userId && current.streamStatus !== 'signed_out') return null;
+        if (current.userId === userId && current.leadership && !current.leadership.isLeader) {
+          // Another tab leads this database and its stream stopped: a new session here would only queue for the
+          // lock that tab still holds. Ask it to start the stream again; this tab follows its status.
+          current.leadership.requestRestart();
+          return null;
+        }
         return this.openUser(userId);
       }
       // Guest -> user, as one switch: writes wait until it is done (one made now would land in a database about to

@@ -11,7 +11,9 @@
 type TabMessage =
   | { type: 'status'; status: string }
   | { type: 'applied'; xid: string }
-  | { type: 'hello' };
+  | { type: 'hello' }
+  /** A follower's signIn(): the leader's stream had stopped (signed out), start it again. */
+  | { type: 'restart' };
 
 export interface LeaderCallbacks {
   /** This tab became the leader: start the stream. Resolves when it has stopped (after `release`). */
@@ -20,6 +22,8 @@ export interface LeaderCallbacks {
   status: (status: string) => void;
   /** The leader applied a transaction (followers only). */
   applied: (xid: string) => void;
+  /** A follower asks for the stream to be started again after it stopped (signed out; leader only). */
+  restart?: () => void;
 }
 
 export class TabLeadership {
@@ -76,6 +80,12 @@ export class TabLeadership {
     if (this.leading) this.post({ type: 'applied', xid });
   }
 
+  /** Asks the leader to start its stream again (a follower's signIn() after the stream stopped). */
+  requestRestart(): void {
+    if (this.leading) this.callbacks.restart?.();
+    else this.post({ type: 'restart' });
+  }
+
   /** Gives up leadership (or the wait for it); the caller stops its stream first. */
   async stop(): Promise<void> {
     this.abort.abort();
@@ -94,6 +104,7 @@ export class TabLeadership {
   private onMessage(m: TabMessage): void {
     if (this.leading) {
       if (m.type === 'hello' && this.lastStatus) this.post({ type: 'status', status: this.lastStatus });
+      else if (m.type === 'restart') this.callbacks.restart?.();
       return;
     }
     if (m.type === 'status') this.callbacks.status(m.status);
