@@ -137,6 +137,8 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
   };
   private readonly onOffline = (): void => this.updateState();
   private guestLeftover = false;
+  /** This client among the tabs (leader.ts): its own relayed events are not heard twice. */
+  private readonly tabId = Math.random().toString(36).slice(2) + Date.now().toString(36);
   private leftoverRunning: Promise<void> | null = null;
   /** Aborted by signOut(): the resumed upgrade stops before it sends anything more or seals the guest database. */
   private leftoverAbort: AbortController | null = null;
@@ -430,6 +432,10 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
         if (stoppedNow && s === 'signed_out') this.events.emit('signedOut', { userId });
       },
       applied: (xid) => session.applier.noteApplied(xid),
+      event: (name, value) => {
+        if (name === 'rejected') this.events.emit('rejected', value as Rejection);
+        else if (name === 'repaired') this.events.emit('repaired', value as Repair);
+      },
       restart: () => {
         // A follower's signIn() after the stream stopped: getToken() has a token again (or will say why not).
         if (session.streamStatus !== 'signed_out' || this.session !== session) return;
@@ -438,7 +444,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
         this.updateState();
         stream.start();
       },
-    });
+    }, this.tabId);
     session.leadership = leadership;
     session.unsubscribe.push(
       session.applierEvents.on('applied', ({ xid }) => leadership.publishApplied(xid)),
@@ -508,8 +514,15 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
         this.stats.framesApplied++;
         this.events.emit('applied', e);
       }),
-      outboxEvents.on('rejected', (r) => this.events.emit('rejected', r)),
-      outboxEvents.on('repaired', (r) => this.events.emit('repaired', r)),
+      // Heard in every tab of the app, not only in the one whose outbox happened to send the op (leader.ts).
+      outboxEvents.on('rejected', (r) => {
+        this.events.emit('rejected', r);
+        session.leadership?.publishEvent('rejected', r);
+      }),
+      outboxEvents.on('repaired', (r) => {
+        this.events.emit('repaired', r);
+        session.leadership?.publishEvent('repaired', r);
+      }),
       outboxEvents.on('error', (e) => this.events.emit('error', e)),
       outboxEvents.on('acked', () => {
         this.stats.batchesSent++;

@@ -145,3 +145,27 @@ test('a token of another user (the stream stops for good): the follower tab goes
     await leader.close();
   }
 });
+
+test('a write the server refuses is heard as `rejected` in every tab, once each, whichever tab sent it', async () => {
+  const server = new FakeBatchServer(undefined, (op) =>
+    op.row['title'] === 'bad' ? { status: 422, code: 'invalid_value', message: 'not a title' } : undefined,
+  );
+  const opts = device(server, () => jwt('user-1'));
+  const leader = await createSyncClient(opts);
+  const follower = await createSyncClient(opts);
+  const heard = { leader: [] as string[], follower: [] as string[] };
+  leader.onRejected((r) => heard.leader.push(r.op.opId));
+  follower.onRejected((r) => heard.follower.push(r.op.opId));
+  try {
+    const [bad] = await follower.write({ table: 'works', kind: 'insert', row: { title: 'bad' } });
+    await leader.write({ table: 'works', kind: 'insert', row: { title: 'good' } });
+    await until('both tabs heard it', () => heard.leader.length > 0 && heard.follower.length > 0);
+    await sleep(200);
+    assert.deepEqual(heard.leader, [bad!.opId]);
+    assert.deepEqual(heard.follower, [bad!.opId]);
+    assert.deepEqual([...server.table('works').values()].map((r) => r['title']), ['good']);
+  } finally {
+    await follower.close();
+    await leader.close();
+  }
+});
