@@ -78,6 +78,11 @@ interface Session {
   streamStatus: StreamStatus | 'signed_out';
   unsubscribe: Array<() => void>;
   sweepTimer?: ReturnType<typeof setInterval>;
+  /**
+   * A guest session whose database another tab deleted (its sign-in sent the work to a user, guest.ts): it takes no
+   * more writes, and `handover` is the switch to that user (writes wait for it and go there).
+   */
+  handover?: Promise<unknown>;
 }
 
 function lastUserKey(deviceId: string): string {
@@ -230,6 +235,12 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
         if (session.mode === 'user') session.outbox.kick();
         return written;
       } catch (e) {
+        if (session.handover) {
+          // Another tab deleted this guest database under the write (nothing of it was stored): write to where the
+          // guest's work went.
+          await session.handover;
+          continue;
+        }
         if (!(e instanceof GuestSealedError)) throw e;
         // Another tab's signIn() sent this guest database's work to a user and is deleting it (guest.ts): continue
         // as that user, whose database now holds that work, and write there (the app hears `database`).
@@ -405,7 +416,50 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
 
   private openGuest(): Session {
     const db = this.newDb(guestDbName(this.deviceId));
-    return this.buildSession('guest', null, db);
+    const session = this.buildSession('guest', null, db);
+    // Another tab's signIn() (or resumed upgrade) deletes this database once it has sent its work and sealed it.
+    // Dexie's default would close it and reopen it by name at the next use, creating a new, empty guest database
+    // that no seal guards: this tab would go on writing there, unsent, and its view would lose the guest's work.
+    // Instead: read the seal (who the work went to) while the connection is still open, close it for good, and
+    // continue as that user, as a write that meets the seal does (`write`).
+    db.on('versionchange', (ev: IDBVersionChangeEvent) => {
+      if (ev.newVersion !== null && ev.newVersion > 0) return undefined; // a schema upgrade: Dexie's default
+      if (session.handover) return false;
+      let done!: (userId: string | null) => void;
+      const sealedFor = new Promise<string | null>((resolve) => (done = resolve));
+      session.handover = this.handOver(session, sealedFor);
+      db.state
+        .get('sealed')
+        .then(
+          (r) => (r && r.key === 'sealed' ? r.userId : null),
+          () => null,
+        )
+        .then((userId) => {
+          db.close({ disableAutoOpen: true });
+          done(userId);
+        });
+      return false; // not Dexie's default close (which reopens on next use)
+    });
+    // Opened now, so that a deletion by another tab reaches this tab even before its first read or write.
+    db.open().catch(() => undefined);
+    return session;
+  }
+
+  /**
+   * The guest database of `session` was deleted by another tab: switch to the user its work went to (`sealedFor`,
+   * else the last signed-in user), or, signed out meanwhile, to a fresh guest database.
+   */
+  private handOver(session: Session, sealedFor: Promise<string | null>): Promise<unknown> {
+    return this.switchTo(async (current) => {
+      const sealed = await sealedFor;
+      if (current !== session) return null;
+      const userId = sealed ?? storage()?.getItem(lastUserKey(this.deviceId)) ?? null;
+      if (!userId) return this.openGuest();
+      storage()?.setItem(lastUserKey(this.deviceId), userId);
+      // The tab that deleted it had sealed it: nothing in it was left unsent.
+      this.guestLeftover = false;
+      return this.openUser(userId);
+    }).catch(() => undefined);
   }
 
   private openUser(userId: string): Session {
@@ -646,6 +700,8 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       try {
         txids = (await flushGuestWork(input)).txids;
       } catch (e) {
+        // Another tab's sign-in finished first and deleted the guest database (its work is sent): just switch.
+        if (current.handover) return this.openUser(userId);
         throw failed(e);
       }
       const user = this.openUser(userId);
