@@ -239,6 +239,7 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
           // Another tab deleted this guest database under the write (nothing of it was stored): write to where the
           // guest's work went.
           await session.handover;
+          if (this.session === session) throw e; // the switch failed: do not retry on the closed database
           continue;
         }
         if (!(e instanceof GuestSealedError)) throw e;
@@ -447,13 +448,16 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
 
   /**
    * The guest database of `session` was deleted by another tab: switch to the user its work went to (`sealedFor`,
-   * else the last signed-in user), or, signed out meanwhile, to a fresh guest database.
+   * else the last signed-in user), or, signed out meanwhile (no user remembered), to a fresh guest database.
    */
   private handOver(session: Session, sealedFor: Promise<string | null>): Promise<unknown> {
     return this.switchTo(async (current) => {
       const sealed = await sealedFor;
       if (current !== session) return null;
-      const userId = sealed ?? storage()?.getItem(lastUserKey(this.deviceId)) ?? null;
+      const st = storage();
+      const remembered = st ? st.getItem(lastUserKey(this.deviceId)) : null;
+      // A sign-in remembers its user before it seals; a sign-out (or a start without a token) forgets it.
+      const userId = st && remembered === null ? null : (sealed ?? remembered);
       if (!userId) return this.openGuest();
       storage()?.setItem(lastUserKey(this.deviceId), userId);
       // The tab that deleted it had sealed it: nothing in it was left unsent.
