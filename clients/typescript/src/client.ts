@@ -716,6 +716,8 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
           // Writes of other guest tabs since the flush began are sent too; then the guest database takes no more.
           txids.push(...(await sealGuestWork(input)));
         } catch (e) {
+          // Another tab's sign-in sealed and deleted the guest database meanwhile (its work is sent): switch.
+          if (current.handover && !signal.aborted) return user;
           throw failed(e);
         }
       } catch (e) {
