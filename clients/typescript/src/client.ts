@@ -78,6 +78,11 @@ interface Session {
   streamStatus: StreamStatus | 'signed_out';
   unsubscribe: Array<() => void>;
   sweepTimer?: ReturnType<typeof setInterval>;
+  /**
+   * A guest session whose database another tab deleted (its sign-in sent the work to a user, guest.ts): it takes no
+   * more writes, and `handover` is the switch to that user (writes wait for it and go there).
+   */
+  handover?: Promise<unknown>;
 }
 
 function lastUserKey(deviceId: string): string {
@@ -137,6 +142,8 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
   };
   private readonly onOffline = (): void => this.updateState();
   private guestLeftover = false;
+  /** This client among the tabs (leader.ts): its own relayed events are not heard twice. */
+  private readonly tabId = Math.random().toString(36).slice(2) + Date.now().toString(36);
   private leftoverRunning: Promise<void> | null = null;
   /** Aborted by signOut(): the resumed upgrade stops before it sends anything more or seals the guest database. */
   private leftoverAbort: AbortController | null = null;
@@ -228,6 +235,13 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
         if (session.mode === 'user') session.outbox.kick();
         return written;
       } catch (e) {
+        if (session.handover) {
+          // Another tab deleted this guest database under the write (nothing of it was stored): write to where the
+          // guest's work went.
+          await session.handover;
+          if (this.session === session) throw e; // the switch failed: do not retry on the closed database
+          continue;
+        }
         if (!(e instanceof GuestSealedError)) throw e;
         // Another tab's signIn() sent this guest database's work to a user and is deleting it (guest.ts): continue
         // as that user, whose database now holds that work, and write there (the app hears `database`).
@@ -403,7 +417,53 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
 
   private openGuest(): Session {
     const db = this.newDb(guestDbName(this.deviceId));
-    return this.buildSession('guest', null, db);
+    const session = this.buildSession('guest', null, db);
+    // Another tab's signIn() (or resumed upgrade) deletes this database once it has sent its work and sealed it.
+    // Dexie's default would close it and reopen it by name at the next use, creating a new, empty guest database
+    // that no seal guards: this tab would go on writing there, unsent, and its view would lose the guest's work.
+    // Instead: read the seal (who the work went to) while the connection is still open, close it for good, and
+    // continue as that user, as a write that meets the seal does (`write`).
+    db.on('versionchange', (ev: IDBVersionChangeEvent) => {
+      if (ev.newVersion !== null && ev.newVersion > 0) return undefined; // a schema upgrade: Dexie's default
+      if (session.handover) return false;
+      let done!: (userId: string | null) => void;
+      const sealedFor = new Promise<string | null>((resolve) => (done = resolve));
+      session.handover = this.handOver(session, sealedFor);
+      db.state
+        .get('sealed')
+        .then(
+          (r) => (r && r.key === 'sealed' ? r.userId : null),
+          () => null,
+        )
+        .then((userId) => {
+          db.close({ disableAutoOpen: true });
+          done(userId);
+        });
+      return false; // not Dexie's default close (which reopens on next use)
+    });
+    // Opened now, so that a deletion by another tab reaches this tab even before its first read or write.
+    db.open().catch(() => undefined);
+    return session;
+  }
+
+  /**
+   * The guest database of `session` was deleted by another tab: switch to the user its work went to (`sealedFor`,
+   * else the last signed-in user), or, signed out meanwhile (no user remembered), to a fresh guest database.
+   */
+  private handOver(session: Session, sealedFor: Promise<string | null>): Promise<unknown> {
+    return this.switchTo(async (current) => {
+      const sealed = await sealedFor;
+      if (current !== session) return null;
+      const st = storage();
+      const remembered = st ? st.getItem(lastUserKey(this.deviceId)) : null;
+      // A sign-in remembers its user before it seals; a sign-out (or a start without a token) forgets it.
+      const userId = st && remembered === null ? null : (sealed ?? remembered);
+      if (!userId) return this.openGuest();
+      storage()?.setItem(lastUserKey(this.deviceId), userId);
+      // The tab that deleted it had sealed it: nothing in it was left unsent.
+      this.guestLeftover = false;
+      return this.openUser(userId);
+    }).catch(() => undefined);
   }
 
   private openUser(userId: string): Session {
@@ -422,11 +482,27 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
     const leadership = new TabLeadership(db.name, {
       lead: () => stream.start(),
       status: (s) => {
-        session.streamStatus = s as StreamStatus;
+        // The leader's stream stopped for good (`signed_out`, `other_user`): this tab is as stopped as the leader,
+        // and hears `signedOut` as the leader does.
+        const stoppedNow = (s === 'signed_out' || s === 'other_user') && session.streamStatus !== 'signed_out';
+        session.streamStatus = s === 'signed_out' || s === 'other_user' ? 'signed_out' : (s as StreamStatus);
         this.updateState();
+        if (stoppedNow && s === 'signed_out') this.events.emit('signedOut', { userId });
       },
       applied: (xid) => session.applier.noteApplied(xid),
-    });
+      event: (name, value) => {
+        if (name === 'rejected') this.events.emit('rejected', value as Rejection);
+        else if (name === 'repaired') this.events.emit('repaired', value as Repair);
+      },
+      restart: () => {
+        // A follower's signIn() after the stream stopped: getToken() has a token again (or will say why not).
+        if (session.streamStatus !== 'signed_out' || this.session !== session) return;
+        session.streamStatus = 'connecting';
+        leadership.publishStatus('connecting');
+        this.updateState();
+        stream.start();
+      },
+    }, this.tabId);
     session.leadership = leadership;
     session.unsubscribe.push(
       session.applierEvents.on('applied', ({ xid }) => leadership.publishApplied(xid)),
@@ -447,6 +523,8 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       streamEvents.on('error', (e) => this.events.emit('error', e)),
       streamEvents.on('stopped', ({ reason }) => {
         session.streamStatus = 'signed_out';
+        // The other tabs follow this one's stream: they stop with it (and hear `signedOut` too).
+        leadership.publishStatus(reason === 'other_user' ? 'other_user' : 'signed_out');
         this.updateState();
         if (reason === 'signed_out') this.events.emit('signedOut', { userId });
       }),
@@ -494,8 +572,15 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
         this.stats.framesApplied++;
         this.events.emit('applied', e);
       }),
-      outboxEvents.on('rejected', (r) => this.events.emit('rejected', r)),
-      outboxEvents.on('repaired', (r) => this.events.emit('repaired', r)),
+      // Heard in every tab of the app, not only in the one whose outbox happened to send the op (leader.ts).
+      outboxEvents.on('rejected', (r) => {
+        this.events.emit('rejected', r);
+        session.leadership?.publishEvent('rejected', r);
+      }),
+      outboxEvents.on('repaired', (r) => {
+        this.events.emit('repaired', r);
+        session.leadership?.publishEvent('repaired', r);
+      }),
       outboxEvents.on('error', (e) => this.events.emit('error', e)),
       outboxEvents.on('acked', () => {
         this.stats.batchesSent++;
@@ -589,6 +674,12 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       if (current.mode === 'user') {
         // Same user: nothing to do, unless the stream had stopped because the app had signed out (start it again).
         if (current.userId === userId && current.streamStatus !== 'signed_out') return null;
+        if (current.userId === userId && current.leadership && !current.leadership.isLeader) {
+          // Another tab leads this database and its stream stopped: a new session here would only queue for the
+          // lock that tab still holds. Ask it to start the stream again; this tab follows its status.
+          current.leadership.requestRestart();
+          return null;
+        }
         return this.openUser(userId);
       }
       // Guest -> user, as one switch: writes wait until it is done (one made now would land in a database about to
@@ -613,6 +704,8 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       try {
         txids = (await flushGuestWork(input)).txids;
       } catch (e) {
+        // Another tab's sign-in finished first and deleted the guest database (its work is sent): just switch.
+        if (current.handover) return this.openUser(userId);
         throw failed(e);
       }
       const user = this.openUser(userId);
@@ -623,6 +716,8 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
           // Writes of other guest tabs since the flush began are sent too; then the guest database takes no more.
           txids.push(...(await sealGuestWork(input)));
         } catch (e) {
+          // Another tab's sign-in sealed and deleted the guest database meanwhile (its work is sent): switch.
+          if (current.handover && !signal.aborted) return user;
           throw failed(e);
         }
       } catch (e) {

@@ -11,7 +11,14 @@
 type TabMessage =
   | { type: 'status'; status: string }
   | { type: 'applied'; xid: string }
-  | { type: 'hello' };
+  | { type: 'hello' }
+  /** A follower's signIn(): the leader's stream had stopped (signed out), start it again. */
+  | { type: 'restart' }
+  /** An event of the app's (`rejected`, `repaired`) that the outbox of the tab `from` emitted: every tab hears it. */
+  | { type: 'event'; from: string; name: TabEventName; value: unknown };
+
+/** Events of one tab's outbox that every tab's listeners hear. */
+export type TabEventName = 'rejected' | 'repaired';
 
 export interface LeaderCallbacks {
   /** This tab became the leader: start the stream. Resolves when it has stopped (after `release`). */
@@ -20,6 +27,10 @@ export interface LeaderCallbacks {
   status: (status: string) => void;
   /** The leader applied a transaction (followers only). */
   applied: (xid: string) => void;
+  /** A follower asks for the stream to be started again after it stopped (signed out; leader only). */
+  restart?: () => void;
+  /** Another tab's outbox emitted `rejected` / `repaired` (every tab, leader or not). */
+  event?: (name: TabEventName, value: unknown) => void;
 }
 
 export class TabLeadership {
@@ -33,6 +44,8 @@ export class TabLeadership {
   constructor(
     private readonly dbName: string,
     private readonly callbacks: LeaderCallbacks,
+    /** This tab (one id per client): its own events coming back through another of its channels are ignored. */
+    private readonly tabId: string = Math.random().toString(36).slice(2),
   ) {
     const BC = (globalThis as { BroadcastChannel?: typeof BroadcastChannel }).BroadcastChannel;
     this.channel = BC ? new BC(`deeprecall-sync:${dbName}`) : null;
@@ -76,6 +89,17 @@ export class TabLeadership {
     if (this.leading) this.post({ type: 'applied', xid });
   }
 
+  /** Tells every other tab of an event its listeners should hear too (any tab: the one whose outbox sent). */
+  publishEvent(name: TabEventName, value: unknown): void {
+    this.post({ type: 'event', from: this.tabId, name, value });
+  }
+
+  /** Asks the leader to start its stream again (a follower's signIn() after the stream stopped). */
+  requestRestart(): void {
+    if (this.leading) this.callbacks.restart?.();
+    else this.post({ type: 'restart' });
+  }
+
   /** Gives up leadership (or the wait for it); the caller stops its stream first. */
   async stop(): Promise<void> {
     this.abort.abort();
@@ -92,8 +116,13 @@ export class TabLeadership {
   }
 
   private onMessage(m: TabMessage): void {
+    if (m.type === 'event') {
+      if (m.from !== this.tabId) this.callbacks.event?.(m.name, m.value);
+      return;
+    }
     if (this.leading) {
       if (m.type === 'hello' && this.lastStatus) this.post({ type: 'status', status: this.lastStatus });
+      else if (m.type === 'restart') this.callbacks.restart?.();
       return;
     }
     if (m.type === 'status') this.callbacks.status(m.status);

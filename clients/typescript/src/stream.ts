@@ -12,7 +12,9 @@
 // 1013 is a server on standby (another server streams from the replication slot, e.g. during a rolling deploy):
 // like 1001, the client backs off and resumes from its offsets, reaching the ready server through the load
 // balancer. Messages are handed to the applier strictly in arrival order, one at a time. Once one fails to apply,
-// nothing more from that socket is applied: it is closed, and the next one resumes from the stored offsets.
+// nothing more from that socket is applied: it is closed, and the next one resumes from the stored offsets. The
+// backoff grows with every reconnect and starts over only once a socket has stayed open for `healthyAfterMs` with
+// nothing failed on it (a frame that fails again on every new socket backs off like a failure before open).
 
 import type { Applier } from './applier.js';
 import { backoffDelay } from './backoff.js';
@@ -45,6 +47,11 @@ export interface StreamOptions {
   WebSocket?: typeof WebSocket;
   pingIntervalMs?: number;
   pongTimeoutMs?: number;
+  /**
+   * How long a socket must stay open with nothing failing on it before the reconnect backoff starts over (default
+   * 10 s). Opening alone proves little: a frame the local database cannot store fails on every new socket.
+   */
+  healthyAfterMs?: number;
 }
 
 const RETRYABLE_SUBSCRIPTION_ERRORS = new Set(['stream_unavailable', 'database_error', 'too_many_snapshots']);
@@ -210,6 +217,7 @@ export class LiveStream {
       // (nor acted on); it is closed, and the next socket resumes from the stored offsets.
       let broken = false;
       let refreshTimer: ReturnType<typeof setTimeout> | undefined;
+      let healthyTimer: ReturnType<typeof setTimeout> | undefined;
       let pingTimer: ReturnType<typeof setInterval> | undefined;
       let pongDeadline: ReturnType<typeof setTimeout> | undefined;
       const retryTimers = new Set<ReturnType<typeof setTimeout>>();
@@ -219,6 +227,7 @@ export class LiveStream {
       };
       const cleanup = (): void => {
         clearTimeout(refreshTimer);
+        clearTimeout(healthyTimer);
         clearInterval(pingTimer);
         clearTimeout(pongDeadline);
         for (const t of retryTimers) clearTimeout(t);
@@ -330,7 +339,11 @@ export class LiveStream {
 
       ws.onopen = () => {
         opened = true;
-        this.attempt = 0;
+        // The backoff starts over only once this socket has proved healthy: open for a while with nothing failed on
+        // it. Reset at open, a frame that fails on every socket (a full disk) would reconnect every 250-500 ms.
+        healthyTimer = setTimeout(() => {
+          if (!broken) this.attempt = 0;
+        }, this.opts.healthyAfterMs ?? 10_000);
         events.emit('opened', undefined);
         void (async () => {
           const offsets = await applier.offsets();

@@ -404,6 +404,67 @@ describe('sync client in a real browser', { concurrency: false }, () => {
     }
   });
 
+  test('6b: two guest tabs; the first signs in; the second, whose app never calls signIn(), continues as the user', async () => {
+    const user = randomUUID();
+    const dev = await h.device({ user, signedIn: false });
+    try {
+      const tabA = dev.page;
+      const tabB = await dev.open(); // dev.page is now tab B
+      await tabA.evaluate(() => window.app.sync.write([{ table: 'works', kind: 'insert', row: { title: 'Guest A' } }]));
+      await tabB.evaluate(() => window.app.sync.write([{ table: 'works', kind: 'insert', row: { title: 'Guest B' } }]));
+      await tabA.evaluate(() => window.app.signIn());
+      assert.equal(await tabA.evaluate(() => window.app.sync.userId), user);
+      // Tab B is told by the deletion of the guest database, not by its app.
+      await waitFor('tab B became the user', async () => (await tabB.evaluate(() => window.app.sync.userId)) === user);
+      await tabB.evaluate(() => window.app.sync.write([{ table: 'works', kind: 'insert', row: { title: 'B after the sign-in' } }]));
+      const titles = async () => (await h.pgRows('works', user)).map((w) => w.title).sort();
+      await waitFor('all three in Postgres', async () => (await titles()).length === 3);
+      assert.deepEqual(await titles(), ['B after the sign-in', 'Guest A', 'Guest B']);
+      await waitFor('tab B shows all three', async () => (await dev.titles()).length === 3);
+      await waitFor('tab A shows all three', async () =>
+        (await tabA.$$eval('#works li .title', (e) => e.map((x) => x.textContent))).length === 3,
+      );
+      const dbs = await tabB.evaluate(async () => (await indexedDB.databases()).map((d) => d.name));
+      assert.ok(!dbs.some((n) => n.startsWith('deeprecall_guest_')), `no guest database was created again (have ${dbs})`);
+      assert.equal(await tabB.evaluate(() => window.app.sync.pendingCount()), 0);
+      assert.equal(await h.seqCount(user), 3, 'each write once');
+    } finally {
+      await dev.close();
+    }
+  });
+
+  test('6c: getToken() returns null: every tab goes offline and hears signedOut; signIn() in the follower brings both back', async () => {
+    const user = randomUUID();
+    const dev = await h.device({ user, ttl: 6 });
+    try {
+      const tabA = dev.page;
+      await dev.waitLive();
+      const tabB = await dev.open();
+      await waitFor('tab B live', async () => (await tabB.evaluate(() => window.app.sync.state)) === 'live');
+      for (const tab of [tabA, tabB]) {
+        await tab.evaluate(() => {
+          window.signedOut = 0;
+          window.app.sync.on('signedOut', () => window.signedOut++);
+        });
+      }
+      // The session ends (shared localStorage): getToken() returns null in both tabs.
+      await tabB.evaluate(() => localStorage.removeItem('example:signed-in-user'));
+      for (const tab of [tabA, tabB]) {
+        await waitFor('offline + signedOut', async () => tab.evaluate(() => window.app.sync.state === 'offline' && window.signedOut === 1), {
+          timeoutMs: 30_000,
+        });
+      }
+      // The user signs in again; the follower's app calls signIn().
+      await tabB.evaluate((u) => localStorage.setItem('example:signed-in-user', u), user);
+      await tabB.evaluate(() => window.app.sync.signIn());
+      for (const tab of [tabA, tabB]) {
+        await waitFor('live again', async () => (await tab.evaluate(() => window.app.sync.state)) === 'live', { timeoutMs: 30_000 });
+      }
+    } finally {
+      await dev.close();
+    }
+  });
+
   test('7: must_refetch (a TRUNCATE) clears and refetches that table only', async () => {
     const user = randomUUID();
     const d1 = await h.device({ user });

@@ -191,3 +191,33 @@ test('signOut() does not wait for a getToken() that never settles', async () => 
   assert.equal(c.userId, null);
   await c.close();
 });
+
+test('a guest tab whose guest database another tab\'s sign-in deleted continues as that user: no new, empty guest database, nothing left unsent', async () => {
+  const server = new FakeBatchServer();
+  let token: string | null = null;
+  const opts = device(server, () => token, { signInCatchUpMs: 100 });
+  const tab1 = await createSyncClient(opts);
+  const tab2 = await createSyncClient(opts);
+  const databases: Array<string | null> = [];
+  tab2.on('database', (d) => databases.push(d.userId));
+  try {
+    await tab1.write({ table: 'works', kind: 'insert', row: { title: 'A (tab 1)' } });
+    await tab2.write({ table: 'works', kind: 'insert', row: { title: 'B (tab 2)' } });
+    token = jwt('user-1');
+    await tab1.signIn();
+    assert.equal(await Dexie.exists(guestDbName(opts.deviceId)), false, 'the guest database is deleted');
+    // Tab 2 writes on, as it did before (its app never called signIn()).
+    const [w] = await tab2.write({ table: 'works', kind: 'insert', row: { title: 'C (tab 2, after the sign-in)' } });
+    assert.equal(tab2.userId, 'user-1', 'tab 2 continues as the user');
+    assert.deepEqual(databases, ['user-1']);
+    assert.equal(tab2.db.name, userDbName('user-1', opts.deviceId));
+    assert.equal((await tab2.row('works', w!.rowId))?.['title'], 'C (tab 2, after the sign-in)');
+    assert.equal(await Dexie.exists(guestDbName(opts.deviceId)), false, 'no new guest database');
+    await until('sent', async () => titles(server).length === 3);
+    assert.deepEqual(titles(server), ['A (tab 1)', 'B (tab 2)', 'C (tab 2, after the sign-in)']);
+    assert.equal(new Set(server.applied).size, server.applied.length, 'nothing applied twice');
+  } finally {
+    await tab1.close();
+    await tab2.close();
+  }
+});

@@ -60,7 +60,7 @@ const until = async (what: string, f: () => boolean, ms = 5000): Promise<void> =
 };
 
 let n = 0;
-function setup(opts: { sub?: string; ttl?: number; tokenSub?: () => string; getToken?: () => string } = {}) {
+function setup(opts: { sub?: string; ttl?: number; tokenSub?: () => string; getToken?: () => string; healthyAfterMs?: number } = {}) {
   FakeSocket.all = [];
   const db = new SyncDatabase(`stream-${++n}`, ['works', 'annotations']);
   const applier = new Applier(db, new SerialQueue(), new Emitter<ApplierEvents>());
@@ -81,6 +81,7 @@ function setup(opts: { sub?: string; ttl?: number; tokenSub?: () => string; getT
     userId: opts.sub ?? 'user-1',
     events,
     WebSocket: FakeSocket as unknown as typeof WebSocket,
+    ...(opts.healthyAfterMs !== undefined ? { healthyAfterMs: opts.healthyAfterMs } : {}),
   });
   return { db, stream, statuses, stopped, calls: () => tokenCalls, events };
 }
@@ -415,6 +416,71 @@ test('a subscription error that is retried (database_error) backs off further wh
     const second = Date.now() - at;
     assert.ok(first >= 900, `first retry after ${first} ms`);
     assert.ok(second >= 1900, `second retry after ${second} ms: longer than the first`);
+  } finally {
+    Math.random = random;
+    await t.stream.stop();
+    t.db.close();
+  }
+});
+
+test('a frame that fails on every new socket (a full disk): the reconnects back off further each time, the open does not reset it', async () => {
+  const random = Math.random;
+  Math.random = () => 0; // the shortest delay of each backoff step
+  const t = setup();
+  const errors: string[] = [];
+  t.events.on('error', (e) => errors.push(e.code));
+  failOn(t.db, 'works', 'bad');
+  // The server: every socket opens at once and, once subscribed, sends the frame the local database cannot store.
+  const opened = new Set<FakeSocket>();
+  const pushed = new Set<FakeSocket>();
+  const server = setInterval(() => {
+    for (const ws of FakeSocket.all) {
+      if (!opened.has(ws)) {
+        opened.add(ws);
+        ws.open();
+      } else if (!pushed.has(ws) && subscribes(ws).length === 2) {
+        pushed.add(ws);
+        ws.push({ type: 'snapshot', id: 'works', rows: [{ id: 'bad' }] });
+      }
+    }
+  }, 2);
+  try {
+    t.stream.start();
+    await new Promise((r) => setTimeout(r, 3000));
+    const n = FakeSocket.all.length;
+    // Pauses of 250, 500, 1000, 2000 ms: 4 sockets in 3 s. Reset at every open, it was one every 250 ms (about 12).
+    assert.ok(n >= 3, `${n} sockets in 3 s`);
+    assert.ok(n <= 5, `${n} sockets in 3 s: the backoff did not grow`);
+    assert.ok(errors.filter((c) => c === 'apply_failed').length >= 3);
+  } finally {
+    clearInterval(server);
+    Math.random = random;
+    await t.stream.stop();
+    t.db.close();
+  }
+});
+
+test('a socket that stayed open and healthy for healthyAfterMs starts the backoff over', async () => {
+  const random = Math.random;
+  Math.random = () => 0;
+  const t = setup({ healthyAfterMs: 100 });
+  try {
+    t.stream.start();
+    // Two failures before open: the backoff grows (250 ms, then 500 ms).
+    await until('socket 1', () => FakeSocket.all.length === 1);
+    FakeSocket.all[0]!.drop(1006);
+    await until('socket 2', () => FakeSocket.all.length === 2, 2000);
+    FakeSocket.all[1]!.drop(1006);
+    await until('socket 3', () => FakeSocket.all.length === 3, 2000);
+    const ws = FakeSocket.all[2]!;
+    ws.open();
+    await until('two subscribes', () => subscribes(ws).length === 2);
+    await new Promise((r) => setTimeout(r, 200)); // healthy for longer than healthyAfterMs
+    const at = Date.now();
+    ws.drop(1001);
+    await until('socket 4', () => FakeSocket.all.length === 4, 3000);
+    const pause = Date.now() - at;
+    assert.ok(pause < 900, `reconnected after ${pause} ms: the backoff should have started over (250 ms)`);
   } finally {
     Math.random = random;
     await t.stream.stop();
