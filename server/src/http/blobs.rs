@@ -369,10 +369,12 @@ pub struct BlobHandle {
 /// Rows of JSON text passed on as they are (no JSON tree), read as a stream.
 pub type JsonRows = Vec<Box<serde_json::value::RawValue>>;
 
-/// The rows of `sql` (its first column JSON `text`), read as a stream and kept while the list stays within
-/// `max_rows` and `max_bytes`; with the last row kept (for a cursor) and whether a row was left out. The query should
-/// ask for one row more than `max_rows`, so Postgres stops there; a list cut for its bytes drops the stream, and
-/// tokio-postgres discards the rest of the answer.
+/// The rows of `sql` (its first column JSON `text`), kept while the list stays within `max_rows` and `max_bytes`;
+/// with the last row kept (for a cursor) and whether a row was left out.
+///
+/// Read through a portal, a few rows at a time (the next fetch sized by the rows so far), so a list cut for its bytes
+/// also stops Postgres: a plain query ran to its `limit`, and with rows of a megabyte (a user's filenames) Postgres
+/// built and sent a gigabyte that the server then threw away, holding the pooled connection meanwhile.
 pub(crate) async fn capped_rows(
     tx: &tokio_postgres::Transaction<'_>,
     sql: &str,
@@ -380,27 +382,38 @@ pub(crate) async fn capped_rows(
     max_rows: usize,
     max_bytes: usize,
 ) -> Result<(JsonRows, Option<tokio_postgres::Row>, bool), ApiError> {
-    use futures::TryStreamExt as _;
-    let stream = tx
-        .query_raw(sql, params.iter().copied())
-        .await
-        .map_err(|e| from_db(&e))?;
-    futures::pin_mut!(stream);
+    let portal = tx.bind(sql, params).await.map_err(|e| from_db(&e))?;
     let (mut rows, mut last, mut bytes) = (Vec::new(), None, 0usize);
-    while let Some(row) = stream.try_next().await.map_err(|e| from_db(&e))? {
-        let text: String = row.get(0);
-        // A row that would take the list past its bytes is left out, unless it is the first (a list is never empty
-        // for its bytes alone).
-        if rows.len() >= max_rows || (!rows.is_empty() && bytes + text.len() > max_bytes) {
-            return Ok((rows, last, true));
+    let mut fetch = 8usize;
+    loop {
+        let batch = tx
+            .query_portal(&portal, i32::try_from(fetch).unwrap_or(i32::MAX))
+            .await
+            .map_err(|e| from_db(&e))?;
+        let exhausted = batch.len() < fetch;
+        for row in batch {
+            let text: String = row.get(0);
+            // A row that would take the list past its bytes is left out, unless it is the first (a list is never
+            // empty for its bytes alone).
+            if rows.len() >= max_rows || (!rows.is_empty() && bytes + text.len() > max_bytes) {
+                return Ok((rows, last, true));
+            }
+            bytes += text.len();
+            rows.push(
+                serde_json::value::RawValue::from_string(text)
+                    .map_err(|e| ApiError::internal(&e))?,
+            );
+            last = Some(row);
         }
-        bytes += text.len();
-        rows.push(
-            serde_json::value::RawValue::from_string(text).map_err(|e| ApiError::internal(&e))?,
-        );
-        last = Some(row);
+        if exhausted {
+            return Ok((rows, last, false));
+        }
+        // As many rows as the room left holds at the average size so far (one more, to see the cut), 1..=256.
+        let average = (bytes / rows.len().max(1)).max(1);
+        fetch = (max_bytes.saturating_sub(bytes) / average + 1)
+            .min(max_rows + 1 - rows.len().min(max_rows))
+            .clamp(1, 256);
     }
-    Ok((rows, last, false))
 }
 
 /// Handler for `GET /v1/blobs/{sha256}`: the caller's BlobHandle.
