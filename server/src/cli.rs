@@ -164,8 +164,9 @@ pub struct LimitArgs {
     #[arg(long, env = "DEEPRECALL_MAX_FILTER_BYTES_PER_USER", default_value_t = 16 * 1024 * 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_filter_bytes_per_user: u32,
-    /// Most GET /v1/shape requests of one user that wait or stream at once (initial snapshots, live long-polls,
-    /// SSE streams); the next one is answered 429 too_many_requests with Retry-After.
+    /// Most GET /v1/shape requests of one user that wait, stream or are being written at once (initial snapshots,
+    /// live long-polls, SSE streams, answers the socket has not taken yet); the next one is answered 429
+    /// too_many_requests with Retry-After.
     #[arg(long, env = "DEEPRECALL_MAX_SHAPE_REQUESTS_PER_USER", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_shape_requests_per_user: u32,

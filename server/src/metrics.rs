@@ -450,7 +450,7 @@ pub const CATALOGUE: &[MetricDef] = &[
         kind: Kind::Counter,
         unit: Unit::Count,
         label: None,
-        help: "GET /v1/shape requests answered 429 because their user already had --max-shape-requests-per-user requests waiting or streaming.",
+        help: "GET /v1/shape requests answered 429 because their user already had --max-shape-requests-per-user requests waiting, streaming or being written.",
     },
     MetricDef {
         name: names::DB_CONNECTION_REFUSALS,

@@ -26,8 +26,8 @@ pub struct Limits {
     /// Bytes of `where` filters one user's WebSocket subscriptions hold together (`Filter::retained_bytes`); a
     /// subscription beyond is refused with `too_many_filter_bytes`.
     pub max_filter_bytes_per_user: usize,
-    /// Most `/v1/shape` requests of one user that wait or stream at once (snapshots, live long-polls, SSE); 429
-    /// `too_many_requests` beyond.
+    /// Most `/v1/shape` requests of one user that wait, stream or are being written at once (snapshots, live
+    /// long-polls, SSE, answers the socket has not taken yet); 429 `too_many_requests` beyond.
     pub max_shape_requests_per_user: usize,
     /// How long a request waits for a pooled connection before it is answered 503 `database_busy` (or 429
     /// `too_many_requests` when its user's share stayed full).

@@ -827,7 +827,7 @@ fn too_many_of_user(state: &AppState) -> ApiError {
         StatusCode::TOO_MANY_REQUESTS,
         "too_many_requests",
         format!(
-            "this user has {} shape requests waiting or streaming, the most one user may hold (--max-shape-requests-per-user); retry after the Retry-After delay",
+            "this user has {} shape requests waiting, streaming or being written, the most one user may hold (--max-shape-requests-per-user); retry after the Retry-After delay",
             state.shape_requests_per_user.limit()
         ),
     )
