@@ -153,9 +153,36 @@ struct Cursor {
     owner: Uuid,
     #[serde(rename = "h")]
     sha256: String,
+    /// `key` is the first [`CURSOR_KEY_MAX`] bytes of the sort key, which the next page looks up by the row instead.
+    #[serde(rename = "t", default, skip_serializing_if = "std::ops::Not::not")]
+    cut: bool,
 }
 
+/// Most bytes of a sort key a cursor carries. A `filename` or `mime` is as long as its owner made it: carried whole,
+/// a key of about 96 KB made a cursor longer than a request header may be, and the next page could not be asked for.
+const CURSOR_KEY_MAX: usize = 1024;
+
 impl Cursor {
+    /// A cursor after the row `(key, owner, sha256)`, its key cut at [`CURSOR_KEY_MAX`] bytes if longer.
+    fn after(sort: Sort, desc: bool, mut key: String, owner: Uuid, sha256: String) -> Self {
+        let cut = key.len() > CURSOR_KEY_MAX;
+        if cut {
+            let mut end = CURSOR_KEY_MAX;
+            while !key.is_char_boundary(end) {
+                end -= 1;
+            }
+            key.truncate(end);
+        }
+        Self {
+            sort: sort.name().into(),
+            desc,
+            key,
+            owner,
+            sha256,
+            cut,
+        }
+    }
+
     /// The default order (owner_id, sha256 ascending) keeps the format `GET /v1/blobs` uses, so cursors issued
     /// before sorting existed stay valid; other orders carry their sort key.
     fn encode(&self) -> String {
@@ -183,6 +210,7 @@ impl Cursor {
                 key: owner.to_string(),
                 owner,
                 sha256: sha.to_owned(),
+                cut: false,
             }
         };
         (is_sha256(&c.sha256) && Sort::parse(&c.sort).is_some()).then_some(c)
@@ -482,12 +510,25 @@ async fn rows(
     }
     let after = match &req.after {
         None => "true".to_owned(),
-        Some(c) => format!(
-            "({expr}, v.owner_id, v.sha256) {cmp} ({}::text::{ty}, {}, {})",
-            st.param(c.key.clone()),
-            st.param(c.owner),
-            st.param(c.sha256.clone())
-        ),
+        Some(c) => {
+            let (key, owner, sha256) = (
+                format!("{}::text::{ty}", st.param(c.key.clone())),
+                st.param(c.owner),
+                st.param(c.sha256.clone()),
+            );
+            // A cut key: the row's own key, looked up; its prefix only if the row is gone (then rows that share
+            // the prefix may come again, as for any sort key that changed between pages).
+            let key = if c.cut {
+                let row_expr = expr.replace("v.", "w.");
+                format!(
+                    "coalesce((select {row_expr} from v_blob_inventory w
+                                where w.owner_id = {owner} and w.sha256 = {sha256}), {key})"
+                )
+            } else {
+                key
+            };
+            format!("({expr}, v.owner_id, v.sha256) {cmp} ({key}, {owner}, {sha256})")
+        }
     };
     let limit = st.param(req.limit + 1);
     // Keyset paging on (sort key, owner_id, sha256): the last two are the unique key of blobs_meta, so the order
@@ -508,16 +549,9 @@ async fn rows(
     )
     .await?;
     let next_cursor = match (more, last) {
-        (true, Some(r)) => Some(
-            Cursor {
-                sort: req.sort.name().into(),
-                desc: req.desc,
-                key: r.get(1),
-                owner: r.get(2),
-                sha256: r.get(3),
-            }
-            .encode(),
-        ),
+        (true, Some(r)) => {
+            Some(Cursor::after(req.sort, req.desc, r.get(1), r.get(2), r.get(3)).encode())
+        }
         _ => None,
     };
     let mut page = InventoryPage {
