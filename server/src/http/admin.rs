@@ -808,6 +808,7 @@ mod tests {
             key: owner.to_string(),
             owner,
             sha256: sha.clone(),
+            cut: false,
         };
         let encoded = legacy.encode();
         let text = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -820,9 +821,16 @@ mod tests {
             desc: true,
             key: "123".into(),
             owner,
-            sha256: sha,
+            sha256: sha.clone(),
+            cut: false,
         };
         assert_eq!(Cursor::decode(&sized.encode()), Some(sized));
+        // A long key is cut on a character boundary, and says so.
+        let long = Cursor::after(Sort::Filename, false, "é".repeat(1000), owner, sha);
+        assert!(
+            long.cut && long.key.len() <= CURSOR_KEY_MAX && long.key.len() >= CURSOR_KEY_MAX - 1
+        );
+        assert_eq!(Cursor::decode(&long.encode()), Some(long));
         assert_eq!(Cursor::decode("not base64!"), None);
         let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(format!("{owner}/{}", "x".repeat(64)));
@@ -858,6 +866,7 @@ mod tests {
             key: "1".into(),
             owner: Uuid::nil(),
             sha256: "b".repeat(64),
+            cut: false,
         }
         .encode();
         let mut wrong = AdminBlobsQuery {
