@@ -146,6 +146,10 @@ export class Outbox {
       }
       if (!KINDS.has(op.kind)) throw new TypeError(`${where}: kind must be insert, upsert, update or delete`);
       const row = normaliseRow(op.row, where);
+      // A content hash in upper case is the same hash; the server takes a `sha256` column's value only in lower
+      // case (docs/api.md), and refused the whole op (an asset, and with it its annotations' link) for the case.
+      const sha = row['sha256'];
+      if (typeof sha === 'string' && /^[0-9a-fA-F]{64}$/.test(sha)) row['sha256'] = sha.toLowerCase();
       if (row['id'] === undefined && op.kind === 'insert') row['id'] = newUuid();
       if (typeof row['id'] !== 'string' || row['id'] === '') throw new TypeError(`${where}: row.id must be a string (a UUID)`);
       if (op.kind === 'update' && Object.keys(row).length < 2) {

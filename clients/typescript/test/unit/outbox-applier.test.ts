@@ -327,3 +327,17 @@ test('must_refetch for the newer reasons (stream_discontinuity, transaction_too_
     t.db.close();
   }
 });
+
+test('a sha256 in upper case is written and sent in lower case, as the server takes it', async () => {
+  const t = setup(applyAll);
+  const upper = 'AB'.repeat(32);
+  const [w] = await t.outbox.enqueue([{ table: 'annotations', kind: 'insert', row: { sha256: upper, body: 'x' } }]);
+  assert.equal((await t.rows('annotations')).find((r) => r['id'] === w!.rowId)?.['sha256'], upper.toLowerCase());
+  await t.outbox.flush();
+  assert.equal(t.requests[0]![0]!.row['sha256'], upper.toLowerCase());
+  // Anything that is not a hash is sent as given (the server says what is wrong with it).
+  await t.outbox.enqueue([{ table: 'annotations', kind: 'insert', row: { sha256: 'NOT-A-HASH', body: 'y' } }]);
+  await t.outbox.flush();
+  assert.equal(t.requests[1]![0]!.row['sha256'], 'NOT-A-HASH');
+  t.db.close();
+});
