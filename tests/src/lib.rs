@@ -221,6 +221,20 @@ impl TestEnv {
         connect(&self.db_url()).await
     }
 
+    /// Runs `ddl` as superuser; with `notify`, then `notify deeprecall_schema_changed`, as `migrate` ends, so the
+    /// server reloads its catalog (without it, DDL by hand, which the server must notice by itself).
+    pub async fn ddl(&self, ddl: &str, notify: bool) {
+        let db = self.superuser().await;
+        db.batch_execute(ddl)
+            .await
+            .unwrap_or_else(|e| panic!("{ddl}: {e}"));
+        if notify {
+            db.batch_execute("notify deeprecall_schema_changed")
+                .await
+                .unwrap();
+        }
+    }
+
     /// A connection that behaves like the server's user-scoped sessions for `user`: role deeprecall_user (cannot
     /// bypass RLS) and app.user_id set for the whole session.
     pub async fn as_user(&self, user: Uuid) -> tokio_postgres::Client {

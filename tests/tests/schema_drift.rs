@@ -9,15 +9,10 @@ use uuid::Uuid;
 
 const T: Duration = Duration::from_secs(20);
 
-/// Runs `ddl` as superuser, then `notify deeprecall_schema_changed` when `notify`.
-async fn ddl(env: &TestEnv, ddl: &str, notify: bool) {
-    let db = env.superuser().await;
-    db.batch_execute(ddl).await.unwrap();
-    if notify {
-        db.batch_execute("notify deeprecall_schema_changed")
-            .await
-            .unwrap();
-    }
+/// Asserts the batch was refused with `(status, code)`, at its op 1.
+fn refused_at_op_1(status: u16, body: &Value, expect: (u16, &str)) {
+    assert_eq!((status, error_code(body)), expect, "{body}");
+    assert_eq!(body["error"]["op_index"], 1, "{body}");
 }
 
 /// Sends `ops` as `user` until the answer is not `unknown_column` (the server reloads its catalog on the
@@ -41,8 +36,7 @@ async fn batch_once_known(env: &TestEnv, user: Uuid, ops: Value) -> (u16, Value)
 async fn an_identity_column_is_read_only() {
     let env = TestEnv::start().await;
     let user = Uuid::new_v4();
-    ddl(
-        &env,
+    env.ddl(
         "alter table works add column serial bigint generated always as identity",
         true,
     )
@@ -60,12 +54,7 @@ async fn an_identity_column_is_read_only() {
         ]),
     )
     .await;
-    assert_eq!(
-        (status, error_code(&body)),
-        (422, "read_only_column"),
-        "{body}"
-    );
-    assert_eq!(body["error"]["op_index"], 1, "{body}");
+    refused_at_op_1(status, &body, (422, "read_only_column"));
     let db = env.superuser().await;
     assert_eq!(count(&db, "select count(*) from works", &[]).await, 0);
 
@@ -90,8 +79,7 @@ async fn an_identity_column_is_read_only() {
 async fn an_exclusion_violation_is_a_conflict() {
     let env = TestEnv::start().await;
     let user = Uuid::new_v4();
-    ddl(
-        &env,
+    env.ddl(
         "alter table works add column span int4range;
          alter table works add constraint works_span_free exclude using gist (span with &&)",
         true,
@@ -112,8 +100,7 @@ async fn an_exclusion_violation_is_a_conflict() {
         ]),
     )
     .await;
-    assert_eq!((status, error_code(&body)), (409, "conflict"), "{body}");
-    assert_eq!(body["error"]["op_index"], 1, "{body}");
+    refused_at_op_1(status, &body, (409, "conflict"));
     let db = env.superuser().await;
     assert_eq!(count(&db, "select count(*) from works", &[]).await, 0);
 }
@@ -125,7 +112,8 @@ async fn an_exclusion_violation_is_a_conflict() {
 async fn a_column_dropped_without_a_notification_is_an_unknown_column() {
     let env = TestEnv::start().await;
     let user = Uuid::new_v4();
-    ddl(&env, "alter table works add column shelf text", true).await;
+    env.ddl("alter table works add column shelf text", true)
+        .await;
     let (status, body) = batch_once_known(
         &env,
         user,
@@ -137,7 +125,7 @@ async fn a_column_dropped_without_a_notification_is_an_unknown_column() {
     .await;
     assert_eq!(status, 200, "{body}");
 
-    ddl(&env, "alter table works drop column shelf", false).await;
+    env.ddl("alter table works drop column shelf", false).await;
     let (status, body) = env
         .batch(
             user,
@@ -150,12 +138,7 @@ async fn a_column_dropped_without_a_notification_is_an_unknown_column() {
             ]),
         )
         .await;
-    assert_eq!(
-        (status.as_u16(), error_code(&body)),
-        (422, "unknown_column"),
-        "{body}"
-    );
-    assert_eq!(body["error"]["op_index"], 1, "{body}");
+    refused_at_op_1(status.as_u16(), &body, (422, "unknown_column"));
     let (status, body) = env
         .batch(
             user,
@@ -174,8 +157,7 @@ async fn a_column_dropped_without_a_notification_is_an_unknown_column() {
 async fn a_column_made_identity_by_hand_is_refused_at_its_op() {
     let env = TestEnv::start().await;
     let user = Uuid::new_v4();
-    ddl(
-        &env,
+    env.ddl(
         "alter table works add column num bigint not null default 0",
         true,
     )
@@ -190,8 +172,7 @@ async fn a_column_made_identity_by_hand_is_refused_at_its_op() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    ddl(
-        &env,
+    env.ddl(
         "alter table works alter column num drop default, alter column num add generated always as identity",
         false,
     )
@@ -208,12 +189,7 @@ async fn a_column_made_identity_by_hand_is_refused_at_its_op() {
             ]),
         )
         .await;
-    assert_eq!(
-        (status.as_u16(), error_code(&body)),
-        (422, "read_only_column"),
-        "{body}"
-    );
-    assert_eq!(body["error"]["op_index"], 1, "{body}");
+    refused_at_op_1(status.as_u16(), &body, (422, "read_only_column"));
 }
 
 /// A trigger that names a column the table does not have fails every insert with 42703, whatever the catalog: that
@@ -222,8 +198,7 @@ async fn a_column_made_identity_by_hand_is_refused_at_its_op() {
 async fn a_trigger_naming_a_missing_column_is_a_server_error_not_a_retry() {
     let env = TestEnv::start().await;
     let user = Uuid::new_v4();
-    ddl(
-        &env,
+    env.ddl(
         "create function bad_trg() returns trigger language plpgsql as
            $$ begin if NEW.no_such_col is null then null; end if; return NEW; end $$;
          create trigger bad before insert on works for each row execute function bad_trg();",

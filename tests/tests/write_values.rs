@@ -6,15 +6,6 @@ use deeprecall_tests::{TestEnv, count, error_code, insert, op, statuses};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-/// Runs `ddl` as superuser and tells the server to reload its catalog.
-async fn alter(env: &TestEnv, ddl: &str) {
-    env.superuser()
-        .await
-        .batch_execute(&format!("{ddl}; notify deeprecall_schema_changed"))
-        .await
-        .unwrap_or_else(|e| panic!("{ddl}: {e}"));
-}
-
 /// A batch of two inserts: a valid work first, then `table`'s `row` (raw JSON text), as op 1.
 fn two_ops(table: &str, row: &str) -> Vec<u8> {
     format!(
@@ -54,6 +45,19 @@ async fn applied(env: &TestEnv, user: Uuid, ops: Value) {
     assert_eq!(statuses(&body), vec!["applied"; n], "{body}");
 }
 
+/// Sends one `kind` op on `table` whose row is raw JSON text (repeated keys, exponents: what `json!` would not
+/// write as given) and asserts the batch was answered 200.
+async fn applied_raw(env: &TestEnv, user: Uuid, table: &str, kind: &str, row: &str) {
+    let body = format!(
+        r#"{{"ops":[{{"op_id":"{}","table":"{table}","kind":"{kind}","row":{row}}}]}}"#,
+        Uuid::new_v4()
+    );
+    let (status, body) = env
+        .post_raw("/v1/batch", Some(&env.token(user)), body.into_bytes())
+        .await;
+    assert_eq!(status, 200, "{row}: {body}");
+}
+
 /// Fault: a double precision value that underflows (`1e-400`) was stored as 0 (and a real's `1e-46` too), where
 /// Postgres refuses both as out of range.
 #[tokio::test]
@@ -61,9 +65,9 @@ async fn floats_that_underflow_are_refused_as_postgres_refuses_them() {
     let env = TestEnv::start().await;
     let db = env.superuser().await;
     let user = Uuid::new_v4();
-    alter(
-        &env,
+    env.ddl(
         "alter table boards add column ratio real, add column samples double precision[]",
+        true,
     )
     .await;
     for (row, column) in [
@@ -81,19 +85,16 @@ async fn floats_that_underflow_are_refused_as_postgres_refuses_them() {
 
     // Zero in any spelling, and subnormals that are not zero, are Postgres's to keep, and it keeps them.
     let board = Uuid::new_v4();
-    let (status, body) = env
-        .post_raw(
-            "/v1/batch",
-            Some(&env.token(user)),
-            format!(
-                r#"{{"ops":[{{"op_id":"{}","table":"boards","kind":"insert","row":{{"id":"{board}",
-                   "width": 5e-324, "height": 0e-400, "ratio": 1e-45, "samples": [3e-324, -0.0e-999]}}}}]}}"#,
-                Uuid::new_v4()
-            )
-            .into_bytes(),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    applied_raw(
+        &env,
+        user,
+        "boards",
+        "insert",
+        &format!(
+            r#"{{"id":"{board}", "width": 5e-324, "height": 0e-400, "ratio": 1e-45, "samples": [3e-324, -0.0e-999]}}"#
+        ),
+    )
+    .await;
     let row = db
         .query_one(
             "select width = '5e-324'::float8, height = 0, ratio = '1e-45'::float4, samples::text
@@ -173,7 +174,8 @@ async fn timestamps_as_postgres_prints_them_are_accepted_back() {
     );
 
     // The ends of Postgres's range, and years after 9999, in a timestamptz[]: stored and printed as sent.
-    alter(&env, "alter table works add column seen timestamptz[]").await;
+    env.ddl("alter table works add column seen timestamptz[]", true)
+        .await;
     let work = Uuid::new_v4();
     applied(
         &env,
@@ -245,7 +247,8 @@ async fn jsonb_array_elements_may_be_json_arrays() {
     let env = TestEnv::start().await;
     let db = env.superuser().await;
     let user = Uuid::new_v4();
-    alter(&env, "alter table works add column notes jsonb[]").await;
+    env.ddl("alter table works add column notes jsonb[]", true)
+        .await;
     let work = Uuid::new_v4();
     applied(
         &env,
@@ -280,19 +283,16 @@ async fn jsonb_array_elements_may_be_json_arrays() {
     );
     // jsonb is Postgres's normalised form of the value, not its text: the last of a repeated key, numbers as
     // numeric.
-    let (status, body) = env
-        .post_raw(
-            "/v1/batch",
-            Some(&env.token(user)),
-            format!(
-                r#"{{"ops":[{{"op_id":"{}","table":"works","kind":"update","row":{{"id":"{work}",
-                   "authors": {{"a": 1, "a": 2, "n": 1e2}}, "notes": [{{"b": 1, "b": [1e2]}}]}}}}]}}"#,
-                Uuid::new_v4()
-            )
-            .into_bytes(),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    applied_raw(
+        &env,
+        user,
+        "works",
+        "update",
+        &format!(
+            r#"{{"id":"{work}", "authors": {{"a": 1, "a": 2, "n": 1e2}}, "notes": [{{"b": 1, "b": [1e2]}}]}}"#
+        ),
+    )
+    .await;
     let row = db
         .query_one(
             "select authors::text, notes::text from works where id = $1",
@@ -311,11 +311,11 @@ async fn domains_over_jsonb_get_the_jsonb_checks() {
     let env = TestEnv::start().await;
     let db = env.superuser().await;
     let user = Uuid::new_v4();
-    alter(
-        &env,
+    env.ddl(
         "create domain doc as jsonb check (jsonb_typeof(value) <> 'null');
          create domain doc_again as doc;
          alter table works add column doc doc, add column doc_again doc_again",
+        true,
     )
     .await;
     let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));

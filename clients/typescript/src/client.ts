@@ -484,8 +484,9 @@ export class SyncClient<Schema extends { [table: string]: Row } = { [table: stri
       status: (s) => {
         // The leader's stream stopped for good (`signed_out`, `other_user`): this tab is as stopped as the leader,
         // and hears `signedOut` as the leader does.
-        const stoppedNow = (s === 'signed_out' || s === 'other_user') && session.streamStatus !== 'signed_out';
-        session.streamStatus = s === 'signed_out' || s === 'other_user' ? 'signed_out' : (s as StreamStatus);
+        const stopped = s === 'signed_out' || s === 'other_user';
+        const stoppedNow = stopped && session.streamStatus !== 'signed_out';
+        session.streamStatus = stopped ? 'signed_out' : (s as StreamStatus);
         this.updateState();
         if (stoppedNow && s === 'signed_out') this.events.emit('signedOut', { userId });
       },

@@ -205,19 +205,10 @@ impl CatalogHandle {
         self.current.read().await.clone()
     }
 
-    /// Replaces the catalog with a fresh read (kept as it is if nothing changed: shape definitions compiled from its
-    /// tables stay valid).
-    pub async fn refresh(&self, client: &Client) -> Result<Arc<Catalog>, tokio_postgres::Error> {
-        let mut last = self.last_refresh.lock().await;
-        let current = self.swap_if_changed(Catalog::load(client).await?).await.0;
-        *last = Instant::now();
-        Ok(current)
-    }
-
-    /// Reloads, and replaces the catalog only if it differs from the current one; true when it did.
-    pub async fn refresh_if_changed(&self, client: &Client) -> Result<bool, tokio_postgres::Error> {
-        // Loads and swaps under `last_refresh`, as every reload does: a load that finished earlier never replaces
-        // a newer catalog.
+    /// Reads the catalog again and installs it if it differs from the current one (kept as it is otherwise: shape
+    /// definitions compiled from its tables stay valid); true when it changed. Loads and swaps under
+    /// `last_refresh`, as every reload does, so a load that finished earlier never replaces a newer catalog.
+    pub async fn refresh(&self, client: &Client) -> Result<bool, tokio_postgres::Error> {
         let mut last = self.last_refresh.lock().await;
         let changed = self.swap_if_changed(Catalog::load(client).await?).await.1;
         *last = Instant::now();
@@ -305,30 +296,21 @@ pub async fn watch(
                         CATALOG_POLL,
                     );
                     loop {
-                        tokio::select! {
-                            notified = rx.recv() => {
-                                if notified.is_none() {
-                                    break;
-                                }
-                                if let Ok(conn) = pool.get().await {
-                                    match catalog.refresh(&conn).await {
-                                        Ok(_) => tracing::info!("schema changed; catalog reloaded"),
-                                        Err(e) => tracing::warn!(error = %e, "catalog reload failed"),
-                                    }
-                                }
-                            }
-                            _ = poll.tick() => {
-                                if let Ok(conn) = pool.get().await {
-                                    match catalog.refresh_if_changed(&conn).await {
-                                        Ok(true) => tracing::info!(
-                                            "the schema changed without a notification (DDL outside `migrate`); \
-                                             catalog reloaded"
-                                        ),
-                                        Ok(false) => {}
-                                        Err(e) => tracing::debug!(error = %e, "catalog check failed"),
-                                    }
-                                }
-                            }
+                        let notified = tokio::select! {
+                            notified = rx.recv() => match notified {
+                                Some(()) => true,
+                                None => break,
+                            },
+                            _ = poll.tick() => false,
+                        };
+                        let Ok(conn) = pool.get().await else { continue };
+                        match catalog.refresh(&conn).await {
+                            Ok(true) if !notified => tracing::info!(
+                                "the schema changed without a notification (DDL outside `migrate`); catalog reloaded"
+                            ),
+                            Ok(_) if notified => tracing::info!("schema changed; catalog reloaded"),
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "catalog reload failed"),
                         }
                     }
                 }

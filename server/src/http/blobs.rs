@@ -366,7 +366,7 @@ pub struct BlobHandle {
     available_on: Vec<Uuid>,
 }
 
-/// Rows of JSON text passed on as they are (no JSON tree), read as a stream.
+/// Rows of JSON text passed on as they are (no JSON tree).
 pub type JsonRows = Vec<Box<serde_json::value::RawValue>>;
 
 /// The rows of `sql` (its first column JSON `text`), kept while the list stays within `max_rows` and `max_bytes`;

@@ -758,12 +758,10 @@ async fn serve(state: &AppState, user: &AuthUser, query: &str) -> Result<Respons
     // Every request holds one of its user's places: a snapshot until answered, a live long-poll while held, SSE until
     // its stream ends, and a body of changes until the socket has taken it (catch-ups were not counted, and one
     // user's unread catch-ups held gigabytes).
-    let place = Some(
-        state
-            .shape_requests_per_user
-            .try_acquire(owner)
-            .ok_or_else(|| too_many_of_user(state))?,
-    );
+    let place = state
+        .shape_requests_per_user
+        .try_acquire(owner)
+        .ok_or_else(|| too_many_of_user(state))?;
     let offset = match req.offset {
         OffsetParam::Initial => return snapshot_response(state, owner, &def, &key).await,
         OffsetParam::Malformed => return Ok(refetch(state, owner, &def, &key, "invalid_offset")),
@@ -789,7 +787,7 @@ async fn serve(state: &AppState, user: &AuthUser, query: &str) -> Result<Respons
         Err(reason) => return Ok(refetch(state, owner, &def, &key, reason)),
     };
     if req.sse {
-        feed._place = place;
+        feed._place = Some(place);
         return Ok(sse_response(state, handle, from, feed));
     }
     let cursor = req.live.then(|| state.shapes.next_cursor());
@@ -873,16 +871,11 @@ fn set(response: &mut Response, name: &'static str, value: &str) {
     }
 }
 
-/// `at`: the response's offset, and whether it is up to date there (it is not when a catch-up was cut at
-/// [`RESPONSE_HISTORY_BYTES`]: the client asks again from that offset at once).
 /// A response body that keeps the user's place until hyper asks for more after it: about when the socket has
 /// taken the body, so one user's bodies waiting for readers count against `--max-shape-requests-per-user`.
-fn body_holding(body: Vec<u8>, place: Option<crate::live::admission::UserPermit>) -> Body {
-    let Some(place) = place else {
-        return Body::from(body);
-    };
+fn body_holding(body: Vec<u8>, place: crate::live::admission::UserPermit) -> Body {
     Body::from_stream(futures::stream::unfold(
-        (Some(Bytes::from(body)), Some(place)),
+        (Some(Bytes::from(body)), place),
         |(chunk, place)| async move {
             let chunk = chunk?;
             Some((Ok::<_, std::io::Error>(chunk), (None, place)))
@@ -890,6 +883,8 @@ fn body_holding(body: Vec<u8>, place: Option<crate::live::admission::UserPermit>
     ))
 }
 
+/// `at`: the response's offset, and whether it is up to date there (it is not when a catch-up was cut at
+/// [`RESPONSE_HISTORY_BYTES`]: the client asks again from that offset at once).
 fn ok_response(
     def: &ShapeDef,
     handle: &str,

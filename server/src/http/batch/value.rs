@@ -325,28 +325,25 @@ pub(crate) fn decode(ty: &ColumnType, raw: &RawValue) -> Result<Cell, ValueError
             })
         }
         ColumnType::Array { element, .. } => array(element, raw).map(Cell::Text),
-        // A string is the JSON text Postgres parses (recursively: the depth bound matters as much as for jsonb).
-        ColumnType::JsonDomain { cast, binary } => match kind(raw) {
+        // A string is sent as text for Postgres to cast; for a domain over json/jsonb that text is the JSON it
+        // parses (recursively: the depth bound matters as much as for jsonb).
+        ColumnType::JsonDomain { cast, .. } | ColumnType::Other { cast } => match kind(raw) {
             "string" => {
                 let s = text_of(raw, "a string")?.into_owned();
                 no_nul(&s)?;
-                json_checks(&s, *binary)?;
+                if let ColumnType::JsonDomain { binary, .. } = ty {
+                    json_checks(&s, *binary)?;
+                }
                 Ok(Cell::Text(s))
             }
             "number" | "boolean" => Ok(Cell::Text(raw.to_owned())),
-            _ => Err(wrong(
-                &format!("a value of type {cast} (its JSON text as a string)"),
-                raw,
-            )),
-        },
-        ColumnType::Other { cast } => match kind(raw) {
-            "string" => {
-                let s = text_of(raw, "a string")?.into_owned();
-                no_nul(&s)?;
-                Ok(Cell::Text(s))
+            _ => {
+                let hint = match ty {
+                    ColumnType::JsonDomain { .. } => " (its JSON text as a string)",
+                    _ => "",
+                };
+                Err(wrong(&format!("a value of type {cast}{hint}"), raw))
             }
-            "number" | "boolean" => Ok(Cell::Text(raw.to_owned())),
-            _ => Err(wrong(&format!("a value of type {cast}"), raw)),
         },
     }
 }
