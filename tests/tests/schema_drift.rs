@@ -219,3 +219,51 @@ async fn a_trigger_naming_a_missing_column_is_a_server_error_not_a_retry() {
         );
     }
 }
+
+/// A reload already under way when DDL commits may have read the catalog before it. A request that missed a name
+/// after the DDL and waited for that reload was handed its result as if it had seen the change: a column just
+/// dropped by hand was then a 500 (the "fresh" catalog still had it), and one just added an `unknown_column`. It
+/// happened in CI when the replicator's reload (a table's new column list) crossed a test's `drop column`. Now only
+/// a reload that began after the miss answers it. Here a task reloads without pause, so the DDL nearly always
+/// commits during a reload.
+#[tokio::test]
+async fn a_miss_is_answered_only_by_a_reload_that_began_after_it() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let env = TestEnv::start().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reloader = {
+        let (catalog, stop, db) = (
+            env.state.catalog.clone(),
+            stop.clone(),
+            env.superuser().await,
+        );
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                catalog.refresh(&db).await.unwrap();
+            }
+        })
+    };
+    for round in 0..5 {
+        let column = format!("drift_{round}");
+        env.ddl(
+            &format!("alter table works add column {column} text"),
+            false,
+        )
+        .await;
+        let seen = env
+            .state
+            .catalog
+            .refresh_on_miss(&env.state.pool)
+            .await
+            .unwrap();
+        let works = seen.table("works").unwrap();
+        assert!(
+            works.column(&column).is_some(),
+            "round {round}: {column} not seen"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    reloader.await.unwrap();
+}

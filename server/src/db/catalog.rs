@@ -185,6 +185,8 @@ pub enum RefreshError {
 #[derive(Debug)]
 pub struct CatalogHandle {
     current: RwLock<Arc<Catalog>>,
+    /// When the last reload began to read the catalog (not when it ended: see [`Self::refresh_on_miss`]). Held
+    /// for a whole reload, so reloads take turns.
     last_refresh: Mutex<Instant>,
 }
 
@@ -210,8 +212,9 @@ impl CatalogHandle {
     /// `last_refresh`, as every reload does, so a load that finished earlier never replaces a newer catalog.
     pub async fn refresh(&self, client: &Client) -> Result<bool, tokio_postgres::Error> {
         let mut last = self.last_refresh.lock().await;
+        let began = Instant::now();
         let changed = self.swap_if_changed(Catalog::load(client).await?).await.1;
-        *last = Instant::now();
+        *last = began;
         Ok(changed)
     }
 
@@ -241,7 +244,10 @@ impl CatalogHandle {
         let asked = Instant::now();
         let mut last = self.last_refresh.lock().await;
         if *last >= asked {
-            // Another miss reloaded while we waited for the lock: that reload already saw our change.
+            // A reload that began after we asked ran while we waited for the lock: it saw our change. (One that
+            // began before may have read the catalog before the DDL committed, so `last_refresh` is the instant a
+            // load began, not the one it ended: a reload under way when a column was dropped by hand, finishing
+            // after a batch missed it, answered that batch with the column still there, a 500.)
             return Ok(self.get().await);
         }
         let since = last.elapsed();
@@ -249,9 +255,10 @@ impl CatalogHandle {
             tokio::time::sleep(MISS_REFRESH_INTERVAL - since).await;
         }
         let client = pool.get().await.map_err(RefreshError::Pool)?;
+        let began = Instant::now();
         let fresh = Catalog::load(&client).await.map_err(RefreshError::Db)?;
         let current = self.swap_if_changed(fresh).await.0;
-        *last = Instant::now();
+        *last = began;
         Ok(current)
     }
 }
