@@ -235,12 +235,48 @@ impl LocalCluster {
 
     /// Starts Postgres on a free loopback port and waits until it accepts connections.
     pub fn start(&mut self, options: &ClusterOptions) -> Result<(), ClusterError> {
-        let data = self.base.join("data");
         // A stale postmaster.pid from a crash is handled by Postgres itself; a live one means it is running.
         if self.status_running()? {
             self.stop()?;
         }
-        self.port = free_port()?;
+        // The port is free when `free_port` closes its listener, not necessarily when Postgres binds it a few
+        // milliseconds later: any process may take it meanwhile (an outgoing connection's local port comes from
+        // the same range, and a test run opens thousands). Postgres then exits with "could not create any TCP/IP
+        // sockets"; a new port is tried, a few times, instead of failing a test run or `dev` on that race.
+        self.start_with_ports(options, free_port)
+    }
+
+    /// [`Self::start`] on the ports `next_port` gives, tried in turn while Postgres finds the port taken (at most
+    /// five); public for the test that takes the first one.
+    #[doc(hidden)]
+    pub fn start_with_ports(
+        &mut self,
+        options: &ClusterOptions,
+        mut next_port: impl FnMut() -> Result<u16, ClusterError>,
+    ) -> Result<(), ClusterError> {
+        const ATTEMPTS: usize = 5;
+        for attempt in 1.. {
+            let log_before = std::fs::metadata(self.log_path()).map_or(0, |m| m.len());
+            match self.start_on(next_port()?, options) {
+                Err(e) if attempt < ATTEMPTS && self.port_was_taken(log_before) => {
+                    tracing::warn!(port = self.port, error = %e, "the cluster's port was taken; trying another");
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Whether the log written since `log_before` (its length before a start) says the port was taken.
+    fn port_was_taken(&self, log_before: u64) -> bool {
+        let text = std::fs::read(self.log_path()).unwrap_or_default();
+        let new = text.get(log_before as usize..).unwrap_or_default();
+        String::from_utf8_lossy(new).contains("could not create any TCP/IP sockets")
+    }
+
+    fn start_on(&mut self, port: u16, options: &ClusterOptions) -> Result<(), ClusterError> {
+        let data = self.base.join("data");
+        self.port = port;
         let mut conf = String::new();
         let mut settings: Vec<(String, String)> = vec![
             ("port".into(), self.port.to_string()),
