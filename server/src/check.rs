@@ -224,17 +224,7 @@ async fn connect(url: &str, what: &str) -> Result<(PgTarget, Client), Check> {
 
 /// An error and its causes on one line.
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
+    crate::error::Chain(e).to_string()
 }
 
 /// `host:port/database as user (sslmode=…)`, never the password.

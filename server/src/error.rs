@@ -117,12 +117,35 @@ impl ApiError {
 
     /// 503 when the database cannot be reached.
     pub fn unavailable(err: &(dyn std::error::Error + 'static)) -> Self {
-        tracing::warn!(error = %err, "database unavailable");
+        tracing::warn!(error = %Chain(err), "database unavailable");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "database_unavailable",
             "the database is unavailable; retry later",
         )
+    }
+}
+
+/// Displays an error and its causes on one line (`outer: cause: cause`), each cause once: a cause whose text the
+/// line already holds (a `thiserror` message that embeds its source) is not repeated. For logs: `tokio-postgres`
+/// displays a server's refusal as just "db error", with Postgres's message only in its source, so `error = %e`
+/// logged "replication interrupted error=slot: slot management: db error" where the operator needed "logical
+/// decoding requires wal_level >= logical". Log sites use `error = %Chain(&e)`.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'a));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = self.0.to_string();
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !out.contains(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
+            source = s.source();
+        }
+        f.write_str(&out)
     }
 }
 

@@ -26,7 +26,9 @@ fn main() -> std::process::ExitCode {
         Err(e) => match e.downcast_ref::<Exit>() {
             Some(Exit(code)) => std::process::ExitCode::from(*code),
             None => {
-                eprintln!("error: {e:#}");
+                // Each cause once: `{e:#}` printed a migration's failure as "… failed: db error: db error: ERROR: …".
+                let e: &(dyn std::error::Error + 'static) = e.as_ref();
+                eprintln!("error: {}", deeprecall_sync::error::Chain(e));
                 std::process::ExitCode::FAILURE
             }
         },

@@ -853,7 +853,7 @@ pub async fn scrape(State(state): State<AppState>) -> Response {
     };
     let slot = sample_slot(&state).await;
     if let Err(e) = &slot {
-        tracing::warn!(error = %e, "metrics: could not sample the replication slot");
+        tracing::warn!(error = %crate::error::Chain(&e), "metrics: could not sample the replication slot");
     }
     let pool = state.pool.status();
     let hub = state.hub.stats();

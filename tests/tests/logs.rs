@@ -331,3 +331,48 @@ async fn a_500_is_logged_once_with_its_cause() {
         "{error}"
     );
 }
+
+/// A replication failure is logged with Postgres's own message. `tokio-postgres` displays a server's refusal as
+/// "db error" and keeps the message in its source: the log said `replication interrupted error=database: db
+/// error` (or, with `wal_level = replica`, `error=slot: slot management: db error`), and what was wrong was only in
+/// Postgres's log. Here the operator made the database read-only.
+#[tokio::test]
+async fn a_replication_failure_is_logged_with_postgres_own_message() {
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    let name: String = db
+        .query_one("select current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    db.batch_execute(&format!(
+        "alter database {name} set default_transaction_read_only = on"
+    ))
+    .await
+    .unwrap();
+    let mut server = JsonServer::spawn(&env, "logs_read_only", None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let warning = loop {
+        let line = tokio::time::timeout_at(deadline, server.lines.recv())
+            .await
+            .expect("no replication warning in 30 s")
+            .expect("server exited");
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if v["level"] == "WARN" && v["message"] == "replication interrupted" {
+            break v;
+        }
+    };
+    assert!(
+        warning["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("read-only transaction")),
+        "{warning}"
+    );
+    // Killed, not stopped: its graceful stop would wait on a database that refuses its writes.
+    server.child.kill().await.unwrap();
+    db.batch_execute(&format!(
+        "alter database {name} reset default_transaction_read_only"
+    ))
+    .await
+    .unwrap();
+}

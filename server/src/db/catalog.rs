@@ -317,13 +317,17 @@ pub async fn watch(
                             ),
                             Ok(_) if notified => tracing::info!("schema changed; catalog reloaded"),
                             Ok(_) => {}
-                            Err(e) => tracing::warn!(error = %e, "catalog reload failed"),
+                            Err(e) => {
+                                tracing::warn!(error = %crate::error::Chain(&e), "catalog reload failed")
+                            }
                         }
                     }
                 }
                 driver.abort();
             }
-            Err(e) => tracing::debug!(error = %e, "catalog watcher cannot connect; retrying"),
+            Err(e) => {
+                tracing::debug!(error = %crate::error::Chain(&e), "catalog watcher cannot connect; retrying")
+            }
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }

@@ -80,7 +80,9 @@ pub async fn prune_periodically(
         match prune_once(&pool, retention, CHUNK).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "op ledger: pruned rows past the retention"),
-            Err(e) => tracing::warn!(error = %e, "op ledger pruning failed; retrying later"),
+            Err(e) => {
+                tracing::warn!(error = %crate::error::Chain(&e), "op ledger pruning failed; retrying later")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

@@ -693,7 +693,7 @@ pub async fn stats(
     require_admin(&user)?;
     let slot = crate::metrics::sample_slot(&state).await;
     if let Err(e) = &slot {
-        tracing::warn!(error = %e, "admin stats: could not sample the replication slot");
+        tracing::warn!(error = %crate::error::Chain(&e), "admin stats: could not sample the replication slot");
     }
     let hub = state.hub.stats();
     let pool = state.pool.status();

@@ -34,7 +34,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         ))) {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, "readiness: database unreachable");
+            tracing::warn!(error = %crate::error::Chain(&e), "readiness: database unreachable");
             return not_ready(
                 "database_unreachable",
                 "no database connection could be opened; see the server log".into(),

@@ -94,7 +94,7 @@ async fn emit_and_wait(
             },
             Err(e) => {
                 hub.cancel_barrier(&id);
-                tracing::debug!(error = %e, "barrier not emitted; reconnecting");
+                tracing::debug!(error = %crate::error::Chain(&e), "barrier not emitted; reconnecting");
                 *conn = None;
                 last_error = JobError::Database(e.to_string());
                 tokio::time::sleep(backoff).await;

@@ -87,7 +87,7 @@ pub async fn run(
             Err(SessionError::Stream(e)) if e.is_definite() => {
                 // The same bytes come again after a reconnect: retrying would loop for ever. Stop, loudly.
                 tracing::error!(
-                    error = %e,
+                    error = %crate::error::Chain(&e),
                     "the replication stream cannot be decoded; live delivery stops until the cause is fixed and \
                      the server restarted (a retry would fail the same way)"
                 );
@@ -114,7 +114,7 @@ pub async fn run(
                 if began.elapsed() > Duration::from_secs(30) {
                     backoff = FIRST_RETRY;
                 }
-                tracing::warn!(error = %e, retry_in = ?backoff, "replication interrupted");
+                tracing::warn!(error = %crate::error::Chain(&e), retry_in = ?backoff, "replication interrupted");
                 let wait = backoff;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 wait

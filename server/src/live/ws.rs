@@ -391,8 +391,8 @@ async fn resolve_table(state: &AppState, name: &str) -> Result<Arc<Table>, (&'st
         return Ok(t.clone());
     }
     // Database and library text stays in the log; the client gets the code and a generic message.
-    let unavailable = |e: &dyn std::fmt::Display| {
-        tracing::warn!(error = %e, "catalog reload for a subscription failed");
+    let unavailable = |e: &dyn std::error::Error| {
+        tracing::warn!(error = %crate::error::Chain(e), "catalog reload for a subscription failed");
         (
             "database_error",
             "the database could not serve this subscription; retry".to_owned(),
