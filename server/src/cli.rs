@@ -701,11 +701,12 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
     })
 }
 
-/// Serves until SIGINT/SIGTERM, then shuts down in order (docs/operations.md).
+/// Serves until `stop` resolves (a signal), then shuts down in order (docs/operations.md).
 async fn serve_until_signal(
     listener: tokio::net::TcpListener,
     metrics: Option<tokio::net::TcpListener>,
     server: Server,
+    stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let state = server.state.clone();
     let signal = server.shutdown_signal();
@@ -717,7 +718,7 @@ async fn serve_until_signal(
         ));
     }
     let http = tokio::spawn(crate::app::serve(listener, state, signal));
-    crate::shutdown::signal().await;
+    stop.await;
     tracing::info!("shutting down");
     server.shutdown().await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), http).await;
@@ -801,7 +802,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(m) = &metrics {
         tracing::info!(addr = %m.local_addr()?, "metrics at /metrics");
     }
-    serve_until_signal(listener, metrics, server).await
+    serve_until_signal(listener, metrics, server, crate::shutdown::signal()).await
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
@@ -871,15 +872,22 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         // stopped below; the default action would end the process and leave it running.
         let (metrics, server, listener) = tokio::select! {
             started = starting => started?,
-            () = crate::shutdown::signal() => anyhow::bail!("interrupted while starting"),
+            () = crate::shutdown::signal_or_hangup() => anyhow::bail!("interrupted while starting"),
         };
         let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
         print_dev_banner(args.listen, metrics_addr, &database_url, dev_user, &token);
-        serve_until_signal(listener, metrics, server).await
+        serve_until_signal(
+            listener,
+            metrics,
+            server,
+            crate::shutdown::signal_or_hangup(),
+        )
+        .await
     }
     .await;
     if let Some(mut c) = cluster {
-        eprintln!("stopping local Postgres");
+        // Not `eprintln!`, which panics when stderr is gone (a closed terminal): Postgres must still be stopped.
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), b"stopping local Postgres\n");
         c.stop()?;
     }
     result

@@ -59,6 +59,20 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterE
     move |source| ClusterError::Io { context, source }
 }
 
+/// Appends the line that includes `deeprecall.conf` (our settings, rewritten at every start so that upgrades of
+/// this code apply to existing dev clusters too) to `data`'s postgresql.conf, unless it is there already.
+fn include_our_settings(data: &Path) -> Result<(), ClusterError> {
+    const INCLUDE: &str = "include_if_exists = 'deeprecall.conf'";
+    let conf = data.join("postgresql.conf");
+    let mut text =
+        std::fs::read_to_string(&conf).map_err(io_err(format!("reading {}", conf.display())))?;
+    if text.lines().any(|l| l.trim() == INCLUDE) {
+        return Ok(());
+    }
+    text.push_str(&format!("\n{INCLUDE}\n"));
+    std::fs::write(&conf, text).map_err(io_err(format!("writing {}", conf.display())))
+}
+
 /// How the cluster should behave; tests trade durability for speed.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
@@ -204,11 +218,32 @@ impl LocalCluster {
         Ok(cluster)
     }
 
+    /// Creates the cluster in `data.initdb` and renames it to `data` once it is complete and configured, so that
+    /// `data` is either a whole cluster or absent. `dev` stopped while initdb ran (Ctrl-C reaches initdb too, but
+    /// a SIGTERM or SIGKILL of `dev` alone does not) left a `data` that initdb had finished without our
+    /// `include_if_exists` line (every later start on Postgres's default port 5432, failing), or, with initdb
+    /// killed as well, a `data` with a PG_VERSION and half a cluster, taken for a cluster by every later run.
     fn initdb(&self, options: &ClusterOptions) -> Result<(), ClusterError> {
         let data = self.base.join("data");
+        // An empty `data` (made by hand) is taken; anything else is not ours to delete.
+        if data.exists() && std::fs::remove_dir(&data).is_err() {
+            return Err(ClusterError::Io {
+                context: format!(
+                    "{} exists but holds no cluster (no PG_VERSION): remove it, or choose another --data-dir",
+                    data.display()
+                ),
+                source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            });
+        }
+        let building = self.base.join("data.initdb");
+        if building.exists() {
+            // What an interrupted run left: it is rebuilt whole.
+            std::fs::remove_dir_all(&building)
+                .map_err(io_err(format!("removing {}", building.display())))?;
+        }
         let mut args: Vec<String> = vec![
             "-D".into(),
-            data.display().to_string(),
+            building.display().to_string(),
             "-U".into(),
             SUPERUSER.into(),
             "--auth=scram-sha-256".into(),
@@ -223,14 +258,12 @@ impl LocalCluster {
             args.push("--no-sync".into());
         }
         self.run_tool("initdb", &args)?;
-        // Our settings live in their own file, rewritten at every start, so upgrades of this code apply to
-        // existing dev clusters too.
-        let conf = data.join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&conf)
-            .map_err(io_err(format!("reading {}", conf.display())))?;
-        text.push_str("\ninclude_if_exists = 'deeprecall.conf'\n");
-        std::fs::write(&conf, text).map_err(io_err(format!("writing {}", conf.display())))?;
-        Ok(())
+        include_our_settings(&building)?;
+        std::fs::rename(&building, &data).map_err(io_err(format!(
+            "renaming {} to {}",
+            building.display(),
+            data.display()
+        )))
     }
 
     /// Starts Postgres on a free loopback port and waits until it accepts connections.
@@ -239,6 +272,8 @@ impl LocalCluster {
         if self.status_running()? {
             self.stop()?;
         }
+        // A cluster made by an earlier version may lack the line (its initdb was interrupted before it was added).
+        include_our_settings(&self.base.join("data"))?;
         // The port is free when `free_port` closes its listener, not necessarily when Postgres binds it a few
         // milliseconds later: any process may take it meanwhile (an outgoing connection's local port comes from
         // the same range, and a test run opens thousands). Postgres then exits with "could not create any TCP/IP

@@ -19,6 +19,26 @@ pub async fn signal() {
     }
 }
 
+/// Resolves on SIGINT, SIGTERM or SIGHUP: for `dev`, run in a terminal. Its terminal closing (an SSH session
+/// dropped) sends SIGHUP, whose default action ended the process at once and left its local Postgres running (a
+/// Postgres started by `pg_ctl` is in a session of its own, so the hangup does not reach it). `serve` keeps the
+/// default: under `nohup` a handler would replace the ignored disposition and stop a server meant to outlive its
+/// terminal.
+pub async fn signal_or_hangup() {
+    let hangup = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = signal() => {},
+        () = hangup => {},
+    }
+}
+
 /// Resolves once `flag` is true (or its sender is gone). Holds no borrow across the await, so the future is Send.
 pub async fn until_true(flag: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = flag.wait_for(|v| *v).await;

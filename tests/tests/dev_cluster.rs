@@ -50,3 +50,109 @@ fn a_port_taken_between_its_choice_and_postgres_binding_it_is_replaced() {
     assert!(!first, "the taken port was not tried first");
     drop(taken);
 }
+
+/// `wal_level` of the running `cluster`: `logical` only when our settings were included.
+async fn wal_level(cluster: &LocalCluster) -> String {
+    let client = deeprecall_tests::connect(&cluster.url("postgres")).await;
+    client
+        .query_one("show wal_level", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_cluster_whose_initdb_was_interrupted_is_made_again() {
+    // `dev` stopped by SIGTERM or SIGKILL while initdb ran (initdb, not signalled, finished on its own) left a `data`
+    // without the line that includes our settings: every later start was on Postgres's default port 5432, and
+    // failed. With initdb killed too, half a cluster with a PG_VERSION. A cluster is now built in `data.initdb` and
+    // renamed to `data` when complete; what an interrupted run left there is removed and built again.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = ClusterOptions {
+        ephemeral: true,
+        ..Default::default()
+    };
+    let leftover = dir.path().join("data.initdb");
+    std::fs::create_dir_all(leftover.join("base")).unwrap();
+    std::fs::write(leftover.join("PG_VERSION"), "15\n").unwrap();
+    let mut cluster = LocalCluster::open_or_init(dir.path(), &options).expect("open");
+    cluster.start(&options).expect("start");
+    assert_eq!(wal_level(&cluster).await, "logical");
+    assert!(!leftover.exists());
+}
+
+#[tokio::test]
+async fn a_cluster_made_without_our_settings_line_gets_it_at_start() {
+    // A cluster an earlier version left without the line (see above) is repaired when it starts.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = ClusterOptions {
+        ephemeral: true,
+        ..Default::default()
+    };
+    drop(LocalCluster::open_or_init(dir.path(), &options).expect("first open"));
+    let conf = dir.path().join("data").join("postgresql.conf");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    assert!(text.contains("include_if_exists = 'deeprecall.conf'"));
+    std::fs::write(
+        &conf,
+        text.replace("include_if_exists = 'deeprecall.conf'", ""),
+    )
+    .unwrap();
+    let mut cluster = LocalCluster::open_or_init(dir.path(), &options).expect("open");
+    cluster.start(&options).expect("start");
+    assert_eq!(wal_level(&cluster).await, "logical");
+}
+
+#[tokio::test]
+async fn dev_stops_its_postgres_when_its_terminal_hangs_up() {
+    // SIGHUP (the terminal closed, an SSH session dropped) ended `dev` at once, by the signal's default action, and
+    // left its Postgres running: it is in a session of its own, so the hangup did not reach it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let listen = format!("127.0.0.1:{}", deeprecall_tests::ops::free_port());
+    let mut child = tokio::process::Command::new(deeprecall_tests::ops::server_bin())
+        .args(["dev", "--data-dir"])
+        .arg(dir.path())
+        .args(["--listen", &listen, "--metrics-listen", "off"])
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning deeprecall-sync dev");
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if let Ok(r) = http.get(format!("http://{listen}/readyz")).send().await
+            && r.status().is_success()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dev did not come up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let pid_file = dir
+        .path()
+        .join("postgres")
+        .join("data")
+        .join("postmaster.pid");
+    assert!(pid_file.exists(), "dev's Postgres is not running");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait())
+        .await
+        .expect("dev did not exit on SIGHUP")
+        .unwrap();
+    assert!(exit.success(), "{exit}");
+    assert!(
+        !pid_file.exists(),
+        "dev exited on SIGHUP and left its Postgres running"
+    );
+}
