@@ -143,15 +143,18 @@ impl JwtArgs {
 /// Request limits.
 #[derive(Debug, Clone, Copy, Args)]
 pub struct LimitArgs {
-    /// Largest request body, in bytes (413 above it).
-    #[arg(long, env = "DEEPRECALL_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    /// Largest request body, in bytes (413 above it); at least 1024.
+    #[arg(long, env = "DEEPRECALL_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..))]
     pub max_body_bytes: usize,
     /// Most ops in one /v1/batch request, and blobs in one coordination (413 above it).
-    #[arg(long, env = "DEEPRECALL_MAX_OPS_PER_BATCH", default_value_t = 1000)]
+    #[arg(long, env = "DEEPRECALL_MAX_OPS_PER_BATCH", default_value_t = 1000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_ops_per_batch: usize,
     /// Most concurrent WebSocket connections and waiting GET /v1/shape requests (initial snapshots, live
     /// long-polls, SSE streams), counted together; a new one beyond it is answered 503 too_many_connections.
-    #[arg(long, env = "DEEPRECALL_MAX_CONNECTIONS", default_value_t = 100_000)]
+    #[arg(long, env = "DEEPRECALL_MAX_CONNECTIONS", default_value_t = 100_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_connections: usize,
     /// Most concurrent WebSocket connections of one user; the next one is closed right after the upgrade with
     /// code 4029.
@@ -214,10 +217,11 @@ pub struct LimitArgs {
     /// Most open client TCP connections, HTTP and WebSocket alike; above it the server stops accepting until one
     /// closes. Default: the file-descriptor limit (raised to its hard limit at start) minus a reserve for the
     /// database pool, the replication stream and files; a larger value is lowered to that.
-    #[arg(long, env = "DEEPRECALL_MAX_HTTP_CONNECTIONS")]
+    #[arg(long, env = "DEEPRECALL_MAX_HTTP_CONNECTIONS", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_http_connections: Option<usize>,
     /// Seconds a client has to send a complete request header, and an idle keep-alive connection stays open.
-    #[arg(long, env = "DEEPRECALL_HEADER_TIMEOUT_SECS", default_value_t = 20)]
+    #[arg(long, env = "DEEPRECALL_HEADER_TIMEOUT_SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub header_timeout_secs: u64,
     /// Seconds a client has to send a write request's whole body (/v1/batch, /v1/blobs/coordinate) once its
     /// header is in; 408 body_timeout after it.
@@ -258,7 +262,7 @@ impl LimitArgs {
                 );
                 fd_cap
             }
-            Some(wanted) => wanted.max(1),
+            Some(wanted) => wanted,
             None => fd_cap,
         };
         Limits {
@@ -277,7 +281,7 @@ impl LimitArgs {
             },
             snapshots,
             max_http_connections,
-            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs.max(1)),
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
             body_timeout: std::time::Duration::from_secs(self.body_timeout_secs),
             max_body_bytes_in_flight: self.max_body_bytes_in_flight,
             max_body_bytes_in_flight_per_user: self.max_body_bytes_in_flight_per_user,
@@ -306,11 +310,12 @@ fn fd_connection_budget(reserved: usize) -> usize {
 #[derive(Debug, Clone, Copy, Args)]
 pub struct LedgerArgs {
     /// Days an op_id stays in the idempotency ledger of batches without `client_id` (a retry after that is applied
-    /// again); older entries are pruned in the background. 0 keeps them forever.
+    /// again); older entries are pruned in the background. 0 keeps them forever; at most 36500 (100 years).
     #[arg(
         long,
         env = "DEEPRECALL_OP_LEDGER_RETENTION_DAYS",
-        default_value_t = 30
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u32).range(0..=36_500)
     )]
     pub op_ledger_retention_days: u32,
 }
@@ -406,7 +411,8 @@ pub struct ServeArgs {
     #[arg(long, env = "DEEPRECALL_MIGRATE")]
     pub migrate: bool,
     /// Maximum pooled database connections.
-    #[arg(long, env = "DEEPRECALL_POOL_SIZE", default_value_t = 16)]
+    #[arg(long, env = "DEEPRECALL_POOL_SIZE", default_value_t = 16,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub pool_size: usize,
     /// Postgres URL for the replication connection, when DATABASE_URL's role lacks the REPLICATION attribute.
     #[arg(long, env = "DEEPRECALL_REPLICATION_URL", hide_env_values = true)]
@@ -485,8 +491,9 @@ pub struct TokenArgs {
     /// Add the admin claim.
     #[arg(long)]
     pub admin: bool,
-    /// Lifetime in seconds.
-    #[arg(long, default_value_t = 86_400)]
+    /// Lifetime in seconds (at most ten years).
+    #[arg(long, default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=10 * 365 * 86_400))]
     pub ttl: u64,
     /// HS256 secret; default: the dev secret in --data-dir.
     #[arg(long, env = "DEEPRECALL_JWT_SECRET", hide_env_values = true)]
@@ -997,6 +1004,57 @@ mod tests {
         assert_eq!(after.worker_threads(), 2);
         let zero = parse(&["--worker-threads", "0"], &[]).unwrap_err();
         assert_eq!(zero.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn sizes_and_times_that_would_disable_the_server_are_refused() {
+        // Each was accepted: `--pool-size 0` failed after 5 s blaming Postgres, `--max-body-bytes 0` answered every
+        // batch 413, `--max-http-connections 0` and `--header-timeout-secs 0` were silently read as 1, a retention
+        // of 4294967295 days failed every pruning in Postgres ("interval out of range"), and `token --ttl` past
+        // u64 panicked on an overflow.
+        let refused = |args: &[&str]| {
+            let e = Cli::try_parse_from(["deeprecall-sync"].iter().chain(args))
+                .expect_err(&format!("{args:?} was accepted"));
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{args:?}: {e}"
+            );
+        };
+        for flag in [
+            "--pool-size",
+            "--max-body-bytes",
+            "--max-ops-per-batch",
+            "--max-connections",
+            "--max-http-connections",
+            "--header-timeout-secs",
+        ] {
+            refused(&["serve", flag, "0"]);
+            if flag != "--pool-size" {
+                refused(&["dev", flag, "0"]);
+            }
+        }
+        refused(&["serve", "--max-body-bytes", "1023"]);
+        refused(&["serve", "--op-ledger-retention-days", "4294967295"]);
+        let sub = ["token", "--sub", "00000000-0000-0000-0000-000000000000"];
+        refused(&[&sub[..], &["--ttl", "18446744073709551615"]].concat());
+        refused(&[&sub[..], &["--ttl", "0"]].concat());
+        // The edges that are meant are taken.
+        let taken = |args: &[&str]| {
+            Cli::try_parse_from(["deeprecall-sync"].iter().chain(args))
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        };
+        taken(&[
+            "serve",
+            "--database-url",
+            "postgres://h/db",
+            "--pool-size",
+            "1",
+            "--max-body-bytes",
+            "1024",
+        ]);
+        taken(&["dev", "--op-ledger-retention-days", "0"]);
+        taken(&[&sub[..], &["--ttl", "315360000"]].concat());
     }
 
     #[test]

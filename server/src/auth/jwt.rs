@@ -373,7 +373,8 @@ impl AuthConfig {
     pub fn mint(&self, user_id: Uuid, admin: bool, ttl_secs: u64) -> Option<String> {
         let secret = self.signing_secret.as_ref()?;
         let now = jsonwebtoken::get_current_timestamp();
-        let mut claims = json!({ "sub": user_id.to_string(), "iat": now, "exp": now + ttl_secs });
+        let mut claims =
+            json!({ "sub": user_id.to_string(), "iat": now, "exp": now.saturating_add(ttl_secs) });
         if admin {
             claims[&self.admin_claim] = json!(self.admin_value);
         }
