@@ -3,7 +3,8 @@
 //!
 //! A watching tool, not a sync client: it keeps no state and does not reconnect. It exits 0 when the server
 //! closes normally (1000) or shuts down (1001) and on Ctrl-C; any other close code, an HTTP error during the
-//! handshake, or a dropped connection is an error (exit status 1) that names the code and reason.
+//! handshake, a dropped connection, or the server refusing every subscription (an unknown `--table`, a bad
+//! `--where`) is an error (exit status 1) that names the code and reason.
 
 use std::io::Write;
 
@@ -105,6 +106,10 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             .context("sending subscribe")?;
     }
 
+    // Subscriptions the server has not refused. An `error` frame with a subscription's id ends it (protocol.md);
+    // once none is left there is nothing to watch: `tail --table nosuch` printed the refusal and then waited for
+    // ever.
+    let mut live: std::collections::HashSet<&str> = tables.iter().map(String::as_str).collect();
     let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
         let msg = tokio::select! {
@@ -129,7 +134,20 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             msg = stream.next() => msg,
         };
         match msg {
-            Some(Ok(Message::Text(text))) => print_line(text.as_str())?,
+            Some(Ok(Message::Text(text))) => {
+                print_line(text.as_str())?;
+                if let Some(refusal) = refused_subscription(text.as_str())
+                    && live.remove(refusal.0.as_str())
+                    && live.is_empty()
+                {
+                    let _ = sink.send(Message::Close(None)).await;
+                    bail!(
+                        "no subscription left: the server refused `{}` ({})",
+                        refusal.0,
+                        refusal.1
+                    );
+                }
+            }
             Some(Ok(Message::Binary(bytes))) => {
                 print_line(&json!({"type": "binary", "len": bytes.len()}).to_string())?
             }
@@ -154,6 +172,21 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             None => bail!("connection dropped without a close frame"),
         }
     }
+}
+
+/// The id and the `code: message` of an `error` frame about a subscription.
+fn refused_subscription(text: &str) -> Option<(String, String)> {
+    if !text.contains(r#""error""#) {
+        return None;
+    }
+    let frame: Value = serde_json::from_str(text).ok()?;
+    if frame["type"] != "error" {
+        return None;
+    }
+    let id = frame["id"].as_str()?.to_owned();
+    let code = frame["code"].as_str().unwrap_or("error");
+    let message = frame["message"].as_str().unwrap_or("");
+    Some((id, format!("{code}: {message}")))
 }
 
 /// `http://host:port[/prefix]` → `ws://host:port[/prefix]/v1/stream` (a URL already ending in `/v1/stream` is kept).
@@ -203,6 +236,29 @@ fn print_line(text: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_of_subscriptions_are_told_apart() {
+        let refused = refused_subscription(
+            r#"{"code":"unknown_table","id":"nosuch","message":"`nosuch` is not a synced table","type":"error"}"#,
+        );
+        assert_eq!(
+            refused,
+            Some((
+                "nosuch".to_owned(),
+                "unknown_table: `nosuch` is not a synced table".to_owned()
+            ))
+        );
+        // An error about the connection (no id), and a row whose text says "error", are not.
+        assert_eq!(
+            refused_subscription(r#"{"code":"bad_message","message":"x","type":"error"}"#),
+            None
+        );
+        assert_eq!(
+            refused_subscription(r#"{"id":"works","type":"txn","changes":[{"title":"error"}]}"#),
+            None
+        );
+    }
 
     #[test]
     fn stream_urls() {
