@@ -194,7 +194,7 @@ async fn migrate_locked(client: &mut Client) -> Result<MigrateReport, MigrateErr
         tx.batch_execute(m.sql)
             .await
             .map_err(|source| MigrateError::Apply {
-                name: m.name.clone(),
+                name: format!("sql/{}", m.name),
                 source,
             })?;
         tx.execute(
@@ -207,7 +207,10 @@ async fn migrate_locked(client: &mut Client) -> Result<MigrateReport, MigrateErr
     for (name, sql) in policies() {
         tx.batch_execute(sql)
             .await
-            .map_err(|source| MigrateError::Apply { name, source })?;
+            .map_err(|source| MigrateError::Apply {
+                name: format!("policies/{name}"),
+                source,
+            })?;
     }
     // Running servers refresh their catalog of writable tables on this notification (sent at commit).
     tx.batch_execute("notify deeprecall_schema_changed").await?;

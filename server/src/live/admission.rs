@@ -233,6 +233,11 @@ impl Drop for Waiting<'_> {
 }
 
 impl SnapshotCapacity {
+    /// Closes the snapshot pool (server shutdown): idle connections end now, busy ones when returned.
+    pub fn close(&self) {
+        self.pool.close();
+    }
+
     /// Limits over `pool` (the snapshot jobs' own pool, sized `limits.concurrency`).
     pub fn new(pool: Pool, limits: &SnapshotLimits) -> Self {
         Self {
