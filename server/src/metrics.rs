@@ -925,7 +925,7 @@ fn set_server_gauges(
     metrics::gauge!(names::HISTORY_BYTES).set(hub.history_bytes as f64);
     metrics::gauge!(names::QUEUED_BYTES).set(hub.queued_bytes as f64);
     let state = match &hub.stream {
-        crate::live::hub::StreamState::Starting => "starting",
+        crate::live::hub::StreamState::Starting(_) => "starting",
         crate::live::hub::StreamState::Streaming => "streaming",
         crate::live::hub::StreamState::Standby(_) => "standby",
         crate::live::hub::StreamState::Failed(_) => "failed",

@@ -368,6 +368,29 @@ async fn a_replication_failure_is_logged_with_postgres_own_message() {
             .is_some_and(|e| e.contains("read-only transaction")),
         "{warning}"
     );
+    // And an admin can read it without the log: the stream state "starting" carries the last error.
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let replication = loop {
+        if let Ok(r) = http
+            .get(format!("{}/v1/admin/replication", server.base))
+            .bearer_auth(env.admin_token(uuid::Uuid::new_v4()))
+            .send()
+            .await
+            && r.status().is_success()
+        {
+            break r.json::<Value>().await.unwrap();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no admin answer");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(replication["stream"]["state"], "starting", "{replication}");
+    assert!(
+        replication["stream"]["detail"]
+            .as_str()
+            .is_some_and(|e| e.contains("read-only transaction")),
+        "{replication}"
+    );
     // Killed, not stopped: its graceful stop would wait on a database that refuses its writes.
     server.child.kill().await.unwrap();
     db.batch_execute(&format!(

@@ -50,9 +50,10 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
             StatusCode::OK,
             Json(json!({ "status": "ready", "schema_version": version })),
         ),
-        StreamState::Starting => not_ready(
+        StreamState::Starting(_) => not_ready(
             "stream_starting",
-            "the replication stream is starting or reconnecting".into(),
+            "the replication stream is starting or reconnecting; GET /v1/admin/replication says why if it failed"
+                .into(),
         ),
         StreamState::Standby(holder) => not_ready(
             "standby",

@@ -197,8 +197,10 @@ impl Drop for ConnQueue {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case", tag = "state", content = "detail")]
 pub enum StreamState {
-    /// Not streaming yet, or reconnecting after an interruption.
-    Starting,
+    /// Not streaming yet, or reconnecting after an interruption: the interruption's error with its causes, if
+    /// there was one (an operator's misconfiguration, e.g. `wal_level = replica`, otherwise showed only as
+    /// "starting", for ever, and in the log).
+    Starting(Option<String>),
     /// Streaming: the slot is this process's.
     Streaming,
     /// Another process holds the slot (e.g. the other server of a rolling deploy); this one waits for it.
@@ -356,7 +358,7 @@ impl Hub {
                 truncate_horizon: 0,
                 barriers: HashMap::new(),
                 next_id: 0,
-                stream: StreamState::Starting,
+                stream: StreamState::Starting(None),
                 split: None,
                 recent: BTreeMap::new(),
                 recent_order: VecDeque::new(),
@@ -409,11 +411,14 @@ impl Hub {
         self.position_tx.send_replace(position);
     }
 
-    /// The stream stopped (error, reconnect pending): no longer streaming.
-    pub fn stream_interrupted(&self) {
+    /// The stream stopped or could not start (`error`, with its causes; a reconnect is pending): not streaming.
+    pub fn stream_interrupted(&self, error: String) {
         let mut inner = self.lock();
-        if inner.stream == StreamState::Streaming {
-            inner.stream = StreamState::Starting;
+        if matches!(
+            inner.stream,
+            StreamState::Streaming | StreamState::Starting(_)
+        ) {
+            inner.stream = StreamState::Starting(Some(error));
         }
     }
 

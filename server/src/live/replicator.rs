@@ -91,12 +91,12 @@ pub async fn run(
                     "the replication stream cannot be decoded; live delivery stops until the cause is fixed and \
                      the server restarted (a retry would fail the same way)"
                 );
-                hub.stream_failed(e.to_string());
+                hub.stream_failed(crate::error::Chain(&e).to_string());
                 crate::shutdown::until_true(&mut shutdown).await;
                 break;
             }
             Err(SessionError::SlotInUse(holder)) => {
-                hub.stream_interrupted();
+                hub.stream_interrupted(format!("the replication slot is in use by {holder}"));
                 let since = *held_since.get_or_insert(began);
                 if since.elapsed() >= STANDBY_AFTER {
                     if !matches!(hub.stream_state(), StreamState::Standby(_)) {
@@ -109,7 +109,7 @@ pub async fn run(
             }
             Err(e) => {
                 held_since = None;
-                hub.stream_interrupted();
+                hub.stream_interrupted(crate::error::Chain(&e).to_string());
                 // A session that ran for a while failed for a new reason: retry quickly again.
                 if began.elapsed() > Duration::from_secs(30) {
                     backoff = FIRST_RETRY;
