@@ -150,21 +150,25 @@ pub(super) async fn publication(ctx: &Db<'_>) -> Result<Check, tokio_postgres::E
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let unsynced: Vec<&String> = members
+    let unsynced: Vec<&str> = members
         .iter()
         .filter(|m| ctx.catalog.table(m).is_none())
+        .map(|s| s.as_str())
         .collect();
     if !unsynced.is_empty() {
+        // The catalog leaves them out and policies/ gives them nothing (no row-level security, no grants), so
+        // `migrate` succeeds with them: a warning, not a failure.
         findings.push(Finding::warn(
             format!(
-                "{} in {PUBLICATION} but not synced: a synced table needs id, owner_id and a primary key",
-                unsynced
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "{} in {PUBLICATION} but not synced: a synced table needs id, owner_id and a primary key; the server \
+                 ignores their changes and `migrate` gives them no row-level security or grants",
+                unsynced.join(", ")
             ),
-            format!("add the missing columns or key, or: alter publication {PUBLICATION} drop table …"),
+            format!(
+                "add the missing columns or key and run `deeprecall-sync migrate`, or: alter publication \
+                 {PUBLICATION} drop table {}",
+                unsynced.join(", ")
+            ),
         ));
     }
     if row.get::<_, bool>(4) {
