@@ -158,13 +158,19 @@ pub async fn check(args: &CheckArgs) -> Report {
         // re-applied by every migrate (row-level security and its policies, grants, replica identity, missing group
         // roles and the login role's membership: `roles` itself), and the publication changes only with a
         // migration still pending. Nothing repairs a group role that bypasses row-level security, or a
-        // publication broken at the current version: those stay failures.
+        // publication broken at the current version: those stay failures. Nor does a pending migration remove a
+        // row filter or a column list.
         let pending = args.migrate && schema_status == Status::Warn;
-        report.checks.push(
-            guard("publication", publication(&ctx))
-                .await
-                .repaired_by_migrate(pending),
-        );
+        let mut repairable = false;
+        let line = guard("publication", async {
+            let (line, pending_repairs) = publication(&ctx).await?;
+            repairable = pending_repairs;
+            Ok(line)
+        })
+        .await;
+        report
+            .checks
+            .push(line.repaired_by_migrate(pending && repairable));
         for line in [
             guard("replica_identity", replica_identity(&ctx)).await,
             guard("row_level_security", row_level_security(&ctx)).await,

@@ -627,6 +627,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         migrate::check_current(&client).await?;
     }
     let catalog = Arc::new(CatalogHandle::new(Catalog::load(&client).await?));
+    warn_publication_filters(&client, &*catalog.get().await).await;
     drop(client);
     tokio::spawn(db::catalog::watch(
         target.clone(),
@@ -699,6 +700,26 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         shutdown_tx,
         replicator,
     })
+}
+
+/// Logs an ERROR for every synced table whose publication membership has a row filter or a column list: the
+/// server starts (the other tables sync), but that table's live changes are dropped or refetched (`check` fails).
+async fn warn_publication_filters(client: &tokio_postgres::Client, catalog: &Catalog) {
+    match db::catalog::publication_filters(client).await {
+        Ok(filters) => {
+            for f in filters.iter().filter(|f| catalog.table(&f.table).is_some()) {
+                tracing::error!(
+                    table = %f.qualified,
+                    problem = %f.describe(),
+                    "a synced table's membership in the publication deeprecall_sync is filtered: its live changes \
+                     are not streamed as written (run `deeprecall-sync check` for the fix)"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the publication's row filters and column lists")
+        }
+    }
 }
 
 /// Serves until SIGINT/SIGTERM, then shuts down in order (docs/operations.md).

@@ -402,6 +402,66 @@ async fn with_migrate_what_migrate_does_not_repair_still_fails() {
     let report = check(&with_migrate).await;
     assert_only_failure(&report, "publication", "does not publish delete, truncate");
 }
+
+#[tokio::test]
+async fn a_row_filter_or_a_column_list_on_a_synced_table_fails() {
+    // Either one breaks the live path of that table while every other line, /readyz included, says ready: a row
+    // filter drops its changes without a trace, a column list makes each of them a schema change.
+    let env = TestEnv::start().await;
+    let db = env.superuser().await;
+    db.batch_execute(
+        "alter publication deeprecall_sync drop table works;
+         alter publication deeprecall_sync add table works where (false)",
+    )
+    .await
+    .unwrap();
+    let report = check(&args(&env)).await;
+    assert_only_failure(&report, "publication", "public.works has a row filter");
+    let fix = line(&report, "publication").fix.clone().unwrap();
+    assert!(
+        fix.contains("alter publication deeprecall_sync drop table public.works; alter publication deeprecall_sync add table public.works;"),
+        "{fix}"
+    );
+    // The fix given repairs it.
+    let sql = &fix[fix.find("begin;").unwrap()..fix.find("commit;").unwrap() + "commit;".len()];
+    db.batch_execute(sql).await.unwrap();
+    let report = check(&args(&env)).await;
+    assert!(failing(&report).is_empty(), "{}", report.to_text());
+
+    db.batch_execute(
+        "alter publication deeprecall_sync drop table works;
+         alter publication deeprecall_sync add table works (id, owner_id)",
+    )
+    .await
+    .unwrap();
+    let report = check(&args(&env)).await;
+    assert_only_failure(
+        &report,
+        "publication",
+        "public.works has a column list (id, owner_id)",
+    );
+    // Not something serve --migrate repairs, not even with a migration pending (which makes other publication
+    // findings warnings).
+    let mut with_migrate = args(&env);
+    with_migrate.migrate = true;
+    assert_eq!(failing(&check(&with_migrate).await), vec!["publication"]);
+    db.batch_execute("delete from deeprecall_schema_migrations where version = 5")
+        .await
+        .unwrap();
+    let report = check(&with_migrate).await;
+    assert_eq!(
+        line(&report, "schema_version").status,
+        Status::Warn,
+        "{}",
+        report.to_text()
+    );
+    assert_eq!(
+        failing(&report),
+        vec!["publication"],
+        "{}",
+        report.to_text()
+    );
+}
 #[tokio::test]
 async fn a_publication_member_without_owner_id_is_a_warning_and_migrate_still_runs() {
     // check warned and migrate failed on the policies (column "owner_id" does not exist): under systemd (check

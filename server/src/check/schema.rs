@@ -69,7 +69,9 @@ pub(super) async fn schema_version(ctx: &Db<'_>, args: &CheckArgs) -> (Check, bo
     }
 }
 
-pub(super) async fn publication(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error> {
+/// The publication line, and whether a pending migration could repair what it found (not a missing publication,
+/// nor a row filter or a column list: no migration touches those).
+pub(super) async fn publication(ctx: &Db<'_>) -> Result<(Check, bool), tokio_postgres::Error> {
     const NAME: &str = "publication";
     let Some(row) = ctx
         .client
@@ -79,10 +81,13 @@ pub(super) async fn publication(ctx: &Db<'_>) -> Result<Check, tokio_postgres::E
         )
         .await?
     else {
-        return Ok(Check::fail(
-            NAME,
-            format!("publication {PUBLICATION} does not exist: no table is synced"),
-            MIGRATE_FIX,
+        return Ok((
+            Check::fail(
+                NAME,
+                format!("publication {PUBLICATION} does not exist: no table is synced"),
+                MIGRATE_FIX,
+            ),
+            false,
         ));
     };
     let mut findings = Vec::new();
@@ -140,6 +145,38 @@ pub(super) async fn publication(ctx: &Db<'_>) -> Result<Check, tokio_postgres::E
             ),
         ));
     }
+    // A row filter or a column list on a synced table's membership: the stream silently lacks that table's
+    // changes (a filter), or every change of it looks like a schema change and makes subscribers refetch (a list).
+    let filtered: Vec<_> = crate::db::catalog::publication_filters(ctx.client)
+        .await?
+        .into_iter()
+        .filter(|f| ctx.catalog.table(&f.table).is_some())
+        .collect();
+    if !filtered.is_empty() {
+        findings.push(Finding::fail(
+            format!(
+                "{}: the live stream needs every change and every column of a synced table (a row filter drops \
+                 changes without a trace, a column list makes every change a schema change that subscribers refetch)",
+                filtered
+                    .iter()
+                    .map(|f| format!("{} has a {}", f.qualified, f.describe()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            format!(
+                "re-add it without filter or column list, in one transaction (so that no change falls between the two): begin; {} commit; \
+                 then clients that synced it while it was filtered should refetch it",
+                filtered
+                    .iter()
+                    .map(|f| format!(
+                        "alter publication {PUBLICATION} drop table {t}; alter publication {PUBLICATION} add table {t};",
+                        t = f.qualified
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        ));
+    }
     let members: Vec<String> = ctx
         .client
         .query(
@@ -184,14 +221,18 @@ pub(super) async fn publication(ctx: &Db<'_>) -> Result<Check, tokio_postgres::E
             MIGRATE_FIX,
         ));
     }
-    Ok(Check::from_findings(
-        NAME,
-        format!(
-            "{PUBLICATION} publishes insert, update, delete, truncate of {} synced tables: {}",
-            ctx.catalog.names().len(),
-            ctx.catalog.names().join(", ")
+    let repairable = filtered.is_empty();
+    Ok((
+        Check::from_findings(
+            NAME,
+            format!(
+                "{PUBLICATION} publishes insert, update, delete, truncate of {} synced tables: {}",
+                ctx.catalog.names().len(),
+                ctx.catalog.names().join(", ")
+            ),
+            findings,
         ),
-        findings,
+        repairable,
     ))
 }
 
