@@ -462,6 +462,115 @@ async fn a_row_filter_or_a_column_list_on_a_synced_table_fails() {
         report.to_text()
     );
 }
+
+#[tokio::test]
+async fn a_replication_url_reaching_another_database_fails_and_serve_refuses_to_start() {
+    let env = TestEnv::start().await;
+    let other = format!("{}_other", env.db.name());
+    let admin = connect(&env.db.cluster().url("postgres")).await;
+    admin
+        .batch_execute(&format!("create database {other}"))
+        .await
+        .unwrap();
+    let other_url = env.db.cluster().url(&other);
+
+    let mut with_other = args(&env);
+    with_other.replication_url = Some(other_url.clone());
+    let report = check(&with_other).await;
+    assert_only_failure(
+        &report,
+        "replication_role",
+        &format!("DEEPRECALL_REPLICATION_URL reaches database {other} of cluster "),
+    );
+    assert!(
+        line(&report, "replication_role")
+            .detail
+            .contains(&format!("DATABASE_URL reaches database {}", env.db.name())),
+        "{}",
+        report.to_text()
+    );
+    let out = run_bin(
+        &["check", "--slot", &env.db.slot_name()],
+        &[
+            ("DATABASE_URL", &env.db_url()),
+            ("DEEPRECALL_REPLICATION_URL", &other_url),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("fail  replication_role ") && l.contains(&other)),
+        "{}",
+        out.stdout
+    );
+
+    // serve refuses to start, naming both databases.
+    let mut options =
+        deeprecall_sync::cli::ServerOptions::new(env.db_url(), deeprecall_tests::test_auth());
+    options.replication_url = Some(other_url.clone());
+    options.slot = format!("{}_refused", env.db.slot_name());
+    options.migrate = false;
+    let err = deeprecall_sync::cli::start_server(options)
+        .await
+        .expect_err("serve started with a replication URL of another database");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains(&format!("reaches database {other}"))
+            && message.contains(&format!("DATABASE_URL reaches database {}", env.db.name())),
+        "{message}"
+    );
+    let slots: i64 = admin
+        .query_one(
+            "select count(*) from pg_replication_slots where slot_name = $1",
+            &[&format!("{}_refused", env.db.slot_name())],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "a slot was made on the other database");
+
+    // The same database through a non-superuser REPLICATION role passes; and that role can read the cluster's
+    // identifier (pg_control_system() is executable by PUBLIC in PostgreSQL 15), so the cluster is compared too.
+    let role = format!("{}_repl", env.db.name());
+    admin
+        .batch_execute(&format!(
+            "create role {role} login replication password 'repl-password'"
+        ))
+        .await
+        .unwrap();
+    let repl_url = format!(
+        "postgres://{role}:repl-password@127.0.0.1:{}/{}",
+        env.db.cluster().port(),
+        env.db.name()
+    );
+    let system_identifier: i64 = connect(&repl_url)
+        .await
+        .query_one("select system_identifier from pg_control_system()", &[])
+        .await
+        .expect("pg_control_system() as a non-superuser")
+        .get(0);
+    assert_ne!(system_identifier, 0);
+    let mut same = args(&env);
+    same.replication_url = Some(repl_url);
+    let report = check(&same).await;
+    assert!(failing(&report).is_empty(), "{}", report.to_text());
+    assert!(
+        line(&report, "replication_role")
+            .detail
+            .contains("reaches the same database as DATABASE_URL"),
+        "{}",
+        report.to_text()
+    );
+    for sql in [
+        format!("drop database {other}"),
+        format!("drop role {role}"),
+    ] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_publication_member_without_owner_id_is_a_warning_and_migrate_still_runs() {
     // check warned and migrate failed on the policies (column "owner_id" does not exist): under systemd (check
