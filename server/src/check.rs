@@ -14,9 +14,10 @@
 //! ```text
 //!  check ── connect (exit 2 on failure) ── Db::load (settings, login role, catalog)
 //!    ├─ cluster: tls, server_version, wal_level, replication_slots, wal_senders, max_slot_wal_keep_size,
-//!    │           replication_role (may connect with the replication URL; exit 2 on failure)
+//!    │           replication_role (may connect with the replication URL, which must reach the same database;
+//!    │           exit 2 on failure)
 //!    ├─ schema:  schema_version ─ (not migrated: the rest is skipped) ─ publication, replica_identity,
-//!    │           row_level_security, roles, grants
+//!    │           row_level_security, roles, grants (the three per-table ones skipped when no table is synced)
 //!    └─ cluster: slot
 //! ```
 
@@ -31,7 +32,7 @@ use tokio_postgres::Client;
 
 use crate::cli::Exit;
 use crate::db::PgTarget;
-use crate::db::catalog::{Catalog, Table};
+use crate::db::catalog::{Catalog, PUBLICATION, Table};
 use cluster::{
     max_slot_wal_keep_size, replication_role, replication_slots, server_version, slot_state, tls,
     wal_level, wal_senders,
@@ -158,8 +159,8 @@ pub async fn check(args: &CheckArgs) -> Report {
         // re-applied by every migrate (row-level security and its policies, grants, replica identity, missing group
         // roles and the login role's membership: `roles` itself), and the publication changes only with a
         // migration still pending. Nothing repairs a group role that bypasses row-level security, or a
-        // publication broken at the current version: those stay failures. Nor does a pending migration remove a
-        // row filter or a column list.
+        // publication broken at the current version: those stay failures. Nor does a pending migration recreate a
+        // missing publication (only the first one creates it) or remove a row filter or column list.
         let pending = args.migrate && schema_status == Status::Warn;
         let mut repairable = false;
         let line = guard("publication", async {
@@ -171,20 +172,33 @@ pub async fn check(args: &CheckArgs) -> Report {
         report
             .checks
             .push(line.repaired_by_migrate(pending && repairable));
-        for line in [
+        // These look at the synced tables: with none (no publication, or none of its members synced), an `ok` would
+        // be a statement about nothing.
+        let no_tables = ctx.catalog.names().is_empty().then(|| {
+            if ctx.publication_exists {
+                format!("{PUBLICATION} has no synced table to check (see publication)")
+            } else {
+                format!("publication {PUBLICATION} does not exist, so no table is synced to check (see publication)")
+            }
+        });
+        let per_table = |name: &'static str, line: Check| match &no_tables {
+            Some(reason) => Check::skip(name, reason.clone()),
+            None => line.repaired_by_migrate(args.migrate),
+        };
+        report.checks.push(per_table(
+            "replica_identity",
             guard("replica_identity", replica_identity(&ctx)).await,
+        ));
+        report.checks.push(per_table(
+            "row_level_security",
             guard("row_level_security", row_level_security(&ctx)).await,
-        ] {
-            report.checks.push(line.repaired_by_migrate(args.migrate));
-        }
+        ));
         report
             .checks
             .push(guard("roles", roles(&ctx, args.migrate)).await);
-        report.checks.push(
-            guard("grants", grants(&ctx))
-                .await
-                .repaired_by_migrate(args.migrate),
-        );
+        report
+            .checks
+            .push(per_table("grants", guard("grants", grants(&ctx)).await));
     } else {
         for name in [
             "publication",
@@ -288,6 +302,7 @@ struct Db<'a> {
     sslmode: SslMode,
     verifies_chain: bool,
     catalog: Catalog,
+    publication_exists: bool,
 }
 
 impl<'a> Db<'a> {
@@ -298,8 +313,9 @@ impl<'a> Db<'a> {
                         (select rolsuper from pg_roles where rolname = current_user),
                         current_setting('server_version_num')::int, current_setting('server_version'),
                         pg_is_in_recovery(),
-                        coalesce(host(inet_server_addr()) in ('127.0.0.1', '::1'), true)",
-                &[],
+                        coalesce(host(inet_server_addr()) in ('127.0.0.1', '::1'), true),
+                        exists (select 1 from pg_publication where pubname = $1)",
+                &[&PUBLICATION],
             )
             .await?;
         let target = PgTarget::parse(&args.database_url).ok();
@@ -316,6 +332,7 @@ impl<'a> Db<'a> {
             sslmode: target.as_ref().map_or(SslMode::Prefer, |t| t.tls.mode),
             verifies_chain: target.as_ref().is_some_and(|t| t.tls.verifies_chain()),
             catalog,
+            publication_exists: row.get(7),
         })
     }
 

@@ -615,3 +615,58 @@ async fn a_publication_member_without_owner_id_is_a_warning_and_migrate_still_ru
     let report = check(&with_migrate).await;
     assert_eq!(report.exit_code(), 0, "{}", report.to_text());
 }
+
+#[tokio::test]
+async fn a_dropped_publication_fails_with_a_fix_that_repairs_it_and_nothing_is_ok_about_no_tables()
+{
+    let env = TestEnv::start().await;
+    let mut db = env.superuser().await;
+    db.batch_execute("drop publication deeprecall_sync")
+        .await
+        .unwrap();
+    let report = check(&args(&env)).await;
+    let text = report.to_text();
+    assert_only_failure(&report, "publication", "does not exist");
+    for name in ["replica_identity", "row_level_security", "grants"] {
+        let c = line(&report, name);
+        assert_eq!(c.status, Status::Skip, "{name}\n{text}");
+        assert!(c.detail.contains("does not exist"), "{name}\n{text}");
+    }
+    // JSON says the same.
+    let v = report.to_json();
+    for c in v["checks"].as_array().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        assert_eq!(
+            c["status"],
+            serde_json::to_value(line(&report, name).status).unwrap(),
+            "{name}"
+        );
+    }
+    // migrate does not recreate it (the first migration made it), so that is not the fix, and --migrate does not
+    // turn the failure into a warning.
+    let fix = line(&report, "publication").fix.clone().unwrap();
+    assert!(
+        fix.contains("create publication deeprecall_sync for table ")
+            && fix.contains("public.works"),
+        "{fix}"
+    );
+    let mut with_migrate = args(&env);
+    with_migrate.migrate = true;
+    assert_eq!(failing(&check(&with_migrate).await), vec!["publication"]);
+    // The fix as given repairs it.
+    let create = &fix[fix.find("create publication").unwrap()..];
+    let create = &create[..create.find(';').unwrap()];
+    db.batch_execute(create).await.unwrap();
+    deeprecall_sync::db::migrate::migrate(&mut db)
+        .await
+        .unwrap();
+    let report = check(&args(&env)).await;
+    assert!(failing(&report).is_empty(), "{}", report.to_text());
+    assert!(
+        line(&report, "publication")
+            .detail
+            .contains("8 synced tables"),
+        "{}",
+        report.to_text()
+    );
+}

@@ -73,42 +73,10 @@ pub(super) async fn schema_version(ctx: &Db<'_>, args: &CheckArgs) -> (Check, bo
 /// nor a row filter or a column list: no migration touches those).
 pub(super) async fn publication(ctx: &Db<'_>) -> Result<(Check, bool), tokio_postgres::Error> {
     const NAME: &str = "publication";
-    let Some(row) = ctx
-        .client
-        .query_opt(
-            "select pubinsert, pubupdate, pubdelete, pubtruncate, puballtables from pg_publication where pubname = $1",
-            &[&PUBLICATION],
-        )
-        .await?
-    else {
-        return Ok((
-            Check::fail(
-                NAME,
-                format!("publication {PUBLICATION} does not exist: no table is synced"),
-                MIGRATE_FIX,
-            ),
-            false,
-        ));
-    };
-    let mut findings = Vec::new();
-    let actions = ["insert", "update", "delete", "truncate"];
-    let missing: Vec<&str> = actions
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !row.get::<_, bool>(*i))
-        .map(|(_, a)| *a)
-        .collect();
-    if !missing.is_empty() {
-        findings.push(Finding::fail(
-            format!("{PUBLICATION} does not publish {}", missing.join(", ")),
-            format!(
-                "alter publication {PUBLICATION} set (publish = 'insert, update, delete, truncate')"
-            ),
-        ));
-    }
     // Tables with the shape of a synced table (an `id`, and an `owner_id` that defaults to the session's user, as
     // sql/0001_schema.sql declares every synced table) that are not members: their writes succeed but never reach
-    // any client. The op ledger has no `id` and stays out.
+    // any client. The op ledger has no `id` and stays out. Without the publication, these are the tables to
+    // recreate it with.
     let outside: Vec<String> = ctx
         .client
         .query(
@@ -132,6 +100,47 @@ pub(super) async fn publication(ctx: &Db<'_>) -> Result<(Check, bool), tokio_pos
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let Some(row) = ctx
+        .client
+        .query_opt(
+            "select pubinsert, pubupdate, pubdelete, pubtruncate, puballtables from pg_publication where pubname = $1",
+            &[&PUBLICATION],
+        )
+        .await?
+    else {
+        // sql/0001_schema.sql created it, and an applied migration is never run again: `migrate` does not
+        // recreate it. Creating it needs the ownership of the tables (the role that ran migrate).
+        let tables = if outside.is_empty() {
+            "<the synced tables>".to_owned()
+        } else {
+            outside.join(", ")
+        };
+        return Ok((Check::fail(
+            NAME,
+            format!("publication {PUBLICATION} does not exist: no table is synced"),
+            format!(
+                "as the owner of the tables: create publication {PUBLICATION} for table {tables}; then run \
+                 `deeprecall-sync migrate` (it re-applies row-level security, grants and replica identity to the \
+                 members; it does not recreate the publication, which only the first migration creates)"
+            ),
+        ), false));
+    };
+    let mut findings = Vec::new();
+    let actions = ["insert", "update", "delete", "truncate"];
+    let missing: Vec<&str> = actions
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !row.get::<_, bool>(*i))
+        .map(|(_, a)| *a)
+        .collect();
+    if !missing.is_empty() {
+        findings.push(Finding::fail(
+            format!("{PUBLICATION} does not publish {}", missing.join(", ")),
+            format!(
+                "alter publication {PUBLICATION} set (publish = 'insert, update, delete, truncate')"
+            ),
+        ));
+    }
     if !outside.is_empty() {
         findings.push(Finding::fail(
             format!(
@@ -215,10 +224,13 @@ pub(super) async fn publication(ctx: &Db<'_>) -> Result<(Check, bool), tokio_pos
              tables",
         ));
     }
-    if ctx.catalog.names().is_empty() && findings.is_empty() {
+    if ctx.catalog.names().is_empty() && outside.is_empty() {
         findings.push(Finding::fail(
             format!("{PUBLICATION} has no synced table"),
-            MIGRATE_FIX,
+            format!(
+                "as the owner of the tables: alter publication {PUBLICATION} add table <the synced tables>; then run \
+                 `deeprecall-sync migrate`"
+            ),
         ));
     }
     let repairable = filtered.is_empty();
