@@ -3,8 +3,9 @@
 //! Connects with DATABASE_URL (TLS settings included) and reports one line per check: server version, TLS,
 //! `wal_level`, slot and WAL sender headroom, `max_slot_wal_keep_size`, the REPLICATION right, migrations and their
 //! checksums, publication membership, REPLICA IDENTITY FULL, row-level security and its policies, roles, grants,
-//! and the slot's state and lag. Exit status: 0 when nothing failed (warnings allowed), 1 on a failure, 2 when it
-//! cannot connect. Read-only: it never changes the database.
+//! and the slot's state and lag. Every check is listed in every report: one that cannot run is `skip`, with why.
+//! Exit status: 0 when nothing failed (warnings allowed), 1 on a failure, 2 when it cannot connect. Read-only: it
+//! never changes the database.
 //!
 //! Definitions are not repeated here: migrations and their checksums come from [`crate::db::migrate`], the synced
 //! tables from [`crate::db::catalog::Catalog`] (members of the publication that follow the id/owner_id/primary key
@@ -106,6 +107,7 @@ pub async fn check(args: &CheckArgs) -> Report {
         Err(line) => {
             report.checks.push(line);
             report.unreachable = true;
+            skip_rest(&mut report, "cannot connect (see connection)");
             return report;
         }
     };
@@ -117,6 +119,10 @@ pub async fn check(args: &CheckArgs) -> Report {
                 format!("connected, but reading the server's state failed: {e}"),
                 "check that the role may read pg_settings, pg_roles and pg_replication_slots",
             ));
+            skip_rest(
+                &mut report,
+                "the server's state could not be read (see connection)",
+            );
             return report;
         }
     };
@@ -147,6 +153,10 @@ pub async fn check(args: &CheckArgs) -> Report {
             // The replication URL cannot be reached: the stream would not start either.
             report.checks.push(line);
             report.unreachable = true;
+            skip_rest(
+                &mut report,
+                "the replication URL cannot be reached (see replication_role)",
+            );
             return report;
         }
     }
@@ -217,6 +227,34 @@ pub async fn check(args: &CheckArgs) -> Report {
         .checks
         .push(guard("slot", slot_state(&ctx, args)).await);
     report
+}
+
+/// Every check, in the order of the report.
+pub const CHECKS: &[&str] = &[
+    "connection",
+    "tls",
+    "server_version",
+    "wal_level",
+    "replication_slots",
+    "wal_senders",
+    "max_slot_wal_keep_size",
+    "replication_role",
+    "schema_version",
+    "publication",
+    "replica_identity",
+    "row_level_security",
+    "roles",
+    "grants",
+    "slot",
+];
+
+/// Lists the checks not run yet as skipped, so the report (and `--json`) always names every check.
+fn skip_rest(report: &mut Report, reason: &str) {
+    for name in CHECKS {
+        if report.get(name).is_none() {
+            report.checks.push(Check::skip(name, reason));
+        }
+    }
 }
 
 /// Connects, or returns the `connection` line saying why not.

@@ -42,6 +42,25 @@ fn assert_only_failure(report: &Report, name: &str, mentions: &str) {
     assert_eq!(report.exit_code(), 1, "{text}");
 }
 
+/// Every check, in the order of the report.
+const ALL_CHECKS: [&str; 15] = [
+    "connection",
+    "tls",
+    "server_version",
+    "wal_level",
+    "replication_slots",
+    "wal_senders",
+    "max_slot_wal_keep_size",
+    "replication_role",
+    "schema_version",
+    "publication",
+    "replica_identity",
+    "row_level_security",
+    "roles",
+    "grants",
+    "slot",
+];
+
 #[tokio::test]
 async fn a_good_database_passes() {
     let env = TestEnv::start().await;
@@ -208,6 +227,29 @@ async fn rls_not_forced_fails() {
         .unwrap();
     let report = check(&args(&env)).await;
     assert_only_failure(&report, "row_level_security", "not forced on works");
+    // With another finding whose remedy is also migrate, the remedy is said once.
+    env.superuser()
+        .await
+        .batch_execute("drop policy admin_read on works")
+        .await
+        .unwrap();
+    let report = check(&args(&env)).await;
+    let fix = line(&report, "row_level_security").fix.clone().unwrap();
+    assert_eq!(fix.matches("deeprecall-sync migrate").count(), 1, "{fix}");
+    assert!(
+        fix.contains("alter table works force row level security"),
+        "{fix}"
+    );
+    let mut db = env.superuser().await;
+    deeprecall_sync::db::migrate::migrate(&mut db)
+        .await
+        .unwrap();
+    env.superuser()
+        .await
+        .batch_execute("alter table works no force row level security")
+        .await
+        .unwrap();
+
     // And a policy that lets everyone read everything is reported too.
     env.superuser()
         .await
@@ -331,6 +373,12 @@ async fn cannot_connect_exits_2() {
     assert_eq!(out.code, Some(2), "{}{}", out.stdout, out.stderr);
     let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
     assert_eq!(v["exit_code"], 2);
+    // Every check is listed, as for a database that answers: the rest as skipped.
+    let checks = v["checks"].as_array().unwrap();
+    let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ALL_CHECKS, "{v}");
+    assert!(checks[1..].iter().all(|c| c["status"] == "skip"), "{v}");
+
     // A URL that cannot be used at all is reported the same way.
     let out = run_bin(
         &["check"],
@@ -669,4 +717,25 @@ async fn a_dropped_publication_fails_with_a_fix_that_repairs_it_and_nothing_is_o
         "{}",
         report.to_text()
     );
+}
+
+#[tokio::test]
+async fn a_physical_slot_of_that_name_is_named_as_such() {
+    let env = TestEnv::start().await;
+    let slot = format!("{}_phys", env.db.slot_name());
+    let db = env.superuser().await;
+    db.execute("select pg_create_physical_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+    let mut a = args(&env);
+    a.slot = slot.clone();
+    let report = check(&a).await;
+    let c = line(&report, "slot");
+    let text = report.to_text();
+    assert_eq!(c.status, Status::Fail, "{text}");
+    assert!(c.detail.contains("is a physical slot"), "{text}");
+    assert!(!c.detail.contains("\"\""), "{text}");
+    db.execute("select pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
 }

@@ -324,12 +324,18 @@ pub(super) async fn slot_state(
         ));
     };
     if info.plugin != "pgoutput" || info.slot_type != "logical" || info.database != ctx.database {
+        let what = if info.slot_type == "physical" {
+            // A physical slot has neither plugin nor database (a standby's or a base backup's).
+            "a physical slot (a standby's or a backup's)".to_owned()
+        } else {
+            format!(
+                "a {} slot with plugin {} on database {}",
+                info.slot_type, info.plugin, info.database
+            )
+        };
         return Ok(Check::fail(
             NAME,
-            format!(
-                "{} is a {} slot with plugin {:?} on database {:?}: serve refuses it",
-                args.slot, info.slot_type, info.plugin, info.database
-            ),
+            format!("{} is {what}: serve refuses it", args.slot),
             format!(
                 "choose another --slot, or drop it if nothing reads it: select pg_drop_replication_slot('{}')",
                 args.slot

@@ -417,9 +417,9 @@ pub(super) async fn row_level_security(ctx: &Db<'_>) -> Result<Check, tokio_post
                 "{MIGRATE_FIX}, or: {}",
                 not_forced
                     .iter()
-                    .map(|t| format!("alter table {t} force row level security;"))
+                    .map(|t| format!("alter table {t} force row level security"))
                     .collect::<Vec<_>>()
-                    .join(" ")
+                    .join("; ")
             ),
         ));
     }
