@@ -569,6 +569,41 @@ async fn a_replication_url_reaching_another_database_fails_and_serve_refuses_to_
             && message.contains(&format!("DATABASE_URL reaches database {}", env.db.name())),
         "{message}"
     );
+    // The binary too: an error naming both, a non-zero exit, before it listens (under `timeout`, so that a serve
+    // that starts fails the test instead of running on).
+    let bin = deeprecall_tests::ops::server_bin();
+    let (url, other_url2, slot) = (
+        env.db_url(),
+        other_url.clone(),
+        format!("{}_refused", env.db.slot_name()),
+    );
+    let listen = format!("127.0.0.1:{}", deeprecall_tests::ops::free_port());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new("timeout");
+        cmd.arg("60")
+            .arg(bin)
+            .args(["serve", "--listen", &listen, "--slot", &slot]);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("DEEPRECALL_") || k == "RUST_LOG" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("DATABASE_URL", url)
+            .env("DEEPRECALL_REPLICATION_URL", other_url2)
+            .env("DEEPRECALL_JWT_SECRET", deeprecall_tests::TEST_SECRET)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("running deeprecall-sync serve")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("reaches database {other}"))
+            && stderr.contains(&format!("DATABASE_URL reaches database {}", env.db.name())),
+        "{stderr}"
+    );
     let slots: i64 = admin
         .query_one(
             "select count(*) from pg_replication_slots where slot_name = $1",
