@@ -49,13 +49,25 @@ grant execute on function deeprecall_current_user_id() to deeprecall_user, deepr
 grant select, insert on sync_applied_ops to deeprecall_user;
 grant select on v_blob_inventory to deeprecall_user, deeprecall_admin;
 
--- Every synced table (= member of the publication) and the op ledger get the same two policies.
+-- Every synced table and the op ledger get the same two policies. A synced table is a member of the publication
+-- with an id, an owner_id and a primary key (the rule of server/src/db/catalog.rs): a member without them is not
+-- synced (the server ignores its changes, check warns about it) and gets nothing here. Without owner_id the policy
+-- below cannot even be created, and every migrate (serve --migrate included) failed on such a member.
 do $$
 declare
   t record;
 begin
   for t in
-    select schemaname, tablename from pg_publication_tables where pubname = 'deeprecall_sync'
+    select n.nspname as schemaname, c.relname as tablename
+      from pg_publication_tables pt
+      join pg_namespace n on n.nspname = pt.schemaname
+      join pg_class c on c.relnamespace = n.oid and c.relname = pt.tablename
+     where pt.pubname = 'deeprecall_sync'
+       and exists (select 1 from pg_attribute a
+                    where a.attrelid = c.oid and a.attname = 'id' and a.attnum > 0 and not a.attisdropped)
+       and exists (select 1 from pg_attribute a
+                    where a.attrelid = c.oid and a.attname = 'owner_id' and a.attnum > 0 and not a.attisdropped)
+       and exists (select 1 from pg_constraint k where k.conrelid = c.oid and k.contype = 'p')
     union
     select 'public', 'sync_applied_ops'
   loop

@@ -3,8 +3,9 @@
 //! Connects with DATABASE_URL (TLS settings included) and reports one line per check: server version, TLS,
 //! `wal_level`, slot and WAL sender headroom, `max_slot_wal_keep_size`, the REPLICATION right, migrations and their
 //! checksums, publication membership, REPLICA IDENTITY FULL, row-level security and its policies, roles, grants,
-//! and the slot's state and lag. Exit status: 0 when nothing failed (warnings allowed), 1 on a failure, 2 when it
-//! cannot connect. Read-only: it never changes the database.
+//! and the slot's state and lag. Every check is listed in every report: one that cannot run is `skip`, with why.
+//! Exit status: 0 when nothing failed (warnings allowed), 1 on a failure, 2 when it cannot connect. Read-only: it
+//! never changes the database.
 //!
 //! Definitions are not repeated here: migrations and their checksums come from [`crate::db::migrate`], the synced
 //! tables from [`crate::db::catalog::Catalog`] (members of the publication that follow the id/owner_id/primary key
@@ -14,9 +15,10 @@
 //! ```text
 //!  check ── connect (exit 2 on failure) ── Db::load (settings, login role, catalog)
 //!    ├─ cluster: tls, server_version, wal_level, replication_slots, wal_senders, max_slot_wal_keep_size,
-//!    │           replication_role (may connect with the replication URL; exit 2 on failure)
+//!    │           replication_role (may connect with the replication URL, which must reach the same database;
+//!    │           exit 2 on failure)
 //!    ├─ schema:  schema_version ─ (not migrated: the rest is skipped) ─ publication, replica_identity,
-//!    │           row_level_security, roles, grants
+//!    │           row_level_security, roles, grants (the three per-table ones skipped when no table is synced)
 //!    └─ cluster: slot
 //! ```
 
@@ -31,7 +33,7 @@ use tokio_postgres::Client;
 
 use crate::cli::Exit;
 use crate::db::PgTarget;
-use crate::db::catalog::{Catalog, Table};
+use crate::db::catalog::{Catalog, PUBLICATION, Table};
 use cluster::{
     max_slot_wal_keep_size, replication_role, replication_slots, server_version, slot_state, tls,
     wal_level, wal_senders,
@@ -105,6 +107,7 @@ pub async fn check(args: &CheckArgs) -> Report {
         Err(line) => {
             report.checks.push(line);
             report.unreachable = true;
+            skip_rest(&mut report, "cannot connect (see connection)");
             return report;
         }
     };
@@ -116,6 +119,10 @@ pub async fn check(args: &CheckArgs) -> Report {
                 format!("connected, but reading the server's state failed: {e}"),
                 "check that the role may read pg_settings, pg_roles and pg_replication_slots",
             ));
+            skip_rest(
+                &mut report,
+                "the server's state could not be read (see connection)",
+            );
             return report;
         }
     };
@@ -146,6 +153,10 @@ pub async fn check(args: &CheckArgs) -> Report {
             // The replication URL cannot be reached: the stream would not start either.
             report.checks.push(line);
             report.unreachable = true;
+            skip_rest(
+                &mut report,
+                "the replication URL cannot be reached (see replication_role)",
+            );
             return report;
         }
     }
@@ -158,27 +169,46 @@ pub async fn check(args: &CheckArgs) -> Report {
         // re-applied by every migrate (row-level security and its policies, grants, replica identity, missing group
         // roles and the login role's membership: `roles` itself), and the publication changes only with a
         // migration still pending. Nothing repairs a group role that bypasses row-level security, or a
-        // publication broken at the current version: those stay failures.
+        // publication broken at the current version: those stay failures. Nor does a pending migration recreate a
+        // missing publication (only the first one creates it) or remove a row filter or column list.
         let pending = args.migrate && schema_status == Status::Warn;
-        report.checks.push(
-            guard("publication", publication(&ctx))
-                .await
-                .repaired_by_migrate(pending),
-        );
-        for line in [
+        let mut repairable = false;
+        let line = guard("publication", async {
+            let (line, pending_repairs) = publication(&ctx).await?;
+            repairable = pending_repairs;
+            Ok(line)
+        })
+        .await;
+        report
+            .checks
+            .push(line.repaired_by_migrate(pending && repairable));
+        // These look at the synced tables: with none (no publication, or none of its members synced), an `ok` would
+        // be a statement about nothing.
+        let no_tables = ctx.catalog.names().is_empty().then(|| {
+            if ctx.publication_exists {
+                format!("{PUBLICATION} has no synced table to check (see publication)")
+            } else {
+                format!("publication {PUBLICATION} does not exist, so no table is synced to check (see publication)")
+            }
+        });
+        let per_table = |name: &'static str, line: Check| match &no_tables {
+            Some(reason) => Check::skip(name, reason.clone()),
+            None => line.repaired_by_migrate(args.migrate),
+        };
+        report.checks.push(per_table(
+            "replica_identity",
             guard("replica_identity", replica_identity(&ctx)).await,
+        ));
+        report.checks.push(per_table(
+            "row_level_security",
             guard("row_level_security", row_level_security(&ctx)).await,
-        ] {
-            report.checks.push(line.repaired_by_migrate(args.migrate));
-        }
+        ));
         report
             .checks
             .push(guard("roles", roles(&ctx, args.migrate)).await);
-        report.checks.push(
-            guard("grants", grants(&ctx))
-                .await
-                .repaired_by_migrate(args.migrate),
-        );
+        report
+            .checks
+            .push(per_table("grants", guard("grants", grants(&ctx)).await));
     } else {
         for name in [
             "publication",
@@ -197,6 +227,34 @@ pub async fn check(args: &CheckArgs) -> Report {
         .checks
         .push(guard("slot", slot_state(&ctx, args)).await);
     report
+}
+
+/// Every check, in the order of the report.
+pub const CHECKS: &[&str] = &[
+    "connection",
+    "tls",
+    "server_version",
+    "wal_level",
+    "replication_slots",
+    "wal_senders",
+    "max_slot_wal_keep_size",
+    "replication_role",
+    "schema_version",
+    "publication",
+    "replica_identity",
+    "row_level_security",
+    "roles",
+    "grants",
+    "slot",
+];
+
+/// Lists the checks not run yet as skipped, so the report (and `--json`) always names every check.
+fn skip_rest(report: &mut Report, reason: &str) {
+    for name in CHECKS {
+        if report.get(name).is_none() {
+            report.checks.push(Check::skip(name, reason));
+        }
+    }
 }
 
 /// Connects, or returns the `connection` line saying why not.
@@ -272,6 +330,7 @@ struct Db<'a> {
     sslmode: SslMode,
     verifies_chain: bool,
     catalog: Catalog,
+    publication_exists: bool,
 }
 
 impl<'a> Db<'a> {
@@ -282,8 +341,9 @@ impl<'a> Db<'a> {
                         (select rolsuper from pg_roles where rolname = current_user),
                         current_setting('server_version_num')::int, current_setting('server_version'),
                         pg_is_in_recovery(),
-                        coalesce(host(inet_server_addr()) in ('127.0.0.1', '::1'), true)",
-                &[],
+                        coalesce(host(inet_server_addr()) in ('127.0.0.1', '::1'), true),
+                        exists (select 1 from pg_publication where pubname = $1)",
+                &[&PUBLICATION],
             )
             .await?;
         let target = PgTarget::parse(&args.database_url).ok();
@@ -300,6 +360,7 @@ impl<'a> Db<'a> {
             sslmode: target.as_ref().map_or(SslMode::Prefer, |t| t.tls.mode),
             verifies_chain: target.as_ref().is_some_and(|t| t.tls.verifies_chain()),
             catalog,
+            publication_exists: row.get(7),
         })
     }
 

@@ -634,6 +634,20 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         migrate::check_current(&client).await?;
     }
     let catalog = Arc::new(CatalogHandle::new(Catalog::load(&client).await?));
+    warn_publication_filters(&client, &*catalog.get().await).await;
+    // Before anything is spawned: a replication URL reaching another database refuses the start.
+    let replication = match &options.replication_url {
+        Some(url) => {
+            let replication =
+                db::PgTarget::parse(url).context("the replication URL cannot be used")?;
+            let identity = db::DbIdentity::read(&client)
+                .await
+                .context("reading which database DATABASE_URL reaches")?;
+            verify_same_database(&replication, &identity).await?;
+            Some(replication)
+        }
+        None => None,
+    };
     drop(client);
     tokio::spawn(db::catalog::watch(
         target.clone(),
@@ -642,10 +656,7 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
     ));
 
     let barrier_target = target.clone();
-    let replication = match &options.replication_url {
-        Some(url) => db::PgTarget::parse(url).context("the replication URL cannot be used")?,
-        None => target,
-    };
+    let replication = replication.unwrap_or(target);
     let mut stream = StreamConfig::from_pg_config(
         &replication.config,
         &replication.tls,
@@ -706,6 +717,51 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
         shutdown_tx,
         replicator,
     })
+}
+
+/// Refuses a replication URL that reaches another database than DATABASE_URL (`pool`): the slot would be made
+/// there and the stream would decode that database's changes, another deployment's rows included if it has a
+/// publication of the same name, or nothing at all. Checked over an ordinary connection of the replication URL,
+/// the one the replicator manages the slot with: the replication connection is opened from the same settings.
+async fn verify_same_database(
+    replication: &db::PgTarget,
+    pool: &db::DbIdentity,
+) -> anyhow::Result<()> {
+    let client = replication
+        .connect()
+        .await
+        .context("connecting with the replication URL (DEEPRECALL_REPLICATION_URL)")?;
+    let reached = db::DbIdentity::read(&client)
+        .await
+        .context("reading which database the replication URL reaches")?;
+    if !reached.same_as(pool) {
+        anyhow::bail!(
+            "the replication URL (DEEPRECALL_REPLICATION_URL) reaches {reached}, but DATABASE_URL reaches {pool}: \
+             the live stream would decode the other database's changes; point the replication URL at the same \
+             host, port and database (only its role and password may differ)"
+        );
+    }
+    Ok(())
+}
+
+/// Logs an ERROR for every synced table whose publication membership has a row filter or a column list: the
+/// server starts (the other tables sync), but that table's live changes are dropped or refetched (`check` fails).
+async fn warn_publication_filters(client: &tokio_postgres::Client, catalog: &Catalog) {
+    match db::catalog::publication_filters(client).await {
+        Ok(filters) => {
+            for f in filters.iter().filter(|f| catalog.table(&f.table).is_some()) {
+                tracing::error!(
+                    table = %f.qualified,
+                    problem = %f.describe(),
+                    "a synced table's membership in the publication deeprecall_sync is filtered: its live changes \
+                     are not streamed as written (run `deeprecall-sync check` for the fix)"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::error::Chain(&e), "could not read the publication's row filters and column lists")
+        }
+    }
 }
 
 /// Serves until `stop` resolves (a signal), then shuts down in order (docs/operations.md).

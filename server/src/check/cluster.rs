@@ -6,6 +6,7 @@ use deeprecall_replication::stream::SslMode;
 
 use super::report::human_bytes;
 use super::{Check, CheckArgs, Db, Finding, connect, error_chain};
+use crate::db::DbIdentity;
 
 /// Slot lag above which `check` warns: the server is down, or not keeping up.
 const LAG_WARN_BYTES: i64 = 1 << 30;
@@ -217,10 +218,19 @@ pub(super) async fn max_slot_wal_keep_size(ctx: &Db<'_>) -> Result<Check, tokio_
     })
 }
 
-/// The REPLICATION right of the role the stream connects as. `Err`: the replication URL cannot be reached.
+/// The REPLICATION right of the role the stream connects as, and, with a replication URL, that it reaches the
+/// database DATABASE_URL reaches. `Err`: the replication URL cannot be reached.
 pub(super) async fn replication_role(ctx: &Db<'_>, args: &CheckArgs) -> Result<Check, Check> {
     const NAME: &str = "replication_role";
     let query = "select current_user::text, rolreplication, rolsuper from pg_roles where rolname = current_user";
+    let could_not = |e: tokio_postgres::Error| {
+        Check::fail(
+            NAME,
+            format!("could not check: {}", error_chain(&e)),
+            "run check as the role serve uses",
+        )
+    };
+    let mut findings = Vec::new();
     let (row, via) = match &args.replication_url {
         None => (ctx.client.query_one(query, &[]).await, "DATABASE_URL"),
         Some(url) => {
@@ -231,6 +241,26 @@ pub(super) async fn replication_role(ctx: &Db<'_>, args: &CheckArgs) -> Result<C
                         c.name = NAME;
                         c
                     })?;
+            // The slot is made, and the changes decoded, in the database the replication URL reaches: another
+            // one than DATABASE_URL's streams nothing of this one (or another deployment's rows).
+            let identities = match DbIdentity::read(ctx.client).await {
+                Ok(ours) => DbIdentity::read(&client).await.map(|theirs| (ours, theirs)),
+                Err(e) => Err(e),
+            };
+            let (ours, theirs) = match identities {
+                Ok(pair) => pair,
+                Err(e) => return Ok(could_not(e)),
+            };
+            if !theirs.same_as(&ours) {
+                findings.push(Finding::fail(
+                    format!(
+                        "DEEPRECALL_REPLICATION_URL reaches {theirs}, but DATABASE_URL reaches {ours}: the live \
+                         stream would decode the other database's changes, and serve refuses to start"
+                    ),
+                    "point DEEPRECALL_REPLICATION_URL at the same host, port and database as DATABASE_URL (only \
+                     the role and its password may differ)",
+                ));
+            }
             (
                 client.query_one(query, &[]).await,
                 "DEEPRECALL_REPLICATION_URL",
@@ -239,30 +269,11 @@ pub(super) async fn replication_role(ctx: &Db<'_>, args: &CheckArgs) -> Result<C
     };
     let row = match row {
         Ok(r) => r,
-        Err(e) => {
-            return Ok(Check::fail(
-                NAME,
-                format!("could not check: {}", error_chain(&e)),
-                "run check as the role serve uses",
-            ));
-        }
+        Err(e) => return Ok(could_not(e)),
     };
     let (role, replication, superuser): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
-    Ok(if replication || superuser {
-        Check::ok(
-            NAME,
-            format!(
-                "{role} ({via}) has {}",
-                if replication {
-                    "REPLICATION"
-                } else {
-                    "superuser (REPLICATION included)"
-                }
-            ),
-        )
-    } else {
-        Check::fail(
-            NAME,
+    if !(replication || superuser) {
+        findings.push(Finding::fail(
             format!(
                 "{role} ({via}) lacks REPLICATION: the live stream cannot open its replication connection"
             ),
@@ -270,8 +281,25 @@ pub(super) async fn replication_role(ctx: &Db<'_>, args: &CheckArgs) -> Result<C
                 "as a superuser: alter role {role} replication; or give serve a role that has it in \
                  DEEPRECALL_REPLICATION_URL"
             ),
-        )
-    })
+        ));
+    }
+    Ok(Check::from_findings(
+        NAME,
+        format!(
+            "{role} ({via}) has {}{}",
+            if replication {
+                "REPLICATION"
+            } else {
+                "superuser (REPLICATION included)"
+            },
+            if via == "DATABASE_URL" {
+                ""
+            } else {
+                ", and reaches the same database as DATABASE_URL"
+            }
+        ),
+        findings,
+    ))
 }
 
 pub(super) async fn slot_state(
@@ -296,12 +324,18 @@ pub(super) async fn slot_state(
         ));
     };
     if info.plugin != "pgoutput" || info.slot_type != "logical" || info.database != ctx.database {
+        let what = if info.slot_type == "physical" {
+            // A physical slot has neither plugin nor database (a standby's or a base backup's).
+            "a physical slot (a standby's or a backup's)".to_owned()
+        } else {
+            format!(
+                "a {} slot with plugin {} on database {}",
+                info.slot_type, info.plugin, info.database
+            )
+        };
         return Ok(Check::fail(
             NAME,
-            format!(
-                "{} is a {} slot with plugin {:?} on database {:?}: serve refuses it",
-                args.slot, info.slot_type, info.plugin, info.database
-            ),
+            format!("{} is {what}: serve refuses it", args.slot),
             format!(
                 "choose another --slot, or drop it if nothing reads it: select pg_drop_replication_slot('{}')",
                 args.slot

@@ -99,9 +99,13 @@ impl Check {
         let Some(worst) = findings.iter().map(|f| f.status).max() else {
             return Self::ok(name, ok_detail);
         };
+        // A fix that extends one already listed (`run migrate, or: alter table …`) replaces it, and one that another
+        // extends is dropped: the remedy is said once.
         let mut fixes: Vec<String> = Vec::new();
         for f in &findings {
-            if !fixes.contains(&f.fix) {
+            if let Some(shorter) = fixes.iter_mut().find(|x| f.fix.starts_with(x.as_str())) {
+                *shorter = f.fix.clone();
+            } else if !fixes.iter().any(|x| x.starts_with(&f.fix)) {
                 fixes.push(f.fix.clone());
             }
         }
@@ -291,6 +295,24 @@ mod tests {
         assert_eq!(c.status, Status::Fail);
         assert_eq!(c.detail, "w; f; g");
         assert_eq!(c.fix.as_deref(), Some("fix w; fix f"));
+        // A remedy that another extends is said once, in its longer form, wherever it came first.
+        let c = Check::from_findings(
+            "row_level_security",
+            "fine".into(),
+            vec![
+                Finding::fail("off", "run migrate"),
+                Finding::fail(
+                    "not forced",
+                    "run migrate, or: alter table t force row level security",
+                ),
+                Finding::fail("policy", "run migrate"),
+                Finding::warn("extra", "drop it"),
+            ],
+        );
+        assert_eq!(
+            c.fix.as_deref(),
+            Some("run migrate, or: alter table t force row level security; drop it")
+        );
         let c = Check::from_findings("grants", "all present".into(), vec![]);
         assert_eq!((c.status, c.detail.as_str()), (Status::Ok, "all present"));
     }

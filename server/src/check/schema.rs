@@ -69,41 +69,14 @@ pub(super) async fn schema_version(ctx: &Db<'_>, args: &CheckArgs) -> (Check, bo
     }
 }
 
-pub(super) async fn publication(ctx: &Db<'_>) -> Result<Check, tokio_postgres::Error> {
+/// The publication line, and whether a pending migration could repair what it found (not a missing publication,
+/// nor a row filter or a column list: no migration touches those).
+pub(super) async fn publication(ctx: &Db<'_>) -> Result<(Check, bool), tokio_postgres::Error> {
     const NAME: &str = "publication";
-    let Some(row) = ctx
-        .client
-        .query_opt(
-            "select pubinsert, pubupdate, pubdelete, pubtruncate, puballtables from pg_publication where pubname = $1",
-            &[&PUBLICATION],
-        )
-        .await?
-    else {
-        return Ok(Check::fail(
-            NAME,
-            format!("publication {PUBLICATION} does not exist: no table is synced"),
-            MIGRATE_FIX,
-        ));
-    };
-    let mut findings = Vec::new();
-    let actions = ["insert", "update", "delete", "truncate"];
-    let missing: Vec<&str> = actions
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !row.get::<_, bool>(*i))
-        .map(|(_, a)| *a)
-        .collect();
-    if !missing.is_empty() {
-        findings.push(Finding::fail(
-            format!("{PUBLICATION} does not publish {}", missing.join(", ")),
-            format!(
-                "alter publication {PUBLICATION} set (publish = 'insert, update, delete, truncate')"
-            ),
-        ));
-    }
     // Tables with the shape of a synced table (an `id`, and an `owner_id` that defaults to the session's user, as
     // sql/0001_schema.sql declares every synced table) that are not members: their writes succeed but never reach
-    // any client. The op ledger has no `id` and stays out.
+    // any client. The op ledger has no `id` and stays out. Without the publication, these are the tables to
+    // recreate it with.
     let outside: Vec<String> = ctx
         .client
         .query(
@@ -127,6 +100,47 @@ pub(super) async fn publication(ctx: &Db<'_>) -> Result<Check, tokio_postgres::E
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let Some(row) = ctx
+        .client
+        .query_opt(
+            "select pubinsert, pubupdate, pubdelete, pubtruncate, puballtables from pg_publication where pubname = $1",
+            &[&PUBLICATION],
+        )
+        .await?
+    else {
+        // sql/0001_schema.sql created it, and an applied migration is never run again: `migrate` does not
+        // recreate it. Creating it needs the ownership of the tables (the role that ran migrate).
+        let tables = if outside.is_empty() {
+            "<the synced tables>".to_owned()
+        } else {
+            outside.join(", ")
+        };
+        return Ok((Check::fail(
+            NAME,
+            format!("publication {PUBLICATION} does not exist: no table is synced"),
+            format!(
+                "as the owner of the tables: create publication {PUBLICATION} for table {tables}; then run \
+                 `deeprecall-sync migrate` (it re-applies row-level security, grants and replica identity to the \
+                 members; it does not recreate the publication, which only the first migration creates)"
+            ),
+        ), false));
+    };
+    let mut findings = Vec::new();
+    let actions = ["insert", "update", "delete", "truncate"];
+    let missing: Vec<&str> = actions
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !row.get::<_, bool>(*i))
+        .map(|(_, a)| *a)
+        .collect();
+    if !missing.is_empty() {
+        findings.push(Finding::fail(
+            format!("{PUBLICATION} does not publish {}", missing.join(", ")),
+            format!(
+                "alter publication {PUBLICATION} set (publish = 'insert, update, delete, truncate')"
+            ),
+        ));
+    }
     if !outside.is_empty() {
         findings.push(Finding::fail(
             format!(
@@ -140,6 +154,38 @@ pub(super) async fn publication(ctx: &Db<'_>) -> Result<Check, tokio_postgres::E
             ),
         ));
     }
+    // A row filter or a column list on a synced table's membership: the stream silently lacks that table's
+    // changes (a filter), or every change of it looks like a schema change and makes subscribers refetch (a list).
+    let filtered: Vec<_> = crate::db::catalog::publication_filters(ctx.client)
+        .await?
+        .into_iter()
+        .filter(|f| ctx.catalog.table(&f.table).is_some())
+        .collect();
+    if !filtered.is_empty() {
+        findings.push(Finding::fail(
+            format!(
+                "{}: the live stream needs every change and every column of a synced table (a row filter drops \
+                 changes without a trace, a column list makes every change a schema change that subscribers refetch)",
+                filtered
+                    .iter()
+                    .map(|f| format!("{} has a {}", f.qualified, f.describe()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            format!(
+                "re-add it without filter or column list, in one transaction (so that no change falls between the two): begin; {} commit; \
+                 then clients that synced it while it was filtered should refetch it",
+                filtered
+                    .iter()
+                    .map(|f| format!(
+                        "alter publication {PUBLICATION} drop table {t}; alter publication {PUBLICATION} add table {t};",
+                        t = f.qualified
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        ));
+    }
     let members: Vec<String> = ctx
         .client
         .query(
@@ -150,21 +196,25 @@ pub(super) async fn publication(ctx: &Db<'_>) -> Result<Check, tokio_postgres::E
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let unsynced: Vec<&String> = members
+    let unsynced: Vec<&str> = members
         .iter()
         .filter(|m| ctx.catalog.table(m).is_none())
+        .map(|s| s.as_str())
         .collect();
     if !unsynced.is_empty() {
+        // The catalog leaves them out and policies/ gives them nothing (no row-level security, no grants), so
+        // `migrate` succeeds with them: a warning, not a failure.
         findings.push(Finding::warn(
             format!(
-                "{} in {PUBLICATION} but not synced: a synced table needs id, owner_id and a primary key",
-                unsynced
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "{} in {PUBLICATION} but not synced: a synced table needs id, owner_id and a primary key; the server \
+                 ignores their changes and `migrate` gives them no row-level security or grants",
+                unsynced.join(", ")
             ),
-            format!("add the missing columns or key, or: alter publication {PUBLICATION} drop table …"),
+            format!(
+                "add the missing columns or key and run `deeprecall-sync migrate`, or: alter publication \
+                 {PUBLICATION} drop table {}",
+                unsynced.join(", ")
+            ),
         ));
     }
     if row.get::<_, bool>(4) {
@@ -174,20 +224,27 @@ pub(super) async fn publication(ctx: &Db<'_>) -> Result<Check, tokio_postgres::E
              tables",
         ));
     }
-    if ctx.catalog.names().is_empty() && findings.is_empty() {
+    if ctx.catalog.names().is_empty() && outside.is_empty() {
         findings.push(Finding::fail(
             format!("{PUBLICATION} has no synced table"),
-            MIGRATE_FIX,
+            format!(
+                "as the owner of the tables: alter publication {PUBLICATION} add table <the synced tables>; then run \
+                 `deeprecall-sync migrate`"
+            ),
         ));
     }
-    Ok(Check::from_findings(
-        NAME,
-        format!(
-            "{PUBLICATION} publishes insert, update, delete, truncate of {} synced tables: {}",
-            ctx.catalog.names().len(),
-            ctx.catalog.names().join(", ")
+    let repairable = filtered.is_empty();
+    Ok((
+        Check::from_findings(
+            NAME,
+            format!(
+                "{PUBLICATION} publishes insert, update, delete, truncate of {} synced tables: {}",
+                ctx.catalog.names().len(),
+                ctx.catalog.names().join(", ")
+            ),
+            findings,
         ),
-        findings,
+        repairable,
     ))
 }
 
@@ -360,9 +417,9 @@ pub(super) async fn row_level_security(ctx: &Db<'_>) -> Result<Check, tokio_post
                 "{MIGRATE_FIX}, or: {}",
                 not_forced
                     .iter()
-                    .map(|t| format!("alter table {t} force row level security;"))
+                    .map(|t| format!("alter table {t} force row level security"))
                     .collect::<Vec<_>>()
-                    .join(" ")
+                    .join("; ")
             ),
         ));
     }

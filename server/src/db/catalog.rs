@@ -165,6 +165,76 @@ impl Catalog {
     }
 }
 
+/// A publication member whose membership has a row filter or a column list (PostgreSQL 15: `add table t where
+/// (...)`, `add table t (a, b)`). The server needs every change of every column of a synced table: a row filter
+/// drops changes without a trace (the WAL is not filtered by owner anyway), a column list makes every change look
+/// like a schema change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilteredMember {
+    /// Table name (as in the [`Catalog`]).
+    pub table: String,
+    /// `schema.table`, quoted where needed (for SQL in a fix).
+    pub qualified: String,
+    /// The row filter, as `pg_get_expr` prints it.
+    pub row_filter: Option<String>,
+    /// The published columns, when a column list limits them.
+    pub columns: Option<Vec<String>>,
+}
+
+impl FilteredMember {
+    /// `row filter where (false)`, `column list (id, owner_id)`, or both.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(filter) = &self.row_filter {
+            parts.push(format!("row filter where {filter}"));
+        }
+        if let Some(columns) = &self.columns {
+            parts.push(format!("column list ({})", columns.join(", ")));
+        }
+        parts.join(" and ")
+    }
+}
+
+/// Members of the publication with a row filter or a column list (none before PostgreSQL 15, which added both).
+pub async fn publication_filters(
+    client: &Client,
+) -> Result<Vec<FilteredMember>, tokio_postgres::Error> {
+    let version: i32 = client
+        .query_one("select current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    if version < 150_000 {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "select c.relname::text, format('%I.%I', n.nspname, c.relname),
+                    pg_get_expr(pr.prqual, pr.prrelid),
+                    case when pr.prattrs is not null then
+                      array(select a.attname::text from unnest(pr.prattrs::int2[]) with ordinality k(num, ord)
+                              join pg_attribute a on a.attrelid = pr.prrelid and a.attnum = k.num
+                             order by k.ord)
+                    end
+               from pg_publication_rel pr
+               join pg_publication p on p.oid = pr.prpubid
+               join pg_class c on c.oid = pr.prrelid
+               join pg_namespace n on n.oid = c.relnamespace
+              where p.pubname = $1 and (pr.prqual is not null or pr.prattrs is not null)
+              order by 2",
+            &[&PUBLICATION],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| FilteredMember {
+            table: r.get(0),
+            qualified: r.get(1),
+            row_filter: r.get(2),
+            columns: r.get(3),
+        })
+        .collect())
+}
+
 /// Quotes an SQL identifier (doubling embedded quotes). Only ever applied to names read from the catalog.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

@@ -132,6 +132,56 @@ pub struct ConnectError {
     pub error: tokio_postgres::Error,
 }
 
+/// Which database of which cluster a connection reached: what must be the same for the pooled connections
+/// (DATABASE_URL) and the replication connection (`--replication-url`), or the stream decodes another database's
+/// changes (or, without a publication there, none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbIdentity {
+    /// `current_database()`.
+    pub database: String,
+    /// `pg_control_system().system_identifier` (what a walsender's IDENTIFY_SYSTEM answers as `systemid`), or
+    /// `None` when the role may not execute it (PUBLIC may by default; an operator can revoke it).
+    pub system_identifier: Option<String>,
+}
+
+impl DbIdentity {
+    /// Reads the identity of the database `client` is connected to.
+    pub async fn read(client: &tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
+        let row = client
+            .query_one(
+                "select current_database()::text,
+                        case when has_function_privilege('pg_catalog.pg_control_system()', 'execute')
+                             then (select system_identifier::text from pg_catalog.pg_control_system()) end",
+                &[],
+            )
+            .await?;
+        Ok(Self {
+            database: row.get(0),
+            system_identifier: row.get(1),
+        })
+    }
+
+    /// Whether both name the same database of the same cluster. When either cluster identifier could not be read,
+    /// only the names are compared (the `Display` of such an identity says so).
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.database == other.database
+            && match (&self.system_identifier, &other.system_identifier) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+}
+
+impl std::fmt::Display for DbIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "database {}", self.database)?;
+        match &self.system_identifier {
+            Some(id) => write!(f, " of cluster {id}"),
+            None => write!(f, " (cluster identifier not readable)"),
+        }
+    }
+}
+
 /// `url` (a `postgres://` URL or a libpq key=value string) with its password masked, for what is printed or
 /// logged: the password of the user info (`user:***@host`) and any `password` parameter (`?password=***`,
 /// `password=***`). Errs on the side of masking: in a URL the user info is taken to end at the *last* `@` (a
