@@ -218,9 +218,12 @@ pub fn route(
             .filter(|(p, _)| p == BARRIER_PREFIX)
             .map(|(_, c)| String::from_utf8_lossy(c).into_owned())
             .collect(),
+        // A truncate of a publication member that is not synced concerns no subscription (none can exist on it),
+        // and would otherwise stay in the hub's resume record of truncates.
         truncated: txn
             .truncated
             .iter()
+            .filter(|(_, t)| synced(t))
             .map(|(_, t)| Arc::from(t.as_str()))
             .collect(),
         xid,
@@ -445,6 +448,17 @@ mod tests {
 
     fn json_of(c: &Change) -> serde_json::Value {
         serde_json::from_str(&c.row_json).unwrap()
+    }
+
+    #[test]
+    fn only_synced_tables_truncates_are_routed() {
+        let mut t = txn(vec![]);
+        t.truncated = vec![
+            ("public".into(), "notes".into()),
+            ("public".into(), "scratch".into()),
+        ];
+        let routed = route(t, 7, &relations(), |name| name == "notes");
+        assert_eq!(routed.truncated, vec![Arc::<str>::from("notes")]);
     }
 
     #[test]
