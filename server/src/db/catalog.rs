@@ -255,9 +255,28 @@ pub enum RefreshError {
 #[derive(Debug)]
 pub struct CatalogHandle {
     current: RwLock<Arc<Catalog>>,
-    /// When the last reload began to read the catalog (not when it ended: see [`Self::refresh_on_miss`]). Held
-    /// for a whole reload, so reloads take turns.
-    last_refresh: Mutex<Instant>,
+    /// The last reload, held for a whole reload so that reloads take turns.
+    last_refresh: Mutex<LastReload>,
+}
+
+/// When the last reload began to read the catalog, and when it ended.
+#[derive(Debug, Clone, Copy)]
+struct LastReload {
+    /// Decides whether a miss is answered by it (see [`CatalogHandle::refresh_on_miss`]).
+    began: Instant,
+    /// Spaces reloads after a miss [`MISS_REFRESH_INTERVAL`] apart (from the end: a slow load does not shorten
+    /// the pause).
+    ended: Instant,
+}
+
+impl LastReload {
+    fn now() -> Self {
+        let now = Instant::now();
+        Self {
+            began: now,
+            ended: now,
+        }
+    }
 }
 
 /// Refreshes on an unknown name happen at most this often, so bad requests cannot hammer the catalog.
@@ -268,7 +287,7 @@ impl CatalogHandle {
     pub fn new(catalog: Catalog) -> Self {
         Self {
             current: RwLock::new(Arc::new(catalog)),
-            last_refresh: Mutex::new(Instant::now()),
+            last_refresh: Mutex::new(LastReload::now()),
         }
     }
 
@@ -284,7 +303,10 @@ impl CatalogHandle {
         let mut last = self.last_refresh.lock().await;
         let began = Instant::now();
         let changed = self.swap_if_changed(Catalog::load(client).await?).await.1;
-        *last = began;
+        *last = LastReload {
+            began,
+            ended: Instant::now(),
+        };
         Ok(changed)
     }
 
@@ -313,14 +335,14 @@ impl CatalogHandle {
     ) -> Result<Arc<Catalog>, RefreshError> {
         let asked = Instant::now();
         let mut last = self.last_refresh.lock().await;
-        if *last >= asked {
+        if last.began >= asked {
             // A reload that began after we asked ran while we waited for the lock: it saw our change. (One that
-            // began before may have read the catalog before the DDL committed, so `last_refresh` is the instant a
-            // load began, not the one it ended: a reload under way when a column was dropped by hand, finishing
-            // after a batch missed it, answered that batch with the column still there, a 500.)
+            // began before may have read the catalog before the DDL committed, so when a reload began decides,
+            // not when it ended: a reload under way when a column was dropped by hand, ending after a batch
+            // missed it, answered that batch with the column still there, a 500.)
             return Ok(self.get().await);
         }
-        let since = last.elapsed();
+        let since = last.ended.elapsed();
         if since < MISS_REFRESH_INTERVAL {
             tokio::time::sleep(MISS_REFRESH_INTERVAL - since).await;
         }
@@ -328,7 +350,10 @@ impl CatalogHandle {
         let began = Instant::now();
         let fresh = Catalog::load(&client).await.map_err(RefreshError::Db)?;
         let current = self.swap_if_changed(fresh).await.0;
-        *last = began;
+        *last = LastReload {
+            began,
+            ended: Instant::now(),
+        };
         Ok(current)
     }
 }
