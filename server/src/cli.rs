@@ -635,7 +635,8 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
     }
     let catalog = Arc::new(CatalogHandle::new(Catalog::load(&client).await?));
     warn_publication_filters(&client, &*catalog.get().await).await;
-    // Before anything is spawned: a replication URL reaching another database refuses the start.
+    // Before anything is spawned: a replication URL reaching another database refuses the start. (The replicator
+    // checks again at every connection; one it cannot reach yet is its to retry, as without this check.)
     let replication = match &options.replication_url {
         Some(url) => {
             let replication =
@@ -719,26 +720,28 @@ pub async fn start_server(options: ServerOptions) -> anyhow::Result<Server> {
     })
 }
 
-/// Refuses a replication URL that reaches another database than DATABASE_URL (`pool`): the slot would be made
-/// there and the stream would decode that database's changes, another deployment's rows included if it has a
-/// publication of the same name, or nothing at all. Checked over an ordinary connection of the replication URL,
-/// the one the replicator manages the slot with: the replication connection is opened from the same settings.
+/// Refuses a replication URL that reaches another database than DATABASE_URL (`pool`, see
+/// [`db::DbIdentity::mismatch`]). Checked over an ordinary connection of the replication URL, the one the
+/// replicator manages the slot with: the replication connection is opened from the same settings. A URL that
+/// cannot be reached now is let through with a warning: the replicator retries it, and checks it when it connects.
 async fn verify_same_database(
     replication: &db::PgTarget,
     pool: &db::DbIdentity,
 ) -> anyhow::Result<()> {
-    let client = replication
-        .connect()
-        .await
-        .context("connecting with the replication URL (DEEPRECALL_REPLICATION_URL)")?;
+    let client = match replication.connect().await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!(error = %e, "the replication URL cannot be reached yet; the stream will retry it");
+            return Ok(());
+        }
+    };
     let reached = db::DbIdentity::read(&client)
         .await
         .context("reading which database the replication URL reaches")?;
-    if !reached.same_as(pool) {
+    if let Some(mismatch) = reached.mismatch(pool) {
         anyhow::bail!(
-            "the replication URL (DEEPRECALL_REPLICATION_URL) reaches {reached}, but DATABASE_URL reaches {pool}: \
-             the live stream would decode the other database's changes; point the replication URL at the same \
-             host, port and database (only its role and password may differ)"
+            "{mismatch}; point the replication URL at the same host, port and database (only its role and \
+             password may differ)"
         );
     }
     Ok(())

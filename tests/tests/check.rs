@@ -528,7 +528,7 @@ async fn a_replication_url_reaching_another_database_fails_and_serve_refuses_to_
     assert_only_failure(
         &report,
         "replication_role",
-        &format!("DEEPRECALL_REPLICATION_URL reaches database {other} of cluster "),
+        &format!("(DEEPRECALL_REPLICATION_URL) reaches database {other} of cluster "),
     );
     assert!(
         line(&report, "replication_role")
@@ -569,6 +569,32 @@ async fn a_replication_url_reaching_another_database_fails_and_serve_refuses_to_
             && message.contains(&format!("DATABASE_URL reaches database {}", env.db.name())),
         "{message}"
     );
+    // A replication URL that cannot be reached yet does not stop the start (it used to stop nothing either):
+    // the replicator retries it, and says why in the stream's state.
+    let mut options =
+        deeprecall_sync::cli::ServerOptions::new(env.db_url(), deeprecall_tests::test_auth());
+    options.replication_url = Some(format!(
+        "postgres://nobody:x@127.0.0.1:{}/{}?connect_timeout=2",
+        deeprecall_tests::ops::free_port(),
+        env.db.name()
+    ));
+    options.slot = format!("{}_unreachable", env.db.slot_name());
+    options.migrate = false;
+    let server = deeprecall_sync::cli::start_server(options)
+        .await
+        .expect("serve refused to start over a replication URL it cannot reach yet");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match server.state.hub.stream_state() {
+            deeprecall_sync::live::hub::StreamState::Starting(Some(_)) => break,
+            other => {
+                assert!(tokio::time::Instant::now() < deadline, "{other:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    server.shutdown().await;
+
     // The binary too: an error naming both, a non-zero exit, before it listens (under `timeout`, so that a serve
     // that starts fails the test instead of running on).
     let bin = deeprecall_tests::ops::server_bin();
@@ -647,7 +673,7 @@ async fn a_replication_url_reaching_another_database_fails_and_serve_refuses_to_
         report.to_text()
     );
     for sql in [
-        format!("drop database {other}"),
+        format!("drop database {other} with (force)"),
         format!("drop role {role}"),
     ] {
         admin.batch_execute(&sql).await.unwrap();

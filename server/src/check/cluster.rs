@@ -251,12 +251,9 @@ pub(super) async fn replication_role(ctx: &Db<'_>, args: &CheckArgs) -> Result<C
                 Ok(pair) => pair,
                 Err(e) => return Ok(could_not(e)),
             };
-            if !theirs.same_as(&ours) {
+            if let Some(mismatch) = theirs.mismatch(&ours) {
                 findings.push(Finding::fail(
-                    format!(
-                        "DEEPRECALL_REPLICATION_URL reaches {theirs}, but DATABASE_URL reaches {ours}: the live \
-                         stream would decode the other database's changes, and serve refuses to start"
-                    ),
+                    format!("{mismatch}, and serve refuses to start"),
                     "point DEEPRECALL_REPLICATION_URL at the same host, port and database as DATABASE_URL (only \
                      the role and its password may differ)",
                 ));

@@ -145,19 +145,38 @@ pub struct DbIdentity {
 }
 
 impl DbIdentity {
-    /// Reads the identity of the database `client` is connected to.
+    /// Reads the identity of the database `client` is connected to. The cluster identifier is read apart, and any
+    /// failure to read it (a revoked grant, a fork or managed service that refuses the function) leaves it `None`:
+    /// only the database's name is compared then, rather than refusing a start over a function we merely consult.
     pub async fn read(client: &tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
-        let row = client
+        let database: String = client
+            .query_one("select current_database()::text", &[])
+            .await?
+            .get(0);
+        let system_identifier = client
             .query_one(
-                "select current_database()::text,
-                        case when has_function_privilege('pg_catalog.pg_control_system()', 'execute')
+                "select case when has_function_privilege('pg_catalog.pg_control_system()', 'execute')
                              then (select system_identifier::text from pg_catalog.pg_control_system()) end",
                 &[],
             )
-            .await?;
+            .await
+            .ok()
+            .and_then(|row| row.get(0));
         Ok(Self {
-            database: row.get(0),
-            system_identifier: row.get(1),
+            database,
+            system_identifier,
+        })
+    }
+
+    /// Why a replication connection that reached `self` must not stream for pooled connections that reached
+    /// `ours`, if it must not: the slot would be made there, and the stream would decode that database's changes
+    /// (another deployment's rows, if it has a publication of the same name) or none at all.
+    pub fn mismatch(&self, ours: &Self) -> Option<String> {
+        (!self.same_as(ours)).then(|| {
+            format!(
+                "the replication URL (DEEPRECALL_REPLICATION_URL) reaches {self}, but DATABASE_URL reaches {ours}: \
+                 the live stream would decode the other database's changes"
+            )
         })
     }
 

@@ -107,6 +107,15 @@ pub async fn run(
                 // Take over promptly when the other process lets go (a rolling deploy).
                 Duration::from_millis(500)
             }
+            Err(SessionError::WrongDatabase(mismatch)) => {
+                // Retried, not given up: a failover or a DNS change may be under way, and it may end.
+                held_since = None;
+                tracing::error!(%mismatch, retry_in = ?backoff, "not streaming from another database");
+                hub.stream_interrupted(mismatch);
+                let wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                wait
+            }
             Err(e) => {
                 held_since = None;
                 hub.stream_interrupted(crate::error::Chain(&e).to_string());
@@ -153,6 +162,9 @@ enum SessionError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("the replication slot is in use by {0}")]
     SlotInUse(String),
+    /// The replication URL reaches another database than the pool ([`crate::db::DbIdentity::mismatch`]).
+    #[error("{0}")]
+    WrongDatabase(String),
 }
 
 async fn session(
@@ -175,6 +187,11 @@ async fn session(
     // The pooled connection first: a slot made anew and not counted (its generation not bumped, because no
     // connection came in time) would look like an existing one to the next attempt, and its loss would go unsaid.
     let client = pool.get().await?;
+    // Checked at every connection, not only at start: the replication URL's host may be another server by now.
+    let ours = crate::db::DbIdentity::read(&client).await?;
+    if let Some(mismatch) = crate::db::DbIdentity::read(&admin).await?.mismatch(&ours) {
+        return Err(SessionError::WrongDatabase(mismatch));
+    }
     let outcome = slot::ensure_slot(&admin, &config.slot).await?;
     let (generation, bumped) = generation(&client, &config.slot, outcome).await?;
     if bumped {
