@@ -225,8 +225,14 @@ impl LocalCluster {
     /// killed as well, a `data` with a PG_VERSION and half a cluster, taken for a cluster by every later run.
     fn initdb(&self, options: &ClusterOptions) -> Result<(), ClusterError> {
         let data = self.base.join("data");
-        // An empty `data` (made by hand) is taken; anything else is not ours to delete.
-        if data.exists() && std::fs::remove_dir(&data).is_err() {
+        // An empty `data` that exists already (made by hand, a mounted volume, a symlink to one) is initialised in
+        // place, as before: it may not be renamed onto. Anything else in it is not ours to delete.
+        let in_place = data.exists();
+        if in_place
+            && !std::fs::read_dir(&data)
+                .map(|mut entries| entries.next().is_none())
+                .unwrap_or(false)
+        {
             return Err(ClusterError::Io {
                 context: format!(
                     "{} exists but holds no cluster (no PG_VERSION): remove it, or choose another --data-dir",
@@ -235,8 +241,17 @@ impl LocalCluster {
                 source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
             });
         }
-        let building = self.base.join("data.initdb");
-        if building.exists() {
+        if in_place && let Some((_, uid, gid)) = &self.run_as {
+            // initdb runs as that user and must own the directory (a symlink's target).
+            std::os::unix::fs::chown(&data, Some(*uid), Some(*gid))
+                .map_err(io_err(format!("chown {}", data.display())))?;
+        }
+        let building = if in_place {
+            data.clone()
+        } else {
+            self.base.join("data.initdb")
+        };
+        if !in_place && building.exists() {
             // What an interrupted run left: it is rebuilt whole.
             std::fs::remove_dir_all(&building)
                 .map_err(io_err(format!("removing {}", building.display())))?;
@@ -259,6 +274,9 @@ impl LocalCluster {
         }
         self.run_tool("initdb", &args)?;
         include_our_settings(&building)?;
+        if in_place {
+            return Ok(());
+        }
         std::fs::rename(&building, &data).map_err(io_err(format!(
             "renaming {} to {}",
             building.display(),

@@ -24,7 +24,13 @@ pub async fn signal() {
 /// Postgres started by `pg_ctl` is in a session of its own, so the hangup does not reach it). `serve` keeps the
 /// default: under `nohup` a handler would replace the ignored disposition and stop a server meant to outlive its
 /// terminal.
+///
+/// Under `nohup` (SIGHUP ignored when the process starts) the hangup stays ignored: a handler would replace that
+/// disposition and stop a `dev` its user meant to outlive the terminal.
 pub async fn signal_or_hangup() {
+    if hangup_ignored() {
+        return signal().await;
+    }
     let hangup = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(mut s) => {
@@ -37,6 +43,20 @@ pub async fn signal_or_hangup() {
         () = signal() => {},
         () = hangup => {},
     }
+}
+
+/// Whether SIGHUP is ignored by this process (bit 0 of `SigIgn` in /proc/self/status: `nohup` sets it). Read
+/// before any handler is installed, as [`signal_or_hangup`] does: a handler clears it.
+fn hangup_ignored() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigIgn:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & 1 != 0)
 }
 
 /// Resolves once `flag` is true (or its sender is gone). Holds no borrow across the await, so the future is Send.

@@ -103,15 +103,23 @@ async fn a_cluster_made_without_our_settings_line_gets_it_at_start() {
     assert_eq!(wal_level(&cluster).await, "logical");
 }
 
-#[tokio::test]
-async fn dev_stops_its_postgres_when_its_terminal_hangs_up() {
-    // SIGHUP (the terminal closed, an SSH session dropped) ended `dev` at once, by the signal's default action, and
-    // left its Postgres running: it is in a session of its own, so the hangup did not reach it.
-    let dir = tempfile::tempdir().expect("temp dir");
+/// `deeprecall-sync dev` on a temp dir, through `nohup` if asked, once it is ready; with its postmaster.pid path.
+async fn ready_dev(
+    dir: &std::path::Path,
+    nohup: bool,
+) -> (tokio::process::Child, std::path::PathBuf) {
     let listen = format!("127.0.0.1:{}", deeprecall_tests::ops::free_port());
-    let mut child = tokio::process::Command::new(deeprecall_tests::ops::server_bin())
+    let bin = deeprecall_tests::ops::server_bin();
+    let mut command = if nohup {
+        let mut c = tokio::process::Command::new("nohup");
+        c.arg(bin);
+        c
+    } else {
+        tokio::process::Command::new(bin)
+    };
+    let child = command
         .args(["dev", "--data-dir"])
-        .arg(dir.path())
+        .arg(dir)
         .args(["--listen", &listen, "--metrics-listen", "off"])
         .env_remove("DATABASE_URL")
         .env_remove("RUST_LOG")
@@ -135,17 +143,26 @@ async fn dev_stops_its_postgres_when_its_terminal_hangs_up() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let pid_file = dir
-        .path()
-        .join("postgres")
-        .join("data")
-        .join("postmaster.pid");
+    let pid_file = dir.join("postgres").join("data").join("postmaster.pid");
     assert!(pid_file.exists(), "dev's Postgres is not running");
+    (child, pid_file)
+}
+
+fn send(signal: &str, child: &tokio::process::Child) {
     let status = std::process::Command::new("kill")
-        .args(["-HUP", &child.id().unwrap().to_string()])
+        .args([signal, &child.id().unwrap().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+#[tokio::test]
+async fn dev_stops_its_postgres_when_its_terminal_hangs_up() {
+    // SIGHUP (the terminal closed, an SSH session dropped) ended `dev` at once, by the signal's default action, and
+    // left its Postgres running: it is in a session of its own, so the hangup did not reach it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, pid_file) = ready_dev(dir.path(), false).await;
+    send("-HUP", &child);
     let exit = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait())
         .await
         .expect("dev did not exit on SIGHUP")
@@ -155,4 +172,45 @@ async fn dev_stops_its_postgres_when_its_terminal_hangs_up() {
         !pid_file.exists(),
         "dev exited on SIGHUP and left its Postgres running"
     );
+
+    // Under nohup the hangup stays ignored (a handler would replace the ignored disposition): dev keeps serving,
+    // and still stops cleanly on SIGTERM.
+    let (mut child, pid_file) = ready_dev(dir.path(), true).await;
+    send("-HUP", &child);
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(2), child.wait()).await;
+    assert!(ended.is_err(), "dev under nohup ended on SIGHUP: {ended:?}");
+    send("-TERM", &child);
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait())
+        .await
+        .expect("dev did not exit on SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "{exit}");
+    assert!(!pid_file.exists(), "dev left its Postgres running");
+}
+
+#[tokio::test]
+async fn an_empty_data_directory_made_beforehand_is_initialised_in_place() {
+    // A mounted volume or a symlink to one cannot be renamed onto: an empty `data` that exists already gets the
+    // cluster in place, as before the cluster was built aside. One that holds anything else is refused.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = ClusterOptions {
+        ephemeral: true,
+        ..Default::default()
+    };
+    let volume = tempfile::tempdir().expect("temp dir");
+    std::os::unix::fs::symlink(volume.path(), dir.path().join("data")).unwrap();
+    let mut cluster = LocalCluster::open_or_init(dir.path(), &options).expect("open");
+    cluster.start(&options).expect("start");
+    assert_eq!(wal_level(&cluster).await, "logical");
+    assert!(volume.path().join("PG_VERSION").exists());
+    drop(cluster);
+
+    let other = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(other.path().join("data")).unwrap();
+    std::fs::write(other.path().join("data").join("notes.txt"), "mine").unwrap();
+    match LocalCluster::open_or_init(other.path(), &options) {
+        Err(e) => assert!(e.to_string().contains("holds no cluster"), "{e}"),
+        Ok(_) => panic!("a data directory holding someone's file was initialised"),
+    }
+    assert!(other.path().join("data").join("notes.txt").exists());
 }
