@@ -58,11 +58,15 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let tables: Vec<String> = if args.tables.is_empty() {
+    let mut tables: Vec<String> = if args.tables.is_empty() {
         DEFAULT_TABLES.iter().map(|t| (*t).to_owned()).collect()
     } else {
         args.tables.clone()
     };
+    // Once each: the id is the table's name, and a second subscribe with it is refused (`duplicate_subscription`),
+    // which would count as the refusal of the first.
+    let mut seen = std::collections::HashSet::new();
+    tables.retain(|t| seen.insert(t.clone()));
     let url = stream_url(&args.url)?;
     let mut request = url
         .as_str()

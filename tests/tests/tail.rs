@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use deeprecall_tests::TestEnv;
 use deeprecall_tests::ops::server_bin;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use uuid::Uuid;
 
 fn tail(env: &TestEnv, tables: &[&str]) -> tokio::process::Command {
@@ -40,8 +41,21 @@ async fn tail_ends_when_the_server_refuses_every_subscription() {
     assert!(stdout.contains(r#""type":"error""#), "{stdout}");
     assert!(stderr.contains("unknown_table"), "{stderr}");
 
-    // With one subscription the server took, it keeps watching.
-    let mut child = tail(&env, &["works", "nosuch"]).spawn().unwrap();
+    // With one subscription the server took, it keeps watching, after the refusal of the other (and a table
+    // named twice is subscribed once, not refused as a duplicate).
+    let mut child = tail(&env, &["works", "nosuch", "works"]).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let refusal = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains(r#""type":"error""#) {
+                return line;
+            }
+        }
+        panic!("tail ended without printing the refusal");
+    })
+    .await
+    .expect("no refusal printed");
+    assert!(refusal.contains("nosuch"), "{refusal}");
     let ended = tokio::time::timeout(Duration::from_secs(3), child.wait()).await;
     assert!(
         ended.is_err(),
