@@ -110,13 +110,13 @@ async fn ready_dev(
 ) -> (tokio::process::Child, std::path::PathBuf) {
     let listen = format!("127.0.0.1:{}", deeprecall_tests::ops::free_port());
     let bin = deeprecall_tests::ops::server_bin();
-    let mut command = if nohup {
-        let mut c = tokio::process::Command::new("nohup");
-        c.arg(bin);
-        c
-    } else {
-        tokio::process::Command::new(bin)
-    };
+    // Through `env --default-signal=HUP` otherwise: the test itself may run under nohup (a CI script started so),
+    // whose ignored SIGHUP the child would inherit, and dev then rightly leaves it ignored.
+    let mut command = tokio::process::Command::new(if nohup { "nohup" } else { "env" });
+    if !nohup {
+        command.arg("--default-signal=HUP");
+    }
+    command.arg(bin);
     let child = command
         .args(["dev", "--data-dir"])
         .arg(dir)
