@@ -273,16 +273,11 @@ async fn connect(url: &str, what: &str) -> Result<(PgTarget, Client), Check> {
             format!(
                 "cannot connect with {what} ({}): {}",
                 describe(&target),
-                error_chain(&e)
+                crate::error::Chain(&e)
             ),
             "check host, port, credentials, pg_hba.conf and the TLS parameters (sslmode, sslrootcert)",
         )),
     }
-}
-
-/// An error and its causes on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    crate::error::Chain(e).to_string()
 }
 
 /// `host:port/database as user (sslmode=…)`, never the password.
@@ -311,7 +306,7 @@ async fn guard(
     probe.await.unwrap_or_else(|e| {
         Check::fail(
             name,
-            format!("could not check: {}", error_chain(&e)),
+            format!("could not check: {}", crate::error::Chain(&e)),
             "run check as the role serve uses; it needs to read the system catalogs",
         )
     })

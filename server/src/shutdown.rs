@@ -5,14 +5,7 @@ pub async fn signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+    let term = unix_signal(tokio::signal::unix::SignalKind::terminate());
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
@@ -31,17 +24,20 @@ pub async fn signal_or_hangup() {
     if hangup_ignored() {
         return signal().await;
     }
-    let hangup = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+    let hangup = unix_signal(tokio::signal::unix::SignalKind::hangup());
     tokio::select! {
         () = signal() => {},
         () = hangup => {},
+    }
+}
+
+/// Resolves on the first `kind` signal (never, if its handler cannot be installed).
+async fn unix_signal(kind: tokio::signal::unix::SignalKind) {
+    match tokio::signal::unix::signal(kind) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending::<()>().await,
     }
 }
 

@@ -306,6 +306,25 @@ impl UrlServer {
     }
 }
 
+/// Waits (up to 120 s) until the server at `base` (`http://host:port`) answers `/readyz` with 200: a subprocess
+/// started with `serve` or `dev`.
+pub async fn until_ready(base: &str) {
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server at {base} did not come up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Picks a free port on 127.0.0.1 (for a subprocess's --listen).
 pub fn free_port() -> u16 {
     deeprecall_sync::pgcluster::free_port().expect("free port")

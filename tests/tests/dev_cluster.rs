@@ -129,20 +129,7 @@ async fn ready_dev(
         .kill_on_drop(true)
         .spawn()
         .expect("spawning deeprecall-sync dev");
-    let http = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        if let Ok(r) = http.get(format!("http://{listen}/readyz")).send().await
-            && r.status().is_success()
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "dev did not come up"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    deeprecall_tests::ops::until_ready(&format!("http://{listen}")).await;
     let pid_file = dir.join("postgres").join("data").join("postmaster.pid");
     assert!(pid_file.exists(), "dev's Postgres is not running");
     (child, pid_file)

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use deeprecall_sync::http::cors::CorsOrigins;
-use deeprecall_tests::ops::{free_port, server_bin};
+use deeprecall_tests::ops::{free_port, server_bin, until_ready};
 use deeprecall_tests::{EnvOptions, TEST_SECRET, TestEnv};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -80,23 +80,6 @@ async fn every_response_carries_a_request_id() {
     }
 }
 
-/// Waits until `{base}/readyz` answers 200 (the database answers and the replication stream runs); panics after 60 s.
-async fn until_ready(http: &reqwest::Client, base: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
-            && r.status().is_success()
-        {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "server at {base} did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// `deeprecall-sync serve` as a subprocess on `slot`, logging JSON lines under `rust_log` (None: the server's default
 /// filter); its stderr lines arrive on `lines` as they are written.
 struct JsonServer {
@@ -148,8 +131,8 @@ impl JsonServer {
     }
 
     /// Waits until its `/readyz` answers 200.
-    async fn until_ready(&self, http: &reqwest::Client) {
-        until_ready(http, &self.base).await;
+    async fn until_ready(&self) {
+        until_ready(&self.base).await;
     }
 
     /// Stops the server with SIGTERM (it must exit successfully) and returns the lines not yet received.
@@ -181,7 +164,7 @@ async fn json_logs_parse_and_carry_the_request_id() {
     let mut server = JsonServer::spawn(&env, "logs_test", Some("info,tower_http=debug"));
     let base = server.base.clone();
     let http = reqwest::Client::new();
-    server.until_ready(&http).await;
+    server.until_ready().await;
     let resp = http
         .get(format!("{base}/readyz"))
         .header("x-request-id", "log-test-42")
@@ -251,7 +234,7 @@ async fn a_standby_polled_for_readiness_logs_no_errors() {
     let env = TestEnv::start().await;
     // The test environment's own server holds its slot once it is ready, so a second server on it waits on standby.
     let http = reqwest::Client::new();
-    until_ready(&http, &env.base).await;
+    until_ready(&env.base).await;
     let server = JsonServer::spawn(&env, &env.state.slot_name, None);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut standby_answers = 0;
@@ -292,7 +275,7 @@ async fn a_500_is_logged_once_with_its_cause() {
     let env = TestEnv::start().await;
     let server = JsonServer::spawn(&env, "logs_500", None);
     let http = reqwest::Client::new();
-    server.until_ready(&http).await;
+    server.until_ready().await;
     // The operator's mistake, not the client's: the user role lost a grant, so the insert fails with a privilege
     // error that is not row-level security's.
     env.superuser()

@@ -5,7 +5,7 @@ use deeprecall_replication::slot;
 use deeprecall_replication::stream::SslMode;
 
 use super::report::human_bytes;
-use super::{Check, CheckArgs, Db, Finding, connect, error_chain};
+use super::{Check, CheckArgs, Db, Finding, connect};
 use crate::db::DbIdentity;
 
 /// Slot lag above which `check` warns: the server is down, or not keeping up.
@@ -226,7 +226,7 @@ pub(super) async fn replication_role(ctx: &Db<'_>, args: &CheckArgs) -> Result<C
     let could_not = |e: tokio_postgres::Error| {
         Check::fail(
             NAME,
-            format!("could not check: {}", error_chain(&e)),
+            format!("could not check: {}", crate::error::Chain(&e)),
             "run check as the role serve uses",
         )
     };
