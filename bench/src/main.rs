@@ -1161,7 +1161,7 @@ fn write_detail(report: &Report) -> String {
          Average pgbench transaction latency (4 clients, 2 cores) and rows/s per reference; the API uses sequence \
          idempotency (`client_id` + `seq`). \"server's SQL\" is reference 3: pgbench running exactly the statements the \
          server sends (`deeprecall_claim_seq`, which locks the client's row, checks and advances its seq, then one \
-         `insert … select … from unnest(…)`), each in its own round trip where the server pipelines them, and with \
+         `insert … select … from (select unnest(…), …)`), each in its own round trip where the server pipelines them, and with \
          its arrays built in SQL (`array_agg`, `array_fill`) where the server binds them: work the server does not \
          ask of Postgres, so server's SQL ÷ plain understates the design. Reference 4 sends the same statements as \
          the server does (binary array parameters, one pipelined round trip) from a minimal client in the benchmark \
@@ -1332,8 +1332,8 @@ sides (`prepare_wal` in bench/src/env.rs).
   the server sends on the sequence path: `select deeprecall_claim_seq(c.client_id, c.last_seq + 1, c.last_seq +
   N) from sync_clients c where c.client_id = …` (the function locks the client's row, checks the seq and advances
   it; the server passes the batch's first and last seq) and the server's set statement `insert into annotations (id,
-  kind, body, page, geometry) select u.id, … from unnest(<uuid[]>, <text[]>, <text[]>, <int4[]>, <jsonb[]>) as
-  u(…)` (the arrays built in SQL with `array_agg` / `array_fill`, where the server binds them as binary
+  kind, body, page, geometry) select u.id, … from (select unnest(<uuid[]>) as id, unnest(<text[]>) as kind, …) as
+  u` (the arrays built in SQL with `array_agg` / `array_fill`, where the server binds them as binary
   parameters). pgbench sends each statement in its own round trip; the server pipelines `BEGIN`, the role switch,
   the claim, the insert and `COMMIT` into one. **Reference 4** (\"server's statements, pipelined\") removes both
   differences: a minimal tokio-postgres client in the benchmark process, 4 connections as 4 fresh users, sends the

@@ -466,9 +466,9 @@ pub(crate) async fn run(
             "{head}select deeprecall_claim_seq(c.client_id, c.last_seq + 1, c.last_seq + {batch}) \
              from sync_clients c where c.client_id = {client};\n\
              insert into annotations (id, kind, body, page, geometry) select u.id, u.kind, u.body, u.page, u.geometry \
-             from unnest((select array_agg(gen_random_uuid()) from generate_series(1, {batch})), \
-             array_fill('note'::text, array[{batch}]), array_fill('{BODY}'::text, array[{batch}]), \
-             array_fill(1, array[{batch}]), array_fill('{{\"x\":1}}'::jsonb, array[{batch}])) as u(id, kind, body, page, geometry);\n\
+             from (select unnest((select array_agg(gen_random_uuid()) from generate_series(1, {batch}))) as id, \
+             unnest(array_fill('note'::text, array[{batch}])) as kind, unnest(array_fill('{BODY}'::text, array[{batch}])) as body, \
+             unnest(array_fill(1, array[{batch}])) as page, unnest(array_fill('{{\"x\":1}}'::jsonb, array[{batch}])) as geometry) as u;\n\
              commit;\n",
             head = head(&owners)
         );
@@ -532,7 +532,8 @@ const HEAD_SQL: &str = "select pg_current_xact_id()::text, set_config('role', $1
 const CLAIM_SQL: &str = "select deeprecall_claim_seq($1, $2, $3)";
 const INSERT_SQL: &str = "insert into \"public\".\"annotations\" (\"id\", \"page\", \"kind\", \"geometry\", \"body\") \
      select u.\"id\", u.\"page\", u.\"kind\", u.\"geometry\", u.\"body\" \
-     from unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::text[]) as u(\"id\", \"page\", \"kind\", \"geometry\", \"body\")";
+     from (select unnest($1::uuid[]) as \"id\", unnest($2::int4[]) as \"page\", unnest($3::text[]) as \"kind\", \
+     unnest($4::jsonb[]) as \"geometry\", unnest($5::text[]) as \"body\") as u";
 
 /// One transaction's parameters for [`INSERT_SQL`].
 struct Arrays {

@@ -12,9 +12,11 @@
 //!
 //! ```sql
 //! insert into "public"."annotations" ("id", "kind", "page")
-//!   select u."id", u."kind", u."page" from unnest($1::uuid[], $2::text[], $3::int4[]) as u("id", "kind", "page")
+//!   select u."id", u."kind", u."page"
+//!   from (select unnest($1::uuid[]) as "id", unnest($2::text[]) as "kind", unnest($3::int4[]) as "page") as u
 //! update "public"."works" as t set "title" = u."title"
-//!   from unnest($1::uuid[], $2::text[]) as u("id", "title") where t."id" = u."id" returning t."id"
+//!   from (select unnest($1::uuid[]) as "id", unnest($2::text[]) as "title") as u
+//!   where t."id" = u."id" returning t."id"
 //! delete from "public"."works" where "id" = any($1::uuid[]) returning "id"
 //! ```
 //!
@@ -445,12 +447,19 @@ fn sql(table: &Table, kind: OpKind, names: &[String], types: &[ColumnType]) -> S
         return format!("delete from {qualified} where \"id\" = any($1::uuid[]) returning \"id\"");
     }
     let list = names.join(", ");
-    let arrays: Vec<String> = types
+    // Each array is unnested in the select list of a subquery, not by `unnest(a, b, …)` in FROM: a function in FROM
+    // is a FunctionScan, which materialises every function's whole result in a tuplestore before the first row
+    // moves, while set-returning functions in a select list (a ProjectSet) hand their elements on one at a time, in
+    // lockstep (equal lengths here, as every op of a run has every column). Postgres cannot pull such a subquery
+    // up, so its rows stream straight into the insert or the update's join. Measured: 200,000-row inserts ~20%
+    // faster in Postgres (docs/decisions.md 51).
+    let unnested: Vec<String> = names
         .iter()
+        .zip(types)
         .enumerate()
-        .map(|(i, ty)| format!("${}::{}", i + 1, ty.param_array_type()))
+        .map(|(i, (name, ty))| format!("unnest(${}::{}) as {name}", i + 1, ty.param_array_type()))
         .collect();
-    let source = format!("unnest({}) as u({list})", arrays.join(", "));
+    let source = format!("(select {}) as u", unnested.join(", "));
     // u."c", cast where the value travelled as text (arrays, other types). The cast has no type modifiers; the
     // column's own are applied by the assignment, which refuses what does not fit instead of truncating.
     let value = |name: &String, ty: &ColumnType| match ty.cast() {
@@ -780,13 +789,13 @@ mod tests {
         assert_eq!(
             all[0].sql,
             "insert into \"public\".\"works\" (\"id\", \"title\") select u.\"id\", u.\"title\" \
-             from unnest($1::uuid[], $2::text[]) as u(\"id\", \"title\")"
+             from (select unnest($1::uuid[]) as \"id\", unnest($2::text[]) as \"title\") as u"
         );
         assert!(matches!(&all[0].params[1], Param::Text(v) if v == &[Some("a"), Some("b")]));
         assert_eq!(
             all[2].sql,
-            "update \"public\".\"works\" as t set \"title\" = u.\"title\" from unnest($1::uuid[], $2::text[]) \
-             as u(\"id\", \"title\") where t.\"id\" = u.\"id\" returning t.\"id\""
+            "update \"public\".\"works\" as t set \"title\" = u.\"title\" from (select unnest($1::uuid[]) \
+             as \"id\", unnest($2::text[]) as \"title\") as u where t.\"id\" = u.\"id\" returning t.\"id\""
         );
         assert_eq!(
             all[5].sql,
@@ -822,7 +831,8 @@ mod tests {
             s.sql,
             "insert into \"public\".\"works\" (\"id\", \"tags\", \"authors\", \"price\") \
              select u.\"id\", u.\"tags\"::text[], u.\"authors\", u.\"price\"::numeric \
-             from unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[]) as u(\"id\", \"tags\", \"authors\", \"price\") \
+             from (select unnest($1::uuid[]) as \"id\", unnest($2::text[]) as \"tags\", \
+             unnest($3::jsonb[]) as \"authors\", unnest($4::text[]) as \"price\") as u \
              on conflict on constraint \"works_pkey\" do update set \"tags\" = excluded.\"tags\", \
              \"authors\" = excluded.\"authors\", \"price\" = excluded.\"price\""
         );
