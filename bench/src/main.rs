@@ -14,6 +14,7 @@ mod amplification;
 mod env;
 mod live;
 mod load;
+mod machine;
 mod memory;
 mod read;
 mod snapshot;
@@ -1219,12 +1220,51 @@ fn write_detail(report: &Report) -> String {
         }
         s.push('\n');
     }
+    s.push_str(&machine_table(report));
     s.push_str(
         "Figures at batch 1 and 100 move by ±30% between runs on a shared machine (see the load averages). The API, \
          plain pgbench and reference 5 take turns in rounds, so the per-round ratios show how much of that noise a \
          single comparison carries; references 2-4 run once, right after the rounds of the same batch size, so \
          compare them within a batch size.\n",
     );
+    s
+}
+
+/// Where the API's extra machine CPU per row goes, per sweep and batch size.
+fn machine_table(report: &Report) -> String {
+    let mut s = String::from(
+        "Machine CPU per row: the CPU time of every process on the machine (`/proc/stat`: the server, Postgres's \
+         backends and walsender, the clients, the kernel on their behalf) from the start of a side until its slowest \
+         client finished, divided by its rows, the mean of the rounds (reference 4: its one run); idle is the cores' \
+         idle share meanwhile. A pgbench side's window also holds pgbench's start and its 4 connections. The API's \
+         extra over plain pgbench splits into the server's extra (its CPU per row on the API side minus while plain \
+         pgbench wrote: decoding and routing the rows is in both), the clients' extra (the benchmark's API clients \
+         minus the pgbench process), and the rest: Postgres receiving and storing rows it is sent (binary arrays, \
+         each row's `jsonb` parsed) where plain pgbench makes them from one literal, and the kernel's socket \
+         copies.\n\n\
+         | sweep | batch | API (idle) | plain pgbench (idle) | reference 5 (idle) | reference 4 (idle) | API − plain | server's extra | clients' extra | the rest |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let cell = |m: machine::PerRow| format!("{:.1} µs ({:.0}%)", m.us, m.idle_share * 100.0);
+    for (sweep, writes) in [("first", &report.writes), ("second", &report.writes_after)] {
+        for (batch, r) in writes {
+            let split = r.machine_split();
+            let _ = writeln!(
+                s,
+                "| {sweep} | {batch} | {} | {} | {} | {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+                cell(r.api_machine),
+                cell(r.pg_machine),
+                cell(r.values_machine),
+                r.server_statements
+                    .map_or_else(|| "—".into(), |d| cell(d.machine)),
+                split.total,
+                split.server,
+                split.clients,
+                split.rest,
+            );
+        }
+    }
+    s.push('\n');
     s
 }
 
@@ -1257,6 +1297,21 @@ fn write_explanation(report: &Report) -> String {
                     r.pg_server_us_per_row
                 );
             }
+            let split = r.machine_split();
+            let _ = write!(
+                s,
+                "The machine spent {:.1} µs of CPU per row on the API side against {:.1} µs on plain pgbench's \
+                 (idle {:.0}% against {:.0}%): {:.1} µs more, of which the server {:.1}, the clients {:.1} and \
+                 Postgres and the kernel {:.1} (\"Write path in detail\"). ",
+                r.api_machine.us,
+                r.pg_machine.us,
+                r.api_machine.idle_share * 100.0,
+                r.pg_machine.idle_share * 100.0,
+                split.total,
+                split.server,
+                split.clients,
+                split.rest
+            );
             let other = sweeps
                 .iter()
                 .filter(|(name, _)| *name != sweep)

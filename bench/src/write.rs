@@ -11,6 +11,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::env::{DATABASE, Env};
+use crate::machine::{PerRow, Snapshot, Use};
 use crate::stats;
 
 /// The `body` of every benchmark annotation: 100 ASCII characters, no quotes or backslashes.
@@ -55,6 +56,12 @@ pub(crate) struct WriteResult {
     pub(crate) server_statements: Option<PgbenchResult>,
     /// The API without `client_id` (per-op ledger), when measured for this batch size.
     pub(crate) api_ledger: Option<ApiResult>,
+    /// Machine CPU per row (every process) and the cores' idle share on the API side, the mean of the rounds.
+    pub(crate) api_machine: PerRow,
+    /// The same while plain pgbench wrote.
+    pub(crate) pg_machine: PerRow,
+    /// The same while reference 5 wrote.
+    pub(crate) values_machine: PerRow,
     /// Each round's rows/s per side, in the order the rounds ran.
     pub(crate) rounds: Vec<Round>,
     /// Reference 5 (pgbench sending the same rows as one multi-row `insert … values (…), (…)` per transaction,
@@ -83,10 +90,36 @@ impl WriteResult {
         stats::median(self.rounds.iter().map(|r| r.api / r.plain).collect())
     }
 
+    /// The API's extra machine CPU per row over plain pgbench, and its parts.
+    pub(crate) fn machine_split(&self) -> MachineSplit {
+        let total = self.api_machine.us - self.pg_machine.us;
+        let server = self.api_server_us_per_row - self.pg_server_us_per_row;
+        let clients = self.api_machine.clients_us - self.pg_machine.clients_us;
+        MachineSplit {
+            total,
+            server,
+            clients,
+            rest: total - server - clients,
+        }
+    }
+
     /// The median of the rounds' API ÷ reference 5, as [`Self::ratio`] is for plain pgbench.
     pub(crate) fn values_ratio(&self) -> f64 {
         stats::median(self.rounds.iter().map(|r| r.api / r.values).collect())
     }
+}
+
+/// The API's extra machine CPU per row over plain pgbench (µs), split by who spent it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MachineSplit {
+    /// API minus plain pgbench.
+    pub(crate) total: f64,
+    /// The server's own CPU per row, API side minus plain side (both decode and route the rows).
+    pub(crate) server: f64,
+    /// The benchmark's API clients minus the pgbench process.
+    pub(crate) clients: f64,
+    /// The rest: Postgres (receiving and storing the rows it is sent) and the kernel.
+    pub(crate) rest: f64,
 }
 
 /// The API side's figures.
@@ -101,6 +134,8 @@ pub(crate) struct ApiResult {
     /// Server CPU time (user + system) per row written, µs: answering the requests plus decoding and routing the
     /// rows from the replication stream.
     pub(crate) server_us_per_row: f64,
+    /// The whole machine's CPU per row while the clients ran.
+    pub(crate) machine: PerRow,
 }
 
 /// Rounds of a batch size: the API, plain pgbench and reference 5 run one after the other in each round, each
@@ -120,6 +155,9 @@ pub(crate) struct PgbenchResult {
     pub(crate) latency_ms: f64,
     /// Server CPU time per row, µs (it decodes and routes pgbench's rows from the replication stream too).
     pub(crate) server_us_per_row: f64,
+    /// The whole machine's CPU per row while the reference ran (for pgbench: its whole process, connections
+    /// included).
+    pub(crate) machine: PerRow,
 }
 
 /// The ledger statement the server runs (`server/src/http/batch.rs`), with op_ids generated in Postgres instead
@@ -284,7 +322,7 @@ async fn api_run(
             anyhow::Ok((latencies, Instant::now()))
         }));
     }
-    let (outputs, secs, cpu) = timed(env, &start, tasks, "API write clients").await?;
+    let (outputs, secs, cpu, machine) = timed(env, &start, tasks, "API write clients").await?;
     let mut latencies: Vec<f64> = outputs.into_iter().flatten().collect();
     let rows = (per_client * batch * CLIENTS) as f64;
     let (p50, _, p99) = stats::summary(&mut latencies);
@@ -294,6 +332,7 @@ async fn api_run(
             p50_ms: p50,
             p99_ms: p99,
             server_us_per_row: cpu * 1e6 / rows,
+            machine: PerRow::of(machine, rows),
         },
         latencies,
     ))
@@ -303,16 +342,18 @@ async fn api_run(
 type ClientTask<T> = tokio::task::JoinHandle<anyhow::Result<(T, Instant)>>;
 
 /// Starts the clock once every client waits at `start`, then waits (at most 300 s) for them and for the server to
-/// route their rows. Returns the outputs, the seconds until the slowest client finished, and the server's CPU seconds
-/// over that time plus routing (the server finishes routing its rows after the last answer: that counts too).
+/// route their rows. Returns the outputs, the seconds until the slowest client finished, the server's CPU seconds
+/// over that time plus routing (the server finishes routing its rows after the last answer: that counts too), and
+/// the machine until the slowest client finished.
 async fn timed<T>(
     env: &Env,
     start: &tokio::sync::Barrier,
     tasks: Vec<ClientTask<T>>,
     what: &str,
-) -> anyhow::Result<(Vec<T>, f64, f64)> {
+) -> anyhow::Result<(Vec<T>, f64, f64, Use)> {
     start.wait().await;
     let began = Instant::now();
+    let machine = Snapshot::now()?;
     let cpu_before = env.server_cpu_secs()?;
     let mut outputs = Vec::with_capacity(tasks.len());
     let mut ended = began;
@@ -324,8 +365,9 @@ async fn timed<T>(
         ended = ended.max(end);
     }
     let secs = (ended - began).as_secs_f64();
+    let machine = machine.until(&Snapshot::now()?, env.clk_tck);
     settle(env).await?;
-    Ok((outputs, secs, env.server_cpu_secs()? - cpu_before))
+    Ok((outputs, secs, env.server_cpu_secs()? - cpu_before, machine))
 }
 
 /// Runs one batch size on both sides: `total_rows` rows each, in [`ROUNDS`] interleaved rounds. With
@@ -378,6 +420,8 @@ pub(crate) async fn run(
     let mut plain_cpu = 0.0;
     let mut plain_latency = 0.0;
     let mut values_latency = 0.0;
+    let (mut api_machine, mut plain_machine, mut values_machine) =
+        (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let script = format!("{}{plain_insert}commit;\n", head(&users()));
         let values_script = format!("{}{values_insert}commit;\n", head(&users()));
@@ -395,6 +439,7 @@ pub(crate) async fn run(
                     let (api, api_latencies) = api_run(env, batch, per_client, true).await?;
                     latencies.extend(api_latencies);
                     api_cpu += api.server_us_per_row / ROUNDS as f64;
+                    api_machine.push(api.machine);
                     rates.api = api.rows_s;
                 }
                 1 => {
@@ -403,12 +448,14 @@ pub(crate) async fn run(
                     pg_latencies.extend(plain_latencies);
                     plain_cpu += plain.server_us_per_row / ROUNDS as f64;
                     plain_latency += plain.latency_ms / ROUNDS as f64;
+                    plain_machine.push(plain.machine);
                     rates.plain = plain.rows_s;
                 }
                 _ => {
                     let (values, _) =
                         pgbench(env, &values_script, &values_name, batch, per_client).await?;
                     values_latency += values.latency_ms / ROUNDS as f64;
+                    values_machine.push(values.machine);
                     rates.values = values.rows_s;
                 }
             }
@@ -505,6 +552,9 @@ pub(crate) async fn run(
         server_sql,
         server_statements,
         api_ledger,
+        api_machine: PerRow::mean(api_machine.into_iter()),
+        pg_machine: PerRow::mean(plain_machine.into_iter()),
+        values_machine: PerRow::mean(values_machine.into_iter()),
         rounds,
         values_rows_s,
         values_latency_ms: values_latency,
@@ -606,12 +656,13 @@ async fn server_statements(
             anyhow::Ok(((), Instant::now()))
         }));
     }
-    let (_, secs, cpu) = timed(env, &start, tasks, "reference 4").await?;
+    let (_, secs, cpu, machine) = timed(env, &start, tasks, "reference 4").await?;
     let rows = (per_client * batch * CLIENTS) as f64;
     Ok(PgbenchResult {
         rows_s: rows / secs,
         latency_ms: secs * 1000.0 / per_client as f64,
         server_us_per_row: cpu * 1e6 / rows,
+        machine: PerRow::of(machine, rows),
     })
 }
 
@@ -658,6 +709,7 @@ async fn pgbench(
     std::fs::write(&script_path, script)?;
     // pgbench writes one log file per thread: `<prefix>.<pid>` and `<prefix>.<pid>.<thread>`.
     let log_prefix = format!("pgbench-log-{name}");
+    let machine = Snapshot::now()?;
     let output = tokio::time::timeout(
         Duration::from_secs(300),
         env.pg_tool("pgbench")
@@ -677,6 +729,7 @@ async fn pgbench(
     )
     .await
     .with_context(|| format!("pgbench ({name}) took longer than 300 s"))??;
+    let machine = machine.until(&Snapshot::now()?, env.clk_tck);
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         bail!(
@@ -702,6 +755,7 @@ async fn pgbench(
             rows_s: tps * batch as f64,
             latency_ms: parse_after(&stdout, "latency average = ").unwrap_or(0.0),
             server_us_per_row: cpu * 1e6 / (per_client * 4 * batch) as f64,
+            machine: PerRow::of(machine, (per_client * 4 * batch) as f64),
         },
         latencies,
     ))

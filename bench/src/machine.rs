@@ -1,0 +1,167 @@
+//! The whole machine's CPU time from `/proc/stat`: what every process spent (the server, the Postgres backends and
+//! walsender, the clients, the kernel on their behalf) and how long the cores sat idle, over one side of a write
+//! round. The server's own CPU (`Env::server_cpu_secs`) says what the server costs; this says what a row costs the
+//! machine altogether, so the API's extra can be split into the server's share, its clients' share and the rest
+//! (Postgres receiving the rows it is sent, and the kernel's socket copies).
+
+use anyhow::Context;
+
+/// Cumulative counters at one instant, in clock ticks (`USER_HZ`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Snapshot {
+    /// user + nice + system + irq + softirq, summed over the cores.
+    busy: u64,
+    /// idle + iowait, summed over the cores.
+    idle: u64,
+    /// Time the hypervisor ran someone else while a core had work (steal).
+    steal: u64,
+    /// User + system time of this process and of its waited-for children: the load generator, whether it is this
+    /// process's clients (the API, reference 4) or a pgbench run (a child, waited for at its end).
+    clients: u64,
+}
+
+impl Snapshot {
+    pub(crate) fn now() -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let (busy, idle, steal) = parse_cpu_line(stat.lines().next().unwrap_or_default())
+            .context("no aggregate `cpu` line in /proc/stat")?;
+        let me = std::fs::read_to_string("/proc/self/stat")?;
+        let rest = me.rsplit_once(") ").context("malformed /proc/self/stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // `rest` starts at field 3 (state); utime, stime, cutime and cstime are fields 14 to 17.
+        let tick = |i: usize| -> anyhow::Result<u64> {
+            Ok(fields.get(i).context("short /proc/self/stat")?.parse()?)
+        };
+        Ok(Self {
+            busy,
+            idle,
+            steal,
+            clients: tick(11)? + tick(12)? + tick(13)? + tick(14)?,
+        })
+    }
+
+    /// What the machine did from `self` to `later`, `clk_tck` ticks per second.
+    pub(crate) fn until(&self, later: &Self, clk_tck: f64) -> Use {
+        let busy = later.busy.saturating_sub(self.busy) as f64;
+        let idle = later.idle.saturating_sub(self.idle) as f64;
+        let steal = later.steal.saturating_sub(self.steal) as f64;
+        let total = busy + idle + steal;
+        Use {
+            busy_secs: busy / clk_tck,
+            idle_share: if total > 0.0 { idle / total } else { 0.0 },
+            clients_secs: later.clients.saturating_sub(self.clients) as f64 / clk_tck,
+        }
+    }
+}
+
+/// `(busy, idle, steal)` ticks from the aggregate line `cpu user nice system idle iowait irq softirq steal …`.
+fn parse_cpu_line(line: &str) -> Option<(u64, u64, u64)> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = fields
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    if v.len() < 5 {
+        return None;
+    }
+    Some((at(0) + at(1) + at(2) + at(5) + at(6), at(3) + at(4), at(7)))
+}
+
+/// The machine over one measured stretch.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Use {
+    /// CPU seconds of every process, summed over the cores.
+    pub(crate) busy_secs: f64,
+    /// Share of the cores' time spent idle (including waiting for I/O), 0..1.
+    pub(crate) idle_share: f64,
+    /// CPU seconds of the load generator: the benchmark process and the children it waited for (pgbench).
+    pub(crate) clients_secs: f64,
+}
+
+/// One side's machine cost per row, averaged over the rounds it ran in.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PerRow {
+    /// Machine CPU per row written, µs.
+    pub(crate) us: f64,
+    /// The load generator's CPU per row, µs (the benchmark's own clients, or pgbench).
+    pub(crate) clients_us: f64,
+    /// Idle share of the cores.
+    pub(crate) idle_share: f64,
+}
+
+impl PerRow {
+    pub(crate) fn of(used: Use, rows: f64) -> Self {
+        Self {
+            us: used.busy_secs * 1e6 / rows,
+            clients_us: used.clients_secs * 1e6 / rows,
+            idle_share: used.idle_share,
+        }
+    }
+
+    /// The mean of `rounds` (each round writes the same rows per side).
+    pub(crate) fn mean(rounds: impl ExactSizeIterator<Item = Self>) -> Self {
+        let n = rounds.len().max(1) as f64;
+        rounds.fold(Self::default(), |acc, r| Self {
+            us: acc.us + r.us / n,
+            clients_us: acc.clients_us + r.clients_us / n,
+            idle_share: acc.idle_share + r.idle_share / n,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_line() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        assert_eq!(
+            parse_cpu_line("cpu  100 5 50 1000 20 3 7 11 0 0"),
+            Some((165, 1020, 11))
+        );
+        // Old kernels stop after iowait or irq.
+        assert_eq!(parse_cpu_line("cpu 1 2 3 4 5"), Some((6, 9, 0)));
+        assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(parse_cpu_line("cpu 1 2 x 4 5"), None);
+    }
+
+    #[test]
+    fn shares_and_means() {
+        let a = Snapshot {
+            busy: 100,
+            idle: 50,
+            steal: 0,
+            clients: 10,
+        };
+        let b = Snapshot {
+            busy: 280,
+            idle: 70,
+            steal: 0,
+            clients: 15,
+        };
+        let used = a.until(&b, 100.0);
+        assert!((used.busy_secs - 1.8).abs() < 1e-9);
+        assert!((used.idle_share - 0.1).abs() < 1e-9);
+        assert!((used.clients_secs - 0.05).abs() < 1e-9);
+        let per_row = PerRow::of(used, 100_000.0);
+        assert!((per_row.us - 18.0).abs() < 1e-9);
+        let mean = PerRow::mean(
+            [
+                per_row,
+                PerRow {
+                    us: 22.0,
+                    clients_us: 0.0,
+                    idle_share: 0.3,
+                },
+            ]
+            .into_iter(),
+        );
+        assert!((mean.us - 20.0).abs() < 1e-9);
+        assert!((mean.idle_share - 0.2).abs() < 1e-9);
+    }
+}
