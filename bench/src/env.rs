@@ -305,14 +305,8 @@ impl Env {
 
     /// Server CPU seconds so far (user + system).
     pub(crate) fn server_cpu_secs(&self) -> anyhow::Result<f64> {
-        let pid = self.server_pid()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let rest = stat.rsplit_once(") ").context("malformed /proc stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
-        let utime: f64 = fields.get(11).context("no utime")?.parse()?;
-        let stime: f64 = fields.get(12).context("no stime")?.parse()?;
-        Ok((utime + stime) / self.clk_tck)
+        let ticks = crate::machine::process_ticks(self.server_pid()?)?;
+        Ok(ticks.own as f64 / self.clk_tck)
     }
 
     /// Server resident memory in KiB.

@@ -25,18 +25,12 @@ impl Snapshot {
         let stat = std::fs::read_to_string("/proc/stat")?;
         let (busy, idle, steal) = parse_cpu_line(stat.lines().next().unwrap_or_default())
             .context("no aggregate `cpu` line in /proc/stat")?;
-        let me = std::fs::read_to_string("/proc/self/stat")?;
-        let rest = me.rsplit_once(") ").context("malformed /proc/self/stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // `rest` starts at field 3 (state); utime, stime, cutime and cstime are fields 14 to 17.
-        let tick = |i: usize| -> anyhow::Result<u64> {
-            Ok(fields.get(i).context("short /proc/self/stat")?.parse()?)
-        };
+        let me = process_ticks("self")?;
         Ok(Self {
             busy,
             idle,
             steal,
-            clients: tick(11)? + tick(12)? + tick(13)? + tick(14)?,
+            clients: me.own + me.children,
         })
     }
 
@@ -52,6 +46,30 @@ impl Snapshot {
             clients_secs: later.clients.saturating_sub(self.clients) as f64 / clk_tck,
         }
     }
+}
+
+/// One process's CPU time in clock ticks, from `/proc/<pid>/stat`.
+pub(crate) struct ProcessTicks {
+    /// Its own user + system time (utime + stime).
+    pub(crate) own: u64,
+    /// Its waited-for children's user + system time (cutime + cstime).
+    pub(crate) children: u64,
+}
+
+/// [`ProcessTicks`] of `pid` (a number, or `self`).
+pub(crate) fn process_ticks(pid: impl std::fmt::Display) -> anyhow::Result<ProcessTicks> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces and parentheses: fields are counted after its last ") ".
+    let rest = stat.rsplit_once(") ").context("malformed /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); utime, stime, cutime and cstime are fields 14 to 17.
+    let tick = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields.get(i).context("short /proc stat")?.parse()?)
+    };
+    Ok(ProcessTicks {
+        own: tick(11)? + tick(12)?,
+        children: tick(13)? + tick(14)?,
+    })
 }
 
 /// `(busy, idle, steal)` ticks from the aggregate line `cpu user nice system idle iowait irq softirq steal …`.
@@ -128,6 +146,25 @@ mod tests {
         assert_eq!(parse_cpu_line("cpu 1 2 3 4 5"), Some((6, 9, 0)));
         assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"), None);
         assert_eq!(parse_cpu_line("cpu 1 2 x 4 5"), None);
+    }
+
+    #[test]
+    fn this_process_and_the_machine_are_read() {
+        let before = Snapshot::now().unwrap();
+        // Spin until this process's own time moves by a clock tick (bounded, for a starved test machine).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut x = 0u64;
+        while Snapshot::now().unwrap().clients == before.clients
+            && std::time::Instant::now() < deadline
+        {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        let used = before.until(&Snapshot::now().unwrap(), 100.0);
+        assert!(used.clients_secs > 0.0, "{used:?}");
+        assert!(used.busy_secs > 0.0, "{used:?}");
+        assert!((0.0..=1.0).contains(&used.idle_share), "{used:?}");
     }
 
     #[test]
