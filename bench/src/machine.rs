@@ -151,12 +151,14 @@ mod tests {
     #[test]
     fn this_process_and_the_machine_are_read() {
         let before = Snapshot::now().unwrap();
-        // Spin until this process's own time moves by a clock tick (bounded, for a starved test machine).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // Spin until both counters move: this process's time by several ticks and the machine's busy time at all.
+        // The two are kept differently (a process's time from its precise run time, the machine's from samples at
+        // each tick), so one tick of this process can show before any busy tick does; a CI run once read 0.01 s
+        // here with the machine's busy time unmoved. Bounded, for a starved test machine.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let mut x = 0u64;
-        while Snapshot::now().unwrap().clients == before.clients
-            && std::time::Instant::now() < deadline
-        {
+        let moved = |now: &Snapshot| now.clients >= before.clients + 5 && now.busy > before.busy;
+        while !moved(&Snapshot::now().unwrap()) && std::time::Instant::now() < deadline {
             for _ in 0..100_000 {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
