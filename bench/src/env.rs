@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use deeprecall_sync::auth::{AuthConfig, KeySource};
-use deeprecall_sync::pgcluster::{ClusterOptions, LocalCluster, free_port, random_token};
+use deeprecall_sync::pgcluster::{
+    ClusterOptions, LocalCluster, free_port, random_token, run_after_process_exits, shell_quote,
+};
 use uuid::Uuid;
 
 /// The database the server and the benchmark use.
@@ -53,6 +55,25 @@ impl Drop for Env {
         }
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
+}
+
+/// `Drop` stops the server and the cluster and removes the scratch directory when the benchmark ends or fails, but a
+/// Ctrl-C, SIGTERM or SIGKILL ends the process without it: the cluster (its own process group, so even Ctrl-C does not
+/// reach it) then ran on with 512 MB of shared buffers and 4 GiB of WAL made ready in /tmp, and a killed run's server
+/// kept retrying it. A detached shell does the same cleanup once this process has gone, whichever way. It checks once
+/// a second, not more often: it runs beside every measurement.
+fn clean_up_after_a_kill(cluster: &LocalCluster, port: u16, scratch: &Path) -> anyhow::Result<()> {
+    // Every server this run starts listens here. `[-]` keeps the pattern from matching this shell's own command line.
+    let server = format!("'[-]-listen 127[.]0[.]0[.]1:{port}( |$)'");
+    let script = format!(
+        "pkill -TERM -f {server}; i=0; \
+         while pgrep -f {server} >/dev/null && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done; \
+         pkill -KILL -f {server}; {}; rm -rf {}",
+        cluster.teardown_script(),
+        shell_quote(scratch)
+    );
+    run_after_process_exits(std::process::id(), Duration::from_secs(1), &script)
+        .context("starting the benchmark's cleanup watcher")
 }
 
 /// Raises RLIMIT_NOFILE (inherited by the server child): to `want` when allowed (root may raise the hard limit),
@@ -154,12 +175,14 @@ impl Env {
                     .ok()
             })
             .unwrap_or(100.0);
+        let port = free_port()?;
+        clean_up_after_a_kill(&cluster, port, &scratch)?;
         let mut env = Self {
             server: None,
             cluster,
             auth,
             secret,
-            port: free_port()?,
+            port,
             server_bin,
             scratch,
             clk_tck,
@@ -309,6 +332,20 @@ impl Env {
         Ok(ticks.own as f64 / self.clk_tck)
     }
 
+    /// The server this benchmark started has exited (it is a zombie until waited for, or gone): a wait for it to
+    /// catch up then fails at once instead of after its limit.
+    fn server_exited(&self) -> bool {
+        let Some(server) = &self.server else {
+            return false;
+        };
+        match std::fs::read_to_string(format!("/proc/{}/status", server.pid)) {
+            Ok(status) => status
+                .lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z')),
+            Err(_) => true,
+        }
+    }
+
     /// Server resident memory in KiB.
     pub(crate) fn server_rss_kib(&self) -> anyhow::Result<u64> {
         let pid = self.server_pid()?;
@@ -343,6 +380,11 @@ impl Env {
                 .await?;
             if row.get::<_, bool>(0) {
                 return Ok(());
+            }
+            if self.server_exited() {
+                bail!(
+                    "deeprecall-sync exited while the benchmark waited for its slot to reach {lsn}"
+                );
             }
             if Instant::now() > deadline {
                 bail!("the server's slot did not reach {lsn} within {limit:?}");

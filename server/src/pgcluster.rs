@@ -13,6 +13,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 /// Error starting or stopping a local cluster; the message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -450,30 +451,24 @@ impl LocalCluster {
     /// from a detached shell. For test harnesses that keep one cluster for a whole test binary in a static, which
     /// is never dropped: the cluster then goes away with the process, even when it panics or is killed.
     pub fn reap_when_process_exits(&self, pid: u32) -> Result<(), ClusterError> {
-        let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
-        let pg_ctl = quote(&self.bindir.join("pg_ctl"));
+        run_after_process_exits(pid, Duration::from_millis(200), &self.teardown_script())
+            .map_err(io_err("starting the cluster reaper"))
+    }
+
+    /// A shell command that stops this cluster (immediately, as its owner) and removes its base directory; it does
+    /// nothing harmful when the cluster is already gone. For a caller's own [`run_after_process_exits`] that has
+    /// more to clean up than the cluster.
+    pub fn teardown_script(&self) -> String {
+        let pg_ctl = shell_quote(&self.bindir.join("pg_ctl"));
         let run_as = match &self.run_as {
             Some((user, _, _)) => format!("runuser -u {user} -- "),
             None => String::new(),
         };
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; \
-             {run_as}{pg_ctl} -D {} -m immediate -w stop >/dev/null 2>&1; rm -rf {}",
-            quote(&self.base.join("data")),
-            quote(&self.base)
-        );
-        use std::os::unix::process::CommandExt;
-        Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            // Its own process group: a Ctrl-C to the test run must not kill the reaper before it has reaped.
-            .process_group(0)
-            .spawn()
-            .map_err(io_err("starting the cluster reaper"))?;
-        Ok(())
+        format!(
+            "{run_as}{pg_ctl} -D {} -m immediate -w stop >/dev/null 2>&1; rm -rf {}",
+            shell_quote(&self.base.join("data")),
+            shell_quote(&self.base)
+        )
     }
 
     /// The port Postgres listens on (127.0.0.1).
@@ -660,4 +655,29 @@ pub fn random_token(len: usize) -> String {
     (0..len)
         .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
         .collect()
+}
+
+/// `path` as one single-quoted shell word.
+pub fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
+}
+
+/// Runs `script` from a detached `sh` once process `pid` has exited, checking every `poll`. The shell has a process
+/// group of its own, so a Ctrl-C to the watched process's group does not stop it before it has run: what a process
+/// started (a cluster, a server, a scratch directory) goes away with it even when it is killed, which no `Drop`
+/// survives.
+pub fn run_after_process_exits(pid: u32, poll: Duration, script: &str) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep {}; done; {script}",
+            poll.as_secs_f64()
+        ))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map(drop)
 }
