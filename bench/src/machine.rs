@@ -2,7 +2,7 @@
 //! walsender, the clients, the kernel on their behalf) and how long the cores sat idle, over one side of a write
 //! round. The server's own CPU (`Env::server_cpu_secs`) says what the server costs; this says what a row costs the
 //! machine altogether, so the API's extra can be split into the server's share, its clients' share and the rest
-//! (Postgres receiving the rows it is sent, and the kernel's socket copies).
+//! (every other process and the kernel: Postgres storing the rows it is sent, the kernel's work on the HTTP bytes).
 
 use anyhow::Context;
 

@@ -1239,9 +1239,11 @@ fn machine_table(report: &Report) -> String {
          idle share meanwhile. A pgbench side's window also holds pgbench's start and its 4 connections. The API's \
          extra over plain pgbench splits into the server's extra (its CPU per row on the API side minus while plain \
          pgbench wrote: decoding and routing the rows is in both), the clients' extra (the benchmark's API clients \
-         minus the pgbench process), and the rest: Postgres receiving and storing rows it is sent (binary arrays, \
-         each row's `jsonb` parsed) where plain pgbench makes them from one literal, and the kernel's socket \
-         copies.\n\n\
+         minus the pgbench process), and the rest: every other process and the kernel (Postgres storing rows it is \
+         sent as binary arrays where plain pgbench makes them from one literal, the kernel's work on the HTTP \
+         bytes, more threads to switch between). Reference 4 sends Postgres the same statements and arrays without \
+         the server: where it costs the machine about what plain pgbench does, the rest is not Postgres receiving \
+         rows but what the server in between costs the others.\n\n\
          | sweep | batch | API (idle) | plain pgbench (idle) | reference 5 (idle) | reference 4 (idle) | API − plain | server's extra | clients' extra | the rest |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
     );
@@ -1302,7 +1304,7 @@ fn write_explanation(report: &Report) -> String {
                 s,
                 "The machine spent {:.1} µs of CPU per row on the API side against {:.1} µs on plain pgbench's \
                  (idle {:.0}% against {:.0}%): {:.1} µs more, of which the server {:.1}, the clients {:.1} and \
-                 Postgres and the kernel {:.1} (\"Write path in detail\"). ",
+                 the rest (Postgres and the kernel) {:.1} (\"Write path in detail\"). ",
                 r.api_machine.us,
                 r.pg_machine.us,
                 r.api_machine.idle_share * 100.0,

@@ -118,7 +118,8 @@ pub(crate) struct MachineSplit {
     pub(crate) server: f64,
     /// The benchmark's API clients minus the pgbench process.
     pub(crate) clients: f64,
-    /// The rest: Postgres (receiving and storing the rows it is sent) and the kernel.
+    /// The rest: every other process and the kernel (Postgres storing the rows it is sent, the kernel's work on the
+    /// HTTP bytes, thread switches).
     pub(crate) rest: f64,
 }
 
