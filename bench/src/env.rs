@@ -335,15 +335,9 @@ impl Env {
     /// The server this benchmark started has exited (it is a zombie until waited for, or gone): a wait for it to
     /// catch up then fails at once instead of after its limit.
     fn server_exited(&self) -> bool {
-        let Some(server) = &self.server else {
-            return false;
-        };
-        match std::fs::read_to_string(format!("/proc/{}/status", server.pid)) {
-            Ok(status) => status
-                .lines()
-                .any(|l| l.starts_with("State:") && l.contains('Z')),
-            Err(_) => true,
-        }
+        self.server
+            .as_ref()
+            .is_some_and(|server| crate::machine::has_exited(server.pid))
     }
 
     /// Server resident memory in KiB.

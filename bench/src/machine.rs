@@ -56,19 +56,31 @@ pub(crate) struct ProcessTicks {
     pub(crate) children: u64,
 }
 
+/// The fields of `/proc/<pid>/stat` from field 3 (the state) on. The command name (field 2) may hold spaces and
+/// parentheses, so fields are counted after its last ") ".
+fn stat_fields(pid: impl std::fmt::Display) -> anyhow::Result<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(") ").context("malformed /proc stat")?.1;
+    Ok(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// [`ProcessTicks`] of `pid` (a number, or `self`).
 pub(crate) fn process_ticks(pid: impl std::fmt::Display) -> anyhow::Result<ProcessTicks> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) may hold spaces and parentheses: fields are counted after its last ") ".
-    let rest = stat.rsplit_once(") ").context("malformed /proc stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state); utime, stime, cutime and cstime are fields 14 to 17.
+    let fields = stat_fields(pid)?;
+    // utime, stime, cutime and cstime are fields 14 to 17.
     let tick = |i: usize| -> anyhow::Result<u64> {
         Ok(fields.get(i).context("short /proc stat")?.parse()?)
     };
     Ok(ProcessTicks {
         own: tick(11)? + tick(12)?,
         children: tick(13)? + tick(14)?,
+    })
+}
+
+/// Process `pid` has exited: it is gone, or a zombie (`Z`) until its parent waits for it.
+pub(crate) fn has_exited(pid: u32) -> bool {
+    stat_fields(pid).map_or(true, |fields| {
+        fields.first().is_none_or(|state| state == "Z")
     })
 }
 
