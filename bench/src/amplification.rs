@@ -114,7 +114,7 @@ pub(crate) async fn run(env: &Env, secs: f64) -> anyhow::Result<AmplificationRes
         tokio::spawn(async move {
             let mut peak = 0;
             while !stop.load(Ordering::Relaxed) {
-                if let Ok(kib) = rss_kib(pid) {
+                if let Ok(kib) = crate::machine::rss_kib(pid) {
                     peak = peak.max(kib);
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -141,17 +141,4 @@ pub(crate) async fn run(env: &Env, secs: f64) -> anyhow::Result<AmplificationRes
         flood_requests,
         rss_kib: (base_rss, peak.max(base_rss)),
     })
-}
-
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS")?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("malformed VmRSS")?
-        .parse()?)
 }

@@ -342,17 +342,7 @@ impl Env {
 
     /// Server resident memory in KiB.
     pub(crate) fn server_rss_kib(&self) -> anyhow::Result<u64> {
-        let pid = self.server_pid()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .context("no VmRSS")?;
-        Ok(line
-            .split_whitespace()
-            .nth(1)
-            .context("malformed VmRSS")?
-            .parse()?)
+        crate::machine::rss_kib(self.server_pid()?)
     }
 
     /// Waits (at most `limit`) until the server's slot has confirmed `lsn`: everything before it was routed.

@@ -1,4 +1,5 @@
-//! The whole machine's CPU time from `/proc/stat`: what every process spent (the server, the Postgres backends and
+//! What the benchmark reads from `/proc`: a process's CPU time, state and resident memory, and the whole machine's
+//! CPU time from `/proc/stat`: what every process spent (the server, the Postgres backends and
 //! walsender, the clients, the kernel on their behalf) and how long the cores sat idle, over one side of a write
 //! round. The server's own CPU (`Env::server_cpu_secs`) says what the server costs; this says what a row costs the
 //! machine altogether, so the API's extra can be split into the server's share, its clients' share and the rest
@@ -82,6 +83,20 @@ pub(crate) fn has_exited(pid: u32) -> bool {
     stat_fields(pid).map_or(true, |fields| {
         fields.first().is_none_or(|state| state == "Z")
     })
+}
+
+/// Resident memory of `pid` in KiB (`VmRSS` of `/proc/<pid>/status`).
+pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed VmRSS")?
+        .parse()?)
 }
 
 /// `(busy, idle, steal)` ticks from the aggregate line `cpu user nice system idle iowait irq softirq steal …`.
