@@ -310,6 +310,52 @@ impl Env {
         Ok(response.text().await?)
     }
 
+    /// Changes the server has decoded from its slot and routed so far (`/v1/admin/stats`, `stream.changes_total`):
+    /// every row written to a synced table is one.
+    pub(crate) async fn routed_changes(&self) -> anyhow::Result<u64> {
+        let text = self.admin_get("/v1/admin/stats").await?;
+        changes_total(&text)
+    }
+
+    /// Waits (at most `limit`) until the server has routed `target` changes in all ([`Self::routed_changes`]),
+    /// polling every 5 ms, and returns when it saw them. One admin token and HTTP client for the whole wait.
+    pub(crate) async fn wait_routed(
+        &self,
+        target: u64,
+        limit: Duration,
+    ) -> anyhow::Result<Instant> {
+        let token = self
+            .auth
+            .mint(Uuid::new_v4(), true, 600)
+            .context("no admin token")?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let url = format!("{}/v1/admin/stats", self.base());
+        let deadline = Instant::now() + limit;
+        loop {
+            let text = client
+                .get(&url)
+                .bearer_auth(&token)
+                .send()
+                .await?
+                .text()
+                .await?;
+            if changes_total(&text)? >= target {
+                return Ok(Instant::now());
+            }
+            if self.server_exited() {
+                bail!(
+                    "deeprecall-sync exited while the benchmark waited for it to route {target} changes"
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("the server did not route {target} changes within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// `GET /v1/admin/replication` (admin token) as text, for diagnostics.
     pub(crate) async fn replication_stats(&self) -> String {
         self.admin_get("/v1/admin/replication")
@@ -324,6 +370,25 @@ impl Env {
             .ok()
             .and_then(|stats| stats["stream"]["connections"].as_u64())
             .with_context(|| format!("no stream.connections in /v1/admin/stats: {text}"))
+    }
+
+    /// The cluster's postmaster: the first line of its `postmaster.pid`.
+    pub(crate) fn postmaster_pid(&self) -> anyhow::Result<u32> {
+        let path = self.cluster.base_dir().join("data").join("postmaster.pid");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        text.lines()
+            .next()
+            .and_then(|pid| pid.trim().parse().ok())
+            .with_context(|| format!("no pid in {}", path.display()))
+    }
+
+    /// The machine now, with the cluster's and the server's processes.
+    pub(crate) fn machine_now(&self) -> anyhow::Result<crate::machine::Snapshot> {
+        crate::machine::Snapshot::now(Some(crate::machine::Watched {
+            postmaster: self.postmaster_pid()?,
+            server: self.server_pid()?,
+        }))
     }
 
     /// Server CPU seconds so far (user + system).
@@ -451,4 +516,12 @@ pub(crate) async fn current_lsn(client: &tokio_postgres::Client) -> anyhow::Resu
         .query_one("select pg_current_wal_lsn()::text", &[])
         .await?
         .get(0))
+}
+
+/// `stream.changes_total` of a `/v1/admin/stats` answer.
+fn changes_total(stats: &str) -> anyhow::Result<u64> {
+    serde_json::from_str::<serde_json::Value>(stats)
+        .ok()
+        .and_then(|stats| stats["stream"]["changes_total"].as_u64())
+        .with_context(|| format!("no stream.changes_total in /v1/admin/stats: {stats}"))
 }

@@ -2,8 +2,9 @@
 //! CPU time from `/proc/stat`: what every process spent (the server, the Postgres backends and
 //! walsender, the clients, the kernel on their behalf) and how long the cores sat idle, over one side of a write
 //! round. The server's own CPU (`Env::server_cpu_secs`) says what the server costs; this says what a row costs the
-//! machine altogether, so the API's extra can be split into the server's share, its clients' share and the rest
-//! (every other process and the kernel: Postgres storing the rows it is sent, the kernel's work on the HTTP bytes).
+//! machine altogether, so the API's extra can be split into the server's share, its clients' share, Postgres's
+//! share (every process of the cluster, [`postgres_ticks`]) and the rest (the kernel outside those processes:
+//! interrupts and soft interrupts, where the kernel accounts them apart; any other process).
 
 use anyhow::Context;
 
@@ -19,10 +20,24 @@ pub(crate) struct Snapshot {
     /// User + system time of this process and of its waited-for children: the load generator, whether it is this
     /// process's clients (the API, reference 4) or a pgbench run (a child, waited for at its end).
     clients: u64,
+    /// User + system time of every Postgres process ([`postgres_ticks`]), when a postmaster was given.
+    postgres: u64,
+    /// User + system time of the server, when given.
+    server: u64,
+}
+
+/// The processes a [`Snapshot`] reads besides the machine and this process.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Watched {
+    /// The cluster's postmaster.
+    pub(crate) postmaster: u32,
+    /// The server.
+    pub(crate) server: u32,
 }
 
 impl Snapshot {
-    pub(crate) fn now() -> anyhow::Result<Self> {
+    /// The machine now, and the `watched` processes when given.
+    pub(crate) fn now(watched: Option<Watched>) -> anyhow::Result<Self> {
         let stat = std::fs::read_to_string("/proc/stat")?;
         let (busy, idle, steal) = parse_cpu_line(stat.lines().next().unwrap_or_default())
             .context("no aggregate `cpu` line in /proc/stat")?;
@@ -32,6 +47,14 @@ impl Snapshot {
             idle,
             steal,
             clients: me.own + me.children,
+            postgres: watched
+                .map(|w| postgres_ticks(w.postmaster))
+                .transpose()?
+                .unwrap_or(0),
+            server: watched
+                .map(|w| process_ticks(w.server).map(|t| t.own))
+                .transpose()?
+                .unwrap_or(0),
         })
     }
 
@@ -45,6 +68,8 @@ impl Snapshot {
             busy_secs: busy / clk_tck,
             idle_share: if total > 0.0 { idle / total } else { 0.0 },
             clients_secs: later.clients.saturating_sub(self.clients) as f64 / clk_tck,
+            postgres_secs: later.postgres.saturating_sub(self.postgres) as f64 / clk_tck,
+            server_secs: later.server.saturating_sub(self.server) as f64 / clk_tck,
         }
     }
 }
@@ -76,6 +101,47 @@ pub(crate) fn process_ticks(pid: impl std::fmt::Display) -> anyhow::Result<Proce
         own: tick(11)? + tick(12)?,
         children: tick(13)? + tick(14)?,
     })
+}
+
+/// CPU ticks of a Postgres cluster so far: the postmaster's own and its waited-for children's (every backend that
+/// has exited, pgbench's among them: their time moves to the postmaster when it reaps them), plus the own time of
+/// its children still running (backends, walsender, checkpointer, walwriter, autovacuum). A child reaped between
+/// reading the postmaster and reading the children would be counted in neither, so the postmaster is read again
+/// after them and the whole read repeated if its children's total moved meanwhile.
+pub(crate) fn postgres_ticks(postmaster: u32) -> anyhow::Result<u64> {
+    let mut attempts = 0;
+    loop {
+        let before = process_ticks(postmaster)?;
+        let mut running = 0;
+        for entry in std::fs::read_dir("/proc")? {
+            let Some(pid) = entry?
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // A process may exit while the directory is read: it is then counted in `after.children`, if at all.
+            let Ok(fields) = stat_fields(pid) else {
+                continue;
+            };
+            if fields.get(1).and_then(|ppid| ppid.parse::<u32>().ok()) != Some(postmaster) {
+                continue;
+            }
+            let tick = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            running += tick(11) + tick(12);
+        }
+        let after = process_ticks(postmaster)?;
+        attempts += 1;
+        if after.children == before.children || attempts == 5 {
+            return Ok(after.own + after.children + running);
+        }
+    }
 }
 
 /// Process `pid` has exited: it is gone, or a zombie (`Z`) until its parent waits for it.
@@ -125,6 +191,10 @@ pub(crate) struct Use {
     pub(crate) idle_share: f64,
     /// CPU seconds of the load generator: the benchmark process and the children it waited for (pgbench).
     pub(crate) clients_secs: f64,
+    /// CPU seconds of the Postgres processes (backends, walsender, background workers).
+    pub(crate) postgres_secs: f64,
+    /// CPU seconds of the server.
+    pub(crate) server_secs: f64,
 }
 
 /// One side's machine cost per row, averaged over the rounds it ran in.
@@ -134,6 +204,10 @@ pub(crate) struct PerRow {
     pub(crate) us: f64,
     /// The load generator's CPU per row, µs (the benchmark's own clients, or pgbench).
     pub(crate) clients_us: f64,
+    /// Postgres's CPU per row, µs.
+    pub(crate) postgres_us: f64,
+    /// The server's CPU per row over the same stretch, µs.
+    pub(crate) server_us: f64,
     /// Idle share of the cores.
     pub(crate) idle_share: f64,
 }
@@ -143,6 +217,8 @@ impl PerRow {
         Self {
             us: used.busy_secs * 1e6 / rows,
             clients_us: used.clients_secs * 1e6 / rows,
+            postgres_us: used.postgres_secs * 1e6 / rows,
+            server_us: used.server_secs * 1e6 / rows,
             idle_share: used.idle_share,
         }
     }
@@ -153,6 +229,8 @@ impl PerRow {
         rounds.fold(Self::default(), |acc, r| Self {
             us: acc.us + r.us / n,
             clients_us: acc.clients_us + r.clients_us / n,
+            postgres_us: acc.postgres_us + r.postgres_us / n,
+            server_us: acc.server_us + r.server_us / n,
             idle_share: acc.idle_share + r.idle_share / n,
         })
     }
@@ -177,7 +255,7 @@ mod tests {
 
     #[test]
     fn this_process_and_the_machine_are_read() {
-        let before = Snapshot::now().unwrap();
+        let before = Snapshot::now(None).unwrap();
         // Spin until both counters move: this process's time by several ticks and the machine's busy time at all.
         // The two are kept differently (a process's time from its precise run time, the machine's from samples at
         // each tick), so one tick of this process can show before any busy tick does; a CI run once read 0.01 s
@@ -185,12 +263,12 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let mut x = 0u64;
         let moved = |now: &Snapshot| now.clients >= before.clients + 5 && now.busy > before.busy;
-        while !moved(&Snapshot::now().unwrap()) && std::time::Instant::now() < deadline {
+        while !moved(&Snapshot::now(None).unwrap()) && std::time::Instant::now() < deadline {
             for _ in 0..100_000 {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
         }
-        let used = before.until(&Snapshot::now().unwrap(), 100.0);
+        let used = before.until(&Snapshot::now(None).unwrap(), 100.0);
         assert!(used.clients_secs > 0.0, "{used:?}");
         assert!(used.busy_secs > 0.0, "{used:?}");
         assert!((0.0..=1.0).contains(&used.idle_share), "{used:?}");
@@ -203,25 +281,33 @@ mod tests {
             idle: 50,
             steal: 0,
             clients: 10,
+            postgres: 40,
+            server: 20,
         };
         let b = Snapshot {
             busy: 280,
             idle: 70,
             steal: 0,
             clients: 15,
+            postgres: 140,
+            server: 70,
         };
         let used = a.until(&b, 100.0);
         assert!((used.busy_secs - 1.8).abs() < 1e-9);
         assert!((used.idle_share - 0.1).abs() < 1e-9);
         assert!((used.clients_secs - 0.05).abs() < 1e-9);
+        assert!((used.postgres_secs - 1.0).abs() < 1e-9);
         let per_row = PerRow::of(used, 100_000.0);
         assert!((per_row.us - 18.0).abs() < 1e-9);
+        assert!((per_row.postgres_us - 10.0).abs() < 1e-9);
         let mean = PerRow::mean(
             [
                 per_row,
                 PerRow {
                     us: 22.0,
                     clients_us: 0.0,
+                    postgres_us: 4.0,
+                    server_us: 1.0,
                     idle_share: 0.3,
                 },
             ]
@@ -229,5 +315,40 @@ mod tests {
         );
         assert!((mean.us - 20.0).abs() < 1e-9);
         assert!((mean.idle_share - 0.2).abs() < 1e-9);
+        assert!((mean.postgres_us - 7.0).abs() < 1e-9);
+        assert!((mean.server_us - 3.0).abs() < 1e-9);
+    }
+
+    /// A process tree's time is counted while a child runs and after it was reaped, and not twice: this process
+    /// stands in for the postmaster, a shell spinning for a while for a backend.
+    #[test]
+    fn a_process_tree_is_counted_running_and_reaped() {
+        let me = std::process::id();
+        let tree = |ticks: ProcessTicks| ticks.own + ticks.children;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); done"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let running = postgres_ticks(me).unwrap();
+        let reaped_so_far = tree(process_ticks(me).unwrap());
+        // The running child's time is found by the scan of /proc (other tests' threads may add own time meanwhile,
+        // which only raises the second read).
+        assert!(
+            running > reaped_so_far,
+            "{running} with the child running, {reaped_so_far} without it"
+        );
+        child.wait().unwrap();
+        let reaped = postgres_ticks(me).unwrap();
+        let after = tree(process_ticks(me).unwrap());
+        assert!(
+            process_ticks(me).unwrap().children > 0,
+            "the child's time moved to this process"
+        );
+        // No running child is left, so the tree is this process's own and reaped time, counted once.
+        assert!(
+            reaped <= after && after - reaped < 50,
+            "{reaped} against {after}"
+        );
     }
 }
