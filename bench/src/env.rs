@@ -332,27 +332,50 @@ impl Env {
             .timeout(Duration::from_secs(5))
             .build()?;
         let url = format!("{}/v1/admin/stats", self.base());
+        let (client, url, token) = (&client, &url, &token);
+        self.poll_server(
+            &format!("it to route {target} changes"),
+            limit,
+            Duration::from_millis(5),
+            || async move {
+                let text = client
+                    .get(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await?
+                    .text()
+                    .await?;
+                Ok(changes_total(&text)? >= target)
+            },
+        )
+        .await
+    }
+
+    /// Calls `done` every `every` until it says yes, and returns when it did; fails after `limit`, or at once if
+    /// the server exits meanwhile (`waiting_for` names what it waits for, in the error).
+    async fn poll_server<F, Fut>(
+        &self,
+        waiting_for: &str,
+        limit: Duration,
+        every: Duration,
+        mut done: F,
+    ) -> anyhow::Result<Instant>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<bool>>,
+    {
         let deadline = Instant::now() + limit;
         loop {
-            let text = client
-                .get(&url)
-                .bearer_auth(&token)
-                .send()
-                .await?
-                .text()
-                .await?;
-            if changes_total(&text)? >= target {
+            if done().await? {
                 return Ok(Instant::now());
             }
             if self.server_exited() {
-                bail!(
-                    "deeprecall-sync exited while the benchmark waited for it to route {target} changes"
-                );
+                bail!("deeprecall-sync exited while the benchmark waited for {waiting_for}");
             }
             if Instant::now() > deadline {
-                bail!("the server did not route {target} changes within {limit:?}");
+                bail!("the benchmark waited {limit:?} for {waiting_for}, in vain");
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(every).await;
         }
     }
 
@@ -417,29 +440,24 @@ impl Env {
         lsn: &str,
         limit: Duration,
     ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let row = client
-                .query_one(
-                    // No row yet right after the server started (its replicator creates the slot): not caught up.
-                    "select coalesce(bool_or(confirmed_flush_lsn >= $2::text::pg_lsn), false)
-                       from pg_replication_slots where slot_name = $1",
-                    &[&SERVER_SLOT, &lsn],
-                )
-                .await?;
-            if row.get::<_, bool>(0) {
-                return Ok(());
-            }
-            if self.server_exited() {
-                bail!(
-                    "deeprecall-sync exited while the benchmark waited for its slot to reach {lsn}"
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("the server's slot did not reach {lsn} within {limit:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.poll_server(
+            &format!("its slot to reach {lsn}"),
+            limit,
+            Duration::from_millis(20),
+            || async {
+                let row = client
+                    .query_one(
+                        // No row yet right after the server started (its replicator creates the slot): not caught up.
+                        "select coalesce(bool_or(confirmed_flush_lsn >= $2::text::pg_lsn), false)
+                           from pg_replication_slots where slot_name = $1",
+                        &[&SERVER_SLOT, &lsn],
+                    )
+                    .await?;
+                Ok(row.get::<_, bool>(0))
+            },
+        )
+        .await
+        .map(|_| ())
     }
 
     /// `PGPASSWORD`-style environment and `-h/-p/-U` arguments for the Postgres client tools.
