@@ -294,20 +294,23 @@ impl Env {
         }
     }
 
+    /// An admin token and an HTTP client for the server's admin endpoints, for one call or a whole wait.
+    fn admin(&self) -> anyhow::Result<Admin> {
+        Ok(Admin {
+            token: self
+                .auth
+                .mint(Uuid::new_v4(), true, 600)
+                .context("no admin token")?,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?,
+            base: self.base(),
+        })
+    }
+
     /// `GET <path>` on the server with an admin token: the body as text, whatever the status.
     async fn admin_get(&self, path: &str) -> anyhow::Result<String> {
-        let token = self
-            .auth
-            .mint(Uuid::new_v4(), true, 600)
-            .context("no admin token")?;
-        let response = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()?
-            .get(format!("{}{path}", self.base()))
-            .bearer_auth(token)
-            .send()
-            .await?;
-        Ok(response.text().await?)
+        self.admin()?.get(path).await
     }
 
     /// Changes the server has decoded from its slot and routed so far (`/v1/admin/stats`, `stream.changes_total`):
@@ -324,29 +327,12 @@ impl Env {
         target: u64,
         limit: Duration,
     ) -> anyhow::Result<Instant> {
-        let token = self
-            .auth
-            .mint(Uuid::new_v4(), true, 600)
-            .context("no admin token")?;
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()?;
-        let url = format!("{}/v1/admin/stats", self.base());
-        let (client, url, token) = (&client, &url, &token);
+        let admin = &self.admin()?;
         self.poll_server(
             &format!("it to route {target} changes"),
             limit,
             Duration::from_millis(5),
-            || async move {
-                let text = client
-                    .get(url)
-                    .bearer_auth(token)
-                    .send()
-                    .await?
-                    .text()
-                    .await?;
-                Ok(changes_total(&text)? >= target)
-            },
+            || async move { Ok(changes_total(&admin.get("/v1/admin/stats").await?)? >= target) },
         )
         .await
     }
@@ -534,6 +520,28 @@ pub(crate) async fn current_lsn(client: &tokio_postgres::Client) -> anyhow::Resu
         .query_one("select pg_current_wal_lsn()::text", &[])
         .await?
         .get(0))
+}
+
+/// What the admin endpoints are called with ([`Env::admin`]).
+struct Admin {
+    token: String,
+    client: reqwest::Client,
+    /// The server's base URL.
+    base: String,
+}
+
+impl Admin {
+    /// `GET <path>`: the body as text, whatever the status.
+    async fn get(&self, path: &str) -> anyhow::Result<String> {
+        Ok(self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
 }
 
 /// `stream.changes_total` of a `/v1/admin/stats` answer.

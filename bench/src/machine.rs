@@ -92,15 +92,20 @@ fn stat_fields(pid: impl std::fmt::Display) -> anyhow::Result<Vec<String>> {
 
 /// [`ProcessTicks`] of `pid` (a number, or `self`).
 pub(crate) fn process_ticks(pid: impl std::fmt::Display) -> anyhow::Result<ProcessTicks> {
-    let fields = stat_fields(pid)?;
-    // utime, stime, cutime and cstime are fields 14 to 17.
-    let tick = |i: usize| -> anyhow::Result<u64> {
-        Ok(fields.get(i).context("short /proc stat")?.parse()?)
-    };
-    Ok(ProcessTicks {
-        own: tick(11)? + tick(12)?,
-        children: tick(13)? + tick(14)?,
-    })
+    ProcessTicks::of(&stat_fields(pid)?)
+}
+
+impl ProcessTicks {
+    /// From the fields [`stat_fields`] returns: utime, stime, cutime and cstime are fields 14 to 17.
+    fn of(fields: &[String]) -> anyhow::Result<Self> {
+        let tick = |i: usize| -> anyhow::Result<u64> {
+            Ok(fields.get(i).context("short /proc stat")?.parse()?)
+        };
+        Ok(Self {
+            own: tick(11)? + tick(12)?,
+            children: tick(13)? + tick(14)?,
+        })
+    }
 }
 
 /// CPU ticks of a Postgres cluster so far: the postmaster's own and its waited-for children's (every backend that
@@ -128,13 +133,7 @@ pub(crate) fn postgres_ticks(postmaster: u32) -> anyhow::Result<u64> {
             if fields.get(1).and_then(|ppid| ppid.parse::<u32>().ok()) != Some(postmaster) {
                 continue;
             }
-            let tick = |i: usize| {
-                fields
-                    .get(i)
-                    .and_then(|t| t.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            running += tick(11) + tick(12);
+            running += ProcessTicks::of(&fields).map_or(0, |t| t.own);
         }
         let after = process_ticks(postmaster)?;
         attempts += 1;

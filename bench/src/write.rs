@@ -422,8 +422,8 @@ async fn timed<T>(
     }
     let secs = (ended - began).as_secs_f64();
     let machine = machine.until(&env.machine_now()?, env.clk_tck);
+    // The server has routed the side's rows: its CPU until now is the side's. (The next side settles first.)
     let routed_at = env.wait_routed(routed, Duration::from_secs(300)).await?;
-    settle(env).await?;
     Ok(Timed {
         outputs,
         secs,
@@ -815,7 +815,6 @@ async fn pgbench(
     let routed_at = env.wait_routed(routed, Duration::from_secs(300)).await?;
     let secs = rows as f64 / (tps * batch as f64);
     let streamed_secs = secs + routed_at.saturating_duration_since(exited).as_secs_f64();
-    settle(env).await?;
     let cpu = env.server_cpu_secs()? - cpu_before;
     let latencies = read_pgbench_logs(&env.scratch, &log_prefix)?;
     if latencies.len() != per_client * 4 {
@@ -830,8 +829,8 @@ async fn pgbench(
             rows_s: tps * batch as f64,
             streamed_rows_s: rows as f64 / streamed_secs,
             latency_ms: parse_after(&stdout, "latency average = ").unwrap_or(0.0),
-            server_us_per_row: cpu * 1e6 / (per_client * 4 * batch) as f64,
-            machine: PerRow::of(machine, (per_client * 4 * batch) as f64),
+            server_us_per_row: cpu * 1e6 / rows as f64,
+            machine: PerRow::of(machine, rows as f64),
         },
         latencies,
     ))
