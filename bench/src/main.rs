@@ -47,11 +47,27 @@ struct Args {
     /// before/after comparison in one run; implies --no-write).
     #[arg(long)]
     server_bin: Option<std::path::PathBuf>,
+    /// Run only the write path's first sweep, at only these batch sizes, in the given order, and not the sweep after
+    /// 1M ops (for investigating one size: `--write-sizes 100` takes under a minute, `1,100` about a minute and a
+    /// half, the whole write phase about four; implies --only write and --no-write).
+    #[arg(long, value_delimiter = ',', value_parser = ["1", "100", "1000"])]
+    write_sizes: Vec<String>,
 }
 
 impl Args {
     fn wants(&self, phase: &str) -> bool {
+        if !self.write_sizes.is_empty() {
+            return phase == "write";
+        }
         self.only.is_empty() || self.only.iter().any(|p| p == phase)
+    }
+
+    /// Whether this run is the whole benchmark, whose table goes to BENCHMARKS.md.
+    fn is_whole(&self) -> bool {
+        !self.no_write
+            && self.only.is_empty()
+            && self.server_bin.is_none()
+            && self.write_sizes.is_empty()
     }
 }
 
@@ -254,11 +270,20 @@ fn main() -> ExitCode {
 
 /// Runs every measurement; Ok(false) when some measurement failed (the others still ran).
 async fn run(args: &Args) -> anyhow::Result<bool> {
-    let sizes = if args.quick {
+    let mut sizes = if args.quick {
         Sizes::quick()
     } else {
         Sizes::full()
     };
+    if !args.write_sizes.is_empty() {
+        let all = std::mem::take(&mut sizes.write);
+        for batch in &args.write_sizes {
+            sizes
+                .write
+                .extend(all.iter().filter(|(b, _)| b.to_string() == *batch));
+        }
+        sizes.write_recorded.clear();
+    }
     let started = Instant::now();
     let server_bin = match &args.server_bin {
         Some(bin) => bin.clone(),
@@ -356,7 +381,7 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
         println!("\n{}", write_detail(&report));
     }
     println!("total time: {:.0} s", elapsed.as_secs_f64());
-    if !args.no_write && args.only.is_empty() && args.server_bin.is_none() {
+    if args.is_whole() {
         let file = if args.quick {
             "BENCHMARKS-quick.md"
         } else {
@@ -420,6 +445,9 @@ async fn write_phase(
     }
     // The same sweep once the database holds what a long-lived deployment has: the target is that throughput does
     // not fall as the op ledger grows.
+    if sizes.write_recorded.is_empty() {
+        return Ok((rows, notes));
+    }
     let began = Instant::now();
     write::record_ops(env, sizes.recorded_ops).await?;
     notes.push(format!(
