@@ -49,7 +49,8 @@ struct Args {
     server_bin: Option<std::path::PathBuf>,
     /// Run only the write path's first sweep, at only these batch sizes, in the given order, and not the sweep after
     /// 1M ops (for investigating one size: `--write-sizes 100` takes under a minute, `1,100` about a minute and a
-    /// half, the whole write phase about four; implies --only write and --no-write).
+    /// half, the whole write phase about four; implies --only write and --no-write). A size may come twice:
+    /// `100,100` runs the second sweep on the server connections the first one used (docs/decisions.md 54).
     #[arg(long, value_delimiter = ',', value_parser = ["1", "100", "1000"])]
     write_sizes: Vec<String>,
 }
