@@ -297,14 +297,16 @@ impl Connection {
     }
 }
 
-/// Waits until the server has decoded and routed everything written so far. The server decodes every write to a
-/// synced table, whoever made it; without this, a side would start while the server still decodes the previous
-/// side's rows and pay for them.
-async fn settle(env: &Env) -> anyhow::Result<()> {
+/// Waits until the server has decoded and routed everything written so far, and returns the count of routed
+/// changes ([`Env::routed_changes`]) the server will have reached once it has also routed the side's `rows` (the
+/// side's clock waits for it, [`Env::wait_routed`]). The server decodes every write to a synced table, whoever made
+/// it; without this, a side would start while the server still decodes the previous side's rows and pay for them.
+async fn settle(env: &Env, rows: usize) -> anyhow::Result<u64> {
     let sql = env.sql().await?;
     let lsn = crate::env::current_lsn(&sql).await?;
     env.wait_server_caught_up(&sql, &lsn, Duration::from_secs(300))
-        .await
+        .await?;
+    Ok(env.routed_changes().await? + rows as u64)
 }
 
 /// Sends `per_client` requests of `batch` ops from each of 4 clients (4 fresh users), after 2 warm-up requests
@@ -327,9 +329,8 @@ async fn api_run(
     per_client: usize,
     sequence: bool,
 ) -> anyhow::Result<(ApiResult, Vec<f64>)> {
-    settle(env).await?;
-    // Everything written before is routed (settle); then each client's 2 warm-up requests and its measured ones.
-    let routed = env.routed_changes().await? + ((2 + per_client) * batch * CLIENTS) as u64;
+    // Each client's 2 warm-up requests and its measured ones.
+    let routed = settle(env, (2 + per_client) * batch * CLIENTS).await?;
     let base = env.base();
     let start = Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
     let mut tasks = Vec::new();
@@ -670,8 +671,7 @@ async fn server_statements(
     batch: usize,
     per_client: usize,
 ) -> anyhow::Result<PgbenchResult> {
-    settle(env).await?;
-    let routed = env.routed_changes().await? + (per_client * batch * CLIENTS) as u64;
+    let routed = settle(env, per_client * batch * CLIENTS).await?;
     let start = Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
@@ -772,9 +772,8 @@ async fn pgbench(
     batch: usize,
     per_client: usize,
 ) -> anyhow::Result<(PgbenchResult, Vec<f64>)> {
-    settle(env).await?;
-    let rows = (per_client * 4 * batch) as u64;
-    let routed = env.routed_changes().await? + rows;
+    let rows = per_client * CLIENTS * batch;
+    let routed = settle(env, rows).await?;
     let cpu_before = env.server_cpu_secs()?;
     let script_path = env.scratch.join(format!("{name}.sql"));
     std::fs::write(&script_path, script)?;
@@ -789,7 +788,7 @@ async fn pgbench(
                 "--log-prefix={}",
                 env.scratch.join(&log_prefix).display()
             ))
-            .args(["-n", "-c", "4", "-j", "2", "-t"])
+            .args(["-n", "-c", &CLIENTS.to_string(), "-j", "2", "-t"])
             .arg(per_client.to_string())
             .arg("-f")
             .arg(&script_path)
@@ -817,11 +816,11 @@ async fn pgbench(
     let streamed_secs = secs + routed_at.saturating_duration_since(exited).as_secs_f64();
     let cpu = env.server_cpu_secs()? - cpu_before;
     let latencies = read_pgbench_logs(&env.scratch, &log_prefix)?;
-    if latencies.len() != per_client * 4 {
+    if latencies.len() != per_client * CLIENTS {
         bail!(
             "pgbench ({name}) logged {} transactions, expected {}",
             latencies.len(),
-            per_client * 4
+            per_client * CLIENTS
         );
     }
     Ok((
