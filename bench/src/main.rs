@@ -1015,7 +1015,9 @@ fn render_doc(
     let _ = writeln!(s, "- memory: {mem}");
     let _ = writeln!(
         s,
-        "- PostgreSQL: {pg_version}, throwaway cluster, durable settings (fsync on, synchronous_commit on), shared_buffers 512MB, max_wal_size = min_wal_size = 4GB with the WAL segments made before measuring"
+        "- PostgreSQL: {pg_version}, throwaway cluster, durable settings (fsync on, synchronous_commit on), shared_buffers 512MB, max_wal_size = min_wal_size = 4GB with the WAL segments made before measuring; \
+         its environment: `GLIBC_TUNABLES={}` (docs/decisions.md 55)",
+        deeprecall_sync::pgcluster::postgres_glibc_tunables()
     );
     let _ = writeln!(
         s,

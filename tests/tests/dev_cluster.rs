@@ -1,6 +1,6 @@
 //! The `dev` command's local cluster: one process at a time per data directory.
 
-use deeprecall_sync::pgcluster::{ClusterError, ClusterOptions, LocalCluster};
+use deeprecall_sync::pgcluster::{self, ClusterError, ClusterOptions, LocalCluster};
 
 #[test]
 fn a_second_process_on_the_same_cluster_directory_is_refused() {
@@ -200,4 +200,43 @@ async fn an_empty_data_directory_made_beforehand_is_initialised_in_place() {
         Ok(_) => panic!("a data directory holding someone's file was initialised"),
     }
     assert!(other.path().join("data").join("notes.txt").exists());
+}
+
+#[test]
+fn postgres_starts_with_our_malloc_settings_unless_the_environment_has_its_own() {
+    // With glibc's default thresholds, a pooled connection that served small transactions returned the top of its
+    // heap to the kernel after every larger one and faulted it back in the next (docs/decisions.md 55). The
+    // postmaster's environment, which every backend inherits, carries the settings that prevent it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = ClusterOptions {
+        ephemeral: true,
+        ..Default::default()
+    };
+    let mut cluster = LocalCluster::open_or_init(dir.path(), &options).expect("open");
+    cluster.start(&options).expect("start");
+    let pid_file = std::fs::read_to_string(dir.path().join("data").join("postmaster.pid"))
+        .expect("postmaster.pid");
+    let pid = pid_file.lines().next().expect("a pid line").trim();
+    let environ =
+        std::fs::read(format!("/proc/{pid}/environ")).expect("the postmaster's environment");
+    // Ours, unless this test's environment has its own (then that one).
+    if std::env::var_os(pgcluster::GLIBC_TUNABLES).is_none() {
+        assert_eq!(
+            pgcluster::postgres_glibc_tunables(),
+            pgcluster::MALLOC_TUNABLES
+        );
+    }
+    // The process's own loader parses the value in place, each `:` becoming a NUL, and /proc shows that block.
+    let wanted = format!(
+        "{}={}",
+        pgcluster::GLIBC_TUNABLES,
+        pgcluster::postgres_glibc_tunables()
+    );
+    let parsed = wanted.replace(':', "\0");
+    assert!(
+        [wanted.as_bytes(), parsed.as_bytes()]
+            .iter()
+            .any(|w| environ.windows(w.len()).any(|entry| entry == *w)),
+        "the postmaster's environment lacks {wanted}"
+    );
 }
