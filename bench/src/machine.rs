@@ -22,6 +22,8 @@ pub(crate) struct Snapshot {
     clients: u64,
     /// User + system time of every Postgres process ([`postgres_ticks`]), when a postmaster was given.
     postgres: u64,
+    /// Minor page faults of every Postgres process, counted as `postgres` is.
+    postgres_faults: u64,
     /// User + system time of the server, when given.
     server: u64,
 }
@@ -42,15 +44,17 @@ impl Snapshot {
         let (busy, idle, steal) = parse_cpu_line(stat.lines().next().unwrap_or_default())
             .context("no aggregate `cpu` line in /proc/stat")?;
         let me = process_ticks("self")?;
+        let postgres = watched
+            .map(|w| postgres_ticks(w.postmaster))
+            .transpose()?
+            .unwrap_or_default();
         Ok(Self {
             busy,
             idle,
             steal,
             clients: me.own + me.children,
-            postgres: watched
-                .map(|w| postgres_ticks(w.postmaster))
-                .transpose()?
-                .unwrap_or(0),
+            postgres: postgres.ticks,
+            postgres_faults: postgres.faults,
             server: watched
                 .map(|w| process_ticks(w.server).map(|t| t.own))
                 .transpose()?
@@ -69,17 +73,22 @@ impl Snapshot {
             idle_share: if total > 0.0 { idle / total } else { 0.0 },
             clients_secs: later.clients.saturating_sub(self.clients) as f64 / clk_tck,
             postgres_secs: later.postgres.saturating_sub(self.postgres) as f64 / clk_tck,
+            postgres_faults: later.postgres_faults.saturating_sub(self.postgres_faults) as f64,
             server_secs: later.server.saturating_sub(self.server) as f64 / clk_tck,
         }
     }
 }
 
-/// One process's CPU time in clock ticks, from `/proc/<pid>/stat`.
+/// One process's CPU time in clock ticks, and its minor page faults, from `/proc/<pid>/stat`.
 pub(crate) struct ProcessTicks {
     /// Its own user + system time (utime + stime).
     pub(crate) own: u64,
     /// Its waited-for children's user + system time (cutime + cstime).
     pub(crate) children: u64,
+    /// Its own minor page faults (minflt).
+    own_faults: u64,
+    /// Its waited-for children's minor page faults (cminflt).
+    children_faults: u64,
 }
 
 /// The fields of `/proc/<pid>/stat` from field 3 (the state) on. The command name (field 2) may hold spaces and
@@ -96,7 +105,8 @@ pub(crate) fn process_ticks(pid: impl std::fmt::Display) -> anyhow::Result<Proce
 }
 
 impl ProcessTicks {
-    /// From the fields [`stat_fields`] returns: utime, stime, cutime and cstime are fields 14 to 17.
+    /// From the fields [`stat_fields`] returns: minflt and cminflt are fields 10 and 11, utime, stime, cutime and
+    /// cstime fields 14 to 17.
     fn of(fields: &[String]) -> anyhow::Result<Self> {
         let tick = |i: usize| -> anyhow::Result<u64> {
             Ok(fields.get(i).context("short /proc stat")?.parse()?)
@@ -104,20 +114,32 @@ impl ProcessTicks {
         Ok(Self {
             own: tick(11)? + tick(12)?,
             children: tick(13)? + tick(14)?,
+            own_faults: tick(7)?,
+            children_faults: tick(8)?,
         })
     }
 }
 
-/// CPU ticks of a Postgres cluster so far: the postmaster's own and its waited-for children's (every backend that
+/// What a Postgres cluster's processes have used so far ([`postgres_ticks`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PostgresTotals {
+    /// CPU time in clock ticks.
+    pub(crate) ticks: u64,
+    /// Minor page faults: a backend that gives its heap back to the kernel and takes it again shows here
+    /// (docs/decisions.md 55).
+    pub(crate) faults: u64,
+}
+
+/// CPU ticks and minor page faults of a Postgres cluster so far: the postmaster's own and its waited-for children's (every backend that
 /// has exited, pgbench's among them: their time moves to the postmaster when it reaps them), plus the own time of
 /// its children still running (backends, walsender, checkpointer, walwriter, autovacuum). A child reaped between
 /// reading the postmaster and reading the children would be counted in neither, so the postmaster is read again
 /// after them and the whole read repeated if its children's total moved meanwhile.
-pub(crate) fn postgres_ticks(postmaster: u32) -> anyhow::Result<u64> {
+pub(crate) fn postgres_ticks(postmaster: u32) -> anyhow::Result<PostgresTotals> {
     let mut attempts = 0;
     loop {
         let before = process_ticks(postmaster)?;
-        let mut running = 0;
+        let mut running = PostgresTotals::default();
         for entry in std::fs::read_dir("/proc")? {
             let Some(pid) = entry?
                 .file_name()
@@ -133,12 +155,20 @@ pub(crate) fn postgres_ticks(postmaster: u32) -> anyhow::Result<u64> {
             if fields.get(1).and_then(|ppid| ppid.parse::<u32>().ok()) != Some(postmaster) {
                 continue;
             }
-            running += ProcessTicks::of(&fields).map_or(0, |t| t.own);
+            if let Ok(t) = ProcessTicks::of(&fields) {
+                running.ticks += t.own;
+                running.faults += t.own_faults;
+            }
         }
         let after = process_ticks(postmaster)?;
         attempts += 1;
-        if after.children == before.children || attempts == 5 {
-            return Ok(after.own + after.children + running);
+        if (after.children, after.children_faults) == (before.children, before.children_faults)
+            || attempts == 5
+        {
+            return Ok(PostgresTotals {
+                ticks: after.own + after.children + running.ticks,
+                faults: after.own_faults + after.children_faults + running.faults,
+            });
         }
     }
 }
@@ -192,6 +222,8 @@ pub(crate) struct Use {
     pub(crate) clients_secs: f64,
     /// CPU seconds of the Postgres processes (backends, walsender, background workers).
     pub(crate) postgres_secs: f64,
+    /// Minor page faults of the Postgres processes.
+    pub(crate) postgres_faults: f64,
     /// CPU seconds of the server.
     pub(crate) server_secs: f64,
 }
@@ -205,6 +237,8 @@ pub(crate) struct PerRow {
     pub(crate) clients_us: f64,
     /// Postgres's CPU per row, µs.
     pub(crate) postgres_us: f64,
+    /// Postgres's minor page faults per row.
+    pub(crate) postgres_faults: f64,
     /// The server's CPU per row over the same stretch, µs.
     pub(crate) server_us: f64,
     /// Idle share of the cores.
@@ -217,6 +251,7 @@ impl PerRow {
             us: used.busy_secs * 1e6 / rows,
             clients_us: used.clients_secs * 1e6 / rows,
             postgres_us: used.postgres_secs * 1e6 / rows,
+            postgres_faults: used.postgres_faults / rows,
             server_us: used.server_secs * 1e6 / rows,
             idle_share: used.idle_share,
         }
@@ -229,6 +264,7 @@ impl PerRow {
             us: acc.us + r.us / n,
             clients_us: acc.clients_us + r.clients_us / n,
             postgres_us: acc.postgres_us + r.postgres_us / n,
+            postgres_faults: acc.postgres_faults + r.postgres_faults / n,
             server_us: acc.server_us + r.server_us / n,
             idle_share: acc.idle_share + r.idle_share / n,
         })
@@ -281,6 +317,7 @@ mod tests {
             steal: 0,
             clients: 10,
             postgres: 40,
+            postgres_faults: 1_000,
             server: 20,
         };
         let b = Snapshot {
@@ -289,6 +326,7 @@ mod tests {
             steal: 0,
             clients: 15,
             postgres: 140,
+            postgres_faults: 6_000,
             server: 70,
         };
         let used = a.until(&b, 100.0);
@@ -299,6 +337,7 @@ mod tests {
         let per_row = PerRow::of(used, 100_000.0);
         assert!((per_row.us - 18.0).abs() < 1e-9);
         assert!((per_row.postgres_us - 10.0).abs() < 1e-9);
+        assert!((per_row.postgres_faults - 0.05).abs() < 1e-9);
         let mean = PerRow::mean(
             [
                 per_row,
@@ -306,6 +345,7 @@ mod tests {
                     us: 22.0,
                     clients_us: 0.0,
                     postgres_us: 4.0,
+                    postgres_faults: 0.15,
                     server_us: 1.0,
                     idle_share: 0.3,
                 },
@@ -315,6 +355,7 @@ mod tests {
         assert!((mean.us - 20.0).abs() < 1e-9);
         assert!((mean.idle_share - 0.2).abs() < 1e-9);
         assert!((mean.postgres_us - 7.0).abs() < 1e-9);
+        assert!((mean.postgres_faults - 0.1).abs() < 1e-9);
         assert!((mean.server_us - 3.0).abs() < 1e-9);
     }
 
@@ -329,7 +370,7 @@ mod tests {
             .spawn()
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let running = postgres_ticks(me).unwrap();
+        let running = postgres_ticks(me).unwrap().ticks;
         let reaped_so_far = tree(process_ticks(me).unwrap());
         // The running child's time is found by the scan of /proc (other tests' threads may add own time meanwhile,
         // which only raises the second read).
@@ -338,7 +379,7 @@ mod tests {
             "{running} with the child running, {reaped_so_far} without it"
         );
         child.wait().unwrap();
-        let reaped = postgres_ticks(me).unwrap();
+        let reaped = postgres_ticks(me).unwrap().ticks;
         let after = tree(process_ticks(me).unwrap());
         assert!(
             process_ticks(me).unwrap().children > 0,

@@ -1300,9 +1300,13 @@ fn machine_table(report: &Report) -> String {
          reaped them), and the rest: the kernel's work outside any of these processes (interrupts, the network's \
          soft interrupts where the kernel accounts them apart) and every other process on the machine. Reference 4 \
          sends Postgres the same statements and arrays without the server: where it costs the machine about what \
-         plain pgbench does, Postgres's extra is not Postgres receiving rows but how the server in between uses it.\n\n\
-         | sweep | batch | API (idle) | plain pgbench (idle) | reference 5 (idle) | reference 4 (idle) | API − plain | server's extra | clients' extra | Postgres's extra | the rest |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         plain pgbench does, Postgres's extra is not Postgres receiving rows but how the server in between uses it. \
+         The last column counts the minor page faults of every Postgres process per 100 rows, API side and plain \
+         pgbench's: a backend that gives its heap back to the kernel after a transaction and faults it in again in \
+         the next shows there (docs/decisions.md 55; with glibc's default thresholds, the server's pooled \
+         connections did so after serving one-op batches).\n\n\
+         | sweep | batch | API (idle) | plain pgbench (idle) | reference 5 (idle) | reference 4 (idle) | API − plain | server's extra | clients' extra | Postgres's extra | the rest | Postgres's page faults per 100 rows: API / plain |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let cell = |m: machine::PerRow| format!("{:.1} µs ({:.0}%)", m.us, m.idle_share * 100.0);
     for (sweep, writes) in [("first", &report.writes), ("second", &report.writes_after)] {
@@ -1310,7 +1314,7 @@ fn machine_table(report: &Report) -> String {
             let split = r.machine_split();
             let _ = writeln!(
                 s,
-                "| {sweep} | {batch} | {} | {} | {} | {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+                "| {sweep} | {batch} | {} | {} | {} | {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.0} / {:.0} |",
                 cell(r.api_machine),
                 cell(r.pg_machine),
                 cell(r.values_machine),
@@ -1321,6 +1325,8 @@ fn machine_table(report: &Report) -> String {
                 split.clients,
                 split.postgres,
                 split.rest,
+                r.api_machine.postgres_faults * 100.0,
+                r.pg_machine.postgres_faults * 100.0,
             );
         }
     }
