@@ -3,7 +3,7 @@
 //! walsender, the clients, the kernel on their behalf) and how long the cores sat idle, over one side of a write
 //! round. The server's own CPU (`Env::server_cpu_secs`) says what the server costs; this says what a row costs the
 //! machine altogether, so the API's extra can be split into the server's share, its clients' share, Postgres's
-//! share (every process of the cluster, [`postgres_ticks`]) and the rest (the kernel outside those processes:
+//! share (every process of the cluster, [`postgres_totals`]) and the rest (the kernel outside those processes:
 //! interrupts and soft interrupts, where the kernel accounts them apart; any other process).
 
 use anyhow::Context;
@@ -20,7 +20,7 @@ pub(crate) struct Snapshot {
     /// User + system time of this process and of its waited-for children: the load generator, whether it is this
     /// process's clients (the API, reference 4) or a pgbench run (a child, waited for at its end).
     clients: u64,
-    /// User + system time of every Postgres process ([`postgres_ticks`]), when a postmaster was given.
+    /// User + system time of every Postgres process ([`postgres_totals`]), when a postmaster was given.
     postgres: u64,
     /// Minor page faults of every Postgres process, counted as `postgres` is.
     postgres_faults: u64,
@@ -45,7 +45,7 @@ impl Snapshot {
             .context("no aggregate `cpu` line in /proc/stat")?;
         let me = process_ticks("self")?;
         let postgres = watched
-            .map(|w| postgres_ticks(w.postmaster))
+            .map(|w| postgres_totals(w.postmaster))
             .transpose()?
             .unwrap_or_default();
         Ok(Self {
@@ -120,7 +120,7 @@ impl ProcessTicks {
     }
 }
 
-/// What a Postgres cluster's processes have used so far ([`postgres_ticks`]).
+/// What a Postgres cluster's processes have used so far ([`postgres_totals`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct PostgresTotals {
     /// CPU time in clock ticks.
@@ -130,12 +130,12 @@ pub(crate) struct PostgresTotals {
     pub(crate) faults: u64,
 }
 
-/// CPU ticks and minor page faults of a Postgres cluster so far: the postmaster's own and its waited-for children's (every backend that
-/// has exited, pgbench's among them: their time moves to the postmaster when it reaps them), plus the own time of
-/// its children still running (backends, walsender, checkpointer, walwriter, autovacuum). A child reaped between
-/// reading the postmaster and reading the children would be counted in neither, so the postmaster is read again
-/// after them and the whole read repeated if its children's total moved meanwhile.
-pub(crate) fn postgres_ticks(postmaster: u32) -> anyhow::Result<PostgresTotals> {
+/// CPU ticks and minor page faults of a Postgres cluster so far: the postmaster's own and its waited-for
+/// children's (every backend that has exited, pgbench's among them: their counts move to the postmaster when it
+/// reaps them), plus the own counts of its children still running (backends, walsender, checkpointer, walwriter,
+/// autovacuum). A child reaped between reading the postmaster and reading the children would be counted in neither,
+/// so the postmaster is read again after them and the whole read repeated if its children's totals moved meanwhile.
+pub(crate) fn postgres_totals(postmaster: u32) -> anyhow::Result<PostgresTotals> {
     let mut attempts = 0;
     loop {
         let before = process_ticks(postmaster)?;
@@ -370,7 +370,7 @@ mod tests {
             .spawn()
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let running = postgres_ticks(me).unwrap().ticks;
+        let running = postgres_totals(me).unwrap().ticks;
         let reaped_so_far = tree(process_ticks(me).unwrap());
         // The running child's time is found by the scan of /proc (other tests' threads may add own time meanwhile,
         // which only raises the second read).
@@ -379,7 +379,7 @@ mod tests {
             "{running} with the child running, {reaped_so_far} without it"
         );
         child.wait().unwrap();
-        let reaped = postgres_ticks(me).unwrap().ticks;
+        let reaped = postgres_totals(me).unwrap().ticks;
         let after = tree(process_ticks(me).unwrap());
         assert!(
             process_ticks(me).unwrap().children > 0,

@@ -83,6 +83,16 @@ pub struct ClusterOptions {
     pub extra_settings: Vec<(String, String)>,
 }
 
+impl ClusterOptions {
+    /// A throwaway cluster's options (`ephemeral` on, no extra settings).
+    pub fn ephemeral() -> Self {
+        Self {
+            ephemeral: true,
+            ..Self::default()
+        }
+    }
+}
+
 /// The superuser every local cluster is created with.
 pub const SUPERUSER: &str = "postgres";
 
@@ -294,7 +304,7 @@ impl LocalCluster {
         if options.ephemeral {
             args.push("--no-sync".into());
         }
-        self.run_tool("initdb", &args, &[])?;
+        self.run_tool("initdb", &args)?;
         include_our_settings(&building)?;
         if in_place {
             return Ok(());
@@ -400,7 +410,6 @@ impl LocalCluster {
         let out = self.command(
             "pg_ctl",
             &["-D".into(), data.display().to_string(), "status".into()],
-            &[],
         )?;
         Ok(out.status.success())
     }
@@ -418,7 +427,6 @@ impl LocalCluster {
                 "-w".into(),
                 "stop".into(),
             ],
-            &[],
         )?;
         self.running = false;
         Ok(())
@@ -437,7 +445,6 @@ impl LocalCluster {
                 "-w".into(),
                 "stop".into(),
             ],
-            &[],
         )?;
         self.running = false;
         Ok(())
@@ -451,7 +458,7 @@ impl LocalCluster {
     }
 
     /// `pg_ctl start` with the settings file as written, waiting (at most 60 s) until Postgres accepts connections.
-    /// The postmaster, and so every backend it forks, gets [`postgres_glibc_tunables`].
+    /// The postmaster, and so every backend it forks, gets [`postgres_glibc_tunables`] ([`Self::command`]).
     fn pg_ctl_start(&self) -> Result<(), ClusterError> {
         let data = self.base.join("data");
         let args = [
@@ -464,11 +471,7 @@ impl LocalCluster {
             "60".into(),
             "start".into(),
         ];
-        self.run_tool(
-            "pg_ctl",
-            &args,
-            &[(GLIBC_TUNABLES, &postgres_glibc_tunables())],
-        )
+        self.run_tool("pg_ctl", &args)
     }
 
     /// Stops this cluster (immediately) and removes its base directory as soon as process `pid` has exited,
@@ -534,12 +537,10 @@ impl LocalCluster {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
-    fn command(
-        &self,
-        tool: &str,
-        args: &[String],
-        env: &[(&str, &str)],
-    ) -> Result<Output, ClusterError> {
+    /// Runs `tool` (as the cluster's owner when we are root) with [`postgres_glibc_tunables`] in its environment:
+    /// the postmaster `pg_ctl start` runs inherits it, and so does every backend; for the other tools it changes
+    /// nothing that matters.
+    fn command(&self, tool: &str, args: &[String]) -> Result<Output, ClusterError> {
         let program = self.bindir.join(tool);
         let mut cmd = match &self.run_as {
             Some((user, _, _)) => {
@@ -550,7 +551,7 @@ impl LocalCluster {
             None => Command::new(&program),
         };
         cmd.args(args)
-            .envs(env.iter().copied())
+            .env(GLIBC_TUNABLES, postgres_glibc_tunables())
             .stdin(std::process::Stdio::null());
         // pg_ctl's postmaster inherits our stdout/stderr otherwise, and a test harness waiting for EOF would hang.
         cmd.stdout(std::process::Stdio::piped())
@@ -559,13 +560,8 @@ impl LocalCluster {
             .map_err(io_err(format!("running {}", program.display())))
     }
 
-    fn run_tool(
-        &self,
-        tool: &str,
-        args: &[String],
-        env: &[(&str, &str)],
-    ) -> Result<(), ClusterError> {
-        let out = self.command(tool, args, env)?;
+    fn run_tool(&self, tool: &str, args: &[String]) -> Result<(), ClusterError> {
+        let out = self.command(tool, args)?;
         if out.status.success() {
             Ok(())
         } else {

@@ -176,15 +176,10 @@ async fn drop_database(url: &str, name: &str) {
 }
 
 async fn start_cluster_blocking() -> LocalCluster {
-    tokio::task::spawn_blocking(|| {
-        LocalCluster::start_temporary(&ClusterOptions {
-            ephemeral: true,
-            ..Default::default()
-        })
-    })
-    .await
-    .expect("cluster task")
-    .expect("starting a throwaway Postgres cluster")
+    tokio::task::spawn_blocking(|| LocalCluster::start_temporary(&ClusterOptions::ephemeral()))
+        .await
+        .expect("cluster task")
+        .expect("starting a throwaway Postgres cluster")
 }
 
 /// The binary's shared cluster, started (with the migrated template) by the first test that asks.

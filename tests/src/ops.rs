@@ -163,10 +163,7 @@ impl TlsCluster {
         let server_cert = pki.server_cert_pem.clone();
         let server_key = pki.server_key_pem.clone();
         let cluster = tokio::task::spawn_blocking(move || {
-            let mut cluster = LocalCluster::start_temporary(&ClusterOptions {
-                ephemeral: true,
-                ..Default::default()
-            })?;
+            let mut cluster = LocalCluster::start_temporary(&ClusterOptions::ephemeral())?;
             // Stopped even if the test binary is killed rather than unwinding.
             cluster.reap_when_process_exits(std::process::id())?;
             // Files Postgres reads must belong to the user it runs as (as root: `postgres`, who owns the base

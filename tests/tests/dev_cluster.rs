@@ -7,10 +7,7 @@ fn a_second_process_on_the_same_cluster_directory_is_refused() {
     // Two `dev` runs on one --data-dir: the second used to stop the first one's Postgres and start it again on
     // another port, leaving the first serving against a port nobody listened on.
     let dir = tempfile::tempdir().expect("temp dir");
-    let options = ClusterOptions {
-        ephemeral: true,
-        ..Default::default()
-    };
+    let options = ClusterOptions::ephemeral();
     let first = LocalCluster::open_or_init(dir.path(), &options).expect("first open");
     match LocalCluster::open_or_init(dir.path(), &options) {
         Err(e @ ClusterError::InUse(_)) => {
@@ -29,10 +26,7 @@ fn a_port_taken_between_its_choice_and_postgres_binding_it_is_replaced() {
     // (a test run's own outgoing connections draw their local ports from the same range). Postgres then exits with
     // "could not create any TCP/IP sockets", which failed a CI run's test binary at its cluster's start.
     let dir = tempfile::tempdir().expect("temp dir");
-    let options = ClusterOptions {
-        ephemeral: true,
-        ..Default::default()
-    };
+    let options = ClusterOptions::ephemeral();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a port");
     let taken_port = taken.local_addr().unwrap().port();
     let mut cluster = LocalCluster::open_or_init(dir.path(), &options).expect("open");
@@ -68,10 +62,7 @@ async fn a_cluster_whose_initdb_was_interrupted_is_made_again() {
     // failed. With initdb killed too, half a cluster with a PG_VERSION. A cluster is now built in `data.initdb` and
     // renamed to `data` when complete; what an interrupted run left there is removed and built again.
     let dir = tempfile::tempdir().expect("temp dir");
-    let options = ClusterOptions {
-        ephemeral: true,
-        ..Default::default()
-    };
+    let options = ClusterOptions::ephemeral();
     let leftover = dir.path().join("data.initdb");
     std::fs::create_dir_all(leftover.join("base")).unwrap();
     std::fs::write(leftover.join("PG_VERSION"), "15\n").unwrap();
@@ -85,10 +76,7 @@ async fn a_cluster_whose_initdb_was_interrupted_is_made_again() {
 async fn a_cluster_made_without_our_settings_line_gets_it_at_start() {
     // A cluster an earlier version left without the line (see above) is repaired when it starts.
     let dir = tempfile::tempdir().expect("temp dir");
-    let options = ClusterOptions {
-        ephemeral: true,
-        ..Default::default()
-    };
+    let options = ClusterOptions::ephemeral();
     drop(LocalCluster::open_or_init(dir.path(), &options).expect("first open"));
     let conf = dir.path().join("data").join("postgresql.conf");
     let text = std::fs::read_to_string(&conf).unwrap();
@@ -180,10 +168,7 @@ async fn an_empty_data_directory_made_beforehand_is_initialised_in_place() {
     // A mounted volume or a symlink to one cannot be renamed onto: an empty `data` that exists already gets the
     // cluster in place, as before the cluster was built aside. One that holds anything else is refused.
     let dir = tempfile::tempdir().expect("temp dir");
-    let options = ClusterOptions {
-        ephemeral: true,
-        ..Default::default()
-    };
+    let options = ClusterOptions::ephemeral();
     let volume = tempfile::tempdir().expect("temp dir");
     std::os::unix::fs::symlink(volume.path(), dir.path().join("data")).unwrap();
     let mut cluster = LocalCluster::open_or_init(dir.path(), &options).expect("open");
@@ -208,10 +193,7 @@ fn postgres_starts_with_our_malloc_settings_unless_the_environment_has_its_own()
     // heap to the kernel after every larger one and faulted it back in the next (docs/decisions.md 55). The
     // postmaster's environment, which every backend inherits, carries the settings that prevent it.
     let dir = tempfile::tempdir().expect("temp dir");
-    let options = ClusterOptions {
-        ephemeral: true,
-        ..Default::default()
-    };
+    let options = ClusterOptions::ephemeral();
     let mut cluster = LocalCluster::open_or_init(dir.path(), &options).expect("open");
     cluster.start(&options).expect("start");
     let pid_file = std::fs::read_to_string(dir.path().join("data").join("postmaster.pid"))
