@@ -53,6 +53,14 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// 400 `invalid_value`: a value that is not one of the forms its field's type accepts (a word for an integer, a
+    /// timestamp without an offset, a varchar longer than its limit, a negative size). 400, not 422 like the other
+    /// refusals of a well-formed request: issue 9 named the status, and the value is malformed for its type the way
+    /// a body is malformed for JSON; a client treats both alike (fix the op, never retry it). docs/decisions.md 56.
+    pub fn invalid_value(message: impl Into<String>) -> Self {
+        Self::bad_request("invalid_value", message)
+    }
+
     /// 422 Unprocessable Entity.
     pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
@@ -303,8 +311,9 @@ pub fn from_db(err: &tokio_postgres::Error) -> ApiError {
         // nested too deep for a type's input function. The client's to fix, not the server's.
         ApiError::unprocessable("value_too_large", msg)
     } else if code.code().starts_with("22") || *code == SqlState::DATATYPE_MISMATCH {
-        // Class 22: data exception (bad uuid, number out of range, invalid json, bad timestamp...).
-        ApiError::unprocessable("invalid_value", msg)
+        // Class 22: data exception (bad uuid, number out of range, invalid json, bad timestamp...): mostly Postgres's
+        // input function refusing a value the server passed through as text; the same answer as the server's own.
+        ApiError::invalid_value(msg)
     } else if *code == SqlState::LOCK_NOT_AVAILABLE {
         // 55P03 after --lock-timeout-ms: another transaction held a lock this one needed. Not the client's data;
         // the same request succeeds once the lock is gone.

@@ -56,35 +56,45 @@ async fn sha256_must_be_64_lowercase_hex() {
 
     // Other invalid reports name their blob too.
     let cases = [
-        (json!({"sha256": sha(2), "size": -1}), "invalid_value"),
+        (json!({"sha256": sha(2), "size": -1}), 400, "invalid_value"),
         (
             json!({"sha256": sha(2), "size": 1, "health": "great"}),
+            400,
             "invalid_value",
         ),
-        (json!({"sha256": sha(7), "size": 1}), "duplicate_sha256"),
+        (
+            json!({"sha256": sha(7), "size": 1}),
+            422,
+            "duplicate_sha256",
+        ),
         // Postgres refuses these too, but its answer named neither the blob nor the field.
         (
             json!({"sha256": sha(2), "size": 1, "page_count": -5}),
+            400,
             "invalid_value",
         ),
         (
             json!({"sha256": sha(2), "size": 1, "image_height": -1}),
+            400,
             "invalid_value",
         ),
         (
             json!({"sha256": sha(2), "size": 1, "path": "/a\u{0}b"}),
+            400,
             "invalid_value",
         ),
         (
             json!({"sha256": sha(2), "size": 1, "mime": "text/\u{0}"}),
+            400,
             "invalid_value",
         ),
     ];
-    for (blob, code) in cases {
+    // A value that is none of its field's forms is 400; a blob the request names twice, 422.
+    for (blob, want, code) in cases {
         let body =
             json!({"device_id": Uuid::new_v4(), "blobs": [{"sha256": sha(7), "size": 1}, blob]});
         let (status, resp) = env.coordinate(user, body).await;
-        assert_eq!((status.as_u16(), error_code(&resp)), (422, code), "{resp}");
+        assert_eq!((status.as_u16(), error_code(&resp)), (want, code), "{resp}");
         assert_eq!(resp["error"]["blob_index"], 1, "{resp}");
     }
     let (status, resp) = env
@@ -104,7 +114,7 @@ async fn sha256_must_be_64_lowercase_hex() {
         .await;
     assert_eq!(
         (status.as_u16(), error_code(&resp)),
-        (422, "invalid_value"),
+        (400, "invalid_value"),
         "{resp}"
     );
 
@@ -1033,7 +1043,7 @@ async fn no_blob_size_breaks_the_inventory() {
         .await;
     assert_eq!(
         (status.as_u16(), error_code(&body)),
-        (422, "invalid_value"),
+        (400, "invalid_value"),
         "{body}"
     );
     assert_eq!(body["error"]["blob_index"], 1, "{body}");

@@ -388,21 +388,21 @@ fn bad_cases(
         (
             "wrong type",
             insert("works", json!({"id": id, "title": "x", "year": "abc"})),
-            422,
+            400,
             "invalid_value",
             good.clone(),
         ),
         (
             "object in a text column",
             insert("works", json!({"id": id, "title": {"en": "x"}})),
-            422,
+            400,
             "invalid_value",
             good.clone(),
         ),
         (
             "number in a text[] column",
             insert("works", json!({"id": id, "title": "x", "tags": ["ok", 7]})),
-            422,
+            400,
             "invalid_value",
             good.clone(),
         ),
@@ -442,7 +442,7 @@ fn bad_cases(
         (
             "non-uuid row.id",
             insert("works", json!({"id": "not-a-uuid", "title": "x"})),
-            422,
+            400,
             "invalid_value",
             good.clone(),
         ),
@@ -695,7 +695,7 @@ async fn a_large_batch_runs_in_request_order() {
     let (status, body) = env.batch(user, Value::Array(ops)).await;
     assert_eq!(
         (status.as_u16(), error_code(&body)),
-        (422, "invalid_value"),
+        (400, "invalid_value"),
         "{body}"
     );
     assert_eq!(body["error"]["op_index"], 77, "{body}");
@@ -879,9 +879,9 @@ async fn values_are_typed_by_the_server_and_stored_exactly() {
     assert!(same, "{printed} did not round-trip");
 }
 
-/// Values that do not fit their column are refused with 422 and the op's index, naming the column, before the
+/// Values that do not fit their column are refused with 400 and the op's index, naming the column, before the
 /// database: the whole batch writes nothing.
-/// Asserts that a batch was refused with 422 `invalid_value` at op 1, naming `column`; returns the message.
+/// Asserts that a batch was refused with 400 `invalid_value` at op 1, naming `column`; returns the message.
 /// `context` says which case failed.
 fn refused_value_of_op_1<'b>(
     status: reqwest::StatusCode,
@@ -891,7 +891,7 @@ fn refused_value_of_op_1<'b>(
 ) -> &'b str {
     assert_eq!(
         (status.as_u16(), error_code(body)),
-        (422, "invalid_value"),
+        (400, "invalid_value"),
         "{context}: {body}"
     );
     assert_eq!(body["error"]["op_index"], 1, "{context}: {body}");
@@ -1130,7 +1130,7 @@ async fn other_types_are_cast_by_postgres() {
                 error_code(&body),
                 &body["error"]["op_index"]
             ),
-            (422, want, &json!(1)),
+            (400, want, &json!(1)),
             "{row}: {body}"
         );
     }

@@ -1,5 +1,5 @@
 //! `POST /v1/batch` values at the edges of their types, against a real Postgres: what Postgres refuses is refused
-//! by the server first (422 `invalid_value` with the op's index, nothing written), and what Postgres prints (the
+//! by the server first (400 `invalid_value` with the op's index, nothing written), and what Postgres prints (the
 //! live stream and snapshots send its output) is accepted back.
 
 use deeprecall_tests::{TestEnv, count, error_code, insert, op, statuses};
@@ -17,7 +17,7 @@ fn two_ops(table: &str, row: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Sends [`two_ops`] and asserts it was refused with 422 `invalid_value` at op 1, naming `column`; returns the
+/// Sends [`two_ops`] and asserts it was refused with 400 `invalid_value` at op 1, naming `column`; returns the
 /// message.
 async fn refused(env: &TestEnv, user: Uuid, table: &str, row: &str, column: &str) -> String {
     let (status, body) = env
@@ -25,7 +25,7 @@ async fn refused(env: &TestEnv, user: Uuid, table: &str, row: &str, column: &str
         .await;
     assert_eq!(
         (status.as_u16(), error_code(&body)),
-        (422, "invalid_value"),
+        (400, "invalid_value"),
         "{row}: {body}"
     );
     assert_eq!(body["error"]["op_index"], 1, "{row}: {body}");

@@ -144,7 +144,7 @@ export interface CoordinateOptions {
 /**
  * Reports blobs for a device, in requests of at most `maxPerRequest` blobs. Each report is checked first
  * (`prepareBlobReports`): one the server would refuse is repaired where that is certain, else left out, and either
- * way `onRefused` is told. A request the server refuses because of one blob (422 with `blob_index`) is sent again
+ * way `onRefused` is told. A request the server refuses because of one blob (400 or 422 with `blob_index`) is sent again
  * without it (told likewise), and a 413 halves the requests; so one bad report cannot block the others, or the guest
  * upgrade, for ever. Any other refusal, a network failure or a 5xx throws BlobError: nothing is left out for it, and
  * the call can simply be made again.

@@ -76,13 +76,12 @@ impl DeviceBlobReport {
     /// Everything Postgres would refuse, refused first with a message that names the field (the caller adds
     /// `blob_index`).
     fn check(&self) -> Result<(), ApiError> {
-        let invalid = |message: &str| ApiError::unprocessable("invalid_value", message.to_owned());
         check_sha256(&self.sha256)?;
         if self.size < 0 {
-            return Err(invalid("size must be >= 0"));
+            return Err(ApiError::invalid_value("size must be >= 0"));
         }
         if self.size > MAX_BLOB_SIZE {
-            return Err(invalid(
+            return Err(ApiError::invalid_value(
                 "size must be at most 9007199254740991 (2^53 - 1, 8 PiB)",
             ));
         }
@@ -92,7 +91,7 @@ impl DeviceBlobReport {
             ("image_height", self.image_height),
         ] {
             if count.is_some_and(|n| n < 0) {
-                return Err(invalid(&format!("{name} must be >= 0")));
+                return Err(ApiError::invalid_value(format!("{name} must be >= 0")));
             }
         }
         for (name, text) in [
@@ -101,7 +100,7 @@ impl DeviceBlobReport {
             ("path", &self.path),
         ] {
             if text.as_deref().is_some_and(|t| t.contains('\0')) {
-                return Err(invalid(&format!(
+                return Err(ApiError::invalid_value(format!(
                     "{name} cannot contain the character U+0000 (Postgres refuses it)"
                 )));
             }
@@ -109,7 +108,7 @@ impl DeviceBlobReport {
         if let Some(h) = &self.health
             && !["healthy", "missing", "modified", "relocated"].contains(&h.as_str())
         {
-            return Err(invalid(
+            return Err(ApiError::invalid_value(
                 "health must be healthy, missing, modified or relocated",
             ));
         }
@@ -244,8 +243,7 @@ pub async fn coordinate(
     let max = state.limits.max_ops_per_batch;
     let req = parse_off_runtime(body, move |bytes| parse_coordinate(bytes, max)).await?;
     if req.device_id.is_nil() {
-        return Err(ApiError::unprocessable(
-            "invalid_value",
+        return Err(ApiError::invalid_value(
             "device_id must be the device's own persistent id, not the nil UUID",
         ));
     }

@@ -241,10 +241,10 @@ describe('sync client in a real browser', { concurrency: false }, () => {
       const ids = await g.eval(async ({ good, pageCount, upper, nul, missing }) => {
         window.app.localBlobs = async () => [
           ...good.map((sha256, i) => ({ sha256, size: 1000 + i, mime: 'application/pdf', filename: `paper-${i}.pdf` })),
-          { sha256: pageCount, size: 1, page_count: -1 }, // server: 422 invalid_value, page_count must be >= 0
+          { sha256: pageCount, size: 1, page_count: -1 }, // server: 400 invalid_value, page_count must be >= 0
           { sha256: good[0], size: 1000 }, // server: 422 duplicate_sha256
           { sha256: upper, size: 2 }, // server: 422 invalid_sha256
-          { sha256: nul, size: 3, path: '/cas/a\u0000b' }, // server: 422 invalid_value (U+0000)
+          { sha256: nul, size: 3, path: '/cas/a\u0000b' }, // server: 400 invalid_value (U+0000)
           { sha256: 'not-a-sha256', size: 4 },
         ];
         const { sync } = window.app;

@@ -179,7 +179,7 @@ test('a 413 halves the requests (the server takes fewer blobs than configured) i
 test('a blob the server refuses by blob_index is left out and told; the request goes again without it', async () => {
   // A check the client does not know (a newer server): refused with blob_index, like every check of the report.
   const server = new FakeCoordinateServer(1000, (b) =>
-    b['mime'] === 'application/x-forbidden' ? { status: 422, code: 'invalid_value', message: 'mime is not allowed' } : undefined,
+    b['mime'] === 'application/x-forbidden' ? { status: 400, code: 'invalid_value', message: 'mime is not allowed' } : undefined,
   );
   const { run, refused } = against(server);
   const blobs = [
@@ -188,9 +188,9 @@ test('a blob the server refuses by blob_index is left out and told; the request 
     { sha256: hex(3), size: 3 },
   ];
   await run(blobs);
-  assert.deepEqual(server.requests.map((r) => [r.status, r.error?.blob_index]), [[422, 1], [200, undefined]]);
+  assert.deepEqual(server.requests.map((r) => [r.status, r.error?.blob_index]), [[400, 1], [200, undefined]]);
   assert.deepEqual(server.shas('u'), [hex(1), hex(3)]);
-  assert.deepEqual(refused.map((r) => [r.blob.sha256, r.code, r.status, r.sent]), [[hex(2), 'invalid_value', 422, null]]);
+  assert.deepEqual(refused.map((r) => [r.blob.sha256, r.code, r.status, r.sent]), [[hex(2), 'invalid_value', 400, null]]);
 });
 
 test('a refusal not tied to one blob, a 5xx or a network failure throws and leaves nothing out', async () => {

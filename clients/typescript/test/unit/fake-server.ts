@@ -283,24 +283,24 @@ export class FakeCoordinateServer {
         if (v !== undefined && v !== null && !(Number.isInteger(v) && Math.abs(v as number) <= I32_MAX)) return invalid(`invalid value for \`${k}\`: expected i32`);
       }
     }
-    if (/^0{8}-0{4}-0{4}-0{4}-0{12}$/.test(body.device_id)) return err(422, 'invalid_value', 'device_id must be the device\'s own persistent id, not the nil UUID');
+    if (/^0{8}-0{4}-0{4}-0{4}-0{12}$/.test(body.device_id)) return err(400, 'invalid_value', 'device_id must be the device\'s own persistent id, not the nil UUID');
     const seen = new Set<string>();
     for (const [i, b] of blobs.entries()) {
       const at = { blob_index: i };
       const sha = b['sha256'] as string;
       if (!/^[0-9a-f]{64}$/.test(sha)) return err(422, 'invalid_sha256', 'sha256 must be 64 lowercase hexadecimal characters', at);
-      if ((b['size'] as number) < 0) return err(422, 'invalid_value', 'size must be >= 0', at);
+      if ((b['size'] as number) < 0) return err(400, 'invalid_value', 'size must be >= 0', at);
       for (const k of ['page_count', 'image_width', 'image_height']) {
-        if (typeof b[k] === 'number' && (b[k] as number) < 0) return err(422, 'invalid_value', `${k} must be >= 0`, at);
+        if (typeof b[k] === 'number' && (b[k] as number) < 0) return err(400, 'invalid_value', `${k} must be >= 0`, at);
       }
       for (const k of ['mime', 'filename', 'path']) {
         if (typeof b[k] === 'string' && (b[k] as string).includes('\0')) {
-          return err(422, 'invalid_value', `${k} cannot contain the character U+0000 (Postgres refuses it)`, at);
+          return err(400, 'invalid_value', `${k} cannot contain the character U+0000 (Postgres refuses it)`, at);
         }
       }
       const h = b['health'];
       if (typeof h === 'string' && !['healthy', 'missing', 'modified', 'relocated'].includes(h)) {
-        return err(422, 'invalid_value', 'health must be healthy, missing, modified or relocated', at);
+        return err(400, 'invalid_value', 'health must be healthy, missing, modified or relocated', at);
       }
       if (seen.has(sha)) return err(422, 'duplicate_sha256', 'a sha256 appears twice', at);
       const refusal = this.refuse(b);

@@ -91,10 +91,10 @@ test('bad blob reports and a server that takes fewer blobs per request do not bl
   const asset = sha(1);
   const many: BlobReport[] = Array.from({ length: 600 }, (_, i) => ({ sha256: sha(i + 1), size: i + 1, mime: 'application/pdf' }));
   const bad: BlobReport[] = [
-    { sha256: sha(1000), size: 5, page_count: -1 }, // 422 invalid_value: page_count must be >= 0
+    { sha256: sha(1000), size: 5, page_count: -1 }, // 400 invalid_value: page_count must be >= 0
     { sha256: sha(1), size: 1 }, // 422 duplicate_sha256 (says less than the first report of sha(1))
     { sha256: 'ABCDEF'.repeat(10) + 'ABCD', size: 7 }, // 422 invalid_sha256: upper case
-    { sha256: sha(1001), size: 8, path: '/cas/\u0000' }, // 422 invalid_value: NUL in path
+    { sha256: sha(1001), size: 8, path: '/cas/\u0000' }, // 400 invalid_value: NUL in path
     { sha256: 'not a hash', size: 9 },
   ];
   // The server takes 500 blobs per request; the client is configured for 1000 (the default).

@@ -165,7 +165,7 @@ test('an annotation naming an asset the server lacks is sent again with asset_id
 
 test('a rejected update rolls back to the synced row', async () => {
   const t = setup((ops) =>
-    ops[0]?.row['year'] === 'twenty' ? { status: 422, body: { error: { code: 'invalid_value', message: 'bad year', op_index: 0 } } } : applyAll(ops),
+    ops[0]?.row['year'] === 'twenty' ? { status: 400, body: { error: { code: 'invalid_value', message: 'bad year', op_index: 0 } } } : applyAll(ops),
   );
   await t.applier.handle({ type: 'snapshot', id: 'works', rows: [{ id: 'w', title: 'Synced', year: 2000 }] });
   await t.applier.handle({ type: 'up_to_date', id: 'works', offset: '1-01' });

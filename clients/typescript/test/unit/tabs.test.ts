@@ -148,7 +148,7 @@ test('a token of another user (the stream stops for good): the follower tab goes
 
 test('a write the server refuses is heard as `rejected` in every tab, once each, whichever tab sent it', async () => {
   const server = new FakeBatchServer(undefined, (op) =>
-    op.row['title'] === 'bad' ? { status: 422, code: 'invalid_value', message: 'not a title' } : undefined,
+    op.row['title'] === 'bad' ? { status: 400, code: 'invalid_value', message: 'not a title' } : undefined,
   );
   const opts = device(server, () => jwt('user-1'));
   const leader = await createSyncClient(opts);

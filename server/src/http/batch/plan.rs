@@ -2,7 +2,7 @@
 //! their typed parameters. No I/O; everything here is unit-tested without a database.
 //!
 //! ```text
-//! BatchRequest ──plan()──► Plan { ops: [PlannedOp { table, kind, columns, cells: [Cell] }] }   (422 + op_index)
+//! BatchRequest ──plan()──► Plan { ops: [PlannedOp { table, kind, columns, cells: [Cell] }] }   (400 or 422 + op_index)
 //!      Plan + "which ops are new" ──statements()──► [Statement { sql, params: [typed arrays] }]
 //!                                  ──single(i)────► Statement for op i alone (to name a failing op)
 //! ```
@@ -203,12 +203,8 @@ fn plan_one(
                 format!("column `{name}` cannot be written"),
             ));
         }
-        let cell = value::decode(&types[index], raw).map_err(|e| {
-            ApiError::unprocessable(
-                e.code,
-                format!("column `{name}` ({}): {}", column.type_name, e.message),
-            )
-        })?;
+        let cell = value::decode(&types[index], raw)
+            .map_err(|e| e.into_api(&format!("column `{name}` ({})", column.type_name)))?;
         match columns.binary_search(&index) {
             Ok(at) => cells[at] = cell,
             Err(at) => {
@@ -630,49 +626,65 @@ mod tests {
     fn bad_ops_are_named_by_index() {
         let good = op("insert", "works", r#"{"title":"x"}"#);
         let cases = [
-            (op("insert", "workz", "{}"), "unknown_table"),
+            (op("insert", "workz", "{}"), 422, "unknown_table"),
             (
                 op("insert", "works", r#"{"colour":"red"}"#),
+                422,
                 "unknown_column",
             ),
             (
                 op("insert", "works", r#"{"generated":"x"}"#),
+                422,
                 "read_only_column",
             ),
-            (op("insert", "works", r#"{"year":"abc"}"#), "invalid_value"),
+            (
+                op("insert", "works", r#"{"year":"abc"}"#),
+                400,
+                "invalid_value",
+            ),
             (
                 op("insert", "works", r#"{"title":{"en":"x"}}"#),
+                400,
                 "invalid_value",
             ),
             (
                 op("insert", "works", r#"{"tags":["ok",7]}"#),
+                400,
                 "invalid_value",
             ),
             (
                 op("insert", "works", r#"{"due":"yesterday"}"#),
+                400,
                 "invalid_value",
             ),
-            (op("insert", "works", r#"{"year":true}"#), "invalid_value"),
+            (
+                op("insert", "works", r#"{"year":true}"#),
+                400,
+                "invalid_value",
+            ),
             (
                 op("insert", "works", r#"{"id":"not-a-uuid"}"#),
+                400,
                 "invalid_value",
             ),
-            (op("update", "works", r#"{"title":"x"}"#), "missing_id"),
-            (op("delete", "works", r#"{"id":null}"#), "missing_id"),
+            (op("update", "works", r#"{"title":"x"}"#), 422, "missing_id"),
+            (op("delete", "works", r#"{"id":null}"#), 422, "missing_id"),
             (
                 op(
                     "update",
                     "works",
                     &format!(r#"{{"id":"{A}","owner_id":"{B}"}}"#),
                 ),
+                422,
                 "empty_update",
             ),
         ];
-        for (bad, code) in cases {
+        // A value that is none of its column type's forms is 400 (issue 9's contract); other refusals 422.
+        for (bad, status, code) in cases {
             let e = planned(&[good.clone(), bad.clone()]).expect_err(&bad);
             assert_eq!(
-                (e.code, e.index),
-                (code, Some(("op_index", 1))),
+                (e.status.as_u16(), e.code, e.index),
+                (status, code, Some(("op_index", 1))),
                 "{bad}: {}",
                 e.message
             );

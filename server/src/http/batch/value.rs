@@ -23,6 +23,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::db::catalog::Column;
+use crate::error::ApiError;
 
 /// How a column's values are decoded and bound.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,6 +226,18 @@ impl ValueError {
         Self {
             code: "invalid_value",
             message: message.into(),
+        }
+    }
+
+    /// The answer to the client, `context` (the column) before the message: `400 invalid_value` for a value that
+    /// is none of its type's forms ([`ApiError::invalid_value`]); `422 invalid_sha256` for a hash column's text
+    /// that is not a hash, as `/v1/blobs/coordinate` answers it (a rule of the blob tables, like a check
+    /// constraint, not a type's).
+    pub(crate) fn into_api(self, context: &str) -> ApiError {
+        let message = format!("{context}: {}", self.message);
+        match self.code {
+            "invalid_value" => ApiError::invalid_value(message),
+            code => ApiError::unprocessable(code, message),
         }
     }
 }
