@@ -20,10 +20,9 @@ pub(crate) struct Snapshot {
     /// User + system time of this process and of its waited-for children: the load generator, whether it is this
     /// process's clients (the API, reference 4) or a pgbench run (a child, waited for at its end).
     clients: u64,
-    /// User + system time of every Postgres process ([`postgres_totals`]), when a postmaster was given.
-    postgres: u64,
-    /// Minor page faults of every Postgres process, counted as `postgres` is.
-    postgres_faults: u64,
+    /// CPU ticks and minor page faults of every Postgres process ([`postgres_totals`]), when a postmaster was
+    /// given.
+    postgres: PostgresTotals,
     /// User + system time of the server, when given.
     server: u64,
 }
@@ -44,17 +43,15 @@ impl Snapshot {
         let (busy, idle, steal) = parse_cpu_line(stat.lines().next().unwrap_or_default())
             .context("no aggregate `cpu` line in /proc/stat")?;
         let me = process_ticks("self")?;
-        let postgres = watched
-            .map(|w| postgres_totals(w.postmaster))
-            .transpose()?
-            .unwrap_or_default();
         Ok(Self {
             busy,
             idle,
             steal,
             clients: me.own + me.children,
-            postgres: postgres.ticks,
-            postgres_faults: postgres.faults,
+            postgres: watched
+                .map(|w| postgres_totals(w.postmaster))
+                .transpose()?
+                .unwrap_or_default(),
             server: watched
                 .map(|w| process_ticks(w.server).map(|t| t.own))
                 .transpose()?
@@ -72,8 +69,9 @@ impl Snapshot {
             busy_secs: busy / clk_tck,
             idle_share: if total > 0.0 { idle / total } else { 0.0 },
             clients_secs: later.clients.saturating_sub(self.clients) as f64 / clk_tck,
-            postgres_secs: later.postgres.saturating_sub(self.postgres) as f64 / clk_tck,
-            postgres_faults: later.postgres_faults.saturating_sub(self.postgres_faults) as f64,
+            postgres_secs: later.postgres.ticks.saturating_sub(self.postgres.ticks) as f64
+                / clk_tck,
+            postgres_faults: later.postgres.faults.saturating_sub(self.postgres.faults) as f64,
             server_secs: later.server.saturating_sub(self.server) as f64 / clk_tck,
         }
     }
@@ -316,8 +314,10 @@ mod tests {
             idle: 50,
             steal: 0,
             clients: 10,
-            postgres: 40,
-            postgres_faults: 1_000,
+            postgres: PostgresTotals {
+                ticks: 40,
+                faults: 1_000,
+            },
             server: 20,
         };
         let b = Snapshot {
@@ -325,8 +325,10 @@ mod tests {
             idle: 70,
             steal: 0,
             clients: 15,
-            postgres: 140,
-            postgres_faults: 6_000,
+            postgres: PostgresTotals {
+                ticks: 140,
+                faults: 6_000,
+            },
             server: 70,
         };
         let used = a.until(&b, 100.0);
